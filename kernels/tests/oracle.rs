@@ -1,0 +1,398 @@
+//! Every fast kernel against its plain reference on seeded random inputs.
+
+use switchyard_kernels::attention::{paged_attention, AttnParams, KvLayer, QueryRow};
+use switchyard_kernels::rng::Rng;
+use switchyard_kernels::rope::{Rope, RopeScaling};
+use switchyard_kernels::sampling::{self, SamplingParams};
+use switchyard_kernels::{bf16, linear, moe, norm, reference, softmax, WeightRef};
+
+fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.normal() as f32 * scale).collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn linear_f32_matches_reference_for_all_row_regimes() {
+    let mut rng = Rng::new(1);
+    for &(m, k, n) in &[
+        (1, 64, 32),
+        (3, 100, 17),
+        (5, 33, 9),
+        (8, 256, 96),
+        (13, 70, 40),
+        (64, 128, 200),
+    ] {
+        let x = randn(&mut rng, m * k, 1.0);
+        let w = randn(&mut rng, n * k, (1.0 / k as f32).sqrt());
+        let mut out = vec![0.0; m * n];
+        linear(&x, m, k, WeightRef::F32(&w), n, &mut out);
+        let r = reference::linear(&x, m, k, WeightRef::F32(&w), n);
+        // f32 accumulation over k terms of unit size: error grows like sqrt(k) ulp.
+        assert!(
+            max_abs_diff(&out, &r) < 1e-4,
+            "m={m} k={k} n={n}: {}",
+            max_abs_diff(&out, &r)
+        );
+    }
+}
+
+#[test]
+fn linear_bf16_matches_reference_on_the_same_bf16_values() {
+    let mut rng = Rng::new(2);
+    for &(m, k, n) in &[(1, 64, 32), (4, 96, 50), (7, 48, 8), (20, 128, 64)] {
+        let x = randn(&mut rng, m * k, 1.0);
+        let w: Vec<bf16> = randn(&mut rng, n * k, (1.0 / k as f32).sqrt())
+            .into_iter()
+            .map(bf16::from_f32)
+            .collect();
+        let mut out = vec![0.0; m * n];
+        linear(&x, m, k, WeightRef::Bf16(&w), n, &mut out);
+        let r = reference::linear(&x, m, k, WeightRef::Bf16(&w), n);
+        assert!(max_abs_diff(&out, &r) < 1e-4, "m={m} k={k} n={n}");
+    }
+}
+
+#[test]
+fn rms_norm_matches_reference() {
+    let mut rng = Rng::new(3);
+    for &h in &[16usize, 64, 100] {
+        let x = randn(&mut rng, 5 * h, 2.0);
+        let w: Vec<f32> = randn(&mut rng, h, 0.1).iter().map(|v| 1.0 + v).collect();
+        let mut fast = x.clone();
+        norm::rms_norm(&mut fast, &w, 1e-6);
+        let r = reference::rms_norm(&x, &w, 1e-6);
+        assert!(max_abs_diff(&fast, &r) < 1e-5);
+    }
+}
+
+#[test]
+fn softmax_matches_reference_and_survives_large_logits() {
+    let mut rng = Rng::new(4);
+    let mut x = randn(&mut rng, 300, 30.0);
+    x[7] = 1e4;
+    let r = reference::softmax(&x);
+    softmax(&mut x);
+    assert!(max_abs_diff(&x, &r) < 1e-6);
+    assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+}
+
+#[test]
+fn routing_matches_sorting_reference_with_and_without_normalisation() {
+    let mut rng = Rng::new(5);
+    for &(e, k) in &[(8usize, 2usize), (32, 4), (64, 8), (128, 8)] {
+        let logits = randn(&mut rng, 20 * e, 1.0);
+        for normalize in [false, true] {
+            let (ids, w) = moe::route(&logits, e, k, normalize);
+            for t in 0..20 {
+                let (rid, rw) = reference::route(&logits[t * e..(t + 1) * e], k, normalize);
+                assert_eq!(&ids[t * k..(t + 1) * k], &rid[..]);
+                assert!(max_abs_diff(&w[t * k..(t + 1) * k], &rw) < 1e-6);
+            }
+        }
+    }
+}
+
+#[test]
+fn combine_is_slot_ordered_weighted_sum() {
+    let mut rng = Rng::new(6);
+    let (t, k, h) = (3, 4, 8);
+    let slots = randn(&mut rng, t * k * h, 1.0);
+    let w = randn(&mut rng, t * k, 1.0);
+    let mut out = vec![0.0; t * h];
+    moe::combine(&slots, &w, k, h, &mut out);
+    for ti in 0..t {
+        for i in 0..h {
+            let mut s = 0.0f32;
+            for sl in 0..k {
+                s += w[ti * k + sl] * slots[(ti * k + sl) * h + i];
+            }
+            assert!((s - out[ti * h + i]).abs() < 1e-6);
+        }
+    }
+}
+
+/// Builds a paged pool holding `len` positions for one sequence with a shuffled block table.
+struct Pool {
+    k: Vec<f32>,
+    v: Vec<f32>,
+    table: Vec<u32>,
+    keys: Vec<Vec<Vec<f32>>>, // [g][pos]
+    vals: Vec<Vec<Vec<f32>>>,
+}
+
+fn pool(rng: &mut Rng, len: usize, bs: usize, kvh: usize, d: usize) -> Pool {
+    let blocks = len.div_ceil(bs) + 3;
+    let mut table: Vec<u32> = (0..blocks as u32).collect();
+    // Fisher-Yates so logical and physical order differ.
+    for i in (1..table.len()).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        table.swap(i, j);
+    }
+    let mut k = vec![f32::NAN; blocks * bs * kvh * d];
+    let mut v = vec![f32::NAN; blocks * bs * kvh * d];
+    let mut keys = vec![vec![]; kvh];
+    let mut vals = vec![vec![]; kvh];
+    for pos in 0..len {
+        for g in 0..kvh {
+            let o = ((table[pos / bs] as usize * bs + pos % bs) * kvh + g) * d;
+            let kk = randn(rng, d, 1.0);
+            let vv = randn(rng, d, 1.0);
+            k[o..o + d].copy_from_slice(&kk);
+            v[o..o + d].copy_from_slice(&vv);
+            keys[g].push(kk);
+            vals[g].push(vv);
+        }
+    }
+    Pool {
+        k,
+        v,
+        table,
+        keys,
+        vals,
+    }
+}
+
+#[test]
+fn paged_attention_matches_full_softmax_reference() {
+    let mut rng = Rng::new(7);
+    let (heads, kvh, d, bs) = (4, 2, 16, 16);
+    for &(len, window) in &[
+        (1usize, None),
+        (17, None),
+        (100, None),
+        (300, None),
+        (100, Some(40usize)),
+    ] {
+        let pl = pool(&mut rng, len, bs, kvh, d);
+        // Queries at a few positions, all in one call.
+        let positions: Vec<usize> = vec![0, len / 2, len - 1];
+        let rows: Vec<QueryRow> = positions
+            .iter()
+            .map(|&pos| QueryRow {
+                table: &pl.table,
+                pos,
+            })
+            .collect();
+        let q = randn(&mut rng, rows.len() * heads * d, 1.0);
+        let mut out = vec![0.0; q.len()];
+        let p = AttnParams {
+            heads,
+            kv_heads: kvh,
+            head_dim: d,
+            scale: 0.25,
+            window,
+        };
+        let kv = KvLayer {
+            k: &pl.k,
+            v: &pl.v,
+            block_size: bs,
+            kv_heads: kvh,
+            head_dim: d,
+        };
+        paged_attention(&q, &rows, kv, p, &mut out);
+        for (t, &pos) in positions.iter().enumerate() {
+            let lo = window.map(|w| (pos + 1).saturating_sub(w)).unwrap_or(0);
+            for h in 0..heads {
+                let g = h / (heads / kvh);
+                let qi = &q[(t * heads + h) * d..(t * heads + h + 1) * d];
+                let r = reference::attention_one(
+                    qi,
+                    &pl.keys[g][lo..=pos],
+                    &pl.vals[g][lo..=pos],
+                    0.25,
+                );
+                let o = &out[(t * heads + h) * d..(t * heads + h + 1) * d];
+                assert!(max_abs_diff(o, &r) < 1e-5, "len={len} pos={pos} h={h}");
+            }
+        }
+    }
+}
+
+#[test]
+fn rope_is_a_rotation_and_linear_scaling_divides_positions() {
+    let mut rng = Rng::new(8);
+    let d = 64;
+    let base = Rope::new(d, 10000.0, &RopeScaling::Default, 4096).unwrap();
+    let lin = Rope::new(d, 10000.0, &RopeScaling::Linear { factor: 4.0 }, 4096).unwrap();
+    let x = randn(&mut rng, 2 * d, 1.0);
+    let mut a = x.clone();
+    base.apply(&mut a, 37);
+    // Norm preserved per head (each pair is rotated).
+    for h in 0..2 {
+        let n0: f32 = x[h * d..(h + 1) * d].iter().map(|v| v * v).sum();
+        let n1: f32 = a[h * d..(h + 1) * d].iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-3);
+    }
+    // Position 0 is the identity.
+    let mut z = x.clone();
+    base.apply(&mut z, 0);
+    assert!(max_abs_diff(&z, &x) < 1e-7);
+    // Linear scaling at position 4p equals the default at position p.
+    let mut b = x.clone();
+    lin.apply(&mut b, 148);
+    assert!(max_abs_diff(&a, &b) < 1e-4);
+}
+
+#[test]
+fn yarn_keeps_high_frequencies_and_interpolates_low_ones() {
+    let d = 64;
+    let theta = 1_000_000.0;
+    let base = Rope::new(d, theta, &RopeScaling::Default, 32768).unwrap();
+    let yarn = Rope::new(
+        d,
+        theta,
+        &RopeScaling::Yarn {
+            factor: 4.0,
+            original_max_position_embeddings: Some(8192),
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            attention_factor: None,
+            mscale: None,
+            mscale_all_dim: None,
+            truncate: true,
+        },
+        32768,
+    )
+    .unwrap();
+    // factor = 32768 / 8192 = 4 -> attention factor 0.1 ln 4 + 1.
+    assert!((yarn.attention_factor() - (0.1 * 4f32.ln() + 1.0)).abs() < 1e-6);
+    let (mut cb, mut sb) = (vec![0.0; d / 2], vec![0.0; d / 2]);
+    let (mut cy, mut sy) = (vec![0.0; d / 2], vec![0.0; d / 2]);
+    let pos = 1000;
+    base.cos_sin(pos, &mut cb, &mut sb);
+    yarn.cos_sin(pos, &mut cy, &mut sy);
+    let af = yarn.attention_factor();
+    // Highest frequency (i = 0) is extrapolated: same angle as the default.
+    assert!((cy[0] / af - cb[0]).abs() < 1e-5 && (sy[0] / af - sb[0]).abs() < 1e-5);
+    // Lowest frequency is fully interpolated: the default angle at pos / 4.
+    let (mut cq, mut sq) = (vec![0.0; d / 2], vec![0.0; d / 2]);
+    base.cos_sin(pos / 4, &mut cq, &mut sq);
+    let last = d / 2 - 1;
+    assert!((cy[last] / af - cq[last]).abs() < 1e-4 && (sy[last] / af - sq[last]).abs() < 1e-4);
+}
+
+#[test]
+fn rope_rejects_bad_parameters_naming_the_field() {
+    let e = Rope::new(63, 1e4, &RopeScaling::Default, 10)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("head_dim"), "{e}");
+    let e = Rope::new(64, 1e4, &RopeScaling::Linear { factor: 0.5 }, 10)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("rope_scaling.factor"), "{e}");
+}
+
+#[test]
+fn greedy_is_argmax_and_repetition_penalty_follows_hf() {
+    let mut logits = vec![1.0, 3.0, -2.0, 2.5];
+    let mut rng = Rng::new(0);
+    let p = SamplingParams::greedy();
+    assert_eq!(sampling::sample(&mut logits.clone(), &p, &[], &mut rng), 1);
+    let pen = SamplingParams {
+        repetition_penalty: 2.0,
+        ..SamplingParams::greedy()
+    };
+    // Token 1 penalised: 3.0 / 2 = 1.5 < 2.5, so token 3 wins; negative logits are multiplied.
+    assert_eq!(sampling::sample(&mut logits, &pen, &[1, 2, 1], &mut rng), 3);
+    assert_eq!(logits, vec![1.0, 1.5, -4.0, 2.5]);
+}
+
+#[test]
+fn filters_restrict_the_support_as_specified() {
+    let logits: Vec<f32> = vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0];
+    let base = SamplingParams {
+        temperature: 1.0,
+        seed: 1,
+        ..Default::default()
+    };
+    let d = sampling::filtered_distribution(
+        &logits,
+        &SamplingParams {
+            top_k: 2,
+            ..base.clone()
+        },
+    );
+    assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![5, 4]);
+    let full = reference::softmax(&logits);
+    // top_p = 0.8: the smallest prefix whose mass reaches 0.8.
+    let d = sampling::filtered_distribution(
+        &logits,
+        &SamplingParams {
+            top_p: 0.8,
+            ..base.clone()
+        },
+    );
+    let mut cum = 0.0;
+    let mut expect = 0;
+    for p in full.iter().rev() {
+        expect += 1;
+        cum += p;
+        if cum >= 0.8 {
+            break;
+        }
+    }
+    assert_eq!(d.len(), expect);
+    // min_p = 0.2: keep tokens with p >= 0.2 * p_max.
+    let d = sampling::filtered_distribution(
+        &logits,
+        &SamplingParams {
+            min_p: 0.2,
+            ..base.clone()
+        },
+    );
+    let pmax = full[5];
+    assert_eq!(d.len(), full.iter().filter(|p| **p >= 0.2 * pmax).count());
+    assert!((d.iter().map(|x| x.1).sum::<f32>() - 1.0).abs() < 1e-5);
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_follows_the_distribution() {
+    let logits: Vec<f32> = vec![0.0, 1.0, 2.0];
+    let p = SamplingParams {
+        temperature: 1.0,
+        seed: 42,
+        ..Default::default()
+    };
+    let draw = |seed| {
+        let mut rng = Rng::new(seed);
+        (0..4000)
+            .map(|_| sampling::sample(&mut logits.clone(), &p, &[], &mut rng))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(draw(42), draw(42));
+    assert_ne!(draw(42), draw(43));
+    let s = draw(7);
+    let probs = reference::softmax(&logits);
+    for (t, p) in probs.iter().enumerate() {
+        let f = s.iter().filter(|x| **x == t as u32).count() as f32 / s.len() as f32;
+        assert!((f - p).abs() < 0.03, "token {t}: freq {f} vs p {p}");
+    }
+}
+
+#[test]
+fn sampling_params_validation_names_the_field() {
+    let e = SamplingParams {
+        top_p: 0.0,
+        ..Default::default()
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("top_p"));
+    let e = SamplingParams {
+        temperature: -1.0,
+        ..Default::default()
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("temperature"));
+}

@@ -1,0 +1,16 @@
+//! Switchyard's wire contracts.
+//!
+//! - [`v1`]: the public, versioned client API (`switchyard.v1`). Backwards-compatible changes
+//!   only: new fields get new numbers, nothing is renumbered or reused.
+//! - [`cluster::v1`]: the internal coordinator <-> worker protocol (`switchyard.cluster.v1`),
+//!   one bidirectional stream per worker carrying step plans and step results.
+
+pub mod v1 {
+    tonic::include_proto!("switchyard.v1");
+}
+
+pub mod cluster {
+    pub mod v1 {
+        tonic::include_proto!("switchyard.cluster.v1");
+    }
+}
