@@ -1,1 +1,48 @@
-//! placeholder
+//! Switchyard worker library: model configuration, checkpoint loading, the MoE architectures,
+//! the paged KV cache and the engine that runs steps over them.
+//!
+//! - [`config`]: parses a Hugging Face `config.json` into a validated [`config::ModelConfig`].
+//! - [`weights`]: memory-mapped safetensors (single file or sharded with an index); a tensor is
+//!   only read when a rank asks for it.
+//! - [`model`]: the forward pass (Qwen3-MoE, Mixtral) over a batch of sequence chunks.
+//! - [`experts`]: the expert weights a rank holds and the [`experts::ExpertExec`] interface
+//!   through which the model reaches experts, local or remote.
+//! - [`kv`]: the paged KV cache and its block allocator.
+//! - [`engine`]: sequences, block tables and steps on one worker.
+//! - [`presets`]: random-initialised checkpoints for demos and benchmarks.
+
+pub mod config;
+pub mod engine;
+pub mod experts;
+pub mod kv;
+pub mod model;
+pub mod presets;
+pub mod weights;
+
+pub use config::{Arch, ModelConfig};
+pub use engine::{ChunkSpec, Engine, EngineOptions, Logits};
+pub use model::Model;
+pub use weights::{Checkpoint, WeightDType};
+
+/// Errors of the worker library.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Load(#[from] weights::LoadError),
+    #[error("kernel setup: {0}")]
+    Kernel(#[from] switchyard_kernels::KernelError),
+    #[error("sequence {seq_id}: {detail}")]
+    Sequence { seq_id: u64, detail: String },
+    #[error("context length exceeded: sequence {seq_id} needs {needed} positions, the model allows {max}")]
+    ContextExceeded { seq_id: u64, needed: usize, max: usize },
+    #[error("token id {token} is outside the vocabulary (size {vocab})")]
+    TokenOutOfRange { token: u32, vocab: usize },
+    #[error("KV cache exhausted: {needed} blocks needed, {free} free")]
+    KvExhausted { needed: usize, free: usize },
+    #[error("expert {expert} of layer {layer} is not held by any shard")]
+    ExpertMissing { layer: usize, expert: usize },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}

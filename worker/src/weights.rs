@@ -1,0 +1,325 @@
+//! Memory-mapped safetensors checkpoints.
+//!
+//! A [`Checkpoint`] maps `model.safetensors`, or every shard named by
+//! `model.safetensors.index.json`, and validates each header against the file's length (a
+//! truncated file fails here). Mapping reads nothing: a tensor's bytes are touched only when a
+//! rank asks for that tensor, so a rank holding a subset of experts reads only those.
+//!
+//! Tensors stored in the requested dtype are used in place from the map (zero copy, shared page
+//! cache); any other dtype is converted once into owned memory.
+
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::Dtype;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use switchyard_kernels::WeightRef;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a valid safetensors file (truncated or corrupt): {detail}")]
+    BadFile { path: PathBuf, detail: String },
+    #[error("{path}: bad index: {detail}")]
+    BadIndex { path: PathBuf, detail: String },
+    #[error("no model.safetensors or model.safetensors.index.json in {0}")]
+    NoWeights(PathBuf),
+    #[error("tensor `{0}` is missing from the checkpoint")]
+    MissingTensor(String),
+    #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
+    Shape { name: String, found: Vec<usize>, expected: Vec<usize> },
+    #[error("tensor `{name}` has unsupported dtype {dtype} (supported: F32, BF16, F16)")]
+    Dtype { name: String, dtype: String },
+}
+
+/// The dtype weight matrices are kept in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightDType {
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for WeightDType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(WeightDType::F32),
+            "bf16" | "bfloat16" => Ok(WeightDType::Bf16),
+            other => Err(format!("unknown dtype {other:?} (f32 or bf16)")),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Shard {
+    path: PathBuf,
+    map: Arc<Mmap>,
+    data_start: usize,
+}
+
+#[derive(Clone, Debug)]
+struct Entry {
+    shard: usize,
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+/// An opened checkpoint folder.
+#[derive(Debug)]
+pub struct Checkpoint {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    entries: HashMap<String, Entry>,
+}
+
+enum Data {
+    Mapped { map: Arc<Mmap>, start: usize, len: usize, dtype: WeightDType },
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+/// A loaded weight tensor, row-major.
+pub struct Tensor {
+    pub shape: Vec<usize>,
+    data: Data,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor{:?}", self.shape)
+    }
+}
+
+impl Tensor {
+    pub fn weight(&self) -> WeightRef<'_> {
+        match &self.data {
+            Data::Mapped { map, start, len, dtype } => {
+                let bytes = &map[*start..*start + *len];
+                match dtype {
+                    // Alignment was checked when the tensor was loaded.
+                    WeightDType::F32 => WeightRef::F32(bytemuck::cast_slice(bytes)),
+                    WeightDType::Bf16 => WeightRef::Bf16(bytemuck::cast_slice(bytes)),
+                }
+            }
+            Data::F32(v) => WeightRef::F32(v),
+            Data::Bf16(v) => WeightRef::Bf16(v),
+        }
+    }
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    /// The tensor as an owned `f32` vector.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self.weight() {
+            WeightRef::F32(w) => w.to_vec(),
+            WeightRef::Bf16(w) => w.iter().map(|v| v.to_f32()).collect(),
+        }
+    }
+    /// Bytes of weight data this tensor holds.
+    pub fn nbytes(&self) -> usize {
+        match self.weight() {
+            WeightRef::F32(w) => w.len() * 4,
+            WeightRef::Bf16(w) => w.len() * 2,
+        }
+    }
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
+    move |source| LoadError::Io { path: path.to_path_buf(), source }
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self, LoadError> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let files: Vec<PathBuf> = if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(io(&index))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| LoadError::BadIndex { path: index.clone(), detail: e.to_string() })?;
+            let wm = v.get("weight_map").and_then(|w| w.as_object()).ok_or_else(|| LoadError::BadIndex {
+                path: index.clone(),
+                detail: "missing `weight_map` object".into(),
+            })?;
+            let mut files: Vec<String> = Vec::new();
+            for (name, f) in wm {
+                let f = f.as_str().ok_or_else(|| LoadError::BadIndex { path: index.clone(), detail: format!("`{name}` maps to a non-string") })?;
+                if f.contains('/') || f.contains("..") {
+                    return Err(LoadError::BadIndex { path: index.clone(), detail: format!("shard name {f:?} leaves the folder") });
+                }
+                if !files.iter().any(|x| x == f) {
+                    files.push(f.to_string());
+                }
+            }
+            files.sort();
+            files.into_iter().map(|f| dir.join(f)).collect()
+        } else if single.exists() {
+            vec![single]
+        } else {
+            return Err(LoadError::NoWeights(dir.to_path_buf()));
+        };
+        let mut shards = Vec::new();
+        let mut entries = HashMap::new();
+        for path in files {
+            let file = std::fs::File::open(&path).map_err(io(&path))?;
+            // SAFETY: the file is opened read-only and checkpoints are not modified while
+            // served; a concurrent truncation would be a deployment error.
+            let map = unsafe { Mmap::map(&file) }.map_err(io(&path))?;
+            let (n, meta) = safetensors::SafeTensors::read_metadata(&map[..])
+                .map_err(|e| LoadError::BadFile { path: path.clone(), detail: format!("{e:?}") })?;
+            let data_start = 8 + n;
+            for (name, info) in meta.tensors() {
+                let (s, e) = info.data_offsets;
+                if data_start + e > map.len() {
+                    return Err(LoadError::BadFile { path: path.clone(), detail: format!("tensor `{name}` extends past the end of the file") });
+                }
+                entries.insert(
+                    name.clone(),
+                    Entry { shard: shards.len(), dtype: info.dtype, shape: info.shape.clone(), start: data_start + s, end: data_start + e },
+                );
+            }
+            shards.push(Shard { path, map: Arc::new(map), data_start });
+        }
+        Ok(Checkpoint { dir: dir.to_path_buf(), shards, entries })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn tensor_names(&self) -> impl Iterator<Item = &String> {
+        self.entries.keys()
+    }
+
+    fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry, LoadError> {
+        let e = self.entries.get(name).ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
+        if e.shape != shape {
+            return Err(LoadError::Shape { name: name.into(), found: e.shape.clone(), expected: shape.to_vec() });
+        }
+        Ok(e)
+    }
+
+    /// Loads a weight matrix in `dtype`, zero-copy when the stored dtype matches.
+    pub fn matrix(&self, name: &str, shape: &[usize], dtype: WeightDType) -> Result<Tensor, LoadError> {
+        let e = self.entry(name, shape)?;
+        let shard = &self.shards[e.shard];
+        let bytes = &shard.map[e.start..e.end];
+        let stored = match e.dtype {
+            Dtype::F32 => Some(WeightDType::F32),
+            Dtype::BF16 => Some(WeightDType::Bf16),
+            Dtype::F16 => None,
+            other => return Err(LoadError::Dtype { name: name.into(), dtype: format!("{other:?}") }),
+        };
+        let align = if stored == Some(WeightDType::F32) { 4 } else { 2 };
+        if stored == Some(dtype) && (bytes.as_ptr() as usize) % align == 0 {
+            return Ok(Tensor {
+                shape: shape.to_vec(),
+                data: Data::Mapped { map: shard.map.clone(), start: e.start, len: e.end - e.start, dtype },
+            });
+        }
+        let f32s = decode_f32(bytes, e.dtype);
+        let data = match dtype {
+            WeightDType::F32 => Data::F32(f32s),
+            WeightDType::Bf16 => Data::Bf16(f32s.into_iter().map(bf16::from_f32).collect()),
+        };
+        Ok(Tensor { shape: shape.to_vec(), data })
+    }
+
+    /// Loads a small tensor (norm weights, biases) as owned `f32`.
+    pub fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
+        let e = self.entry(name, shape)?;
+        match e.dtype {
+            Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(decode_f32(&self.shards[e.shard].map[e.start..e.end], e.dtype)),
+            other => Err(LoadError::Dtype { name: name.into(), dtype: format!("{other:?}") }),
+        }
+    }
+
+    /// The stored dtype of a tensor ("F32", "BF16", "F16" or "other").
+    pub fn dtype_of(&self, name: &str) -> Option<&'static str> {
+        self.entries.get(name).map(|e| match e.dtype {
+            Dtype::F32 => "F32",
+            Dtype::BF16 => "BF16",
+            Dtype::F16 => "F16",
+            _ => "other",
+        })
+    }
+
+    /// Paths of the files backing this checkpoint.
+    pub fn files(&self) -> Vec<&Path> {
+        self.shards.iter().map(|s| s.path.as_path()).collect()
+    }
+
+    /// Byte offset where tensor data begins in each shard (for diagnostics).
+    pub fn data_starts(&self) -> Vec<usize> {
+        self.shards.iter().map(|s| s.data_start).collect()
+    }
+}
+
+fn decode_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
+    match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+        _ => unreachable!("dtype checked by callers"),
+    }
+}
+
+/// Streams tensors into a safetensors file without holding them all in memory.
+///
+/// The caller declares every tensor (name, dtype, shape) up front, then writes each tensor's
+/// bytes in declaration order.
+pub struct SafetensorsWriter {
+    file: std::io::BufWriter<std::fs::File>,
+    pending: std::collections::VecDeque<(String, usize)>,
+}
+
+impl SafetensorsWriter {
+    /// `tensors`: (name, dtype "F32"/"BF16", shape).
+    pub fn create(path: &Path, tensors: &[(String, &str, Vec<usize>)]) -> std::io::Result<Self> {
+        use std::io::Write;
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::json!({"format": "pt"}));
+        let mut off = 0usize;
+        let mut pending = std::collections::VecDeque::new();
+        for (name, dtype, shape) in tensors {
+            let elem = if *dtype == "F32" { 4 } else { 2 };
+            let n = shape.iter().product::<usize>() * elem;
+            header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}));
+            pending.push_back((name.clone(), n));
+            off += n;
+        }
+        let mut h = serde_json::to_vec(&serde_json::Value::Object(header))?;
+        while (8 + h.len()) % 8 != 0 {
+            h.push(b' ');
+        }
+        let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
+        file.write_all(&(h.len() as u64).to_le_bytes())?;
+        file.write_all(&h)?;
+        Ok(SafetensorsWriter { file, pending })
+    }
+
+    /// Writes the next declared tensor's data.
+    pub fn write_next(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let (expect, n) = self.pending.pop_front().ok_or_else(|| std::io::Error::other("no tensor left to write"))?;
+        if expect != name || n != bytes.len() {
+            return Err(std::io::Error::other(format!("expected {expect} ({n} bytes), got {name} ({} bytes)", bytes.len())));
+        }
+        self.file.write_all(bytes)
+    }
+
+    pub fn finish(mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        if let Some((name, _)) = self.pending.front() {
+            return Err(std::io::Error::other(format!("tensor {name} was never written")));
+        }
+        self.file.flush()
+    }
+}
