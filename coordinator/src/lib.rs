@@ -1,1 +1,18 @@
-//! placeholder
+//! Switchyard coordinator library: the text pipeline, request validation and generation, the
+//! benchmark, and the `switchyard` command line.
+
+pub mod bench;
+pub mod cli;
+pub mod generate;
+pub mod text;
+
+/// Errors of a generation request.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("invalid argument: {field}: {detail}")]
+    InvalidArgument { field: &'static str, detail: String },
+    #[error(transparent)]
+    Text(#[from] text::TextError),
+    #[error(transparent)]
+    Worker(#[from] switchyard_worker::WorkerError),
+}

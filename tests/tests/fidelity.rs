@@ -10,19 +10,30 @@ const MODELS: &[&str] = &["tiny-qwen3-moe", "tiny-mixtral"];
 const LOGIT_TOL: f32 = 1e-4;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
 }
 
 fn golden(model: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(model).join("golden.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(fixture(model).join("golden.json")).unwrap())
+        .unwrap()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn floats(v: &Value) -> Vec<f32> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
 }
 
 fn engine(model: &str, opts: EngineOptions) -> Engine {
@@ -30,12 +41,24 @@ fn engine(model: &str, opts: EngineOptions) -> Engine {
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 /// Full-prompt logits at every position, one pass.
 fn prompt_logits(e: &mut Engine, seq: u64, prompt: &[u32]) -> Vec<Vec<f32>> {
-    let out = e.step(&[ChunkSpec { seq_id: seq, tokens: prompt, logits: Logits::All }], false).unwrap();
+    let out = e
+        .step(
+            &[ChunkSpec {
+                seq_id: seq,
+                tokens: prompt,
+                logits: Logits::All,
+            }],
+            false,
+        )
+        .unwrap();
     let v = e.config().vocab_size;
     out.logits.chunks(v).map(|c| c.to_vec()).collect()
 }
@@ -49,7 +72,11 @@ fn greedy_batched(e: &mut Engine, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32
     let chunks: Vec<ChunkSpec> = prompts
         .iter()
         .enumerate()
-        .map(|(i, p)| ChunkSpec { seq_id: 100 + i as u64, tokens: p, logits: Logits::Last })
+        .map(|(i, p)| ChunkSpec {
+            seq_id: 100 + i as u64,
+            tokens: p,
+            logits: Logits::Last,
+        })
         .collect();
     let out = e.step(&chunks, false).unwrap();
     let v = e.config().vocab_size;
@@ -59,7 +86,11 @@ fn greedy_batched(e: &mut Engine, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32
         let chunks: Vec<ChunkSpec> = last
             .iter()
             .enumerate()
-            .map(|(i, t)| ChunkSpec { seq_id: 100 + i as u64, tokens: t, logits: Logits::Last })
+            .map(|(i, t)| ChunkSpec {
+                seq_id: 100 + i as u64,
+                tokens: t,
+                logits: Logits::Last,
+            })
             .collect();
         let out = e.step(&chunks, false).unwrap();
         for (g, l) in gen.iter_mut().zip(out.logits.chunks(v)) {
@@ -84,7 +115,11 @@ fn logits_match_golden_at_recorded_positions() {
                 let pos = rec["position"].as_u64().unwrap() as usize;
                 let want = floats(&rec["values"]);
                 let d = max_abs(&all[pos], &want);
-                assert!(d < LOGIT_TOL, "{model} prompt {} pos {pos}: max |diff| {d}", p["name"]);
+                assert!(
+                    d < LOGIT_TOL,
+                    "{model} prompt {} pos {pos}: max |diff| {d}",
+                    p["name"]
+                );
                 assert_eq!(argmax(&all[pos]) as u64, rec["argmax"].as_u64().unwrap());
             }
             e.release(pi as u64);
@@ -97,8 +132,18 @@ fn logits_match_golden_at_recorded_positions() {
 fn greedy_tokens_match_golden_one_by_one_and_batched() {
     for model in MODELS {
         let g = golden(model);
-        let prompts: Vec<Vec<u32>> = g["prompts"].as_array().unwrap().iter().map(|p| ids(&p["input_ids"])).collect();
-        let want: Vec<Vec<u32>> = g["prompts"].as_array().unwrap().iter().map(|p| ids(&p["greedy"]["new_ids"])).collect();
+        let prompts: Vec<Vec<u32>> = g["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| ids(&p["input_ids"]))
+            .collect();
+        let want: Vec<Vec<u32>> = g["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| ids(&p["greedy"]["new_ids"]))
+            .collect();
         let n = want[0].len();
         let mut e = engine(model, EngineOptions::default());
         for (i, p) in prompts.iter().enumerate() {
@@ -109,7 +154,15 @@ fn greedy_tokens_match_golden_one_by_one_and_batched() {
         let got = greedy_batched(&mut e, &prompts, n);
         assert_eq!(got, want, "{model} batched");
         // And the transformers left-padded batch agrees with the same tokens.
-        assert_eq!(got, g["batched_left_padded"]["new_ids"].as_array().unwrap().iter().map(ids).collect::<Vec<_>>());
+        assert_eq!(
+            got,
+            g["batched_left_padded"]["new_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(ids)
+                .collect::<Vec<_>>()
+        );
         assert_eq!(e.kv_used(), 0);
     }
 }
@@ -121,13 +174,36 @@ fn router_choices_match_golden() {
         let p = &g["prompts"][0];
         let prompt = ids(&p["input_ids"]);
         let mut e = engine(model, EngineOptions::default());
-        let out = e.step(&[ChunkSpec { seq_id: 1, tokens: &prompt, logits: Logits::None }], true).unwrap();
+        let out = e
+            .step(
+                &[ChunkSpec {
+                    seq_id: 1,
+                    tokens: &prompt,
+                    logits: Logits::None,
+                }],
+                true,
+            )
+            .unwrap();
         let k = e.config().experts_per_tok;
         for rec in p["router"].as_array().unwrap() {
             let layer = rec["layer"].as_u64().unwrap() as usize;
-            let r = out.routing.iter().find(|r| r.layer == layer).expect("layer routed");
-            for (t, (want_ids, want_w)) in rec["topk_ids"].as_array().unwrap().iter().zip(rec["topk_weights"].as_array().unwrap()).enumerate() {
-                assert_eq!(&r.ids[t * k..(t + 1) * k], &ids(want_ids)[..], "{model} layer {layer} token {t}");
+            let r = out
+                .routing
+                .iter()
+                .find(|r| r.layer == layer)
+                .expect("layer routed");
+            for (t, (want_ids, want_w)) in rec["topk_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(rec["topk_weights"].as_array().unwrap())
+                .enumerate()
+            {
+                assert_eq!(
+                    &r.ids[t * k..(t + 1) * k],
+                    &ids(want_ids)[..],
+                    "{model} layer {layer} token {t}"
+                );
                 let d = max_abs(&r.weights[t * k..(t + 1) * k], &floats(want_w));
                 assert!(d < 1e-5, "{model} layer {layer} token {t}: weight diff {d}");
             }
@@ -145,7 +221,16 @@ fn chunked_prefill_of_64_equals_one_pass() {
         let whole = prompt_logits(&mut e, 1, &prompt);
         let mut chunked = Vec::new();
         for c in prompt.chunks(64) {
-            let out = e.step(&[ChunkSpec { seq_id: 2, tokens: c, logits: Logits::All }], false).unwrap();
+            let out = e
+                .step(
+                    &[ChunkSpec {
+                        seq_id: 2,
+                        tokens: c,
+                        logits: Logits::All,
+                    }],
+                    false,
+                )
+                .unwrap();
             chunked.extend(out.logits.chunks(e.config().vocab_size).map(|x| x.to_vec()));
         }
         assert_eq!(chunked.len(), prompt.len());
@@ -167,7 +252,13 @@ fn expert_shards_give_identical_logits() {
         let prompt = ids(&g["prompts"][1]["input_ids"]);
         let mut base: Option<Vec<Vec<f32>>> = None;
         for shards in [1, 2, 4] {
-            let mut e = engine(model, EngineOptions { expert_shards: shards, ..Default::default() });
+            let mut e = engine(
+                model,
+                EngineOptions {
+                    expert_shards: shards,
+                    ..Default::default()
+                },
+            );
             let l = prompt_logits(&mut e, 1, &prompt);
             match &base {
                 None => base = Some(l),
@@ -178,17 +269,23 @@ fn expert_shards_give_identical_logits() {
     }
 }
 
-/// bf16 weights: each weight is rounded to 8 significant bits (relative error ≤ 2⁻⁹), so a
-/// logit, a sum over ~fan_in products through 2 layers, moves by a few 1e-3 on these unit-scale
-/// models. We measure the drift against the f32 goldens and require (a) logits within 0.05
-/// absolute, 10x the drift seen here and small against the logits' spread (std ≈ 1.5), and (b)
+/// bf16 weights: each weight is rounded to 8 significant bits (relative error ≤ 2⁻⁹). Through
+/// embeddings, two layers and the lm_head that moves these unit-scale logits by ~0.017 at
+/// worst (measured on both fixtures). We require (a) logits within 0.05 absolute of the f32
+/// goldens: 3x the measured drift, and small against the logits' spread (std ≈ 1.5), and (b)
 /// greedy tokens equal to the goldens up to the first step whose recorded top-1 margin is below
 /// 0.1 (a margin smaller than twice the tolerance can legitimately flip).
 #[test]
 fn bf16_copies_stay_within_tolerance() {
     for model in MODELS {
         let g = golden(model);
-        let mut e = engine(model, EngineOptions { dtype: Some(WeightDType::Bf16), ..Default::default() });
+        let mut e = engine(
+            model,
+            EngineOptions {
+                dtype: Some(WeightDType::Bf16),
+                ..Default::default()
+            },
+        );
         let mut worst = 0.0f32;
         for (pi, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
             let prompt = ids(&p["input_ids"]);
@@ -202,7 +299,11 @@ fn bf16_copies_stay_within_tolerance() {
             let margins = floats(&p["greedy"]["top1_margins"]);
             let safe = margins.iter().position(|m| *m < 0.1).unwrap_or(want.len());
             let got = greedy_batched(&mut e, std::slice::from_ref(&prompt), want.len());
-            assert_eq!(&got[0][..safe], &want[..safe], "{model} prompt {pi}: bf16 greedy diverged before a fragile step");
+            assert_eq!(
+                &got[0][..safe],
+                &want[..safe],
+                "{model} prompt {pi}: bf16 greedy diverged before a fragile step"
+            );
         }
         eprintln!("{model}: bf16 worst logit drift {worst}");
         assert!(worst < 0.05, "{model}: bf16 drift {worst}");

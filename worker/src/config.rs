@@ -79,7 +79,10 @@ impl<'a> Obj<'a> {
     fn opt_usize(&self, f: &'static str) -> Result<Option<usize>, ConfigError> {
         match self.get(f) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(|x| Some(x as usize)).ok_or_else(|| invalid(f, format!("expected a non-negative integer, got {v}"))),
+            Some(v) => v
+                .as_u64()
+                .map(|x| Some(x as usize))
+                .ok_or_else(|| invalid(f, format!("expected a non-negative integer, got {v}"))),
         }
     }
     fn pos(&self, f: &'static str) -> Result<usize, ConfigError> {
@@ -92,37 +95,58 @@ impl<'a> Obj<'a> {
     fn f64(&self, f: &'static str) -> Result<Option<f64>, ConfigError> {
         match self.get(f) {
             None => Ok(None),
-            Some(v) => v.as_f64().map(Some).ok_or_else(|| invalid(f, format!("expected a number, got {v}"))),
+            Some(v) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| invalid(f, format!("expected a number, got {v}"))),
         }
     }
     fn bool(&self, f: &'static str, default: bool) -> Result<bool, ConfigError> {
         match self.get(f) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| invalid(f, format!("expected a boolean, got {v}"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| invalid(f, format!("expected a boolean, got {v}"))),
         }
     }
     fn str(&self, f: &'static str) -> Result<Option<&'a str>, ConfigError> {
         match self.get(f) {
             None => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or_else(|| invalid(f, format!("expected a string, got {v}"))),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| invalid(f, format!("expected a string, got {v}"))),
         }
     }
 }
 
 fn invalid(field: &str, detail: String) -> ConfigError {
-    ConfigError::Invalid { field: field.to_string(), detail }
+    ConfigError::Invalid {
+        field: field.to_string(),
+        detail,
+    }
 }
 
 /// Reads token ids given as an integer or a list of integers.
 pub fn token_ids(v: Option<&Value>, field: &str) -> Result<Vec<u32>, ConfigError> {
     match v {
         None | Some(Value::Null) => Ok(vec![]),
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).ok_or_else(|| invalid(field, format!("bad token id {n}"))),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(|x| vec![x as u32])
+            .ok_or_else(|| invalid(field, format!("bad token id {n}"))),
         Some(Value::Array(a)) => a
             .iter()
-            .map(|x| x.as_u64().map(|x| x as u32).ok_or_else(|| invalid(field, format!("bad token id {x}"))))
+            .map(|x| {
+                x.as_u64()
+                    .map(|x| x as u32)
+                    .ok_or_else(|| invalid(field, format!("bad token id {x}")))
+            })
             .collect(),
-        Some(other) => Err(invalid(field, format!("expected an integer or a list, got {other}"))),
+        Some(other) => Err(invalid(
+            field,
+            format!("expected an integer or a list, got {other}"),
+        )),
     }
 }
 
@@ -133,7 +157,9 @@ impl ModelConfig {
     }
 
     pub fn from_json(v: &Value) -> Result<Self, ConfigError> {
-        let map = v.as_object().ok_or_else(|| ConfigError::Json("top level is not an object".into()))?;
+        let map = v
+            .as_object()
+            .ok_or_else(|| ConfigError::Json("top level is not an object".into()))?;
         let o = Obj(map);
         let arch_name = match o.get("architectures") {
             Some(Value::Array(a)) if !a.is_empty() => a[0]
@@ -155,7 +181,10 @@ impl ModelConfig {
         };
         if let Some(act) = o.str("hidden_act")? {
             if act != "silu" {
-                return Err(ConfigError::Unsupported { field: "hidden_act".into(), detail: format!("{act:?} (only \"silu\")") });
+                return Err(ConfigError::Unsupported {
+                    field: "hidden_act".into(),
+                    detail: format!("{act:?} (only \"silu\")"),
+                });
             }
         }
         let hidden_size = o.pos("hidden_size")?;
@@ -163,41 +192,75 @@ impl ModelConfig {
         let num_heads = o.pos("num_attention_heads")?;
         let num_kv_heads = o.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
-            return Err(invalid("num_key_value_heads", format!("{num_kv_heads} does not divide num_attention_heads {num_heads}")));
+            return Err(invalid(
+                "num_key_value_heads",
+                format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
+            ));
         }
         let head_dim = match o.opt_usize("head_dim")? {
             Some(d) => d,
             None => {
                 if hidden_size % num_heads != 0 {
-                    return Err(invalid("hidden_size", "not divisible by num_attention_heads and no head_dim given".into()));
+                    return Err(invalid(
+                        "hidden_size",
+                        "not divisible by num_attention_heads and no head_dim given".into(),
+                    ));
                 }
                 hidden_size / num_heads
             }
         };
         if head_dim == 0 || head_dim % 2 != 0 || head_dim > 512 {
-            return Err(invalid("head_dim", format!("must be even and in 2..=512, got {head_dim}")));
+            return Err(invalid(
+                "head_dim",
+                format!("must be even and in 2..=512, got {head_dim}"),
+            ));
         }
         let vocab_size = o.pos("vocab_size")?;
         let intermediate_size = o.pos("intermediate_size")?;
         let (num_experts, moe_intermediate_size, norm_topk_prob, qk_norm, expert_key) = match arch {
-            Arch::Qwen3Moe => (o.usize("num_experts")?, o.pos("moe_intermediate_size")?, o.bool("norm_topk_prob", false)?, true, "num_experts"),
-            Arch::Mixtral => (o.usize("num_local_experts")?, intermediate_size, true, false, "num_local_experts"),
+            Arch::Qwen3Moe => (
+                o.usize("num_experts")?,
+                o.pos("moe_intermediate_size")?,
+                o.bool("norm_topk_prob", false)?,
+                true,
+                "num_experts",
+            ),
+            Arch::Mixtral => (
+                o.usize("num_local_experts")?,
+                intermediate_size,
+                true,
+                false,
+                "num_local_experts",
+            ),
         };
         if num_experts > 128 {
-            return Err(ConfigError::Unsupported { field: expert_key.into(), detail: format!("{num_experts} experts (at most 128)") });
+            return Err(ConfigError::Unsupported {
+                field: expert_key.into(),
+                detail: format!("{num_experts} experts (at most 128)"),
+            });
         }
         let experts_per_tok = o.usize("num_experts_per_tok")?;
-        if num_experts > 0 && (experts_per_tok == 0 || experts_per_tok > num_experts || experts_per_tok > 64) {
-            return Err(invalid("num_experts_per_tok", format!("{experts_per_tok} is not in 1..={}", num_experts.min(64))));
+        if num_experts > 0
+            && (experts_per_tok == 0 || experts_per_tok > num_experts || experts_per_tok > 64)
+        {
+            return Err(invalid(
+                "num_experts_per_tok",
+                format!("{experts_per_tok} is not in 1..={}", num_experts.min(64)),
+            ));
         }
-        let rms_norm_eps = o.f64("rms_norm_eps")?.ok_or(ConfigError::Missing("rms_norm_eps"))? as f32;
+        let rms_norm_eps = o
+            .f64("rms_norm_eps")?
+            .ok_or(ConfigError::Missing("rms_norm_eps"))? as f32;
         if !(rms_norm_eps > 0.0) {
             return Err(invalid("rms_norm_eps", "must be positive".into()));
         }
         let max_position_embeddings = o.pos("max_position_embeddings")?;
         // transformers 5 may nest rope settings under rope_parameters.
         let rope_params = o.get("rope_parameters").and_then(|v| v.as_object());
-        let rope_theta = match rope_params.and_then(|p| p.get("rope_theta")).and_then(|v| v.as_f64()) {
+        let rope_theta = match rope_params
+            .and_then(|p| p.get("rope_theta"))
+            .and_then(|v| v.as_f64())
+        {
             Some(t) => t,
             None => o.f64("rope_theta")?.unwrap_or(10000.0),
         };
@@ -206,7 +269,12 @@ impl ModelConfig {
         }
         let scaling_obj = match o.get("rope_scaling") {
             Some(Value::Object(m)) => Some(m),
-            Some(other) => return Err(invalid("rope_scaling", format!("expected an object or null, got {other}"))),
+            Some(other) => {
+                return Err(invalid(
+                    "rope_scaling",
+                    format!("expected an object or null, got {other}"),
+                ))
+            }
             None => rope_params,
         };
         let rope_scaling = parse_rope_scaling(scaling_obj)?;
@@ -240,11 +308,22 @@ impl ModelConfig {
                     None => vec![],
                     Some(Value::Array(a)) => a
                         .iter()
-                        .map(|x| x.as_u64().map(|x| x as usize).ok_or_else(|| invalid("mlp_only_layers", format!("bad layer index {x}"))))
+                        .map(|x| {
+                            x.as_u64().map(|x| x as usize).ok_or_else(|| {
+                                invalid("mlp_only_layers", format!("bad layer index {x}"))
+                            })
+                        })
                         .collect::<Result<_, _>>()?,
-                    Some(other) => return Err(invalid("mlp_only_layers", format!("expected a list, got {other}"))),
+                    Some(other) => {
+                        return Err(invalid(
+                            "mlp_only_layers",
+                            format!("expected a list, got {other}"),
+                        ))
+                    }
                 };
-                (0..num_layers).map(|l| !only.contains(&l) && num_experts > 0 && (l + 1) % step == 0).collect()
+                (0..num_layers)
+                    .map(|l| !only.contains(&l) && num_experts > 0 && (l + 1) % step == 0)
+                    .collect()
             }
         };
         Ok(ModelConfig {
@@ -270,14 +349,17 @@ impl ModelConfig {
             attention_bias,
             sparse_layers,
             eos_token_ids: token_ids(o.get("eos_token_id"), "eos_token_id")?,
-            bos_token_id: token_ids(o.get("bos_token_id"), "bos_token_id")?.first().copied(),
+            bos_token_id: token_ids(o.get("bos_token_id"), "bos_token_id")?
+                .first()
+                .copied(),
         })
     }
 
     /// Parameters in the checkpoint and active per token (embeddings and lm_head included).
     pub fn param_counts(&self) -> (u64, u64) {
         let h = self.hidden_size as u64;
-        let attn = h * (self.num_heads * self.head_dim) as u64 * 2 + h * (self.num_kv_heads * self.head_dim) as u64 * 2;
+        let attn = h * (self.num_heads * self.head_dim) as u64 * 2
+            + h * (self.num_kv_heads * self.head_dim) as u64 * 2;
         let expert = 3 * h * self.moe_intermediate_size as u64;
         let dense = 3 * h * self.intermediate_size as u64;
         let embed = self.vocab_size as u64 * h * if self.tie_word_embeddings { 1 } else { 2 };
@@ -297,14 +379,23 @@ impl ModelConfig {
     }
 }
 
-fn parse_rope_scaling(m: Option<&serde_json::Map<String, Value>>) -> Result<RopeScaling, ConfigError> {
-    let Some(m) = m else { return Ok(RopeScaling::Default) };
+fn parse_rope_scaling(
+    m: Option<&serde_json::Map<String, Value>>,
+) -> Result<RopeScaling, ConfigError> {
+    let Some(m) = m else {
+        return Ok(RopeScaling::Default);
+    };
     let o = Obj(m);
     let kind = o.str("rope_type")?.or(o.str("type")?).unwrap_or("default");
     let factor = || -> Result<f32, ConfigError> {
-        let f = o.f64("factor")?.ok_or(ConfigError::Missing("rope_scaling.factor"))?;
+        let f = o
+            .f64("factor")?
+            .ok_or(ConfigError::Missing("rope_scaling.factor"))?;
         if !(f >= 1.0) {
-            return Err(invalid("rope_scaling.factor", format!("must be >= 1, got {f}")));
+            return Err(invalid(
+                "rope_scaling.factor",
+                format!("must be >= 1, got {f}"),
+            ));
         }
         Ok(f as f32)
     };

@@ -31,7 +31,13 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { dtype: None, block_size: 16, kv_blocks: None, max_context: None, expert_shards: 1 }
+        EngineOptions {
+            dtype: None,
+            block_size: 16,
+            kv_blocks: None,
+            max_context: None,
+            expert_shards: 1,
+        }
     }
 }
 
@@ -58,7 +64,10 @@ pub struct Engine {
 /// Reads and validates `config.json` of a checkpoint folder.
 pub fn read_config(dir: &Path) -> Result<ModelConfig, WorkerError> {
     let p = dir.join("config.json");
-    let text = std::fs::read_to_string(&p).map_err(|source| crate::weights::LoadError::Io { path: p.clone(), source })?;
+    let text = std::fs::read_to_string(&p).map_err(|source| crate::weights::LoadError::Io {
+        path: p.clone(),
+        source,
+    })?;
     Ok(ModelConfig::from_json_str(&text)?)
 }
 
@@ -70,16 +79,38 @@ impl Engine {
     pub fn load(dir: &Path, opts: &EngineOptions) -> Result<Self, WorkerError> {
         let cfg = read_config(dir)?;
         let ck = Checkpoint::open(dir)?;
-        let dtype = opts.dtype.unwrap_or(if is_mapped_bf16(&ck) { WeightDType::Bf16 } else { WeightDType::F32 });
+        let dtype = opts.dtype.unwrap_or(if is_mapped_bf16(&ck) {
+            WeightDType::Bf16
+        } else {
+            WeightDType::F32
+        });
         let model = Model::load(&ck, &cfg, dtype)?;
         let shards = opts.expert_shards.max(1);
         let sets = (0..shards)
-            .map(|s| ExpertSet::load(&ck, &cfg, &ExpertSelection::round_robin(&cfg, s, shards), dtype))
+            .map(|s| {
+                ExpertSet::load(
+                    &ck,
+                    &cfg,
+                    &ExpertSelection::round_robin(&cfg, s, shards),
+                    dtype,
+                )
+            })
             .collect::<Result<Vec<_>, _>>()?;
-        let max_context = opts.max_context.unwrap_or(cfg.max_position_embeddings).min(cfg.max_position_embeddings);
-        let blocks = opts.kv_blocks.unwrap_or(4 * max_context.div_ceil(opts.block_size));
+        let max_context = opts
+            .max_context
+            .unwrap_or(cfg.max_position_embeddings)
+            .min(cfg.max_position_embeddings);
+        let blocks = opts
+            .kv_blocks
+            .unwrap_or(4 * max_context.div_ceil(opts.block_size));
         let kv = KvCache::new(&cfg, blocks, opts.block_size);
-        Ok(Engine { model, experts: LocalExperts { shards: sets }, kv, seqs: HashMap::new(), max_context })
+        Ok(Engine {
+            model,
+            experts: LocalExperts { shards: sets },
+            kv,
+            seqs: HashMap::new(),
+            max_context,
+        })
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -92,7 +123,13 @@ impl Engine {
 
     /// Bytes of weights held (dense + experts).
     pub fn weight_bytes(&self) -> usize {
-        self.model.nbytes() + self.experts.shards.iter().map(|s| s.nbytes()).sum::<usize>()
+        self.model.nbytes()
+            + self
+                .experts
+                .shards
+                .iter()
+                .map(|s| s.nbytes())
+                .sum::<usize>()
     }
 
     pub fn kv_used(&self) -> usize {
@@ -108,32 +145,55 @@ impl Engine {
     }
 
     /// Appends each chunk's tokens to its sequence (creating it on first use) and runs them.
-    pub fn step(&mut self, chunks: &[ChunkSpec<'_>], record_routing: bool) -> Result<ForwardOutput, WorkerError> {
+    pub fn step(
+        &mut self,
+        chunks: &[ChunkSpec<'_>],
+        record_routing: bool,
+    ) -> Result<ForwardOutput, WorkerError> {
         // Check everything before touching state.
         let mut need = 0;
         for (i, c) in chunks.iter().enumerate() {
             if chunks[..i].iter().any(|o| o.seq_id == c.seq_id) {
-                return Err(WorkerError::Sequence { seq_id: c.seq_id, detail: "appears twice in one step".into() });
+                return Err(WorkerError::Sequence {
+                    seq_id: c.seq_id,
+                    detail: "appears twice in one step".into(),
+                });
             }
             if c.tokens.is_empty() {
-                return Err(WorkerError::Sequence { seq_id: c.seq_id, detail: "empty chunk".into() });
+                return Err(WorkerError::Sequence {
+                    seq_id: c.seq_id,
+                    detail: "empty chunk".into(),
+                });
             }
             let vocab = self.model.cfg.vocab_size;
             if let Some(bad) = c.tokens.iter().find(|t| **t as usize >= vocab) {
                 return Err(WorkerError::TokenOutOfRange { token: *bad, vocab });
             }
-            let (len, have) = self.seqs.get(&c.seq_id).map_or((0, 0), |s| (s.len, s.table.len()));
+            let (len, have) = self
+                .seqs
+                .get(&c.seq_id)
+                .map_or((0, 0), |s| (s.len, s.table.len()));
             let new_len = len + c.tokens.len();
             if new_len > self.max_context {
-                return Err(WorkerError::ContextExceeded { seq_id: c.seq_id, needed: new_len, max: self.max_context });
+                return Err(WorkerError::ContextExceeded {
+                    seq_id: c.seq_id,
+                    needed: new_len,
+                    max: self.max_context,
+                });
             }
             need += self.kv.blocks_for(new_len).saturating_sub(have);
         }
         if need > self.kv.free() {
-            return Err(WorkerError::KvExhausted { needed: need, free: self.kv.free() });
+            return Err(WorkerError::KvExhausted {
+                needed: need,
+                free: self.kv.free(),
+            });
         }
         for c in chunks {
-            let seq = self.seqs.entry(c.seq_id).or_insert(Seq { table: Vec::new(), len: 0 });
+            let seq = self.seqs.entry(c.seq_id).or_insert(Seq {
+                table: Vec::new(),
+                len: 0,
+            });
             let want = self.kv.blocks_for(seq.len + c.tokens.len());
             if want > seq.table.len() {
                 let more = self.kv.allocate(want - seq.table.len())?;
@@ -144,10 +204,17 @@ impl Engine {
             .iter()
             .map(|c| {
                 let s = &self.seqs[&c.seq_id];
-                ForwardInput { tokens: c.tokens, start_pos: s.len, table: &s.table, logits: c.logits }
+                ForwardInput {
+                    tokens: c.tokens,
+                    start_pos: s.len,
+                    table: &s.table,
+                    logits: c.logits,
+                }
             })
             .collect();
-        let out = self.model.forward(&inputs, &mut self.kv, &self.experts, record_routing);
+        let out = self
+            .model
+            .forward(&inputs, &mut self.kv, &self.experts, record_routing);
         drop(inputs);
         if out.is_ok() {
             for c in chunks {

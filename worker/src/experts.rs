@@ -21,7 +21,13 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    pub fn load(ck: &Checkpoint, names: [String; 3], hidden: usize, inter: usize, dtype: WeightDType) -> Result<Self, LoadError> {
+    pub fn load(
+        ck: &Checkpoint,
+        names: [String; 3],
+        hidden: usize,
+        inter: usize,
+        dtype: WeightDType,
+    ) -> Result<Self, LoadError> {
         let [g, u, d] = names;
         Ok(Mlp {
             gate: ck.matrix(&g, &[inter, hidden], dtype)?,
@@ -52,11 +58,19 @@ pub fn expert_tensor_names(arch: Arch, layer: usize, e: usize) -> [String; 3] {
     match arch {
         Arch::Qwen3Moe => {
             let p = format!("model.layers.{layer}.mlp.experts.{e}");
-            [format!("{p}.gate_proj.weight"), format!("{p}.up_proj.weight"), format!("{p}.down_proj.weight")]
+            [
+                format!("{p}.gate_proj.weight"),
+                format!("{p}.up_proj.weight"),
+                format!("{p}.down_proj.weight"),
+            ]
         }
         Arch::Mixtral => {
             let p = format!("model.layers.{layer}.block_sparse_moe.experts.{e}");
-            [format!("{p}.w1.weight"), format!("{p}.w3.weight"), format!("{p}.w2.weight")]
+            [
+                format!("{p}.w1.weight"),
+                format!("{p}.w3.weight"),
+                format!("{p}.w2.weight"),
+            ]
         }
     }
 }
@@ -78,7 +92,15 @@ impl ExpertSelection {
             per_layer: cfg
                 .sparse_layers
                 .iter()
-                .map(|&s| if s { (0..cfg.num_experts as u32).filter(|e| *e as usize % shards == shard).collect() } else { vec![] })
+                .map(|&s| {
+                    if s {
+                        (0..cfg.num_experts as u32)
+                            .filter(|e| *e as usize % shards == shard)
+                            .collect()
+                    } else {
+                        vec![]
+                    }
+                })
                 .collect(),
         }
     }
@@ -90,13 +112,24 @@ pub struct ExpertSet {
 }
 
 impl ExpertSet {
-    pub fn load(ck: &Checkpoint, cfg: &ModelConfig, sel: &ExpertSelection, dtype: WeightDType) -> Result<Self, LoadError> {
+    pub fn load(
+        ck: &Checkpoint,
+        cfg: &ModelConfig,
+        sel: &ExpertSelection,
+        dtype: WeightDType,
+    ) -> Result<Self, LoadError> {
         let mut experts = Vec::with_capacity(cfg.num_layers);
         for (layer, held) in sel.per_layer.iter().enumerate() {
             let mut row: Vec<Option<Mlp>> = (0..cfg.num_experts).map(|_| None).collect();
             for &e in held {
                 let names = expert_tensor_names(cfg.arch, layer, e as usize);
-                row[e as usize] = Some(Mlp::load(ck, names, cfg.hidden_size, cfg.moe_intermediate_size, dtype)?);
+                row[e as usize] = Some(Mlp::load(
+                    ck,
+                    names,
+                    cfg.hidden_size,
+                    cfg.moe_intermediate_size,
+                    dtype,
+                )?);
             }
             experts.push(row);
         }
@@ -108,7 +141,12 @@ impl ExpertSet {
     }
 
     pub fn nbytes(&self) -> usize {
-        self.experts.iter().flatten().flatten().map(|m| m.nbytes()).sum()
+        self.experts
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|m| m.nbytes())
+            .sum()
     }
 }
 
@@ -116,7 +154,15 @@ impl ExpertSet {
 pub trait ExpertExec: Sync {
     /// `x` is `[t, hidden]`, `ids` is `[t, k]`; fills `slots[(ti * k + s) * hidden ..]` with
     /// the output of expert `ids[ti * k + s]` on token `ti` (unweighted).
-    fn run(&self, layer: usize, x: &[f32], hidden: usize, ids: &[u32], k: usize, slots: &mut [f32]) -> Result<(), WorkerError>;
+    fn run(
+        &self,
+        layer: usize,
+        x: &[f32],
+        hidden: usize,
+        ids: &[u32],
+        k: usize,
+        slots: &mut [f32],
+    ) -> Result<(), WorkerError>;
 }
 
 /// Experts held in this process, possibly as several shards.
@@ -132,7 +178,13 @@ impl LocalExperts {
 
 /// Runs expert `e` on the rows of `x` listed in `rows` (token indices) and hands each output
 /// row to `put(i, row)`, `i` indexing `rows`.
-pub fn run_expert_rows(mlp: &Mlp, x: &[f32], hidden: usize, rows: &[usize], mut put: impl FnMut(usize, &[f32])) {
+pub fn run_expert_rows(
+    mlp: &Mlp,
+    x: &[f32],
+    hidden: usize,
+    rows: &[usize],
+    mut put: impl FnMut(usize, &[f32]),
+) {
     let n = rows.len();
     let mut gathered = vec![0.0f32; n * hidden];
     for (i, &t) in rows.iter().enumerate() {
@@ -146,7 +198,15 @@ pub fn run_expert_rows(mlp: &Mlp, x: &[f32], hidden: usize, rows: &[usize], mut 
 }
 
 impl ExpertExec for LocalExperts {
-    fn run(&self, layer: usize, x: &[f32], hidden: usize, ids: &[u32], k: usize, slots: &mut [f32]) -> Result<(), WorkerError> {
+    fn run(
+        &self,
+        layer: usize,
+        x: &[f32],
+        hidden: usize,
+        ids: &[u32],
+        k: usize,
+        slots: &mut [f32],
+    ) -> Result<(), WorkerError> {
         let num_experts = ids.iter().map(|e| *e as usize + 1).max().unwrap_or(0);
         // Group (token, slot) pairs by expert, in token order.
         let mut groups: Vec<Vec<usize>> = vec![Vec::new(); num_experts];
@@ -157,7 +217,9 @@ impl ExpertExec for LocalExperts {
             if pairs.is_empty() {
                 continue;
             }
-            let mlp = self.owner(layer, e).ok_or(WorkerError::ExpertMissing { layer, expert: e })?;
+            let mlp = self
+                .owner(layer, e)
+                .ok_or(WorkerError::ExpertMissing { layer, expert: e })?;
             let rows: Vec<usize> = pairs.iter().map(|p| p / k).collect();
             run_expert_rows(mlp, x, hidden, &rows, |i, y| {
                 let p = pairs[i];

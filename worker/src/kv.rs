@@ -53,24 +53,36 @@ impl KvCache {
     /// Takes `n` blocks, all or none.
     pub fn allocate(&mut self, n: usize) -> Result<Vec<u32>, WorkerError> {
         if n > self.free.len() {
-            return Err(WorkerError::KvExhausted { needed: n, free: self.free.len() });
+            return Err(WorkerError::KvExhausted {
+                needed: n,
+                free: self.free.len(),
+            });
         }
         Ok(self.free.split_off(self.free.len() - n))
     }
 
     pub fn release(&mut self, blocks: &[u32]) {
-        debug_assert!(blocks.iter().all(|b| (*b as usize) < self.num_blocks && !self.free.contains(b)));
+        debug_assert!(blocks
+            .iter()
+            .all(|b| (*b as usize) < self.num_blocks && !self.free.contains(b)));
         self.free.extend_from_slice(blocks);
     }
 
     pub fn layer(&self, l: usize) -> KvLayer<'_> {
-        KvLayer { k: &self.k[l], v: &self.v[l], block_size: self.block_size, kv_heads: self.kv_heads, head_dim: self.head_dim }
+        KvLayer {
+            k: &self.k[l],
+            v: &self.v[l],
+            block_size: self.block_size,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+        }
     }
 
     /// Stores one position's keys and values (`[kv_heads * head_dim]` each).
     pub fn write(&mut self, l: usize, table: &[u32], pos: usize, k: &[f32], v: &[f32]) {
         let w = self.kv_heads * self.head_dim;
-        let o = (table[pos / self.block_size] as usize * self.block_size + pos % self.block_size) * w;
+        let o =
+            (table[pos / self.block_size] as usize * self.block_size + pos % self.block_size) * w;
         self.k[l][o..o + w].copy_from_slice(k);
         self.v[l][o..o + w].copy_from_slice(v);
     }

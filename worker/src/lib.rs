@@ -36,7 +36,11 @@ pub enum WorkerError {
     #[error("sequence {seq_id}: {detail}")]
     Sequence { seq_id: u64, detail: String },
     #[error("context length exceeded: sequence {seq_id} needs {needed} positions, the model allows {max}")]
-    ContextExceeded { seq_id: u64, needed: usize, max: usize },
+    ContextExceeded {
+        seq_id: u64,
+        needed: usize,
+        max: usize,
+    },
     #[error("token id {token} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange { token: u32, vocab: usize },
     #[error("KV cache exhausted: {needed} blocks needed, {free} free")]

@@ -90,7 +90,11 @@ pub struct Model {
 
 impl Model {
     /// Loads the dense weights (everything except the experts).
-    pub fn load(ck: &Checkpoint, cfg: &ModelConfig, dtype: WeightDType) -> Result<Self, WorkerError> {
+    pub fn load(
+        ck: &Checkpoint,
+        cfg: &ModelConfig,
+        dtype: WeightDType,
+    ) -> Result<Self, WorkerError> {
         let h = cfg.hidden_size;
         let (nh, nkv, d) = (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
         let embed = ck.matrix("model.embed_tokens.weight", &[cfg.vocab_size, h], dtype)?;
@@ -113,17 +117,31 @@ impl Model {
                 v: ck.matrix(&format!("{a}.v_proj.weight"), &[nkv * d, h], dtype)?,
                 o: ck.matrix(&format!("{a}.o_proj.weight"), &[h, nh * d], dtype)?,
                 bias,
-                q_norm: if cfg.qk_norm { Some(ck.vector(&format!("{a}.q_norm.weight"), &[d])?) } else { None },
-                k_norm: if cfg.qk_norm { Some(ck.vector(&format!("{a}.k_norm.weight"), &[d])?) } else { None },
+                q_norm: if cfg.qk_norm {
+                    Some(ck.vector(&format!("{a}.q_norm.weight"), &[d])?)
+                } else {
+                    None
+                },
+                k_norm: if cfg.qk_norm {
+                    Some(ck.vector(&format!("{a}.k_norm.weight"), &[d])?)
+                } else {
+                    None
+                },
             };
             let ffn = if cfg.sparse_layers[l] {
                 let router = match cfg.arch {
                     Arch::Qwen3Moe => format!("{p}.mlp.gate.weight"),
                     Arch::Mixtral => format!("{p}.block_sparse_moe.gate.weight"),
                 };
-                Ffn::Moe { router: ck.matrix(&router, &[cfg.num_experts, h], WeightDType::F32)? }
+                Ffn::Moe {
+                    router: ck.matrix(&router, &[cfg.num_experts, h], WeightDType::F32)?,
+                }
             } else {
-                let names = [format!("{p}.mlp.gate_proj.weight"), format!("{p}.mlp.up_proj.weight"), format!("{p}.mlp.down_proj.weight")];
+                let names = [
+                    format!("{p}.mlp.gate_proj.weight"),
+                    format!("{p}.mlp.up_proj.weight"),
+                    format!("{p}.mlp.down_proj.weight"),
+                ];
                 Ffn::Dense(Mlp::load(ck, names, h, cfg.intermediate_size, dtype)?)
             };
             layers.push(Layer {
@@ -138,8 +156,21 @@ impl Model {
         } else {
             Some(ck.matrix("lm_head.weight", &[cfg.vocab_size, h], dtype)?)
         };
-        let rope = Rope::new(d, cfg.rope_theta, &cfg.rope_scaling, cfg.max_position_embeddings)?;
-        Ok(Model { cfg: cfg.clone(), dtype, embed, layers, norm: ck.vector("model.norm.weight", &[h])?, lm_head, rope })
+        let rope = Rope::new(
+            d,
+            cfg.rope_theta,
+            &cfg.rope_scaling,
+            cfg.max_position_embeddings,
+        )?;
+        Ok(Model {
+            cfg: cfg.clone(),
+            dtype,
+            embed,
+            layers,
+            norm: ck.vector("model.norm.weight", &[h])?,
+            lm_head,
+            rope,
+        })
     }
 
     /// Bytes of dense weights held.
@@ -164,9 +195,17 @@ impl Model {
         record_routing: bool,
     ) -> Result<ForwardOutput, WorkerError> {
         let cfg = &self.cfg;
-        let (h, nh, nkv, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
+        let (h, nh, nkv, d) = (
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+        );
         let t: usize = inputs.iter().map(|i| i.tokens.len()).sum();
-        let mut out = ForwardOutput { expert_load: vec![0; cfg.num_layers * cfg.num_experts], ..Default::default() };
+        let mut out = ForwardOutput {
+            expert_load: vec![0; cfg.num_layers * cfg.num_experts],
+            ..Default::default()
+        };
         if t == 0 {
             return Ok(out);
         }
@@ -181,7 +220,10 @@ impl Model {
         let embed = self.embed.weight();
         for (r, tok) in inputs.iter().flat_map(|i| i.tokens.iter()).enumerate() {
             if *tok as usize >= cfg.vocab_size {
-                return Err(WorkerError::TokenOutOfRange { token: *tok, vocab: cfg.vocab_size });
+                return Err(WorkerError::TokenOutOfRange {
+                    token: *tok,
+                    vocab: cfg.vocab_size,
+                });
             }
             embed.row_into(*tok as usize, h, &mut hs[r * h..(r + 1) * h]);
         }
@@ -190,7 +232,11 @@ impl Model {
         let mut cos = vec![0.0f32; t * half];
         let mut sin = vec![0.0f32; t * half];
         for (r, &(_, pos)) in row_pos.iter().enumerate() {
-            self.rope.cos_sin(pos, &mut cos[r * half..(r + 1) * half], &mut sin[r * half..(r + 1) * half]);
+            self.rope.cos_sin(
+                pos,
+                &mut cos[r * half..(r + 1) * half],
+                &mut sin[r * half..(r + 1) * half],
+            );
         }
         let (qw, kvw) = (nh * d, nkv * d);
         let mut x = vec![0.0f32; t * h];
@@ -199,7 +245,13 @@ impl Model {
         let mut v = vec![0.0f32; t * kvw];
         let mut att = vec![0.0f32; t * qw];
         let mut tmp = vec![0.0f32; t * h];
-        let params = AttnParams { heads: nh, kv_heads: nkv, head_dim: d, scale: 1.0 / (d as f32).sqrt(), window: cfg.sliding_window };
+        let params = AttnParams {
+            heads: nh,
+            kv_heads: nkv,
+            head_dim: d,
+            scale: 1.0 / (d as f32).sqrt(),
+            window: cfg.sliding_window,
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             x.copy_from_slice(&hs);
             rms_norm(&mut x, &layer.ln1, cfg.rms_norm_eps);
@@ -221,14 +273,29 @@ impl Model {
                 rms_norm(&mut k, kn, cfg.rms_norm_eps);
             }
             for r in 0..t {
-                let (c, s) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+                let (c, s) = (
+                    &cos[r * half..(r + 1) * half],
+                    &sin[r * half..(r + 1) * half],
+                );
                 switchyard_kernels::rope::apply_with(&mut q[r * qw..(r + 1) * qw], d, c, s);
                 switchyard_kernels::rope::apply_with(&mut k[r * kvw..(r + 1) * kvw], d, c, s);
             }
             for (r, &(ei, pos)) in row_pos.iter().enumerate() {
-                kv.write(li, inputs[ei].table, pos, &k[r * kvw..(r + 1) * kvw], &v[r * kvw..(r + 1) * kvw]);
+                kv.write(
+                    li,
+                    inputs[ei].table,
+                    pos,
+                    &k[r * kvw..(r + 1) * kvw],
+                    &v[r * kvw..(r + 1) * kvw],
+                );
             }
-            let rows: Vec<QueryRow> = row_pos.iter().map(|&(ei, pos)| QueryRow { table: inputs[ei].table, pos }).collect();
+            let rows: Vec<QueryRow> = row_pos
+                .iter()
+                .map(|&(ei, pos)| QueryRow {
+                    table: inputs[ei].table,
+                    pos,
+                })
+                .collect();
             paged_attention(&q, &rows, kv.layer(li), params, &mut att);
             linear(&att, t, qw, a.o.weight(), h, &mut tmp);
             axpy(&mut hs, 1.0, &tmp);
@@ -250,7 +317,11 @@ impl Model {
                     experts.run(li, &x, h, &ids, kk, &mut slots)?;
                     moe::combine(&slots, &w, kk, h, &mut tmp);
                     if record_routing {
-                        out.routing.push(Routing { layer: li, ids, weights: w });
+                        out.routing.push(Routing {
+                            layer: li,
+                            ids,
+                            weights: w,
+                        });
                     }
                 }
             }
@@ -275,7 +346,14 @@ impl Model {
         rms_norm(&mut xs, &self.norm, cfg.rms_norm_eps);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         out.logits = vec![0.0f32; sel.len() * cfg.vocab_size];
-        linear(&xs, sel.len(), h, head.weight(), cfg.vocab_size, &mut out.logits);
+        linear(
+            &xs,
+            sel.len(),
+            h,
+            head.weight(),
+            cfg.vocab_size,
+            &mut out.logits,
+        );
         out.logit_rows = sel.iter().map(|&(_, ei, pos)| (ei, pos)).collect();
         Ok(out)
     }

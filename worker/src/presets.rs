@@ -19,7 +19,15 @@ pub const PRESETS: &[&str] = &["tiny", "tiny-mixtral", "bench", "long"];
 
 /// The `config.json` of a preset.
 pub fn preset(name: &str) -> Option<Value> {
-    let qwen = |hidden: usize, layers: usize, heads: usize, kv: usize, hd: usize, experts: usize, topk: usize, inter: usize, ctx: usize| {
+    let qwen = |hidden: usize,
+                layers: usize,
+                heads: usize,
+                kv: usize,
+                hd: usize,
+                experts: usize,
+                topk: usize,
+                inter: usize,
+                ctx: usize| {
         json!({
             "architectures": ["Qwen3MoeForCausalLM"],
             "model_type": "qwen3_moe",
@@ -97,12 +105,25 @@ enum Init {
 
 /// Every tensor of a model: (name, shape, init).
 fn tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
-    let (h, nh, nkv, d) = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim);
-    let mut t = vec![("model.embed_tokens.weight".to_string(), vec![cfg.vocab_size, h], Init::Embedding)];
+    let (h, nh, nkv, d) = (
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+    );
+    let mut t = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+        Init::Embedding,
+    )];
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
         t.push((format!("{p}.input_layernorm.weight"), vec![h], Init::Norm));
-        t.push((format!("{p}.post_attention_layernorm.weight"), vec![h], Init::Norm));
+        t.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            vec![h],
+            Init::Norm,
+        ));
         let a = format!("{p}.self_attn");
         t.push((format!("{a}.q_proj.weight"), vec![nh * d, h], Init::Matrix));
         t.push((format!("{a}.k_proj.weight"), vec![nkv * d, h], Init::Matrix));
@@ -127,14 +148,26 @@ fn tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
             }
         } else {
             let i = cfg.intermediate_size;
-            t.push((format!("{p}.mlp.gate_proj.weight"), vec![i, h], Init::Matrix));
+            t.push((
+                format!("{p}.mlp.gate_proj.weight"),
+                vec![i, h],
+                Init::Matrix,
+            ));
             t.push((format!("{p}.mlp.up_proj.weight"), vec![i, h], Init::Matrix));
-            t.push((format!("{p}.mlp.down_proj.weight"), vec![h, i], Init::Matrix));
+            t.push((
+                format!("{p}.mlp.down_proj.weight"),
+                vec![h, i],
+                Init::Matrix,
+            ));
         }
     }
     t.push(("model.norm.weight".into(), vec![h], Init::Norm));
     if !cfg.tie_word_embeddings {
-        t.push(("lm_head.weight".into(), vec![cfg.vocab_size, h], Init::Matrix));
+        t.push((
+            "lm_head.weight".into(),
+            vec![cfg.vocab_size, h],
+            Init::Matrix,
+        ));
     }
     t
 }
@@ -180,20 +213,34 @@ pub fn generate(
     let cfg = ModelConfig::from_json(config)?;
     std::fs::create_dir_all(out)?;
     let mut config = config.clone();
-    config["torch_dtype"] = json!(if dtype == WeightDType::Bf16 { "bfloat16" } else { "float32" });
-    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config).expect("json"))?;
+    config["torch_dtype"] = json!(if dtype == WeightDType::Bf16 {
+        "bfloat16"
+    } else {
+        "float32"
+    });
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config).expect("json"),
+    )?;
     let gen = json!({
         "bos_token_id": config.get("bos_token_id"),
         "eos_token_id": config.get("eos_token_id"),
         "pad_token_id": config.get("pad_token_id"),
         "do_sample": false
     });
-    std::fs::write(out.join("generation_config.json"), serde_json::to_string_pretty(&gen).expect("json"))?;
+    std::fs::write(
+        out.join("generation_config.json"),
+        serde_json::to_string_pretty(&gen).expect("json"),
+    )?;
     for (name, bytes) in tokenizer_files {
         std::fs::write(out.join(name), bytes)?;
     }
     let elem = if dtype == WeightDType::Bf16 { 2 } else { 4 };
-    let st_dtype = if dtype == WeightDType::Bf16 { "BF16" } else { "F32" };
+    let st_dtype = if dtype == WeightDType::Bf16 {
+        "BF16"
+    } else {
+        "F32"
+    };
     let all = tensors(&cfg);
     // Group consecutive tensors into shards.
     let mut shards: Vec<Vec<usize>> = vec![vec![]];
@@ -212,14 +259,20 @@ pub fn generate(
     let mut total = 0usize;
     for (si, members) in shards.iter().enumerate() {
         let file = format!("model-{:05}-of-{:05}.safetensors", si + 1, count);
-        let decl: Vec<(String, &str, Vec<usize>)> = members.iter().map(|&i| (all[i].0.clone(), st_dtype, all[i].1.clone())).collect();
+        let decl: Vec<(String, &str, Vec<usize>)> = members
+            .iter()
+            .map(|&i| (all[i].0.clone(), st_dtype, all[i].1.clone()))
+            .collect();
         let mut w = SafetensorsWriter::create(&out.join(&file), &decl)?;
         for &i in members {
             let (name, shape, init) = &all[i];
             let v = fill(name_seed(seed, name), shape, init);
             let bytes: Vec<u8> = match dtype {
                 WeightDType::F32 => bytemuck::cast_slice(&v).to_vec(),
-                WeightDType::Bf16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()).collect(),
+                WeightDType::Bf16 => v
+                    .iter()
+                    .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
+                    .collect(),
             };
             total += bytes.len();
             w.write_next(name, &bytes)?;
@@ -228,6 +281,9 @@ pub fn generate(
         w.finish()?;
     }
     let index = json!({"metadata": {"total_size": total}, "weight_map": weight_map});
-    std::fs::write(out.join("model.safetensors.index.json"), serde_json::to_string_pretty(&index).expect("json"))?;
+    std::fs::write(
+        out.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&index).expect("json"),
+    )?;
     Ok(())
 }

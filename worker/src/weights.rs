@@ -19,7 +19,10 @@ use switchyard_kernels::WeightRef;
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path}: not a valid safetensors file (truncated or corrupt): {detail}")]
     BadFile { path: PathBuf, detail: String },
     #[error("{path}: bad index: {detail}")]
@@ -29,7 +32,11 @@ pub enum LoadError {
     #[error("tensor `{0}` is missing from the checkpoint")]
     MissingTensor(String),
     #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]
-    Shape { name: String, found: Vec<usize>, expected: Vec<usize> },
+    Shape {
+        name: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
     #[error("tensor `{name}` has unsupported dtype {dtype} (supported: F32, BF16, F16)")]
     Dtype { name: String, dtype: String },
 }
@@ -77,7 +84,12 @@ pub struct Checkpoint {
 }
 
 enum Data {
-    Mapped { map: Arc<Mmap>, start: usize, len: usize, dtype: WeightDType },
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+        dtype: WeightDType,
+    },
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
 }
@@ -97,7 +109,12 @@ impl std::fmt::Debug for Tensor {
 impl Tensor {
     pub fn weight(&self) -> WeightRef<'_> {
         match &self.data {
-            Data::Mapped { map, start, len, dtype } => {
+            Data::Mapped {
+                map,
+                start,
+                len,
+                dtype,
+            } => {
                 let bytes = &map[*start..*start + *len];
                 match dtype {
                     // Alignment was checked when the tensor was loaded.
@@ -129,7 +146,10 @@ impl Tensor {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
-    move |source| LoadError::Io { path: path.to_path_buf(), source }
+    move |source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl Checkpoint {
@@ -138,17 +158,29 @@ impl Checkpoint {
         let index = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index.exists() {
             let text = std::fs::read_to_string(&index).map_err(io(&index))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| LoadError::BadIndex { path: index.clone(), detail: e.to_string() })?;
-            let wm = v.get("weight_map").and_then(|w| w.as_object()).ok_or_else(|| LoadError::BadIndex {
-                path: index.clone(),
-                detail: "missing `weight_map` object".into(),
-            })?;
+            let v: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| LoadError::BadIndex {
+                    path: index.clone(),
+                    detail: e.to_string(),
+                })?;
+            let wm = v
+                .get("weight_map")
+                .and_then(|w| w.as_object())
+                .ok_or_else(|| LoadError::BadIndex {
+                    path: index.clone(),
+                    detail: "missing `weight_map` object".into(),
+                })?;
             let mut files: Vec<String> = Vec::new();
             for (name, f) in wm {
-                let f = f.as_str().ok_or_else(|| LoadError::BadIndex { path: index.clone(), detail: format!("`{name}` maps to a non-string") })?;
+                let f = f.as_str().ok_or_else(|| LoadError::BadIndex {
+                    path: index.clone(),
+                    detail: format!("`{name}` maps to a non-string"),
+                })?;
                 if f.contains('/') || f.contains("..") {
-                    return Err(LoadError::BadIndex { path: index.clone(), detail: format!("shard name {f:?} leaves the folder") });
+                    return Err(LoadError::BadIndex {
+                        path: index.clone(),
+                        detail: format!("shard name {f:?} leaves the folder"),
+                    });
                 }
                 if !files.iter().any(|x| x == f) {
                     files.push(f.to_string());
@@ -168,22 +200,43 @@ impl Checkpoint {
             // SAFETY: the file is opened read-only and checkpoints are not modified while
             // served; a concurrent truncation would be a deployment error.
             let map = unsafe { Mmap::map(&file) }.map_err(io(&path))?;
-            let (n, meta) = safetensors::SafeTensors::read_metadata(&map[..])
-                .map_err(|e| LoadError::BadFile { path: path.clone(), detail: format!("{e:?}") })?;
+            let (n, meta) = safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| {
+                LoadError::BadFile {
+                    path: path.clone(),
+                    detail: format!("{e:?}"),
+                }
+            })?;
             let data_start = 8 + n;
             for (name, info) in meta.tensors() {
                 let (s, e) = info.data_offsets;
                 if data_start + e > map.len() {
-                    return Err(LoadError::BadFile { path: path.clone(), detail: format!("tensor `{name}` extends past the end of the file") });
+                    return Err(LoadError::BadFile {
+                        path: path.clone(),
+                        detail: format!("tensor `{name}` extends past the end of the file"),
+                    });
                 }
                 entries.insert(
                     name.clone(),
-                    Entry { shard: shards.len(), dtype: info.dtype, shape: info.shape.clone(), start: data_start + s, end: data_start + e },
+                    Entry {
+                        shard: shards.len(),
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: data_start + s,
+                        end: data_start + e,
+                    },
                 );
             }
-            shards.push(Shard { path, map: Arc::new(map), data_start });
+            shards.push(Shard {
+                path,
+                map: Arc::new(map),
+                data_start,
+            });
         }
-        Ok(Checkpoint { dir: dir.to_path_buf(), shards, entries })
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            shards,
+            entries,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -199,15 +252,27 @@ impl Checkpoint {
     }
 
     fn entry(&self, name: &str, shape: &[usize]) -> Result<&Entry, LoadError> {
-        let e = self.entries.get(name).ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| LoadError::MissingTensor(name.to_string()))?;
         if e.shape != shape {
-            return Err(LoadError::Shape { name: name.into(), found: e.shape.clone(), expected: shape.to_vec() });
+            return Err(LoadError::Shape {
+                name: name.into(),
+                found: e.shape.clone(),
+                expected: shape.to_vec(),
+            });
         }
         Ok(e)
     }
 
     /// Loads a weight matrix in `dtype`, zero-copy when the stored dtype matches.
-    pub fn matrix(&self, name: &str, shape: &[usize], dtype: WeightDType) -> Result<Tensor, LoadError> {
+    pub fn matrix(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: WeightDType,
+    ) -> Result<Tensor, LoadError> {
         let e = self.entry(name, shape)?;
         let shard = &self.shards[e.shard];
         let bytes = &shard.map[e.start..e.end];
@@ -215,13 +280,27 @@ impl Checkpoint {
             Dtype::F32 => Some(WeightDType::F32),
             Dtype::BF16 => Some(WeightDType::Bf16),
             Dtype::F16 => None,
-            other => return Err(LoadError::Dtype { name: name.into(), dtype: format!("{other:?}") }),
+            other => {
+                return Err(LoadError::Dtype {
+                    name: name.into(),
+                    dtype: format!("{other:?}"),
+                })
+            }
         };
-        let align = if stored == Some(WeightDType::F32) { 4 } else { 2 };
+        let align = if stored == Some(WeightDType::F32) {
+            4
+        } else {
+            2
+        };
         if stored == Some(dtype) && (bytes.as_ptr() as usize) % align == 0 {
             return Ok(Tensor {
                 shape: shape.to_vec(),
-                data: Data::Mapped { map: shard.map.clone(), start: e.start, len: e.end - e.start, dtype },
+                data: Data::Mapped {
+                    map: shard.map.clone(),
+                    start: e.start,
+                    len: e.end - e.start,
+                    dtype,
+                },
             });
         }
         let f32s = decode_f32(bytes, e.dtype);
@@ -229,15 +308,24 @@ impl Checkpoint {
             WeightDType::F32 => Data::F32(f32s),
             WeightDType::Bf16 => Data::Bf16(f32s.into_iter().map(bf16::from_f32).collect()),
         };
-        Ok(Tensor { shape: shape.to_vec(), data })
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            data,
+        })
     }
 
     /// Loads a small tensor (norm weights, biases) as owned `f32`.
     pub fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
         let e = self.entry(name, shape)?;
         match e.dtype {
-            Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(decode_f32(&self.shards[e.shard].map[e.start..e.end], e.dtype)),
-            other => Err(LoadError::Dtype { name: name.into(), dtype: format!("{other:?}") }),
+            Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(decode_f32(
+                &self.shards[e.shard].map[e.start..e.end],
+                e.dtype,
+            )),
+            other => Err(LoadError::Dtype {
+                name: name.into(),
+                dtype: format!("{other:?}"),
+            }),
         }
     }
 
@@ -264,9 +352,18 @@ impl Checkpoint {
 
 fn decode_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
     match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32()).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
         _ => unreachable!("dtype checked by callers"),
     }
 }
@@ -291,7 +388,10 @@ impl SafetensorsWriter {
         for (name, dtype, shape) in tensors {
             let elem = if *dtype == "F32" { 4 } else { 2 };
             let n = shape.iter().product::<usize>() * elem;
-            header.insert(name.clone(), serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}));
+            header.insert(
+                name.clone(),
+                serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [off, off + n]}),
+            );
             pending.push_back((name.clone(), n));
             off += n;
         }
@@ -308,9 +408,15 @@ impl SafetensorsWriter {
     /// Writes the next declared tensor's data.
     pub fn write_next(&mut self, name: &str, bytes: &[u8]) -> std::io::Result<()> {
         use std::io::Write;
-        let (expect, n) = self.pending.pop_front().ok_or_else(|| std::io::Error::other("no tensor left to write"))?;
+        let (expect, n) = self
+            .pending
+            .pop_front()
+            .ok_or_else(|| std::io::Error::other("no tensor left to write"))?;
         if expect != name || n != bytes.len() {
-            return Err(std::io::Error::other(format!("expected {expect} ({n} bytes), got {name} ({} bytes)", bytes.len())));
+            return Err(std::io::Error::other(format!(
+                "expected {expect} ({n} bytes), got {name} ({} bytes)",
+                bytes.len()
+            )));
         }
         self.file.write_all(bytes)
     }
@@ -318,7 +424,9 @@ impl SafetensorsWriter {
     pub fn finish(mut self) -> std::io::Result<()> {
         use std::io::Write;
         if let Some((name, _)) = self.pending.front() {
-            return Err(std::io::Error::other(format!("tensor {name} was never written")));
+            return Err(std::io::Error::other(format!(
+                "tensor {name} was never written"
+            )));
         }
         self.file.flush()
     }

@@ -1,0 +1,200 @@
+//! `switchyard bench`: prefill and decode throughput of one model on this machine, with the
+//! machine's own memory read bandwidth measured in the same run so decode figures can be
+//! stated as a fraction of the bandwidth bound (bytes that must be read per token / bandwidth).
+
+use rayon::prelude::*;
+use std::path::PathBuf;
+use std::time::Instant;
+use switchyard_kernels::rng::Rng;
+use switchyard_kernels::sampling::argmax;
+use switchyard_worker::engine::{ChunkSpec, Engine, EngineOptions, Logits};
+use switchyard_worker::{WeightDType, WorkerError};
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub model: PathBuf,
+    pub dtype: Option<WeightDType>,
+    pub prefill_tokens: usize,
+    pub decode_steps: usize,
+    pub batch: usize,
+    pub seed: u64,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchReport {
+    pub model: String,
+    pub dtype: String,
+    pub threads: usize,
+    pub weight_bytes: usize,
+    /// Weight bytes a single decode token must read (dense + top-k experts + lm_head).
+    pub bytes_per_token: usize,
+    pub load_s: f64,
+    pub read_bandwidth_gb_s: f64,
+    pub prefill_tokens: usize,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s_b1: f64,
+    pub decode_tok_s_b8: f64,
+    pub decode_b1_bound_tok_s: f64,
+    pub decode_b1_fraction_of_bound: f64,
+    pub peak_rss_bytes: u64,
+}
+
+/// Peak resident set size of this process (VmHWM).
+pub fn peak_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Best-of-5 parallel read bandwidth over a buffer far larger than the caches, in GB/s.
+pub fn read_bandwidth_gb_s(bytes: usize) -> f64 {
+    let n = bytes / 4;
+    let buf: Vec<f32> = (0..n).into_par_iter().map(|i| (i % 7) as f32).collect();
+    let mut best = 0.0f64;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let s: f32 = buf
+            .par_chunks(1 << 16)
+            .map(|c| switchyard_kernels::linear::dot(c, c))
+            .sum();
+        let dt = t.elapsed().as_secs_f64();
+        std::hint::black_box(s);
+        best = best.max(bytes as f64 / dt / 1e9);
+    }
+    best
+}
+
+fn random_tokens(rng: &mut Rng, n: usize, vocab: usize) -> Vec<u32> {
+    (0..n)
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect()
+}
+
+/// Decodes `steps` greedy tokens for `batch` sequences after a short prefill; returns tok/s.
+fn decode(
+    engine: &mut Engine,
+    rng: &mut Rng,
+    batch: usize,
+    steps: usize,
+) -> Result<f64, WorkerError> {
+    let vocab = engine.config().vocab_size;
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|_| random_tokens(rng, 32, vocab)).collect();
+    let chunks: Vec<ChunkSpec> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| ChunkSpec {
+            seq_id: i as u64,
+            tokens: p,
+            logits: Logits::Last,
+        })
+        .collect();
+    let out = engine.step(&chunks, false)?;
+    let mut last: Vec<[u32; 1]> = out
+        .logits
+        .chunks(vocab)
+        .map(|l| [argmax(l) as u32])
+        .collect();
+    let warmup = 3;
+    let mut t0 = Instant::now();
+    for s in 0..steps + warmup {
+        if s == warmup {
+            t0 = Instant::now();
+        }
+        let chunks: Vec<ChunkSpec> = last
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ChunkSpec {
+                seq_id: i as u64,
+                tokens: t,
+                logits: Logits::Last,
+            })
+            .collect();
+        let out = engine.step(&chunks, false)?;
+        last = out
+            .logits
+            .chunks(vocab)
+            .map(|l| [argmax(l) as u32])
+            .collect();
+    }
+    let dt = t0.elapsed().as_secs_f64();
+    for i in 0..batch {
+        engine.release(i as u64);
+    }
+    Ok((steps * batch) as f64 / dt)
+}
+
+pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
+    let t = Instant::now();
+    let eopts = EngineOptions {
+        dtype: opts.dtype,
+        max_context: Some(opts.prefill_tokens.max(64) + opts.decode_steps + 64),
+        ..Default::default()
+    };
+    let mut engine = Engine::load(&opts.model, &eopts)?;
+    let load_s = t.elapsed().as_secs_f64();
+    let cfg = engine.config().clone();
+    let dtype = engine.model.dtype;
+    let elem = if dtype == WeightDType::Bf16 { 2 } else { 4 };
+    let (_, active) = cfg.param_counts();
+    let bytes_per_token = ((active - (cfg.vocab_size * cfg.hidden_size) as u64
+        + cfg.hidden_size as u64)
+        * elem) as usize;
+    let mut rng = Rng::new(opts.seed);
+
+    // Prefill: one warm-up pass (pages the weights in), then the timed pass.
+    let prompt = random_tokens(&mut rng, opts.prefill_tokens, cfg.vocab_size);
+    let mut prefill_tok_s = 0.0f64;
+    for rep in 0..3 {
+        let t = Instant::now();
+        engine.step(
+            &[ChunkSpec {
+                seq_id: 99,
+                tokens: &prompt,
+                logits: Logits::Last,
+            }],
+            false,
+        )?;
+        let dt = t.elapsed().as_secs_f64();
+        engine.release(99);
+        if rep > 0 {
+            prefill_tok_s = prefill_tok_s.max(opts.prefill_tokens as f64 / dt);
+        }
+    }
+    let decode_tok_s_b1 = decode(&mut engine, &mut rng, 1, opts.decode_steps)?;
+    let decode_tok_s_b8 = decode(
+        &mut engine,
+        &mut rng,
+        opts.batch,
+        opts.decode_steps.div_ceil(2),
+    )?;
+    let peak_rss = peak_rss_bytes();
+    let weight_bytes = engine.weight_bytes();
+    drop(engine);
+    let bw = read_bandwidth_gb_s(1 << 30);
+    let bound = bw * 1e9 / bytes_per_token as f64;
+    Ok(BenchReport {
+        model: opts.model.display().to_string(),
+        dtype: if dtype == WeightDType::Bf16 {
+            "bf16".into()
+        } else {
+            "f32".into()
+        },
+        threads: rayon::current_num_threads(),
+        weight_bytes,
+        bytes_per_token,
+        load_s,
+        read_bandwidth_gb_s: bw,
+        prefill_tokens: opts.prefill_tokens,
+        prefill_tok_s,
+        decode_tok_s_b1,
+        decode_tok_s_b8,
+        decode_b1_bound_tok_s: bound,
+        decode_b1_fraction_of_bound: decode_tok_s_b1 / bound,
+        peak_rss_bytes: peak_rss,
+    })
+}

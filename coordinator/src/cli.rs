@@ -1,0 +1,319 @@
+//! The `switchyard` command line. Each subcommand is a typed config (clap), validated, then a
+//! call into the library; nothing here computes.
+
+use crate::bench::{self, BenchOptions};
+use crate::generate::{self, Prompt, Request};
+use crate::text::{Message, Tokenizer};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::path::PathBuf;
+use switchyard_kernels::sampling::SamplingParams;
+use switchyard_worker::engine::{Engine, EngineOptions};
+use switchyard_worker::{presets, WeightDType};
+
+/// The tokenizer shipped with generated models (the fixture tokenizer).
+pub const TOKENIZER_JSON: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/tokenizer/tokenizer.json"
+));
+pub const TOKENIZER_CONFIG_JSON: &[u8] = include_bytes!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../tests/fixtures/tokenizer/tokenizer_config.json"
+));
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Sharded inference for sparse Mixture-of-Experts models"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate once, in process, and stream the reply.
+    Run(RunArgs),
+    /// Write a randomly initialised checkpoint in the Hugging Face layout.
+    GenModel(GenModelArgs),
+    /// Measure prefill and decode throughput of a model on this machine.
+    Bench(BenchArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SamplingArgs {
+    /// Maximum number of tokens to generate.
+    #[arg(long, default_value_t = 128)]
+    pub max_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// 0 disables.
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// 1 disables.
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Stop strings (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    pub ignore_eos: bool,
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
+        }
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+#[group(required = true, multiple = false)]
+pub struct PromptArgs {
+    /// Raw text prompt.
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// Comma-separated token ids.
+    #[arg(long)]
+    pub prompt_ids: Option<String>,
+    /// A user message, rendered with the model's chat template.
+    #[arg(long)]
+    pub chat: Option<String>,
+}
+
+impl PromptArgs {
+    pub fn prompt(&self) -> Result<Prompt> {
+        if let Some(p) = &self.prompt {
+            return Ok(Prompt::Text(p.clone()));
+        }
+        if let Some(c) = &self.chat {
+            return Ok(Prompt::Chat(vec![Message {
+                role: "user".into(),
+                content: c.clone(),
+            }]));
+        }
+        let s = self.prompt_ids.as_deref().unwrap_or_default();
+        let ids = s
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse::<u32>()
+                    .with_context(|| format!("--prompt-ids: {x:?} is not a token id"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Prompt::Ids(ids))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Hugging Face model folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print one JSON object (prompt_ids, output_ids, text, finish_reason, ...) at the end.
+    #[arg(long)]
+    pub json: bool,
+    /// Weight dtype (default: as stored).
+    #[arg(long)]
+    pub dtype: Option<WeightDType>,
+    /// Prefill chunk size in tokens.
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct GenModelArgs {
+    /// A built-in preset (tiny, tiny-mixtral, bench, long).
+    #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+    pub preset: Option<String>,
+    /// A config.json to instantiate.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "f32")]
+    pub dtype: WeightDType,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Largest safetensors shard, in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub shard_mb: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub dtype: Option<WeightDType>,
+    #[arg(long, default_value_t = 512)]
+    pub prefill_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub decode_steps: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn main_with(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Run(a) => run(a),
+        Command::GenModel(a) => gen_model(a),
+        Command::Bench(a) => bench_cmd(a),
+    }
+}
+
+fn run(a: RunArgs) -> Result<()> {
+    let tok = Tokenizer::load(&a.model)?;
+    let mut engine = Engine::load(
+        &a.model,
+        &EngineOptions {
+            dtype: a.dtype,
+            kv_blocks: None,
+            ..Default::default()
+        },
+    )?;
+    let req = Request {
+        prompt: a.prompt.prompt()?,
+        max_tokens: a.sampling.max_tokens,
+        sampling: a.sampling.params(),
+        stop: a.sampling.stop.clone(),
+        ignore_eos: a.sampling.ignore_eos,
+        prefill_chunk: a.prefill_chunk,
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut in_reasoning = false;
+    let json = a.json;
+    let out = generate::generate(&mut engine, &tok, &req, |d, _| {
+        if json {
+            return;
+        }
+        if !d.reasoning.is_empty() {
+            if !in_reasoning {
+                let _ = write!(stdout, "\x1b[2m[reasoning] ");
+                in_reasoning = true;
+            }
+            let _ = write!(stdout, "{}", d.reasoning);
+        }
+        if !d.text.is_empty() {
+            if in_reasoning {
+                let _ = write!(stdout, "\x1b[0m\n[answer] ");
+                in_reasoning = false;
+            }
+            let _ = write!(stdout, "{}", d.text);
+        }
+        let _ = stdout.flush();
+    })?;
+    if json {
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        if in_reasoning {
+            let _ = write!(stdout, "\x1b[0m");
+        }
+        writeln!(stdout)?;
+        eprintln!(
+            "[{} prompt tokens, {} generated, finish: {:?}]",
+            out.prompt_ids.len(),
+            out.output_ids.len(),
+            out.finish_reason
+        );
+    }
+    Ok(())
+}
+
+fn gen_model(a: GenModelArgs) -> Result<()> {
+    let config = match (&a.preset, &a.config) {
+        (Some(p), _) => presets::preset(p).with_context(|| {
+            format!(
+                "--preset: unknown preset {p:?} (known: {})",
+                presets::PRESETS.join(", ")
+            )
+        })?,
+        (None, Some(path)) => serde_json::from_str(
+            &std::fs::read_to_string(path)
+                .with_context(|| format!("--config {}", path.display()))?,
+        )
+        .with_context(|| format!("--config {}: not JSON", path.display()))?,
+        (None, None) => bail!("one of --preset or --config is required"),
+    };
+    if a.shard_mb == 0 {
+        bail!("--shard-mb must be at least 1");
+    }
+    let files: [(&str, &[u8]); 2] = [
+        ("tokenizer.json", TOKENIZER_JSON),
+        ("tokenizer_config.json", TOKENIZER_CONFIG_JSON),
+    ];
+    presets::generate(&config, &a.out, a.dtype, a.seed, a.shard_mb << 20, &files)?;
+    eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    if a.prefill_tokens == 0 || a.decode_steps == 0 || a.batch == 0 {
+        bail!("--prefill-tokens, --decode-steps and --batch must be positive");
+    }
+    let r = bench::run(&BenchOptions {
+        model: a.model,
+        dtype: a.dtype,
+        prefill_tokens: a.prefill_tokens,
+        decode_steps: a.decode_steps,
+        batch: a.batch,
+        seed: 0,
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "model            {} ({}, {} threads)",
+        r.model, r.dtype, r.threads
+    );
+    println!(
+        "weights          {:.1} MB held, {:.1} MB read per decoded token",
+        r.weight_bytes as f64 / 1e6,
+        r.bytes_per_token as f64 / 1e6
+    );
+    println!(
+        "read bandwidth   {:.1} GB/s  -> decode bound {:.1} tok/s",
+        r.read_bandwidth_gb_s, r.decode_b1_bound_tok_s
+    );
+    println!(
+        "prefill {:>4}     {:.1} tok/s",
+        r.prefill_tokens, r.prefill_tok_s
+    );
+    println!(
+        "decode b=1       {:.1} tok/s ({:.0}% of bound)",
+        r.decode_tok_s_b1,
+        100.0 * r.decode_b1_fraction_of_bound
+    );
+    println!("decode b=8       {:.1} tok/s aggregate", r.decode_tok_s_b8);
+    println!(
+        "peak RSS         {:.1} MB ({:.2}x weights)",
+        r.peak_rss_bytes as f64 / 1e6,
+        r.peak_rss_bytes as f64 / r.weight_bytes as f64
+    );
+    Ok(())
+}

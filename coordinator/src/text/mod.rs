@@ -1,0 +1,309 @@
+//! The text side of a request: tokenizer, chat template, incremental detokenization, stop
+//! strings and the reasoning/answer split.
+//!
+//! - [`Tokenizer`] wraps a `tokenizer.json` (Hugging Face `tokenizers`) and the chat template
+//!   from `chat_template.jinja` or `tokenizer_config.json`, rendered by [`template`].
+//! - [`DetokStream`] turns token ids into text incrementally and never emits a broken UTF-8
+//!   sequence: text is held back while its decoding ends in a replacement character.
+//! - [`StopMatcher`] holds back any suffix that could still become a stop string, so a partial
+//!   match never leaks into the stream.
+//! - [`OutputText`] combines the two and routes text before `</think>` to reasoning.
+
+pub mod detok;
+pub mod stop;
+pub mod template;
+
+pub use detok::DetokStream;
+pub use stop::StopMatcher;
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("{path}: {detail}")]
+    File { path: PathBuf, detail: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("the model has no chat template (tokenizer_config.json `chat_template` or chat_template.jinja)")]
+    NoTemplate,
+    #[error("{field}: {detail}")]
+    Invalid { field: &'static str, detail: String },
+}
+
+/// A chat message.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// Tokenizer, chat template and special tokens of one model.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    chat_template: Option<String>,
+    bos_token: Option<String>,
+    eos_token: Option<String>,
+    /// End-of-sequence ids: generation_config.json, then config.json, then tokenizer eos.
+    pub eos_ids: Vec<u32>,
+    pub think_start: Option<u32>,
+    pub think_end: Option<u32>,
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>, TextError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| TextError::File {
+        path: path.into(),
+        detail: e.to_string(),
+    })?;
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| TextError::File {
+            path: path.into(),
+            detail: e.to_string(),
+        })
+}
+
+/// A special token given as a string or as `{"content": ...}`.
+fn token_str(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(m) => m.get("content")?.as_str().map(String::from),
+        _ => None,
+    }
+}
+
+impl Tokenizer {
+    /// Loads the text assets of a Hugging Face model folder.
+    pub fn load(dir: &Path) -> Result<Self, TextError> {
+        let tpath = dir.join("tokenizer.json");
+        let inner = tokenizers::Tokenizer::from_file(&tpath).map_err(|e| TextError::File {
+            path: tpath,
+            detail: e.to_string(),
+        })?;
+        let tc = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let jinja = dir.join("chat_template.jinja");
+        let chat_template = if jinja.exists() {
+            Some(
+                std::fs::read_to_string(&jinja).map_err(|e| TextError::File {
+                    path: jinja,
+                    detail: e.to_string(),
+                })?,
+            )
+        } else {
+            match tc.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                // A list of named templates: use "default".
+                Some(Value::Array(a)) => a
+                    .iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|t| t.get("template")?.as_str().map(String::from)),
+                _ => None,
+            }
+        };
+        let bos_token = token_str(tc.get("bos_token"));
+        let eos_token = token_str(tc.get("eos_token"));
+        let mut eos_ids = Vec::new();
+        for file in ["generation_config.json", "config.json"] {
+            if let Some(v) = read_json(&dir.join(file))? {
+                let ids =
+                    switchyard_worker::config::token_ids(v.get("eos_token_id"), "eos_token_id")
+                        .map_err(|e| TextError::Invalid {
+                            field: "eos_token_id",
+                            detail: e.to_string(),
+                        })?;
+                if !ids.is_empty() {
+                    eos_ids = ids;
+                    break;
+                }
+            }
+        }
+        if let Some(id) = eos_token.as_deref().and_then(|t| inner.token_to_id(t)) {
+            if !eos_ids.contains(&id) {
+                eos_ids.push(id);
+            }
+        }
+        let think_start = inner.token_to_id("<think>");
+        let think_end = inner.token_to_id("</think>");
+        Ok(Tokenizer {
+            inner,
+            chat_template,
+            bos_token,
+            eos_token,
+            eos_ids,
+            think_start,
+            think_end,
+        })
+    }
+
+    /// Encodes plain text as Hugging Face's `tokenizer(text)` does.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, TextError> {
+        self.encode_with(text, true)
+    }
+
+    fn encode_with(&self, text: &str, special: bool) -> Result<Vec<u32>, TextError> {
+        let enc = self
+            .inner
+            .encode(text, special)
+            .map_err(|e| TextError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Renders the chat template.
+    pub fn render_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<String, TextError> {
+        let src = self.chat_template.as_deref().ok_or(TextError::NoTemplate)?;
+        template::render(
+            src,
+            messages,
+            add_generation_prompt,
+            self.bos_token.as_deref(),
+            self.eos_token.as_deref(),
+        )
+    }
+
+    /// Renders and encodes a chat as `apply_chat_template(tokenize=True)` does (the template
+    /// supplies special tokens, none are added).
+    pub fn encode_chat(
+        &self,
+        messages: &[Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>, TextError> {
+        let text = self.render_chat(messages, add_generation_prompt)?;
+        self.encode_with(&text, false)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TextError> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| TextError::Tokenizer(e.to_string()))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, t: &str) -> Option<u32> {
+        self.inner.token_to_id(t)
+    }
+
+    /// Whether generation after `prompt` starts inside a `<think>` block.
+    pub fn starts_in_reasoning(&self, prompt: &[u32]) -> bool {
+        let (Some(s), Some(e)) = (self.think_start, self.think_end) else {
+            return false;
+        };
+        let last_s = prompt.iter().rposition(|t| *t == s);
+        let last_e = prompt.iter().rposition(|t| *t == e);
+        match (last_s, last_e) {
+            (Some(a), Some(b)) => a > b,
+            (Some(_), None) => true,
+            _ => false,
+        }
+    }
+}
+
+/// Text produced by one step of output.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TextDelta {
+    pub reasoning: String,
+    pub text: String,
+    /// A stop string matched: nothing after it is produced.
+    pub stopped: bool,
+}
+
+/// Turns output tokens into reasoning and answer text, with stop strings.
+pub struct OutputText {
+    detok: DetokStream,
+    stop: StopMatcher,
+    in_reasoning: bool,
+    think_start: Option<u32>,
+    think_end: Option<u32>,
+    stopped: bool,
+}
+
+impl OutputText {
+    pub fn new(tok: &Tokenizer, prompt: &[u32], stops: Vec<String>) -> Self {
+        OutputText {
+            detok: DetokStream::new(true),
+            stop: StopMatcher::new(stops),
+            in_reasoning: tok.starts_in_reasoning(prompt),
+            think_start: tok.think_start,
+            think_end: tok.think_end,
+            stopped: false,
+        }
+    }
+
+    pub fn in_reasoning(&self) -> bool {
+        self.in_reasoning
+    }
+
+    fn route(&mut self, s: String, d: &mut TextDelta) {
+        if self.stopped || s.is_empty() {
+            return;
+        }
+        let (emit, stopped) = self.stop.push(&s);
+        if self.in_reasoning {
+            d.reasoning.push_str(&emit);
+        } else {
+            d.text.push_str(&emit);
+        }
+        if stopped {
+            self.stopped = true;
+            d.stopped = true;
+        }
+    }
+
+    fn flush_segment(&mut self, tok: &Tokenizer, d: &mut TextDelta) -> Result<(), TextError> {
+        let rest = self.detok.flush(&tok.inner)?;
+        self.route(rest, d);
+        if !self.stopped {
+            let held = self.stop.flush();
+            if self.in_reasoning {
+                d.reasoning.push_str(&held);
+            } else {
+                d.text.push_str(&held);
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds one generated token.
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<TextDelta, TextError> {
+        let mut d = TextDelta::default();
+        if self.stopped {
+            return Ok(d);
+        }
+        if Some(id) == self.think_end && self.in_reasoning {
+            self.flush_segment(tok, &mut d)?;
+            self.in_reasoning = false;
+            self.detok = DetokStream::new(true);
+            return Ok(d);
+        }
+        if Some(id) == self.think_start && !self.in_reasoning {
+            self.flush_segment(tok, &mut d)?;
+            self.in_reasoning = true;
+            self.detok = DetokStream::new(true);
+            return Ok(d);
+        }
+        if let Some(s) = self.detok.push(&tok.inner, id)? {
+            self.route(s, &mut d);
+        }
+        Ok(d)
+    }
+
+    /// Emits whatever is still held back at the end of generation.
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<TextDelta, TextError> {
+        let mut d = TextDelta::default();
+        if !self.stopped {
+            self.flush_segment(tok, &mut d)?;
+        }
+        Ok(d)
+    }
+}
