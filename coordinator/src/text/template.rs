@@ -5,6 +5,7 @@
 //! indent, non-ASCII kept).
 
 use super::{Message, TextError};
+use minijinja::value::Kwargs;
 use minijinja::{context, Environment, Error, ErrorKind, Value};
 
 fn py_json(v: &serde_json::Value, indent: Option<usize>, level: usize, out: &mut String) {
@@ -47,7 +48,15 @@ fn py_json(v: &serde_json::Value, indent: Option<usize>, level: usize, out: &mut
     }
 }
 
-fn tojson(v: Value, indent: Option<usize>) -> Result<Value, Error> {
+fn tojson(v: Value, indent: Option<usize>, kwargs: Kwargs) -> Result<Value, Error> {
+    let indent = match kwargs.get::<Option<usize>>("indent")? {
+        Some(i) => Some(i),
+        None => indent,
+    };
+    // Python's other json.dumps options change nothing we render differently.
+    let _ = kwargs.get::<Option<Value>>("ensure_ascii")?;
+    let _ = kwargs.get::<Option<Value>>("sort_keys")?;
+    kwargs.assert_all_used()?;
     let j = serde_json::to_value(&v)
         .map_err(|e| Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     let mut s = String::new();

@@ -1,0 +1,218 @@
+//! The `switchyard` binary end to end: `run --json` contract against the transformers goldens,
+//! `gen-model` output loadable by `run`, and clear failures for bad input.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn switchyard(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+#[test]
+fn run_json_reproduces_golden_greedy_tokens_and_text() {
+    for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
+        let dir = fixtures().join(model);
+        let golden: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
+                .unwrap();
+        let p = &golden["prompts"][0];
+        let out = switchyard(&[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            p["text"].as_str().unwrap(),
+            "--max-tokens",
+            "24",
+            "--ignore-eos",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ids(&v["prompt_ids"]), ids(&p["input_ids"]));
+        assert_eq!(ids(&v["output_ids"]), ids(&p["greedy"]["new_ids"]));
+        assert_eq!(v["text"], p["greedy"]["new_text"]);
+        assert_eq!(v["finish_reason"], "length");
+
+        // Same prompt as ids, with a chunked prefill.
+        let csv: Vec<String> = ids(&p["input_ids"]).iter().map(|x| x.to_string()).collect();
+        let out = switchyard(&[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &csv.join(","),
+            "--max-tokens",
+            "24",
+            "--ignore-eos",
+            "--json",
+            "--prefill-chunk",
+            "3",
+        ]);
+        let w: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(w["output_ids"], v["output_ids"]);
+    }
+}
+
+#[test]
+fn stop_string_truncates_text_and_finishes_with_stop() {
+    let dir = fixtures().join("tiny-qwen3-moe");
+    // Golden text for `short` contains "tools>append".
+    let out = switchyard(&[
+        "run",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "24",
+        "--stop",
+        "tools>",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["finish_reason"], "stop");
+    let text = v["text"].as_str().unwrap();
+    assert!(!text.contains("tools"), "{text}");
+    assert!(
+        " Nießenable th connect� doctd\",tools>append".starts_with(text),
+        "{text}"
+    );
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_through_the_cli() {
+    let dir = fixtures().join("tiny-mixtral");
+    let run = |seed: &str| {
+        let out = switchyard(&[
+            "run",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt",
+            "Once upon",
+            "--max-tokens",
+            "16",
+            "--ignore-eos",
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--seed",
+            seed,
+            "--json",
+        ]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        ids(&v["output_ids"])
+    };
+    assert_eq!(run("7"), run("7"));
+    assert_ne!(run("7"), run("8"));
+}
+
+#[test]
+fn gen_model_writes_a_sharded_checkpoint_that_runs() {
+    let out_dir = std::env::temp_dir().join(format!("sy-gen-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let o = switchyard(&[
+        "gen-model",
+        "--preset",
+        "tiny-mixtral",
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--shard-mb",
+        "2",
+        "--dtype",
+        "bf16",
+        "--seed",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let idx: Value = serde_json::from_str(
+        &std::fs::read_to_string(out_dir.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
+    let files: std::collections::BTreeSet<&str> = idx["weight_map"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(files.len() > 1, "expected several shards");
+    let o = switchyard(&[
+        "run",
+        "--model",
+        out_dir.to_str().unwrap(),
+        "--chat",
+        "hi",
+        "--max-tokens",
+        "5",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["output_ids"].as_array().unwrap().len(), 5);
+    // Chat prompts open a <think> block, so the output is reasoning.
+    assert_eq!(v["text"], v["reasoning"]);
+    std::fs::remove_dir_all(&out_dir).unwrap();
+}
+
+#[test]
+fn bad_input_fails_with_a_message_and_nonzero_status() {
+    let dir = fixtures().join("tiny-qwen3-moe");
+    let d = dir.to_str().unwrap();
+    for (args, needle) in [
+        (
+            vec![
+                "run",
+                "--model",
+                d,
+                "--prompt-ids",
+                "1,x",
+                "--max-tokens",
+                "2",
+            ],
+            "--prompt-ids",
+        ),
+        (
+            vec!["run", "--model", d, "--prompt", "hi", "--max-tokens", "0"],
+            "max_tokens",
+        ),
+        (
+            vec!["run", "--model", d, "--prompt", "hi", "--top-p", "1.5"],
+            "top_p",
+        ),
+        (
+            vec!["run", "--model", "/nonexistent", "--prompt", "hi"],
+            "/nonexistent",
+        ),
+        (
+            vec!["gen-model", "--preset", "huge", "--out", "/tmp/x"],
+            "unknown preset",
+        ),
+    ] {
+        let o = switchyard(&args);
+        assert!(!o.status.success(), "{args:?} should fail");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}

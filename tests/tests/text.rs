@@ -1,0 +1,146 @@
+//! Text pipeline against the fixtures: the tokenizer reproduces transformers' input ids and
+//! decoded text, streaming detokenization equals one-shot decoding, and the chat template
+//! renders the reasoning opener.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use switchyard_coordinator::text::{DetokStream, Message, OutputText, Tokenizer};
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures")
+        .join(name)
+}
+
+fn golden(model: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(model).join("golden.json")).unwrap())
+        .unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn encode_matches_transformers_input_ids() {
+    for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
+        let tok = Tokenizer::load(&fixture(model)).unwrap();
+        for p in golden(model)["prompts"].as_array().unwrap() {
+            assert_eq!(
+                tok.encode(p["text"].as_str().unwrap()).unwrap(),
+                ids(&p["input_ids"]),
+                "{model} {}",
+                p["name"]
+            );
+        }
+    }
+}
+
+#[test]
+fn streaming_detokenization_equals_one_shot_decode_of_golden_outputs() {
+    let tok = Tokenizer::load(&fixture("tiny-qwen3-moe")).unwrap();
+    let hf_tok =
+        tokenizers::Tokenizer::from_file(fixture("tiny-qwen3-moe").join("tokenizer.json")).unwrap();
+    for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
+        for p in golden(model)["prompts"].as_array().unwrap() {
+            let new_ids = ids(&p["greedy"]["new_ids"]);
+            let want = p["greedy"]["new_text"].as_str().unwrap();
+            assert_eq!(tok.decode(&new_ids, false).unwrap(), want);
+            let mut s = DetokStream::new(false);
+            let mut got = String::new();
+            for id in &new_ids {
+                if let Some(piece) = s.push(&hf_tok, *id).unwrap() {
+                    // Never a dangling replacement char from a split multi-byte character.
+                    assert!(!piece.ends_with('\u{FFFD}') || want.contains('\u{FFFD}'));
+                    got.push_str(&piece);
+                }
+            }
+            got.push_str(&s.flush(&hf_tok).unwrap());
+            assert_eq!(got, want, "{model} {}", p["name"]);
+        }
+    }
+}
+
+#[test]
+fn multibyte_characters_split_across_tokens_are_held_back() {
+    let tok =
+        tokenizers::Tokenizer::from_file(fixture("tokenizer").join("tokenizer.json")).unwrap();
+    let text = "naïve café — 東京 🚀 done";
+    let enc = tok.encode(text, false).unwrap();
+    let mut s = DetokStream::new(false);
+    let mut got = String::new();
+    for id in enc.get_ids() {
+        if let Some(piece) = s.push(&tok, *id).unwrap() {
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "emitted a broken character: {piece:?}"
+            );
+            got.push_str(&piece);
+        }
+    }
+    got.push_str(&s.flush(&tok).unwrap());
+    assert_eq!(got, text);
+}
+
+#[test]
+fn chat_template_opens_reasoning_and_output_splits_at_think_end() {
+    let tok = Tokenizer::load(&fixture("tiny-qwen3-moe")).unwrap();
+    let msgs = vec![Message {
+        role: "user".into(),
+        content: "Hi".into(),
+    }];
+    let rendered = tok.render_chat(&msgs, true).unwrap();
+    assert_eq!(
+        rendered,
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
+    );
+    let prompt = tok.encode_chat(&msgs, true).unwrap();
+    assert_eq!(prompt[0], tok.token_to_id("<|im_start|>").unwrap());
+    assert!(tok.starts_in_reasoning(&prompt));
+    // Feed "plan</think>answer" as generated tokens.
+    let mut out = OutputText::new(&tok, &prompt, vec![]);
+    let mut gen = tok.encode("plan").unwrap();
+    gen.push(tok.think_end.unwrap());
+    gen.extend(tok.encode("The answer").unwrap());
+    let (mut r, mut a) = (String::new(), String::new());
+    for id in gen {
+        let d = out.push(&tok, id).unwrap();
+        r.push_str(&d.reasoning);
+        a.push_str(&d.text);
+    }
+    let d = out.finish(&tok).unwrap();
+    r.push_str(&d.reasoning);
+    a.push_str(&d.text);
+    assert_eq!((r.as_str(), a.as_str()), ("plan", "The answer"));
+}
+
+#[test]
+fn eos_comes_from_generation_config() {
+    let tok = Tokenizer::load(&fixture("tiny-qwen3-moe")).unwrap();
+    assert_eq!(tok.eos_ids, vec![2045]);
+}
+
+#[test]
+fn chat_template_jinja_file_takes_precedence() {
+    let dir = std::env::temp_dir().join(format!("sy-tmpl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("tokenizer").join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}",
+    )
+    .unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    let msgs = vec![Message {
+        role: "user".into(),
+        content: "x".into(),
+    }];
+    assert_eq!(tok.render_chat(&msgs, true).unwrap(), "[user]x");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
