@@ -18,6 +18,8 @@ pub struct BenchOptions {
     pub decode_steps: usize,
     pub batch: usize,
     pub seed: u64,
+    /// Skip the memory bandwidth measurement (for profiling the model alone).
+    pub skip_bandwidth: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -175,7 +177,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
     let peak_rss = peak_rss_bytes();
     let weight_bytes = engine.weight_bytes();
     drop(engine);
-    let bw = read_bandwidth_gb_s(1 << 30);
+    let bw = if opts.skip_bandwidth { f64::NAN } else { read_bandwidth_gb_s(1 << 30) };
     let bound = bw * 1e9 / bytes_per_token as f64;
     Ok(BenchReport {
         model: opts.model.display().to_string(),

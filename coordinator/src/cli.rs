@@ -176,6 +176,9 @@ pub struct BenchArgs {
     pub batch: usize,
     #[arg(long)]
     pub json: bool,
+    /// Skip measuring memory bandwidth (profiling runs).
+    #[arg(long)]
+    pub skip_bandwidth: bool,
 }
 
 pub fn main_with(cli: Cli) -> Result<()> {
@@ -282,6 +285,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         decode_steps: a.decode_steps,
         batch: a.batch,
         seed: 0,
+        skip_bandwidth: a.skip_bandwidth,
     })?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);

@@ -9,7 +9,6 @@
 //! context length. Causality is positional: a query at position `p` sees keys `0..=p`
 //! (restricted to the last `window` positions when a sliding window is set).
 
-use crate::simd;
 use rayon::prelude::*;
 
 /// One layer's KV pool, borrowed.
@@ -58,6 +57,9 @@ pub struct QueryRow<'a> {
 
 /// `out[t, h, :] = softmax(q[t, h] · K[..=pos]ᵀ · scale) · V[..=pos]` for every row `t` and head
 /// `h`, with kv head `h / (heads / kv_heads)`. `q` and `out` are `[rows, heads * head_dim]`.
+///
+/// Work is split by (row, kv head): the query heads sharing a kv head are processed together,
+/// so each key and value vector is read once per group.
 pub fn paged_attention(
     q: &[f32],
     rows: &[QueryRow<'_>],
@@ -69,69 +71,119 @@ pub fn paged_attention(
     assert_eq!(q.len(), rows.len() * p.heads * d);
     assert_eq!(out.len(), q.len());
     assert_eq!(p.heads % p.kv_heads, 0);
+    assert!(d <= MAX_HEAD_DIM, "attention: head_dim above {MAX_HEAD_DIM}");
     let group = p.heads / p.kv_heads;
+    assert!(group <= MAX_GROUP, "attention: more than {MAX_GROUP} query heads per kv head");
+    let avx2 = crate::simd::has_avx2();
     let work = |(i, o): (usize, &mut [f32])| {
-        let (t, h) = (i / p.heads, i % p.heads);
-        let row = rows[t];
-        attend_one(&q[i * d..(i + 1) * d], row, kv, h / group, p, o);
+        let (t, g) = (i / p.kv_heads, i % p.kv_heads);
+        let qs = &q[(t * p.heads + g * group) * d..(t * p.heads + (g + 1) * group) * d];
+        #[cfg(target_arch = "x86_64")]
+        if avx2 {
+            // SAFETY: avx2 and fma are present (checked above).
+            unsafe { attend_group_avx2(qs, rows[t], kv, g, group, p, o) };
+            return;
+        }
+        attend_group(qs, rows[t], kv, g, group, p, o);
     };
     let total_keys: usize = rows.iter().map(|r| r.pos + 1).sum();
     if total_keys * p.heads * d < 64 * 1024 {
-        out.chunks_mut(d).enumerate().for_each(work);
+        out.chunks_mut(group * d).enumerate().for_each(work);
     } else {
-        out.par_chunks_mut(d)
-            .enumerate()
-            .with_min_len(4)
-            .for_each(work);
+        out.par_chunks_mut(group * d).enumerate().with_min_len(2).for_each(work);
     }
 }
 
-fn attend_one(
-    q: &[f32],
-    row: QueryRow<'_>,
-    kv: KvLayer<'_>,
-    g: usize,
-    p: AttnParams,
-    out: &mut [f32],
-) {
+const MAX_HEAD_DIM: usize = 256;
+const MAX_GROUP: usize = 16;
+const KEY_TILE: usize = 32;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_group_avx2(q: &[f32], row: QueryRow<'_>, kv: KvLayer<'_>, g: usize, group: usize, p: AttnParams, out: &mut [f32]) {
+    attend_group(q, row, kv, g, group, p, out)
+}
+
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let n = a.len() / 8 * 8;
+    for (ca, cb) in a[..n].chunks_exact(8).zip(b[..n].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += ca[l] * cb[l];
+        }
+    }
+    let mut s = (acc[0] + acc[4]) + (acc[1] + acc[5]) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for i in n..a.len() {
+        s += a[i] * b[i];
+    }
+    s
+}
+
+#[inline(always)]
+fn axpy8(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yv, xv) in y.iter_mut().zip(x) {
+        *yv += a * xv;
+    }
+}
+
+#[inline(always)]
+fn scale8(y: &mut [f32], a: f32) {
+    for v in y.iter_mut() {
+        *v *= a;
+    }
+}
+
+/// Online-softmax attention of `group` query heads (`q`: `[group, d]`) against kv head `g`.
+#[inline(always)]
+fn attend_group(q: &[f32], row: QueryRow<'_>, kv: KvLayer<'_>, g: usize, group: usize, p: AttnParams, out: &mut [f32]) {
+    let d = p.head_dim;
     let hi = row.pos + 1;
     let lo = match p.window {
         Some(w) if w < hi => hi - w,
         _ => 0,
     };
     let bs = kv.block_size;
-    let mut m = f32::NEG_INFINITY;
-    let mut l = 0.0f32;
+    let mut m = [f32::NEG_INFINITY; MAX_GROUP];
+    let mut l = [0.0f32; MAX_GROUP];
+    let mut scores = [[0.0f32; KEY_TILE]; MAX_GROUP];
     out.fill(0.0);
-    let mut scores = [0.0f32; 64];
     let mut start = lo;
     while start < hi {
         // Positions start..end lie in one physical block.
-        let end = ((start / bs + 1) * bs).min(hi).min(start + scores.len());
+        let end = ((start / bs + 1) * bs).min(hi).min(start + KEY_TILE);
         let n = end - start;
-        let mut bmax = f32::NEG_INFINITY;
-        for (j, s) in scores[..n].iter_mut().enumerate() {
-            *s = simd::dot(q, kv.key(row.table, start + j, g)) * p.scale;
-            bmax = bmax.max(*s);
-        }
-        let m_new = m.max(bmax);
-        let corr = (m - m_new).exp();
-        if corr != 1.0 {
-            l *= corr;
-            for o in out.iter_mut() {
-                *o *= corr;
+        for j in 0..n {
+            let key = kv.key(row.table, start + j, g);
+            for h in 0..group {
+                scores[h][j] = dot8(&q[h * d..(h + 1) * d], key) * p.scale;
             }
         }
-        for (j, s) in scores[..n].iter().enumerate() {
-            let e = (s - m_new).exp();
-            l += e;
-            simd::axpy(out, e, kv.value(row.table, start + j, g));
+        for h in 0..group {
+            let sc = &mut scores[h][..n];
+            let bmax = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let m_new = m[h].max(bmax);
+            let corr = (m[h] - m_new).exp();
+            let o = &mut out[h * d..(h + 1) * d];
+            if corr != 1.0 {
+                l[h] *= corr;
+                scale8(o, corr);
+            }
+            for s in sc.iter_mut() {
+                *s = (*s - m_new).exp();
+                l[h] += *s;
+            }
+            m[h] = m_new;
         }
-        m = m_new;
+        for j in 0..n {
+            let val = kv.value(row.table, start + j, g);
+            for h in 0..group {
+                axpy8(&mut out[h * d..(h + 1) * d], scores[h][j], val);
+            }
+        }
         start = end;
     }
-    let inv = 1.0 / l;
-    for o in out.iter_mut() {
-        *o *= inv;
+    for h in 0..group {
+        scale8(&mut out[h * d..(h + 1) * d], 1.0 / l[h]);
     }
 }

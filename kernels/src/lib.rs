@@ -21,7 +21,7 @@ pub mod sampling;
 mod simd;
 
 pub use half::bf16;
-pub use linear::{linear, WeightRef};
+pub use linear::{linear, linear_batch, LinearJob, WeightRef};
 
 /// Errors raised by kernel setup (bad shapes or parameters given by a caller).
 #[derive(Debug, thiserror::Error)]

@@ -54,66 +54,107 @@ impl WeightRef<'_> {
 /// Row count from which the packed GEMM beats streaming dot products.
 pub const GEMM_MIN_ROWS: usize = 12;
 
+/// One linear layer of a [`linear_batch`]: `out[m, n] = x[m, k] · w[n, k]ᵀ`.
+pub struct LinearJob<'a> {
+    pub x: &'a [f32],
+    pub m: usize,
+    pub k: usize,
+    pub w: WeightRef<'a>,
+    pub n: usize,
+    pub out: &'a mut [f32],
+}
+
 /// `out[m, n] = x[m, k] · w[n, k]ᵀ`.
 ///
 /// Panics if the slice lengths do not match the shapes (a programming error, not input).
 pub fn linear(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, n: usize, out: &mut [f32]) {
-    assert_eq!(x.len(), m * k, "linear: x is not [m, k]");
-    assert_eq!(w.len(), n * k, "linear: w is not [n, k]");
-    assert_eq!(out.len(), m * n, "linear: out is not [m, n]");
-    if m == 0 || n == 0 {
+    linear_batch(vec![LinearJob { x, m, k, w, n, out }]);
+}
+
+/// Runs several independent linear layers in one parallel region (for example q, k and v, or
+/// the gate and up projections of every expert hit in a step). Few-row jobs are cut into
+/// weight-row chunks of similar byte size and all chunks of all jobs share the thread pool, so
+/// small matrices do not each pay a fork-join.
+pub fn linear_batch(jobs: Vec<LinearJob<'_>>) {
+    let mut small = Vec::with_capacity(jobs.len());
+    for j in jobs {
+        assert_eq!(j.x.len(), j.m * j.k, "linear: x is not [m, k]");
+        assert_eq!(j.w.len(), j.n * j.k, "linear: w is not [n, k]");
+        assert_eq!(j.out.len(), j.m * j.n, "linear: out is not [m, n]");
+        if j.m == 0 || j.n == 0 {
+            continue;
+        }
+        if j.m >= GEMM_MIN_ROWS {
+            gemm_job(j);
+        } else {
+            small.push(j);
+        }
+    }
+    if small.is_empty() {
         return;
     }
-    if m >= GEMM_MIN_ROWS {
-        match w {
-            WeightRef::F32(wf) => gemm_f32(x, m, k, wf, n, out),
-            WeightRef::Bf16(wb) => {
-                let mut wide = vec![0.0f32; n * k];
-                wide.par_chunks_mut(k * 64)
-                    .zip(wb.par_chunks(k * 64))
-                    .for_each(|(d, s)| {
-                        for (o, v) in d.iter_mut().zip(s) {
-                            *o = v.to_f32();
-                        }
-                    });
-                gemm_f32(x, m, k, &wide, n, out)
+    let threads = rayon::current_num_threads().max(1);
+    let elem = |w: &WeightRef<'_>| if matches!(w, WeightRef::F32(_)) { 4 } else { 2 };
+    let total_bytes: usize = small.iter().map(|j| j.n * j.k * elem(&j.w)).sum();
+    // About 8 chunks per thread, but never below 32 KiB of weights per chunk.
+    let chunk_bytes = (total_bytes / (threads * 8)).max(32 << 10);
+    // Split each job into its read-only shape and its output.
+    let mut outs: Vec<&mut [f32]> = Vec::with_capacity(small.len());
+    let specs: Vec<(&[f32], usize, usize, WeightRef<'_>, usize)> = small
+        .into_iter()
+        .map(|j| {
+            outs.push(j.out);
+            (j.x, j.m, j.k, j.w, j.n)
+        })
+        .collect();
+    // Row-major [n, m] scratch for multi-row jobs (transposed into the output afterwards).
+    let mut scratch: Vec<Vec<f32>> = specs.iter().map(|s| if s.1 > 1 { vec![0.0; s.4 * s.1] } else { Vec::new() }).collect();
+    {
+        let mut items: Vec<(usize, usize, &mut [f32])> = Vec::new();
+        for (ji, (out, t)) in outs.iter_mut().zip(scratch.iter_mut()).enumerate() {
+            let (_, m, k, w, n) = specs[ji];
+            let rows = (chunk_bytes / (k * elem(&w))).clamp(1, n);
+            let t: &mut [f32] = if m > 1 { t } else { out };
+            for (ci, c) in t.chunks_mut(rows * m).enumerate() {
+                items.push((ji, ci * rows, c));
             }
         }
-        return;
+        let specs = &specs;
+        let work = |(ji, j0, c): (usize, usize, &mut [f32])| {
+            let (x, m, k, w, _) = specs[ji];
+            for (jj, o) in c.chunks_mut(m).enumerate() {
+                dot_all_rows(x, m, k, w, j0 + jj, o);
+            }
+        };
+        if total_bytes < (128 << 10) || threads == 1 || items.len() == 1 {
+            items.into_iter().for_each(work);
+        } else {
+            items.into_par_iter().for_each(work);
+        }
     }
-    if m == 1 {
-        gemv_rows(x, 1, k, w, out);
-        return;
-    }
-    // Compute outᵀ [n, m] row-parallel, then transpose into out.
-    let mut t = vec![0.0f32; n * m];
-    gemv_rows(x, m, k, w, &mut t);
-    for j in 0..n {
-        for r in 0..m {
-            out[r * n + j] = t[j * m + r];
+    for ((out, t), &(_, m, _, _, n)) in outs.iter_mut().zip(&scratch).zip(&specs) {
+        if m > 1 {
+            for jr in 0..n {
+                for r in 0..m {
+                    out[r * n + jr] = t[jr * m + r];
+                }
+            }
         }
     }
 }
 
-/// `t[j, r] = x[r] · w[j]` for all weight rows `j`, split across threads by weight rows.
-fn gemv_rows(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, t: &mut [f32]) {
-    let n = t.len() / m;
-    let threads = rayon::current_num_threads().max(1);
-    // Enough chunks to balance, large enough that each streams a useful amount of memory.
-    let rows_per_chunk = (n / (threads * 4)).max(8).min(n.max(1));
-    let work = |(ci, chunk): (usize, &mut [f32])| {
-        let j0 = ci * rows_per_chunk;
-        for (jj, o) in chunk.chunks_mut(m).enumerate() {
-            let j = j0 + jj;
-            dot_all_rows(x, m, k, w, j, o);
+fn gemm_job(j: LinearJob<'_>) {
+    match j.w {
+        WeightRef::F32(wf) => gemm_f32(j.x, j.m, j.k, wf, j.n, j.out),
+        WeightRef::Bf16(wb) => {
+            let mut wide = vec![0.0f32; j.n * j.k];
+            wide.par_chunks_mut(j.k * 64).zip(wb.par_chunks(j.k * 64)).for_each(|(d, s)| {
+                for (o, v) in d.iter_mut().zip(s) {
+                    *o = v.to_f32();
+                }
+            });
+            gemm_f32(j.x, j.m, j.k, &wide, j.n, j.out)
         }
-    };
-    if n * k < 32 * 1024 || threads == 1 {
-        t.chunks_mut(rows_per_chunk * m).enumerate().for_each(work);
-    } else {
-        t.par_chunks_mut(rows_per_chunk * m)
-            .enumerate()
-            .for_each(work);
     }
 }
 

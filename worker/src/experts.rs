@@ -9,7 +9,7 @@
 use crate::config::{Arch, ModelConfig};
 use crate::weights::{Checkpoint, LoadError, Tensor, WeightDType};
 use crate::WorkerError;
-use switchyard_kernels::{linear, silu_mul};
+use switchyard_kernels::{linear, linear_batch, silu_mul, LinearJob};
 
 /// A SiLU-gated MLP: `down(silu(gate(x)) * up(x))`.
 pub struct Mlp {
@@ -42,8 +42,10 @@ impl Mlp {
     pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         let mut g = vec![0.0; rows * self.inter];
         let mut u = vec![0.0; rows * self.inter];
-        linear(x, rows, self.hidden, self.gate.weight(), self.inter, &mut g);
-        linear(x, rows, self.hidden, self.up.weight(), self.inter, &mut u);
+        linear_batch(vec![
+            LinearJob { x, m: rows, k: self.hidden, w: self.gate.weight(), n: self.inter, out: &mut g },
+            LinearJob { x, m: rows, k: self.hidden, w: self.up.weight(), n: self.inter, out: &mut u },
+        ]);
         silu_mul(&mut g, &u);
         linear(&g, rows, self.inter, self.down.weight(), self.hidden, out);
     }
@@ -176,25 +178,40 @@ impl LocalExperts {
     }
 }
 
-/// Runs expert `e` on the rows of `x` listed in `rows` (token indices) and hands each output
-/// row to `put(i, row)`, `i` indexing `rows`.
-pub fn run_expert_rows(
-    mlp: &Mlp,
-    x: &[f32],
-    hidden: usize,
-    rows: &[usize],
-    mut put: impl FnMut(usize, &[f32]),
-) {
-    let n = rows.len();
-    let mut gathered = vec![0.0f32; n * hidden];
-    for (i, &t) in rows.iter().enumerate() {
-        gathered[i * hidden..(i + 1) * hidden].copy_from_slice(&x[t * hidden..(t + 1) * hidden]);
+/// Runs several experts, each on its own rows of `x`, as two batched parallel regions (all
+/// gate/up projections, then all down projections). `work[i] = (mlp, token rows)`; returns one
+/// `[rows.len(), hidden]` output per entry.
+pub fn run_experts(work: &[(&Mlp, Vec<usize>)], x: &[f32], hidden: usize) -> Vec<Vec<f32>> {
+    let inputs: Vec<Vec<f32>> = work
+        .iter()
+        .map(|(_, rows)| {
+            let mut g = vec![0.0f32; rows.len() * hidden];
+            for (i, &t) in rows.iter().enumerate() {
+                g[i * hidden..(i + 1) * hidden].copy_from_slice(&x[t * hidden..(t + 1) * hidden]);
+            }
+            g
+        })
+        .collect();
+    let mut gates: Vec<Vec<f32>> = work.iter().map(|(m, r)| vec![0.0; r.len() * m.inter]).collect();
+    let mut ups: Vec<Vec<f32>> = work.iter().map(|(m, r)| vec![0.0; r.len() * m.inter]).collect();
+    let mut jobs = Vec::with_capacity(work.len() * 2);
+    for (((mlp, rows), xin), (g, u)) in work.iter().zip(&inputs).zip(gates.iter_mut().zip(ups.iter_mut())) {
+        jobs.push(LinearJob { x: xin, m: rows.len(), k: hidden, w: mlp.gate.weight(), n: mlp.inter, out: g });
+        jobs.push(LinearJob { x: xin, m: rows.len(), k: hidden, w: mlp.up.weight(), n: mlp.inter, out: u });
     }
-    let mut y = vec![0.0f32; n * hidden];
-    mlp.forward(&gathered, n, &mut y);
-    for i in 0..n {
-        put(i, &y[i * hidden..(i + 1) * hidden]);
+    linear_batch(jobs);
+    for (g, u) in gates.iter_mut().zip(&ups) {
+        silu_mul(g, u);
     }
+    let mut outs: Vec<Vec<f32>> = work.iter().map(|(_, r)| vec![0.0; r.len() * hidden]).collect();
+    let jobs = work
+        .iter()
+        .zip(&gates)
+        .zip(outs.iter_mut())
+        .map(|(((mlp, rows), g), o)| LinearJob { x: g, m: rows.len(), k: mlp.inter, w: mlp.down.weight(), n: hidden, out: o })
+        .collect();
+    linear_batch(jobs);
+    outs
 }
 
 impl ExpertExec for LocalExperts {
@@ -213,18 +230,21 @@ impl ExpertExec for LocalExperts {
         for (i, &e) in ids.iter().enumerate() {
             groups[e as usize].push(i);
         }
-        for (e, pairs) in groups.iter().enumerate() {
+        let mut work = Vec::new();
+        let mut pair_lists = Vec::new();
+        for (e, pairs) in groups.into_iter().enumerate() {
             if pairs.is_empty() {
                 continue;
             }
-            let mlp = self
-                .owner(layer, e)
-                .ok_or(WorkerError::ExpertMissing { layer, expert: e })?;
-            let rows: Vec<usize> = pairs.iter().map(|p| p / k).collect();
-            run_expert_rows(mlp, x, hidden, &rows, |i, y| {
-                let p = pairs[i];
-                slots[p * hidden..(p + 1) * hidden].copy_from_slice(y);
-            });
+            let mlp = self.owner(layer, e).ok_or(WorkerError::ExpertMissing { layer, expert: e })?;
+            work.push((mlp, pairs.iter().map(|p| p / k).collect::<Vec<usize>>()));
+            pair_lists.push(pairs);
+        }
+        let outs = run_experts(&work, x, hidden);
+        for (pairs, y) in pair_lists.iter().zip(&outs) {
+            for (i, &p) in pairs.iter().enumerate() {
+                slots[p * hidden..(p + 1) * hidden].copy_from_slice(&y[i * hidden..(i + 1) * hidden]);
+            }
         }
         Ok(())
     }

@@ -18,7 +18,7 @@ use crate::WorkerError;
 use switchyard_kernels::attention::{paged_attention, AttnParams, QueryRow};
 use switchyard_kernels::norm::rms_norm;
 use switchyard_kernels::rope::Rope;
-use switchyard_kernels::{axpy, linear, moe};
+use switchyard_kernels::{axpy, linear, linear_batch, moe, LinearJob};
 
 struct Attention {
     q: Tensor,
@@ -256,9 +256,11 @@ impl Model {
             x.copy_from_slice(&hs);
             rms_norm(&mut x, &layer.ln1, cfg.rms_norm_eps);
             let a = &layer.attn;
-            linear(&x, t, h, a.q.weight(), qw, &mut q);
-            linear(&x, t, h, a.k.weight(), kvw, &mut k);
-            linear(&x, t, h, a.v.weight(), kvw, &mut v);
+            linear_batch(vec![
+                LinearJob { x: &x, m: t, k: h, w: a.q.weight(), n: qw, out: &mut q },
+                LinearJob { x: &x, m: t, k: h, w: a.k.weight(), n: kvw, out: &mut k },
+                LinearJob { x: &x, m: t, k: h, w: a.v.weight(), n: kvw, out: &mut v },
+            ]);
             if let Some([bq, bk, bv]) = &a.bias {
                 for r in 0..t {
                     axpy(&mut q[r * qw..(r + 1) * qw], 1.0, bq);
