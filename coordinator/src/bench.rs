@@ -177,7 +177,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
     let peak_rss = peak_rss_bytes();
     let weight_bytes = engine.weight_bytes();
     drop(engine);
-    let bw = if opts.skip_bandwidth { f64::NAN } else { read_bandwidth_gb_s(1 << 30) };
+    let bw = if opts.skip_bandwidth {
+        f64::NAN
+    } else {
+        read_bandwidth_gb_s(1 << 30)
+    };
     let bound = bw * 1e9 / bytes_per_token as f64;
     Ok(BenchReport {
         model: opts.model.display().to_string(),

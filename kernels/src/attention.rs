@@ -71,26 +71,35 @@ pub fn paged_attention(
     assert_eq!(q.len(), rows.len() * p.heads * d);
     assert_eq!(out.len(), q.len());
     assert_eq!(p.heads % p.kv_heads, 0);
-    assert!(d <= MAX_HEAD_DIM, "attention: head_dim above {MAX_HEAD_DIM}");
+    assert!(
+        d <= MAX_HEAD_DIM,
+        "attention: head_dim above {MAX_HEAD_DIM}"
+    );
     let group = p.heads / p.kv_heads;
-    assert!(group <= MAX_GROUP, "attention: more than {MAX_GROUP} query heads per kv head");
+    assert!(
+        group <= MAX_GROUP,
+        "attention: more than {MAX_GROUP} query heads per kv head"
+    );
     let avx2 = crate::simd::has_avx2();
     let work = |(i, o): (usize, &mut [f32])| {
         let (t, g) = (i / p.kv_heads, i % p.kv_heads);
         let qs = &q[(t * p.heads + g * group) * d..(t * p.heads + (g + 1) * group) * d];
         #[cfg(target_arch = "x86_64")]
-        if avx2 {
-            // SAFETY: avx2 and fma are present (checked above).
+        if avx2 && d % 8 == 0 {
+            // SAFETY: avx2 and fma are present (checked above) and d is a multiple of 8.
             unsafe { attend_group_avx2(qs, rows[t], kv, g, group, p, o) };
             return;
         }
-        attend_group(qs, rows[t], kv, g, group, p, o);
+        attend_group::<Portable>(qs, rows[t], kv, g, group, p, o);
     };
     let total_keys: usize = rows.iter().map(|r| r.pos + 1).sum();
     if total_keys * p.heads * d < 64 * 1024 {
         out.chunks_mut(group * d).enumerate().for_each(work);
     } else {
-        out.par_chunks_mut(group * d).enumerate().with_min_len(2).for_each(work);
+        out.par_chunks_mut(group * d)
+            .enumerate()
+            .with_min_len(2)
+            .for_each(work);
     }
 }
 
@@ -100,8 +109,60 @@ const KEY_TILE: usize = 32;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_group_avx2(q: &[f32], row: QueryRow<'_>, kv: KvLayer<'_>, g: usize, group: usize, p: AttnParams, out: &mut [f32]) {
-    attend_group(q, row, kv, g, group, p, out)
+unsafe fn attend_group_avx2(
+    q: &[f32],
+    row: QueryRow<'_>,
+    kv: KvLayer<'_>,
+    g: usize,
+    group: usize,
+    p: AttnParams,
+    out: &mut [f32],
+) {
+    attend_group::<Avx2>(q, row, kv, g, group, p, out)
+}
+
+/// The vector primitives attention needs, portable or AVX2.
+trait Ops {
+    fn dot(a: &[f32], b: &[f32]) -> f32;
+    fn dot4(q4: &[f32], key: &[f32]) -> [f32; 4];
+    fn axpy(y: &mut [f32], a: f32, x: &[f32]);
+}
+
+struct Portable;
+impl Ops for Portable {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        dot8(a, b)
+    }
+    #[inline(always)]
+    fn dot4(q4: &[f32], key: &[f32]) -> [f32; 4] {
+        let d = key.len();
+        [0, 1, 2, 3].map(|h| dot8(&q4[h * d..(h + 1) * d], key))
+    }
+    #[inline(always)]
+    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        axpy8(y, a, x)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx2;
+#[cfg(target_arch = "x86_64")]
+impl Ops for Avx2 {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        dot8(a, b)
+    }
+    #[inline(always)]
+    fn dot4(q4: &[f32], key: &[f32]) -> [f32; 4] {
+        // SAFETY: only reached from attend_group_avx2, which runs with avx2+fma and d % 8 == 0.
+        unsafe { crate::simd::avx2::dot4(q4, key) }
+    }
+    #[inline(always)]
+    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        // SAFETY: as above.
+        unsafe { crate::simd::avx2::axpy(y, a, x) }
+    }
 }
 
 #[inline(always)]
@@ -136,7 +197,15 @@ fn scale8(y: &mut [f32], a: f32) {
 
 /// Online-softmax attention of `group` query heads (`q`: `[group, d]`) against kv head `g`.
 #[inline(always)]
-fn attend_group(q: &[f32], row: QueryRow<'_>, kv: KvLayer<'_>, g: usize, group: usize, p: AttnParams, out: &mut [f32]) {
+fn attend_group<O: Ops>(
+    q: &[f32],
+    row: QueryRow<'_>,
+    kv: KvLayer<'_>,
+    g: usize,
+    group: usize,
+    p: AttnParams,
+    out: &mut [f32],
+) {
     let d = p.head_dim;
     let hi = row.pos + 1;
     let lo = match p.window {
@@ -155,8 +224,17 @@ fn attend_group(q: &[f32], row: QueryRow<'_>, kv: KvLayer<'_>, g: usize, group: 
         let n = end - start;
         for j in 0..n {
             let key = kv.key(row.table, start + j, g);
-            for h in 0..group {
-                scores[h][j] = dot8(&q[h * d..(h + 1) * d], key) * p.scale;
+            let mut h = 0;
+            while h + 4 <= group {
+                let s4 = O::dot4(&q[h * d..(h + 4) * d], key);
+                for i in 0..4 {
+                    scores[h + i][j] = s4[i] * p.scale;
+                }
+                h += 4;
+            }
+            while h < group {
+                scores[h][j] = O::dot(&q[h * d..(h + 1) * d], key) * p.scale;
+                h += 1;
             }
         }
         for h in 0..group {
@@ -178,7 +256,7 @@ fn attend_group(q: &[f32], row: QueryRow<'_>, kv: KvLayer<'_>, g: usize, group: 
         for j in 0..n {
             let val = kv.value(row.table, start + j, g);
             for h in 0..group {
-                axpy8(&mut out[h * d..(h + 1) * d], scores[h][j], val);
+                O::axpy(&mut out[h * d..(h + 1) * d], scores[h][j], val);
             }
         }
         start = end;

@@ -77,6 +77,7 @@ pub fn linear(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, n: usize, out: &m
 /// small matrices do not each pay a fork-join.
 pub fn linear_batch(jobs: Vec<LinearJob<'_>>) {
     let mut small = Vec::with_capacity(jobs.len());
+    let mut big = Vec::new();
     for j in jobs {
         assert_eq!(j.x.len(), j.m * j.k, "linear: x is not [m, k]");
         assert_eq!(j.w.len(), j.n * j.k, "linear: w is not [n, k]");
@@ -85,15 +86,23 @@ pub fn linear_batch(jobs: Vec<LinearJob<'_>>) {
             continue;
         }
         if j.m >= GEMM_MIN_ROWS {
-            gemm_job(j);
+            big.push(j);
         } else {
             small.push(j);
+        }
+    }
+    let threads = rayon::current_num_threads().max(1);
+    if big.len() >= 4 * threads {
+        // Many GEMMs (experts in a prefill step): one per thread at a time, each serial.
+        big.into_par_iter().for_each(|j| gemm_job(j, false));
+    } else {
+        for j in big {
+            gemm_job(j, threads > 1);
         }
     }
     if small.is_empty() {
         return;
     }
-    let threads = rayon::current_num_threads().max(1);
     let elem = |w: &WeightRef<'_>| if matches!(w, WeightRef::F32(_)) { 4 } else { 2 };
     let total_bytes: usize = small.iter().map(|j| j.n * j.k * elem(&j.w)).sum();
     // About 8 chunks per thread, but never below 32 KiB of weights per chunk.
@@ -108,7 +117,16 @@ pub fn linear_batch(jobs: Vec<LinearJob<'_>>) {
         })
         .collect();
     // Row-major [n, m] scratch for multi-row jobs (transposed into the output afterwards).
-    let mut scratch: Vec<Vec<f32>> = specs.iter().map(|s| if s.1 > 1 { vec![0.0; s.4 * s.1] } else { Vec::new() }).collect();
+    let mut scratch: Vec<Vec<f32>> = specs
+        .iter()
+        .map(|s| {
+            if s.1 > 1 {
+                vec![0.0; s.4 * s.1]
+            } else {
+                Vec::new()
+            }
+        })
+        .collect();
     {
         let mut items: Vec<(usize, usize, &mut [f32])> = Vec::new();
         for (ji, (out, t)) in outs.iter_mut().zip(scratch.iter_mut()).enumerate() {
@@ -143,17 +161,19 @@ pub fn linear_batch(jobs: Vec<LinearJob<'_>>) {
     }
 }
 
-fn gemm_job(j: LinearJob<'_>) {
+fn gemm_job(j: LinearJob<'_>, parallel: bool) {
     match j.w {
-        WeightRef::F32(wf) => gemm_f32(j.x, j.m, j.k, wf, j.n, j.out),
+        WeightRef::F32(wf) => gemm_f32(j.x, j.m, j.k, wf, j.n, j.out, parallel),
         WeightRef::Bf16(wb) => {
             let mut wide = vec![0.0f32; j.n * j.k];
-            wide.par_chunks_mut(j.k * 64).zip(wb.par_chunks(j.k * 64)).for_each(|(d, s)| {
-                for (o, v) in d.iter_mut().zip(s) {
-                    *o = v.to_f32();
-                }
-            });
-            gemm_f32(j.x, j.m, j.k, &wide, j.n, j.out)
+            wide.par_chunks_mut(j.k * 64)
+                .zip(wb.par_chunks(j.k * 64))
+                .for_each(|(d, s)| {
+                    for (o, v) in d.iter_mut().zip(s) {
+                        *o = v.to_f32();
+                    }
+                });
+            gemm_f32(j.x, j.m, j.k, &wide, j.n, j.out, parallel)
         }
     }
 }
@@ -187,9 +207,9 @@ fn dot_all_rows(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, j: usize, o: &m
     }
 }
 
-fn gemm_f32(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32]) {
+fn gemm_f32(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], parallel: bool) {
     let threads = rayon::current_num_threads().max(1);
-    let par = if threads > 1 {
+    let par = if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None

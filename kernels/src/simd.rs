@@ -75,7 +75,7 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx2 {
+pub(crate) mod avx2 {
     use half::bf16;
     use std::arch::x86_64::*;
 
@@ -125,6 +125,46 @@ mod avx2 {
             out[r] = s;
         }
         out
+    }
+
+    /// Four dot products of consecutive `d`-long rows of `q4` with `key` (d % 8 == 0).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot4(q4: &[f32], key: &[f32]) -> [f32; 4] {
+        let d = key.len();
+        assert!(d % 8 == 0 && q4.len() >= 4 * d);
+        let (qp, kp) = (q4.as_ptr(), key.as_ptr());
+        let mut a = [_mm256_setzero_ps(); 4];
+        let mut c = 0;
+        while c < d {
+            let kc = _mm256_loadu_ps(kp.add(c));
+            for h in 0..4 {
+                a[h] = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(h * d + c)), kc, a[h]);
+            }
+            c += 8;
+        }
+        [hsum(a[0]), hsum(a[1]), hsum(a[2]), hsum(a[3])]
+    }
+
+    /// `y += a * x` (equal lengths).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        let n = y.len().min(x.len());
+        let (yp, xp) = (y.as_mut_ptr(), x.as_ptr());
+        let av = _mm256_set1_ps(a);
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(
+                yp.add(i),
+                _mm256_fmadd_ps(av, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i))),
+            );
+            i += 8;
+        }
+        while i < n {
+            *yp.add(i) += a * *xp.add(i);
+            i += 1;
+        }
     }
 
     #[target_feature(enable = "avx2,fma")]

@@ -209,7 +209,10 @@ fn paged_attention_matches_full_softmax_reference() {
                     0.25,
                 );
                 let o = &out[(t * heads + h) * d..(t * heads + h + 1) * d];
-                assert!(max_abs_diff(o, &r) < 1e-5, "len={len} pos={pos} h={h}");
+                assert!(
+                    max_abs_diff(o, &r) < 1e-5,
+                    "heads={heads} kvh={kvh} d={d} len={len} pos={pos} h={h}"
+                );
             }
         }
     }

@@ -43,8 +43,22 @@ impl Mlp {
         let mut g = vec![0.0; rows * self.inter];
         let mut u = vec![0.0; rows * self.inter];
         linear_batch(vec![
-            LinearJob { x, m: rows, k: self.hidden, w: self.gate.weight(), n: self.inter, out: &mut g },
-            LinearJob { x, m: rows, k: self.hidden, w: self.up.weight(), n: self.inter, out: &mut u },
+            LinearJob {
+                x,
+                m: rows,
+                k: self.hidden,
+                w: self.gate.weight(),
+                n: self.inter,
+                out: &mut g,
+            },
+            LinearJob {
+                x,
+                m: rows,
+                k: self.hidden,
+                w: self.up.weight(),
+                n: self.inter,
+                out: &mut u,
+            },
         ]);
         silu_mul(&mut g, &u);
         linear(&g, rows, self.inter, self.down.weight(), self.hidden, out);
@@ -192,23 +206,57 @@ pub fn run_experts(work: &[(&Mlp, Vec<usize>)], x: &[f32], hidden: usize) -> Vec
             g
         })
         .collect();
-    let mut gates: Vec<Vec<f32>> = work.iter().map(|(m, r)| vec![0.0; r.len() * m.inter]).collect();
-    let mut ups: Vec<Vec<f32>> = work.iter().map(|(m, r)| vec![0.0; r.len() * m.inter]).collect();
+    let mut gates: Vec<Vec<f32>> = work
+        .iter()
+        .map(|(m, r)| vec![0.0; r.len() * m.inter])
+        .collect();
+    let mut ups: Vec<Vec<f32>> = work
+        .iter()
+        .map(|(m, r)| vec![0.0; r.len() * m.inter])
+        .collect();
     let mut jobs = Vec::with_capacity(work.len() * 2);
-    for (((mlp, rows), xin), (g, u)) in work.iter().zip(&inputs).zip(gates.iter_mut().zip(ups.iter_mut())) {
-        jobs.push(LinearJob { x: xin, m: rows.len(), k: hidden, w: mlp.gate.weight(), n: mlp.inter, out: g });
-        jobs.push(LinearJob { x: xin, m: rows.len(), k: hidden, w: mlp.up.weight(), n: mlp.inter, out: u });
+    for (((mlp, rows), xin), (g, u)) in work
+        .iter()
+        .zip(&inputs)
+        .zip(gates.iter_mut().zip(ups.iter_mut()))
+    {
+        jobs.push(LinearJob {
+            x: xin,
+            m: rows.len(),
+            k: hidden,
+            w: mlp.gate.weight(),
+            n: mlp.inter,
+            out: g,
+        });
+        jobs.push(LinearJob {
+            x: xin,
+            m: rows.len(),
+            k: hidden,
+            w: mlp.up.weight(),
+            n: mlp.inter,
+            out: u,
+        });
     }
     linear_batch(jobs);
     for (g, u) in gates.iter_mut().zip(&ups) {
         silu_mul(g, u);
     }
-    let mut outs: Vec<Vec<f32>> = work.iter().map(|(_, r)| vec![0.0; r.len() * hidden]).collect();
+    let mut outs: Vec<Vec<f32>> = work
+        .iter()
+        .map(|(_, r)| vec![0.0; r.len() * hidden])
+        .collect();
     let jobs = work
         .iter()
         .zip(&gates)
         .zip(outs.iter_mut())
-        .map(|(((mlp, rows), g), o)| LinearJob { x: g, m: rows.len(), k: mlp.inter, w: mlp.down.weight(), n: hidden, out: o })
+        .map(|(((mlp, rows), g), o)| LinearJob {
+            x: g,
+            m: rows.len(),
+            k: mlp.inter,
+            w: mlp.down.weight(),
+            n: hidden,
+            out: o,
+        })
         .collect();
     linear_batch(jobs);
     outs
@@ -236,14 +284,17 @@ impl ExpertExec for LocalExperts {
             if pairs.is_empty() {
                 continue;
             }
-            let mlp = self.owner(layer, e).ok_or(WorkerError::ExpertMissing { layer, expert: e })?;
+            let mlp = self
+                .owner(layer, e)
+                .ok_or(WorkerError::ExpertMissing { layer, expert: e })?;
             work.push((mlp, pairs.iter().map(|p| p / k).collect::<Vec<usize>>()));
             pair_lists.push(pairs);
         }
         let outs = run_experts(&work, x, hidden);
         for (pairs, y) in pair_lists.iter().zip(&outs) {
             for (i, &p) in pairs.iter().enumerate() {
-                slots[p * hidden..(p + 1) * hidden].copy_from_slice(&y[i * hidden..(i + 1) * hidden]);
+                slots[p * hidden..(p + 1) * hidden]
+                    .copy_from_slice(&y[i * hidden..(i + 1) * hidden]);
             }
         }
         Ok(())

@@ -257,9 +257,30 @@ impl Model {
             rms_norm(&mut x, &layer.ln1, cfg.rms_norm_eps);
             let a = &layer.attn;
             linear_batch(vec![
-                LinearJob { x: &x, m: t, k: h, w: a.q.weight(), n: qw, out: &mut q },
-                LinearJob { x: &x, m: t, k: h, w: a.k.weight(), n: kvw, out: &mut k },
-                LinearJob { x: &x, m: t, k: h, w: a.v.weight(), n: kvw, out: &mut v },
+                LinearJob {
+                    x: &x,
+                    m: t,
+                    k: h,
+                    w: a.q.weight(),
+                    n: qw,
+                    out: &mut q,
+                },
+                LinearJob {
+                    x: &x,
+                    m: t,
+                    k: h,
+                    w: a.k.weight(),
+                    n: kvw,
+                    out: &mut k,
+                },
+                LinearJob {
+                    x: &x,
+                    m: t,
+                    k: h,
+                    w: a.v.weight(),
+                    n: kvw,
+                    out: &mut v,
+                },
             ]);
             if let Some([bq, bk, bv]) = &a.bias {
                 for r in 0..t {
