@@ -59,6 +59,11 @@ pub fn softmax(x: &mut [f32]) {
     }
 }
 
+/// Sum of all elements (streaming; AVX2 where available).
+pub fn sum(x: &[f32]) -> f32 {
+    simd::sum(x)
+}
+
 /// `y += a * x`, elementwise.
 pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     debug_assert_eq!(y.len(), x.len());

@@ -140,9 +140,7 @@ pub fn linear_batch(jobs: Vec<LinearJob<'_>>) {
         let specs = &specs;
         let work = |(ji, j0, c): (usize, usize, &mut [f32])| {
             let (x, m, k, w, _) = specs[ji];
-            for (jj, o) in c.chunks_mut(m).enumerate() {
-                dot_all_rows(x, m, k, w, j0 + jj, o);
-            }
+            dot_block(x, m, k, w, j0, c);
         };
         if total_bytes < (128 << 10) || threads == 1 || items.len() == 1 {
             items.into_iter().for_each(work);
@@ -175,6 +173,53 @@ fn gemm_job(j: LinearJob<'_>, parallel: bool) {
                 });
             gemm_f32(j.x, j.m, j.k, &wide, j.n, j.out, parallel)
         }
+    }
+}
+
+/// Rows of x handled together while a block of weight rows stays in cache.
+const M_BLOCK: usize = 32;
+
+/// `t[jj, r] = x[r] · w[j0 + jj]` for all `r < m` and the weight rows covered by `t`
+/// (`[rows, m]`): 4x3 register tiles where possible, row-at-a-time at the edges.
+fn dot_block(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, j0: usize, t: &mut [f32]) {
+    let rows = t.len() / m;
+    let triples = if m >= 4 && simd::tile_4x3(&x[..4 * k], k, w, j0).is_some() {
+        rows / 3
+    } else {
+        0
+    };
+    for mb in (0..m).step_by(M_BLOCK) {
+        let me = (mb + M_BLOCK).min(m);
+        for tr in 0..triples {
+            let jj = tr * 3;
+            let mut r = mb;
+            while r + 4 <= me {
+                let tile =
+                    simd::tile_4x3(&x[r * k..(r + 4) * k], k, w, j0 + jj).expect("checked above");
+                for (i, row) in tile.iter().enumerate() {
+                    for (c, v) in row.iter().enumerate() {
+                        t[(jj + c) * m + r + i] = *v;
+                    }
+                }
+                r += 4;
+            }
+            for rr in r..me {
+                for c in 0..3 {
+                    t[(jj + c) * m + rr] = dot_one(&x[rr * k..(rr + 1) * k], k, w, j0 + jj + c);
+                }
+            }
+        }
+    }
+    for jj in triples * 3..rows {
+        dot_all_rows(x, m, k, w, j0 + jj, &mut t[jj * m..(jj + 1) * m]);
+    }
+}
+
+#[inline]
+fn dot_one(x: &[f32], k: usize, w: WeightRef<'_>, j: usize) -> f32 {
+    match w {
+        WeightRef::F32(wf) => simd::dot_rows_f32::<1>(x, k, &wf[j * k..(j + 1) * k])[0],
+        WeightRef::Bf16(wb) => simd::dot_rows_bf16::<1>(x, k, &wb[j * k..(j + 1) * k])[0],
     }
 }
 

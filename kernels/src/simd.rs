@@ -64,6 +64,40 @@ fn dot_portable<T: Copy>(x: &[f32], w: &[T], f: impl Fn(T) -> f32) -> f32 {
     s
 }
 
+/// A 4x3 tile `out[r][c] = x[r] . w[c]` when the AVX2 kernel applies (`k % 8 == 0`); `None`
+/// tells the caller to fall back to row-at-a-time dot products.
+#[inline]
+pub fn tile_4x3(x: &[f32], k: usize, w: crate::WeightRef<'_>, j: usize) -> Option<[[f32; 3]; 4]> {
+    #[cfg(target_arch = "x86_64")]
+    if k % 8 == 0 && has_avx2() {
+        // SAFETY: avx2+fma present, k % 8 == 0; lengths are asserted inside.
+        return Some(unsafe {
+            match w {
+                crate::WeightRef::F32(w) => avx2::tile_4x3_f32(x, k, &w[j * k..(j + 3) * k]),
+                crate::WeightRef::Bf16(w) => avx2::tile_4x3_bf16(x, k, &w[j * k..(j + 3) * k]),
+            }
+        });
+    }
+    let _ = (x, k, w, j);
+    None
+}
+
+/// Sum of a slice, streaming (used to measure memory read bandwidth).
+pub fn sum(a: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: avx2 present.
+        return unsafe { avx2::sum(a) };
+    }
+    let mut acc = [0.0f32; 8];
+    for c in a.chunks_exact(8) {
+        for l in 0..8 {
+            acc[l] += c[l];
+        }
+    }
+    acc.iter().sum::<f32>() + a[a.len() / 8 * 8..].iter().sum::<f32>()
+}
+
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_rows_f32::<1>(a, a.len(), b)[0]
 }
@@ -127,6 +161,66 @@ pub(crate) mod avx2 {
         out
     }
 
+    /// A 4x3 tile of dot products: rows `x[r*k..]` (r < 4) against weight rows `w[c*k..]`
+    /// (c < 3), `k % 8 == 0`. Twelve independent accumulators; no packing needed because both
+    /// operands are contiguous along `k`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_4x3_f32(x: &[f32], k: usize, w: &[f32]) -> [[f32; 3]; 4] {
+        assert!(k % 8 == 0 && x.len() >= 4 * k && w.len() >= 3 * k);
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut a = [[_mm256_setzero_ps(); 3]; 4];
+        let mut c = 0;
+        while c < k {
+            let w0 = _mm256_loadu_ps(wp.add(c));
+            let w1 = _mm256_loadu_ps(wp.add(k + c));
+            let w2 = _mm256_loadu_ps(wp.add(2 * k + c));
+            for r in 0..4 {
+                let xr = _mm256_loadu_ps(xp.add(r * k + c));
+                a[r][0] = _mm256_fmadd_ps(xr, w0, a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(xr, w1, a[r][1]);
+                a[r][2] = _mm256_fmadd_ps(xr, w2, a[r][2]);
+            }
+            c += 8;
+        }
+        let mut out = [[0.0; 3]; 4];
+        for r in 0..4 {
+            for j in 0..3 {
+                out[r][j] = hsum(a[r][j]);
+            }
+        }
+        out
+    }
+
+    /// As [`tile_4x3_f32`] with bf16 weight rows.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn tile_4x3_bf16(x: &[f32], k: usize, w: &[bf16]) -> [[f32; 3]; 4] {
+        assert!(k % 8 == 0 && x.len() >= 4 * k && w.len() >= 3 * k);
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut a = [[_mm256_setzero_ps(); 3]; 4];
+        let mut c = 0;
+        while c < k {
+            let w0 = load_bf16(wp.add(c));
+            let w1 = load_bf16(wp.add(k + c));
+            let w2 = load_bf16(wp.add(2 * k + c));
+            for r in 0..4 {
+                let xr = _mm256_loadu_ps(xp.add(r * k + c));
+                a[r][0] = _mm256_fmadd_ps(xr, w0, a[r][0]);
+                a[r][1] = _mm256_fmadd_ps(xr, w1, a[r][1]);
+                a[r][2] = _mm256_fmadd_ps(xr, w2, a[r][2]);
+            }
+            c += 8;
+        }
+        let mut out = [[0.0; 3]; 4];
+        for r in 0..4 {
+            for j in 0..3 {
+                out[r][j] = hsum(a[r][j]);
+            }
+        }
+        out
+    }
+
     /// Four dot products of consecutive `d`-long rows of `q4` with `key` (d % 8 == 0).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -144,6 +238,28 @@ pub(crate) mod avx2 {
             c += 8;
         }
         [hsum(a[0]), hsum(a[1]), hsum(a[2]), hsum(a[3])]
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn sum(a: &[f32]) -> f32 {
+        let p = a.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= a.len() {
+            for (l, v) in acc.iter_mut().enumerate() {
+                *v = _mm256_add_ps(*v, _mm256_loadu_ps(p.add(i + 8 * l)));
+            }
+            i += 32;
+        }
+        let mut s = hsum(_mm256_add_ps(
+            _mm256_add_ps(acc[0], acc[1]),
+            _mm256_add_ps(acc[2], acc[3]),
+        ));
+        while i < a.len() {
+            s += *p.add(i);
+            i += 1;
+        }
+        s
     }
 
     /// `y += a * x` (equal lengths).
