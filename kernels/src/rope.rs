@@ -1,6 +1,8 @@
 //! Rotary position embeddings as Hugging Face computes them (`rotate_half` layout: the first
 //! and second halves of each head are the two components), with the default, `linear` and
-//! `yarn` frequency schemes of `transformers.modeling_rope_utils`.
+//! `yarn` frequency schemes of `transformers.modeling_rope_utils` (transformers 5: an explicit
+//! YaRN `factor` wins; it is derived as `max_position_embeddings / original_max_position_embeddings`
+//! only when absent, which the config parser does).
 //!
 //! Angles are `f32(position) * f32(inv_freq)` rounded to `f32`, exactly as the reference
 //! computes them, so long positions match to the last bit of the angle.
@@ -87,12 +89,10 @@ impl Rope {
                 truncate,
             } => {
                 check_factor(*factor)?;
-                // Checkpoints that carry original_max_position_embeddings derive the factor
-                // from the context extension, as transformers does.
-                let (factor, orig_max) = match original_max_position_embeddings {
-                    Some(o) => (max_position_embeddings as f64 / *o as f64, *o),
-                    None => (*factor as f64, max_position_embeddings),
-                };
+                // As transformers 5 computes it: the explicit factor, with the correction range
+                // taken over the pre-extension context (default: max_position_embeddings).
+                let factor = *factor as f64;
+                let orig_max = original_max_position_embeddings.unwrap_or(max_position_embeddings);
                 let af = match attention_factor {
                     Some(a) => *a as f64,
                     None => match (mscale, mscale_all_dim) {

@@ -277,7 +277,7 @@ impl ModelConfig {
             }
             None => rope_params,
         };
-        let rope_scaling = parse_rope_scaling(scaling_obj)?;
+        let rope_scaling = parse_rope_scaling(scaling_obj, max_position_embeddings)?;
         let sliding_window = match arch {
             Arch::Mixtral => o.opt_usize("sliding_window")?,
             Arch::Qwen3Moe => {
@@ -381,6 +381,7 @@ impl ModelConfig {
 
 fn parse_rope_scaling(
     m: Option<&serde_json::Map<String, Value>>,
+    max_pos: usize,
 ) -> Result<RopeScaling, ConfigError> {
     let Some(m) = m else {
         return Ok(RopeScaling::Default);
@@ -402,16 +403,41 @@ fn parse_rope_scaling(
     match kind {
         "default" => Ok(RopeScaling::Default),
         "linear" => Ok(RopeScaling::Linear { factor: factor()? }),
-        "yarn" => Ok(RopeScaling::Yarn {
-            factor: factor()?,
-            original_max_position_embeddings: o.opt_usize("original_max_position_embeddings")?,
-            beta_fast: o.f64("beta_fast")?.unwrap_or(32.0) as f32,
-            beta_slow: o.f64("beta_slow")?.unwrap_or(1.0) as f32,
-            attention_factor: o.f64("attention_factor")?.map(|v| v as f32),
-            mscale: o.f64("mscale")?.map(|v| v as f32),
-            mscale_all_dim: o.f64("mscale_all_dim")?.map(|v| v as f32),
-            truncate: o.bool("truncate", true)?,
-        }),
+        "yarn" => {
+            let orig = o.opt_usize("original_max_position_embeddings")?;
+            if orig == Some(0) {
+                return Err(invalid(
+                    "rope_scaling.original_max_position_embeddings",
+                    "must be positive".into(),
+                ));
+            }
+            // transformers 5: an absent factor is the context extension ratio.
+            let factor = match (o.f64("factor")?, orig) {
+                (None, Some(orig)) => {
+                    let f = max_pos as f64 / orig as f64;
+                    if f < 1.0 {
+                        return Err(invalid(
+                            "rope_scaling.original_max_position_embeddings",
+                            format!("{orig} exceeds max_position_embeddings {max_pos}"),
+                        ));
+                    }
+                    f as f32
+                }
+                _ => factor()?,
+            };
+            // `beta_fast or 32`: zero means the default, as in transformers.
+            let nonzero = |v: Option<f64>, d: f64| v.filter(|x| *x != 0.0).unwrap_or(d) as f32;
+            Ok(RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings: orig,
+                beta_fast: nonzero(o.f64("beta_fast")?, 32.0),
+                beta_slow: nonzero(o.f64("beta_slow")?, 1.0),
+                attention_factor: o.f64("attention_factor")?.map(|v| v as f32),
+                mscale: o.f64("mscale")?.map(|v| v as f32),
+                mscale_all_dim: o.f64("mscale_all_dim")?.map(|v| v as f32),
+                truncate: o.bool("truncate", true)?,
+            })
+        }
         other => Err(ConfigError::Unsupported {
             field: "rope_scaling.rope_type".into(),
             detail: format!("{other:?} (supported: default, linear, yarn)"),
