@@ -24,9 +24,3 @@ pub fn rms_norm(x: &mut [f32], w: &[f32], eps: f32) {
         }
     }
 }
-
-/// Normalises rows of `x` into `out` (same shape).
-pub fn rms_norm_into(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
-    out.copy_from_slice(x);
-    rms_norm(out, w, eps);
-}

@@ -132,94 +132,77 @@ pub(crate) mod avx2 {
         _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16))
     }
 
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows_f32<const R: usize>(x: &[f32], k: usize, w: &[f32]) -> [f32; R] {
-        assert!(x.len() >= R * k && w.len() >= k);
-        let mut acc0 = [_mm256_setzero_ps(); R];
-        let mut acc1 = [_mm256_setzero_ps(); R];
-        let xp = x.as_ptr();
-        let wp = w.as_ptr();
-        let mut i = 0;
-        while i + 16 <= k {
-            let w0 = _mm256_loadu_ps(wp.add(i));
-            let w1 = _mm256_loadu_ps(wp.add(i + 8));
-            for r in 0..R {
-                let xr = xp.add(r * k + i);
-                acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc0[r]);
-                acc1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8)), w1, acc1[r]);
-            }
-            i += 16;
-        }
-        let mut out = [0.0; R];
-        for r in 0..R {
-            let mut s = hsum(_mm256_add_ps(acc0[r], acc1[r]));
-            for j in i..k {
-                s += *xp.add(r * k + j) * *wp.add(j);
-            }
-            out[r] = s;
-        }
-        out
-    }
-
-    /// A 4x3 tile of dot products: rows `x[r*k..]` (r < 4) against weight rows `w[c*k..]`
-    /// (c < 3), `k % 8 == 0`. Twelve independent accumulators; no packing needed because both
-    /// operands are contiguous along `k`.
+    /// Loads 8 weights as f32.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_4x3_f32(x: &[f32], k: usize, w: &[f32]) -> [[f32; 3]; 4] {
-        assert!(k % 8 == 0 && x.len() >= 4 * k && w.len() >= 3 * k);
-        let (xp, wp) = (x.as_ptr(), w.as_ptr());
-        let mut a = [[_mm256_setzero_ps(); 3]; 4];
-        let mut c = 0;
-        while c < k {
-            let w0 = _mm256_loadu_ps(wp.add(c));
-            let w1 = _mm256_loadu_ps(wp.add(k + c));
-            let w2 = _mm256_loadu_ps(wp.add(2 * k + c));
-            for r in 0..4 {
-                let xr = _mm256_loadu_ps(xp.add(r * k + c));
-                a[r][0] = _mm256_fmadd_ps(xr, w0, a[r][0]);
-                a[r][1] = _mm256_fmadd_ps(xr, w1, a[r][1]);
-                a[r][2] = _mm256_fmadd_ps(xr, w2, a[r][2]);
-            }
-            c += 8;
-        }
-        let mut out = [[0.0; 3]; 4];
-        for r in 0..4 {
-            for j in 0..3 {
-                out[r][j] = hsum(a[r][j]);
-            }
-        }
-        out
+    unsafe fn load_f32(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
     }
 
-    /// As [`tile_4x3_f32`] with bf16 weight rows.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn tile_4x3_bf16(x: &[f32], k: usize, w: &[bf16]) -> [[f32; 3]; 4] {
-        assert!(k % 8 == 0 && x.len() >= 4 * k && w.len() >= 3 * k);
-        let (xp, wp) = (x.as_ptr(), w.as_ptr());
-        let mut a = [[_mm256_setzero_ps(); 3]; 4];
-        let mut c = 0;
-        while c < k {
-            let w0 = load_bf16(wp.add(c));
-            let w1 = load_bf16(wp.add(k + c));
-            let w2 = load_bf16(wp.add(2 * k + c));
-            for r in 0..4 {
-                let xr = _mm256_loadu_ps(xp.add(r * k + c));
-                a[r][0] = _mm256_fmadd_ps(xr, w0, a[r][0]);
-                a[r][1] = _mm256_fmadd_ps(xr, w1, a[r][1]);
-                a[r][2] = _mm256_fmadd_ps(xr, w2, a[r][2]);
+    /// The streaming and tiled dot-product kernels, stamped out for each weight dtype
+    /// (`$load` widens 8 weights to an f32 vector).
+    macro_rules! weight_kernels {
+        ($wt:ty, $load:ident, $dot_rows:ident, $tile:ident) => {
+            /// `out[r] = x[r] . w` for `R` rows of `x` (each `k` long), two accumulators per
+            /// row.
+            #[target_feature(enable = "avx2,fma")]
+            pub unsafe fn $dot_rows<const R: usize>(x: &[f32], k: usize, w: &[$wt]) -> [f32; R] {
+                assert!(x.len() >= R * k && w.len() >= k);
+                let mut acc0 = [_mm256_setzero_ps(); R];
+                let mut acc1 = [_mm256_setzero_ps(); R];
+                let xp = x.as_ptr();
+                let wp = w.as_ptr();
+                let mut i = 0;
+                while i + 16 <= k {
+                    let w0 = $load(wp.add(i));
+                    let w1 = $load(wp.add(i + 8));
+                    for r in 0..R {
+                        let xr = xp.add(r * k + i);
+                        acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc0[r]);
+                        acc1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8)), w1, acc1[r]);
+                    }
+                    i += 16;
+                }
+                let mut out = [0.0; R];
+                for r in 0..R {
+                    let mut s = hsum(_mm256_add_ps(acc0[r], acc1[r]));
+                    for j in i..k {
+                        s += *xp.add(r * k + j) * f32::from(*wp.add(j));
+                    }
+                    out[r] = s;
+                }
+                out
             }
-            c += 8;
-        }
-        let mut out = [[0.0; 3]; 4];
-        for r in 0..4 {
-            for j in 0..3 {
-                out[r][j] = hsum(a[r][j]);
+
+            /// A 4x3 tile of dot products: rows `x[r*k..]` (r < 4) against weight rows
+            /// `w[c*k..]` (c < 3), `k % 8 == 0`. Twelve independent accumulators; no packing
+            /// is needed because both operands are contiguous along `k`.
+            #[inline]
+            #[target_feature(enable = "avx2,fma")]
+            pub unsafe fn $tile(x: &[f32], k: usize, w: &[$wt]) -> [[f32; 3]; 4] {
+                assert!(k % 8 == 0 && x.len() >= 4 * k && w.len() >= 3 * k);
+                let (xp, wp) = (x.as_ptr(), w.as_ptr());
+                let mut a = [[_mm256_setzero_ps(); 3]; 4];
+                let mut c = 0;
+                while c < k {
+                    let w0 = $load(wp.add(c));
+                    let w1 = $load(wp.add(k + c));
+                    let w2 = $load(wp.add(2 * k + c));
+                    for r in 0..4 {
+                        let xr = _mm256_loadu_ps(xp.add(r * k + c));
+                        a[r][0] = _mm256_fmadd_ps(xr, w0, a[r][0]);
+                        a[r][1] = _mm256_fmadd_ps(xr, w1, a[r][1]);
+                        a[r][2] = _mm256_fmadd_ps(xr, w2, a[r][2]);
+                    }
+                    c += 8;
+                }
+                a.map(|row| row.map(|v| hsum(v)))
             }
-        }
-        out
+        };
     }
+
+    weight_kernels!(f32, load_f32, dot_rows_f32, tile_4x3_f32);
+    weight_kernels!(bf16, load_bf16, dot_rows_bf16, tile_4x3_bf16);
 
     /// Four dot products of consecutive `d`-long rows of `q4` with `key` (d % 8 == 0).
     #[inline]
@@ -281,34 +264,5 @@ pub(crate) mod avx2 {
             *yp.add(i) += a * *xp.add(i);
             i += 1;
         }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows_bf16<const R: usize>(x: &[f32], k: usize, w: &[bf16]) -> [f32; R] {
-        assert!(x.len() >= R * k && w.len() >= k);
-        let mut acc0 = [_mm256_setzero_ps(); R];
-        let mut acc1 = [_mm256_setzero_ps(); R];
-        let xp = x.as_ptr();
-        let wp = w.as_ptr();
-        let mut i = 0;
-        while i + 16 <= k {
-            let w0 = load_bf16(wp.add(i));
-            let w1 = load_bf16(wp.add(i + 8));
-            for r in 0..R {
-                let xr = xp.add(r * k + i);
-                acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, acc0[r]);
-                acc1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8)), w1, acc1[r]);
-            }
-            i += 16;
-        }
-        let mut out = [0.0; R];
-        for r in 0..R {
-            let mut s = hsum(_mm256_add_ps(acc0[r], acc1[r]));
-            for j in i..k {
-                s += *xp.add(r * k + j) * (*wp.add(j)).to_f32();
-            }
-            out[r] = s;
-        }
-        out
     }
 }

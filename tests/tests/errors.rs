@@ -1,5 +1,8 @@
 //! Bad checkpoints, configs and prompts fail with clear errors that name what is wrong.
 
+mod common;
+use common::fixture;
+
 use std::path::{Path, PathBuf};
 use switchyard_coordinator::generate::{self, Prompt, Request};
 use switchyard_coordinator::text::Tokenizer;
@@ -7,12 +10,6 @@ use switchyard_coordinator::GenerateError;
 use switchyard_kernels::sampling::SamplingParams;
 use switchyard_worker::engine::{Engine, EngineOptions};
 use switchyard_worker::{presets, WeightDType};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
 
 fn scratch(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("sy-err-{tag}-{}", std::process::id()));

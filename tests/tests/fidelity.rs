@@ -1,40 +1,14 @@
 //! Fidelity against the Hugging Face transformers goldens in `tests/fixtures/` (computed by
 //! transformers 5.23 in float32 with eager attention; never by Switchyard).
 
-use serde_json::Value;
-use std::path::{Path, PathBuf};
+mod common;
+use common::{fixture, floats, golden, ids};
+
 use switchyard_worker::engine::{ChunkSpec, Engine, EngineOptions, Logits};
 use switchyard_worker::WeightDType;
 
 const MODELS: &[&str] = &["tiny-qwen3-moe", "tiny-mixtral"];
 const LOGIT_TOL: f32 = 1e-4;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
-
-fn golden(model: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(model).join("golden.json")).unwrap())
-        .unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-fn floats(v: &Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap() as f32)
-        .collect()
-}
 
 fn engine(model: &str, opts: EngineOptions) -> Engine {
     Engine::load(&fixture(model), &opts).unwrap()

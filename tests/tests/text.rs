@@ -2,28 +2,10 @@
 //! decoded text, streaming detokenization equals one-shot decoding, and the chat template
 //! renders the reasoning opener.
 
-use serde_json::Value;
-use std::path::{Path, PathBuf};
+mod common;
+use common::{fixture, golden, ids};
+
 use switchyard_coordinator::text::{DetokStream, Message, OutputText, Tokenizer};
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("fixtures")
-        .join(name)
-}
-
-fn golden(model: &str) -> Value {
-    serde_json::from_str(&std::fs::read_to_string(fixture(model).join("golden.json")).unwrap())
-        .unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 #[test]
 fn encode_matches_transformers_input_ids() {
