@@ -212,9 +212,11 @@ impl Engine {
                 }
             })
             .collect();
-        let out = self
-            .model
-            .forward(&inputs, &mut self.kv, &self.experts, record_routing);
+        // The whole forward pass runs on a pool thread, so the many parallel regions inside it
+        // take rayon's hot path (this thread works too) instead of each one handing work over
+        // from outside the pool and sleeping until it is done.
+        let (model, kv, experts) = (&self.model, &mut self.kv, &self.experts);
+        let out = rayon::scope(|_| model.forward(&inputs, kv, experts, record_routing));
         drop(inputs);
         if out.is_ok() {
             for c in chunks {
