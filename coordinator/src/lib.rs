@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod cli;
 pub mod generate;
+pub mod placement;
 pub mod text;
 
 /// Errors of a generation request.

@@ -1,0 +1,440 @@
+//! Expert placement: which workers hold which experts, as a pure function
+//! `plan(problem, previous) -> Placement` (no I/O; the async shell only applies the result).
+//!
+//! Follows the EPLB recipe: per MoE layer, hand the `redundant` extra replicas one by one to
+//! the expert with the highest load per replica, then place replicas heaviest first on the
+//! least-loaded worker that has room and does not hold that expert yet.
+//!
+//! Invariants (property-tested below):
+//! - every expert of every MoE layer has at least one replica, and no worker holds two
+//!   replicas of one expert;
+//! - no worker holds more experts in a layer than its capacity;
+//! - the plan is deterministic, and planning again from a plan's own output changes nothing
+//!   (replicas still valid under the new problem are kept where they are, so a membership
+//!   change moves as few experts as possible).
+
+use std::collections::BTreeSet;
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlanError {
+    #[error("no workers to place experts on")]
+    NoWorkers,
+    #[error(
+        "layer {layer}: {experts} experts need at least that many slots, the workers have {slots}"
+    )]
+    InsufficientCapacity {
+        layer: usize,
+        experts: usize,
+        slots: usize,
+    },
+    #[error("load table has {found} rows of {width}, expected {layers} rows of {experts}")]
+    LoadShape {
+        found: usize,
+        width: usize,
+        layers: usize,
+        experts: usize,
+    },
+}
+
+/// A worker and how many experts per layer it can hold.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerSlot {
+    pub id: String,
+    pub experts_per_layer: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct Problem {
+    /// Number of MoE layers placed (dense layers need no placement).
+    pub layers: usize,
+    pub experts: usize,
+    pub workers: Vec<WorkerSlot>,
+    /// Extra replicas per layer beyond one per expert.
+    pub redundant: usize,
+    /// Expected load `[layer][expert]` (e.g. a moving average of tokens routed); `None` is
+    /// uniform.
+    pub load: Option<Vec<Vec<f64>>>,
+}
+
+/// `replicas[layer][expert]`: the ids of the workers holding that expert, sorted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub replicas: Vec<Vec<Vec<String>>>,
+}
+
+impl Placement {
+    /// Experts worker `id` holds in `layer`, ascending.
+    pub fn experts_on(&self, layer: usize, id: &str) -> Vec<u32> {
+        self.replicas[layer]
+            .iter()
+            .enumerate()
+            .filter(|(_, ws)| ws.iter().any(|w| w == id))
+            .map(|(e, _)| e as u32)
+            .collect()
+    }
+}
+
+fn load_of(p: &Problem, layer: usize, e: usize) -> f64 {
+    p.load.as_ref().map_or(1.0, |l| l[layer][e].max(0.0))
+}
+
+/// Whether replica counts can be placed on workers with these capacities, each replica of an
+/// expert on a different worker (Gale–Ryser: for every k, the k largest counts fit in
+/// `Σ_w min(cap_w, k)`).
+fn feasible(counts: &[usize], caps: &[usize]) -> bool {
+    let mut c = counts.to_vec();
+    c.sort_unstable_by(|a, b| b.cmp(a));
+    let mut lhs = 0;
+    for (i, ci) in c.iter().enumerate() {
+        lhs += ci;
+        if lhs > caps.iter().map(|u| (*u).min(i + 1)).sum::<usize>() {
+            return false;
+        }
+    }
+    true
+}
+
+/// Replica count per expert of one layer: one each, then the extras one by one to the expert
+/// with the highest load per replica (ties to the lower id) among those whose extra replica
+/// still leaves the layer placeable.
+fn replica_counts(p: &Problem, layer: usize, extra: usize, caps: &[usize]) -> Vec<usize> {
+    let mut counts = vec![1usize; p.experts];
+    for _ in 0..extra {
+        let mut order: Vec<usize> = (0..p.experts).collect();
+        order.sort_by(|&a, &b| {
+            let (la, lb) = (
+                load_of(p, layer, a) / counts[a] as f64,
+                load_of(p, layer, b) / counts[b] as f64,
+            );
+            lb.total_cmp(&la).then(a.cmp(&b))
+        });
+        let pick = order.into_iter().find(|&e| {
+            counts[e] += 1;
+            let ok = feasible(&counts, caps);
+            counts[e] -= 1;
+            ok
+        });
+        match pick {
+            Some(e) => counts[e] += 1,
+            None => break,
+        }
+    }
+    counts
+}
+
+/// Places `counts` replicas by the Havel–Hakimi greedy (experts with most replicas first, each
+/// onto the workers with the most room left), which succeeds whenever [`feasible`] holds.
+fn place_feasible(counts: &[usize], caps: &[usize]) -> Vec<BTreeSet<usize>> {
+    let mut room = caps.to_vec();
+    let mut held = vec![BTreeSet::new(); counts.len()];
+    let mut order: Vec<usize> = (0..counts.len()).collect();
+    order.sort_by(|&a, &b| counts[b].cmp(&counts[a]).then(a.cmp(&b)));
+    for e in order {
+        let mut ws: Vec<usize> = (0..caps.len()).filter(|&w| room[w] > 0).collect();
+        ws.sort_by(|&a, &b| room[b].cmp(&room[a]).then(a.cmp(&b)));
+        for &w in ws.iter().take(counts[e]) {
+            room[w] -= 1;
+            held[e].insert(w);
+        }
+    }
+    held
+}
+
+/// Keeps still-valid previous replicas, then places the rest heaviest first on the
+/// least-loaded worker with room. `None` when that greedy corners itself (the remaining room
+/// is only on workers that already hold the expert); the caller then uses [`place_feasible`].
+fn place_balanced(
+    p: &Problem,
+    layer: usize,
+    counts: &[usize],
+    prev: Option<&Vec<Vec<String>>>,
+) -> Option<Vec<BTreeSet<usize>>> {
+    let nw = p.workers.len();
+    let mut held: Vec<BTreeSet<usize>> = vec![BTreeSet::new(); p.experts];
+    let mut used = vec![0usize; nw];
+    let mut wload = vec![0.0f64; nw];
+    if let Some(prev) = prev {
+        for (e, ids) in prev.iter().enumerate().take(p.experts) {
+            for id in ids {
+                if held[e].len() >= counts[e] {
+                    break;
+                }
+                if let Some(w) = p.workers.iter().position(|x| &x.id == id) {
+                    if used[w] < p.workers[w].experts_per_layer && held[e].insert(w) {
+                        used[w] += 1;
+                        wload[w] += load_of(p, layer, e) / counts[e] as f64;
+                    }
+                }
+            }
+        }
+    }
+    let mut todo: Vec<usize> = (0..p.experts)
+        .flat_map(|e| std::iter::repeat_n(e, counts[e] - held[e].len()))
+        .collect();
+    todo.sort_by(|&a, &b| {
+        let (la, lb) = (
+            load_of(p, layer, a) / counts[a] as f64,
+            load_of(p, layer, b) / counts[b] as f64,
+        );
+        lb.total_cmp(&la).then(a.cmp(&b))
+    });
+    for e in todo {
+        let w = (0..nw)
+            .filter(|&w| used[w] < p.workers[w].experts_per_layer && !held[e].contains(&w))
+            .min_by(|&a, &b| {
+                wload[a]
+                    .total_cmp(&wload[b])
+                    .then(used[a].cmp(&used[b]))
+                    .then(a.cmp(&b))
+            })?;
+        held[e].insert(w);
+        used[w] += 1;
+        wload[w] += load_of(p, layer, e) / counts[e] as f64;
+    }
+    Some(held)
+}
+
+pub fn plan(p: &Problem, previous: Option<&Placement>) -> Result<Placement, PlanError> {
+    if p.workers.is_empty() {
+        return Err(PlanError::NoWorkers);
+    }
+    if let Some(l) = &p.load {
+        if l.len() != p.layers || l.iter().any(|r| r.len() != p.experts) {
+            return Err(PlanError::LoadShape {
+                found: l.len(),
+                width: l.first().map_or(0, |r| r.len()),
+                layers: p.layers,
+                experts: p.experts,
+            });
+        }
+    }
+    let slots: usize = p.workers.iter().map(|w| w.experts_per_layer).sum();
+    let mut replicas = Vec::with_capacity(p.layers);
+    for layer in 0..p.layers {
+        if slots < p.experts {
+            return Err(PlanError::InsufficientCapacity {
+                layer,
+                experts: p.experts,
+                slots,
+            });
+        }
+        let extra = p.redundant.min(slots - p.experts);
+        let caps: Vec<usize> = p.workers.iter().map(|w| w.experts_per_layer).collect();
+        let counts = replica_counts(p, layer, extra, &caps);
+        let held = place_balanced(
+            p,
+            layer,
+            &counts,
+            previous.and_then(|pl| pl.replicas.get(layer)),
+        )
+        .unwrap_or_else(|| place_feasible(&counts, &caps));
+        replicas.push(
+            held.into_iter()
+                .map(|ws| {
+                    let mut ids: Vec<String> =
+                        ws.into_iter().map(|w| p.workers[w].id.clone()).collect();
+                    ids.sort();
+                    ids
+                })
+                .collect(),
+        );
+    }
+    Ok(Placement { replicas })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn workers(caps: &[usize]) -> Vec<WorkerSlot> {
+        caps.iter()
+            .enumerate()
+            .map(|(i, c)| WorkerSlot {
+                id: format!("w{i}"),
+                experts_per_layer: *c,
+            })
+            .collect()
+    }
+
+    fn check_invariants(p: &Problem, pl: &Placement) {
+        assert_eq!(pl.replicas.len(), p.layers);
+        for (l, layer) in pl.replicas.iter().enumerate() {
+            assert_eq!(layer.len(), p.experts);
+            for ws in layer {
+                assert!(!ws.is_empty(), "an expert has no replica");
+                let set: BTreeSet<&String> = ws.iter().collect();
+                assert_eq!(set.len(), ws.len(), "duplicate replica on one worker");
+            }
+            for w in &p.workers {
+                assert!(
+                    pl.experts_on(l, &w.id).len() <= w.experts_per_layer,
+                    "capacity exceeded"
+                );
+            }
+        }
+    }
+
+    fn problem() -> impl Strategy<Value = Problem> {
+        (
+            1usize..4,
+            1usize..40,
+            prop::collection::vec(1usize..20, 1..6),
+            0usize..10,
+            any::<bool>(),
+            any::<u64>(),
+        )
+            .prop_map(|(layers, experts, caps, redundant, skewed, seed)| {
+                let mut caps = caps;
+                // Make it feasible: top up the first worker.
+                let total: usize = caps.iter().sum();
+                if total < experts {
+                    caps[0] += experts - total;
+                }
+                let mut rng = switchyard_kernels::rng::Rng::new(seed);
+                let load = skewed.then(|| {
+                    (0..layers)
+                        .map(|_| {
+                            (0..experts)
+                                .map(|_| (rng.next_f64() * 10.0).powi(3))
+                                .collect()
+                        })
+                        .collect()
+                });
+                Problem {
+                    layers,
+                    experts,
+                    workers: workers(&caps),
+                    redundant,
+                    load,
+                }
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn plans_satisfy_invariants_and_are_idempotent(p in problem()) {
+            let a = plan(&p, None).unwrap();
+            check_invariants(&p, &a);
+            prop_assert_eq!(&plan(&p, None).unwrap(), &a);
+            prop_assert_eq!(&plan(&p, Some(&a)).unwrap(), &a);
+            let slots: usize = p.workers.iter().map(|w| w.experts_per_layer).sum();
+            let want = p.experts + p.redundant.min(slots - p.experts);
+            // Every worker able to hold every expert: all requested extras fit, up to one
+            // replica per worker per expert.
+            let roomy = p.workers.iter().all(|w| w.experts_per_layer >= p.experts);
+            let cap = p.experts * p.workers.len();
+            for layer in &a.replicas {
+                let total: usize = layer.iter().map(|ws| ws.len()).sum();
+                prop_assert!(total <= want);
+                if roomy {
+                    prop_assert_eq!(total, want.min(cap));
+                }
+            }
+        }
+
+        #[test]
+        fn losing_a_worker_keeps_survivors_placements(p in problem()) {
+            prop_assume!(p.workers.len() >= 2);
+            let a = plan(&p, None).unwrap();
+            let mut q = p.clone();
+            let gone = q.workers.pop().unwrap();
+            // Give the survivors room for everything.
+            for w in &mut q.workers { w.experts_per_layer = p.experts; }
+            let b = plan(&q, Some(&a)).unwrap();
+            check_invariants(&q, &b);
+            for (la, lb) in a.replicas.iter().zip(&b.replicas) {
+                for (wa, wb) in la.iter().zip(lb) {
+                    let kept: Vec<&String> = wa.iter().filter(|w| **w != gone.id).collect();
+                    // Every surviving replica stays unless the expert now needs fewer replicas.
+                    let still = kept.iter().filter(|w| wb.contains(w)).count();
+                    prop_assert!(still == kept.len() || wb.len() <= kept.len());
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn uniform_load_balances_experts_evenly() {
+        let p = Problem {
+            layers: 2,
+            experts: 32,
+            workers: workers(&[32, 32, 32]),
+            redundant: 0,
+            load: None,
+        };
+        let pl = plan(&p, None).unwrap();
+        for l in 0..2 {
+            let counts: Vec<usize> = p
+                .workers
+                .iter()
+                .map(|w| pl.experts_on(l, &w.id).len())
+                .collect();
+            assert!(
+                counts.iter().max().unwrap() - counts.iter().min().unwrap() <= 1,
+                "{counts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn hot_experts_get_the_replicas_and_load_evens_out() {
+        let mut load = vec![1.0; 8];
+        load[3] = 20.0;
+        load[5] = 10.0;
+        let p = Problem {
+            layers: 1,
+            experts: 8,
+            workers: workers(&[8, 8, 8, 8]),
+            redundant: 4,
+            load: Some(vec![load.clone()]),
+        };
+        let pl = plan(&p, None).unwrap();
+        assert_eq!(
+            pl.replicas[0][3].len(),
+            4,
+            "hottest expert replicated on every worker"
+        );
+        assert_eq!(pl.replicas[0][5].len(), 2);
+        let per_worker: Vec<f64> = p
+            .workers
+            .iter()
+            .map(|w| {
+                pl.experts_on(0, &w.id)
+                    .iter()
+                    .map(|&e| load[e as usize] / pl.replicas[0][e as usize].len() as f64)
+                    .sum()
+            })
+            .collect();
+        let max = per_worker.iter().cloned().fold(0.0, f64::max);
+        let mean = per_worker.iter().sum::<f64>() / 4.0;
+        assert!(max / mean < 1.2, "max/mean {}", max / mean);
+    }
+
+    #[test]
+    fn insufficient_capacity_is_an_error() {
+        let p = Problem {
+            layers: 1,
+            experts: 8,
+            workers: workers(&[3, 4]),
+            redundant: 0,
+            load: None,
+        };
+        assert_eq!(
+            plan(&p, None),
+            Err(PlanError::InsufficientCapacity {
+                layer: 0,
+                experts: 8,
+                slots: 7
+            })
+        );
+        let p = Problem {
+            layers: 1,
+            experts: 8,
+            workers: vec![],
+            redundant: 0,
+            load: None,
+        };
+        assert_eq!(plan(&p, None), Err(PlanError::NoWorkers));
+    }
+}
