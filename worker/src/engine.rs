@@ -5,8 +5,10 @@
 //! step are checked before any is taken: a step that cannot fit fails with
 //! [`WorkerError::KvExhausted`] and changes nothing.
 
+use crate::comm::Comm;
 use crate::config::ModelConfig;
-use crate::experts::{ExpertSelection, ExpertSet, LocalExperts};
+use crate::ep::EpExperts;
+use crate::experts::{ExpertExec, ExpertSelection, ExpertSet, LocalExperts};
 use crate::kv::KvCache;
 use crate::model::{ForwardInput, ForwardOutput, Model};
 use crate::weights::{Checkpoint, WeightDType};
@@ -48,6 +50,18 @@ pub struct ChunkSpec<'a> {
     pub logits: Logits,
 }
 
+/// How this engine reaches the experts.
+pub enum ExpertSetup {
+    /// Every expert in this process (as `EngineOptions::expert_shards` shards).
+    Local,
+    /// Expert parallel: `holders[layer][expert]` lists the ranks holding each expert (empty
+    /// for dense layers); this rank loads its share and exchanges tokens over `comm`.
+    Parallel {
+        holders: Vec<Vec<Vec<u32>>>,
+        comm: Comm,
+    },
+}
+
 struct Seq {
     table: Vec<u32>,
     len: usize,
@@ -55,7 +69,7 @@ struct Seq {
 
 pub struct Engine {
     pub model: Model,
-    experts: LocalExperts,
+    experts: Box<dyn ExpertExec + Send>,
     kv: KvCache,
     seqs: HashMap<u64, Seq>,
     max_context: usize,
@@ -76,7 +90,17 @@ fn is_mapped_bf16(ck: &Checkpoint) -> bool {
 }
 
 impl Engine {
+    /// Loads a model with all its experts in this process (`opts.expert_shards` shards).
     pub fn load(dir: &Path, opts: &EngineOptions) -> Result<Self, WorkerError> {
+        Self::load_with(dir, opts, ExpertSetup::Local)
+    }
+
+    /// Loads the dense weights and the experts `setup` assigns to this rank.
+    pub fn load_with(
+        dir: &Path,
+        opts: &EngineOptions,
+        setup: ExpertSetup,
+    ) -> Result<Self, WorkerError> {
         let cfg = read_config(dir)?;
         let ck = Checkpoint::open(dir)?;
         let dtype = opts.dtype.unwrap_or(if is_mapped_bf16(&ck) {
@@ -85,17 +109,55 @@ impl Engine {
             WeightDType::F32
         });
         let model = Model::load(&ck, &cfg, dtype)?;
-        let shards = opts.expert_shards.max(1);
-        let sets = (0..shards)
-            .map(|s| {
-                ExpertSet::load(
-                    &ck,
-                    &cfg,
-                    &ExpertSelection::round_robin(&cfg, s, shards),
-                    dtype,
-                )
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let experts: Box<dyn ExpertExec + Send> = match setup {
+            ExpertSetup::Local => {
+                let shards = opts.expert_shards.max(1);
+                let sets = (0..shards)
+                    .map(|s| {
+                        ExpertSet::load(
+                            &ck,
+                            &cfg,
+                            &ExpertSelection::round_robin(&cfg, s, shards),
+                            dtype,
+                        )
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Box::new(LocalExperts { shards: sets })
+            }
+            ExpertSetup::Parallel { holders, comm } => {
+                if holders.len() != cfg.num_layers
+                    || holders
+                        .iter()
+                        .any(|l| !l.is_empty() && l.len() != cfg.num_experts)
+                {
+                    return Err(WorkerError::Placement(format!(
+                        "holder table has {} layers, the model {} layers of {} experts",
+                        holders.len(),
+                        cfg.num_layers,
+                        cfg.num_experts
+                    )));
+                }
+                let me = comm.rank() as u32;
+                let sel = ExpertSelection {
+                    per_layer: holders
+                        .iter()
+                        .map(|l| {
+                            l.iter()
+                                .enumerate()
+                                .filter(|(_, h)| h.contains(&me))
+                                .map(|(e, _)| e as u32)
+                                .collect()
+                        })
+                        .collect(),
+                };
+                let local = ExpertSet::load(&ck, &cfg, &sel, dtype)?;
+                Box::new(EpExperts {
+                    local,
+                    holders,
+                    comm,
+                })
+            }
+        };
         let max_context = opts
             .max_context
             .unwrap_or(cfg.max_position_embeddings)
@@ -106,7 +168,7 @@ impl Engine {
         let kv = KvCache::new(&cfg, blocks, opts.block_size);
         Ok(Engine {
             model,
-            experts: LocalExperts { shards: sets },
+            experts,
             kv,
             seqs: HashMap::new(),
             max_context,
@@ -123,13 +185,7 @@ impl Engine {
 
     /// Bytes of weights held (dense + experts).
     pub fn weight_bytes(&self) -> usize {
-        self.model.nbytes()
-            + self
-                .experts
-                .shards
-                .iter()
-                .map(|s| s.nbytes())
-                .sum::<usize>()
+        self.model.nbytes() + self.experts.nbytes()
     }
 
     pub fn kv_used(&self) -> usize {
@@ -212,11 +268,11 @@ impl Engine {
                 }
             })
             .collect();
-        // The whole forward pass runs on a pool thread, so the many parallel regions inside it
-        // take rayon's hot path (this thread works too) instead of each one handing work over
-        // from outside the pool and sleeping until it is done.
-        let (model, kv, experts) = (&self.model, &mut self.kv, &self.experts);
-        let out = rayon::scope(|_| model.forward(&inputs, kv, experts, record_routing));
+        // The forward pass runs on the caller's thread, never inside the thread pool: with
+        // expert parallelism it blocks in collectives, which must not hold pool threads.
+        let out = self
+            .model
+            .forward(&inputs, &mut self.kv, &*self.experts, record_routing);
         drop(inputs);
         if out.is_ok() {
             for c in chunks {

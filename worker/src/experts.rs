@@ -179,6 +179,9 @@ pub trait ExpertExec: Sync {
         k: usize,
         slots: &mut [f32],
     ) -> Result<(), WorkerError>;
+
+    /// Bytes of expert weights held.
+    fn nbytes(&self) -> usize;
 }
 
 /// Experts held in this process, possibly as several shards.
@@ -263,6 +266,10 @@ pub fn run_experts(work: &[(&Mlp, Vec<usize>)], x: &[f32], hidden: usize) -> Vec
 }
 
 impl ExpertExec for LocalExperts {
+    fn nbytes(&self) -> usize {
+        self.shards.iter().map(|s| s.nbytes()).sum()
+    }
+
     fn run(
         &self,
         layer: usize,

@@ -7,12 +7,15 @@
 //! - [`model`]: the forward pass (Qwen3-MoE, Mixtral) over a batch of sequence chunks.
 //! - [`experts`]: the expert weights a rank holds and the [`experts::ExpertExec`] interface
 //!   through which the model reaches experts, local or remote.
+//! - [`comm`]: the all-to-all between ranks; [`ep`]: expert parallelism over it.
 //! - [`kv`]: the paged KV cache and its block allocator.
 //! - [`engine`]: sequences, block tables and steps on one worker.
 //! - [`presets`]: random-initialised checkpoints for demos and benchmarks.
 
+pub mod comm;
 pub mod config;
 pub mod engine;
+pub mod ep;
 pub mod experts;
 pub mod kv;
 pub mod model;
@@ -47,6 +50,10 @@ pub enum WorkerError {
     KvExhausted { needed: usize, free: usize },
     #[error("expert {expert} of layer {layer} is not held by any shard")]
     ExpertMissing { layer: usize, expert: usize },
+    #[error("placement: {0}")]
+    Placement(String),
+    #[error("expert all-to-all: {0}")]
+    Comm(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -206,9 +206,8 @@ impl Model {
             expert_load: vec![0; cfg.num_layers * cfg.num_experts],
             ..Default::default()
         };
-        if t == 0 {
-            return Ok(out);
-        }
+        // No early return when t == 0: a rank with no tokens still joins every layer's
+        // expert exchange.
         // Row -> (entry, position).
         let mut row_pos = Vec::with_capacity(t);
         for (ei, inp) in inputs.iter().enumerate() {

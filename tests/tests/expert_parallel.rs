@@ -1,0 +1,172 @@
+//! Expert parallelism in process: N ranks on threads, each homing some prompts (attention
+//! data-parallel) and holding only its share of the experts, exchanging tokens through the
+//! `Local` all-to-all. Greedy tokens must equal the transformers goldens, with and without
+//! replicated experts, including a rank that homes no sequence but still serves experts.
+
+mod common;
+use common::{fixture, floats, golden, ids};
+
+use switchyard_coordinator::placement::{plan, Problem, WorkerSlot};
+use switchyard_worker::comm::{Comm, LocalComm};
+use switchyard_worker::engine::{ChunkSpec, Engine, EngineOptions, ExpertSetup, Logits};
+
+/// `holders[layer][expert]` from the planner, worker "r{i}" being rank i.
+fn holders(model: &str, world: usize, redundant: usize) -> Vec<Vec<Vec<u32>>> {
+    let cfg = switchyard_worker::engine::read_config(&fixture(model)).unwrap();
+    let sparse: Vec<usize> = (0..cfg.num_layers)
+        .filter(|l| cfg.sparse_layers[*l])
+        .collect();
+    let p = Problem {
+        layers: sparse.len(),
+        experts: cfg.num_experts,
+        // Tight capacity: the experts fit with the requested replicas and little room to spare.
+        workers: (0..world)
+            .map(|i| WorkerSlot {
+                id: format!("r{i}"),
+                experts_per_layer: (cfg.num_experts + redundant).div_ceil(world),
+            })
+            .collect(),
+        redundant,
+        load: None,
+    };
+    let pl = plan(&p, None).unwrap();
+    let mut out = vec![vec![]; cfg.num_layers];
+    for (i, &l) in sparse.iter().enumerate() {
+        out[l] = pl.replicas[i]
+            .iter()
+            .map(|ws| ws.iter().map(|w| w[1..].parse().unwrap()).collect())
+            .collect();
+    }
+    out
+}
+
+struct RankResult {
+    /// (prompt index, greedy tokens, logits at the last prompt position)
+    per_prompt: Vec<(usize, Vec<u32>, Vec<f32>)>,
+}
+
+fn run_rank(
+    model: &str,
+    comm: Comm,
+    holders: Vec<Vec<Vec<u32>>>,
+    mine: Vec<(usize, Vec<u32>)>,
+    steps: usize,
+) -> RankResult {
+    let mut e = Engine::load_with(
+        &fixture(model),
+        &EngineOptions::default(),
+        ExpertSetup::Parallel { holders, comm },
+    )
+    .unwrap();
+    let v = e.config().vocab_size;
+    let chunks: Vec<ChunkSpec> = mine
+        .iter()
+        .map(|(i, p)| ChunkSpec {
+            seq_id: *i as u64,
+            tokens: p,
+            logits: Logits::Last,
+        })
+        .collect();
+    let out = e.step(&chunks, false).unwrap();
+    let last: Vec<Vec<f32>> = out.logits.chunks(v).map(|c| c.to_vec()).collect();
+    let mut gen: Vec<Vec<u32>> = last
+        .iter()
+        .map(|l| vec![switchyard_kernels::sampling::argmax(l) as u32])
+        .collect();
+    for _ in 1..steps {
+        let toks: Vec<[u32; 1]> = gen.iter().map(|g| [*g.last().unwrap()]).collect();
+        let chunks: Vec<ChunkSpec> = mine
+            .iter()
+            .zip(&toks)
+            .map(|((i, _), t)| ChunkSpec {
+                seq_id: *i as u64,
+                tokens: t,
+                logits: Logits::Last,
+            })
+            .collect();
+        // Ranks with no sequences still step: they serve their experts to the others.
+        let out = e.step(&chunks, false).unwrap();
+        for (g, l) in gen.iter_mut().zip(out.logits.chunks(v)) {
+            g.push(switchyard_kernels::sampling::argmax(l) as u32);
+        }
+    }
+    RankResult {
+        per_prompt: mine
+            .iter()
+            .zip(gen)
+            .zip(last)
+            .map(|(((i, _), g), l)| (*i, g, l))
+            .collect(),
+    }
+}
+
+fn check(model: &str, world: usize, redundant: usize, homing_ranks: usize) {
+    let g = golden(model);
+    let prompts: Vec<Vec<u32>> = g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| ids(&p["input_ids"]))
+        .collect();
+    let steps = 24;
+    let h = holders(model, world, redundant);
+    let handles: Vec<_> = LocalComm::group(world)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, c)| {
+            let mine: Vec<(usize, Vec<u32>)> = prompts
+                .iter()
+                .cloned()
+                .enumerate()
+                .filter(|(i, _)| i % homing_ranks == rank)
+                .collect();
+            let (model, h) = (model.to_string(), h.clone());
+            std::thread::spawn(move || run_rank(&model, Comm::Local(c), h, mine, steps))
+        })
+        .collect();
+    let mut seen = 0;
+    for hd in handles {
+        for (i, toks, last) in hd.join().unwrap().per_prompt {
+            let p = &g["prompts"][i];
+            assert_eq!(
+                toks,
+                ids(&p["greedy"]["new_ids"]),
+                "{model} world={world} redundant={redundant} prompt {i}"
+            );
+            let rec = p["logits"].as_array().unwrap().last().unwrap();
+            let want = floats(&rec["values"]);
+            let d = last
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(d < 1e-4, "{model} world={world} prompt {i}: logit diff {d}");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, prompts.len());
+}
+
+#[test]
+fn two_ranks_match_goldens() {
+    for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
+        check(model, 2, 0, 2);
+    }
+}
+
+#[test]
+fn three_ranks_with_replicas_and_an_idle_rank_match_goldens() {
+    for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
+        check(model, 3, 4, 2);
+    }
+}
+
+#[test]
+fn holders_cover_every_expert_with_replicas() {
+    let h = holders("tiny-qwen3-moe", 3, 4);
+    for layer in &h {
+        assert_eq!(layer.len(), 8);
+        assert!(layer.iter().all(|ws| !ws.is_empty()));
+        assert_eq!(layer.iter().map(|ws| ws.len()).sum::<usize>(), 12);
+    }
+}
