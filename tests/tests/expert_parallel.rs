@@ -6,8 +6,11 @@
 mod common;
 use common::{fixture, floats, golden, ids};
 
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+use std::time::Duration;
 use switchyard_coordinator::placement::{plan, Problem, WorkerSlot};
-use switchyard_worker::comm::{Comm, LocalComm};
+use switchyard_worker::comm::{Comm, LocalComm, TcpComm};
 use switchyard_worker::engine::{ChunkSpec, Engine, EngineOptions, ExpertSetup, Logits};
 
 /// `holders[layer][expert]` from the planner, worker "r{i}" being rank i.
@@ -101,6 +104,40 @@ fn run_rank(
 }
 
 fn check(model: &str, world: usize, redundant: usize, homing_ranks: usize) {
+    check_with(
+        model,
+        LocalComm::group(world)
+            .into_iter()
+            .map(Comm::Local)
+            .collect(),
+        redundant,
+        homing_ranks,
+    )
+}
+
+/// A TCP mesh of `world` ranks on loopback.
+fn tcp_group(world: usize) -> Vec<Comm> {
+    let listeners: Vec<TcpListener> = (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let hs: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(r, l)| {
+            let addrs = addrs.clone();
+            std::thread::spawn(move || {
+                TcpComm::join(r, &addrs, l, Duration::from_secs(30)).unwrap()
+            })
+        })
+        .collect();
+    hs.into_iter()
+        .map(|h| Comm::Tcp(Arc::new(h.join().unwrap())))
+        .collect()
+}
+
+fn check_with(model: &str, comms: Vec<Comm>, redundant: usize, homing_ranks: usize) {
+    let world = comms.len();
     let g = golden(model);
     let prompts: Vec<Vec<u32>> = g["prompts"]
         .as_array()
@@ -110,7 +147,7 @@ fn check(model: &str, world: usize, redundant: usize, homing_ranks: usize) {
         .collect();
     let steps = 24;
     let h = holders(model, world, redundant);
-    let handles: Vec<_> = LocalComm::group(world)
+    let handles: Vec<_> = comms
         .into_iter()
         .enumerate()
         .map(|(rank, c)| {
@@ -121,7 +158,7 @@ fn check(model: &str, world: usize, redundant: usize, homing_ranks: usize) {
                 .filter(|(i, _)| i % homing_ranks == rank)
                 .collect();
             let (model, h) = (model.to_string(), h.clone());
-            std::thread::spawn(move || run_rank(&model, Comm::Local(c), h, mine, steps))
+            std::thread::spawn(move || run_rank(&model, c, h, mine, steps))
         })
         .collect();
     let mut seen = 0;
@@ -158,6 +195,13 @@ fn two_ranks_match_goldens() {
 fn three_ranks_with_replicas_and_an_idle_rank_match_goldens() {
     for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
         check(model, 3, 4, 2);
+    }
+}
+
+#[test]
+fn tcp_mesh_ranks_match_goldens() {
+    for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
+        check_with(model, tcp_group(3), 2, 3);
     }
 }
 

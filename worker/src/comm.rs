@@ -2,11 +2,14 @@
 //! included) and receives one from each, in rank order.
 //!
 //! A closed set of transports behind one enum: `Local` (ranks are threads of one process;
-//! tests and single-host runs) today, the TCP mesh and NCCL next. Invariants: every rank
+//! tests) and `Tcp` (a full mesh of TCP streams between processes, the CPU default); NCCL
+//! comes with the GPU backend. Invariants: every rank
 //! joins every exchange, even with nothing to send (empty buffers), and exchanges complete in
 //! the same order on all ranks (lockstep), so buffer `i` of exchange `n` always comes from
 //! rank `i`'s exchange `n`.
 
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +19,10 @@ pub enum CommError {
     Arity { expected: usize, got: usize },
     #[error("all-to-all: peers did not all arrive within {0:?} (a rank stopped answering)")]
     Timeout(Duration),
+    #[error("all-to-all: peer {peer} did not answer in time")]
+    PeerTimeout { peer: usize },
+    #[error("all-to-all: connection to peer {peer}: {detail}")]
+    Io { peer: usize, detail: String },
     #[error("all-to-all: peer {peer} sent a malformed message: {detail}")]
     Malformed { peer: usize, detail: String },
 }
@@ -125,22 +132,212 @@ impl LocalComm {
     }
 }
 
+/// One rank of a TCP mesh: a stream to every other rank, messages framed by a u64 length.
+pub struct TcpComm {
+    rank: usize,
+    world: usize,
+    /// `peers[r]` is the connection to rank `r` (`None` for this rank).
+    peers: Vec<Option<Peer>>,
+}
+
+/// Separate handles for reading and writing one connection, so a reader never waits for a
+/// writer's lock (which could deadlock two ranks sending to each other).
+struct Peer {
+    read: Mutex<TcpStream>,
+    write: Mutex<TcpStream>,
+}
+
+fn io_err(peer: usize, e: std::io::Error) -> CommError {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            CommError::PeerTimeout { peer }
+        }
+        _ => CommError::Io {
+            peer,
+            detail: e.to_string(),
+        },
+    }
+}
+
+impl TcpComm {
+    /// Joins the mesh: connects to every lower rank at `addrs[r]` (retrying until `timeout`)
+    /// and accepts every higher rank on `listener`. Each connection starts with the
+    /// connecting rank's id. Reads and writes give up after `timeout`.
+    pub fn join(
+        rank: usize,
+        addrs: &[SocketAddr],
+        listener: TcpListener,
+        timeout: Duration,
+    ) -> Result<Self, CommError> {
+        let world = addrs.len();
+        let mut peers: Vec<Option<Mutex<TcpStream>>> = (0..world).map(|_| None).collect();
+        let deadline = Instant::now() + timeout;
+        for (r, addr) in addrs.iter().enumerate().take(rank) {
+            let stream = loop {
+                match TcpStream::connect_timeout(addr, Duration::from_millis(500)) {
+                    Ok(s) => break s,
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => return Err(io_err(r, e)),
+                }
+            };
+            let mut stream = stream;
+            stream
+                .write_all(&(rank as u32).to_le_bytes())
+                .map_err(|e| io_err(r, e))?;
+            peers[r] = Some(Mutex::new(stream));
+        }
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| io_err(rank, e))?;
+        let mut pending = world - rank - 1;
+        while pending > 0 {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).map_err(|e| io_err(rank, e))?;
+                    s.set_read_timeout(Some(timeout))
+                        .map_err(|e| io_err(rank, e))?;
+                    let mut id = [0u8; 4];
+                    s.read_exact(&mut id).map_err(|e| io_err(rank, e))?;
+                    let r = u32::from_le_bytes(id) as usize;
+                    if r <= rank || r >= world || peers[r].is_some() {
+                        return Err(CommError::Malformed {
+                            peer: r,
+                            detail: format!("unexpected rank id {r} while joining as {rank}"),
+                        });
+                    }
+                    peers[r] = Some(Mutex::new(s));
+                    pending -= 1;
+                }
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(e) => return Err(io_err(rank, e)),
+            }
+        }
+        let mut mesh = Vec::with_capacity(world);
+        for (r, s) in peers.into_iter().enumerate() {
+            mesh.push(match s {
+                None => None,
+                Some(s) => {
+                    let s = s.into_inner().unwrap_or_else(|e| e.into_inner());
+                    s.set_nodelay(true).map_err(|e| io_err(r, e))?;
+                    s.set_read_timeout(Some(timeout))
+                        .map_err(|e| io_err(r, e))?;
+                    s.set_write_timeout(Some(timeout))
+                        .map_err(|e| io_err(r, e))?;
+                    let w = s.try_clone().map_err(|e| io_err(r, e))?;
+                    Some(Peer {
+                        read: Mutex::new(s),
+                        write: Mutex::new(w),
+                    })
+                }
+            });
+        }
+        Ok(TcpComm {
+            rank,
+            world,
+            peers: mesh,
+        })
+    }
+
+    fn all_to_all(&self, mut send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, CommError> {
+        if send.len() != self.world {
+            return Err(CommError::Arity {
+                expected: self.world,
+                got: send.len(),
+            });
+        }
+        let own = std::mem::take(&mut send[self.rank]);
+        // Writers run beside the reader so two ranks sending large buffers to each other
+        // cannot both block on full socket buffers.
+        std::thread::scope(|sc| {
+            let writers: Vec<_> = send
+                .iter()
+                .enumerate()
+                .filter(|(r, _)| *r != self.rank)
+                .map(|(r, buf)| {
+                    let peer = self.peers[r].as_ref().expect("mesh is complete");
+                    sc.spawn(move || {
+                        let mut s = peer.write.lock().unwrap_or_else(|e| e.into_inner());
+                        s.write_all(&(buf.len() as u64).to_le_bytes())
+                            .and_then(|_| s.write_all(buf))
+                            .map_err(|e| io_err(r, e))
+                    })
+                })
+                .collect();
+            let mut recv = Vec::with_capacity(self.world);
+            let mut first_err = None;
+            for r in 0..self.world {
+                if r == self.rank {
+                    recv.push(Vec::new());
+                    continue;
+                }
+                match self.read_frame(r) {
+                    Ok(b) => recv.push(b),
+                    Err(e) => {
+                        first_err.get_or_insert(e);
+                        recv.push(Vec::new());
+                    }
+                }
+            }
+            for w in writers {
+                if let Err(e) = w.join().expect("writer thread") {
+                    first_err.get_or_insert(e);
+                }
+            }
+            if let Some(e) = first_err {
+                return Err(e);
+            }
+            recv[self.rank] = own;
+            Ok(recv)
+        })
+    }
+
+    fn read_frame(&self, r: usize) -> Result<Vec<u8>, CommError> {
+        let peer = self.peers[r].as_ref().expect("mesh is complete");
+        let mut s = peer.read.lock().unwrap_or_else(|e| e.into_inner());
+        let mut len = [0u8; 8];
+        s.read_exact(&mut len).map_err(|e| io_err(r, e))?;
+        let n = u64::from_le_bytes(len) as usize;
+        if n > MAX_FRAME {
+            return Err(CommError::Malformed {
+                peer: r,
+                detail: format!("frame of {n} bytes exceeds {MAX_FRAME}"),
+            });
+        }
+        let mut buf = vec![0u8; n];
+        s.read_exact(&mut buf).map_err(|e| io_err(r, e))?;
+        Ok(buf)
+    }
+}
+
+/// Largest accepted frame (a step's tokens for one peer): 1 GiB.
+const MAX_FRAME: usize = 1 << 30;
+
 /// An all-to-all transport.
 #[derive(Clone)]
 pub enum Comm {
     Local(LocalComm),
+    Tcp(Arc<TcpComm>),
 }
 
 impl Comm {
     pub fn rank(&self) -> usize {
         match self {
             Comm::Local(c) => c.rank,
+            Comm::Tcp(c) => c.rank,
         }
     }
 
     pub fn world(&self) -> usize {
         match self {
             Comm::Local(c) => c.hub.world,
+            Comm::Tcp(c) => c.world,
         }
     }
 
@@ -148,6 +345,7 @@ impl Comm {
     pub fn all_to_all(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, CommError> {
         match self {
             Comm::Local(c) => c.all_to_all(send),
+            Comm::Tcp(c) => c.all_to_all(send),
         }
     }
 }
@@ -156,14 +354,62 @@ impl Comm {
 mod tests {
     use super::*;
 
+    fn tcp_group(world: usize) -> Vec<Comm> {
+        let listeners: Vec<TcpListener> = (0..world)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let hs: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let addrs = addrs.clone();
+                std::thread::spawn(move || {
+                    TcpComm::join(r, &addrs, l, Duration::from_secs(10)).unwrap()
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| Comm::Tcp(Arc::new(h.join().unwrap())))
+            .collect()
+    }
+
     #[test]
-    fn every_rank_gets_each_peers_buffer_in_rank_order_across_rounds() {
-        let world = 4;
-        let handles: Vec<_> = LocalComm::group(world)
+    fn tcp_mesh_exchanges_like_local() {
+        exchange_rounds(tcp_group(3));
+    }
+
+    #[test]
+    fn tcp_large_buffers_both_ways_do_not_deadlock() {
+        let hs: Vec<_> = tcp_group(2)
             .into_iter()
             .map(|c| {
                 std::thread::spawn(move || {
-                    let comm = Comm::Local(c);
+                    let big = vec![c.rank() as u8; 8 << 20];
+                    let recv = c.all_to_all(vec![big.clone(), big]).unwrap();
+                    assert_eq!(recv[1 - c.rank()].len(), 8 << 20);
+                    assert!(recv[1 - c.rank()]
+                        .iter()
+                        .all(|b| *b == (1 - c.rank()) as u8));
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn every_rank_gets_each_peers_buffer_in_rank_order_across_rounds() {
+        exchange_rounds(LocalComm::group(4).into_iter().map(Comm::Local).collect());
+    }
+
+    fn exchange_rounds(comms: Vec<Comm>) {
+        let world = comms.len();
+        let handles: Vec<_> = comms
+            .into_iter()
+            .map(|comm| {
+                std::thread::spawn(move || {
                     let me = comm.rank();
                     for round in 0..50u8 {
                         // Rank 2 sends nothing on odd rounds: it still joins.
