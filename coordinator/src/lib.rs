@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cli;
 pub mod generate;
 pub mod placement;
+pub mod scheduler;
 pub mod text;
 
 /// Errors of a generation request.

@@ -1,0 +1,456 @@
+//! The step scheduler as a pure state machine: `State::next_step()` decides what every worker
+//! computes in the next lockstep step; the async driver only ships plans and feeds results back
+//! (`on_sampled`, `finish`).
+//!
+//! Policy (continuous batching with chunked prefill, as vLLM's and SGLang's schedulers):
+//! 1. running sequences that need one decode token go first, highest priority then oldest;
+//! 2. then partially prefilled sequences continue, in chunks, under the per-step token budget;
+//! 3. then waiting sequences are admitted in priority order, each homed on the worker with the
+//!    most free KV blocks, while budget, `max_running` and blocks allow.
+//!
+//! When a decode needs a block and its worker has none, the lowest-priority, newest running
+//! sequence on that worker is preempted by recompute: its blocks are freed and it returns to
+//! the front of the queue with all its tokens (prompt and generated), to be prefilled again.
+//!
+//! Invariants (tested): a step's tokens never exceed the budget; a worker never holds more
+//! blocks than it has; a sequence appears at most once per step; decodes precede prefill
+//! chunks; freed sequences hold no blocks; every sequence that fits a worker completes.
+
+use std::collections::{BTreeMap, VecDeque};
+
+pub type SeqId = u64;
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    /// Tokens computed per step, over all workers (decodes count one each).
+    pub token_budget: usize,
+    pub max_running: usize,
+    pub block_size: usize,
+    /// KV blocks of each worker.
+    pub blocks_per_worker: Vec<usize>,
+}
+
+/// One sequence's part of a step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub seq: SeqId,
+    pub worker: usize,
+    /// Position of the first token fed.
+    pub start: usize,
+    pub len: usize,
+    /// Whether a token is sampled after this chunk (it reaches the sequence's end).
+    pub sample: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Step {
+    pub chunks: Vec<Chunk>,
+    /// Sequences whose KV was dropped this step; their workers must free them.
+    pub preempted: Vec<(SeqId, usize)>,
+}
+
+#[derive(Clone, Debug)]
+struct Seq {
+    /// Prompt and generated tokens.
+    len: usize,
+    /// Positions whose KV exists (or is being computed) on `home`.
+    computed: usize,
+    home: Option<usize>,
+    blocks: usize,
+    priority: i32,
+    arrival: u64,
+}
+
+#[derive(Debug)]
+pub struct State {
+    cfg: SchedulerConfig,
+    seqs: BTreeMap<SeqId, Seq>,
+    waiting: VecDeque<SeqId>,
+    running: Vec<SeqId>,
+    free: Vec<usize>,
+    arrivals: u64,
+}
+
+impl State {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        let free = cfg.blocks_per_worker.clone();
+        State {
+            cfg,
+            seqs: BTreeMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            free,
+            arrivals: 0,
+        }
+    }
+
+    fn blocks_for(&self, positions: usize) -> usize {
+        positions.div_ceil(self.cfg.block_size)
+    }
+
+    /// Queues a sequence of `len` known tokens (its prompt).
+    pub fn add(&mut self, id: SeqId, len: usize, priority: i32) {
+        assert!(len > 0 && !self.seqs.contains_key(&id));
+        self.arrivals += 1;
+        self.seqs.insert(
+            id,
+            Seq {
+                len,
+                computed: 0,
+                home: None,
+                blocks: 0,
+                priority,
+                arrival: self.arrivals,
+            },
+        );
+        self.enqueue(id, false);
+    }
+
+    /// Inserts into the waiting queue by (priority desc, arrival asc); preempted sequences go
+    /// ahead of equal-priority newcomers.
+    fn enqueue(&mut self, id: SeqId, front: bool) {
+        let s = &self.seqs[&id];
+        let key = (-(s.priority as i64), if front { 0 } else { s.arrival });
+        let pos = self
+            .waiting
+            .iter()
+            .position(|o| {
+                let t = &self.seqs[o];
+                key < (-(t.priority as i64), t.arrival)
+            })
+            .unwrap_or(self.waiting.len());
+        self.waiting.insert(pos, id);
+    }
+
+    /// A token was sampled for `id` after the last step.
+    pub fn on_sampled(&mut self, id: SeqId) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.len += 1;
+        }
+    }
+
+    /// The sequence is done (finished, cancelled or failed): its blocks return at once.
+    pub fn finish(&mut self, id: SeqId) {
+        if let Some(s) = self.seqs.remove(&id) {
+            if let Some(w) = s.home {
+                self.free[w] += s.blocks;
+            }
+        }
+        self.running.retain(|x| *x != id);
+        self.waiting.retain(|x| *x != id);
+    }
+
+    pub fn free_blocks(&self) -> &[usize] {
+        &self.free
+    }
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Grows `id`'s allocation to cover `positions`; false when its worker lacks blocks.
+    fn reserve(&mut self, id: SeqId, positions: usize) -> bool {
+        let need = self.blocks_for(positions);
+        let s = &self.seqs[&id];
+        let w = s.home.expect("reserved sequences are homed");
+        let more = need.saturating_sub(s.blocks);
+        if more > self.free[w] {
+            return false;
+        }
+        self.free[w] -= more;
+        self.seqs.get_mut(&id).expect("present").blocks += more;
+        true
+    }
+
+    fn preempt(&mut self, id: SeqId, step: &mut Step) {
+        let s = self.seqs.get_mut(&id).expect("present");
+        let w = s.home.take().expect("running sequences are homed");
+        self.free[w] += s.blocks;
+        s.blocks = 0;
+        s.computed = 0;
+        self.running.retain(|x| *x != id);
+        step.chunks.retain(|c| c.seq != id);
+        step.preempted.push((id, w));
+        self.enqueue(id, true);
+    }
+
+    /// Order of running sequences: priority desc, arrival asc.
+    fn sorted_running(&self) -> Vec<SeqId> {
+        let mut r = self.running.clone();
+        r.sort_by_key(|id| {
+            let s = &self.seqs[id];
+            (-(s.priority as i64), s.arrival)
+        });
+        r
+    }
+
+    pub fn next_step(&mut self) -> Step {
+        let mut step = Step::default();
+        let mut budget = self.cfg.token_budget;
+        // 1. Decodes.
+        for id in self.sorted_running() {
+            let Some(s) = self.seqs.get(&id) else {
+                continue;
+            };
+            if s.home.is_none() || s.computed + 1 != s.len || budget == 0 {
+                continue;
+            }
+            let (w, need) = (s.home.expect("checked"), s.computed + 1);
+            while !self.reserve(id, need) {
+                // Victim: the lowest-priority, newest running sequence on this worker.
+                let victim = self
+                    .sorted_running()
+                    .into_iter()
+                    .rev()
+                    .find(|v| self.seqs[v].home == Some(w))
+                    .expect("this sequence itself runs here");
+                self.preempt(victim, &mut step);
+                if victim == id {
+                    break;
+                }
+            }
+            let s = &self.seqs[&id];
+            if s.home.is_none() {
+                continue;
+            }
+            step.chunks.push(Chunk {
+                seq: id,
+                worker: w,
+                start: s.computed,
+                len: 1,
+                sample: true,
+            });
+            self.seqs.get_mut(&id).expect("present").computed += 1;
+            budget -= 1;
+        }
+        // 2. Continuing prefills.
+        for id in self.sorted_running() {
+            if budget == 0 {
+                break;
+            }
+            let s = &self.seqs[&id];
+            if s.home.is_none() || s.computed >= s.len || step.chunks.iter().any(|c| c.seq == id) {
+                continue;
+            }
+            self.push_prefill(id, &mut budget, &mut step);
+        }
+        // 3. Admissions: none in a step that had to preempt (the freed blocks go to the
+        // sequences already running, or admission and preemption would chase each other), and
+        // only when the worker can hold the whole known sequence plus one decoded token.
+        while budget > 0 && self.running.len() < self.cfg.max_running && step.preempted.is_empty() {
+            let Some(&id) = self.waiting.front() else {
+                break;
+            };
+            // Home: the worker with the most free blocks (lowest index on ties).
+            let w = (0..self.free.len())
+                .max_by_key(|w| (self.free[*w], std::cmp::Reverse(*w)))
+                .expect("at least one worker");
+            if self.blocks_for(self.seqs[&id].len + 1) > self.free[w] {
+                break;
+            }
+            self.waiting.pop_front();
+            self.seqs.get_mut(&id).expect("present").home = Some(w);
+            self.running.push(id);
+            self.push_prefill(id, &mut budget, &mut step);
+        }
+        step
+    }
+
+    fn push_prefill(&mut self, id: SeqId, budget: &mut usize, step: &mut Step) {
+        let s = &self.seqs[&id];
+        let (start, w) = (s.computed, s.home.expect("homed"));
+        let mut len = (s.len - start).min(*budget);
+        // Shrink to what the worker's blocks allow.
+        while len > 0 && !self.reserve(id, start + len) {
+            len -= 1;
+        }
+        if len == 0 {
+            return;
+        }
+        let s = self.seqs.get_mut(&id).expect("present");
+        s.computed += len;
+        step.chunks.push(Chunk {
+            seq: id,
+            worker: w,
+            start,
+            len,
+            sample: s.computed == s.len,
+        });
+        *budget -= len;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cfg(budget: usize, blocks: Vec<usize>) -> SchedulerConfig {
+        SchedulerConfig {
+            token_budget: budget,
+            max_running: 64,
+            block_size: 4,
+            blocks_per_worker: blocks,
+        }
+    }
+
+    /// Drives the state like the coordinator would: every sampling chunk yields a token; a
+    /// sequence finishes after `gen` tokens. Returns the steps taken.
+    fn drive(st: &mut State, reqs: &[(u64, usize, usize, i32)], max_steps: usize) -> Vec<Step> {
+        let mut left: BTreeMap<u64, usize> = reqs.iter().map(|r| (r.0, r.2)).collect();
+        for r in reqs {
+            st.add(r.0, r.1, r.3);
+        }
+        let mut steps = Vec::new();
+        for _ in 0..max_steps {
+            if left.is_empty() {
+                break;
+            }
+            let step = st.next_step();
+            for c in &step.chunks {
+                if c.sample {
+                    let n = left.get_mut(&c.seq).unwrap();
+                    *n -= 1;
+                    if *n == 0 {
+                        left.remove(&c.seq);
+                        st.finish(c.seq);
+                    } else {
+                        st.on_sampled(c.seq);
+                    }
+                }
+            }
+            steps.push(step);
+        }
+        assert!(
+            left.is_empty(),
+            "unfinished after {max_steps} steps: {left:?}"
+        );
+        steps
+    }
+
+    #[test]
+    fn decodes_go_first_and_prefill_is_chunked_under_the_budget() {
+        let mut st = State::new(cfg(8, vec![100]));
+        st.add(1, 3, 0);
+        let s1 = st.next_step();
+        assert_eq!(
+            s1.chunks,
+            vec![Chunk {
+                seq: 1,
+                worker: 0,
+                start: 0,
+                len: 3,
+                sample: true
+            }]
+        );
+        st.on_sampled(1);
+        st.add(2, 20, 0);
+        let s2 = st.next_step();
+        assert_eq!(
+            s2.chunks[0],
+            Chunk {
+                seq: 1,
+                worker: 0,
+                start: 3,
+                len: 1,
+                sample: true
+            }
+        );
+        assert_eq!(
+            s2.chunks[1],
+            Chunk {
+                seq: 2,
+                worker: 0,
+                start: 0,
+                len: 7,
+                sample: false
+            }
+        );
+        st.on_sampled(1);
+        let s3 = st.next_step();
+        assert_eq!(
+            s3.chunks[1],
+            Chunk {
+                seq: 2,
+                worker: 0,
+                start: 7,
+                len: 7,
+                sample: false
+            }
+        );
+    }
+
+    #[test]
+    fn kv_pressure_preempts_the_newest_lowest_priority_and_it_recomputes() {
+        // One worker with 4 blocks of 4 positions.
+        let mut st = State::new(cfg(64, vec![4]));
+        st.add(1, 7, 1); // 2 blocks
+        st.add(2, 7, 0); // 2 blocks
+        let s = st.next_step();
+        assert_eq!(s.chunks.len(), 2);
+        st.on_sampled(1);
+        st.on_sampled(2);
+        // Both need a third block at position 8: only one can have it; seq 2 (lower priority) yields.
+        let s = st.next_step();
+        st.on_sampled(1);
+        let s2 = st.next_step();
+        assert!(s.preempted.is_empty());
+        assert_eq!(s2.preempted, vec![(2, 0)]);
+        assert_eq!(st.free_blocks(), &[1]);
+        st.finish(1);
+        // Seq 2 comes back and is prefilled again from position 0 with all 8 known tokens.
+        let s3 = st.next_step();
+        assert_eq!(
+            s3.chunks,
+            vec![Chunk {
+                seq: 2,
+                worker: 0,
+                start: 0,
+                len: 8,
+                sample: true
+            }]
+        );
+    }
+
+    #[test]
+    fn sequences_are_homed_on_the_emptiest_worker() {
+        let mut st = State::new(cfg(100, vec![10, 10, 10]));
+        for id in 0..3 {
+            st.add(id, 8, 0);
+        }
+        let s = st.next_step();
+        let homes: Vec<usize> = s.chunks.iter().map(|c| c.worker).collect();
+        assert_eq!(homes, vec![0, 1, 2]);
+    }
+
+    proptest! {
+        #[test]
+        fn invariants_hold_and_everything_finishes(
+            budget in 1usize..64,
+            // Every sequence (<= 30 + 12 positions, 11 blocks of 4) fits on any worker.
+            blocks in prop::collection::vec(11usize..40, 1..4),
+            reqs in prop::collection::vec((1usize..30, 1usize..12, -1i32..2), 1..20),
+        ) {
+            let reqs: Vec<(u64, usize, usize, i32)> = reqs.into_iter().enumerate().map(|(i, (p, g, pr))| (i as u64, p, g, pr)).collect();
+            let total: Vec<usize> = blocks.clone();
+            let mut st = State::new(cfg(budget, blocks));
+            let steps = drive(&mut st, &reqs, 5000);
+            for step in &steps {
+                prop_assert!(step.chunks.iter().map(|c| c.len).sum::<usize>() <= budget);
+                let mut ids: Vec<u64> = step.chunks.iter().map(|c| c.seq).collect();
+                ids.sort();
+                ids.dedup();
+                prop_assert_eq!(ids.len(), step.chunks.len());
+                // Decodes (len 1 continuing a sequence) come before any prefill chunk of length > 1.
+                if let Some(first_long) = step.chunks.iter().position(|c| c.len > 1) {
+                    prop_assert!(step.chunks[first_long..].iter().all(|c| c.len > 1 || c.start == 0 || c.sample));
+                }
+            }
+            // Everything finished: every block is back.
+            prop_assert_eq!(st.free_blocks(), &total[..]);
+            prop_assert_eq!(st.running() + st.waiting(), 0);
+        }
+    }
+}
