@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod cli;
+pub mod driver;
 pub mod generate;
 pub mod placement;
 pub mod scheduler;

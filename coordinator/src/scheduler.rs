@@ -140,6 +140,11 @@ impl State {
         self.waiting.retain(|x| *x != id);
     }
 
+    /// The worker a sequence is homed on, if it holds KV anywhere.
+    pub fn home(&self, id: SeqId) -> Option<usize> {
+        self.seqs.get(&id).and_then(|s| s.home)
+    }
+
     pub fn free_blocks(&self) -> &[usize] {
         &self.free
     }

@@ -16,6 +16,7 @@ pub mod comm;
 pub mod config;
 pub mod engine;
 pub mod ep;
+pub mod executor;
 pub mod experts;
 pub mod kv;
 pub mod model;

@@ -1,0 +1,325 @@
+//! The step driver: runs the scheduler's steps on a group of ranks and turns their sampled
+//! tokens into per-request output. Here the ranks are threads of this process joined by the
+//! `Local` all-to-all ([`LocalCluster`]); the gRPC workers plug in behind the same
+//! plan-in/result-out exchange.
+//!
+//! Each step every rank receives a `StepPlan` (possibly empty: it still joins the expert
+//! exchange), with the sequences it must free first (finished, cancelled or preempted).
+
+use crate::placement::{plan, PlanError, Problem, WorkerSlot};
+use crate::scheduler::{SchedulerConfig, State};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::mpsc;
+use switchyard_kernels::sampling::SamplingParams;
+use switchyard_proto::cluster::v1::{SeqChunk, StepPlan, StepResult};
+use switchyard_worker::comm::{Comm, LocalComm};
+use switchyard_worker::engine::{read_config, Engine, EngineOptions, ExpertSetup};
+use switchyard_worker::executor::Executor;
+use switchyard_worker::WorkerError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error("rank {rank}: {detail}")]
+    Rank { rank: usize, detail: String },
+}
+
+/// Ranks on threads of this process.
+pub struct LocalCluster {
+    txs: Vec<mpsc::SyncSender<StepPlan>>,
+    rxs: Vec<mpsc::Receiver<Result<StepResult, String>>>,
+    handles: Vec<std::thread::JoinHandle<()>>,
+    pub kv_blocks_per_rank: usize,
+    pub block_size: usize,
+}
+
+impl LocalCluster {
+    /// Loads `world` ranks, experts placed by the planner with `redundant` extra replicas.
+    pub fn start(
+        model: &Path,
+        world: usize,
+        redundant: usize,
+        opts: EngineOptions,
+    ) -> Result<Self, DriverError> {
+        let cfg = read_config(model)?;
+        let sparse: Vec<usize> = (0..cfg.num_layers)
+            .filter(|l| cfg.sparse_layers[*l])
+            .collect();
+        let problem = Problem {
+            layers: sparse.len(),
+            experts: cfg.num_experts,
+            workers: (0..world)
+                .map(|i| WorkerSlot {
+                    id: i.to_string(),
+                    experts_per_layer: cfg.num_experts,
+                })
+                .collect(),
+            redundant,
+            load: None,
+        };
+        let placement = plan(&problem, None)?;
+        let mut holders = vec![vec![]; cfg.num_layers];
+        for (i, &l) in sparse.iter().enumerate() {
+            holders[l] = placement.replicas[i]
+                .iter()
+                .map(|ws| {
+                    ws.iter()
+                        .map(|w| w.parse::<u32>().expect("numeric ids"))
+                        .collect()
+                })
+                .collect();
+        }
+        let kv_blocks = opts.kv_blocks.unwrap_or(256);
+        let block_size = opts.block_size;
+        let (mut txs, mut rxs, mut handles) = (vec![], vec![], vec![]);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        for (rank, comm) in LocalComm::group(world).into_iter().enumerate() {
+            let (ptx, prx) = mpsc::sync_channel::<StepPlan>(1);
+            let (rtx, rrx) = mpsc::sync_channel(1);
+            let (model, holders, ready) = (model.to_path_buf(), holders.clone(), ready_tx.clone());
+            let opts = EngineOptions {
+                kv_blocks: Some(kv_blocks),
+                ..opts.clone()
+            };
+            handles.push(std::thread::spawn(move || {
+                let engine = Engine::load_with(
+                    &model,
+                    &opts,
+                    ExpertSetup::Parallel {
+                        holders,
+                        comm: Comm::Local(comm),
+                    },
+                );
+                let mut ex = match engine {
+                    Ok(e) => {
+                        let _ = ready.send((rank, Ok(())));
+                        Executor::new(e)
+                    }
+                    Err(e) => {
+                        let _ = ready.send((rank, Err(e.to_string())));
+                        return;
+                    }
+                };
+                while let Ok(plan) = prx.recv() {
+                    if rtx
+                        .send(ex.execute(&plan).map_err(|e| e.to_string()))
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
+            }));
+            txs.push(ptx);
+            rxs.push(rrx);
+        }
+        for _ in 0..world {
+            let (rank, r) = ready_rx.recv().map_err(|_| DriverError::Rank {
+                rank: 0,
+                detail: "rank thread died while loading".into(),
+            })?;
+            r.map_err(|detail| DriverError::Rank { rank, detail })?;
+        }
+        Ok(LocalCluster {
+            txs,
+            rxs,
+            handles,
+            kv_blocks_per_rank: kv_blocks,
+            block_size,
+        })
+    }
+
+    pub fn world(&self) -> usize {
+        self.txs.len()
+    }
+
+    /// Sends every rank its plan and waits for all results.
+    pub fn step(&self, plans: Vec<StepPlan>) -> Result<Vec<StepResult>, DriverError> {
+        for (rank, (tx, p)) in self.txs.iter().zip(plans).enumerate() {
+            tx.send(p).map_err(|_| DriverError::Rank {
+                rank,
+                detail: "rank stopped".into(),
+            })?;
+        }
+        self.rxs
+            .iter()
+            .enumerate()
+            .map(|(rank, rx)| {
+                rx.recv()
+                    .map_err(|_| DriverError::Rank {
+                        rank,
+                        detail: "rank stopped".into(),
+                    })?
+                    .map_err(|detail| DriverError::Rank { rank, detail })
+            })
+            .collect()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        self.txs.clear();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A generation request as the driver sees it: token ids in, token ids out.
+#[derive(Clone, Debug)]
+pub struct GenRequest {
+    pub id: u64,
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    pub eos: Vec<u32>,
+    pub ignore_eos: bool,
+    pub priority: i32,
+}
+
+struct Live {
+    req: GenRequest,
+    tokens: Vec<u32>,
+    generated: usize,
+}
+
+/// A token produced for a request; `finished` on its last one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Emitted {
+    pub id: u64,
+    pub token: u32,
+    pub finished: bool,
+}
+
+pub struct Driver {
+    pub cluster: LocalCluster,
+    state: State,
+    live: HashMap<u64, Live>,
+    pending_free: Vec<Vec<u64>>,
+    step_no: u64,
+    kv_used: Vec<u32>,
+    preemptions: usize,
+}
+
+impl Driver {
+    pub fn new(cluster: LocalCluster, token_budget: usize, max_running: usize) -> Self {
+        let w = cluster.world();
+        let state = State::new(SchedulerConfig {
+            token_budget,
+            max_running,
+            block_size: cluster.block_size,
+            blocks_per_worker: vec![cluster.kv_blocks_per_rank; w],
+        });
+        Driver {
+            cluster,
+            state,
+            live: HashMap::new(),
+            pending_free: vec![vec![]; w],
+            step_no: 0,
+            kv_used: vec![0; w],
+            preemptions: 0,
+        }
+    }
+
+    pub fn submit(&mut self, req: GenRequest) {
+        self.state.add(req.id, req.prompt.len(), req.priority);
+        let tokens = req.prompt.clone();
+        self.live.insert(
+            req.id,
+            Live {
+                req,
+                tokens,
+                generated: 0,
+            },
+        );
+    }
+
+    /// Drops a request; its KV blocks are freed on its worker with the next step.
+    pub fn cancel(&mut self, id: u64) {
+        self.release(id);
+    }
+
+    fn release(&mut self, id: u64) {
+        if let Some(w) = self.state.home(id) {
+            self.pending_free[w].push(id);
+        }
+        self.state.finish(id);
+        self.live.remove(&id);
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.live.is_empty() && self.pending_free.iter().all(|f| f.is_empty())
+    }
+
+    /// Sequences preempted (and recomputed) so far.
+    pub fn preemptions(&self) -> usize {
+        self.preemptions
+    }
+
+    /// KV blocks each rank reported in use after the last step.
+    pub fn kv_used(&self) -> &[u32] {
+        &self.kv_used
+    }
+
+    /// Runs one step on every rank.
+    pub fn step(&mut self) -> Result<Vec<Emitted>, DriverError> {
+        let s = self.state.next_step();
+        self.step_no += 1;
+        let mut plans: Vec<StepPlan> = (0..self.cluster.world())
+            .map(|w| StepPlan {
+                step: self.step_no,
+                epoch: 0,
+                chunks: vec![],
+                free_seqs: std::mem::take(&mut self.pending_free[w]),
+            })
+            .collect();
+        for &(id, w) in &s.preempted {
+            plans[w].free_seqs.push(id);
+        }
+        self.preemptions += s.preempted.len();
+        for c in &s.chunks {
+            let l = &self.live[&c.seq];
+            let p = &l.req.sampling;
+            plans[c.worker].chunks.push(SeqChunk {
+                seq_id: c.seq,
+                tokens: l.tokens[c.start..c.start + c.len].to_vec(),
+                start_pos: c.start as u32,
+                sample: c.sample,
+                temperature: p.temperature,
+                top_p: p.top_p,
+                top_k: p.top_k as u32,
+                min_p: p.min_p,
+                repetition_penalty: p.repetition_penalty,
+                seed: p.seed,
+            });
+        }
+        let results = self.cluster.step(plans)?;
+        let mut out = Vec::new();
+        for (w, r) in results.into_iter().enumerate() {
+            self.kv_used[w] = r.kv_blocks_used;
+            for t in r.tokens {
+                let Some(l) = self.live.get_mut(&t.seq_id) else {
+                    continue;
+                };
+                l.tokens.push(t.token);
+                l.generated += 1;
+                let eos = !l.req.ignore_eos && l.req.eos.contains(&t.token);
+                let finished = eos || l.generated >= l.req.max_tokens;
+                out.push(Emitted {
+                    id: t.seq_id,
+                    token: t.token,
+                    finished,
+                });
+                if finished {
+                    self.release(t.seq_id);
+                } else {
+                    self.state.on_sampled(t.seq_id);
+                }
+            }
+        }
+        Ok(out)
+    }
+}
