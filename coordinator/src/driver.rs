@@ -6,7 +6,7 @@
 //! Each step every rank receives a `StepPlan` (possibly empty: it still joins the expert
 //! exchange), with the sequences it must free first (finished, cancelled or preempted).
 
-use crate::placement::{plan, PlanError, Problem, WorkerSlot};
+use crate::placement::{rank_holders, PlanError};
 use crate::scheduler::{SchedulerConfig, State};
 use std::collections::HashMap;
 use std::path::Path;
@@ -46,33 +46,7 @@ impl LocalCluster {
         opts: EngineOptions,
     ) -> Result<Self, DriverError> {
         let cfg = read_config(model)?;
-        let sparse: Vec<usize> = (0..cfg.num_layers)
-            .filter(|l| cfg.sparse_layers[*l])
-            .collect();
-        let problem = Problem {
-            layers: sparse.len(),
-            experts: cfg.num_experts,
-            workers: (0..world)
-                .map(|i| WorkerSlot {
-                    id: i.to_string(),
-                    experts_per_layer: cfg.num_experts,
-                })
-                .collect(),
-            redundant,
-            load: None,
-        };
-        let placement = plan(&problem, None)?;
-        let mut holders = vec![vec![]; cfg.num_layers];
-        for (i, &l) in sparse.iter().enumerate() {
-            holders[l] = placement.replicas[i]
-                .iter()
-                .map(|ws| {
-                    ws.iter()
-                        .map(|w| w.parse::<u32>().expect("numeric ids"))
-                        .collect()
-                })
-                .collect();
-        }
+        let holders = rank_holders(&cfg, world, cfg.num_experts, redundant)?;
         let kv_blocks = opts.kv_blocks.unwrap_or(256);
         let block_size = opts.block_size;
         let (mut txs, mut rxs, mut handles) = (vec![], vec![], vec![]);

@@ -74,6 +74,49 @@ impl Placement {
     }
 }
 
+/// Places a model's experts on ranks `0..world` (worker ids are the rank numbers), each rank
+/// holding at most `experts_per_rank` experts per MoE layer, and returns the holder table the
+/// workers load from: `holders[layer][expert]` = ranks, ascending (empty for dense layers).
+pub fn rank_holders(
+    cfg: &switchyard_worker::ModelConfig,
+    world: usize,
+    experts_per_rank: usize,
+    redundant: usize,
+) -> Result<Vec<Vec<Vec<u32>>>, PlanError> {
+    let sparse: Vec<usize> = (0..cfg.num_layers)
+        .filter(|l| cfg.sparse_layers[*l])
+        .collect();
+    let problem = Problem {
+        layers: sparse.len(),
+        experts: cfg.num_experts,
+        workers: (0..world)
+            .map(|i| WorkerSlot {
+                id: i.to_string(),
+                experts_per_layer: experts_per_rank,
+            })
+            .collect(),
+        redundant,
+        load: None,
+    };
+    let placement = plan(&problem, None)?;
+    let mut holders = vec![vec![]; cfg.num_layers];
+    for (i, &l) in sparse.iter().enumerate() {
+        let mut layer: Vec<Vec<u32>> = placement.replicas[i]
+            .iter()
+            .map(|ws| {
+                ws.iter()
+                    .map(|w| w.parse::<u32>().expect("rank ids are numbers"))
+                    .collect()
+            })
+            .collect();
+        for ranks in &mut layer {
+            ranks.sort_unstable();
+        }
+        holders[l] = layer;
+    }
+    Ok(holders)
+}
+
 fn load_of(p: &Problem, layer: usize, e: usize) -> f64 {
     p.load.as_ref().map_or(1.0, |l| l[layer][e].max(0.0))
 }

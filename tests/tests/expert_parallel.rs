@@ -6,41 +6,23 @@
 mod common;
 use common::{fixture, floats, golden, ids};
 
-use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_coordinator::placement::{plan, Problem, WorkerSlot};
+use switchyard_coordinator::placement::rank_holders;
 use switchyard_worker::comm::{Comm, LocalComm, TcpComm};
 use switchyard_worker::engine::{ChunkSpec, Engine, EngineOptions, ExpertSetup, Logits};
 
-/// `holders[layer][expert]` from the planner, worker "r{i}" being rank i.
+/// `holders[layer][expert]` from the planner, with tight capacity: the experts fit with the
+/// requested replicas and little room to spare.
 fn holders(model: &str, world: usize, redundant: usize) -> Vec<Vec<Vec<u32>>> {
     let cfg = switchyard_worker::engine::read_config(&fixture(model)).unwrap();
-    let sparse: Vec<usize> = (0..cfg.num_layers)
-        .filter(|l| cfg.sparse_layers[*l])
-        .collect();
-    let p = Problem {
-        layers: sparse.len(),
-        experts: cfg.num_experts,
-        // Tight capacity: the experts fit with the requested replicas and little room to spare.
-        workers: (0..world)
-            .map(|i| WorkerSlot {
-                id: format!("r{i}"),
-                experts_per_layer: (cfg.num_experts + redundant).div_ceil(world),
-            })
-            .collect(),
+    rank_holders(
+        &cfg,
+        world,
+        (cfg.num_experts + redundant).div_ceil(world),
         redundant,
-        load: None,
-    };
-    let pl = plan(&p, None).unwrap();
-    let mut out = vec![vec![]; cfg.num_layers];
-    for (i, &l) in sparse.iter().enumerate() {
-        out[l] = pl.replicas[i]
-            .iter()
-            .map(|ws| ws.iter().map(|w| w[1..].parse().unwrap()).collect())
-            .collect();
-    }
-    out
+    )
+    .unwrap()
 }
 
 struct RankResult {
@@ -117,22 +99,10 @@ fn check(model: &str, world: usize, redundant: usize, homing_ranks: usize) {
 
 /// A TCP mesh of `world` ranks on loopback.
 fn tcp_group(world: usize) -> Vec<Comm> {
-    let listeners: Vec<TcpListener> = (0..world)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    let hs: Vec<_> = listeners
+    TcpComm::loopback_mesh(world, Duration::from_secs(30))
+        .unwrap()
         .into_iter()
-        .enumerate()
-        .map(|(r, l)| {
-            let addrs = addrs.clone();
-            std::thread::spawn(move || {
-                TcpComm::join(r, &addrs, l, Duration::from_secs(30)).unwrap()
-            })
-        })
-        .collect();
-    hs.into_iter()
-        .map(|h| Comm::Tcp(Arc::new(h.join().unwrap())))
+        .map(|c| Comm::Tcp(Arc::new(c)))
         .collect()
 }
 

@@ -245,6 +245,31 @@ impl TcpComm {
         })
     }
 
+    /// A whole mesh of `world` ranks on loopback ports, joined from threads of this process
+    /// (tests, and local clusters that want the TCP path).
+    pub fn loopback_mesh(world: usize, timeout: Duration) -> Result<Vec<TcpComm>, CommError> {
+        let listeners = (0..world)
+            .map(|r| TcpListener::bind("127.0.0.1:0").map_err(|e| io_err(r, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let addrs = listeners
+            .iter()
+            .enumerate()
+            .map(|(r, l)| l.local_addr().map_err(|e| io_err(r, e)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let joins: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let addrs = addrs.clone();
+                std::thread::spawn(move || TcpComm::join(r, &addrs, l, timeout))
+            })
+            .collect();
+        joins
+            .into_iter()
+            .map(|h| h.join().expect("join thread"))
+            .collect()
+    }
+
     fn all_to_all(&self, mut send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, CommError> {
         if send.len() != self.world {
             return Err(CommError::Arity {
@@ -355,22 +380,10 @@ mod tests {
     use super::*;
 
     fn tcp_group(world: usize) -> Vec<Comm> {
-        let listeners: Vec<TcpListener> = (0..world)
-            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-            .collect();
-        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-        let hs: Vec<_> = listeners
+        TcpComm::loopback_mesh(world, Duration::from_secs(10))
+            .unwrap()
             .into_iter()
-            .enumerate()
-            .map(|(r, l)| {
-                let addrs = addrs.clone();
-                std::thread::spawn(move || {
-                    TcpComm::join(r, &addrs, l, Duration::from_secs(10)).unwrap()
-                })
-            })
-            .collect();
-        hs.into_iter()
-            .map(|h| Comm::Tcp(Arc::new(h.join().unwrap())))
+            .map(|c| Comm::Tcp(Arc::new(c)))
             .collect()
     }
 
