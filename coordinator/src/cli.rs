@@ -41,6 +41,26 @@ pub enum Command {
     GenModel(GenModelArgs),
     /// Measure prefill and decode throughput of a model on this machine.
     Bench(BenchArgs),
+    /// Serve as a cluster worker: the control stream on --listen, the expert all-to-all on
+    /// --comm-listen. Prints `worker ready grpc=URL comm=ADDR` once listening.
+    Worker(WorkerArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// gRPC control address (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// All-to-all (TCP mesh) address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub comm_listen: String,
+    #[arg(long)]
+    pub dtype: Option<WeightDType>,
+    /// Worker id (default: the control address).
+    #[arg(long)]
+    pub id: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -186,6 +206,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Run(a) => run(a),
         Command::GenModel(a) => gen_model(a),
         Command::Bench(a) => bench_cmd(a),
+        Command::Worker(a) => worker_cmd(a),
     }
 }
 
@@ -320,4 +341,32 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         r.peak_rss_bytes as f64 / r.weight_bytes as f64
     );
     Ok(())
+}
+
+fn worker_cmd(a: WorkerArgs) -> Result<()> {
+    let comm = std::net::TcpListener::bind(&a.comm_listen)
+        .with_context(|| format!("--comm-listen {}", a.comm_listen))?;
+    let comm_addr = comm.local_addr()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&a.listen)
+            .await
+            .with_context(|| format!("--listen {}", a.listen))?;
+        let addr = listener.local_addr()?;
+        let id = a.id.unwrap_or_else(|| addr.to_string());
+        let opts = EngineOptions {
+            dtype: a.dtype,
+            ..Default::default()
+        };
+        let svc = switchyard_worker::server::WorkerService::new(id, a.model, opts, comm)?;
+        println!("worker ready grpc=http://{addr} comm={comm_addr}");
+        std::io::stdout().flush()?;
+        tonic::transport::Server::builder()
+            .add_service(svc.into_server())
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await?;
+        Ok(())
+    })
 }

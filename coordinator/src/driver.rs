@@ -28,6 +28,15 @@ pub enum DriverError {
     Rank { rank: usize, detail: String },
 }
 
+/// A group of ranks that executes one plan each per step, in lockstep.
+pub trait Cluster {
+    fn world(&self) -> usize;
+    /// KV blocks of each rank and positions per block (the scheduler's accounting).
+    fn kv_shape(&self) -> (usize, usize);
+    /// Sends every rank its plan and waits for all results, in rank order.
+    fn step(&mut self, plans: Vec<StepPlan>) -> Result<Vec<StepResult>, DriverError>;
+}
+
 /// Ranks on threads of this process.
 pub struct LocalCluster {
     txs: Vec<mpsc::SyncSender<StepPlan>>,
@@ -105,13 +114,18 @@ impl LocalCluster {
             block_size,
         })
     }
+}
 
-    pub fn world(&self) -> usize {
+impl Cluster for LocalCluster {
+    fn world(&self) -> usize {
         self.txs.len()
     }
 
-    /// Sends every rank its plan and waits for all results.
-    pub fn step(&self, plans: Vec<StepPlan>) -> Result<Vec<StepResult>, DriverError> {
+    fn kv_shape(&self) -> (usize, usize) {
+        (self.kv_blocks_per_rank, self.block_size)
+    }
+
+    fn step(&mut self, plans: Vec<StepPlan>) -> Result<Vec<StepResult>, DriverError> {
         for (rank, (tx, p)) in self.txs.iter().zip(plans).enumerate() {
             tx.send(p).map_err(|_| DriverError::Rank {
                 rank,
@@ -169,7 +183,7 @@ pub struct Emitted {
 }
 
 pub struct Driver {
-    pub cluster: LocalCluster,
+    cluster: Box<dyn Cluster>,
     state: State,
     live: HashMap<u64, Live>,
     pending_free: Vec<Vec<u64>>,
@@ -179,13 +193,15 @@ pub struct Driver {
 }
 
 impl Driver {
-    pub fn new(cluster: LocalCluster, token_budget: usize, max_running: usize) -> Self {
+    pub fn new(cluster: impl Cluster + 'static, token_budget: usize, max_running: usize) -> Self {
         let w = cluster.world();
+        let (blocks, block_size) = cluster.kv_shape();
+        let cluster: Box<dyn Cluster> = Box::new(cluster);
         let state = State::new(SchedulerConfig {
             token_budget,
             max_running,
-            block_size: cluster.block_size,
-            blocks_per_worker: vec![cluster.kv_blocks_per_rank; w],
+            block_size,
+            blocks_per_worker: vec![blocks; w],
         });
         Driver {
             cluster,

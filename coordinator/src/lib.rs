@@ -6,6 +6,7 @@ pub mod cli;
 pub mod driver;
 pub mod generate;
 pub mod placement;
+pub mod remote;
 pub mod scheduler;
 pub mod text;
 

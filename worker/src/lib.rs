@@ -21,6 +21,7 @@ pub mod experts;
 pub mod kv;
 pub mod model;
 pub mod presets;
+pub mod server;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};

@@ -1,0 +1,165 @@
+//! A [`Cluster`] of worker processes reached over the `switchyard.cluster.v1.Worker` control
+//! streams: connect, collect each worker's all-to-all address, hand out the placement, wait
+//! until every worker has joined the mesh and loaded its experts, then exchange one
+//! `StepPlan`/`StepResult` pair per rank per step.
+
+use crate::driver::{Cluster, DriverError};
+use crate::placement::rank_holders;
+use std::path::Path;
+use switchyard_proto::cluster::v1::coordinator_message::Msg as CMsg;
+use switchyard_proto::cluster::v1::worker_client::WorkerClient;
+use switchyard_proto::cluster::v1::worker_message::Msg as WMsg;
+use switchyard_proto::cluster::v1::{
+    CoordinatorMessage, ExpertAssignment, Placement, RankExperts, StepPlan, StepResult,
+    WorkerMessage,
+};
+use switchyard_worker::engine::read_config;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+pub struct GrpcCluster {
+    rt: tokio::runtime::Runtime,
+    txs: Vec<mpsc::Sender<CoordinatorMessage>>,
+    rxs: Vec<Streaming<WorkerMessage>>,
+    kv_blocks: usize,
+    block_size: usize,
+}
+
+fn rank_err(rank: usize) -> impl Fn(String) -> DriverError {
+    move |detail| DriverError::Rank { rank, detail }
+}
+
+async fn next_message(rank: usize, rx: &mut Streaming<WorkerMessage>) -> Result<WMsg, DriverError> {
+    match rx.message().await {
+        Ok(Some(WorkerMessage { msg: Some(m) })) => Ok(m),
+        Ok(_) => Err(rank_err(rank)("control stream ended".into())),
+        Err(s) => Err(rank_err(rank)(format!("{}: {}", s.code(), s.message()))),
+    }
+}
+
+impl GrpcCluster {
+    /// Connects to the workers at `urls` (rank = position) serving `model`.
+    pub fn connect(
+        urls: &[String],
+        model: &Path,
+        redundant: usize,
+        kv_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, DriverError> {
+        let cfg = read_config(model)?;
+        let world = urls.len();
+        let holders = rank_holders(&cfg, world, cfg.num_experts, redundant)?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| rank_err(0)(e.to_string()))?;
+        let (txs, rxs) = rt.block_on(async {
+            let mut txs = Vec::new();
+            let mut rxs = Vec::new();
+            let mut comm_addrs = Vec::new();
+            for (rank, url) in urls.iter().enumerate() {
+                let mut client = WorkerClient::connect(url.clone())
+                    .await
+                    .map_err(|e| rank_err(rank)(format!("connect {url}: {e}")))?;
+                let (tx, rx) = mpsc::channel(4);
+                let mut inbound = client
+                    .control(ReceiverStream::new(rx))
+                    .await
+                    .map_err(|s| rank_err(rank)(s.to_string()))?
+                    .into_inner();
+                match next_message(rank, &mut inbound).await? {
+                    WMsg::Hello(h) => comm_addrs.push(h.comm_address),
+                    other => return Err(rank_err(rank)(format!("expected hello, got {other:?}"))),
+                }
+                txs.push(tx);
+                rxs.push(inbound);
+            }
+            let all: Vec<RankExperts> = (0..world as u32)
+                .map(|r| RankExperts {
+                    rank: r,
+                    assignments: holders
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, l)| !l.is_empty())
+                        .map(|(layer, l)| ExpertAssignment {
+                            layer: layer as u32,
+                            experts: l
+                                .iter()
+                                .enumerate()
+                                .filter(|(_, hs)| hs.contains(&r))
+                                .map(|(e, _)| e as u32)
+                                .collect(),
+                        })
+                        .collect(),
+                })
+                .collect();
+            for (rank, tx) in txs.iter().enumerate() {
+                let p = Placement {
+                    epoch: 1,
+                    world_size: world as u32,
+                    rank: rank as u32,
+                    assignments: all[rank].assignments.clone(),
+                    peer_addresses: comm_addrs.clone(),
+                    holders: all.clone(),
+                    kv_blocks: kv_blocks as u32,
+                };
+                tx.send(CoordinatorMessage {
+                    msg: Some(CMsg::Placement(p)),
+                })
+                .await
+                .map_err(|_| rank_err(rank)("control stream closed".into()))?;
+            }
+            for (rank, rx) in rxs.iter_mut().enumerate() {
+                match next_message(rank, rx).await? {
+                    WMsg::Result(_) => {}
+                    other => return Err(rank_err(rank)(format!("expected ready, got {other:?}"))),
+                }
+            }
+            Ok::<_, DriverError>((txs, rxs))
+        })?;
+        Ok(GrpcCluster {
+            rt,
+            txs,
+            rxs,
+            kv_blocks,
+            block_size,
+        })
+    }
+}
+
+impl Cluster for GrpcCluster {
+    fn world(&self) -> usize {
+        self.txs.len()
+    }
+
+    fn kv_shape(&self) -> (usize, usize) {
+        (self.kv_blocks, self.block_size)
+    }
+
+    fn step(&mut self, plans: Vec<StepPlan>) -> Result<Vec<StepResult>, DriverError> {
+        let (txs, rxs) = (&self.txs, &mut self.rxs);
+        self.rt.block_on(async {
+            for (rank, (tx, p)) in txs.iter().zip(plans).enumerate() {
+                tx.send(CoordinatorMessage {
+                    msg: Some(CMsg::Step(p)),
+                })
+                .await
+                .map_err(|_| rank_err(rank)("control stream closed".into()))?;
+            }
+            let mut out = Vec::with_capacity(rxs.len());
+            for (rank, rx) in rxs.iter_mut().enumerate() {
+                match next_message(rank, rx).await? {
+                    WMsg::Result(r) => out.push(r),
+                    other => {
+                        return Err(rank_err(rank)(format!(
+                            "expected a step result, got {other:?}"
+                        )))
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
+}

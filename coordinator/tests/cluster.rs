@@ -1,0 +1,94 @@
+//! Worker processes on loopback: two `switchyard worker` processes joined by the TCP mesh,
+//! driven over their gRPC control streams, produce the transformers golden tokens for many
+//! concurrent requests.
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use switchyard_coordinator::driver::{Driver, GenRequest};
+use switchyard_coordinator::remote::GrpcCluster;
+use switchyard_kernels::sampling::SamplingParams;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// Kills the worker when the test ends, however it ends.
+struct Proc(Child);
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_worker(model: &Path) -> (Proc, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(["worker", "--model", model.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .unwrap_or_else(|| panic!("no url in {line:?}"))
+        .to_string();
+    (Proc(child), url)
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+#[test]
+fn two_worker_processes_match_goldens() {
+    for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
+        let dir = fixture(model);
+        let golden: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
+                .unwrap();
+        let workers: Vec<(Proc, String)> = (0..2).map(|_| spawn_worker(&dir)).collect();
+        let urls: Vec<String> = workers.iter().map(|w| w.1.clone()).collect();
+        let cluster = GrpcCluster::connect(&urls, &dir, 2, 64, 16).unwrap();
+        let mut d = Driver::new(cluster, 128, 64);
+        let mut want = std::collections::HashMap::new();
+        for c in 0..4u64 {
+            for (i, p) in golden["prompts"].as_array().unwrap().iter().enumerate() {
+                let id = c * 10 + i as u64;
+                d.submit(GenRequest {
+                    id,
+                    prompt: ids(&p["input_ids"]),
+                    max_tokens: 24,
+                    sampling: SamplingParams::greedy(),
+                    eos: vec![],
+                    ignore_eos: true,
+                    priority: 0,
+                });
+                want.insert(id, ids(&p["greedy"]["new_ids"]));
+            }
+        }
+        let mut got: std::collections::HashMap<u64, Vec<u32>> = Default::default();
+        for _ in 0..2000 {
+            if d.is_idle() {
+                break;
+            }
+            for e in d.step().unwrap() {
+                got.entry(e.id).or_default().push(e.token);
+            }
+        }
+        assert_eq!(got, want, "{model}");
+        d.step().unwrap();
+        assert_eq!(d.kv_used(), &[0, 0]);
+    }
+}
