@@ -44,6 +44,44 @@ pub enum Command {
     /// Serve as a cluster worker: the control stream on --listen, the expert all-to-all on
     /// --comm-listen. Prints `worker ready grpc=URL comm=ADDR` once listening.
     Worker(WorkerArgs),
+    /// Start a local cluster: K worker processes and the coordinator's gRPC API. Prints
+    /// `serving grpc=URL` once ready; serves until stopped.
+    Up(UpArgs),
+    /// Stream a generation from a running cluster.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Extra expert replicas per layer (hottest experts first).
+    #[arg(long, default_value_t = 0)]
+    pub redundant_experts: usize,
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub grpc_addr: String,
+    /// KV blocks (16 positions each) per worker.
+    #[arg(long, default_value_t = 1024)]
+    pub kv_blocks: usize,
+    /// Tokens computed per step across the cluster.
+    #[arg(long, default_value_t = 512)]
+    pub token_budget: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Coordinator URL, e.g. http://127.0.0.1:50051
+    #[arg(long)]
+    pub endpoint: String,
+    #[command(flatten)]
+    pub prompt: PromptArgs,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print the same JSON object as `run --json` when the stream ends.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -61,6 +99,9 @@ pub struct WorkerArgs {
     /// Worker id (default: the control address).
     #[arg(long)]
     pub id: Option<String>,
+    /// Exit when standard input closes (set by `switchyard up`, so workers never outlive it).
+    #[arg(long)]
+    pub exit_with_stdin: bool,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -207,6 +248,8 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::GenModel(a) => gen_model(a),
         Command::Bench(a) => bench_cmd(a),
         Command::Worker(a) => worker_cmd(a),
+        Command::Up(a) => up_cmd(a),
+        Command::Generate(a) => generate_cmd(a),
     }
 }
 
@@ -344,6 +387,13 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
 }
 
 fn worker_cmd(a: WorkerArgs) -> Result<()> {
+    if a.exit_with_stdin {
+        std::thread::spawn(|| {
+            let mut sink = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink);
+            std::process::exit(0);
+        });
+    }
     let comm = std::net::TcpListener::bind(&a.comm_listen)
         .with_context(|| format!("--comm-listen {}", a.comm_listen))?;
     let comm_addr = comm.local_addr()?;
@@ -367,6 +417,206 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
             .add_service(svc.into_server())
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await?;
+        Ok(())
+    })
+}
+
+/// Worker processes started by `up`, killed when it exits.
+struct Children(Vec<std::process::Child>);
+impl Drop for Children {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn up_cmd(a: UpArgs) -> Result<()> {
+    use std::io::BufRead;
+    if a.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let exe = std::env::current_exe()?;
+    let mut children = Children(Vec::new());
+    let mut urls = Vec::new();
+    for i in 0..a.workers {
+        let mut child = std::process::Command::new(&exe)
+            .args(["worker", "--model"])
+            .arg(&a.model)
+            .args(["--id", &format!("worker-{i}"), "--exit-with-stdin"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().context("worker stdout")?)
+            .read_line(&mut line)?;
+        children.0.push(child);
+        let url = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("grpc="))
+            .with_context(|| format!("worker {i} did not start: {line:?}"))?;
+        urls.push(url.to_string());
+    }
+    let name = a
+        .model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let (model, redundant, kv) = (a.model.clone(), a.redundant_experts, a.kv_blocks);
+    let svc = crate::server::InferenceService::start(
+        &a.model,
+        name,
+        move || crate::remote::GrpcCluster::connect(&urls, &model, redundant, kv, 16),
+        a.token_budget,
+    )?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(&a.grpc_addr)
+            .await
+            .with_context(|| format!("--grpc-addr {}", a.grpc_addr))?;
+        println!("serving grpc=http://{}", listener.local_addr()?);
+        std::io::stdout().flush()?;
+        tonic::transport::Server::builder()
+            .add_service(svc.into_server())
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = tokio::signal::ctrl_c().await;
+                },
+            )
+            .await?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    drop(children);
+    Ok(())
+}
+
+fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    use switchyard_proto::v1::generate_response::Event;
+    use switchyard_proto::v1::inference_client::InferenceClient;
+    use switchyard_proto::v1::*;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut client = InferenceClient::connect(a.endpoint.clone())
+            .await
+            .with_context(|| format!("--endpoint {}", a.endpoint))?;
+        let (input, tok_input) = match a.prompt.prompt()? {
+            Prompt::Text(t) => (
+                generate_request::Input::Text(t.clone()),
+                Some(tokenize_request::Input::Text(t)),
+            ),
+            Prompt::Chat(m) => {
+                let chat = ChatInput {
+                    messages: m
+                        .into_iter()
+                        .map(|m| ChatMessage {
+                            role: m.role,
+                            content: m.content,
+                        })
+                        .collect(),
+                    add_generation_prompt: Some(true),
+                };
+                (
+                    generate_request::Input::Chat(chat.clone()),
+                    Some(tokenize_request::Input::Chat(chat)),
+                )
+            }
+            Prompt::Ids(ids) => (generate_request::Input::TokenIds(TokenIds { ids }), None),
+        };
+        let prompt_ids = match (&input, tok_input) {
+            (generate_request::Input::TokenIds(t), _) => t.ids.clone(),
+            (_, Some(ti)) => {
+                client
+                    .tokenize(TokenizeRequest {
+                        model: String::new(),
+                        input: Some(ti),
+                    })
+                    .await
+                    .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+                    .into_inner()
+                    .ids
+            }
+            _ => vec![],
+        };
+        let p = a.sampling.params();
+        let req = GenerateRequest {
+            request_id: String::new(),
+            model: String::new(),
+            input: Some(input),
+            sampling: Some(SamplingParams {
+                temperature: p.temperature,
+                top_p: Some(p.top_p),
+                top_k: p.top_k as u32,
+                min_p: p.min_p,
+                repetition_penalty: Some(p.repetition_penalty),
+                seed: Some(p.seed),
+            }),
+            max_tokens: a.sampling.max_tokens as u32,
+            stop: a.sampling.stop.clone(),
+            ignore_eos: a.sampling.ignore_eos,
+            priority: 0,
+            stream_token_ids: true,
+            top_logprobs: 0,
+        };
+        let mut stream = client
+            .generate(req)
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+            .into_inner();
+        let (mut output_ids, mut reasoning, mut answer, mut finish) = (
+            Vec::new(),
+            String::new(),
+            String::new(),
+            "error".to_string(),
+        );
+        let mut out = std::io::stdout().lock();
+        while let Some(m) = stream
+            .message()
+            .await
+            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
+        {
+            match m.event {
+                Some(Event::Delta(d)) => {
+                    output_ids.extend(d.token_ids);
+                    if !a.json {
+                        write!(out, "{}{}", d.reasoning_text, d.text)?;
+                        out.flush()?;
+                    }
+                    reasoning.push_str(&d.reasoning_text);
+                    answer.push_str(&d.text);
+                }
+                Some(Event::Finished(f)) => {
+                    finish = match FinishReason::try_from(f.reason)
+                        .unwrap_or(FinishReason::Unspecified)
+                    {
+                        FinishReason::Stop => "stop",
+                        FinishReason::Length => "length",
+                        FinishReason::Cancelled => "cancelled",
+                        _ => "error",
+                    }
+                    .into();
+                }
+                _ => {}
+            }
+        }
+        if a.json {
+            let v = serde_json::json!({
+                "prompt_ids": prompt_ids,
+                "output_ids": output_ids,
+                "text": format!("{reasoning}{answer}"),
+                "reasoning": reasoning,
+                "answer": answer,
+                "finish_reason": finish,
+            });
+            println!("{v}");
+        } else {
+            writeln!(out)?;
+        }
         Ok(())
     })
 }

@@ -1,0 +1,365 @@
+//! The public `switchyard.v1.Inference` gRPC service over a [`Driver`].
+//!
+//! The driver is synchronous and owns the cluster: it runs on its own thread (the engine loop),
+//! which takes submissions and cancellations from a channel, steps while any request is live,
+//! and sends each request's tokens to its handler. Each `Generate` handler validates the
+//! request (INVALID_ARGUMENT naming the field), tokenizes, streams `Started`, then `Delta`s built
+//! by [`OutputText`] (reasoning split, stop strings held back), then one `Finished`. A client
+//! that goes away, or a stop string, cancels the request in the driver at once (its KV blocks
+//! are freed with the next step).
+
+use crate::driver::{Cluster, Driver, GenRequest};
+use crate::generate::{self, Prompt, Request as GenReq};
+use crate::text::{Message, OutputText, Tokenizer};
+use crate::GenerateError;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Instant;
+use switchyard_kernels::sampling::SamplingParams;
+use switchyard_proto::v1::generate_request::Input;
+use switchyard_proto::v1::generate_response::Event;
+use switchyard_proto::v1::inference_server::{Inference, InferenceServer};
+use switchyard_proto::v1::*;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+enum Cmd {
+    Submit(GenRequest, tokio::sync::mpsc::UnboundedSender<(u32, bool)>),
+    Cancel(u64),
+}
+
+/// Runs the driver loop on the current thread until the command channel closes.
+fn engine_loop(mut driver: Driver, rx: mpsc::Receiver<Cmd>) {
+    let mut sinks: HashMap<u64, tokio::sync::mpsc::UnboundedSender<(u32, bool)>> = HashMap::new();
+    loop {
+        let first = if driver.is_idle() {
+            match rx.recv() {
+                Ok(c) => Some(c),
+                Err(_) => return,
+            }
+        } else {
+            None
+        };
+        for c in first.into_iter().chain(rx.try_iter()) {
+            match c {
+                Cmd::Submit(r, sink) => {
+                    sinks.insert(r.id, sink);
+                    driver.submit(r);
+                }
+                Cmd::Cancel(id) => {
+                    sinks.remove(&id);
+                    driver.cancel(id);
+                }
+            }
+        }
+        match driver.step() {
+            Ok(emitted) => {
+                for e in emitted {
+                    let gone = match sinks.get(&e.id) {
+                        Some(s) => s.send((e.token, e.finished)).is_err(),
+                        None => true,
+                    };
+                    if e.finished || gone {
+                        sinks.remove(&e.id);
+                        if gone && !e.finished {
+                            driver.cancel(e.id);
+                        }
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "step failed; failing all requests");
+                for (id, _) in sinks.drain() {
+                    driver.cancel(id);
+                }
+            }
+        }
+    }
+}
+
+pub struct InferenceService {
+    model_name: String,
+    tok: Arc<Tokenizer>,
+    cfg: switchyard_worker::ModelConfig,
+    cmds: std::sync::Mutex<mpsc::Sender<Cmd>>,
+    next_id: AtomicU64,
+}
+
+impl InferenceService {
+    /// Starts the engine loop; `make_cluster` runs on the loop's thread.
+    pub fn start<C: Cluster + 'static>(
+        model_dir: &std::path::Path,
+        model_name: String,
+        make_cluster: impl FnOnce() -> Result<C, crate::driver::DriverError> + Send + 'static,
+        token_budget: usize,
+    ) -> anyhow::Result<Self> {
+        let tok = Arc::new(Tokenizer::load(model_dir)?);
+        let cfg = switchyard_worker::engine::read_config(model_dir)?;
+        let (tx, rx) = mpsc::channel();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || match make_cluster() {
+            Ok(c) => {
+                let _ = ready_tx.send(Ok(()));
+                engine_loop(Driver::new(c, token_budget, 256), rx);
+            }
+            Err(e) => {
+                let _ = ready_tx.send(Err(e.to_string()));
+            }
+        });
+        ready_rx.recv()?.map_err(anyhow::Error::msg)?;
+        Ok(InferenceService {
+            model_name,
+            tok,
+            cfg,
+            cmds: std::sync::Mutex::new(tx),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    pub fn into_server(self) -> InferenceServer<Self> {
+        InferenceServer::new(self)
+    }
+
+    fn send(&self, c: Cmd) {
+        let _ = self.cmds.lock().unwrap_or_else(|e| e.into_inner()).send(c);
+    }
+}
+
+fn invalid(field: &str, detail: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {detail}"))
+}
+
+fn gen_status(e: GenerateError) -> Status {
+    match e {
+        GenerateError::InvalidArgument { field, detail } => invalid(field, detail),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+type GenStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
+
+fn ev(e: Event) -> Result<GenerateResponse, Status> {
+    Ok(GenerateResponse { event: Some(e) })
+}
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = GenStream;
+
+    async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenStream>, Status> {
+        let t0 = Instant::now();
+        let r = req.into_inner();
+        if !r.model.is_empty() && r.model != self.model_name {
+            return Err(invalid(
+                "model",
+                format!(
+                    "unknown model {:?} (serving {:?})",
+                    r.model, self.model_name
+                ),
+            ));
+        }
+        let prompt = match r.input {
+            Some(Input::Text(t)) => Prompt::Text(t),
+            Some(Input::Chat(c)) => Prompt::Chat(
+                c.messages
+                    .into_iter()
+                    .map(|m| Message {
+                        role: m.role,
+                        content: m.content,
+                    })
+                    .collect(),
+            ),
+            Some(Input::TokenIds(t)) => Prompt::Ids(t.ids),
+            None => {
+                return Err(invalid(
+                    "input",
+                    "one of text, chat or token_ids is required",
+                ))
+            }
+        };
+        let s = r.sampling.unwrap_or_default();
+        let sampling = SamplingParams {
+            temperature: s.temperature,
+            top_k: s.top_k as usize,
+            top_p: s.top_p.unwrap_or(1.0),
+            min_p: s.min_p,
+            repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
+            seed: s.seed.unwrap_or(0),
+        };
+        let greq = GenReq {
+            prompt,
+            max_tokens: r.max_tokens as usize,
+            sampling: sampling.clone(),
+            stop: r.stop.clone(),
+            ignore_eos: r.ignore_eos,
+            prefill_chunk: 1,
+        };
+        let ids = generate::prompt_ids(&self.tok, &greq.prompt, self.cfg.vocab_size)
+            .map_err(gen_status)?;
+        generate::validate(&greq, ids.len(), self.cfg.max_position_embeddings)
+            .map_err(gen_status)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let request_id = if r.request_id.is_empty() {
+            format!("req-{id}")
+        } else {
+            r.request_id.clone()
+        };
+        let span =
+            tracing::info_span!("generate", request_id = %request_id, prompt_tokens = ids.len());
+        let (tok_tx, mut tok_rx) = tokio::sync::mpsc::unbounded_channel();
+        let max_new = greq
+            .max_tokens
+            .min(self.cfg.max_position_embeddings - ids.len());
+        let gen = GenRequest {
+            id,
+            prompt: ids.clone(),
+            max_tokens: max_new,
+            sampling,
+            eos: self.tok.eos_ids.clone(),
+            ignore_eos: r.ignore_eos,
+            priority: r.priority,
+        };
+        self.send(Cmd::Submit(gen, tok_tx));
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel(64);
+        let tok = self.tok.clone();
+        let cmds = self.cmds.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let stream_ids = r.stream_token_ids;
+        let prompt_tokens = ids.len() as u32;
+        tokio::spawn(
+            async move {
+                let cancel = |cmds: &mpsc::Sender<Cmd>| {
+                    let _ = cmds.send(Cmd::Cancel(id));
+                };
+                if out_tx
+                    .send(ev(Event::Started(Started {
+                        request_id,
+                        prompt_tokens,
+                    })))
+                    .await
+                    .is_err()
+                {
+                    return cancel(&cmds);
+                }
+                let mut text = OutputText::new(&tok, &ids, r.stop);
+                let (mut completion, mut reasoning_tokens, mut ttft) = (0u32, 0u32, None);
+                let mut reason = FinishReason::Length;
+                while let Some((t, finished)) = tok_rx.recv().await {
+                    completion += 1;
+                    ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1e3);
+                    if text.in_reasoning() {
+                        reasoning_tokens += 1;
+                    }
+                    let is_eos = !r.ignore_eos && tok.eos_ids.contains(&t);
+                    let mut d = if is_eos {
+                        Default::default()
+                    } else {
+                        text.push(&tok, t).unwrap_or_default()
+                    };
+                    let stop = is_eos || d.stopped;
+                    if finished || stop {
+                        if let Ok(tail) = text.finish(&tok) {
+                            d.reasoning.push_str(&tail.reasoning);
+                            d.text.push_str(&tail.text);
+                        }
+                    }
+                    let delta = Delta {
+                        reasoning_text: d.reasoning,
+                        text: d.text,
+                        token_ids: if stream_ids { vec![t] } else { vec![] },
+                        logprobs: vec![],
+                    };
+                    if out_tx.send(ev(Event::Delta(delta))).await.is_err() {
+                        return cancel(&cmds);
+                    }
+                    if stop {
+                        reason = FinishReason::Stop;
+                        if !finished {
+                            cancel(&cmds);
+                        }
+                        break;
+                    }
+                    if finished {
+                        break;
+                    }
+                }
+                let fin = Finished {
+                    reason: reason as i32,
+                    usage: Some(Usage {
+                        prompt_tokens,
+                        reasoning_tokens,
+                        completion_tokens: completion,
+                    }),
+                    timings: Some(Timings {
+                        queue_ms: 0.0,
+                        time_to_first_token_ms: ttft.unwrap_or(0.0),
+                        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+                    }),
+                    error: String::new(),
+                };
+                let _ = out_tx.send(ev(Event::Finished(fin))).await;
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    async fn tokenize(
+        &self,
+        req: Request<TokenizeRequest>,
+    ) -> Result<Response<TokenizeResponse>, Status> {
+        let r = req.into_inner();
+        let (ids, rendered) = match r.input {
+            Some(tokenize_request::Input::Text(t)) => {
+                (self.tok.encode(&t).map_err(|e| invalid("text", e))?, t)
+            }
+            Some(tokenize_request::Input::Chat(c)) => {
+                let msgs: Vec<Message> = c
+                    .messages
+                    .into_iter()
+                    .map(|m| Message {
+                        role: m.role,
+                        content: m.content,
+                    })
+                    .collect();
+                let text = self
+                    .tok
+                    .render_chat(&msgs, c.add_generation_prompt.unwrap_or(true))
+                    .map_err(|e| invalid("chat", e))?;
+                (
+                    self.tok
+                        .encode_chat(&msgs, c.add_generation_prompt.unwrap_or(true))
+                        .map_err(|e| invalid("chat", e))?,
+                    text,
+                )
+            }
+            None => return Err(invalid("input", "text or chat is required")),
+        };
+        Ok(Response::new(TokenizeResponse { ids, rendered }))
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<ListModelsRequest>,
+    ) -> Result<Response<ListModelsResponse>, Status> {
+        Ok(Response::new(ListModelsResponse {
+            models: vec![ModelInfo {
+                name: self.model_name.clone(),
+                architecture: self.cfg.arch.hf_name().into(),
+                max_context: self.cfg.max_position_embeddings as u32,
+                num_experts: self.cfg.num_experts as u32,
+                experts_per_token: self.cfg.experts_per_tok as u32,
+            }],
+        }))
+    }
+
+    async fn cluster_status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        Err(Status::unimplemented("cluster status is not served yet"))
+    }
+}
