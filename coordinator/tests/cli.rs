@@ -1,33 +1,15 @@
 //! The `switchyard` binary end to end: `run --json` contract against the transformers goldens,
 //! `gen-model` output loadable by `run`, and clear failures for bad input.
 
+mod common;
+use common::{ids, switchyard};
+
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn switchyard(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
-}
 
 #[test]
 fn run_json_reproduces_golden_greedy_tokens_and_text() {
     for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
-        let dir = fixtures().join(model);
+        let dir = common::fixture(model);
         let golden: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
                 .unwrap();
@@ -76,7 +58,7 @@ fn run_json_reproduces_golden_greedy_tokens_and_text() {
 
 #[test]
 fn stop_string_truncates_text_and_finishes_with_stop() {
-    let dir = fixtures().join("tiny-qwen3-moe");
+    let dir = common::fixture("tiny-qwen3-moe");
     // Golden text for `short` contains "tools>append".
     let out = switchyard(&[
         "run",
@@ -102,7 +84,7 @@ fn stop_string_truncates_text_and_finishes_with_stop() {
 
 #[test]
 fn seeded_sampling_is_reproducible_through_the_cli() {
-    let dir = fixtures().join("tiny-mixtral");
+    let dir = common::fixture("tiny-mixtral");
     let run = |seed: &str| {
         let out = switchyard(&[
             "run",
@@ -178,7 +160,7 @@ fn gen_model_writes_a_sharded_checkpoint_that_runs() {
 
 #[test]
 fn bad_input_fails_with_a_message_and_nonzero_status() {
-    let dir = fixtures().join("tiny-qwen3-moe");
+    let dir = common::fixture("tiny-qwen3-moe");
     let d = dir.to_str().unwrap();
     for (args, needle) in [
         (

@@ -2,28 +2,16 @@
 //! driven over their gRPC control streams, produce the transformers golden tokens for many
 //! concurrent requests.
 
+mod common;
+use common::{fixture, Proc};
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use switchyard_coordinator::driver::{Driver, GenRequest};
 use switchyard_coordinator::remote::GrpcCluster;
 use switchyard_kernels::sampling::SamplingParams;
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-/// Kills the worker when the test ends, however it ends.
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn spawn_worker(model: &Path) -> (Proc, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))

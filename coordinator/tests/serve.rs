@@ -2,39 +2,13 @@
 //! streamed greedy output equals the transformers goldens and `run --json`'s contract; bad
 //! requests get INVALID_ARGUMENT naming the field and the cluster keeps serving.
 
+mod common;
+use common::{fixture, ids, switchyard, Proc};
+
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
-
-struct Proc(Child);
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn switchyard(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap())
-        .collect()
-}
+use std::process::{Command, Stdio};
 
 #[test]
 fn up_and_generate_stream_golden_tokens_and_reject_bad_input() {
