@@ -35,10 +35,27 @@ pub trait Cluster {
     fn kv_shape(&self) -> (usize, usize);
     /// Sends every rank its plan and waits for all results, in rank order.
     fn step(&mut self, plans: Vec<StepPlan>) -> Result<Vec<StepResult>, DriverError>;
+    /// `holders[layer][expert]`: the ranks holding each expert.
+    fn holders(&self) -> &[Vec<Vec<u32>>];
+    /// How each rank is reached (a URL, or a thread name).
+    fn addresses(&self) -> Vec<String>;
+}
+
+/// What the cluster looks like after the last step (for ClusterStatus and metrics).
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub addresses: Vec<String>,
+    pub kv_used: Vec<u32>,
+    pub kv_total: usize,
+    pub running_per_rank: Vec<u32>,
+    pub holders: Vec<Vec<Vec<u32>>>,
+    /// Tokens routed to each expert since start, `[layer][expert]`.
+    pub expert_load: Vec<Vec<u64>>,
 }
 
 /// Ranks on threads of this process.
 pub struct LocalCluster {
+    holders: Vec<Vec<Vec<u32>>>,
     txs: Vec<mpsc::SyncSender<StepPlan>>,
     rxs: Vec<mpsc::Receiver<Result<StepResult, String>>>,
     handles: Vec<std::thread::JoinHandle<()>>,
@@ -107,6 +124,7 @@ impl LocalCluster {
             r.map_err(|detail| DriverError::Rank { rank, detail })?;
         }
         Ok(LocalCluster {
+            holders,
             txs,
             rxs,
             handles,
@@ -123,6 +141,14 @@ impl Cluster for LocalCluster {
 
     fn kv_shape(&self) -> (usize, usize) {
         (self.kv_blocks_per_rank, self.block_size)
+    }
+
+    fn holders(&self) -> &[Vec<Vec<u32>>] {
+        &self.holders
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        (0..self.txs.len()).map(|r| format!("thread:{r}")).collect()
     }
 
     fn step(&mut self, plans: Vec<StepPlan>) -> Result<Vec<StepResult>, DriverError> {
@@ -190,6 +216,7 @@ pub struct Driver {
     step_no: u64,
     kv_used: Vec<u32>,
     preemptions: usize,
+    expert_load: Vec<Vec<u64>>,
 }
 
 impl Driver {
@@ -211,6 +238,7 @@ impl Driver {
             step_no: 0,
             kv_used: vec![0; w],
             preemptions: 0,
+            expert_load: Vec::new(),
         }
     }
 
@@ -242,6 +270,24 @@ impl Driver {
 
     pub fn is_idle(&self) -> bool {
         self.live.is_empty() && self.pending_free.iter().all(|f| f.is_empty())
+    }
+
+    /// The cluster as of the last step.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut running = vec![0u32; self.cluster.world()];
+        for id in self.live.keys() {
+            if let Some(w) = self.state.home(*id) {
+                running[w] += 1;
+            }
+        }
+        Snapshot {
+            addresses: self.cluster.addresses(),
+            kv_used: self.kv_used.clone(),
+            kv_total: self.cluster.kv_shape().0,
+            running_per_rank: running,
+            holders: self.cluster.holders().to_vec(),
+            expert_load: self.expert_load.clone(),
+        }
     }
 
     /// Sequences preempted (and recomputed) so far.
@@ -290,6 +336,21 @@ impl Driver {
         let mut out = Vec::new();
         for (w, r) in results.into_iter().enumerate() {
             self.kv_used[w] = r.kv_blocks_used;
+            let experts = self
+                .cluster
+                .holders()
+                .iter()
+                .map(|l| l.len())
+                .max()
+                .unwrap_or(0);
+            if experts > 0 {
+                if self.expert_load.is_empty() {
+                    self.expert_load = vec![vec![0; experts]; r.expert_load.len() / experts];
+                }
+                for (i, n) in r.expert_load.iter().enumerate() {
+                    self.expert_load[i / experts][i % experts] += *n as u64;
+                }
+            }
             for t in r.tokens {
                 let Some(l) = self.live.get_mut(&t.seq_id) else {
                     continue;

@@ -24,6 +24,8 @@ pub struct GrpcCluster {
     rxs: Vec<Streaming<WorkerMessage>>,
     kv_blocks: usize,
     block_size: usize,
+    holders: Vec<Vec<Vec<u32>>>,
+    urls: Vec<String>,
 }
 
 fn rank_err(rank: usize) -> impl Fn(String) -> DriverError {
@@ -125,6 +127,8 @@ impl GrpcCluster {
             rxs,
             kv_blocks,
             block_size,
+            holders,
+            urls: urls.to_vec(),
         })
     }
 }
@@ -136,6 +140,14 @@ impl Cluster for GrpcCluster {
 
     fn kv_shape(&self) -> (usize, usize) {
         (self.kv_blocks, self.block_size)
+    }
+
+    fn holders(&self) -> &[Vec<Vec<u32>>] {
+        &self.holders
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        self.urls.clone()
     }
 
     fn step(&mut self, plans: Vec<StepPlan>) -> Result<Vec<StepResult>, DriverError> {

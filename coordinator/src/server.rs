@@ -8,7 +8,7 @@
 //! that goes away, or a stop string, cancels the request in the driver at once (its KV blocks
 //! are freed with the next step).
 
-use crate::driver::{Cluster, Driver, GenRequest};
+use crate::driver::{Cluster, Driver, GenRequest, Snapshot};
 use crate::generate::{self, Prompt, Request as GenReq};
 use crate::text::{Message, OutputText, Tokenizer};
 use crate::GenerateError;
@@ -33,7 +33,12 @@ enum Cmd {
 }
 
 /// Runs the driver loop on the current thread until the command channel closes.
-fn engine_loop(mut driver: Driver, rx: mpsc::Receiver<Cmd>) {
+fn engine_loop(
+    mut driver: Driver,
+    rx: mpsc::Receiver<Cmd>,
+    snapshot: Arc<std::sync::Mutex<Snapshot>>,
+) {
+    *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = driver.snapshot();
     let mut sinks: HashMap<u64, tokio::sync::mpsc::UnboundedSender<(u32, bool)>> = HashMap::new();
     loop {
         let first = if driver.is_idle() {
@@ -56,7 +61,9 @@ fn engine_loop(mut driver: Driver, rx: mpsc::Receiver<Cmd>) {
                 }
             }
         }
-        match driver.step() {
+        let stepped = driver.step();
+        *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = driver.snapshot();
+        match stepped {
             Ok(emitted) => {
                 for e in emitted {
                     let gone = match sinks.get(&e.id) {
@@ -87,6 +94,7 @@ pub struct InferenceService {
     cfg: switchyard_worker::ModelConfig,
     cmds: std::sync::Mutex<mpsc::Sender<Cmd>>,
     next_id: AtomicU64,
+    snapshot: Arc<std::sync::Mutex<Snapshot>>,
 }
 
 impl InferenceService {
@@ -101,10 +109,12 @@ impl InferenceService {
         let cfg = switchyard_worker::engine::read_config(model_dir)?;
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
+        let snapshot = Arc::new(std::sync::Mutex::new(Snapshot::default()));
+        let snap = snapshot.clone();
         std::thread::spawn(move || match make_cluster() {
             Ok(c) => {
                 let _ = ready_tx.send(Ok(()));
-                engine_loop(Driver::new(c, token_budget, 256), rx);
+                engine_loop(Driver::new(c, token_budget, 256), rx, snap);
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e.to_string()));
@@ -117,6 +127,7 @@ impl InferenceService {
             cfg,
             cmds: std::sync::Mutex::new(tx),
             next_id: AtomicU64::new(1),
+            snapshot,
         })
     }
 
@@ -360,6 +371,42 @@ impl Inference for InferenceService {
         &self,
         _: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
-        Err(Status::unimplemented("cluster status is not served yet"))
+        let s = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let workers = s
+            .addresses
+            .iter()
+            .enumerate()
+            .map(|(r, a)| WorkerStatus {
+                id: format!("rank-{r}"),
+                rank: r as u32,
+                address: a.clone(),
+                kv_blocks_used: s.kv_used.get(r).copied().unwrap_or(0),
+                kv_blocks_total: s.kv_total as u32,
+                running_sequences: s.running_per_rank.get(r).copied().unwrap_or(0),
+            })
+            .collect();
+        let placement = s
+            .holders
+            .iter()
+            .enumerate()
+            .flat_map(|(layer, l)| {
+                let load = s.expert_load.get(layer);
+                l.iter().enumerate().map(move |(e, ranks)| ExpertReplicas {
+                    layer: layer as u32,
+                    expert: e as u32,
+                    ranks: ranks.clone(),
+                    load: load.and_then(|x| x.get(e)).copied().unwrap_or(0) as f64,
+                })
+            })
+            .collect();
+        Ok(Response::new(ClusterStatusResponse {
+            epoch: 1,
+            workers,
+            placement,
+        }))
     }
 }

@@ -115,6 +115,36 @@ fn up_and_generate_stream_golden_tokens_and_reject_bad_input() {
         assert!(err.contains(needle), "{needle}: {err}");
     }
 
+    // ClusterStatus: both workers, every expert placed (2 replicated), load counted, KV idle.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let st = rt.block_on(async {
+        let mut c = switchyard_proto::v1::inference_client::InferenceClient::connect(url.clone())
+            .await
+            .unwrap();
+        c.cluster_status(switchyard_proto::v1::ClusterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+    });
+    assert_eq!(st.workers.len(), 2);
+    assert!(
+        st.workers
+            .iter()
+            .all(|w| w.kv_blocks_used == 0 && w.running_sequences == 0),
+        "{:?}",
+        st.workers
+    );
+    assert_eq!(st.placement.len(), 2 * 8);
+    assert!(st.placement.iter().all(|p| !p.ranks.is_empty()));
+    assert_eq!(
+        st.placement.iter().map(|p| p.ranks.len()).sum::<usize>(),
+        2 * (8 + 2)
+    );
+    assert!(st.placement.iter().map(|p| p.load).sum::<f64>() > 0.0);
+
     // Still serving, and a stop string ends the stream early with `stop`.
     let out = switchyard(&[
         "generate",
