@@ -68,6 +68,9 @@ pub struct UpArgs {
     /// Tokens computed per step across the cluster.
     #[arg(long, default_value_t = 512)]
     pub token_budget: usize,
+    /// Requests in flight (queued or running) before new ones get RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 1024)]
+    pub max_queue: usize,
 }
 
 #[derive(Args, Debug)]
@@ -469,6 +472,7 @@ fn up_cmd(a: UpArgs) -> Result<()> {
         name,
         move || crate::remote::GrpcCluster::connect(&urls, &model, redundant, kv, 16),
         a.token_budget,
+        a.max_queue,
     )?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -95,6 +95,19 @@ pub struct InferenceService {
     cmds: std::sync::Mutex<mpsc::Sender<Cmd>>,
     next_id: AtomicU64,
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
+    /// Admission bound: requests in flight (queued or running) beyond this are refused with
+    /// RESOURCE_EXHAUSTED.
+    max_in_flight: usize,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Counts a request as in flight until dropped.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl InferenceService {
@@ -104,6 +117,7 @@ impl InferenceService {
         model_name: String,
         make_cluster: impl FnOnce() -> Result<C, crate::driver::DriverError> + Send + 'static,
         token_budget: usize,
+        max_in_flight: usize,
     ) -> anyhow::Result<Self> {
         let tok = Arc::new(Tokenizer::load(model_dir)?);
         let cfg = switchyard_worker::engine::read_config(model_dir)?;
@@ -128,6 +142,8 @@ impl InferenceService {
             cmds: std::sync::Mutex::new(tx),
             next_id: AtomicU64::new(1),
             snapshot,
+            max_in_flight,
+            in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         })
     }
 
@@ -213,6 +229,14 @@ impl Inference for InferenceService {
             .map_err(gen_status)?;
         generate::validate(&greq, ids.len(), self.cfg.max_position_embeddings)
             .map_err(gen_status)?;
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(Status::resource_exhausted(format!(
+                "admission queue full: {} requests in flight",
+                self.max_in_flight
+            )));
+        }
+        let admitted = InFlight(self.in_flight.clone());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let request_id = if r.request_id.is_empty() {
             format!("req-{id}")
@@ -242,6 +266,7 @@ impl Inference for InferenceService {
         let prompt_tokens = ids.len() as u32;
         tokio::spawn(
             async move {
+                let _admitted = admitted;
                 let cancel = |cmds: &mpsc::Sender<Cmd>| {
                     let _ = cmds.send(Cmd::Cancel(id));
                 };

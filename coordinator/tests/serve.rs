@@ -162,3 +162,117 @@ fn up_and_generate_stream_golden_tokens_and_reject_bad_input() {
     assert_eq!(v["finish_reason"], "stop");
     assert!(!v["text"].as_str().unwrap().contains("tools"));
 }
+
+#[test]
+fn full_admission_queue_refuses_and_a_vanished_client_frees_its_kv() {
+    use switchyard_proto::v1::inference_client::InferenceClient;
+    use switchyard_proto::v1::*;
+    let dir = fixture("tiny-qwen3-moe");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "up",
+            "--model",
+            dir.to_str().unwrap(),
+            "--workers",
+            "2",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--max-queue",
+            "1",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let _up = Proc(child);
+    let url = line
+        .trim()
+        .strip_prefix("serving grpc=")
+        .unwrap()
+        .to_string();
+    let req = |max_tokens: u32| GenerateRequest {
+        input: Some(generate_request::Input::Text(
+            "The capital of France is".into(),
+        )),
+        max_tokens,
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut c = InferenceClient::connect(url.clone()).await.unwrap();
+        // A long request holds the only admission slot...
+        let mut long = c.generate(req(4000)).await.unwrap().into_inner();
+        assert!(matches!(
+            long.message().await.unwrap().unwrap().event,
+            Some(generate_response::Event::Started(_))
+        ));
+        assert!(matches!(
+            long.message().await.unwrap().unwrap().event,
+            Some(generate_response::Event::Delta(_))
+        ));
+        // ...so the next one is refused with back-pressure, not queued without bound.
+        let refused = c.generate(req(4)).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            tonic::Code::ResourceExhausted,
+            "{refused:?}"
+        );
+        // The client of the long request goes away: the request is cancelled, its slot and its
+        // KV blocks are freed, and new requests are served.
+        drop(long);
+        let mut served = None;
+        for _ in 0..200 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            if let Ok(s) = c.generate(req(4)).await {
+                served = Some(s.into_inner());
+                break;
+            }
+        }
+        let mut s = served.expect("a slot frees up after the client goes away");
+        let mut finished = false;
+        while let Some(m) = s.message().await.unwrap() {
+            finished |= matches!(m.event, Some(generate_response::Event::Finished(_)));
+        }
+        assert!(finished);
+        let st = idle_status(&mut c).await;
+        assert!(
+            st.workers
+                .iter()
+                .all(|w| w.kv_blocks_used == 0 && w.running_sequences == 0),
+            "{:?}",
+            st.workers
+        );
+    });
+}
+
+/// ClusterStatus once the last frees have reached the workers (they ride on the step after a
+/// request ends), or the last status seen after 5 s.
+async fn idle_status(
+    c: &mut switchyard_proto::v1::inference_client::InferenceClient<tonic::transport::Channel>,
+) -> switchyard_proto::v1::ClusterStatusResponse {
+    let mut last = None;
+    for _ in 0..250 {
+        let st = c
+            .cluster_status(switchyard_proto::v1::ClusterStatusRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if st
+            .workers
+            .iter()
+            .all(|w| w.kv_blocks_used == 0 && w.running_sequences == 0)
+        {
+            return st;
+        }
+        last = Some(st);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    last.unwrap()
+}
