@@ -3,32 +3,16 @@
 //! concurrent requests.
 
 mod common;
-use common::{fixture, Proc};
+use common::{fixture, spawn_serving, Proc};
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
 use switchyard_coordinator::driver::{Driver, GenRequest};
 use switchyard_coordinator::remote::GrpcCluster;
 use switchyard_kernels::sampling::SamplingParams;
 
 fn spawn_worker(model: &Path) -> (Proc, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args(["worker", "--model", model.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .unwrap_or_else(|| panic!("no url in {line:?}"))
-        .to_string();
-    (Proc(child), url)
+    spawn_serving(&["worker", "--model", model.to_str().unwrap()])
 }
 
 fn ids(v: &Value) -> Vec<u32> {

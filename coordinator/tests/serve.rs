@@ -3,41 +3,24 @@
 //! requests get INVALID_ARGUMENT naming the field and the cluster keeps serving.
 
 mod common;
-use common::{fixture, ids, switchyard, Proc};
+use common::{fixture, ids, spawn_serving, switchyard};
 
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
-
-use std::process::{Command, Stdio};
 
 #[test]
 fn up_and_generate_stream_golden_tokens_and_reject_bad_input() {
     let dir = fixture("tiny-qwen3-moe");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "up",
-            "--model",
-            dir.to_str().unwrap(),
-            "--workers",
-            "2",
-            "--redundant-experts",
-            "2",
-            "--grpc-addr",
-            "127.0.0.1:0",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _up = Proc(child);
-    let url = line
-        .trim()
-        .strip_prefix("serving grpc=")
-        .unwrap_or_else(|| panic!("unexpected: {line:?}"))
-        .to_string();
+    let (_up, url) = spawn_serving(&[
+        "up",
+        "--model",
+        dir.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--redundant-experts",
+        "2",
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ]);
 
     let golden: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
@@ -168,31 +151,17 @@ fn full_admission_queue_refuses_and_a_vanished_client_frees_its_kv() {
     use switchyard_proto::v1::inference_client::InferenceClient;
     use switchyard_proto::v1::*;
     let dir = fixture("tiny-qwen3-moe");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([
-            "up",
-            "--model",
-            dir.to_str().unwrap(),
-            "--workers",
-            "2",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--max-queue",
-            "1",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let _up = Proc(child);
-    let url = line
-        .trim()
-        .strip_prefix("serving grpc=")
-        .unwrap()
-        .to_string();
+    let (_up, url) = spawn_serving(&[
+        "up",
+        "--model",
+        dir.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--max-queue",
+        "1",
+    ]);
     let req = |max_tokens: u32| GenerateRequest {
         input: Some(generate_request::Input::Text(
             "The capital of France is".into(),

@@ -36,3 +36,25 @@ impl Drop for Proc {
         let _ = self.0.wait();
     }
 }
+
+/// Starts `switchyard ARGS`, waits for its first stdout line and returns the process and the
+/// URL that line announces (`... grpc=URL ...`).
+pub fn spawn_serving(args: &[&str]) -> (Proc, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let proc = Proc(child);
+    let url = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("grpc="))
+        .unwrap_or_else(|| panic!("no url in {line:?}"))
+        .to_string();
+    (proc, url)
+}
