@@ -1,15 +1,30 @@
 #!/usr/bin/env bash
 # Installs what the build needs on a fresh Debian machine: protoc (for the gRPC contracts).
+# With `test` as argument also what the tests need: etcd (a real server for the membership
+# tests) and a Python venv with grpcio (the cross-language client test).
 # Sourced by the other scripts; does nothing when everything is present.
 set -euo pipefail
 
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+if [ "${1:-}" = test ]; then
+  command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
+  command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
+fi
 if ((${#need[@]})); then
   echo "installing: ${need[*]}" >&2
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if [ "${1:-}" = test ]; then
+  venv="$HOME/.cache/switchyard/venv"
+  if ! "$venv/bin/python" -c "import grpc, grpc_tools" >/dev/null 2>&1; then
+    echo "creating $venv with grpcio" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q grpcio grpcio-tools
+  fi
+  export SWITCHYARD_PYTHON="$venv/bin/python"
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }

@@ -9,6 +9,7 @@
 //!   through which the model reaches experts, local or remote.
 //! - [`comm`]: the all-to-all between ranks; [`ep`]: expert parallelism over it.
 //! - [`kv`]: the paged KV cache and its block allocator.
+//! - [`membership`]: who the workers are and which coordinator leads (in-memory or etcd).
 //! - [`engine`]: sequences, block tables and steps on one worker.
 //! - [`presets`]: random-initialised checkpoints for demos and benchmarks.
 
@@ -19,6 +20,7 @@ pub mod ep;
 pub mod executor;
 pub mod experts;
 pub mod kv;
+pub mod membership;
 pub mod model;
 pub mod presets;
 pub mod server;

@@ -58,3 +58,82 @@ pub fn spawn_serving(args: &[&str]) -> (Proc, String) {
         .to_string();
     (proc, url)
 }
+
+/// A free TCP port on loopback (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real single-node etcd server on free loopback ports, with its data in a fresh directory;
+/// killed and removed when dropped. Needs `etcd` on PATH (the README's test command installs
+/// Debian's etcd-server).
+pub struct Etcd {
+    _proc: Proc,
+    dir: PathBuf,
+    pub url: String,
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let (client, peer) = (free_port(), free_port());
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-etcd-{}-{client}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args([
+                "--name",
+                "test",
+                "--data-dir",
+                dir.to_str().unwrap(),
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+                "--initial-cluster",
+                &format!("test={peer_url}"),
+                "--log-level",
+                "error",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("etcd on PATH (scripts/ensure-deps.sh installs etcd-server)");
+        let etcd = Etcd {
+            _proc: Proc(child),
+            dir,
+            url,
+        };
+        // Ready once its client port answers /health.
+        for _ in 0..200 {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", client)) {
+                use std::io::{Read, Write};
+                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+                let mut body = String::new();
+                let _ = s.read_to_string(&mut body);
+                if body.contains("\"health\":\"true\"") {
+                    return etcd;
+                }
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("etcd did not become healthy at {}", etcd.url);
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self._proc.0.kill();
+        let _ = self._proc.0.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,445 @@
+//! Cluster membership: which workers are alive and which coordinator leads.
+//!
+//! One trait, [`Membership`], with two implementations:
+//! - [`MemoryMembership`], the embedded default: one process (`switchyard up`) starts the
+//!   coordinator and its workers and records them here; no external service.
+//! - [`EtcdMembership`], a real etcd cluster: each worker puts `PREFIX/workers/ID` under a lease
+//!   it keeps alive; coordinators list and watch that prefix, and coordinator replicas campaign
+//!   in etcd's election on `PREFIX/leader`.
+//!
+//! Invariants:
+//! - A member is listed (and a watcher has seen it join) exactly while its [`Registration`] is
+//!   alive: dropping the registration, or (etcd) failing to keep its lease for the lease's TTL,
+//!   removes it and sends watchers a [`MembershipEvent::Left`].
+//! - A watch starts from a snapshot and then delivers every later change once, in order (etcd:
+//!   the watch starts at the snapshot's revision + 1, so nothing between the two is lost).
+//! - At most one [`Leadership`] per election name is held at a time; `campaign` waits until it
+//!   is this candidate's turn.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Notify};
+
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipError {
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    #[error("member record {key:?}: {detail}")]
+    BadRecord { key: String, detail: String },
+    #[error("membership closed")]
+    Closed,
+}
+
+/// What a worker publishes about itself.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// Unique within the cluster prefix.
+    pub id: String,
+    /// The worker's control endpoint (gRPC URL).
+    pub control_url: String,
+    /// Model directory or name the worker serves.
+    #[serde(default)]
+    pub model: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MembershipEvent {
+    Joined(MemberInfo),
+    /// The member's id.
+    Left(String),
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A live registration; dropping it withdraws the member.
+pub struct Registration {
+    lost: watch::Receiver<bool>,
+    _guard: Guard,
+}
+
+impl Registration {
+    /// Resolves when the registration can no longer be kept (etcd unreachable past the lease).
+    pub async fn lost(&mut self) {
+        let _ = self.lost.wait_for(|l| *l).await;
+    }
+}
+
+/// Coordinator leadership; dropping it resigns.
+pub struct Leadership {
+    lost: watch::Receiver<bool>,
+    _guard: Guard,
+}
+
+impl Leadership {
+    pub fn is_held(&self) -> bool {
+        !*self.lost.borrow()
+    }
+    /// Resolves when leadership is lost (the lease could not be kept).
+    pub async fn lost(&mut self) {
+        let _ = self.lost.wait_for(|l| *l).await;
+    }
+}
+
+/// Runs a closure when dropped (withdraws a registration, resigns a leadership).
+struct Guard(Option<Box<dyn FnOnce() + Send + Sync>>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(f) = self.0.take() {
+            f()
+        }
+    }
+}
+
+/// Where a coordinator learns who the workers are, and who leads.
+pub trait Membership: Send + Sync {
+    /// Publishes `member` with a lease of `ttl`, kept alive until the registration is dropped.
+    fn register(
+        &self,
+        member: MemberInfo,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Registration, MembershipError>>;
+    /// The current members, by id, and a stream of every later change.
+    fn watch(
+        &self,
+    ) -> BoxFuture<
+        '_,
+        Result<(Vec<MemberInfo>, mpsc::UnboundedReceiver<MembershipEvent>), MembershipError>,
+    >;
+    /// Waits until `candidate` leads the election `name`; keeps it with a lease of `ttl`.
+    fn campaign(
+        &self,
+        name: &str,
+        candidate: &str,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Leadership, MembershipError>>;
+    /// The current leader of `name`, if any.
+    fn leader(&self, name: &str) -> BoxFuture<'_, Result<Option<String>, MembershipError>>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// In-memory
+
+#[derive(Default)]
+struct MemoryState {
+    members: BTreeMap<String, MemberInfo>,
+    watchers: Vec<mpsc::UnboundedSender<MembershipEvent>>,
+    /// Election name -> leader id.
+    leaders: BTreeMap<String, String>,
+}
+
+/// Membership inside one process: `switchyard up` registers the workers it spawned.
+#[derive(Clone, Default)]
+pub struct MemoryMembership {
+    state: Arc<Mutex<MemoryState>>,
+    released: Arc<Notify>,
+}
+
+impl MemoryMembership {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn publish(st: &mut MemoryState, ev: MembershipEvent) {
+        st.watchers.retain(|w| w.send(ev.clone()).is_ok());
+    }
+}
+
+fn lock(m: &Mutex<MemoryState>) -> std::sync::MutexGuard<'_, MemoryState> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Membership for MemoryMembership {
+    fn register(
+        &self,
+        member: MemberInfo,
+        _ttl: Duration,
+    ) -> BoxFuture<'_, Result<Registration, MembershipError>> {
+        Box::pin(async move {
+            let id = member.id.clone();
+            {
+                let mut st = lock(&self.state);
+                st.members.insert(id.clone(), member.clone());
+                Self::publish(&mut st, MembershipEvent::Joined(member));
+            }
+            let state = self.state.clone();
+            let (_tx, lost) = watch::channel(false);
+            Ok(Registration {
+                lost,
+                _guard: Guard(Some(Box::new(move || {
+                    let _keep = _tx;
+                    let mut st = lock(&state);
+                    if st.members.remove(&id).is_some() {
+                        Self::publish(&mut st, MembershipEvent::Left(id));
+                    }
+                }))),
+            })
+        })
+    }
+
+    fn watch(
+        &self,
+    ) -> BoxFuture<
+        '_,
+        Result<(Vec<MemberInfo>, mpsc::UnboundedReceiver<MembershipEvent>), MembershipError>,
+    > {
+        Box::pin(async move {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let mut st = lock(&self.state);
+            st.watchers.push(tx);
+            Ok((st.members.values().cloned().collect(), rx))
+        })
+    }
+
+    fn campaign(
+        &self,
+        name: &str,
+        candidate: &str,
+        _ttl: Duration,
+    ) -> BoxFuture<'_, Result<Leadership, MembershipError>> {
+        let (name, candidate) = (name.to_string(), candidate.to_string());
+        Box::pin(async move {
+            loop {
+                let released = self.released.notified();
+                {
+                    let mut st = lock(&self.state);
+                    if !st.leaders.contains_key(&name) {
+                        st.leaders.insert(name.clone(), candidate.clone());
+                        break;
+                    }
+                }
+                released.await;
+            }
+            let (state, released) = (self.state.clone(), self.released.clone());
+            let (tx, lost) = watch::channel(false);
+            Ok(Leadership {
+                lost,
+                _guard: Guard(Some(Box::new(move || {
+                    let _keep = tx;
+                    lock(&state).leaders.remove(&name);
+                    released.notify_waiters();
+                }))),
+            })
+        })
+    }
+
+    fn leader(&self, name: &str) -> BoxFuture<'_, Result<Option<String>, MembershipError>> {
+        let name = name.to_string();
+        Box::pin(async move { Ok(lock(&self.state).leaders.get(&name).cloned()) })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// etcd
+
+/// Membership in an etcd cluster under `prefix` (e.g. `/switchyard/prod`).
+#[derive(Clone)]
+pub struct EtcdMembership {
+    client: etcd_client::Client,
+    prefix: String,
+}
+
+impl EtcdMembership {
+    pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, MembershipError> {
+        let opts = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(10));
+        let client = etcd_client::Client::connect(endpoints, Some(opts)).await?;
+        Ok(EtcdMembership {
+            client,
+            prefix: prefix.trim_end_matches('/').to_string(),
+        })
+    }
+
+    fn workers_prefix(&self) -> String {
+        format!("{}/workers/", self.prefix)
+    }
+
+    /// Grants a lease and keeps it alive from a background task until the returned sender is
+    /// dropped; the receiver turns true when the lease is lost.
+    async fn leased(
+        &self,
+        ttl: Duration,
+    ) -> Result<(i64, watch::Receiver<bool>, tokio::task::JoinHandle<()>), MembershipError> {
+        let mut c = self.client.clone();
+        let ttl_s = ttl.as_secs().max(1) as i64;
+        let lease = c.lease_grant(ttl_s, None).await?.id();
+        let (mut keeper, mut acks) = c.lease_keep_alive(lease).await?;
+        let (lost_tx, lost) = watch::channel(false);
+        let period = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(100));
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                let alive = async {
+                    keeper.keep_alive().await?;
+                    match acks.message().await? {
+                        Some(a) if a.ttl() > 0 => Ok(true),
+                        _ => Ok::<_, etcd_client::Error>(false),
+                    }
+                };
+                match alive.await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(lease, "lease expired");
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(lease, error = %e, "lease keep-alive failed");
+                        let _ = lost_tx.send(true);
+                        return;
+                    }
+                }
+            }
+        });
+        Ok((lease, lost, task))
+    }
+
+    /// Stops keeping `lease` and revokes it (best effort; it expires anyway).
+    fn release(
+        &self,
+        lease: i64,
+        task: tokio::task::JoinHandle<()>,
+    ) -> Box<dyn FnOnce() + Send + Sync> {
+        let mut c = self.client.clone();
+        Box::new(move || {
+            task.abort();
+            if let Ok(h) = tokio::runtime::Handle::try_current() {
+                h.spawn(async move {
+                    let _ = c.lease_revoke(lease).await;
+                });
+            }
+        })
+    }
+}
+
+fn parse_member(key: &[u8], value: &[u8]) -> Result<MemberInfo, MembershipError> {
+    serde_json::from_slice(value).map_err(|e| MembershipError::BadRecord {
+        key: String::from_utf8_lossy(key).into_owned(),
+        detail: e.to_string(),
+    })
+}
+
+impl Membership for EtcdMembership {
+    fn register(
+        &self,
+        member: MemberInfo,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Registration, MembershipError>> {
+        Box::pin(async move {
+            let (lease, lost, task) = self.leased(ttl).await?;
+            let key = format!("{}{}", self.workers_prefix(), member.id);
+            let value = serde_json::to_vec(&member).expect("member serializes");
+            self.client
+                .clone()
+                .put(
+                    key,
+                    value,
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )
+                .await?;
+            Ok(Registration {
+                lost,
+                _guard: Guard(Some(self.release(lease, task))),
+            })
+        })
+    }
+
+    fn watch(
+        &self,
+    ) -> BoxFuture<
+        '_,
+        Result<(Vec<MemberInfo>, mpsc::UnboundedReceiver<MembershipEvent>), MembershipError>,
+    > {
+        Box::pin(async move {
+            let mut c = self.client.clone();
+            let prefix = self.workers_prefix();
+            let snap = c
+                .get(
+                    prefix.clone(),
+                    Some(etcd_client::GetOptions::new().with_prefix()),
+                )
+                .await?;
+            let rev = snap.header().map(|h| h.revision()).unwrap_or(0);
+            let members = snap
+                .kvs()
+                .iter()
+                .map(|kv| parse_member(kv.key(), kv.value()))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut stream = c
+                .watch(
+                    prefix.clone(),
+                    Some(
+                        etcd_client::WatchOptions::new()
+                            .with_prefix()
+                            .with_start_revision(rev + 1),
+                    ),
+                )
+                .await?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                while let Ok(Some(resp)) = stream.message().await {
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        let e = match ev.event_type() {
+                            etcd_client::EventType::Put => match parse_member(kv.key(), kv.value())
+                            {
+                                Ok(m) => MembershipEvent::Joined(m),
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "ignoring member record");
+                                    continue;
+                                }
+                            },
+                            etcd_client::EventType::Delete => MembershipEvent::Left(
+                                String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned(),
+                            ),
+                        };
+                        if tx.send(e).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            Ok((members, rx))
+        })
+    }
+
+    fn campaign(
+        &self,
+        name: &str,
+        candidate: &str,
+        ttl: Duration,
+    ) -> BoxFuture<'_, Result<Leadership, MembershipError>> {
+        let name = format!("{}/{}", self.prefix, name);
+        let candidate = candidate.to_string();
+        Box::pin(async move {
+            let (lease, lost, task) = self.leased(ttl).await?;
+            // Blocks until every earlier candidate's key is gone.
+            self.client.clone().campaign(name, candidate, lease).await?;
+            Ok(Leadership {
+                lost,
+                _guard: Guard(Some(self.release(lease, task))),
+            })
+        })
+    }
+
+    fn leader(&self, name: &str) -> BoxFuture<'_, Result<Option<String>, MembershipError>> {
+        let name = format!("{}/{}", self.prefix, name);
+        Box::pin(async move {
+            match self.client.clone().leader(name).await {
+                Ok(r) => Ok(r
+                    .kv()
+                    .map(|kv| String::from_utf8_lossy(kv.value()).into_owned())),
+                // etcd answers "election: no leader" as an error.
+                Err(etcd_client::Error::GRpcStatus(s)) if s.message().contains("no leader") => {
+                    Ok(None)
+                }
+                Err(e) => Err(e.into()),
+            }
+        })
+    }
+}
