@@ -3,13 +3,17 @@
 
 use crate::bench::{self, BenchOptions};
 use crate::generate::{self, Prompt, Request};
+use crate::serve::{serve, ServeOptions};
 use crate::text::{Message, Tokenizer};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 use switchyard_kernels::sampling::SamplingParams;
 use switchyard_worker::engine::{Engine, EngineOptions};
+use switchyard_worker::membership::{EtcdMembership, MemberInfo, Membership, MemoryMembership};
 use switchyard_worker::{presets, WeightDType};
 
 /// The tokenizer shipped with generated models (the fixture tokenizer).
@@ -47,14 +51,18 @@ pub enum Command {
     /// Start a local cluster: K worker processes and the coordinator's gRPC API. Prints
     /// `serving grpc=URL` once ready; serves until stopped.
     Up(UpArgs),
+    /// Serve as the coordinator of workers found in etcd (or given by --worker-url). Prints
+    /// `serving grpc=URL` once leader and connected.
+    Coordinator(CoordinatorArgs),
     /// Stream a generation from a running cluster.
     Generate(GenerateArgs),
 }
 
-#[derive(Args, Debug)]
-pub struct UpArgs {
+#[derive(Args, Debug, Clone)]
+pub struct ClusterArgs {
     #[arg(long)]
     pub model: PathBuf,
+    /// Worker processes (up) or registered workers to wait for (coordinator).
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
     /// Extra expert replicas per layer (hottest experts first).
@@ -71,6 +79,63 @@ pub struct UpArgs {
     /// Requests in flight (queued or running) before new ones get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024)]
     pub max_queue: usize,
+    #[command(flatten)]
+    pub membership: MembershipArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct MembershipArgs {
+    /// etcd endpoints (comma-separated) for membership and leader election; without it
+    /// membership is in-memory.
+    #[arg(long, env = "SWITCHYARD_ETCD")]
+    pub etcd: Option<String>,
+    /// Key prefix of this cluster in etcd.
+    #[arg(long, default_value = "/switchyard/default")]
+    pub cluster_prefix: String,
+    /// Lease time-to-live in seconds: a member that stops renewing disappears after this.
+    #[arg(long, default_value_t = 5)]
+    pub lease_ttl: u64,
+}
+
+impl MembershipArgs {
+    async fn connect(&self) -> Result<Option<Arc<dyn Membership>>> {
+        let Some(urls) = &self.etcd else {
+            return Ok(None);
+        };
+        let endpoints: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
+        let m = EtcdMembership::connect(&endpoints, &self.cluster_prefix)
+            .await
+            .with_context(|| format!("--etcd {urls}"))?;
+        Ok(Some(Arc::new(m)))
+    }
+
+    fn ttl(&self) -> Result<Duration> {
+        if self.lease_ttl == 0 {
+            bail!("--lease-ttl must be at least 1 second");
+        }
+        Ok(Duration::from_secs(self.lease_ttl))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
+    /// Worker control URLs, when membership is static (no --etcd); rank follows the order.
+    #[arg(long = "worker-url")]
+    pub worker_urls: Vec<String>,
+    /// This replica's name in the leader election (default: hostname and pid).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Seconds to wait for --workers workers to register.
+    #[arg(long, default_value_t = 300)]
+    pub join_timeout: u64,
 }
 
 #[derive(Args, Debug)]
@@ -105,6 +170,11 @@ pub struct WorkerArgs {
     /// Exit when standard input closes (set by `switchyard up`, so workers never outlive it).
     #[arg(long)]
     pub exit_with_stdin: bool,
+    /// Control URL published in membership (default: http://LISTEN-ADDRESS).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    #[command(flatten)]
+    pub membership: MembershipArgs,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -252,6 +322,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench_cmd(a),
         Command::Worker(a) => worker_cmd(a),
         Command::Up(a) => up_cmd(a),
+        Command::Coordinator(a) => coordinator_cmd(a),
         Command::Generate(a) => generate_cmd(a),
     }
 }
@@ -413,8 +484,35 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
             dtype: a.dtype,
             ..Default::default()
         };
+        let control_url = a.advertise.unwrap_or_else(|| format!("http://{addr}"));
+        let member = MemberInfo {
+            id: id.clone(),
+            control_url: control_url.clone(),
+            model: a.model.display().to_string(),
+        };
         let svc = switchyard_worker::server::WorkerService::new(id, a.model, opts, comm)?;
-        println!("worker ready grpc=http://{addr} comm={comm_addr}");
+        // Registered only once the control port is bound, so a listed worker is reachable.
+        if let Some(m) = a.membership.connect().await? {
+            let ttl = a.membership.ttl()?;
+            let mut reg = m.register(member.clone(), ttl).await?;
+            // A lapsed lease (paused process, partition) is re-registered once reachable.
+            tokio::spawn(async move {
+                loop {
+                    reg.lost().await;
+                    tracing::warn!("registration lost; registering again");
+                    reg = loop {
+                        match m.register(member.clone(), ttl).await {
+                            Ok(r) => break r,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "register failed; retrying");
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            }
+                        }
+                    };
+                }
+            });
+        }
+        println!("worker ready grpc={control_url} comm={comm_addr}");
         std::io::stdout().flush()?;
         tonic::transport::Server::builder()
             .add_service(svc.into_server())
@@ -435,19 +533,57 @@ impl Drop for Children {
     }
 }
 
+fn serve_options(
+    c: &ClusterArgs,
+    candidate: String,
+    join_timeout: Duration,
+) -> Result<ServeOptions> {
+    Ok(ServeOptions {
+        model: c.model.clone(),
+        workers: c.workers,
+        redundant_experts: c.redundant_experts,
+        grpc_addr: c.grpc_addr.clone(),
+        kv_blocks: c.kv_blocks,
+        token_budget: c.token_budget,
+        max_queue: c.max_queue,
+        candidate,
+        lease_ttl: c.membership.ttl()?,
+        join_timeout,
+    })
+}
+
+fn ctrl_c() -> impl std::future::Future<Output = ()> + Send {
+    async {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 fn up_cmd(a: UpArgs) -> Result<()> {
     use std::io::BufRead;
-    if a.workers == 0 {
+    let c = a.cluster;
+    if c.workers == 0 {
         bail!("--workers must be at least 1");
     }
     let exe = std::env::current_exe()?;
     let mut children = Children(Vec::new());
-    let mut urls = Vec::new();
-    for i in 0..a.workers {
-        let mut child = std::process::Command::new(&exe)
-            .args(["worker", "--model"])
-            .arg(&a.model)
-            .args(["--id", &format!("worker-{i}"), "--exit-with-stdin"])
+    let mut started = Vec::new();
+    for i in 0..c.workers {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["worker", "--model"]).arg(&c.model).args([
+            "--id",
+            &format!("worker-{i}"),
+            "--exit-with-stdin",
+        ]);
+        if let Some(etcd) = &c.membership.etcd {
+            cmd.args([
+                "--etcd",
+                etcd,
+                "--cluster-prefix",
+                &c.membership.cluster_prefix,
+            ])
+            .args(["--lease-ttl", &c.membership.lease_ttl.to_string()]);
+        }
+        let mut child = cmd
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()?;
@@ -459,43 +595,74 @@ fn up_cmd(a: UpArgs) -> Result<()> {
             .split_whitespace()
             .find_map(|w| w.strip_prefix("grpc="))
             .with_context(|| format!("worker {i} did not start: {line:?}"))?;
-        urls.push(url.to_string());
+        started.push(MemberInfo {
+            id: format!("worker-{i}"),
+            control_url: url.to_string(),
+            model: c.model.display().to_string(),
+        });
     }
-    let name = a
-        .model
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    let (model, redundant, kv) = (a.model.clone(), a.redundant_experts, a.kv_blocks);
-    let svc = crate::server::InferenceService::start(
-        &a.model,
-        name,
-        move || crate::remote::GrpcCluster::connect(&urls, &model, redundant, kv, 16),
-        a.token_budget,
-        a.max_queue,
-    )?;
+    let opts = serve_options(&c, "up".into(), Duration::from_secs(60))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(&a.grpc_addr)
-            .await
-            .with_context(|| format!("--grpc-addr {}", a.grpc_addr))?;
-        println!("serving grpc=http://{}", listener.local_addr()?);
-        std::io::stdout().flush()?;
-        tonic::transport::Server::builder()
-            .add_service(svc.into_server())
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                async {
-                    let _ = tokio::signal::ctrl_c().await;
-                },
-            )
-            .await?;
-        Ok::<_, anyhow::Error>(())
+        // With etcd the workers registered themselves; in memory, `up` records them.
+        let mut registrations = Vec::new();
+        let membership: Arc<dyn Membership> = match c.membership.connect().await? {
+            Some(m) => m,
+            None => {
+                let m = MemoryMembership::new();
+                for w in started {
+                    registrations.push(m.register(w, opts.lease_ttl).await?);
+                }
+                Arc::new(m)
+            }
+        };
+        serve(opts, membership, ctrl_c()).await
     })?;
     drop(children);
     Ok(())
+}
+
+fn coordinator_cmd(a: CoordinatorArgs) -> Result<()> {
+    let c = &a.cluster;
+    if c.membership.etcd.is_some() == !a.worker_urls.is_empty() {
+        bail!("give either --etcd (workers register there) or --worker-url for each worker");
+    }
+    let candidate = a.id.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "coordinator".into()),
+            std::process::id()
+        )
+    });
+    let mut opts = serve_options(c, candidate, Duration::from_secs(a.join_timeout))?;
+    if !a.worker_urls.is_empty() {
+        opts.workers = a.worker_urls.len();
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let mut registrations = Vec::new();
+        let membership: Arc<dyn Membership> = match c.membership.connect().await? {
+            Some(m) => m,
+            None => {
+                let m = MemoryMembership::new();
+                for (i, url) in a.worker_urls.iter().enumerate() {
+                    let w = MemberInfo {
+                        // Zero-padded so sorted ids keep the given order.
+                        id: format!("worker-{i:04}"),
+                        control_url: url.clone(),
+                        model: c.model.display().to_string(),
+                    };
+                    registrations.push(m.register(w, opts.lease_ttl).await?);
+                }
+                Arc::new(m)
+            }
+        };
+        serve(opts, membership, ctrl_c()).await
+    })
 }
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {

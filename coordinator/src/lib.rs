@@ -8,6 +8,7 @@ pub mod generate;
 pub mod placement;
 pub mod remote;
 pub mod scheduler;
+pub mod serve;
 pub mod server;
 pub mod text;
 

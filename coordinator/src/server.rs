@@ -99,6 +99,15 @@ pub struct InferenceService {
     /// RESOURCE_EXHAUSTED.
     max_in_flight: usize,
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    roster: Arc<std::sync::Mutex<Roster>>,
+}
+
+/// Which member serves each rank, and which members are registered now (membership's view).
+/// Empty `ids`: every rank is listed as `rank-N`.
+#[derive(Clone, Debug, Default)]
+pub struct Roster {
+    pub ids: Vec<String>,
+    pub live: std::collections::BTreeSet<String>,
 }
 
 /// Counts a request as in flight until dropped.
@@ -144,7 +153,13 @@ impl InferenceService {
             snapshot,
             max_in_flight,
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            roster: Default::default(),
         })
+    }
+
+    /// The roster ClusterStatus reports from; the caller keeps it current with membership.
+    pub fn roster(&self) -> Arc<std::sync::Mutex<Roster>> {
+        self.roster.clone()
     }
 
     pub fn into_server(self) -> InferenceServer<Self> {
@@ -401,17 +416,30 @@ impl Inference for InferenceService {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
+        let roster = self
+            .roster
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        // A rank whose member has left membership (lease lost) is no longer listed.
         let workers = s
             .addresses
             .iter()
             .enumerate()
-            .map(|(r, a)| WorkerStatus {
-                id: format!("rank-{r}"),
-                rank: r as u32,
-                address: a.clone(),
-                kv_blocks_used: s.kv_used.get(r).copied().unwrap_or(0),
-                kv_blocks_total: s.kv_total as u32,
-                running_sequences: s.running_per_rank.get(r).copied().unwrap_or(0),
+            .filter_map(|(r, a)| {
+                let id = match roster.ids.get(r) {
+                    Some(id) if roster.live.contains(id) => id.clone(),
+                    Some(_) => return None,
+                    None => format!("rank-{r}"),
+                };
+                Some(WorkerStatus {
+                    id,
+                    rank: r as u32,
+                    address: a.clone(),
+                    kv_blocks_used: s.kv_used.get(r).copied().unwrap_or(0),
+                    kv_blocks_total: s.kv_total as u32,
+                    running_sequences: s.running_per_rank.get(r).copied().unwrap_or(0),
+                })
             })
             .collect();
         let placement = s

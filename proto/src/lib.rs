@@ -14,3 +14,7 @@ pub mod cluster {
         tonic::include_proto!("switchyard.cluster.v1");
     }
 }
+
+/// The encoded `FileDescriptorSet` of every contract above, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/switchyard_descriptor.bin"));

@@ -137,3 +137,82 @@ impl Drop for Etcd {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Streams one greedy generation of `prompt_ids` (token ids in, token ids out).
+pub async fn generate_ids(url: &str, prompt_ids: Vec<u32>, max_tokens: u32) -> Vec<u32> {
+    use switchyard_proto::v1::generate_response::Event;
+    use switchyard_proto::v1::inference_client::InferenceClient;
+    use switchyard_proto::v1::*;
+    let mut c = InferenceClient::connect(url.to_string()).await.unwrap();
+    let mut s = c
+        .generate(GenerateRequest {
+            input: Some(generate_request::Input::TokenIds(TokenIds {
+                ids: prompt_ids,
+            })),
+            max_tokens,
+            ignore_eos: true,
+            stream_token_ids: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    let mut finished = false;
+    while let Some(m) = s.message().await.unwrap() {
+        match m.event {
+            Some(Event::Delta(d)) => out.extend(d.token_ids),
+            Some(Event::Finished(_)) => finished = true,
+            _ => {}
+        }
+    }
+    assert!(finished, "stream ended without Finished");
+    out
+}
+
+/// Every golden prompt of the fixture `model`, all in flight at once (`copies` times each),
+/// streams exactly the transformers greedy tokens.
+pub async fn assert_goldens(url: &str, model: &str, copies: usize) {
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(model).join("golden.json")).unwrap())
+            .unwrap();
+    let mut tasks = Vec::new();
+    for _ in 0..copies {
+        for p in golden["prompts"].as_array().unwrap() {
+            let prompt: Vec<u32> = ids(&p["input_ids"]).iter().map(|&x| x as u32).collect();
+            let want: Vec<u32> = ids(&p["greedy"]["new_ids"])
+                .iter()
+                .map(|&x| x as u32)
+                .collect();
+            let (url, name) = (url.to_string(), p["name"].as_str().unwrap().to_string());
+            tasks.push(tokio::spawn(async move {
+                let got = generate_ids(&url, prompt, want.len() as u32).await;
+                assert_eq!(got, want, "{name}");
+            }));
+        }
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// Runs a future to completion on a fresh multi-threaded runtime.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// ClusterStatus of the coordinator at `url`.
+pub async fn cluster_status(url: &str) -> switchyard_proto::v1::ClusterStatusResponse {
+    switchyard_proto::v1::inference_client::InferenceClient::connect(url.to_string())
+        .await
+        .unwrap()
+        .cluster_status(switchyard_proto::v1::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}

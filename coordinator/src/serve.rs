@@ -1,0 +1,158 @@
+//! The coordinator role: lead, find the workers, connect, serve.
+//!
+//! 1. Campaign for leadership of the cluster prefix; a standby replica waits here until the
+//!    leader's lease is gone (etcd), so at most one coordinator drives the workers.
+//! 2. Wait until `workers` members have registered; ranks follow member ids in sorted order.
+//! 3. Connect to their control streams, hand out the expert placement, wait until every worker
+//!    has joined the all-to-all mesh and loaded its experts.
+//! 4. Serve `switchyard.v1.Inference`, `grpc.health.v1.Health` (SERVING once the cluster is up)
+//!    and server reflection on `grpc_addr`; keep ClusterStatus's roster current with
+//!    membership's watch (a worker whose lease lapses is no longer listed).
+//!
+//! Prints `serving grpc=URL` on stdout once ready.
+
+use crate::server::InferenceService;
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use switchyard_worker::membership::{MemberInfo, Membership, MembershipEvent};
+
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    pub model: PathBuf,
+    /// Workers to wait for; the cluster's world size.
+    pub workers: usize,
+    pub redundant_experts: usize,
+    pub grpc_addr: String,
+    pub kv_blocks: usize,
+    pub token_budget: usize,
+    pub max_queue: usize,
+    /// This coordinator's name in the leader election.
+    pub candidate: String,
+    pub lease_ttl: Duration,
+    /// Give up waiting for workers after this long.
+    pub join_timeout: Duration,
+}
+
+/// Election name (under the membership prefix) that coordinator replicas campaign on.
+pub const LEADER_ELECTION: &str = "coordinator-leader";
+
+/// Runs the coordinator until `shutdown` resolves.
+pub async fn serve(
+    opts: ServeOptions,
+    membership: Arc<dyn Membership>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    if opts.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    if let Some(l) = membership.leader(LEADER_ELECTION).await? {
+        eprintln!("standby: {l} leads; waiting for its lease to end");
+    }
+    let mut leadership = membership
+        .campaign(LEADER_ELECTION, &opts.candidate, opts.lease_ttl)
+        .await?;
+    tracing::info!(candidate = %opts.candidate, "leading");
+
+    let (snapshot, mut events) = membership.watch().await?;
+    let mut live: BTreeMap<String, MemberInfo> =
+        snapshot.into_iter().map(|m| (m.id.clone(), m)).collect();
+    let deadline = tokio::time::Instant::now() + opts.join_timeout;
+    while live.len() < opts.workers {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(e)) => apply(&mut live, e),
+            Ok(None) => bail!("membership watch ended"),
+            Err(_) => bail!(
+                "{} of {} workers registered after {:?}",
+                live.len(),
+                opts.workers,
+                opts.join_timeout
+            ),
+        }
+    }
+    let members: Vec<MemberInfo> = live.values().take(opts.workers).cloned().collect();
+    let urls: Vec<String> = members.iter().map(|m| m.control_url.clone()).collect();
+    tracing::info!(?urls, "workers registered; connecting");
+
+    let name = opts
+        .model
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let o = opts.clone();
+    let svc = tokio::task::spawn_blocking(move || {
+        let (model, redundant, kv) = (o.model.clone(), o.redundant_experts, o.kv_blocks);
+        InferenceService::start(
+            &o.model,
+            name,
+            move || crate::remote::GrpcCluster::connect(&urls, &model, redundant, kv, 16),
+            o.token_budget,
+            o.max_queue,
+        )
+    })
+    .await??;
+    let roster = svc.roster();
+    {
+        let mut r = roster.lock().unwrap_or_else(|e| e.into_inner());
+        r.ids = members.iter().map(|m| m.id.clone()).collect();
+        r.live = live.keys().cloned().collect();
+    }
+    tokio::spawn(async move {
+        while let Some(e) = events.recv().await {
+            match &e {
+                MembershipEvent::Left(id) => tracing::warn!(%id, "worker left membership"),
+                MembershipEvent::Joined(m) => tracing::info!(id = %m.id, "worker registered"),
+            }
+            apply(&mut live, e);
+            roster.lock().unwrap_or_else(|e| e.into_inner()).live = live.keys().cloned().collect();
+        }
+    });
+
+    let (health, health_svc) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<switchyard_proto::v1::inference_server::InferenceServer<InferenceService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let listener = tokio::net::TcpListener::bind(&opts.grpc_addr)
+        .await
+        .with_context(|| format!("--grpc-addr {}", opts.grpc_addr))?;
+    println!("serving grpc=http://{}", listener.local_addr()?);
+    std::io::stdout().flush()?;
+    let lost = async move {
+        leadership.lost().await;
+        tracing::error!("leadership lost; stopping");
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_svc)
+        .add_service(reflection)
+        .add_service(svc.into_server())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            async {
+                tokio::select! {
+                    _ = shutdown => {}
+                    _ = lost => {}
+                }
+            },
+        )
+        .await?;
+    Ok(())
+}
+
+fn apply(live: &mut BTreeMap<String, MemberInfo>, e: MembershipEvent) {
+    match e {
+        MembershipEvent::Joined(m) => {
+            live.insert(m.id.clone(), m);
+        }
+        MembershipEvent::Left(id) => {
+            live.remove(&id);
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! The two roles run separately with membership in a real etcd server (started by the test):
+//! `switchyard worker --etcd` processes register under the cluster prefix with leases,
+//! `switchyard coordinator --etcd` leads, finds them and serves the golden tokens; a worker that
+//! stops renewing its lease (frozen with SIGSTOP) disappears from ClusterStatus, and comes back
+//! when resumed.
+
+mod common;
+use common::{assert_goldens, block_on, cluster_status, fixture, spawn_serving, Etcd};
+
+use std::time::{Duration, Instant};
+
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+#[test]
+fn workers_register_in_etcd_and_a_lapsed_lease_leaves_cluster_status() {
+    let etcd = Etcd::start();
+    let model = fixture("tiny-qwen3-moe");
+    let m = model.to_str().unwrap();
+    let membership = [
+        "--etcd",
+        &etcd.url,
+        "--cluster-prefix",
+        "/switchyard/e2e",
+        "--lease-ttl",
+        "2",
+    ];
+    let workers: Vec<_> = (0..2)
+        .map(|i| {
+            let id = format!("w{i}");
+            let mut args = vec!["worker", "--model", m, "--id", &id];
+            args.extend(membership);
+            spawn_serving(&args)
+        })
+        .collect();
+    let mut args = vec![
+        "coordinator",
+        "--model",
+        m,
+        "--workers",
+        "2",
+        "--redundant-experts",
+        "2",
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ];
+    args.extend(membership);
+    let (_coord, url) = spawn_serving(&args);
+
+    block_on(async {
+        assert_goldens(&url, "tiny-qwen3-moe", 2).await;
+        let st = cluster_status(&url).await;
+        let ids: Vec<&str> = st.workers.iter().map(|w| w.id.as_str()).collect();
+        assert_eq!(ids, ["w0", "w1"]);
+
+        // w1 stops renewing its lease: within the TTL (plus etcd's expiry sweep) it is gone.
+        signal(workers[1].0 .0.id(), "-STOP");
+        let t0 = Instant::now();
+        let mut listed = st.workers.len();
+        while listed == 2 && t0.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            listed = cluster_status(&url).await.workers.len();
+        }
+        let gone_after = t0.elapsed();
+        signal(workers[1].0 .0.id(), "-CONT");
+        let st = cluster_status(&url).await;
+        let ids: Vec<&str> = st.workers.iter().map(|w| w.id.as_str()).collect();
+        assert_eq!(ids, ["w0"], "after {gone_after:?}");
+        assert!(gone_after >= Duration::from_secs(1), "{gone_after:?}");
+
+        // Resumed, it registers again under a new lease, is listed again, and serves.
+        let t0 = Instant::now();
+        while cluster_status(&url).await.workers.len() < 2 && t0.elapsed() < Duration::from_secs(20)
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let st = cluster_status(&url).await;
+        let ids: Vec<&str> = st.workers.iter().map(|w| w.id.as_str()).collect();
+        assert_eq!(ids, ["w0", "w1"]);
+        assert_goldens(&url, "tiny-qwen3-moe", 1).await;
+    });
+}
