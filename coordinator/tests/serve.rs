@@ -245,3 +245,52 @@ async fn idle_status(
     }
     last.unwrap()
 }
+
+/// `up` with 1, 2 and 3 worker processes, with and without replicated experts, on both fixture
+/// models: every golden prompt in flight at once streams the transformers greedy tokens; the
+/// standard health service reports SERVING.
+#[test]
+fn worker_counts_and_replicas_all_stream_the_goldens() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
+    for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
+        for workers in ["1", "2", "3"] {
+            for redundant in ["0", "3"] {
+                let dir = fixture(model);
+                let (_up, url) = spawn_serving(&[
+                    "up",
+                    "--model",
+                    dir.to_str().unwrap(),
+                    "--workers",
+                    workers,
+                    "--redundant-experts",
+                    redundant,
+                    "--grpc-addr",
+                    "127.0.0.1:0",
+                ]);
+                eprintln!("{model}: {workers} workers, {redundant} redundant");
+                common::block_on(async {
+                    let ch = tonic::transport::Endpoint::from_shared(url.clone())
+                        .unwrap()
+                        .connect()
+                        .await
+                        .unwrap();
+                    let mut h = HealthClient::new(ch);
+                    for service in ["", "switchyard.v1.Inference"] {
+                        let s = h
+                            .check(HealthCheckRequest {
+                                service: service.into(),
+                            })
+                            .await
+                            .unwrap()
+                            .into_inner();
+                        assert_eq!(s.status(), ServingStatus::Serving, "{service:?}");
+                    }
+                    common::assert_goldens(&url, model, 2).await;
+                    let st = common::cluster_status(&url).await;
+                    assert_eq!(st.workers.len(), workers.parse::<usize>().unwrap());
+                });
+            }
+        }
+    }
+}
