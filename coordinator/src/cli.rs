@@ -733,6 +733,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
             priority: 0,
             stream_token_ids: true,
             top_logprobs: 0,
+            logprobs: false,
         };
         let mut stream = client
             .generate(req)

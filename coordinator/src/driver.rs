@@ -192,6 +192,8 @@ pub struct GenRequest {
     pub eos: Vec<u32>,
     pub ignore_eos: bool,
     pub priority: i32,
+    /// Most likely tokens to report with each sampled one (0: only its own logprob).
+    pub top_logprobs: u32,
 }
 
 struct Live {
@@ -201,11 +203,14 @@ struct Live {
 }
 
 /// A token produced for a request; `finished` on its last one.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Emitted {
     pub id: u64,
     pub token: u32,
     pub finished: bool,
+    /// The token's log-probability and the request's top alternatives, most likely first.
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
 }
 
 pub struct Driver {
@@ -330,6 +335,7 @@ impl Driver {
                 min_p: p.min_p,
                 repetition_penalty: p.repetition_penalty,
                 seed: p.seed,
+                top_logprobs: l.req.top_logprobs,
             });
         }
         let results = self.cluster.step(plans)?;
@@ -363,6 +369,8 @@ impl Driver {
                     id: t.seq_id,
                     token: t.token,
                     finished,
+                    logprob: t.logprob,
+                    top: t.top.iter().map(|x| (x.token, x.logprob)).collect(),
                 });
                 if finished {
                     self.release(t.seq_id);

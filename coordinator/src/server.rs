@@ -8,7 +8,7 @@
 //! that goes away, or a stop string, cancels the request in the driver at once (its KV blocks
 //! are freed with the next step).
 
-use crate::driver::{Cluster, Driver, GenRequest, Snapshot};
+use crate::driver::{Cluster, Driver, Emitted, GenRequest, Snapshot};
 use crate::generate::{self, Prompt, Request as GenReq};
 use crate::text::{Message, OutputText, Tokenizer};
 use crate::GenerateError;
@@ -28,7 +28,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 enum Cmd {
-    Submit(GenRequest, tokio::sync::mpsc::UnboundedSender<(u32, bool)>),
+    Submit(GenRequest, tokio::sync::mpsc::UnboundedSender<Emitted>),
     Cancel(u64),
 }
 
@@ -39,7 +39,7 @@ fn engine_loop(
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
 ) {
     *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = driver.snapshot();
-    let mut sinks: HashMap<u64, tokio::sync::mpsc::UnboundedSender<(u32, bool)>> = HashMap::new();
+    let mut sinks: HashMap<u64, tokio::sync::mpsc::UnboundedSender<Emitted>> = HashMap::new();
     loop {
         let first = if driver.is_idle() {
             match rx.recv() {
@@ -66,14 +66,15 @@ fn engine_loop(
         match stepped {
             Ok(emitted) => {
                 for e in emitted {
-                    let gone = match sinks.get(&e.id) {
-                        Some(s) => s.send((e.token, e.finished)).is_err(),
+                    let (id, finished) = (e.id, e.finished);
+                    let gone = match sinks.get(&id) {
+                        Some(s) => s.send(e).is_err(),
                         None => true,
                     };
-                    if e.finished || gone {
-                        sinks.remove(&e.id);
-                        if gone && !e.finished {
-                            driver.cancel(e.id);
+                    if finished || gone {
+                        sinks.remove(&id);
+                        if gone && !finished {
+                            driver.cancel(id);
                         }
                     }
                 }
@@ -171,6 +172,34 @@ impl InferenceService {
     }
 }
 
+/// Largest `top_logprobs` a request may ask for (as OpenAI's API).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
+
+/// Parses a `grpc-timeout` header (`<digits><unit>`, unit one of H M S m u n; gRPC over HTTP/2
+/// spec).
+fn grpc_timeout(
+    v: Option<&tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+) -> Result<Option<std::time::Duration>, String> {
+    use std::time::Duration;
+    let Some(v) = v else { return Ok(None) };
+    let s = v.to_str().map_err(|e| e.to_string())?;
+    let bad = || format!("malformed {s:?}");
+    if s.len() < 2 || s.len() > 9 {
+        return Err(bad());
+    }
+    let (n, unit) = s.split_at(s.len() - 1);
+    let n: u64 = n.parse().map_err(|_| bad())?;
+    Ok(Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return Err(bad()),
+    }))
+}
+
 fn invalid(field: &str, detail: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {detail}"))
 }
@@ -194,6 +223,7 @@ impl Inference for InferenceService {
 
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenStream>, Status> {
         let t0 = Instant::now();
+        let req_meta = req.metadata().clone();
         let r = req.into_inner();
         if !r.model.is_empty() && r.model != self.model_name {
             return Err(invalid(
@@ -244,6 +274,15 @@ impl Inference for InferenceService {
             .map_err(gen_status)?;
         generate::validate(&greq, ids.len(), self.cfg.max_position_embeddings)
             .map_err(gen_status)?;
+        if r.top_logprobs > MAX_TOP_LOGPROBS {
+            return Err(invalid(
+                "top_logprobs",
+                format!("{} exceeds {MAX_TOP_LOGPROBS}", r.top_logprobs),
+            ));
+        }
+        let deadline = grpc_timeout(req_meta.get("grpc-timeout"))
+            .map_err(|d| invalid("grpc-timeout", d))?
+            .map(|d| tokio::time::Instant::from_std(t0) + d);
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(Status::resource_exhausted(format!(
@@ -272,12 +311,14 @@ impl Inference for InferenceService {
             eos: self.tok.eos_ids.clone(),
             ignore_eos: r.ignore_eos,
             priority: r.priority,
+            top_logprobs: if r.logprobs { r.top_logprobs } else { 0 },
         };
         self.send(Cmd::Submit(gen, tok_tx));
         let (out_tx, out_rx) = tokio::sync::mpsc::channel(64);
         let tok = self.tok.clone();
         let cmds = self.cmds.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let stream_ids = r.stream_token_ids;
+        let want_logprobs = r.logprobs;
         let prompt_tokens = ids.len() as u32;
         tokio::spawn(
             async move {
@@ -298,7 +339,24 @@ impl Inference for InferenceService {
                 let mut text = OutputText::new(&tok, &ids, r.stop);
                 let (mut completion, mut reasoning_tokens, mut ttft) = (0u32, 0u32, None);
                 let mut reason = FinishReason::Length;
-                while let Some((t, finished)) = tok_rx.recv().await {
+                loop {
+                    let next = match deadline {
+                        Some(d) => match tokio::time::timeout_at(d, tok_rx.recv()).await {
+                            Ok(n) => n,
+                            Err(_) => {
+                                cancel(&cmds);
+                                let _ = out_tx
+                                    .send(Err(Status::deadline_exceeded(format!(
+                                        "deadline passed after {completion} tokens"
+                                    ))))
+                                    .await;
+                                return;
+                            }
+                        },
+                        None => tok_rx.recv().await,
+                    };
+                    let Some(e) = next else { break };
+                    let (t, finished) = (e.token, e.finished);
                     completion += 1;
                     ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1e3);
                     if text.in_reasoning() {
@@ -321,7 +379,19 @@ impl Inference for InferenceService {
                         reasoning_text: d.reasoning,
                         text: d.text,
                         token_ids: if stream_ids { vec![t] } else { vec![] },
-                        logprobs: vec![],
+                        logprobs: if want_logprobs {
+                            vec![TokenLogprob {
+                                token_id: t,
+                                logprob: e.logprob,
+                                top: e
+                                    .top
+                                    .iter()
+                                    .map(|&(token_id, logprob)| TopLogprob { token_id, logprob })
+                                    .collect(),
+                            }]
+                        } else {
+                            vec![]
+                        },
                     };
                     if out_tx.send(ev(Event::Delta(delta))).await.is_err() {
                         return cancel(&cmds);

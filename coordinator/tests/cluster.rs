@@ -46,6 +46,7 @@ fn two_worker_processes_match_goldens() {
                     eos: vec![],
                     ignore_eos: true,
                     priority: 0,
+                    top_logprobs: 0,
                 });
                 want.insert(id, ids(&p["greedy"]["new_ids"]));
             }

@@ -251,6 +251,14 @@ fn every_bad_request_is_invalid_argument_naming_its_field() {
                 },
             ),
             (
+                "top_logprobs",
+                GenerateRequest {
+                    logprobs: true,
+                    top_logprobs: 21,
+                    ..ok()
+                },
+            ),
+            (
                 "prompt_ids",
                 GenerateRequest {
                     input: Some(Input::TokenIds(TokenIds { ids: vec![1, 2048] })),
@@ -274,5 +282,47 @@ fn every_bad_request_is_invalid_argument_naming_its_field() {
                 "stream_token_ids off"
             );
         }
+    });
+}
+
+#[test]
+fn a_passed_deadline_ends_the_stream_and_frees_its_kv() {
+    let (_up, url) = up();
+    block_on(async {
+        let mut c = InferenceClient::connect(url.clone()).await.unwrap();
+        // The header alone (no client-side timer): the server enforces it.
+        let mut req = tonic::Request::new(GenerateRequest {
+            input: Some(Input::Text("The capital of France is".into())),
+            max_tokens: 4000,
+            ignore_eos: true,
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("grpc-timeout", "300m".parse().unwrap());
+        let t0 = std::time::Instant::now();
+        let mut s = c.generate(req).await.unwrap().into_inner();
+        let err = loop {
+            match s.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended without the deadline"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        let st = wait_idle(&url).await;
+        for w in &st.workers {
+            assert_eq!((w.kv_blocks_used, w.running_sequences), (0, 0), "{w:?}");
+        }
+        let mut bad = tonic::Request::new(GenerateRequest {
+            input: Some(Input::Text("hi".into())),
+            max_tokens: 2,
+            ..Default::default()
+        });
+        bad.metadata_mut()
+            .insert("grpc-timeout", "soon".parse().unwrap());
+        let e = c.generate(bad).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("grpc-timeout"), "{e:?}");
     });
 }

@@ -27,6 +27,7 @@ fn requests(model: &str, copies: usize) -> (Vec<GenRequest>, HashMap<u64, Vec<u3
                 eos: vec![],
                 ignore_eos: true,
                 priority: (c % 3) as i32,
+                top_logprobs: 0,
             });
             want.insert(id, ids(&p["greedy"]["new_ids"])[..n].to_vec());
         }

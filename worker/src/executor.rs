@@ -12,7 +12,7 @@ use crate::WorkerError;
 use std::collections::HashMap;
 use switchyard_kernels::rng::Rng;
 use switchyard_kernels::sampling::{self, SamplingParams};
-use switchyard_proto::cluster::v1::{SampledToken, SeqChunk, StepPlan, StepResult};
+use switchyard_proto::cluster::v1::{SampledToken, SeqChunk, StepPlan, StepResult, TokenLogprob};
 
 pub struct Executor {
     pub engine: Engine,
@@ -90,16 +90,21 @@ impl Executor {
             let h = self.history.entry(c.seq_id).or_default();
             h.extend_from_slice(&c.tokens);
             if c.sample {
-                let mut logits = out.logits[row * vocab..(row + 1) * vocab].to_vec();
+                let raw = &out.logits[row * vocab..(row + 1) * vocab];
+                let mut logits = raw.to_vec();
                 row += 1;
                 let p = chunk_params(c);
                 let pos = h.len() as u64;
                 let token = sampling::sample(&mut logits, &p, h, &mut Rng::new(mix(p.seed, pos)));
-                let (logprob, _) = sampling::logprobs(&logits, token, 0);
+                let (logprob, top) = sampling::logprobs(raw, token, c.top_logprobs as usize);
                 tokens.push(SampledToken {
                     seq_id: c.seq_id,
                     token,
                     logprob,
+                    top: top
+                        .into_iter()
+                        .map(|(token, logprob)| TokenLogprob { token, logprob })
+                        .collect(),
                 });
             }
         }
