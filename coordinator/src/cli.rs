@@ -79,6 +79,10 @@ pub struct ClusterArgs {
     /// Requests in flight (queued or running) before new ones get RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 1024)]
     pub max_queue: usize,
+    /// Prefill pacing: a step that carries decodes beside a prefill chunk takes about this many
+    /// times a decode-only step (protects streaming latency during long prefills); 0 disables.
+    #[arg(long, default_value_t = 2.0)]
+    pub pace_factor: f64,
     #[command(flatten)]
     pub membership: MembershipArgs,
 }
@@ -516,7 +520,7 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
         std::io::stdout().flush()?;
         tonic::transport::Server::builder()
             .add_service(svc.into_server())
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .serve_with_incoming(switchyard_worker::server::incoming(listener))
             .await?;
         Ok(())
     })
@@ -538,6 +542,12 @@ fn serve_options(
     candidate: String,
     join_timeout: Duration,
 ) -> Result<ServeOptions> {
+    if !(c.pace_factor == 0.0 || c.pace_factor > 1.0) {
+        bail!(
+            "--pace-factor must be 0 (off) or above 1, got {}",
+            c.pace_factor
+        );
+    }
     Ok(ServeOptions {
         model: c.model.clone(),
         workers: c.workers,
@@ -546,6 +556,7 @@ fn serve_options(
         kv_blocks: c.kv_blocks,
         token_budget: c.token_budget,
         max_queue: c.max_queue,
+        pace_factor: c.pace_factor,
         candidate,
         lease_ttl: c.membership.ttl()?,
         join_timeout,

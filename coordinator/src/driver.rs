@@ -6,8 +6,9 @@
 //! Each step every rank receives a `StepPlan` (possibly empty: it still joins the expert
 //! exchange), with the sequences it must free first (finished, cancelled or preempted).
 
+use crate::pacer::Pacer;
 use crate::placement::{rank_holders, PlanError};
-use crate::scheduler::{SchedulerConfig, State};
+use crate::scheduler::{chunk_cost, SchedulerConfig, State};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc;
@@ -222,6 +223,7 @@ pub struct Driver {
     kv_used: Vec<u32>,
     preemptions: usize,
     expert_load: Vec<Vec<u64>>,
+    pacer: Option<Pacer>,
 }
 
 impl Driver {
@@ -234,6 +236,7 @@ impl Driver {
             max_running,
             block_size,
             blocks_per_worker: vec![blocks; w],
+            attn_equiv: 0,
         });
         Driver {
             cluster,
@@ -244,7 +247,18 @@ impl Driver {
             kv_used: vec![0; w],
             preemptions: 0,
             expert_load: Vec::new(),
+            pacer: None,
         }
+    }
+
+    /// Paces prefill beside decodes (see [`Pacer`]): a step with decodes takes about `factor`
+    /// times a decode-only one. `attn_equiv` prices attention ([`attention_equivalent`]).
+    ///
+    /// [`attention_equivalent`]: crate::scheduler::attention_equivalent
+    pub fn with_pacing(mut self, factor: f64, attn_equiv: usize) -> Self {
+        self.state.set_attn_equiv(attn_equiv);
+        self.pacer = Some(Pacer::new(factor));
+        self
     }
 
     pub fn submit(&mut self, req: GenRequest) {
@@ -307,7 +321,15 @@ impl Driver {
 
     /// Runs one step on every rank.
     pub fn step(&mut self) -> Result<Vec<Emitted>, DriverError> {
+        if let Some(p) = &self.pacer {
+            self.state.set_prefill_limit(p.limit());
+        }
         let s = self.state.next_step();
+        let units: f64 = s.chunks[s.decodes..]
+            .iter()
+            .map(|c| chunk_cost(c.start, c.len, self.state.attn_equiv()))
+            .sum();
+        let t0 = std::time::Instant::now();
         self.step_no += 1;
         let mut plans: Vec<StepPlan> = (0..self.cluster.world())
             .map(|w| StepPlan {
@@ -339,6 +361,18 @@ impl Driver {
             });
         }
         let results = self.cluster.step(plans)?;
+        let secs = t0.elapsed().as_secs_f64();
+        if let Some(p) = &mut self.pacer {
+            p.observe(s.decodes, units, secs);
+        }
+        tracing::trace!(
+            step = self.step_no,
+            decodes = s.decodes,
+            prefill_tokens = s.chunks[s.decodes..].iter().map(|c| c.len).sum::<usize>(),
+            prefill_units = units,
+            ms = secs * 1e3,
+            "step"
+        );
         let mut out = Vec::new();
         for (w, r) in results.into_iter().enumerate() {
             self.kv_used[w] = r.kv_blocks_used;

@@ -28,6 +28,34 @@ pub struct SchedulerConfig {
     pub block_size: usize,
     /// KV blocks of each worker.
     pub blocks_per_worker: Vec<usize>,
+    /// Context positions whose attention work equals one token's projections and experts
+    /// ([`attention_equivalent`]); prices prefill chunks for the pacing limit. 0: tokens only.
+    pub attn_equiv: usize,
+}
+
+/// Cost of feeding `len` tokens at positions `start..start + len`, in token-equivalents: each
+/// token costs 1 (projections, experts) plus its context length over `attn_equiv` (attention).
+pub fn chunk_cost(start: usize, len: usize, attn_equiv: usize) -> f64 {
+    let len_f = len as f64;
+    if attn_equiv == 0 {
+        return len_f;
+    }
+    len_f + len_f * (start as f64 + (len_f + 1.0) / 2.0) / attn_equiv as f64
+}
+
+/// How many context positions of attention cost as much as one token's dense and expert
+/// matmuls, from the model's shape (multiply-adds per layer).
+pub fn attention_equivalent(cfg: &switchyard_worker::ModelConfig) -> usize {
+    let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+    let proj = h * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads);
+    let mlp = if cfg.num_experts > 0 {
+        cfg.experts_per_tok * 3 * h * cfg.moe_intermediate_size + h * cfg.num_experts
+    } else {
+        3 * h * cfg.intermediate_size
+    };
+    // q·k and p·v over one position, every head.
+    let per_position = 2 * cfg.num_heads * hd;
+    ((proj + mlp) / per_position.max(1)).max(1)
 }
 
 /// One sequence's part of a step.
@@ -45,6 +73,8 @@ pub struct Chunk {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Step {
     pub chunks: Vec<Chunk>,
+    /// How many of the chunks are decodes (they come first).
+    pub decodes: usize,
     /// Sequences whose KV was dropped this step; their workers must free them.
     pub preempted: Vec<(SeqId, usize)>,
 }
@@ -69,6 +99,7 @@ pub struct State {
     running: Vec<SeqId>,
     free: Vec<usize>,
     arrivals: u64,
+    prefill_limit: Option<f64>,
 }
 
 impl State {
@@ -81,7 +112,23 @@ impl State {
             running: Vec::new(),
             free,
             arrivals: 0,
+            prefill_limit: None,
         }
+    }
+
+    /// Caps the prefill work ([`chunk_cost`]) of steps that carry decodes, to protect their
+    /// inter-token latency (see `pacer`); `Some(0.0)` makes such steps decode-only. Steps
+    /// without decodes always use the whole token budget.
+    pub fn set_attn_equiv(&mut self, attn_equiv: usize) {
+        self.cfg.attn_equiv = attn_equiv;
+    }
+
+    pub fn attn_equiv(&self) -> usize {
+        self.cfg.attn_equiv
+    }
+
+    pub fn set_prefill_limit(&mut self, limit: Option<f64>) {
+        self.prefill_limit = limit;
     }
 
     fn blocks_for(&self, positions: usize) -> usize {
@@ -230,21 +277,30 @@ impl State {
             self.seqs.get_mut(&id).expect("present").computed += 1;
             budget -= 1;
         }
+        step.decodes = step.chunks.len();
+        let mut units = match self.prefill_limit {
+            Some(l) if step.decodes > 0 => l.max(0.0),
+            _ => f64::INFINITY,
+        };
         // 2. Continuing prefills.
         for id in self.sorted_running() {
-            if budget == 0 {
+            if budget == 0 || units <= 0.0 {
                 break;
             }
             let s = &self.seqs[&id];
             if s.home.is_none() || s.computed >= s.len || step.chunks.iter().any(|c| c.seq == id) {
                 continue;
             }
-            self.push_prefill(id, &mut budget, &mut step);
+            self.push_prefill(id, &mut budget, &mut units, &mut step);
         }
         // 3. Admissions: none in a step that had to preempt (the freed blocks go to the
         // sequences already running, or admission and preemption would chase each other), and
         // only when the worker can hold the whole known sequence plus one decoded token.
-        while budget > 0 && self.running.len() < self.cfg.max_running && step.preempted.is_empty() {
+        while budget > 0
+            && units > 0.0
+            && self.running.len() < self.cfg.max_running
+            && step.preempted.is_empty()
+        {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
@@ -258,15 +314,30 @@ impl State {
             self.waiting.pop_front();
             self.seqs.get_mut(&id).expect("present").home = Some(w);
             self.running.push(id);
-            self.push_prefill(id, &mut budget, &mut step);
+            self.push_prefill(id, &mut budget, &mut units, &mut step);
         }
         step
     }
 
-    fn push_prefill(&mut self, id: SeqId, budget: &mut usize, step: &mut Step) {
+    fn push_prefill(&mut self, id: SeqId, budget: &mut usize, units: &mut f64, step: &mut Step) {
         let s = &self.seqs[&id];
         let (start, w) = (s.computed, s.home.expect("homed"));
         let mut len = (s.len - start).min(*budget);
+        if units.is_finite() {
+            // The longest chunk within the remaining units (cost grows with len); at least one
+            // token so that a paced prefill always progresses.
+            let a = self.cfg.attn_equiv;
+            let (mut lo, mut hi) = (1, len.max(1));
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                if chunk_cost(start, mid, a) <= *units {
+                    lo = mid;
+                } else {
+                    hi = mid - 1;
+                }
+            }
+            len = len.min(lo);
+        }
         // Shrink to what the worker's blocks allow.
         while len > 0 && !self.reserve(id, start + len) {
             len -= 1;
@@ -284,6 +355,7 @@ impl State {
             sample: s.computed == s.len,
         });
         *budget -= len;
+        *units -= chunk_cost(start, len, self.cfg.attn_equiv);
     }
 }
 
@@ -298,6 +370,7 @@ mod tests {
             max_running: 64,
             block_size: 4,
             blocks_per_worker: blocks,
+            attn_equiv: 0,
         }
     }
 

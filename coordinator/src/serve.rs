@@ -31,6 +31,7 @@ pub struct ServeOptions {
     pub kv_blocks: usize,
     pub token_budget: usize,
     pub max_queue: usize,
+    pub pace_factor: f64,
     /// This coordinator's name in the leader election.
     pub candidate: String,
     pub lease_ttl: Duration,
@@ -90,8 +91,11 @@ pub async fn serve(
             &o.model,
             name,
             move || crate::remote::GrpcCluster::connect(&urls, &model, redundant, kv, 16),
-            o.token_budget,
-            o.max_queue,
+            crate::server::ServiceOptions {
+                token_budget: o.token_budget,
+                max_in_flight: o.max_queue,
+                pace_factor: o.pace_factor,
+            },
         )
     })
     .await??;
@@ -133,15 +137,12 @@ pub async fn serve(
         .add_service(health_svc)
         .add_service(reflection)
         .add_service(svc.into_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async {
-                tokio::select! {
-                    _ = shutdown => {}
-                    _ = lost => {}
-                }
-            },
-        )
+        .serve_with_incoming_shutdown(switchyard_worker::server::incoming(listener), async {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = lost => {}
+            }
+        })
         .await?;
     Ok(())
 }

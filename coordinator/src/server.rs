@@ -89,6 +89,18 @@ fn engine_loop(
     }
 }
 
+/// How the engine loop batches and admits.
+#[derive(Clone, Copy, Debug)]
+pub struct ServiceOptions {
+    /// Tokens computed per step across the cluster.
+    pub token_budget: usize,
+    /// Requests in flight (queued or running) beyond this get RESOURCE_EXHAUSTED.
+    pub max_in_flight: usize,
+    /// Prefill pacing (see `pacer`): a step beside decodes takes about this many times a
+    /// decode-only step; 0 disables pacing (prefill uses the whole token budget).
+    pub pace_factor: f64,
+}
+
 pub struct InferenceService {
     model_name: String,
     tok: Arc<Tokenizer>,
@@ -126,19 +138,28 @@ impl InferenceService {
         model_dir: &std::path::Path,
         model_name: String,
         make_cluster: impl FnOnce() -> Result<C, crate::driver::DriverError> + Send + 'static,
-        token_budget: usize,
-        max_in_flight: usize,
+        opts: ServiceOptions,
     ) -> anyhow::Result<Self> {
+        let ServiceOptions {
+            token_budget,
+            max_in_flight,
+            pace_factor,
+        } = opts;
         let tok = Arc::new(Tokenizer::load(model_dir)?);
         let cfg = switchyard_worker::engine::read_config(model_dir)?;
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
         let snapshot = Arc::new(std::sync::Mutex::new(Snapshot::default()));
         let snap = snapshot.clone();
+        let attn_equiv = crate::scheduler::attention_equivalent(&cfg);
         std::thread::spawn(move || match make_cluster() {
             Ok(c) => {
                 let _ = ready_tx.send(Ok(()));
-                engine_loop(Driver::new(c, token_budget, 256), rx, snap);
+                let mut d = Driver::new(c, token_budget, 256);
+                if pace_factor > 0.0 {
+                    d = d.with_pacing(pace_factor, attn_equiv);
+                }
+                engine_loop(d, rx, snap);
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e.to_string()));

@@ -92,6 +92,14 @@ pub fn paged_attention(
         }
         attend_group::<Portable>(qs, rows[t], kv, g, group, p, o);
     };
+    let longest = rows
+        .iter()
+        .map(|r| key_range(r.pos, p.window))
+        .map(|(l, h)| h - l)
+        .max();
+    if longest.unwrap_or(0) > SPLIT_KEYS && rayon::current_num_threads() > 1 {
+        return split_attention(q, rows, kv, p, out, avx2);
+    }
     let total_keys: usize = rows.iter().map(|r| r.pos + 1).sum();
     if total_keys * p.heads * d < 64 * 1024 {
         out.chunks_mut(group * d).enumerate().for_each(work);
@@ -103,9 +111,106 @@ pub fn paged_attention(
     }
 }
 
+/// Rows with more visible keys than this are split into segments of this many keys, computed
+/// in parallel and merged (split-K, as flash-decoding): one long sequence then uses every
+/// thread instead of one per kv head.
+const SPLIT_KEYS: usize = 1024;
+
+/// One unit of split attention: row `t`, kv head `g`, keys `lo..hi`.
+#[derive(Clone, Copy)]
+struct Segment {
+    t: usize,
+    g: usize,
+    lo: usize,
+    hi: usize,
+}
+
+fn split_attention(
+    q: &[f32],
+    rows: &[QueryRow<'_>],
+    kv: KvLayer<'_>,
+    p: AttnParams,
+    out: &mut [f32],
+    avx2: bool,
+) {
+    let d = p.head_dim;
+    let group = p.heads / p.kv_heads;
+    let mut segs = Vec::new();
+    for (t, r) in rows.iter().enumerate() {
+        let (lo, hi) = key_range(r.pos, p.window);
+        for g in 0..p.kv_heads {
+            let mut s = lo;
+            while s < hi {
+                let e = (s + SPLIT_KEYS).min(hi);
+                segs.push(Segment { t, g, lo: s, hi: e });
+                s = e;
+            }
+        }
+    }
+    let stride = group * d;
+    let mut partial = vec![0.0f32; segs.len() * stride];
+    let mut stats = vec![([0.0f32; MAX_GROUP], [0.0f32; MAX_GROUP]); segs.len()];
+    partial
+        .par_chunks_mut(stride)
+        .zip(stats.par_iter_mut())
+        .zip(segs.par_iter())
+        .for_each(|((o, st), s)| {
+            let qs = &q[(s.t * p.heads + s.g * group) * d..(s.t * p.heads + (s.g + 1) * group) * d];
+            #[cfg(target_arch = "x86_64")]
+            if avx2 && d % 8 == 0 {
+                // SAFETY: avx2 and fma are present (checked by the caller) and d % 8 == 0.
+                *st = unsafe { attend_range_avx2(qs, rows[s.t], kv, s.g, group, p, s.lo, s.hi, o) };
+                return;
+            }
+            let _ = avx2;
+            *st = attend_range::<Portable>(qs, rows[s.t], kv, s.g, group, p, s.lo, s.hi, o);
+        });
+    // Merge each (row, kv head)'s segments, in key order.
+    let mut i = 0;
+    while i < segs.len() {
+        let (t, g) = (segs[i].t, segs[i].g);
+        let mut j = i;
+        while j < segs.len() && segs[j].t == t && segs[j].g == g {
+            j += 1;
+        }
+        let o = &mut out[(t * p.heads + g * group) * d..(t * p.heads + (g + 1) * group) * d];
+        merge_partials(&partial[i * stride..j * stride], &stats[i..j], group, d, o);
+        i = j;
+    }
+}
+
+/// `out[h] = Σ_s exp(m_s - M) o_s[h] / Σ_s exp(m_s - M) l_s` with `M = max_s m_s`.
+fn merge_partials(
+    partial: &[f32],
+    stats: &[([f32; MAX_GROUP], [f32; MAX_GROUP])],
+    group: usize,
+    d: usize,
+    out: &mut [f32],
+) {
+    for h in 0..group {
+        let mx = stats
+            .iter()
+            .map(|s| s.0[h])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let o = &mut out[h * d..(h + 1) * d];
+        o.fill(0.0);
+        let mut l = 0.0;
+        for (k, s) in stats.iter().enumerate() {
+            let w = (s.0[h] - mx).exp();
+            l += w * s.1[h];
+            axpy8(
+                o,
+                w,
+                &partial[k * group * d + h * d..k * group * d + (h + 1) * d],
+            );
+        }
+        scale8(o, 1.0 / l);
+    }
+}
+
 const MAX_HEAD_DIM: usize = 256;
 const MAX_GROUP: usize = 16;
-const KEY_TILE: usize = 32;
+const KEY_TILE: usize = 64;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
@@ -121,11 +226,30 @@ unsafe fn attend_group_avx2(
     attend_group::<Avx2>(q, row, kv, g, group, p, out)
 }
 
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn attend_range_avx2(
+    q: &[f32],
+    row: QueryRow<'_>,
+    kv: KvLayer<'_>,
+    g: usize,
+    group: usize,
+    p: AttnParams,
+    lo: usize,
+    hi: usize,
+    out: &mut [f32],
+) -> ([f32; MAX_GROUP], [f32; MAX_GROUP]) {
+    attend_range::<Avx2>(q, row, kv, g, group, p, lo, hi, out)
+}
+
 /// The vector primitives attention needs, portable or AVX2.
 trait Ops {
     fn dot(a: &[f32], b: &[f32]) -> f32;
     fn dot4(q4: &[f32], key: &[f32]) -> [f32; 4];
     fn axpy(y: &mut [f32], a: f32, x: &[f32]);
+    /// `x[i] = exp(x[i] - m)`; returns the sum.
+    fn exp_sub_sum(x: &mut [f32], m: f32) -> f32;
 }
 
 struct Portable;
@@ -142,6 +266,15 @@ impl Ops for Portable {
     #[inline(always)]
     fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         axpy8(y, a, x)
+    }
+    #[inline(always)]
+    fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+        let mut s = 0.0;
+        for v in x.iter_mut() {
+            *v = (*v - m).exp();
+            s += *v;
+        }
+        s
     }
 }
 
@@ -162,6 +295,11 @@ impl Ops for Avx2 {
     fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
         // SAFETY: as above.
         unsafe { crate::simd::avx2::axpy(y, a, x) }
+    }
+    #[inline(always)]
+    fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+        // SAFETY: as above.
+        unsafe { crate::simd::avx2::exp_sub_sum(x, m) }
     }
 }
 
@@ -195,6 +333,15 @@ fn scale8(y: &mut [f32], a: f32) {
     }
 }
 
+/// Keys visible to a query at `pos`: `lo..hi`.
+fn key_range(pos: usize, window: Option<usize>) -> (usize, usize) {
+    let hi = pos + 1;
+    match window {
+        Some(w) if w < hi => (hi - w, hi),
+        _ => (0, hi),
+    }
+}
+
 /// Online-softmax attention of `group` query heads (`q`: `[group, d]`) against kv head `g`.
 #[inline(always)]
 fn attend_group<O: Ops>(
@@ -206,21 +353,38 @@ fn attend_group<O: Ops>(
     p: AttnParams,
     out: &mut [f32],
 ) {
+    let (lo, hi) = key_range(row.pos, p.window);
+    let (_, l) = attend_range::<O>(q, row, kv, g, group, p, lo, hi, out);
     let d = p.head_dim;
-    let hi = row.pos + 1;
-    let lo = match p.window {
-        Some(w) if w < hi => hi - w,
-        _ => 0,
-    };
-    let bs = kv.block_size;
+    for h in 0..group {
+        scale8(&mut out[h * d..(h + 1) * d], 1.0 / l[h]);
+    }
+}
+
+/// Attention over keys `lo..hi` only, left unnormalised: returns each head's running max and
+/// sum of exponentials; `out` holds `Σ exp(s - m) v`. Partial results over disjoint ranges
+/// merge exactly ([`merge_partials`]).
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend_range<O: Ops>(
+    q: &[f32],
+    row: QueryRow<'_>,
+    kv: KvLayer<'_>,
+    g: usize,
+    group: usize,
+    p: AttnParams,
+    lo: usize,
+    hi: usize,
+    out: &mut [f32],
+) -> ([f32; MAX_GROUP], [f32; MAX_GROUP]) {
+    let d = p.head_dim;
     let mut m = [f32::NEG_INFINITY; MAX_GROUP];
     let mut l = [0.0f32; MAX_GROUP];
     let mut scores = [[0.0f32; KEY_TILE]; MAX_GROUP];
     out.fill(0.0);
     let mut start = lo;
     while start < hi {
-        // Positions start..end lie in one physical block.
-        let end = ((start / bs + 1) * bs).min(hi).min(start + KEY_TILE);
+        let end = hi.min(start + KEY_TILE);
         let n = end - start;
         for j in 0..n {
             let key = kv.key(row.table, start + j, g);
@@ -247,10 +411,7 @@ fn attend_group<O: Ops>(
                 l[h] *= corr;
                 scale8(o, corr);
             }
-            for s in sc.iter_mut() {
-                *s = (*s - m_new).exp();
-                l[h] += *s;
-            }
+            l[h] += O::exp_sub_sum(sc, m_new);
             m[h] = m_new;
         }
         for j in 0..n {
@@ -261,7 +422,5 @@ fn attend_group<O: Ops>(
         }
         start = end;
     }
-    for h in 0..group {
-        scale8(&mut out[h * d..(h + 1) * d], 1.0 / l[h]);
-    }
+    (m, l)
 }

@@ -169,6 +169,9 @@ fn paged_attention_matches_full_softmax_reference() {
         (100, None),
         (300, None),
         (100, Some(40usize)),
+        // Longer than the split-K threshold: segments computed in parallel, then merged.
+        (3000, None),
+        (5000, Some(2500)),
     ] {
         let pl = pool(&mut rng, len, bs, kvh, d);
         // Queries at a few positions, all in one call.

@@ -155,6 +155,7 @@ impl Engine {
                     local,
                     holders,
                     comm,
+                    stats: Default::default(),
                 })
             }
         };
@@ -181,6 +182,11 @@ impl Engine {
 
     pub fn max_context(&self) -> usize {
         self.max_context
+    }
+
+    /// Seconds in, and bytes sent by, the expert all-to-all since the last call.
+    pub fn take_exchange_stats(&self) -> (f64, u64) {
+        self.experts.take_exchange_stats()
     }
 
     /// Bytes of weights held (dense + experts).

@@ -22,6 +22,32 @@ pub struct EpExperts {
     /// `holders[layer][expert]`: ranks holding the expert, ascending.
     pub holders: Vec<Vec<Vec<u32>>>,
     pub comm: Comm,
+    /// Time spent in, and bytes sent by, this rank's all-to-alls since last taken.
+    pub stats: ExchangeStats,
+}
+
+/// Cumulative all-to-all time and bytes, taken (and reset) once per step.
+#[derive(Debug, Default)]
+pub struct ExchangeStats {
+    nanos: std::sync::atomic::AtomicU64,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl ExchangeStats {
+    fn add(&self, d: std::time::Duration, bytes: usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.nanos.fetch_add(d.as_nanos() as u64, Relaxed);
+        self.bytes.fetch_add(bytes as u64, Relaxed);
+    }
+
+    /// Seconds and bytes since the last call.
+    pub fn take(&self) -> (f64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.nanos.swap(0, Relaxed) as f64 * 1e-9,
+            self.bytes.swap(0, Relaxed),
+        )
+    }
 }
 
 fn comm_err(e: CommError) -> WorkerError {
@@ -29,6 +55,21 @@ fn comm_err(e: CommError) -> WorkerError {
 }
 
 impl EpExperts {
+    /// The all-to-all, timed and counted (bytes leaving this rank).
+    fn exchange(&self, send: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>, WorkerError> {
+        let me = self.comm.rank();
+        let bytes = send
+            .iter()
+            .enumerate()
+            .filter(|(r, _)| *r != me)
+            .map(|(_, b)| b.len())
+            .sum();
+        let t0 = std::time::Instant::now();
+        let out = self.comm.all_to_all(send).map_err(comm_err);
+        self.stats.add(t0.elapsed(), bytes);
+        out
+    }
+
     fn target(&self, layer: usize, e: usize, t: usize, s: usize) -> Result<usize, WorkerError> {
         let hs = self
             .holders
@@ -45,6 +86,10 @@ impl EpExperts {
 }
 
 impl ExpertExec for EpExperts {
+    fn take_exchange_stats(&self) -> (f64, u64) {
+        self.stats.take()
+    }
+
     fn run(
         &self,
         layer: usize,
@@ -69,7 +114,7 @@ impl ExpertExec for EpExperts {
             }
             sent[dst].push(p);
         }
-        let recv = self.comm.all_to_all(send).map_err(comm_err)?;
+        let recv = self.exchange(send)?;
         // 3. Run local experts on everything received.
         let mut rows: Vec<f32> = Vec::new();
         let mut items: Vec<(usize, usize)> = Vec::new(); // (src, expert) per received row
@@ -120,7 +165,7 @@ impl ExpertExec for EpExperts {
                 reply[src].extend_from_slice(&v.to_le_bytes());
             }
         }
-        let back = self.comm.all_to_all(reply).map_err(comm_err)?;
+        let back = self.exchange(reply)?;
         for (dst, buf) in back.iter().enumerate() {
             if buf.len() != sent[dst].len() * hidden * 4 {
                 return Err(comm_err(CommError::Malformed {

@@ -52,6 +52,7 @@ impl Executor {
     }
 
     pub fn execute(&mut self, plan: &StepPlan) -> Result<StepResult, WorkerError> {
+        let t0 = std::time::Instant::now();
         for id in &plan.free_seqs {
             self.engine.release(*id);
             self.history.remove(id);
@@ -108,11 +109,15 @@ impl Executor {
                 });
             }
         }
+        let (all_to_all_seconds, all_to_all_bytes) = self.engine.take_exchange_stats();
         Ok(StepResult {
             step: plan.step,
             tokens,
             expert_load: out.expert_load,
             kv_blocks_used: self.engine.kv_used() as u32,
+            all_to_all_seconds,
+            all_to_all_bytes,
+            step_seconds: t0.elapsed().as_secs_f64(),
         })
     }
 }

@@ -182,6 +182,12 @@ pub trait ExpertExec: Sync {
 
     /// Bytes of expert weights held.
     fn nbytes(&self) -> usize;
+
+    /// Seconds spent in, and bytes sent by, expert all-to-alls since the last call (zero when
+    /// every expert is local).
+    fn take_exchange_stats(&self) -> (f64, u64) {
+        (0.0, 0)
+    }
 }
 
 /// Experts held in this process, possibly as several shards.

@@ -223,3 +223,17 @@ impl Worker for WorkerService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
+
+/// Connections accepted on `listener` with Nagle's algorithm off: a step plan, a step result or
+/// a streamed token is one small write that must leave at once (with Nagle on, it waits for
+/// the peer's delayed ACK, ~40 ms).
+pub fn incoming(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|s| {
+        let s = s?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    })
+}
