@@ -83,6 +83,10 @@ pub struct ClusterArgs {
     /// times a decode-only step (protects streaming latency during long prefills); 0 disables.
     #[arg(long, default_value_t = 2.0)]
     pub pace_factor: f64,
+    /// Prometheus metrics address (`GET /metrics`); port 0 picks a free port (the serving line
+    /// announces it), "off" disables.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub metrics_addr: String,
     #[command(flatten)]
     pub membership: MembershipArgs,
 }
@@ -557,6 +561,7 @@ fn serve_options(
         token_budget: c.token_budget,
         max_queue: c.max_queue,
         pace_factor: c.pace_factor,
+        metrics_addr: (c.metrics_addr != "off").then(|| c.metrics_addr.clone()),
         candidate,
         lease_ttl: c.membership.ttl()?,
         join_timeout,

@@ -54,6 +54,21 @@ pub struct Snapshot {
     pub expert_load: Vec<Vec<u64>>,
 }
 
+/// What the last step did and cost.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct StepStats {
+    /// Wall time of the step as the driver saw it (plans out, results in).
+    pub seconds: f64,
+    pub decodes: usize,
+    pub prefill_tokens: usize,
+    /// Longest time any rank spent in the expert all-to-all.
+    pub all_to_all_seconds: f64,
+    /// Bytes all ranks sent each other.
+    pub all_to_all_bytes: u64,
+    /// Longest time any rank took for the whole step on its side.
+    pub worker_seconds: f64,
+}
+
 /// Ranks on threads of this process.
 pub struct LocalCluster {
     holders: Vec<Vec<Vec<u32>>>,
@@ -224,6 +239,7 @@ pub struct Driver {
     preemptions: usize,
     expert_load: Vec<Vec<u64>>,
     pacer: Option<Pacer>,
+    last: StepStats,
 }
 
 impl Driver {
@@ -248,7 +264,18 @@ impl Driver {
             preemptions: 0,
             expert_load: Vec::new(),
             pacer: None,
+            last: StepStats::default(),
         }
+    }
+
+    /// The last step's cost and shape.
+    pub fn last_step(&self) -> StepStats {
+        self.last
+    }
+
+    /// Sequences queued (not yet admitted) and running.
+    pub fn queue(&self) -> (usize, usize) {
+        (self.state.waiting(), self.state.running())
     }
 
     /// Paces prefill beside decodes (see [`Pacer`]): a step with decodes takes about `factor`
@@ -374,6 +401,18 @@ impl Driver {
             "step"
         );
         let mut out = Vec::new();
+        self.last = StepStats {
+            seconds: secs,
+            decodes: s.decodes,
+            prefill_tokens: s.chunks[s.decodes..].iter().map(|c| c.len).sum(),
+            // Ranks exchange in lockstep: the slowest rank's exchange time is the step's.
+            all_to_all_seconds: results
+                .iter()
+                .map(|r| r.all_to_all_seconds)
+                .fold(0.0, f64::max),
+            all_to_all_bytes: results.iter().map(|r| r.all_to_all_bytes).sum(),
+            worker_seconds: results.iter().map(|r| r.step_seconds).fold(0.0, f64::max),
+        };
         for (w, r) in results.into_iter().enumerate() {
             self.kv_used[w] = r.kv_blocks_used;
             let experts = self

@@ -32,6 +32,8 @@ pub struct ServeOptions {
     pub token_budget: usize,
     pub max_queue: usize,
     pub pace_factor: f64,
+    /// Prometheus `/metrics` HTTP address; none: no metrics port.
+    pub metrics_addr: Option<String>,
     /// This coordinator's name in the leader election.
     pub candidate: String,
     pub lease_ttl: Duration,
@@ -127,7 +129,20 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(&opts.grpc_addr)
         .await
         .with_context(|| format!("--grpc-addr {}", opts.grpc_addr))?;
-    println!("serving grpc=http://{}", listener.local_addr()?);
+    let mut announce = format!("serving grpc=http://{}", listener.local_addr()?);
+    if let Some(addr) = &opts.metrics_addr {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--metrics-addr {addr}"))?;
+        announce.push_str(&format!(" metrics=http://{}/metrics", l.local_addr()?));
+        let m = svc.metrics();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(l, m).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
+    println!("{announce}");
     std::io::stdout().flush()?;
     let lost = async move {
         leadership.lost().await;

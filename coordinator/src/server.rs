@@ -10,6 +10,7 @@
 
 use crate::driver::{Cluster, Driver, Emitted, GenRequest, Snapshot};
 use crate::generate::{self, Prompt, Request as GenReq};
+use crate::metrics::{Metrics, WorkerKv};
 use crate::text::{Message, OutputText, Tokenizer};
 use crate::GenerateError;
 use std::collections::HashMap;
@@ -37,6 +38,7 @@ fn engine_loop(
     mut driver: Driver,
     rx: mpsc::Receiver<Cmd>,
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
+    metrics: Arc<Metrics>,
 ) {
     *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = driver.snapshot();
     let mut sinks: HashMap<u64, tokio::sync::mpsc::UnboundedSender<Emitted>> = HashMap::new();
@@ -62,7 +64,22 @@ fn engine_loop(
             }
         }
         let stepped = driver.step();
-        *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = driver.snapshot();
+        let snap = driver.snapshot();
+        metrics.on_step(
+            &driver.last_step(),
+            driver.queue(),
+            snap.kv_used
+                .iter()
+                .enumerate()
+                .map(|(r, &used)| WorkerKv {
+                    worker: r.to_string(),
+                    used,
+                    total: snap.kv_total as u32,
+                })
+                .collect(),
+            &snap.expert_load,
+        );
+        *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;
         match stepped {
             Ok(emitted) => {
                 for e in emitted {
@@ -113,6 +130,7 @@ pub struct InferenceService {
     max_in_flight: usize,
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
     roster: Arc<std::sync::Mutex<Roster>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Which member serves each rank, and which members are registered now (membership's view).
@@ -152,6 +170,8 @@ impl InferenceService {
         let snapshot = Arc::new(std::sync::Mutex::new(Snapshot::default()));
         let snap = snapshot.clone();
         let attn_equiv = crate::scheduler::attention_equivalent(&cfg);
+        let metrics = Arc::new(Metrics::default());
+        let m = metrics.clone();
         std::thread::spawn(move || match make_cluster() {
             Ok(c) => {
                 let _ = ready_tx.send(Ok(()));
@@ -159,7 +179,7 @@ impl InferenceService {
                 if pace_factor > 0.0 {
                     d = d.with_pacing(pace_factor, attn_equiv);
                 }
-                engine_loop(d, rx, snap);
+                engine_loop(d, rx, snap, m);
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e.to_string()));
@@ -176,7 +196,13 @@ impl InferenceService {
             max_in_flight,
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             roster: Default::default(),
+            metrics,
         })
+    }
+
+    /// The service's metrics (served by `metrics::serve`).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// The roster ClusterStatus reports from; the caller keeps it current with membership.
@@ -312,6 +338,8 @@ impl Inference for InferenceService {
             )));
         }
         let admitted = InFlight(self.in_flight.clone());
+        let metrics = self.metrics.clone();
+        metrics.on_admitted(ids.len());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let request_id = if r.request_id.is_empty() {
             format!("req-{id}")
@@ -360,12 +388,19 @@ impl Inference for InferenceService {
                 let mut text = OutputText::new(&tok, &ids, r.stop);
                 let (mut completion, mut reasoning_tokens, mut ttft) = (0u32, 0u32, None);
                 let mut reason = FinishReason::Length;
+                let mut error = String::new();
+                let mut last = Instant::now();
+                let cancel = |cmds: &mpsc::Sender<Cmd>| {
+                    metrics.on_finished("cancelled");
+                    cancel(cmds)
+                };
                 loop {
                     let next = match deadline {
                         Some(d) => match tokio::time::timeout_at(d, tok_rx.recv()).await {
                             Ok(n) => n,
                             Err(_) => {
-                                cancel(&cmds);
+                                metrics.on_finished("deadline");
+                                let _ = cmds.send(Cmd::Cancel(id));
                                 let _ = out_tx
                                     .send(Err(Status::deadline_exceeded(format!(
                                         "deadline passed after {completion} tokens"
@@ -376,8 +411,21 @@ impl Inference for InferenceService {
                         },
                         None => tok_rx.recv().await,
                     };
-                    let Some(e) = next else { break };
+                    let Some(e) = next else {
+                        // The engine dropped the request without finishing it: a failed step.
+                        reason = FinishReason::Error;
+                        error = "the cluster failed a step; see the coordinator's log".into();
+                        break;
+                    };
                     let (t, finished) = (e.token, e.finished);
+                    let now = Instant::now();
+                    metrics.on_token();
+                    if completion == 0 {
+                        metrics.ttft.observe((now - t0).as_secs_f64());
+                    } else {
+                        metrics.itl.observe((now - last).as_secs_f64());
+                    }
+                    last = now;
                     completion += 1;
                     ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1e3);
                     if text.in_reasoning() {
@@ -420,7 +468,7 @@ impl Inference for InferenceService {
                     if stop {
                         reason = FinishReason::Stop;
                         if !finished {
-                            cancel(&cmds);
+                            let _ = cmds.send(Cmd::Cancel(id));
                         }
                         break;
                     }
@@ -428,6 +476,11 @@ impl Inference for InferenceService {
                         break;
                     }
                 }
+                metrics.on_finished(match reason {
+                    FinishReason::Stop => "stop",
+                    FinishReason::Length => "length",
+                    _ => "error",
+                });
                 let fin = Finished {
                     reason: reason as i32,
                     usage: Some(Usage {
@@ -440,7 +493,7 @@ impl Inference for InferenceService {
                         time_to_first_token_ms: ttft.unwrap_or(0.0),
                         total_ms: t0.elapsed().as_secs_f64() * 1e3,
                     }),
-                    error: String::new(),
+                    error,
                 };
                 let _ = out_tx.send(ev(Event::Finished(fin))).await;
             }

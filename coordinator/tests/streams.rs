@@ -15,8 +15,13 @@ use switchyard_proto::v1::*;
 use tonic::transport::Channel;
 
 fn up() -> (common::Proc, String) {
+    let (p, grpc, _) = up_with_metrics();
+    (p, grpc)
+}
+
+fn up_with_metrics() -> (common::Proc, String, String) {
     let dir = fixture("tiny-qwen3-moe");
-    spawn_serving(&[
+    let (p, line) = common::spawn_announcing(&[
         "up",
         "--model",
         dir.to_str().unwrap(),
@@ -28,7 +33,21 @@ fn up() -> (common::Proc, String) {
         "127.0.0.1:0",
         "--token-budget",
         "256",
-    ])
+    ]);
+    let (grpc, metrics) = (
+        common::announced(&line, "grpc"),
+        common::announced(&line, "metrics"),
+    );
+    (p, grpc, metrics)
+}
+
+/// The value of an unlabelled (or fully labelled) sample in a Prometheus text page.
+fn sample(page: &str, name: &str) -> f64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .unwrap_or_else(|| panic!("no {name} in\n{page}"))
+        .parse()
+        .unwrap()
 }
 
 /// 64 requests: prefixes of the golden prompts (3 to 281 tokens), 1 to 48 new tokens, greedy or
@@ -100,7 +119,7 @@ async fn wait_idle(url: &str) -> ClusterStatusResponse {
 
 #[test]
 fn sixty_four_concurrent_streams_match_one_by_one_and_cancelled_ones_free_their_kv() {
-    let (_up, url) = up();
+    let (_up, url, metrics) = up_with_metrics();
     block_on(async {
         let mut c = InferenceClient::connect(url.clone()).await.unwrap();
         let mut alone = Vec::new();
@@ -119,6 +138,40 @@ fn sixty_four_concurrent_streams_match_one_by_one_and_cancelled_ones_free_their_
             assert_eq!(&got, want, "request r{i}");
             assert_eq!(got.1, FinishReason::Length);
         }
+        // The metrics page counts what was served.
+        let generated: usize = alone.iter().map(|a| a.0.len()).sum::<usize>() * 2;
+        let page = common::http_get(&metrics);
+        assert_eq!(
+            sample(&page, "switchyard_generated_tokens_total"),
+            generated as f64
+        );
+        assert_eq!(
+            sample(
+                &page,
+                "switchyard_requests_finished_total{reason=\"length\"}"
+            ),
+            128.0
+        );
+        assert_eq!(
+            sample(&page, "switchyard_time_to_first_token_seconds_count"),
+            128.0
+        );
+        assert_eq!(
+            sample(&page, "switchyard_inter_token_latency_seconds_count"),
+            (generated - 128) as f64
+        );
+        assert!(sample(&page, "switchyard_all_to_all_bytes_total") > 0.0);
+        assert!(sample(&page, "switchyard_step_seconds_count") > 0.0);
+        assert_eq!(
+            sample(&page, "switchyard_kv_blocks_total{worker=\"1\"}"),
+            1024.0
+        );
+        let routed: f64 = page
+            .lines()
+            .filter(|l| l.starts_with("switchyard_expert_tokens_total{"))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+            .sum();
+        assert!(routed > 0.0);
 
         // 64 long streams; half are dropped by their clients after a few tokens.
         let mut streams = Vec::new();

@@ -40,6 +40,37 @@ impl Drop for Proc {
 /// Starts `switchyard ARGS`, waits for its first stdout line and returns the process and the
 /// URL that line announces (`... grpc=URL ...`).
 pub fn spawn_serving(args: &[&str]) -> (Proc, String) {
+    let (p, line) = spawn_announcing(args);
+    let url = announced(&line, "grpc");
+    (p, url)
+}
+
+/// The `KEY=VALUE` word of an announcement line.
+pub fn announced(line: &str, key: &str) -> String {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|w| w.strip_prefix('=')))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        .to_string()
+}
+
+/// Plain HTTP/1.0 GET of `url` (http://HOST:PORT/PATH); the response body.
+pub fn http_get(url: &str) -> String {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(
+        resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"),
+        "{resp}"
+    );
+    resp.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// Starts `switchyard ARGS` and returns the process and its first stdout line.
+pub fn spawn_announcing(args: &[&str]) -> (Proc, String) {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
         .args(args)
@@ -50,13 +81,7 @@ pub fn spawn_serving(args: &[&str]) -> (Proc, String) {
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let proc = Proc(child);
-    let url = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .unwrap_or_else(|| panic!("no url in {line:?}"))
-        .to_string();
-    (proc, url)
+    (Proc(child), line)
 }
 
 /// A free TCP port on loopback (bound, then released).
