@@ -215,3 +215,95 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
         peak_rss_bytes: peak_rss,
     })
 }
+
+/// `switchyard bench-cluster`: decode throughput of a cluster of local worker processes.
+#[derive(Clone, Debug)]
+pub struct ClusterBenchOptions {
+    pub model: PathBuf,
+    /// Worker counts to measure, each a fresh cluster.
+    pub workers: Vec<usize>,
+    pub batch: usize,
+    pub prompt_tokens: usize,
+    pub decode_steps: usize,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ClusterBenchRow {
+    pub workers: usize,
+    pub batch: usize,
+    /// Aggregate decode tokens per second over the measured steps.
+    pub decode_tok_s: f64,
+    /// Mean step wall time seen by the coordinator.
+    pub step_ms: f64,
+    /// Share of step time the slowest rank spent in the expert all-to-all.
+    pub all_to_all_share: f64,
+    /// All-to-all bytes sent per step, all ranks together.
+    pub all_to_all_bytes_per_step: f64,
+    /// Coordinator and transport time per generated token: step wall time minus the slowest
+    /// worker's own step time (its forward, sampling and all-to-all), over the step's tokens.
+    pub coordinator_us_per_token: f64,
+}
+
+/// Runs `decode_steps` decode steps of `batch` sequences on 1..n local workers each.
+pub fn run_cluster(o: &ClusterBenchOptions) -> anyhow::Result<Vec<ClusterBenchRow>> {
+    use crate::driver::{Driver, GenRequest};
+    use switchyard_kernels::sampling::SamplingParams;
+    let cfg = switchyard_worker::engine::read_config(&o.model)?;
+    let mut rows = Vec::new();
+    for &k in &o.workers {
+        let workers = crate::local::LocalWorkers::spawn(&o.model, k, &[])?;
+        let blocks = (o.batch * (o.prompt_tokens + o.decode_steps + 8)).div_ceil(16) + 16;
+        let cluster =
+            crate::remote::GrpcCluster::connect(&workers.urls(), &o.model, 0, blocks, 16)?;
+        let mut d = Driver::new(cluster, o.batch * o.prompt_tokens.max(1), o.batch);
+        let mut rng = Rng::new(1);
+        for id in 0..o.batch as u64 {
+            d.submit(GenRequest {
+                id,
+                prompt: (0..o.prompt_tokens)
+                    .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
+                    .collect(),
+                max_tokens: o.decode_steps + 4,
+                sampling: SamplingParams::greedy(),
+                eos: vec![],
+                ignore_eos: true,
+                priority: 0,
+                top_logprobs: 0,
+            });
+        }
+        // Prefill everything and take two decode steps before measuring.
+        let mut warm = 0;
+        while warm < 2 {
+            d.step()?;
+            let s = d.last_step();
+            if s.decodes == o.batch && s.prefill_tokens == 0 {
+                warm += 1;
+            }
+        }
+        let (mut tokens, mut wall, mut a2a, mut bytes, mut worker) = (0usize, 0.0, 0.0, 0u64, 0.0);
+        let t0 = Instant::now();
+        for _ in 0..o.decode_steps {
+            let emitted = d.step()?;
+            let s = d.last_step();
+            tokens += emitted.len();
+            wall += s.seconds;
+            a2a += s.all_to_all_seconds;
+            bytes += s.all_to_all_bytes;
+            worker += s.worker_seconds;
+        }
+        let elapsed = t0.elapsed().as_secs_f64();
+        let n = o.decode_steps as f64;
+        rows.push(ClusterBenchRow {
+            workers: k,
+            batch: o.batch,
+            decode_tok_s: tokens as f64 / elapsed,
+            step_ms: wall / n * 1e3,
+            all_to_all_share: a2a / wall,
+            all_to_all_bytes_per_step: bytes as f64 / n,
+            coordinator_us_per_token: (wall - worker).max(0.0) / tokens as f64 * 1e6,
+        });
+        drop(d);
+        drop(workers);
+    }
+    Ok(rows)
+}

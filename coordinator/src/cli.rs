@@ -45,6 +45,9 @@ pub enum Command {
     GenModel(GenModelArgs),
     /// Measure prefill and decode throughput of a model on this machine.
     Bench(BenchArgs),
+    /// Measure decode throughput of local clusters of 1, 2, 4... worker processes: tokens/s,
+    /// all-to-all share of step time, coordinator overhead per token.
+    BenchCluster(BenchClusterArgs),
     /// Serve as a cluster worker: the control stream on --listen, the expert all-to-all on
     /// --comm-listen. Prints `worker ready grpc=URL comm=ADDR` once listening.
     Worker(WorkerArgs),
@@ -305,6 +308,23 @@ pub struct GenModelArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct BenchClusterArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Worker counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub workers: Vec<usize>,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 16)]
+    pub prompt_tokens: usize,
+    #[arg(long, default_value_t = 32)]
+    pub decode_steps: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct BenchArgs {
     #[arg(long)]
     pub model: PathBuf,
@@ -328,6 +348,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Run(a) => run(a),
         Command::GenModel(a) => gen_model(a),
         Command::Bench(a) => bench_cmd(a),
+        Command::BenchCluster(a) => bench_cluster_cmd(a),
         Command::Worker(a) => worker_cmd(a),
         Command::Up(a) => up_cmd(a),
         Command::Coordinator(a) => coordinator_cmd(a),
@@ -417,6 +438,42 @@ fn gen_model(a: GenModelArgs) -> Result<()> {
     ];
     presets::generate(&config, &a.out, a.dtype, a.seed, a.shard_mb << 20, &files)?;
     eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn bench_cluster_cmd(a: BenchClusterArgs) -> Result<()> {
+    if a.workers.is_empty() || a.workers.contains(&0) || a.batch == 0 || a.decode_steps == 0 {
+        bail!("--workers (each at least 1), --batch and --decode-steps must be positive");
+    }
+    if a.prompt_tokens == 0 {
+        bail!("--prompt-tokens must be at least 1");
+    }
+    let rows = bench::run_cluster(&bench::ClusterBenchOptions {
+        model: a.model,
+        workers: a.workers,
+        batch: a.batch,
+        prompt_tokens: a.prompt_tokens,
+        decode_steps: a.decode_steps,
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    println!("workers  batch  decode tok/s  step ms  all-to-all share  a2a KB/step  coord us/token");
+    let base = rows[0].decode_tok_s;
+    for r in &rows {
+        println!(
+            "{:>7}  {:>5}  {:>8.1} ({:.2}x)  {:>7.2}  {:>15.1}%  {:>11.1}  {:>14.1}",
+            r.workers,
+            r.batch,
+            r.decode_tok_s,
+            r.decode_tok_s / base,
+            r.step_ms,
+            100.0 * r.all_to_all_share,
+            r.all_to_all_bytes_per_step / 1e3,
+            r.coordinator_us_per_token
+        );
+    }
     Ok(())
 }
 
@@ -530,17 +587,6 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
     })
 }
 
-/// Worker processes started by `up`, killed when it exits.
-struct Children(Vec<std::process::Child>);
-impl Drop for Children {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 fn serve_options(
     c: &ClusterArgs,
     candidate: String,
@@ -575,48 +621,18 @@ fn ctrl_c() -> impl std::future::Future<Output = ()> + Send {
 }
 
 fn up_cmd(a: UpArgs) -> Result<()> {
-    use std::io::BufRead;
     let c = a.cluster;
     if c.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let exe = std::env::current_exe()?;
-    let mut children = Children(Vec::new());
-    let mut started = Vec::new();
-    for i in 0..c.workers {
-        let mut cmd = std::process::Command::new(&exe);
-        cmd.args(["worker", "--model"]).arg(&c.model).args([
-            "--id",
-            &format!("worker-{i}"),
-            "--exit-with-stdin",
-        ]);
-        if let Some(etcd) = &c.membership.etcd {
-            cmd.args([
-                "--etcd",
-                etcd,
-                "--cluster-prefix",
-                &c.membership.cluster_prefix,
-            ])
-            .args(["--lease-ttl", &c.membership.lease_ttl.to_string()]);
-        }
-        let mut child = cmd
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .spawn()?;
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().context("worker stdout")?)
-            .read_line(&mut line)?;
-        children.0.push(child);
-        let url = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("grpc="))
-            .with_context(|| format!("worker {i} did not start: {line:?}"))?;
-        started.push(MemberInfo {
-            id: format!("worker-{i}"),
-            control_url: url.to_string(),
-            model: c.model.display().to_string(),
-        });
+    let mut extra = Vec::new();
+    if let Some(etcd) = &c.membership.etcd {
+        extra.extend(["--etcd".to_string(), etcd.clone()]);
+        extra.extend(["--cluster-prefix".into(), c.membership.cluster_prefix.clone()]);
+        extra.extend(["--lease-ttl".into(), c.membership.lease_ttl.to_string()]);
     }
+    let workers = crate::local::LocalWorkers::spawn(&c.model, c.workers, &extra)?;
+    let started = workers.members.clone();
     let opts = serve_options(&c, "up".into(), Duration::from_secs(60))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -636,7 +652,7 @@ fn up_cmd(a: UpArgs) -> Result<()> {
         };
         serve(opts, membership, ctrl_c()).await
     })?;
-    drop(children);
+    drop(workers);
     Ok(())
 }
 

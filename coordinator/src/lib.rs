@@ -5,6 +5,7 @@ pub mod bench;
 pub mod cli;
 pub mod driver;
 pub mod generate;
+pub mod local;
 pub mod metrics;
 pub mod pacer;
 pub mod placement;
