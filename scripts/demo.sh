@@ -18,6 +18,7 @@ for _ in $(seq 1 300); do
   kill -0 $up 2>/dev/null || { echo "cluster failed to start" >&2; exit 1; }
   sleep 0.1
 done
-url=$(sed -n 's/^serving grpc=//p' "$log")
-echo "local cluster at $url (2 workers)" >&2
+url=$(sed -n 's/^serving grpc=\([^ ]*\).*/\1/p' "$log")
+metrics=$(sed -n 's/.* metrics=\([^ ]*\).*/\1/p' "$log")
+echo "local cluster at $url (2 workers; metrics at $metrics)" >&2
 "$bin" generate --endpoint "$url" --chat "${1:-Explain expert parallelism in one paragraph.}" --max-tokens 64
