@@ -459,7 +459,9 @@ fn bench_cluster_cmd(a: BenchClusterArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(());
     }
-    println!("workers  batch  decode tok/s  step ms  all-to-all share  a2a KB/step  coord us/token");
+    println!(
+        "workers  batch  decode tok/s  step ms  all-to-all share  a2a KB/step  coord us/token"
+    );
     let base = rows[0].decode_tok_s;
     for r in &rows {
         println!(
@@ -628,7 +630,10 @@ fn up_cmd(a: UpArgs) -> Result<()> {
     let mut extra = Vec::new();
     if let Some(etcd) = &c.membership.etcd {
         extra.extend(["--etcd".to_string(), etcd.clone()]);
-        extra.extend(["--cluster-prefix".into(), c.membership.cluster_prefix.clone()]);
+        extra.extend([
+            "--cluster-prefix".into(),
+            c.membership.cluster_prefix.clone(),
+        ]);
         extra.extend(["--lease-ttl".into(), c.membership.lease_ttl.to_string()]);
     }
     let workers = crate::local::LocalWorkers::spawn(&c.model, c.workers, &extra)?;

@@ -311,6 +311,10 @@ impl State {
             if self.blocks_for(self.seqs[&id].len + 1) > self.free[w] {
                 break;
             }
+            // Under a prefill limit that its first token no longer fits, admission waits.
+            if step.chunks.len() > step.decodes && chunk_cost(0, 1, self.cfg.attn_equiv) > units {
+                break;
+            }
             self.waiting.pop_front();
             self.seqs.get_mut(&id).expect("present").home = Some(w);
             self.running.push(id);
@@ -324,10 +328,11 @@ impl State {
         let (start, w) = (s.computed, s.home.expect("homed"));
         let mut len = (s.len - start).min(*budget);
         if units.is_finite() {
-            // The longest chunk within the remaining units (cost grows with len); at least one
-            // token so that a paced prefill always progresses.
+            // The longest chunk within the remaining units (cost grows with len); the step's
+            // first prefill chunk gets at least one token so that paced prefill progresses.
             let a = self.cfg.attn_equiv;
-            let (mut lo, mut hi) = (1, len.max(1));
+            let floor = usize::from(step.chunks.len() == step.decodes);
+            let (mut lo, mut hi) = (floor, len.max(1));
             while lo < hi {
                 let mid = (lo + hi).div_ceil(2);
                 if chunk_cost(start, mid, a) <= *units {
@@ -528,6 +533,33 @@ mod tests {
             }
             // Everything finished: every block is back.
             prop_assert_eq!(st.free_blocks(), &total[..]);
+            prop_assert_eq!(st.running() + st.waiting(), 0);
+        }
+
+        #[test]
+        fn a_prefill_limit_caps_steps_with_decodes_and_everything_still_finishes(
+            limit in 0.5f64..40.0,
+            attn_equiv in 1usize..64,
+            reqs in prop::collection::vec((1usize..30, 1usize..12), 1..12),
+        ) {
+            let reqs: Vec<(u64, usize, usize, i32)> = reqs.into_iter().enumerate().map(|(i, (p, g))| (i as u64, p, g, 0)).collect();
+            let mut c = cfg(64, vec![40, 40]);
+            c.attn_equiv = attn_equiv;
+            let mut st = State::new(c);
+            st.set_prefill_limit(Some(limit));
+            let steps = drive(&mut st, &reqs, 5000);
+            for step in &steps {
+                if step.decodes == 0 {
+                    continue;
+                }
+                let prefill = &step.chunks[step.decodes..];
+                let cost: f64 = prefill.iter().map(|c| chunk_cost(c.start, c.len, attn_equiv)).sum();
+                // Within the limit, or a single one-token chunk (the progress guarantee).
+                prop_assert!(
+                    cost <= limit + 1e-9 || (prefill.len() == 1 && prefill[0].len == 1),
+                    "cost {} over limit {} in {:?}", cost, limit, step
+                );
+            }
             prop_assert_eq!(st.running() + st.waiting(), 0);
         }
     }
