@@ -122,10 +122,15 @@ pub async fn serve(
     health
         .set_serving::<switchyard_proto::v1::inference_server::InferenceServer<InferenceService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
+    // Reflection in both versions: v1, and v1alpha for the clients that only speak it (grpcurl
+    // falls back to it; grpcio's reflection helpers use it).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(switchyard_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let listener = tokio::net::TcpListener::bind(&opts.grpc_addr)
         .await
         .with_context(|| format!("--grpc-addr {}", opts.grpc_addr))?;
@@ -150,7 +155,8 @@ pub async fn serve(
     };
     tonic::transport::Server::builder()
         .add_service(health_svc)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(svc.into_server())
         .serve_with_incoming_shutdown(switchyard_worker::server::incoming(listener), async {
             tokio::select! {

@@ -1,6 +1,7 @@
 //! A client from another ecosystem: Python grpcio stubs generated at run time from the
 //! project's .proto files stream `Generate` from a 2-worker `up` cluster and get the
-//! transformers golden tokens; `Tokenize` agrees with the golden input ids; the streamed
+//! transformers golden tokens; grpcio's health and reflection helpers see the standard
+//! services; `Tokenize` agrees with the golden input ids; the streamed
 //! logprobs of the first generated token equal log-softmax of the golden logits there.
 //!
 //! Needs a Python with grpcio and grpcio-tools: `$SWITCHYARD_PYTHON`, else the venv that
@@ -66,11 +67,23 @@ fn python_grpcio_client_streams_the_golden_tokens() {
     );
     let golden: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
-    let lines: Vec<Value> = String::from_utf8(out.stdout)
+    let mut lines: Vec<Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
+    // grpc.health.v1 and server reflection, through grpcio's own helpers.
+    let standard = lines.remove(0);
+    assert_eq!(standard["health"], "SERVING");
+    let services: Vec<&str> = standard["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    for s in ["switchyard.v1.Inference", "grpc.health.v1.Health"] {
+        assert!(services.contains(&s), "{services:?}");
+    }
     let prompts = golden["prompts"].as_array().unwrap();
     assert_eq!(lines.len(), prompts.len());
     let mut checked_logprobs = 0;

@@ -11,6 +11,10 @@ import sys
 import tempfile
 
 from grpc_tools import protoc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 import grpc
 
 
@@ -32,6 +36,14 @@ def main():
     with tempfile.TemporaryDirectory() as out:
         pb, rpc = load_stubs(proto_dir, out)
         with grpc.insecure_channel(endpoint) as ch:
+            # Standard services first: health, and the service list by reflection.
+            health = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="switchyard.v1.Inference"))
+            services = sorted(ProtoReflectionDescriptorDatabase(ch).get_services())
+            print(json.dumps({
+                "health": health_pb2.HealthCheckResponse.ServingStatus.Name(health.status),
+                "services": services,
+            }), flush=True)
             stub = rpc.InferenceStub(ch)
             models = stub.ListModels(pb.ListModelsRequest()).models
             for p in golden["prompts"]:
