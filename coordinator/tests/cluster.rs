@@ -65,3 +65,68 @@ fn two_worker_processes_match_goldens() {
         assert_eq!(d.kv_used(), &[0, 0]);
     }
 }
+
+/// Runs every golden prompt of `model` through `d` at once; the tokens per request id.
+fn run_goldens(d: &mut Driver, golden: &Value) -> Result<(), String> {
+    let mut want = std::collections::HashMap::new();
+    for (i, p) in golden["prompts"].as_array().unwrap().iter().enumerate() {
+        d.submit(GenRequest {
+            id: i as u64,
+            prompt: ids(&p["input_ids"]),
+            max_tokens: 24,
+            sampling: SamplingParams::greedy(),
+            eos: vec![],
+            ignore_eos: true,
+            priority: 0,
+            top_logprobs: 0,
+        });
+        want.insert(i as u64, ids(&p["greedy"]["new_ids"]));
+    }
+    let mut got: std::collections::HashMap<u64, Vec<u32>> = Default::default();
+    while !d.is_idle() {
+        for e in d.step().map_err(|e| e.to_string())? {
+            got.entry(e.id).or_default().push(e.token);
+        }
+    }
+    assert_eq!(got, want);
+    Ok(())
+}
+
+/// Epochs: a new control stream (a new leader) takes the workers over from a live one, whose
+/// next step fails at once instead of hanging; after that one closes, another epoch starts
+/// cleanly. Each epoch reloads placement and KV and serves the goldens.
+#[test]
+fn a_new_coordinator_takes_over_the_workers_epoch_by_epoch() {
+    let dir = fixture("tiny-qwen3-moe");
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let workers: Vec<(Proc, String)> = (0..2).map(|_| spawn_worker(&dir)).collect();
+    let urls: Vec<String> = workers.iter().map(|w| w.1.clone()).collect();
+
+    let mut first = Driver::new(
+        GrpcCluster::connect(&urls, &dir, 0, 64, 16).unwrap(),
+        128,
+        64,
+    );
+    run_goldens(&mut first, &golden).unwrap();
+
+    // A second coordinator connects while the first still holds its streams.
+    let mut second = Driver::new(
+        GrpcCluster::connect(&urls, &dir, 2, 64, 16).unwrap(),
+        128,
+        64,
+    );
+    run_goldens(&mut second, &golden).unwrap();
+    let t0 = std::time::Instant::now();
+    let err = run_goldens(&mut first, &golden).unwrap_err();
+    assert!(t0.elapsed() < std::time::Duration::from_secs(10), "{err}");
+    drop(first);
+    drop(second);
+
+    let mut third = Driver::new(
+        GrpcCluster::connect(&urls, &dir, 1, 64, 16).unwrap(),
+        128,
+        64,
+    );
+    run_goldens(&mut third, &golden).unwrap();
+}

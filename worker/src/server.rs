@@ -6,6 +6,12 @@
 //! its experts, and acknowledges with an empty `StepResult` (step 0). From then on each
 //! `StepPlan` is executed in order on a dedicated thread and answered with its `StepResult`.
 //! The stream closing ends the epoch: the engine and its KV are dropped.
+//!
+//! Epochs: a worker serves one control stream at a time, and a new one (a new leader, or the
+//! same coordinator re-placing after a membership change) ends the current epoch first: its
+//! all-to-all connections are shut down (an exchange in flight fails at once), its plan loop
+//! stops, its engine and KV are dropped, and its old stream ends. Then the new placement is
+//! loaded as above.
 
 use crate::comm::{Comm, TcpComm};
 use crate::engine::{read_config, Engine, EngineOptions, ExpertSetup};
@@ -29,8 +35,43 @@ pub struct WorkerService {
     pub model: PathBuf,
     pub opts: EngineOptions,
     comm_addr: String,
-    comm_listener: Arc<Mutex<Option<std::net::TcpListener>>>,
+    comm_listener: std::net::TcpListener,
     pub comm_timeout: Duration,
+    current: Arc<tokio::sync::Mutex<Option<Epoch>>>,
+}
+
+/// The epoch being served: how to stop it, its mesh, and its executor thread (started once
+/// the placement arrives; the slot's lock orders "stop" against "start").
+struct Epoch {
+    stop: tokio::sync::watch::Sender<bool>,
+    comm: Arc<Mutex<Option<Arc<TcpComm>>>>,
+    thread: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl Epoch {
+    /// Stops the epoch and waits until its engine is dropped. A mesh join in progress finishes
+    /// (or times out) first.
+    async fn end(self) {
+        let _ = self.stop.send(true);
+        if let Some(c) = self.comm.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            c.abort();
+        }
+        let handle = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(h) = handle {
+            let comm = self.comm.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                // The mesh may have been joined after the abort above.
+                while !h.is_finished() {
+                    if let Some(c) = comm.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                        c.abort();
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                h.join()
+            })
+            .await;
+        }
+    }
 }
 
 impl WorkerService {
@@ -46,8 +87,9 @@ impl WorkerService {
             model,
             opts,
             comm_addr,
-            comm_listener: Arc::new(Mutex::new(Some(comm_listener))),
+            comm_listener,
             comm_timeout: Duration::from_secs(60),
+            current: Arc::new(tokio::sync::Mutex::new(None)),
         })
     }
 
@@ -118,14 +160,18 @@ impl Worker for WorkerService {
         &self,
         req: Request<Streaming<CoordinatorMessage>>,
     ) -> Result<Response<ControlStream>, Status> {
+        // One epoch at a time: end the current one (and free its engine) before starting.
+        let mut current = self.current.lock().await;
+        if let Some(old) = current.take() {
+            tracing::warn!(worker = %self.id, "new control stream; ending the current epoch");
+            old.end().await;
+        }
         let listener = self
             .comm_listener
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()
-            .ok_or_else(|| {
-                Status::failed_precondition("this worker already serves a control stream")
-            })?;
+            .try_clone()
+            .map_err(|e| Status::internal(format!("comm listener: {e}")))?;
+        let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+        let epoch_comm: Arc<Mutex<Option<Arc<TcpComm>>>> = Arc::default();
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<WorkerMessage, Status>>(4);
         let hello = WorkerHello {
@@ -137,8 +183,15 @@ impl Worker for WorkerService {
             .await
             .map_err(|_| Status::cancelled("stream closed"))?;
         let (model, opts, timeout) = (self.model.clone(), self.opts.clone(), self.comm_timeout);
+        let thread_slot: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
+        let (comm_slot, thread_stop, slot) =
+            (epoch_comm.clone(), stop_rx.clone(), thread_slot.clone());
         tokio::spawn(async move {
-            let placement = match inbound.message().await {
+            let first = tokio::select! {
+                m = inbound.message() => m,
+                _ = stop_rx.changed() => return,
+            };
+            let placement = match first {
                 Ok(Some(CoordinatorMessage {
                     msg: Some(CMsg::Placement(p)),
                 })) => p,
@@ -153,73 +206,109 @@ impl Worker for WorkerService {
             };
             let (plan_tx, plan_rx) = std::sync::mpsc::sync_channel(1);
             let out = tx.clone();
-            std::thread::spawn(move || {
-                let setup = (|| -> Result<Executor, Status> {
-                    let cfg = read_config(&model)
-                        .map_err(|e| Status::failed_precondition(e.to_string()))?;
-                    let holders = holder_table(
-                        &placement,
-                        cfg.num_layers,
-                        cfg.num_experts,
-                        &cfg.sparse_layers,
-                    )?;
-                    let addrs = placement
-                        .peer_addresses
-                        .iter()
-                        .map(|a| {
-                            a.parse().map_err(|_| {
-                                Status::invalid_argument(format!("bad peer address {a:?}"))
-                            })
-                        })
-                        .collect::<Result<Vec<_>, _>>()?;
-                    let comm = TcpComm::join(placement.rank as usize, &addrs, listener, timeout)
-                        .map_err(|e| Status::unavailable(e.to_string()))?;
-                    let opts = EngineOptions {
-                        kv_blocks: Some(placement.kv_blocks as usize)
-                            .filter(|b| *b > 0)
-                            .or(opts.kv_blocks),
-                        ..opts
-                    };
-                    let engine = Engine::load_with(
-                        &model,
-                        &opts,
-                        ExpertSetup::Parallel {
-                            holders,
-                            comm: Comm::Tcp(Arc::new(comm)),
-                        },
-                    )
-                    .map_err(|e| Status::failed_precondition(e.to_string()))?;
-                    Ok(Executor::new(engine))
-                })();
-                let mut ex = match setup {
-                    Ok(ex) => {
-                        let _ = out.blocking_send(Ok(msg(WMsg::Result(StepResult::default()))));
-                        ex
-                    }
-                    Err(s) => {
-                        let _ = out.blocking_send(Err(s));
-                        return;
-                    }
-                };
-                while let Ok(plan) = plan_rx.recv() {
-                    let r = ex
-                        .execute(&plan)
-                        .map(|r| msg(WMsg::Result(r)))
-                        .map_err(|e| Status::internal(e.to_string()));
-                    let failed = r.is_err();
-                    if out.blocking_send(r).is_err() || failed {
-                        break;
-                    }
+            let started = {
+                let mut guard = slot.lock().unwrap_or_else(|e| e.into_inner());
+                if *stop_rx.borrow() {
+                    false
+                } else {
+                    *guard = Some(std::thread::spawn(move || {
+                        let setup = (|| -> Result<Executor, Status> {
+                            let cfg = read_config(&model)
+                                .map_err(|e| Status::failed_precondition(e.to_string()))?;
+                            let holders = holder_table(
+                                &placement,
+                                cfg.num_layers,
+                                cfg.num_experts,
+                                &cfg.sparse_layers,
+                            )?;
+                            let addrs = placement
+                                .peer_addresses
+                                .iter()
+                                .map(|a| {
+                                    a.parse().map_err(|_| {
+                                        Status::invalid_argument(format!("bad peer address {a:?}"))
+                                    })
+                                })
+                                .collect::<Result<Vec<_>, _>>()?;
+                            let comm =
+                                TcpComm::join(placement.rank as usize, &addrs, listener, timeout)
+                                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                            let comm = Arc::new(comm);
+                            *comm_slot.lock().unwrap_or_else(|e| e.into_inner()) =
+                                Some(comm.clone());
+                            if *thread_stop.borrow() {
+                                return Err(Status::aborted("epoch ended"));
+                            }
+                            let opts = EngineOptions {
+                                kv_blocks: Some(placement.kv_blocks as usize)
+                                    .filter(|b| *b > 0)
+                                    .or(opts.kv_blocks),
+                                ..opts
+                            };
+                            let engine = Engine::load_with(
+                                &model,
+                                &opts,
+                                ExpertSetup::Parallel {
+                                    holders,
+                                    comm: Comm::Tcp(comm),
+                                },
+                            )
+                            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+                            Ok(Executor::new(engine))
+                        })();
+                        let mut ex = match setup {
+                            Ok(ex) => {
+                                let _ =
+                                    out.blocking_send(Ok(msg(WMsg::Result(StepResult::default()))));
+                                ex
+                            }
+                            Err(s) => {
+                                let _ = out.blocking_send(Err(s));
+                                return;
+                            }
+                        };
+                        while let Ok(plan) = plan_rx.recv() {
+                            if *thread_stop.borrow() {
+                                break;
+                            }
+                            let r = ex
+                                .execute(&plan)
+                                .map(|r| msg(WMsg::Result(r)))
+                                .map_err(|e| Status::internal(e.to_string()));
+                            let failed = r.is_err();
+                            if out.blocking_send(r).is_err() || failed {
+                                break;
+                            }
+                        }
+                    }));
+                    true
                 }
-            });
-            while let Ok(Some(m)) = inbound.message().await {
-                if let Some(CMsg::Step(plan)) = m.msg {
-                    if plan_tx.send(plan).is_err() {
-                        break;
-                    }
+            };
+            if !started {
+                return;
+            }
+            loop {
+                tokio::select! {
+                    m = inbound.message() => match m {
+                        Ok(Some(CoordinatorMessage { msg: Some(CMsg::Step(plan)) })) => {
+                            if plan_tx.send(plan).is_err() {
+                                break;
+                            }
+                        }
+                        Ok(Some(_)) => {}
+                        _ => break,
+                    },
+                    _ = stop_rx.changed() => break,
                 }
             }
+            // Dropping the plan sender ends the executor loop; dropping `tx` ends the stream.
         });
+        *current = Some(Epoch {
+            stop: stop_tx,
+            comm: epoch_comm,
+            thread: thread_slot,
+        });
+        drop(current);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
