@@ -86,3 +86,81 @@ fn workers_register_in_etcd_and_a_lapsed_lease_leaves_cluster_status() {
         assert_goldens(&url, "tiny-qwen3-moe", 1).await;
     });
 }
+
+/// Coordinator replicas: the second waits in the leader election while the first serves; when
+/// the first is killed (-9) its lease lapses, the standby leads, takes the workers over in a
+/// new epoch and serves the golden tokens.
+#[test]
+fn a_standby_coordinator_takes_over_when_the_leader_dies() {
+    let etcd = Etcd::start();
+    let model = fixture("tiny-qwen3-moe");
+    let m = model.to_str().unwrap().to_string();
+    let membership: Vec<String> = [
+        "--etcd",
+        &etcd.url,
+        "--cluster-prefix",
+        "/switchyard/failover",
+        "--lease-ttl",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let _workers: Vec<_> = (0..2)
+        .map(|i| {
+            let id = format!("w{i}");
+            let mut args = vec!["worker", "--model", &m, "--id", &id];
+            args.extend(membership.iter().map(|s| s.as_str()));
+            spawn_serving(&args)
+        })
+        .collect();
+    let coordinator = |id: &'static str| {
+        let mut args: Vec<String> = [
+            "coordinator",
+            "--model",
+            &m,
+            "--workers",
+            "2",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--id",
+            id,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(membership.iter().cloned());
+        args
+    };
+    let a = coordinator("leader-a");
+    let (mut leader, url_a) = spawn_serving(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
+    // The standby only announces itself once it leads.
+    let b = coordinator("standby-b");
+    let standby = std::thread::spawn(move || {
+        spawn_serving(&b.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+    });
+    block_on(assert_goldens(&url_a, "tiny-qwen3-moe", 1));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !standby.is_finished(),
+        "the standby served while the leader lived"
+    );
+
+    leader.0.kill().unwrap();
+    let _ = leader.0.wait();
+    let t0 = Instant::now();
+    let (_b, url_b) = standby.join().unwrap();
+    let took = t0.elapsed();
+    block_on(async {
+        assert_goldens(&url_b, "tiny-qwen3-moe", 2).await;
+        let ids: Vec<String> = cluster_status(&url_b)
+            .await
+            .workers
+            .iter()
+            .map(|w| w.id.clone())
+            .collect();
+        assert_eq!(ids, ["w0", "w1"]);
+    });
+    eprintln!("standby took over {took:?} after the leader died");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+}
