@@ -26,7 +26,11 @@ pub struct GrpcCluster {
     block_size: usize,
     holders: Vec<Vec<Vec<u32>>>,
     urls: Vec<String>,
+    step_timeout: std::time::Duration,
 }
+
+/// How long a step may take before the cluster is declared stuck (a worker stopped answering).
+pub const DEFAULT_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 fn rank_err(rank: usize) -> impl Fn(String) -> DriverError {
     move |detail| DriverError::Rank { rank, detail }
@@ -129,7 +133,15 @@ impl GrpcCluster {
             block_size,
             holders,
             urls: urls.to_vec(),
+            step_timeout: DEFAULT_STEP_TIMEOUT,
         })
+    }
+
+    /// A step that has not returned every result after `t` fails (naming the silent rank)
+    /// instead of waiting forever.
+    pub fn with_step_timeout(mut self, t: std::time::Duration) -> Self {
+        self.step_timeout = t;
+        self
     }
 }
 
@@ -151,7 +163,7 @@ impl Cluster for GrpcCluster {
     }
 
     fn step(&mut self, plans: Vec<StepPlan>) -> Result<Vec<StepResult>, DriverError> {
-        let (txs, rxs) = (&self.txs, &mut self.rxs);
+        let (txs, rxs, limit) = (&self.txs, &mut self.rxs, self.step_timeout);
         self.rt.block_on(async {
             for (rank, (tx, p)) in txs.iter().zip(plans).enumerate() {
                 tx.send(CoordinatorMessage {
@@ -161,8 +173,26 @@ impl Cluster for GrpcCluster {
                 .map_err(|_| rank_err(rank)("control stream closed".into()))?;
             }
             let mut out = Vec::with_capacity(rxs.len());
-            for (rank, rx) in rxs.iter_mut().enumerate() {
-                match next_message(rank, rx).await? {
+            let deadline = tokio::time::Instant::now() + limit;
+            // Every rank's result concurrently: a rank blocked in the all-to-all behind a silent
+            // peer is silent too, so the error names them all.
+            let waits = rxs.iter_mut().enumerate().map(|(rank, rx)| async move {
+                tokio::time::timeout_at(deadline, next_message(rank, rx)).await
+            });
+            let results = futures_join_all(waits).await;
+            let silent: Vec<usize> = results
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.is_err())
+                .map(|(rank, _)| rank)
+                .collect();
+            if let Some(&first) = silent.first() {
+                return Err(rank_err(first)(format!(
+                    "no step result within {limit:?} from ranks {silent:?}"
+                )));
+            }
+            for (rank, m) in results.into_iter().enumerate() {
+                match m.expect("checked above")? {
                     WMsg::Result(r) => out.push(r),
                     other => {
                         return Err(rank_err(rank)(format!(
@@ -174,4 +204,32 @@ impl Cluster for GrpcCluster {
             Ok(out)
         })
     }
+}
+
+/// Awaits every future, in order of the inputs (the futures run concurrently on this task).
+async fn futures_join_all<F: std::future::Future>(
+    fs: impl IntoIterator<Item = F>,
+) -> Vec<F::Output> {
+    let mut pinned: Vec<std::pin::Pin<Box<F>>> = fs.into_iter().map(Box::pin).collect();
+    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, o) in pinned.iter_mut().zip(out.iter_mut()) {
+            if o.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|o| o.expect("every future finished"))
+        .collect()
 }

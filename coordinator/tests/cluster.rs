@@ -130,3 +130,37 @@ fn a_new_coordinator_takes_over_the_workers_epoch_by_epoch() {
     );
     run_goldens(&mut third, &golden).unwrap();
 }
+
+/// A worker that stops answering (SIGSTOP) mid-traffic: the step fails within the step timeout,
+/// naming the rank, rather than hanging the coordinator.
+#[test]
+fn a_silent_worker_fails_the_step_within_the_timeout() {
+    let dir = fixture("tiny-qwen3-moe");
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let workers: Vec<(Proc, String)> = (0..2).map(|_| spawn_worker(&dir)).collect();
+    let urls: Vec<String> = workers.iter().map(|w| w.1.clone()).collect();
+    let cluster = GrpcCluster::connect(&urls, &dir, 0, 64, 16)
+        .unwrap()
+        .with_step_timeout(std::time::Duration::from_secs(2));
+    let mut d = Driver::new(cluster, 128, 64);
+    run_goldens(&mut d, &golden).unwrap();
+    let pid = workers[1].0 .0.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let t0 = std::time::Instant::now();
+    let err = run_goldens(&mut d, &golden).unwrap_err();
+    let took = t0.elapsed();
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
+    // Rank 0 waits in the all-to-all behind rank 1, so both are silent; both are named.
+    assert!(
+        err.contains("no step result") && err.contains("ranks [0, 1]"),
+        "{err}"
+    );
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+}
