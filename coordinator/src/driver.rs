@@ -52,6 +52,8 @@ pub struct Snapshot {
     pub holders: Vec<Vec<Vec<u32>>>,
     /// Tokens routed to each expert since start, `[layer][expert]`.
     pub expert_load: Vec<Vec<u64>>,
+    /// 1, plus one per rebuild over a new group of ranks.
+    pub epoch: u64,
 }
 
 /// What the last step did and cost.
@@ -240,9 +242,42 @@ pub struct Driver {
     expert_load: Vec<Vec<u64>>,
     pacer: Option<Pacer>,
     last: StepStats,
+    token_budget: usize,
+    max_running: usize,
+    epoch: u64,
 }
 
 impl Driver {
+    /// Replaces the cluster (a rank was lost, or the group changed) and requeues every live
+    /// request with all its tokens so far (prompt and generated): each is re-homed and
+    /// re-prefilled on the new group, then continues where it was. Sampling is seeded by
+    /// position, so the continuation is the one the old group would have produced.
+    pub fn rebuild(&mut self, cluster: Box<dyn Cluster>) {
+        let w = cluster.world();
+        let (blocks, block_size) = cluster.kv_shape();
+        let mut state = State::new(SchedulerConfig {
+            token_budget: self.token_budget,
+            max_running: self.max_running,
+            block_size,
+            blocks_per_worker: vec![blocks; w],
+            attn_equiv: self.state.attn_equiv(),
+        });
+        let mut ids: Vec<u64> = self.live.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let l = &self.live[&id];
+            state.add(id, l.tokens.len(), l.req.priority);
+        }
+        self.state = state;
+        self.cluster = cluster;
+        self.pending_free = vec![vec![]; w];
+        self.kv_used = vec![0; w];
+        self.epoch += 1;
+        if let Some(p) = &mut self.pacer {
+            *p = p.fresh();
+        }
+    }
+
     pub fn new(cluster: impl Cluster + 'static, token_budget: usize, max_running: usize) -> Self {
         let w = cluster.world();
         let (blocks, block_size) = cluster.kv_shape();
@@ -265,6 +300,9 @@ impl Driver {
             expert_load: Vec::new(),
             pacer: None,
             last: StepStats::default(),
+            token_budget,
+            max_running,
+            epoch: 1,
         }
     }
 
@@ -333,6 +371,7 @@ impl Driver {
             running_per_rank: running,
             holders: self.cluster.holders().to_vec(),
             expert_load: self.expert_load.clone(),
+            epoch: self.epoch,
         }
     }
 

@@ -41,6 +41,11 @@ impl Pacer {
         }
     }
 
+    /// The same pacing with nothing measured (a new group of ranks).
+    pub fn fresh(&self) -> Self {
+        Pacer::new(self.factor)
+    }
+
     /// The prefill limit for the next step (applied by the scheduler only if it has decodes).
     pub fn limit(&self) -> Option<f64> {
         let Some(d) = self.decode_s else {

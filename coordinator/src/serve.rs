@@ -92,7 +92,17 @@ pub async fn serve(
         InferenceService::start(
             &o.model,
             name,
-            move || crate::remote::GrpcCluster::connect(&urls, &model, redundant, kv, 16),
+            // First all workers; after a lost rank, those still reachable (a new epoch).
+            move || {
+                let alive: Vec<String> = urls.iter().filter(|u| reachable(u)).cloned().collect();
+                if alive.is_empty() {
+                    return Err(crate::driver::DriverError::Rank {
+                        rank: 0,
+                        detail: "no worker is reachable".into(),
+                    });
+                }
+                crate::remote::GrpcCluster::connect(&alive, &model, redundant, kv, 16)
+            },
             crate::server::ServiceOptions {
                 token_budget: o.token_budget,
                 max_in_flight: o.max_queue,
@@ -104,7 +114,10 @@ pub async fn serve(
     let roster = svc.roster();
     {
         let mut r = roster.lock().unwrap_or_else(|e| e.into_inner());
-        r.ids = members.iter().map(|m| m.id.clone()).collect();
+        r.ids = members
+            .iter()
+            .map(|m| (m.control_url.clone(), m.id.clone()))
+            .collect();
         r.live = live.keys().cloned().collect();
     }
     tokio::spawn(async move {
@@ -166,6 +179,21 @@ pub async fn serve(
         })
         .await?;
     Ok(())
+}
+
+/// Whether a worker's control port accepts a connection (within 1 s).
+fn reachable(url: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    let hostport = url
+        .trim_start_matches("http://")
+        .trim_start_matches("https://")
+        .trim_end_matches('/');
+    hostport
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .map(|a| std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok())
+        .unwrap_or(false)
 }
 
 fn apply(live: &mut BTreeMap<String, MemberInfo>, e: MembershipEvent) {

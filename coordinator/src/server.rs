@@ -34,12 +34,21 @@ enum Cmd {
 }
 
 /// Runs the driver loop on the current thread until the command channel closes.
+/// Builds a new cluster from the ranks still reachable, after a failed step.
+type Recover = Box<dyn FnMut() -> Result<Box<dyn Cluster>, crate::driver::DriverError> + Send>;
+
+/// Consecutive failed steps recovered from before the requests in flight are failed (a step
+/// that fails deterministically must not loop forever).
+const MAX_RECOVERIES: usize = 3;
+
 fn engine_loop(
     mut driver: Driver,
     rx: mpsc::Receiver<Cmd>,
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
     metrics: Arc<Metrics>,
+    mut recover: Option<Recover>,
 ) {
+    let mut failures = 0;
     *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = driver.snapshot();
     let mut sinks: HashMap<u64, tokio::sync::mpsc::UnboundedSender<Emitted>> = HashMap::new();
     loop {
@@ -82,6 +91,7 @@ fn engine_loop(
         *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;
         match stepped {
             Ok(emitted) => {
+                failures = 0;
                 for e in emitted {
                     let (id, finished) = (e.id, e.finished);
                     let gone = match sinks.get(&id) {
@@ -97,10 +107,35 @@ fn engine_loop(
                 }
             }
             Err(err) => {
-                tracing::error!(error = %err, "step failed; failing all requests");
-                for (id, _) in sinks.drain() {
-                    driver.cancel(id);
+                failures += 1;
+                let rebuilt = match recover.as_mut() {
+                    Some(r) if failures <= MAX_RECOVERIES => {
+                        tracing::warn!(error = %err, "step failed; rebuilding over the reachable ranks");
+                        match r() {
+                            Ok(c) => {
+                                driver.rebuild(c);
+                                tracing::warn!(
+                                    world = driver.snapshot().addresses.len(),
+                                    "cluster rebuilt; requests re-homed"
+                                );
+                                true
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "rebuild failed");
+                                false
+                            }
+                        }
+                    }
+                    _ => false,
+                };
+                if !rebuilt {
+                    tracing::error!(error = %err, "step failed; failing all requests");
+                    for (id, _) in sinks.drain() {
+                        driver.cancel(id);
+                    }
                 }
+                *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = driver.snapshot();
+                continue;
             }
         }
     }
@@ -133,11 +168,11 @@ pub struct InferenceService {
     metrics: Arc<Metrics>,
 }
 
-/// Which member serves each rank, and which members are registered now (membership's view).
-/// Empty `ids`: every rank is listed as `rank-N`.
+/// Which member serves each control URL, and which members are registered now (membership's
+/// view). Empty `ids`: every rank is listed as `rank-N`.
 #[derive(Clone, Debug, Default)]
 pub struct Roster {
-    pub ids: Vec<String>,
+    pub ids: HashMap<String, String>,
     pub live: std::collections::BTreeSet<String>,
 }
 
@@ -151,11 +186,13 @@ impl Drop for InFlight {
 }
 
 impl InferenceService {
-    /// Starts the engine loop; `make_cluster` runs on the loop's thread.
+    /// Starts the engine loop; `make_cluster` runs on the loop's thread, first to start, then
+    /// again to recover after a failed step (a lost rank): it should build the cluster from
+    /// the ranks still reachable.
     pub fn start<C: Cluster + 'static>(
         model_dir: &std::path::Path,
         model_name: String,
-        make_cluster: impl FnOnce() -> Result<C, crate::driver::DriverError> + Send + 'static,
+        mut make_cluster: impl FnMut() -> Result<C, crate::driver::DriverError> + Send + 'static,
         opts: ServiceOptions,
     ) -> anyhow::Result<Self> {
         let ServiceOptions {
@@ -179,7 +216,9 @@ impl InferenceService {
                 if pace_factor > 0.0 {
                     d = d.with_pacing(pace_factor, attn_equiv);
                 }
-                engine_loop(d, rx, snap, m);
+                let recover: Recover =
+                    Box::new(move || make_cluster().map(|c| Box::new(c) as Box<dyn Cluster>));
+                engine_loop(d, rx, snap, m, Some(recover));
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e.to_string()));
@@ -571,10 +610,13 @@ impl Inference for InferenceService {
             .iter()
             .enumerate()
             .filter_map(|(r, a)| {
-                let id = match roster.ids.get(r) {
-                    Some(id) if roster.live.contains(id) => id.clone(),
-                    Some(_) => return None,
-                    None => format!("rank-{r}"),
+                let id = if roster.ids.is_empty() {
+                    format!("rank-{r}")
+                } else {
+                    match roster.ids.get(a) {
+                        Some(id) if roster.live.contains(id) => id.clone(),
+                        _ => return None,
+                    }
                 };
                 Some(WorkerStatus {
                     id,
@@ -601,7 +643,7 @@ impl Inference for InferenceService {
             })
             .collect();
         Ok(Response::new(ClusterStatusResponse {
-            epoch: 1,
+            epoch: s.epoch,
             workers,
             placement,
         }))
