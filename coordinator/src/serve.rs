@@ -78,7 +78,12 @@ pub async fn serve(
         }
     }
     let members: Vec<MemberInfo> = live.values().take(opts.workers).cloned().collect();
-    let urls: Vec<String> = members.iter().map(|m| m.control_url.clone()).collect();
+    // The workers the cluster is built from: the first K members, then every member that
+    // registers later (a join triggers a rebuild that includes it).
+    let pool: Arc<std::sync::Mutex<Vec<String>>> = Arc::new(std::sync::Mutex::new(
+        members.iter().map(|m| m.control_url.clone()).collect(),
+    ));
+    let urls = pool.clone();
     tracing::info!(?urls, "workers registered; connecting");
 
     let name = opts
@@ -94,7 +99,8 @@ pub async fn serve(
             name,
             // First all workers; after a lost rank, those still reachable (a new epoch).
             move || {
-                let alive: Vec<String> = urls.iter().filter(|u| reachable(u)).cloned().collect();
+                let candidates = urls.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let alive: Vec<String> = candidates.into_iter().filter(|u| reachable(u)).collect();
                 if alive.is_empty() {
                     return Err(crate::driver::DriverError::Rank {
                         rank: 0,
@@ -112,6 +118,7 @@ pub async fn serve(
     })
     .await??;
     let roster = svc.roster();
+    let rebuild = svc.rebuilder();
     {
         let mut r = roster.lock().unwrap_or_else(|e| e.into_inner());
         r.ids = members
@@ -125,6 +132,19 @@ pub async fn serve(
             match &e {
                 MembershipEvent::Left(id) => tracing::warn!(%id, "worker left membership"),
                 MembershipEvent::Joined(m) => tracing::info!(id = %m.id, "worker registered"),
+            }
+            if let MembershipEvent::Joined(m) = &e {
+                let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
+                if !p.contains(&m.control_url) {
+                    p.push(m.control_url.clone());
+                    roster
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .ids
+                        .insert(m.control_url.clone(), m.id.clone());
+                    tracing::warn!(id = %m.id, "worker joined; rebuilding the cluster to include it");
+                    rebuild();
+                }
             }
             apply(&mut live, e);
             roster.lock().unwrap_or_else(|e| e.into_inner()).live = live.keys().cloned().collect();

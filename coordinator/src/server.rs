@@ -31,6 +31,8 @@ use tracing::Instrument;
 enum Cmd {
     Submit(GenRequest, tokio::sync::mpsc::UnboundedSender<Emitted>),
     Cancel(u64),
+    /// Rebuild the cluster from the factory now (a worker joined).
+    Rebuild,
 }
 
 /// Runs the driver loop on the current thread until the command channel closes.
@@ -70,6 +72,20 @@ fn engine_loop(
                     sinks.remove(&id);
                     driver.cancel(id);
                 }
+                Cmd::Rebuild => match recover.as_mut().map(|r| r()) {
+                    Some(Ok(c)) => {
+                        driver.rebuild(c);
+                        tracing::warn!(
+                            world = driver.snapshot().addresses.len(),
+                            "cluster rebuilt on a membership change; requests re-homed"
+                        );
+                        *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = driver.snapshot();
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "rebuild failed; keeping the cluster")
+                    }
+                    None => {}
+                },
             }
         }
         let stepped = driver.step();
@@ -237,6 +253,15 @@ impl InferenceService {
             roster: Default::default(),
             metrics,
         })
+    }
+
+    /// A handle that asks the engine loop to rebuild the cluster from its factory at the next
+    /// step boundary (requests are re-homed, as after a lost rank).
+    pub fn rebuilder(&self) -> impl Fn() + Send + Sync + 'static {
+        let tx = self.cmds.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        move || {
+            let _ = tx.send(Cmd::Rebuild);
+        }
     }
 
     /// The service's metrics (served by `metrics::serve`).

@@ -164,3 +164,58 @@ fn a_standby_coordinator_takes_over_when_the_leader_dies() {
     eprintln!("standby took over {took:?} after the leader died");
     assert!(took < Duration::from_secs(20), "{took:?}");
 }
+
+/// A worker that registers while the cluster serves is taken in: the coordinator rebuilds over
+/// all three workers (a new epoch, experts re-placed) and keeps serving the goldens.
+#[test]
+fn a_worker_that_joins_is_taken_into_the_cluster() {
+    let etcd = Etcd::start();
+    let model = fixture("tiny-qwen3-moe");
+    let m = model.to_str().unwrap();
+    let membership = [
+        "--etcd",
+        &etcd.url,
+        "--cluster-prefix",
+        "/switchyard/join",
+        "--lease-ttl",
+        "2",
+    ];
+    let worker = |id: &str| {
+        let mut args = vec!["worker", "--model", m, "--id", id];
+        args.extend(membership);
+        spawn_serving(&args)
+    };
+    let _w0 = worker("w0");
+    let _w1 = worker("w1");
+    let mut args = vec![
+        "coordinator",
+        "--model",
+        m,
+        "--workers",
+        "2",
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ];
+    args.extend(membership);
+    let (_coord, url) = spawn_serving(&args);
+    block_on(async {
+        assert_goldens(&url, "tiny-qwen3-moe", 1).await;
+        assert_eq!(cluster_status(&url).await.epoch, 1);
+    });
+    let _w2 = worker("w2");
+    block_on(async {
+        let t0 = Instant::now();
+        let mut st = cluster_status(&url).await;
+        while st.workers.len() < 3 && t0.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            st = cluster_status(&url).await;
+        }
+        let ids: Vec<&str> = st.workers.iter().map(|w| w.id.as_str()).collect();
+        assert_eq!(ids, ["w0", "w1", "w2"]);
+        assert_eq!(st.epoch, 2);
+        // Every expert placed, some on the newcomer.
+        assert!(st.placement.iter().all(|p| !p.ranks.is_empty()));
+        assert!(st.placement.iter().any(|p| p.ranks.contains(&2)));
+        assert_goldens(&url, "tiny-qwen3-moe", 2).await;
+    });
+}
