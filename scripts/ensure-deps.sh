@@ -9,7 +9,12 @@ need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 if [ "${1:-}" = test ]; then
   command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
-  command -v python3 >/dev/null 2>&1 || need+=(python3 python3-venv)
+  # Debian's python3 makes venvs only with python3-venv (ensurepip) installed.
+  if ! command -v python3 >/dev/null 2>&1; then
+    need+=(python3 python3-venv)
+  elif ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
+    need+=(python3-venv)
+  fi
 fi
 if ((${#need[@]})); then
   echo "installing: ${need[*]}" >&2

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use switchyard_kernels::sampling::SamplingParams;
 use switchyard_worker::engine::{Engine, EngineOptions};
-use switchyard_worker::membership::{EtcdMembership, MemberInfo, Membership, MemoryMembership};
+use switchyard_worker::membership::{
+    EtcdMembership, MemberInfo, Membership, MemoryMembership, Registration,
+};
 use switchyard_worker::{presets, WeightDType};
 
 /// The tokenizer shipped with generated models (the fixture tokenizer).
@@ -643,22 +645,30 @@ fn up_cmd(a: UpArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        // With etcd the workers registered themselves; in memory, `up` records them.
-        let mut registrations = Vec::new();
-        let membership: Arc<dyn Membership> = match c.membership.connect().await? {
-            Some(m) => m,
-            None => {
-                let m = MemoryMembership::new();
-                for w in started {
-                    registrations.push(m.register(w, opts.lease_ttl).await?);
-                }
-                Arc::new(m)
-            }
-        };
+        let (membership, _registrations) =
+            coordinator_membership(&c.membership, started, opts.lease_ttl).await?;
         serve(opts, membership, ctrl_c()).await
     })?;
     drop(workers);
     Ok(())
+}
+
+/// A coordinator's membership: etcd when `--etcd` is given (workers register themselves), else
+/// in memory holding `known` (kept registered while the returned registrations live).
+async fn coordinator_membership(
+    args: &MembershipArgs,
+    known: Vec<MemberInfo>,
+    ttl: Duration,
+) -> Result<(Arc<dyn Membership>, Vec<Registration>)> {
+    if let Some(m) = args.connect().await? {
+        return Ok((m, Vec::new()));
+    }
+    let m = MemoryMembership::new();
+    let mut registrations = Vec::new();
+    for w in known {
+        registrations.push(m.register(w, ttl).await?);
+    }
+    Ok((Arc::new(m), registrations))
 }
 
 fn coordinator_cmd(a: CoordinatorArgs) -> Result<()> {
@@ -680,24 +690,20 @@ fn coordinator_cmd(a: CoordinatorArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
+    let given: Vec<MemberInfo> = a
+        .worker_urls
+        .iter()
+        .enumerate()
+        .map(|(i, url)| MemberInfo {
+            // Zero-padded so sorted ids keep the given order.
+            id: format!("worker-{i:04}"),
+            control_url: url.clone(),
+            model: c.model.display().to_string(),
+        })
+        .collect();
     rt.block_on(async move {
-        let mut registrations = Vec::new();
-        let membership: Arc<dyn Membership> = match c.membership.connect().await? {
-            Some(m) => m,
-            None => {
-                let m = MemoryMembership::new();
-                for (i, url) in a.worker_urls.iter().enumerate() {
-                    let w = MemberInfo {
-                        // Zero-padded so sorted ids keep the given order.
-                        id: format!("worker-{i:04}"),
-                        control_url: url.clone(),
-                        model: c.model.display().to_string(),
-                    };
-                    registrations.push(m.register(w, opts.lease_ttl).await?);
-                }
-                Arc::new(m)
-            }
-        };
+        let (membership, _registrations) =
+            coordinator_membership(&c.membership, given, opts.lease_ttl).await?;
         serve(opts, membership, ctrl_c()).await
     })
 }

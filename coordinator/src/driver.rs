@@ -391,10 +391,12 @@ impl Driver {
             self.state.set_prefill_limit(p.limit());
         }
         let s = self.state.next_step();
-        let units: f64 = s.chunks[s.decodes..]
+        let prefill = &s.chunks[s.decodes..];
+        let units: f64 = prefill
             .iter()
             .map(|c| chunk_cost(c.start, c.len, self.state.attn_equiv()))
             .sum();
+        let prefill_tokens: usize = prefill.iter().map(|c| c.len).sum();
         let t0 = std::time::Instant::now();
         self.step_no += 1;
         let mut plans: Vec<StepPlan> = (0..self.cluster.world())
@@ -434,7 +436,7 @@ impl Driver {
         tracing::trace!(
             step = self.step_no,
             decodes = s.decodes,
-            prefill_tokens = s.chunks[s.decodes..].iter().map(|c| c.len).sum::<usize>(),
+            prefill_tokens,
             prefill_units = units,
             ms = secs * 1e3,
             "step"
@@ -443,7 +445,7 @@ impl Driver {
         self.last = StepStats {
             seconds: secs,
             decodes: s.decodes,
-            prefill_tokens: s.chunks[s.decodes..].iter().map(|c| c.len).sum(),
+            prefill_tokens,
             // Ranks exchange in lockstep: the slowest rank's exchange time is the step's.
             all_to_all_seconds: results
                 .iter()

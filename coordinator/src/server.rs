@@ -39,6 +39,25 @@ enum Cmd {
 /// Builds a new cluster from the ranks still reachable, after a failed step.
 type Recover = Box<dyn FnMut() -> Result<Box<dyn Cluster>, crate::driver::DriverError> + Send>;
 
+/// Replaces the driver's cluster with a fresh one from `recover` (requests re-homed); false
+/// when no cluster could be built (the old one is kept).
+fn rebuild(driver: &mut Driver, recover: &mut Recover, why: &str) -> bool {
+    match recover() {
+        Ok(c) => {
+            driver.rebuild(c);
+            tracing::warn!(
+                world = driver.snapshot().addresses.len(),
+                "cluster rebuilt after {why}; requests re-homed"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "rebuild after {why} failed");
+            false
+        }
+    }
+}
+
 /// Consecutive failed steps recovered from before the requests in flight are failed (a step
 /// that fails deterministically must not loop forever).
 const MAX_RECOVERIES: usize = 3;
@@ -72,20 +91,12 @@ fn engine_loop(
                     sinks.remove(&id);
                     driver.cancel(id);
                 }
-                Cmd::Rebuild => match recover.as_mut().map(|r| r()) {
-                    Some(Ok(c)) => {
-                        driver.rebuild(c);
-                        tracing::warn!(
-                            world = driver.snapshot().addresses.len(),
-                            "cluster rebuilt on a membership change; requests re-homed"
-                        );
+                Cmd::Rebuild => {
+                    if let Some(r) = recover.as_mut() {
+                        rebuild(&mut driver, r, "a membership change");
                         *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = driver.snapshot();
                     }
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "rebuild failed; keeping the cluster")
-                    }
-                    None => {}
-                },
+                }
             }
         }
         let stepped = driver.step();
@@ -124,23 +135,10 @@ fn engine_loop(
             }
             Err(err) => {
                 failures += 1;
+                tracing::warn!(error = %err, "step failed");
                 let rebuilt = match recover.as_mut() {
                     Some(r) if failures <= MAX_RECOVERIES => {
-                        tracing::warn!(error = %err, "step failed; rebuilding over the reachable ranks");
-                        match r() {
-                            Ok(c) => {
-                                driver.rebuild(c);
-                                tracing::warn!(
-                                    world = driver.snapshot().addresses.len(),
-                                    "cluster rebuilt; requests re-homed"
-                                );
-                                true
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, "rebuild failed");
-                                false
-                            }
-                        }
+                        rebuild(&mut driver, r, "a failed step")
                     }
                     _ => false,
                 };

@@ -30,8 +30,6 @@ pub enum MembershipError {
     Etcd(#[from] etcd_client::Error),
     #[error("member record {key:?}: {detail}")]
     BadRecord { key: String, detail: String },
-    #[error("membership closed")]
-    Closed,
 }
 
 /// What a worker publishes about itself.
