@@ -61,6 +61,33 @@ pub enum Command {
     Coordinator(CoordinatorArgs),
     /// Stream a generation from a running cluster.
     Generate(GenerateArgs),
+    /// Operate a running cluster through its Admin API: status, drain a worker, rebalance.
+    Admin(AdminArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct AdminArgs {
+    /// Coordinator URL, e.g. http://127.0.0.1:50051
+    #[arg(long)]
+    pub endpoint: String,
+    /// Print the reply as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub action: AdminAction,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AdminAction {
+    /// Epoch, workers, expert placement and load balance.
+    Status,
+    /// Move a worker's experts and sequences to the others and leave it out.
+    Drain {
+        /// The worker's id, as `status` lists it.
+        worker: String,
+    },
+    /// Re-place experts for the current load if that is markedly better.
+    Rebalance,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -92,6 +119,13 @@ pub struct ClusterArgs {
     /// announces it), "off" disables.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub metrics_addr: String,
+    /// Live expert rebalancing: re-place experts when the busiest worker's expert load exceeds
+    /// the mean worker's by this factor (moving average); "off" leaves it to `admin rebalance`.
+    #[arg(long, default_value = "1.3")]
+    pub rebalance_threshold: String,
+    /// Steps in the expert-load moving average (and warm-up before rebalancing).
+    #[arg(long, default_value_t = 32)]
+    pub rebalance_window: u64,
     #[command(flatten)]
     pub membership: MembershipArgs,
 }
@@ -134,6 +168,9 @@ impl MembershipArgs {
 pub struct UpArgs {
     #[command(flatten)]
     pub cluster: ClusterArgs,
+    /// Experts per MoE layer each worker has room for (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub expert_slots: u32,
 }
 
 #[derive(Args, Debug)]
@@ -186,6 +223,10 @@ pub struct WorkerArgs {
     /// Control URL published in membership (default: http://LISTEN-ADDRESS).
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Experts per MoE layer this worker has room for (its memory budget); 0: all. The
+    /// coordinator places within it and refuses service when the workers together fall short.
+    #[arg(long, default_value_t = 0)]
+    pub expert_slots: u32,
     #[command(flatten)]
     pub membership: MembershipArgs,
 }
@@ -355,6 +396,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Up(a) => up_cmd(a),
         Command::Coordinator(a) => coordinator_cmd(a),
         Command::Generate(a) => generate_cmd(a),
+        Command::Admin(a) => admin_cmd(a),
     }
 }
 
@@ -559,7 +601,8 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
             control_url: control_url.clone(),
             model: a.model.display().to_string(),
         };
-        let svc = switchyard_worker::server::WorkerService::new(id, a.model, opts, comm)?;
+        let mut svc = switchyard_worker::server::WorkerService::new(id, a.model, opts, comm)?;
+        svc.expert_slots = a.expert_slots;
         // Registered only once the control port is bound, so a listed worker is reachable.
         if let Some(m) = a.membership.connect().await? {
             let ttl = a.membership.ttl()?;
@@ -602,6 +645,16 @@ fn serve_options(
             c.pace_factor
         );
     }
+    let threshold = match c.rebalance_threshold.as_str() {
+        "off" => f64::INFINITY,
+        t => match t.parse::<f64>() {
+            Ok(x) if x > 1.0 => x,
+            _ => bail!("--rebalance-threshold must be above 1 or \"off\", got {t:?}"),
+        },
+    };
+    if c.rebalance_window == 0 {
+        bail!("--rebalance-window must be at least 1");
+    }
     Ok(ServeOptions {
         model: c.model.clone(),
         workers: c.workers,
@@ -615,6 +668,11 @@ fn serve_options(
         candidate,
         lease_ttl: c.membership.ttl()?,
         join_timeout,
+        rebalance: crate::rebalance::RebalancePolicy {
+            threshold,
+            window: c.rebalance_window,
+            ..Default::default()
+        },
     })
 }
 
@@ -637,6 +695,9 @@ fn up_cmd(a: UpArgs) -> Result<()> {
             c.membership.cluster_prefix.clone(),
         ]);
         extra.extend(["--lease-ttl".into(), c.membership.lease_ttl.to_string()]);
+    }
+    if a.expert_slots > 0 {
+        extra.extend(["--expert-slots".into(), a.expert_slots.to_string()]);
     }
     let workers = crate::local::LocalWorkers::spawn(&c.model, c.workers, &extra)?;
     let started = workers.members.clone();
@@ -831,6 +892,108 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
             println!("{v}");
         } else {
             writeln!(out)?;
+        }
+        Ok(())
+    })
+}
+
+fn admin_cmd(a: AdminArgs) -> Result<()> {
+    use switchyard_proto::v1::admin_client::AdminClient;
+    use switchyard_proto::v1::*;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let status = |s: tonic::Status| anyhow::anyhow!("{}: {}", s.code(), s.message());
+    rt.block_on(async move {
+        let mut client = AdminClient::connect(a.endpoint.clone())
+            .await
+            .with_context(|| format!("--endpoint {}", a.endpoint))?;
+        match a.action {
+            AdminAction::Status => {
+                let s = client
+                    .status(ClusterStatusRequest {})
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if a.json {
+                    println!("{}", crate::admin::status_json(&s));
+                    return Ok(());
+                }
+                println!(
+                    "epoch {}  expert version {}  imbalance {:.2}{}",
+                    s.epoch,
+                    s.expert_version,
+                    s.imbalance,
+                    if s.unavailable.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  UNAVAILABLE: {}", s.unavailable)
+                    }
+                );
+                println!("rank  worker                  running  kv used/total  experts");
+                for w in &s.workers {
+                    let held = s
+                        .placement
+                        .iter()
+                        .filter(|p| p.ranks.contains(&w.rank))
+                        .count();
+                    println!(
+                        "{:>4}  {:<22}  {:>7}  {:>6}/{:<6}  {:>7}",
+                        w.rank, w.id, w.running_sequences, w.kv_blocks_used, w.kv_blocks_total, held
+                    );
+                }
+                if !s.drained.is_empty() {
+                    println!("drained: {}", s.drained.join(", "));
+                }
+            }
+            AdminAction::Drain { worker } => {
+                let r = client
+                    .drain(DrainRequest {
+                        worker: worker.clone(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if a.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"worker": worker, "epoch": r.epoch, "world_size": r.world_size})
+                    );
+                } else {
+                    println!(
+                        "drained {worker}: epoch {} over {} workers",
+                        r.epoch, r.world_size
+                    );
+                }
+            }
+            AdminAction::Rebalance => {
+                let r = client
+                    .rebalance(RebalanceRequest {})
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if a.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "imbalance_before": r.imbalance_before,
+                            "imbalance_after": r.imbalance_after,
+                            "experts_moved": r.experts_moved,
+                            "expert_version": r.expert_version,
+                        })
+                    );
+                } else if r.expert_version == 0 {
+                    println!(
+                        "kept the placement: imbalance {:.2}, best plan {:.2}",
+                        r.imbalance_before, r.imbalance_after
+                    );
+                } else {
+                    println!(
+                        "switching to expert version {}: imbalance {:.2} -> {:.2}, {} experts moved",
+                        r.expert_version, r.imbalance_before, r.imbalance_after, r.experts_moved
+                    );
+                }
+            }
         }
         Ok(())
     })

@@ -8,12 +8,14 @@
 
 use crate::pacer::Pacer;
 use crate::placement::{rank_holders, PlanError};
+use crate::rebalance::{RebalancePolicy, Rebalancer};
 use crate::scheduler::{chunk_cost, SchedulerConfig, State};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc;
 use switchyard_kernels::sampling::SamplingParams;
-use switchyard_proto::cluster::v1::{SeqChunk, StepPlan, StepResult};
+use switchyard_proto::cluster::v1::coordinator_message::Msg as CMsg;
+use switchyard_proto::cluster::v1::{ExpertUpdate, SeqChunk, StepPlan, StepResult};
 use switchyard_worker::comm::{Comm, LocalComm};
 use switchyard_worker::engine::{read_config, Engine, EngineOptions, ExpertSetup};
 use switchyard_worker::executor::Executor;
@@ -40,6 +42,19 @@ pub trait Cluster {
     fn holders(&self) -> &[Vec<Vec<u32>>];
     /// How each rank is reached (a URL, or a thread name).
     fn addresses(&self) -> Vec<String>;
+    /// Experts per MoE layer each rank has room for (0: all).
+    fn expert_slots(&self) -> Vec<usize> {
+        vec![0; self.world()]
+    }
+    /// Sends every rank a new holder table to load in the background (see the worker's
+    /// executor); results report `experts_ready` once loaded.
+    fn prepare_experts(
+        &mut self,
+        version: u64,
+        holders: &[Vec<Vec<u32>>],
+    ) -> Result<(), DriverError>;
+    /// Records the holder table the ranks switched to.
+    fn set_holders(&mut self, holders: Vec<Vec<Vec<u32>>>);
 }
 
 /// What the cluster looks like after the last step (for ClusterStatus and metrics).
@@ -49,11 +64,43 @@ pub struct Snapshot {
     pub kv_used: Vec<u32>,
     pub kv_total: usize,
     pub running_per_rank: Vec<u32>,
+    /// Experts per MoE layer each rank has room for (0: all).
+    pub expert_slots: Vec<usize>,
     pub holders: Vec<Vec<Vec<u32>>>,
     /// Tokens routed to each expert since start, `[layer][expert]`.
     pub expert_load: Vec<Vec<u64>>,
     /// 1, plus one per rebuild over a new group of ranks.
     pub epoch: u64,
+    /// Expert placement version in use (0: the epoch's initial placement).
+    pub expert_version: u64,
+    /// Imbalance of the current placement under the load average (1.0: even).
+    pub imbalance: f64,
+    /// Why requests are refused (empty while serving).
+    pub unavailable: String,
+}
+
+/// What a re-placement did (or would do).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RebalanceReport {
+    pub imbalance_before: f64,
+    /// Predicted from the same load average.
+    pub imbalance_after: f64,
+    /// Expert replicas to load somewhere new.
+    pub moved: usize,
+    /// The new placement's version; 0 when it was not better and nothing changes.
+    pub version: u64,
+}
+
+/// Expert re-placement state of a driver.
+struct Experts {
+    cfg: switchyard_worker::ModelConfig,
+    redundant: usize,
+    rebalancer: Rebalancer,
+    /// Version in use, and the next one to hand out (monotonic across epochs).
+    version: u64,
+    next_version: u64,
+    /// Prepared on the ranks, not yet switched to: version, table, all ranks loaded it.
+    pending: Option<(u64, Vec<Vec<Vec<u32>>>, bool)>,
 }
 
 /// What the last step did and cost.
@@ -74,7 +121,7 @@ pub struct StepStats {
 /// Ranks on threads of this process.
 pub struct LocalCluster {
     holders: Vec<Vec<Vec<u32>>>,
-    txs: Vec<mpsc::SyncSender<StepPlan>>,
+    txs: Vec<mpsc::SyncSender<CMsg>>,
     rxs: Vec<mpsc::Receiver<Result<StepResult, String>>>,
     handles: Vec<std::thread::JoinHandle<()>>,
     pub kv_blocks_per_rank: usize,
@@ -96,7 +143,7 @@ impl LocalCluster {
         let (mut txs, mut rxs, mut handles) = (vec![], vec![], vec![]);
         let (ready_tx, ready_rx) = mpsc::channel();
         for (rank, comm) in LocalComm::group(world).into_iter().enumerate() {
-            let (ptx, prx) = mpsc::sync_channel::<StepPlan>(1);
+            let (ptx, prx) = mpsc::sync_channel::<CMsg>(1);
             let (rtx, rrx) = mpsc::sync_channel(1);
             let (model, holders, ready) = (model.to_path_buf(), holders.clone(), ready_tx.clone());
             let opts = EngineOptions {
@@ -122,12 +169,25 @@ impl LocalCluster {
                         return;
                     }
                 };
-                while let Ok(plan) = prx.recv() {
-                    if rtx
-                        .send(ex.execute(&plan).map_err(|e| e.to_string()))
-                        .is_err()
-                    {
-                        break;
+                // An update that fails to prepare fails the next step.
+                let mut deferred: Option<String> = None;
+                while let Ok(m) = prx.recv() {
+                    match m {
+                        CMsg::Step(plan) => {
+                            let r = match deferred.take() {
+                                Some(e) => Err(e),
+                                None => ex.execute(&plan).map_err(|e| e.to_string()),
+                            };
+                            if rtx.send(r).is_err() {
+                                break;
+                            }
+                        }
+                        CMsg::Experts(u) => {
+                            if let Err(e) = ex.prepare(&u) {
+                                deferred = Some(e.to_string());
+                            }
+                        }
+                        CMsg::Placement(_) => {}
                     }
                 }
             }));
@@ -169,9 +229,32 @@ impl Cluster for LocalCluster {
         (0..self.txs.len()).map(|r| format!("thread:{r}")).collect()
     }
 
+    fn prepare_experts(
+        &mut self,
+        version: u64,
+        holders: &[Vec<Vec<u32>>],
+    ) -> Result<(), DriverError> {
+        let holders = crate::placement::rank_experts(holders, self.txs.len());
+        for (rank, tx) in self.txs.iter().enumerate() {
+            tx.send(CMsg::Experts(ExpertUpdate {
+                version,
+                holders: holders.clone(),
+            }))
+            .map_err(|_| DriverError::Rank {
+                rank,
+                detail: "rank stopped".into(),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn set_holders(&mut self, holders: Vec<Vec<Vec<u32>>>) {
+        self.holders = holders;
+    }
+
     fn step(&mut self, plans: Vec<StepPlan>) -> Result<Vec<StepResult>, DriverError> {
         for (rank, (tx, p)) in self.txs.iter().zip(plans).enumerate() {
-            tx.send(p).map_err(|_| DriverError::Rank {
+            tx.send(CMsg::Step(p)).map_err(|_| DriverError::Rank {
                 rank,
                 detail: "rank stopped".into(),
             })?;
@@ -245,6 +328,7 @@ pub struct Driver {
     token_budget: usize,
     max_running: usize,
     epoch: u64,
+    experts: Option<Experts>,
 }
 
 impl Driver {
@@ -276,6 +360,92 @@ impl Driver {
         if let Some(p) = &mut self.pacer {
             *p = p.fresh();
         }
+        if let Some(x) = &mut self.experts {
+            // A new epoch starts from its own initial placement.
+            x.pending = None;
+            x.version = 0;
+        }
+    }
+
+    /// Tracks expert load and re-places experts while serving (see [`crate::rebalance`]);
+    /// `policy.threshold = INFINITY` leaves it to [`rebalance_now`](Self::rebalance_now).
+    pub fn with_rebalancing(
+        mut self,
+        cfg: switchyard_worker::ModelConfig,
+        redundant: usize,
+        policy: RebalancePolicy,
+    ) -> Self {
+        self.experts = Some(Experts {
+            cfg,
+            redundant,
+            rebalancer: Rebalancer::new(policy),
+            version: 0,
+            next_version: 1,
+            pending: None,
+        });
+        self
+    }
+
+    /// Imbalance of the current placement under the load average.
+    pub fn imbalance(&self) -> f64 {
+        match &self.experts {
+            Some(x) => crate::placement::imbalance(
+                self.cluster.holders(),
+                x.rebalancer.load(),
+                self.cluster.world(),
+            ),
+            None => 1.0,
+        }
+    }
+
+    /// Plans a placement for the current load average and, if it is better, starts switching
+    /// to it (the ranks load their new experts while steps go on; the switch happens at a step
+    /// boundary once all have them).
+    pub fn rebalance_now(&mut self) -> Result<RebalanceReport, DriverError> {
+        let world = self.cluster.world();
+        let slots = self.cluster.expert_slots();
+        let Some(x) = &mut self.experts else {
+            return Ok(RebalanceReport::default());
+        };
+        let load = x.rebalancer.load().to_vec();
+        let current = self.cluster.holders().to_vec();
+        let before = crate::placement::imbalance(&current, &load, world);
+        if load.is_empty() {
+            return Ok(RebalanceReport {
+                imbalance_before: before,
+                imbalance_after: before,
+                ..Default::default()
+            });
+        }
+        let (next, moved) =
+            crate::placement::rebalance(&x.cfg, &slots, x.redundant, &load, &current)?;
+        let after = crate::placement::imbalance(&next, &load, world);
+        let mut report = RebalanceReport {
+            imbalance_before: before,
+            imbalance_after: after,
+            moved,
+            version: 0,
+        };
+        if x.rebalancer.accept(before, after, moved) {
+            let v = x.next_version;
+            x.next_version += 1;
+            self.cluster.prepare_experts(v, &next)?;
+            tracing::info!(
+                version = v,
+                moved,
+                before,
+                after,
+                "re-placing experts; ranks are loading them"
+            );
+            x.pending = Some((v, next, false));
+            report.version = v;
+        }
+        Ok(report)
+    }
+
+    /// Whether an expert switch is pending (the driver keeps stepping until it lands).
+    pub fn switching(&self) -> bool {
+        self.experts.as_ref().is_some_and(|x| x.pending.is_some())
     }
 
     pub fn new(cluster: impl Cluster + 'static, token_budget: usize, max_running: usize) -> Self {
@@ -303,6 +473,7 @@ impl Driver {
             token_budget,
             max_running,
             epoch: 1,
+            experts: None,
         }
     }
 
@@ -353,7 +524,7 @@ impl Driver {
     }
 
     pub fn is_idle(&self) -> bool {
-        self.live.is_empty() && self.pending_free.iter().all(|f| f.is_empty())
+        self.live.is_empty() && self.pending_free.iter().all(|f| f.is_empty()) && !self.switching()
     }
 
     /// The cluster as of the last step.
@@ -369,9 +540,13 @@ impl Driver {
             kv_used: self.kv_used.clone(),
             kv_total: self.cluster.kv_shape().0,
             running_per_rank: running,
+            expert_slots: self.cluster.expert_slots(),
             holders: self.cluster.holders().to_vec(),
             expert_load: self.expert_load.clone(),
             epoch: self.epoch,
+            expert_version: self.experts.as_ref().map_or(0, |x| x.version),
+            imbalance: self.imbalance(),
+            unavailable: String::new(),
         }
     }
 
@@ -383,6 +558,59 @@ impl Driver {
     /// KV blocks each rank reported in use after the last step.
     pub fn kv_used(&self) -> &[u32] {
         &self.kv_used
+    }
+
+    /// Expert bookkeeping after a successful step: record a switch that happened, note when
+    /// every rank has loaded a pending placement, feed the load average, and let the policy
+    /// start a re-placement.
+    fn after_step(
+        &mut self,
+        switched: Option<u64>,
+        results: &[StepResult],
+    ) -> Result<(), DriverError> {
+        let experts = self
+            .cluster
+            .holders()
+            .iter()
+            .map(|l| l.len())
+            .max()
+            .unwrap_or(0);
+        let Some(x) = &mut self.experts else {
+            return Ok(());
+        };
+        if let Some(v) = switched {
+            if let Some((_, holders, _)) = x.pending.take() {
+                self.cluster.set_holders(holders);
+                x.version = v;
+                tracing::info!(version = v, "expert placement switched");
+            }
+        } else if let Some(p) = &mut x.pending {
+            p.2 = results.iter().all(|r| r.experts_ready >= p.0);
+        }
+        if experts > 0 && !results.is_empty() {
+            let mut step_load = vec![0u64; results[0].expert_load.len()];
+            for r in results {
+                for (t, n) in step_load.iter_mut().zip(&r.expert_load) {
+                    *t += *n as u64;
+                }
+            }
+            x.rebalancer.observe(&step_load, experts);
+        }
+        if x.pending.is_none() && x.rebalancer.policy.threshold.is_finite() {
+            let imbalance = self.imbalance();
+            let x = self.experts.as_mut().expect("checked above");
+            if x.rebalancer.should_plan(imbalance) {
+                let r = self.rebalance_now()?;
+                if r.version == 0 {
+                    tracing::info!(
+                        before = r.imbalance_before,
+                        after = r.imbalance_after,
+                        "expert load is uneven, but no placement does markedly better"
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Runs one step on every rank.
@@ -399,12 +627,20 @@ impl Driver {
         let prefill_tokens: usize = prefill.iter().map(|c| c.len).sum();
         let t0 = std::time::Instant::now();
         self.step_no += 1;
+        // Every rank switches to a prepared placement with the same step.
+        let switch = self
+            .experts
+            .as_ref()
+            .and_then(|x| x.pending.as_ref())
+            .filter(|p| p.2)
+            .map(|p| p.0);
         let mut plans: Vec<StepPlan> = (0..self.cluster.world())
             .map(|w| StepPlan {
                 step: self.step_no,
                 epoch: 0,
                 chunks: vec![],
                 free_seqs: std::mem::take(&mut self.pending_free[w]),
+                expert_version: switch.unwrap_or(0),
             })
             .collect();
         for &(id, w) in &s.preempted {
@@ -441,6 +677,10 @@ impl Driver {
             ms = secs * 1e3,
             "step"
         );
+        if let Err(e) = self.after_step(switch, &results) {
+            // A rank that cannot take an expert update fails the next step (and recovery).
+            tracing::warn!(error = %e, "expert re-placement");
+        }
         let mut out = Vec::new();
         self.last = StepStats {
             seconds: secs,

@@ -1,6 +1,7 @@
 //! Switchyard coordinator library: the text pipeline, request validation and generation, the
 //! benchmark, and the `switchyard` command line.
 
+pub mod admin;
 pub mod bench;
 pub mod cli;
 pub mod driver;
@@ -9,6 +10,7 @@ pub mod local;
 pub mod metrics;
 pub mod pacer;
 pub mod placement;
+pub mod rebalance;
 pub mod remote;
 pub mod scheduler;
 pub mod serve;

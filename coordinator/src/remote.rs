@@ -4,14 +4,13 @@
 //! `StepPlan`/`StepResult` pair per rank per step.
 
 use crate::driver::{Cluster, DriverError};
-use crate::placement::rank_holders;
+use crate::placement::{plan_holders, rank_experts};
 use std::path::Path;
 use switchyard_proto::cluster::v1::coordinator_message::Msg as CMsg;
 use switchyard_proto::cluster::v1::worker_client::WorkerClient;
 use switchyard_proto::cluster::v1::worker_message::Msg as WMsg;
 use switchyard_proto::cluster::v1::{
-    CoordinatorMessage, ExpertAssignment, Placement, RankExperts, StepPlan, StepResult,
-    WorkerMessage,
+    CoordinatorMessage, ExpertUpdate, Placement, StepPlan, StepResult, WorkerMessage,
 };
 use switchyard_worker::engine::read_config;
 use tokio::sync::mpsc;
@@ -25,6 +24,7 @@ pub struct GrpcCluster {
     kv_blocks: usize,
     block_size: usize,
     holders: Vec<Vec<Vec<u32>>>,
+    slots: Vec<usize>,
     urls: Vec<String>,
     step_timeout: std::time::Duration,
 }
@@ -45,7 +45,9 @@ async fn next_message(rank: usize, rx: &mut Streaming<WorkerMessage>) -> Result<
 }
 
 impl GrpcCluster {
-    /// Connects to the workers at `urls` (rank = position) serving `model`.
+    /// Connects to the workers at `urls` (rank = position) serving `model`, and places the
+    /// experts within the room each announces (fails with a placement error when the workers
+    /// together cannot hold every expert).
     pub fn connect(
         urls: &[String],
         model: &Path,
@@ -55,16 +57,16 @@ impl GrpcCluster {
     ) -> Result<Self, DriverError> {
         let cfg = read_config(model)?;
         let world = urls.len();
-        let holders = rank_holders(&cfg, world, cfg.num_experts, redundant)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .map_err(|e| rank_err(0)(e.to_string()))?;
-        let (txs, rxs) = rt.block_on(async {
+        let (txs, rxs, holders, slots) = rt.block_on(async {
             let mut txs = Vec::new();
             let mut rxs = Vec::new();
             let mut comm_addrs = Vec::new();
+            let mut slots = Vec::new();
             for (rank, url) in urls.iter().enumerate() {
                 let mut client = WorkerClient::connect(url.clone())
                     .await
@@ -76,31 +78,17 @@ impl GrpcCluster {
                     .map_err(|s| rank_err(rank)(s.to_string()))?
                     .into_inner();
                 match next_message(rank, &mut inbound).await? {
-                    WMsg::Hello(h) => comm_addrs.push(h.comm_address),
+                    WMsg::Hello(h) => {
+                        comm_addrs.push(h.comm_address);
+                        slots.push(h.expert_slots as usize);
+                    }
                     other => return Err(rank_err(rank)(format!("expected hello, got {other:?}"))),
                 }
                 txs.push(tx);
                 rxs.push(inbound);
             }
-            let all: Vec<RankExperts> = (0..world as u32)
-                .map(|r| RankExperts {
-                    rank: r,
-                    assignments: holders
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, l)| !l.is_empty())
-                        .map(|(layer, l)| ExpertAssignment {
-                            layer: layer as u32,
-                            experts: l
-                                .iter()
-                                .enumerate()
-                                .filter(|(_, hs)| hs.contains(&r))
-                                .map(|(e, _)| e as u32)
-                                .collect(),
-                        })
-                        .collect(),
-                })
-                .collect();
+            let holders = plan_holders(&cfg, &slots, redundant, None)?;
+            let all = rank_experts(&holders, world);
             for (rank, tx) in txs.iter().enumerate() {
                 let p = Placement {
                     epoch: 1,
@@ -123,7 +111,7 @@ impl GrpcCluster {
                     other => return Err(rank_err(rank)(format!("expected ready, got {other:?}"))),
                 }
             }
-            Ok::<_, DriverError>((txs, rxs))
+            Ok::<_, DriverError>((txs, rxs, holders, slots))
         })?;
         Ok(GrpcCluster {
             rt,
@@ -132,6 +120,7 @@ impl GrpcCluster {
             kv_blocks,
             block_size,
             holders,
+            slots,
             urls: urls.to_vec(),
             step_timeout: DEFAULT_STEP_TIMEOUT,
         })
@@ -160,6 +149,36 @@ impl Cluster for GrpcCluster {
 
     fn addresses(&self) -> Vec<String> {
         self.urls.clone()
+    }
+
+    fn expert_slots(&self) -> Vec<usize> {
+        self.slots.clone()
+    }
+
+    fn prepare_experts(
+        &mut self,
+        version: u64,
+        holders: &[Vec<Vec<u32>>],
+    ) -> Result<(), DriverError> {
+        let all = rank_experts(holders, self.txs.len());
+        let txs = &self.txs;
+        self.rt.block_on(async {
+            for (rank, tx) in txs.iter().enumerate() {
+                tx.send(CoordinatorMessage {
+                    msg: Some(CMsg::Experts(ExpertUpdate {
+                        version,
+                        holders: all.clone(),
+                    })),
+                })
+                .await
+                .map_err(|_| rank_err(rank)("control stream closed".into()))?;
+            }
+            Ok(())
+        })
+    }
+
+    fn set_holders(&mut self, holders: Vec<Vec<Vec<u32>>>) {
+        self.holders = holders;
     }
 
     fn step(&mut self, plans: Vec<StepPlan>) -> Result<Vec<StepResult>, DriverError> {

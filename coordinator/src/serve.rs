@@ -5,7 +5,7 @@
 //! 2. Wait until `workers` members have registered; ranks follow member ids in sorted order.
 //! 3. Connect to their control streams, hand out the expert placement, wait until every worker
 //!    has joined the all-to-all mesh and loaded its experts.
-//! 4. Serve `switchyard.v1.Inference`, `grpc.health.v1.Health` (SERVING once the cluster is up)
+//! 4. Serve `switchyard.v1.Inference`, `switchyard.v1.Admin`, `grpc.health.v1.Health` (SERVING once the cluster is up)
 //!    and server reflection on `grpc_addr`; keep ClusterStatus's roster current with
 //!    membership's watch (a worker whose lease lapses is no longer listed).
 //!
@@ -39,6 +39,7 @@ pub struct ServeOptions {
     pub lease_ttl: Duration,
     /// Give up waiting for workers after this long.
     pub join_timeout: Duration,
+    pub rebalance: crate::rebalance::RebalancePolicy,
 }
 
 /// Election name (under the membership prefix) that coordinator replicas campaign on.
@@ -113,12 +114,20 @@ pub async fn serve(
                 token_budget: o.token_budget,
                 max_in_flight: o.max_queue,
                 pace_factor: o.pace_factor,
+                redundant: o.redundant_experts,
+                rebalance: o.rebalance,
             },
         )
     })
     .await??;
     let roster = svc.roster();
     let rebuild = svc.rebuilder();
+    let admin = crate::admin::AdminService::new(
+        svc.control(),
+        roster.clone(),
+        Some(pool.clone()),
+        switchyard_worker::engine::read_config(&opts.model)?.num_experts,
+    );
     {
         let mut r = roster.lock().unwrap_or_else(|e| e.into_inner());
         r.ids = members
@@ -133,9 +142,25 @@ pub async fn serve(
                 MembershipEvent::Left(id) => tracing::warn!(%id, "worker left membership"),
                 MembershipEvent::Joined(m) => tracing::info!(id = %m.id, "worker registered"),
             }
+            if let MembershipEvent::Left(id) = &e {
+                // A drained worker whose process is gone may come back as a fresh join.
+                if roster
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .drained
+                    .remove(id)
+                {
+                    tracing::info!(%id, "drained worker left membership");
+                }
+            }
             if let MembershipEvent::Joined(m) = &e {
+                let drained = roster
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .drained
+                    .contains(&m.id);
                 let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
-                if !p.contains(&m.control_url) {
+                if !drained && !p.contains(&m.control_url) {
                     p.push(m.control_url.clone());
                     roster
                         .lock()
@@ -190,6 +215,7 @@ pub async fn serve(
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
+        .add_service(admin.into_server())
         .add_service(svc.into_server())
         .serve_with_incoming_shutdown(switchyard_worker::server::incoming(listener), async {
             tokio::select! {

@@ -8,7 +8,7 @@
 //! that goes away, or a stop string, cancels the request in the driver at once (its KV blocks
 //! are freed with the next step).
 
-use crate::driver::{Cluster, Driver, Emitted, GenRequest, Snapshot};
+use crate::driver::{Cluster, Driver, Emitted, GenRequest, RebalanceReport, Snapshot};
 use crate::generate::{self, Prompt, Request as GenReq};
 use crate::metrics::{Metrics, WorkerKv};
 use crate::text::{Message, OutputText, Tokenizer};
@@ -28,20 +28,29 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
+/// What the engine loop sends a request's handler: its tokens, or why it failed.
+type Sink = tokio::sync::mpsc::UnboundedSender<Result<Emitted, Status>>;
+
+/// A reply to an operator command.
+type Reply<T> = tokio::sync::oneshot::Sender<Result<T, String>>;
+
 enum Cmd {
-    Submit(GenRequest, tokio::sync::mpsc::UnboundedSender<Emitted>),
+    Submit(GenRequest, Sink),
     Cancel(u64),
-    /// Rebuild the cluster from the factory now (a worker joined).
-    Rebuild,
+    /// Rebuild the cluster from the factory now (a worker joined or was drained); replies
+    /// with the new epoch and world size.
+    Rebuild(Option<Reply<(u64, usize)>>),
+    /// Plan a re-placement of experts for the current load and start it if better.
+    Rebalance(Reply<RebalanceReport>),
 }
 
-/// Runs the driver loop on the current thread until the command channel closes.
-/// Builds a new cluster from the ranks still reachable, after a failed step.
+/// Builds a new cluster from the ranks still reachable (after a failed step, a join or a
+/// drain).
 type Recover = Box<dyn FnMut() -> Result<Box<dyn Cluster>, crate::driver::DriverError> + Send>;
 
-/// Replaces the driver's cluster with a fresh one from `recover` (requests re-homed); false
-/// when no cluster could be built (the old one is kept).
-fn rebuild(driver: &mut Driver, recover: &mut Recover, why: &str) -> bool {
+/// Replaces the driver's cluster with a fresh one from `recover` (requests re-homed); on
+/// failure the old one is kept and the error returned.
+fn rebuild(driver: &mut Driver, recover: &mut Recover, why: &str) -> Result<(), String> {
     match recover() {
         Ok(c) => {
             driver.rebuild(c);
@@ -49,11 +58,11 @@ fn rebuild(driver: &mut Driver, recover: &mut Recover, why: &str) -> bool {
                 world = driver.snapshot().addresses.len(),
                 "cluster rebuilt after {why}; requests re-homed"
             );
-            true
+            Ok(())
         }
         Err(e) => {
             tracing::error!(error = %e, "rebuild after {why} failed");
-            false
+            Err(e.to_string())
         }
     }
 }
@@ -62,6 +71,15 @@ fn rebuild(driver: &mut Driver, recover: &mut Recover, why: &str) -> bool {
 /// that fails deterministically must not loop forever).
 const MAX_RECOVERIES: usize = 3;
 
+/// While unavailable, how often the engine loop tries to rebuild the cluster.
+const RETRY_UNAVAILABLE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Runs the driver loop on the current thread until the command channel closes.
+///
+/// Unavailable state: when a failed step cannot be recovered from (no cluster can be built
+/// from the workers left, e.g. they cannot hold every expert), every request in flight fails
+/// with UNAVAILABLE and the reason, new requests are refused the same way, and the loop
+/// retries the rebuild every second (and at once on a join) until it succeeds.
 fn engine_loop(
     mut driver: Driver,
     rx: mpsc::Receiver<Cmd>,
@@ -70,10 +88,23 @@ fn engine_loop(
     mut recover: Option<Recover>,
 ) {
     let mut failures = 0;
-    *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = driver.snapshot();
-    let mut sinks: HashMap<u64, tokio::sync::mpsc::UnboundedSender<Emitted>> = HashMap::new();
+    let mut unavailable: Option<String> = None;
+    let mut last_try = Instant::now();
+    let publish = |driver: &Driver, unavailable: &Option<String>| {
+        let mut s = driver.snapshot();
+        s.unavailable = unavailable.clone().unwrap_or_default();
+        *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    };
+    publish(&driver, &unavailable);
+    let mut sinks: HashMap<u64, Sink> = HashMap::new();
     loop {
-        let first = if driver.is_idle() {
+        let first = if unavailable.is_some() {
+            match rx.recv_timeout(RETRY_UNAVAILABLE) {
+                Ok(c) => Some(c),
+                Err(mpsc::RecvTimeoutError::Timeout) => None,
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else if driver.is_idle() {
             match rx.recv() {
                 Ok(c) => Some(c),
                 Err(_) => return,
@@ -83,21 +114,58 @@ fn engine_loop(
         };
         for c in first.into_iter().chain(rx.try_iter()) {
             match c {
-                Cmd::Submit(r, sink) => {
-                    sinks.insert(r.id, sink);
-                    driver.submit(r);
-                }
+                Cmd::Submit(r, sink) => match &unavailable {
+                    Some(why) => {
+                        let _ = sink.send(Err(Status::unavailable(why.clone())));
+                    }
+                    None => {
+                        sinks.insert(r.id, sink);
+                        driver.submit(r);
+                    }
+                },
                 Cmd::Cancel(id) => {
                     sinks.remove(&id);
                     driver.cancel(id);
                 }
-                Cmd::Rebuild => {
-                    if let Some(r) = recover.as_mut() {
-                        rebuild(&mut driver, r, "a membership change");
-                        *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = driver.snapshot();
+                Cmd::Rebuild(reply) => {
+                    let r = match recover.as_mut() {
+                        Some(f) => rebuild(&mut driver, f, "a membership change"),
+                        None => Err("this cluster cannot be rebuilt".into()),
+                    };
+                    if r.is_ok() {
+                        unavailable = None;
+                        failures = 0;
+                    }
+                    last_try = Instant::now();
+                    publish(&driver, &unavailable);
+                    if let Some(reply) = reply {
+                        let s = driver.snapshot();
+                        let _ = reply.send(r.map(|()| (s.epoch, s.addresses.len())));
                     }
                 }
+                Cmd::Rebalance(reply) => {
+                    let r = if unavailable.is_some() {
+                        Err("the cluster is unavailable".into())
+                    } else {
+                        driver.rebalance_now().map_err(|e| e.to_string())
+                    };
+                    let _ = reply.send(r);
+                }
             }
+        }
+        if unavailable.is_some() {
+            if last_try.elapsed() >= RETRY_UNAVAILABLE {
+                last_try = Instant::now();
+                if let Some(f) = recover.as_mut() {
+                    if rebuild(&mut driver, f, "being unavailable").is_ok() {
+                        unavailable = None;
+                        failures = 0;
+                        tracing::warn!("cluster available again");
+                    }
+                }
+                publish(&driver, &unavailable);
+            }
+            continue;
         }
         let stepped = driver.step();
         let snap = driver.snapshot();
@@ -119,10 +187,14 @@ fn engine_loop(
         match stepped {
             Ok(emitted) => {
                 failures = 0;
+                if emitted.is_empty() && driver.switching() && driver.queue() == (0, 0) {
+                    // Idle but for an expert switch: poll the ranks gently until it lands.
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
                 for e in emitted {
                     let (id, finished) = (e.id, e.finished);
                     let gone = match sinks.get(&id) {
-                        Some(s) => s.send(e).is_err(),
+                        Some(s) => s.send(Ok(e)).is_err(),
                         None => true,
                     };
                     if finished || gone {
@@ -140,15 +212,22 @@ fn engine_loop(
                     Some(r) if failures <= MAX_RECOVERIES => {
                         rebuild(&mut driver, r, "a failed step")
                     }
-                    _ => false,
+                    Some(_) => Err(format!("{failures} steps in a row failed: {err}")),
+                    None => Err(err.to_string()),
                 };
-                if !rebuilt {
-                    tracing::error!(error = %err, "step failed; failing all requests");
-                    for (id, _) in sinks.drain() {
+                if let Err(why) = rebuilt {
+                    let why = format!("the cluster cannot serve: {why}");
+                    tracing::error!("{why}; failing the requests in flight");
+                    for (id, sink) in sinks.drain() {
+                        let _ = sink.send(Err(Status::unavailable(why.clone())));
                         driver.cancel(id);
                     }
+                    if recover.is_some() {
+                        unavailable = Some(why);
+                        last_try = Instant::now();
+                    }
                 }
-                *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = driver.snapshot();
+                publish(&driver, &unavailable);
                 continue;
             }
         }
@@ -165,6 +244,10 @@ pub struct ServiceOptions {
     /// Prefill pacing (see `pacer`): a step beside decodes takes about this many times a
     /// decode-only step; 0 disables pacing (prefill uses the whole token budget).
     pub pace_factor: f64,
+    /// Extra expert replicas per layer (placement at start, rebuilds and rebalancing).
+    pub redundant: usize,
+    /// Live rebalancing (threshold INFINITY: only on an operator's request).
+    pub rebalance: crate::rebalance::RebalancePolicy,
 }
 
 pub struct InferenceService {
@@ -188,6 +271,8 @@ pub struct InferenceService {
 pub struct Roster {
     pub ids: HashMap<String, String>,
     pub live: std::collections::BTreeSet<String>,
+    /// Members an operator drained (left out of the cluster until they re-register).
+    pub drained: std::collections::BTreeSet<String>,
 }
 
 /// Counts a request as in flight until dropped.
@@ -213,6 +298,8 @@ impl InferenceService {
             token_budget,
             max_in_flight,
             pace_factor,
+            redundant,
+            rebalance,
         } = opts;
         let tok = Arc::new(Tokenizer::load(model_dir)?);
         let cfg = switchyard_worker::engine::read_config(model_dir)?;
@@ -223,10 +310,12 @@ impl InferenceService {
         let attn_equiv = crate::scheduler::attention_equivalent(&cfg);
         let metrics = Arc::new(Metrics::default());
         let m = metrics.clone();
+        let model_cfg = cfg.clone();
         std::thread::spawn(move || match make_cluster() {
             Ok(c) => {
                 let _ = ready_tx.send(Ok(()));
-                let mut d = Driver::new(c, token_budget, 256);
+                let mut d = Driver::new(c, token_budget, 256)
+                    .with_rebalancing(model_cfg, redundant, rebalance);
                 if pace_factor > 0.0 {
                     d = d.with_pacing(pace_factor, attn_equiv);
                 }
@@ -258,7 +347,15 @@ impl InferenceService {
     pub fn rebuilder(&self) -> impl Fn() + Send + Sync + 'static {
         let tx = self.cmds.lock().unwrap_or_else(|e| e.into_inner()).clone();
         move || {
-            let _ = tx.send(Cmd::Rebuild);
+            let _ = tx.send(Cmd::Rebuild(None));
+        }
+    }
+
+    /// The operator's handle on the engine loop (the Admin service's back end).
+    pub fn control(&self) -> EngineControl {
+        EngineControl {
+            cmds: self.cmds.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            snapshot: self.snapshot.clone(),
         }
     }
 
@@ -278,6 +375,44 @@ impl InferenceService {
 
     fn send(&self, c: Cmd) {
         let _ = self.cmds.lock().unwrap_or_else(|e| e.into_inner()).send(c);
+    }
+}
+
+/// Sends the engine loop operator commands and reads its state.
+#[derive(Clone)]
+pub struct EngineControl {
+    cmds: mpsc::Sender<Cmd>,
+    snapshot: Arc<std::sync::Mutex<Snapshot>>,
+}
+
+impl EngineControl {
+    /// Rebuilds the cluster from the factory at the next step boundary; the new epoch and
+    /// world size.
+    pub async fn rebuild(&self) -> Result<(u64, usize), String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.cmds
+            .send(Cmd::Rebuild(Some(tx)))
+            .map_err(|_| "the engine loop has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the engine loop has stopped".to_string())?
+    }
+
+    /// Plans a re-placement for the current load and starts it if better.
+    pub async fn rebalance(&self) -> Result<RebalanceReport, String> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.cmds
+            .send(Cmd::Rebalance(tx))
+            .map_err(|_| "the engine loop has stopped".to_string())?;
+        rx.await
+            .map_err(|_| "the engine loop has stopped".to_string())?
+    }
+
+    /// The cluster as of the last step.
+    pub fn snapshot(&self) -> Snapshot {
+        self.snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -473,11 +608,19 @@ impl Inference for InferenceService {
                         },
                         None => tok_rx.recv().await,
                     };
-                    let Some(e) = next else {
-                        // The engine dropped the request without finishing it: a failed step.
-                        reason = FinishReason::Error;
-                        error = "the cluster failed a step; see the coordinator's log".into();
-                        break;
+                    let e = match next {
+                        Some(Ok(e)) => e,
+                        Some(Err(status)) => {
+                            metrics.on_finished("error");
+                            let _ = out_tx.send(Err(status)).await;
+                            return;
+                        }
+                        None => {
+                            // Dropped without a word (the engine loop stopped).
+                            reason = FinishReason::Error;
+                            error = "the engine stopped; see the coordinator's log".into();
+                            break;
+                        }
                     };
                     let (t, finished) = (e.token, e.finished);
                     let now = Instant::now();
@@ -627,48 +770,57 @@ impl Inference for InferenceService {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        // A rank whose member has left membership (lease lost) is no longer listed.
-        let workers = s
-            .addresses
-            .iter()
-            .enumerate()
-            .filter_map(|(r, a)| {
-                let id = if roster.ids.is_empty() {
-                    format!("rank-{r}")
-                } else {
-                    match roster.ids.get(a) {
-                        Some(id) if roster.live.contains(id) => id.clone(),
-                        _ => return None,
-                    }
-                };
-                Some(WorkerStatus {
-                    id,
-                    rank: r as u32,
-                    address: a.clone(),
-                    kv_blocks_used: s.kv_used.get(r).copied().unwrap_or(0),
-                    kv_blocks_total: s.kv_total as u32,
-                    running_sequences: s.running_per_rank.get(r).copied().unwrap_or(0),
-                })
+        Ok(Response::new(status_response(&s, &roster)))
+    }
+}
+
+/// ClusterStatus (and Admin.Status) from the engine's snapshot and membership's roster.
+pub fn status_response(s: &Snapshot, roster: &Roster) -> ClusterStatusResponse {
+    // A rank whose member has left membership (lease lost) is no longer listed.
+    let workers = s
+        .addresses
+        .iter()
+        .enumerate()
+        .filter_map(|(r, a)| {
+            let id = if roster.ids.is_empty() {
+                format!("rank-{r}")
+            } else {
+                match roster.ids.get(a) {
+                    Some(id) if roster.live.contains(id) => id.clone(),
+                    _ => return None,
+                }
+            };
+            Some(WorkerStatus {
+                id,
+                rank: r as u32,
+                address: a.clone(),
+                kv_blocks_used: s.kv_used.get(r).copied().unwrap_or(0),
+                kv_blocks_total: s.kv_total as u32,
+                running_sequences: s.running_per_rank.get(r).copied().unwrap_or(0),
             })
-            .collect();
-        let placement = s
-            .holders
-            .iter()
-            .enumerate()
-            .flat_map(|(layer, l)| {
-                let load = s.expert_load.get(layer);
-                l.iter().enumerate().map(move |(e, ranks)| ExpertReplicas {
-                    layer: layer as u32,
-                    expert: e as u32,
-                    ranks: ranks.clone(),
-                    load: load.and_then(|x| x.get(e)).copied().unwrap_or(0) as f64,
-                })
+        })
+        .collect();
+    let placement = s
+        .holders
+        .iter()
+        .enumerate()
+        .flat_map(|(layer, l)| {
+            let load = s.expert_load.get(layer);
+            l.iter().enumerate().map(move |(e, ranks)| ExpertReplicas {
+                layer: layer as u32,
+                expert: e as u32,
+                ranks: ranks.clone(),
+                load: load.and_then(|x| x.get(e)).copied().unwrap_or(0) as f64,
             })
-            .collect();
-        Ok(Response::new(ClusterStatusResponse {
-            epoch: s.epoch,
-            workers,
-            placement,
-        }))
+        })
+        .collect();
+    ClusterStatusResponse {
+        epoch: s.epoch,
+        workers,
+        placement,
+        expert_version: s.expert_version,
+        imbalance: s.imbalance,
+        drained: roster.drained.iter().cloned().collect(),
+        unavailable: s.unavailable.clone(),
     }
 }

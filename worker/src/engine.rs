@@ -14,7 +14,7 @@ use crate::model::{ForwardInput, ForwardOutput, Model};
 use crate::weights::{Checkpoint, WeightDType};
 use crate::WorkerError;
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use crate::model::Logits;
 
@@ -69,6 +69,8 @@ struct Seq {
 
 pub struct Engine {
     pub model: Model,
+    dir: PathBuf,
+    dtype: WeightDType,
     experts: Box<dyn ExpertExec + Send>,
     kv: KvCache,
     seqs: HashMap<u64, Seq>,
@@ -83,6 +85,63 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig, WorkerError> {
         source,
     })?;
     Ok(ModelConfig::from_json_str(&text)?)
+}
+
+/// Checks that a holder table has one row per layer and, for MoE layers, one entry per
+/// expert, each held by at least one rank.
+pub fn check_holders(cfg: &ModelConfig, holders: &[Vec<Vec<u32>>]) -> Result<(), WorkerError> {
+    if holders.len() != cfg.num_layers
+        || holders
+            .iter()
+            .zip(&cfg.sparse_layers)
+            .any(|(l, &sparse)| l.len() != if sparse { cfg.num_experts } else { 0 })
+    {
+        return Err(WorkerError::Placement(format!(
+            "holder table has {} layers, the model {} layers of {} experts",
+            holders.len(),
+            cfg.num_layers,
+            cfg.num_experts
+        )));
+    }
+    for (layer, l) in holders.iter().enumerate() {
+        if let Some(expert) = l.iter().position(|h| h.is_empty()) {
+            return Err(WorkerError::ExpertMissing { layer, expert });
+        }
+    }
+    Ok(())
+}
+
+/// The experts a rank gains under a new holder table, to be loaded off the step thread
+/// ([`ExpertLoad::load`]) and switched to with [`Engine::switch_experts`].
+pub struct ExpertLoad {
+    dir: PathBuf,
+    cfg: ModelConfig,
+    dtype: WeightDType,
+    holders: Vec<Vec<Vec<u32>>>,
+    gained: ExpertSelection,
+}
+
+/// Loaded experts, ready to switch to.
+pub struct PreparedExperts {
+    holders: Vec<Vec<Vec<u32>>>,
+    gained: ExpertSet,
+}
+
+impl ExpertLoad {
+    /// Experts this rank will load.
+    pub fn gained(&self) -> usize {
+        self.gained.count()
+    }
+
+    /// Reads the gained experts' weights (the slow part; any thread).
+    pub fn load(self) -> Result<PreparedExperts, WorkerError> {
+        let ck = Checkpoint::open(&self.dir)?;
+        let gained = ExpertSet::load(&ck, &self.cfg, &self.gained, self.dtype)?;
+        Ok(PreparedExperts {
+            holders: self.holders,
+            gained,
+        })
+    }
 }
 
 fn is_mapped_bf16(ck: &Checkpoint) -> bool {
@@ -125,31 +184,8 @@ impl Engine {
                 Box::new(LocalExperts { shards: sets })
             }
             ExpertSetup::Parallel { holders, comm } => {
-                if holders.len() != cfg.num_layers
-                    || holders
-                        .iter()
-                        .any(|l| !l.is_empty() && l.len() != cfg.num_experts)
-                {
-                    return Err(WorkerError::Placement(format!(
-                        "holder table has {} layers, the model {} layers of {} experts",
-                        holders.len(),
-                        cfg.num_layers,
-                        cfg.num_experts
-                    )));
-                }
-                let me = comm.rank() as u32;
-                let sel = ExpertSelection {
-                    per_layer: holders
-                        .iter()
-                        .map(|l| {
-                            l.iter()
-                                .enumerate()
-                                .filter(|(_, h)| h.contains(&me))
-                                .map(|(e, _)| e as u32)
-                                .collect()
-                        })
-                        .collect(),
-                };
+                check_holders(&cfg, &holders)?;
+                let sel = ExpertSelection::of_rank(&holders, comm.rank() as u32);
                 let local = ExpertSet::load(&ck, &cfg, &sel, dtype)?;
                 Box::new(EpExperts {
                     local,
@@ -169,6 +205,8 @@ impl Engine {
         let kv = KvCache::new(&cfg, blocks, opts.block_size);
         Ok(Engine {
             model,
+            dir: dir.to_path_buf(),
+            dtype,
             experts,
             kv,
             seqs: HashMap::new(),
@@ -182,6 +220,30 @@ impl Engine {
 
     pub fn max_context(&self) -> usize {
         self.max_context
+    }
+
+    /// What this rank must load to serve under the holder table `holders` (expert parallel
+    /// engines only).
+    pub fn expert_load(&self, holders: Vec<Vec<Vec<u32>>>) -> Result<ExpertLoad, WorkerError> {
+        check_holders(&self.model.cfg, &holders)?;
+        let (rank, current) = self.experts.placement().ok_or_else(|| {
+            WorkerError::Placement("experts are all local; nothing to re-place".into())
+        })?;
+        let gained = ExpertSelection::of_rank(&holders, rank)
+            .minus(&ExpertSelection::of_rank(current, rank));
+        Ok(ExpertLoad {
+            dir: self.dir.clone(),
+            cfg: self.model.cfg.clone(),
+            dtype: self.dtype,
+            holders,
+            gained,
+        })
+    }
+
+    /// Switches to prepared experts between steps: routing follows the new holder table from
+    /// the next step on; experts no longer held are dropped.
+    pub fn switch_experts(&mut self, p: PreparedExperts) -> Result<(), WorkerError> {
+        self.experts.switch(p.holders, p.gained)
     }
 
     /// Seconds in, and bytes sent by, the expert all-to-all since the last call.

@@ -14,7 +14,7 @@
 //!    not depend on the number of ranks or the placement.
 
 use crate::comm::{Comm, CommError};
-use crate::experts::{run_experts, ExpertExec, ExpertSet, Mlp};
+use crate::experts::{run_experts, ExpertExec, ExpertSelection, ExpertSet, Mlp};
 use crate::WorkerError;
 
 pub struct EpExperts {
@@ -88,6 +88,18 @@ impl EpExperts {
 impl ExpertExec for EpExperts {
     fn take_exchange_stats(&self) -> (f64, u64) {
         self.stats.take()
+    }
+
+    fn placement(&self) -> Option<(u32, &[Vec<Vec<u32>>])> {
+        Some((self.comm.rank() as u32, &self.holders))
+    }
+
+    fn switch(&mut self, holders: Vec<Vec<Vec<u32>>>, add: ExpertSet) -> Result<(), WorkerError> {
+        let sel = ExpertSelection::of_rank(&holders, self.comm.rank() as u32);
+        let local = std::mem::replace(&mut self.local, ExpertSet::empty());
+        self.local = local.regroup(add, &sel)?;
+        self.holders = holders;
+        Ok(())
     }
 
     fn run(

@@ -6,18 +6,81 @@
 //! position): the random draw for position `p` comes from a generator seeded with
 //! `mix(seed, p)`, so a sequence re-homed or recomputed after preemption samples exactly what
 //! it would have sampled where it was.
+//!
+//! Live expert re-placement: an `ExpertUpdate` starts loading the experts this rank gains on a
+//! background thread while steps go on; each `StepResult.experts_ready` reports the newest
+//! version loaded; the first plan naming that version in `expert_version` switches to it before
+//! it runs (every rank gets that plan in the same step, so routing never disagrees).
 
-use crate::engine::{ChunkSpec, Engine, Logits};
+use crate::engine::{ChunkSpec, Engine, Logits, PreparedExperts};
 use crate::WorkerError;
 use std::collections::HashMap;
 use switchyard_kernels::rng::Rng;
 use switchyard_kernels::sampling::{self, SamplingParams};
-use switchyard_proto::cluster::v1::{SampledToken, SeqChunk, StepPlan, StepResult, TokenLogprob};
+use switchyard_proto::cluster::v1::{
+    ExpertUpdate, RankExperts, SampledToken, SeqChunk, StepPlan, StepResult, TokenLogprob,
+};
+
+type Loading = std::thread::JoinHandle<Result<PreparedExperts, WorkerError>>;
 
 pub struct Executor {
     pub engine: Engine,
     /// Tokens fed so far per sequence (the repetition-penalty history).
     history: HashMap<u64, Vec<u32>>,
+    /// Expert placement version in use (0: the epoch's initial placement).
+    version: u64,
+    /// The newest update being loaded, and the newest loaded one.
+    loading: Option<(u64, Loading)>,
+    ready: Option<(u64, PreparedExperts)>,
+}
+
+/// `holders[layer][expert]` (ranks, ascending) from per-rank assignments, for a model of
+/// `layers` layers of which `sparse` have `experts` experts.
+pub fn holder_table(
+    ranks: &[RankExperts],
+    layers: usize,
+    experts: usize,
+    sparse: &[bool],
+) -> Result<Vec<Vec<Vec<u32>>>, WorkerError> {
+    let mut t: Vec<Vec<Vec<u32>>> = (0..layers)
+        .map(|l| {
+            if sparse[l] {
+                vec![vec![]; experts]
+            } else {
+                vec![]
+            }
+        })
+        .collect();
+    for rk in ranks {
+        for a in &rk.assignments {
+            let layer = t
+                .get_mut(a.layer as usize)
+                .filter(|l| !l.is_empty())
+                .ok_or_else(|| {
+                    WorkerError::Placement(format!(
+                        "placement names layer {} which has no experts",
+                        a.layer
+                    ))
+                })?;
+            for &e in &a.experts {
+                layer
+                    .get_mut(e as usize)
+                    .ok_or_else(|| {
+                        WorkerError::Placement(format!(
+                            "placement names expert {e} of layer {}",
+                            a.layer
+                        ))
+                    })?
+                    .push(rk.rank);
+            }
+        }
+    }
+    for l in &mut t {
+        for ranks in l.iter_mut() {
+            ranks.sort_unstable();
+        }
+    }
+    Ok(t)
 }
 
 fn mix(seed: u64, pos: u64) -> u64 {
@@ -48,11 +111,86 @@ impl Executor {
         Executor {
             engine,
             history: HashMap::new(),
+            version: 0,
+            loading: None,
+            ready: None,
+        }
+    }
+
+    /// Starts loading the experts of `u` in the background (a newer update replaces an older
+    /// one not yet switched to).
+    pub fn prepare(&mut self, u: &ExpertUpdate) -> Result<(), WorkerError> {
+        if u.version <= self.version {
+            return Err(WorkerError::Placement(format!(
+                "expert update {} is not newer than the version in use ({})",
+                u.version, self.version
+            )));
+        }
+        let cfg = self.engine.config();
+        let holders = holder_table(
+            &u.holders,
+            cfg.num_layers,
+            cfg.num_experts,
+            &cfg.sparse_layers,
+        )?;
+        let job = self.engine.expert_load(holders)?;
+        tracing::info!(
+            version = u.version,
+            gained = job.gained(),
+            "loading experts"
+        );
+        let handle = std::thread::Builder::new()
+            .name(format!("expert-load-{}", u.version))
+            .spawn(move || job.load())?;
+        self.loading = Some((u.version, handle));
+        Ok(())
+    }
+
+    /// The newest expert version this rank can switch to.
+    fn experts_ready(&mut self) -> Result<u64, WorkerError> {
+        if self.loading.as_ref().is_some_and(|(_, h)| h.is_finished()) {
+            self.finish_loading()?;
+        }
+        Ok(self.ready.as_ref().map_or(self.version, |(v, _)| *v))
+    }
+
+    fn finish_loading(&mut self) -> Result<(), WorkerError> {
+        if let Some((v, h)) = self.loading.take() {
+            let prepared = h
+                .join()
+                .map_err(|_| WorkerError::Placement("expert loading panicked".into()))??;
+            self.ready = Some((v, prepared));
+        }
+        Ok(())
+    }
+
+    /// Switches to expert version `v` (loaded by [`prepare`](Self::prepare)).
+    fn switch_to(&mut self, v: u64) -> Result<(), WorkerError> {
+        if self.loading.as_ref().is_some_and(|(lv, _)| *lv == v) {
+            // Asked before this rank reported it ready: wait for it.
+            self.finish_loading()?;
+        }
+        match self.ready.take() {
+            Some((rv, p)) if rv == v => {
+                self.engine.switch_experts(p)?;
+                self.version = v;
+                tracing::info!(version = v, "switched expert placement");
+                Ok(())
+            }
+            other => {
+                self.ready = other;
+                Err(WorkerError::Placement(format!(
+                    "step asks for expert version {v}, which was never prepared here"
+                )))
+            }
         }
     }
 
     pub fn execute(&mut self, plan: &StepPlan) -> Result<StepResult, WorkerError> {
         let t0 = std::time::Instant::now();
+        if plan.expert_version != 0 && plan.expert_version != self.version {
+            self.switch_to(plan.expert_version)?;
+        }
         for id in &plan.free_seqs {
             self.engine.release(*id);
             self.history.remove(id);
@@ -110,6 +248,7 @@ impl Executor {
             }
         }
         let (all_to_all_seconds, all_to_all_bytes) = self.engine.take_exchange_stats();
+        let experts_ready = self.experts_ready()?;
         Ok(StepResult {
             step: plan.step,
             tokens,
@@ -118,6 +257,7 @@ impl Executor {
             all_to_all_seconds,
             all_to_all_bytes,
             step_seconds: t0.elapsed().as_secs_f64(),
+            experts_ready,
         })
     }
 }

@@ -102,6 +102,45 @@ impl ExpertSelection {
     pub fn all(cfg: &ModelConfig) -> Self {
         Self::round_robin(cfg, 0, 1)
     }
+    /// The experts `rank` holds under the holder table `holders[layer][expert]`.
+    pub fn of_rank(holders: &[Vec<Vec<u32>>], rank: u32) -> Self {
+        ExpertSelection {
+            per_layer: holders
+                .iter()
+                .map(|l| {
+                    l.iter()
+                        .enumerate()
+                        .filter(|(_, h)| h.contains(&rank))
+                        .map(|(e, _)| e as u32)
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    /// The experts of `self` that `other` does not have.
+    pub fn minus(&self, other: &ExpertSelection) -> ExpertSelection {
+        ExpertSelection {
+            per_layer: self
+                .per_layer
+                .iter()
+                .enumerate()
+                .map(|(l, es)| {
+                    let have = other.per_layer.get(l);
+                    es.iter()
+                        .copied()
+                        .filter(|e| !have.is_some_and(|h| h.contains(e)))
+                        .collect()
+                })
+                .collect(),
+        }
+    }
+
+    /// Number of experts selected, over all layers.
+    pub fn count(&self) -> usize {
+        self.per_layer.iter().map(|l| l.len()).sum()
+    }
+
     /// Shard `shard` of `shards`: experts `e` with `e % shards == shard`.
     pub fn round_robin(cfg: &ModelConfig, shard: usize, shards: usize) -> Self {
         ExpertSelection {
@@ -128,6 +167,11 @@ pub struct ExpertSet {
 }
 
 impl ExpertSet {
+    /// A set with no layers (a placeholder while a set is being rebuilt).
+    pub fn empty() -> Self {
+        ExpertSet { experts: vec![] }
+    }
+
     pub fn load(
         ck: &Checkpoint,
         cfg: &ModelConfig,
@@ -148,6 +192,39 @@ impl ExpertSet {
                 )?);
             }
             experts.push(row);
+        }
+        Ok(ExpertSet { experts })
+    }
+
+    /// The set holding exactly the experts `sel` names, each taken from `self` when held
+    /// there, else from `add` (no weight is loaded or copied); the others are dropped.
+    pub fn regroup(
+        mut self,
+        mut add: ExpertSet,
+        sel: &ExpertSelection,
+    ) -> Result<ExpertSet, WorkerError> {
+        let mut experts: Vec<Vec<Option<Mlp>>> = self
+            .experts
+            .iter()
+            .map(|row| row.iter().map(|_| None).collect())
+            .collect();
+        for (layer, es) in sel.per_layer.iter().enumerate() {
+            for &e in es {
+                let e = e as usize;
+                let take = |set: &mut ExpertSet| {
+                    set.experts
+                        .get_mut(layer)
+                        .and_then(|r| r.get_mut(e))
+                        .and_then(|m| m.take())
+                };
+                let mlp = take(&mut self)
+                    .or_else(|| take(&mut add))
+                    .ok_or(WorkerError::ExpertMissing { layer, expert: e })?;
+                *experts
+                    .get_mut(layer)
+                    .and_then(|r| r.get_mut(e))
+                    .ok_or(WorkerError::ExpertMissing { layer, expert: e })? = Some(mlp);
+            }
         }
         Ok(ExpertSet { experts })
     }
@@ -187,6 +264,20 @@ pub trait ExpertExec: Sync {
     /// every expert is local).
     fn take_exchange_stats(&self) -> (f64, u64) {
         (0.0, 0)
+    }
+
+    /// Expert parallel only: this rank and the holder table it routes by.
+    fn placement(&self) -> Option<(u32, &[Vec<Vec<u32>>])> {
+        None
+    }
+
+    /// Expert parallel only: switches to the holder table `holders`, keeping the experts this
+    /// rank still holds and taking the ones it gains from `add`.
+    fn switch(&mut self, holders: Vec<Vec<Vec<u32>>>, add: ExpertSet) -> Result<(), WorkerError> {
+        let _ = (holders, add);
+        Err(WorkerError::Placement(
+            "experts are all local; nothing to re-place".into(),
+        ))
     }
 }
 

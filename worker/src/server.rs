@@ -12,10 +12,14 @@
 //! all-to-all connections are shut down (an exchange in flight fails at once), its plan loop
 //! stops, its engine and KV are dropped, and its old stream ends. Then the new placement is
 //! loaded as above.
+//!
+//! Within an epoch, an `ExpertUpdate` re-places experts without stopping: see
+//! [`Executor`](crate::executor::Executor). A worker started with an expert budget
+//! (`expert_slots`) refuses a placement or update that gives it more experts per layer.
 
 use crate::comm::{Comm, TcpComm};
 use crate::engine::{read_config, Engine, EngineOptions, ExpertSetup};
-use crate::executor::Executor;
+use crate::executor::{holder_table, Executor};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -24,7 +28,7 @@ use switchyard_proto::cluster::v1::coordinator_message::Msg as CMsg;
 use switchyard_proto::cluster::v1::worker_message::Msg as WMsg;
 use switchyard_proto::cluster::v1::worker_server::{Worker, WorkerServer};
 use switchyard_proto::cluster::v1::{
-    CoordinatorMessage, Placement, StepResult, WorkerHello, WorkerMessage,
+    CoordinatorMessage, ExpertAssignment, StepResult, WorkerHello, WorkerMessage,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -37,6 +41,9 @@ pub struct WorkerService {
     comm_addr: String,
     comm_listener: std::net::TcpListener,
     pub comm_timeout: Duration,
+    /// Experts per MoE layer this worker has room for (0: all); announced in the hello, and a
+    /// placement giving it more is refused.
+    pub expert_slots: u32,
     current: Arc<tokio::sync::Mutex<Option<Epoch>>>,
 }
 
@@ -89,6 +96,7 @@ impl WorkerService {
             comm_addr,
             comm_listener,
             comm_timeout: Duration::from_secs(60),
+            expert_slots: 0,
             current: Arc::new(tokio::sync::Mutex::new(None)),
         })
     }
@@ -100,54 +108,6 @@ impl WorkerService {
 
 fn msg(m: WMsg) -> WorkerMessage {
     WorkerMessage { msg: Some(m) }
-}
-
-/// `holders[layer][expert]` from a placement's per-rank assignments.
-fn holder_table(
-    p: &Placement,
-    layers: usize,
-    experts: usize,
-    sparse: &[bool],
-) -> Result<Vec<Vec<Vec<u32>>>, Status> {
-    let mut t: Vec<Vec<Vec<u32>>> = (0..layers)
-        .map(|l| {
-            if sparse[l] {
-                vec![vec![]; experts]
-            } else {
-                vec![]
-            }
-        })
-        .collect();
-    for rk in &p.holders {
-        for a in &rk.assignments {
-            let layer = t
-                .get_mut(a.layer as usize)
-                .filter(|l| !l.is_empty())
-                .ok_or_else(|| {
-                    Status::invalid_argument(format!(
-                        "placement names layer {} which has no experts",
-                        a.layer
-                    ))
-                })?;
-            for &e in &a.experts {
-                layer
-                    .get_mut(e as usize)
-                    .ok_or_else(|| {
-                        Status::invalid_argument(format!(
-                            "placement names expert {e} of layer {}",
-                            a.layer
-                        ))
-                    })?
-                    .push(rk.rank);
-            }
-        }
-    }
-    for l in &mut t {
-        for ranks in l.iter_mut() {
-            ranks.sort_unstable();
-        }
-    }
-    Ok(t)
 }
 
 type ControlStream = Pin<Box<dyn Stream<Item = Result<WorkerMessage, Status>> + Send>>;
@@ -178,11 +138,13 @@ impl Worker for WorkerService {
             worker_id: self.id.clone(),
             comm_address: self.comm_addr.clone(),
             memory_bytes: 0,
+            expert_slots: self.expert_slots,
         };
         tx.send(Ok(msg(WMsg::Hello(hello))))
             .await
             .map_err(|_| Status::cancelled("stream closed"))?;
         let (model, opts, timeout) = (self.model.clone(), self.opts.clone(), self.comm_timeout);
+        let slots = self.expert_slots;
         let thread_slot: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
         let (comm_slot, thread_stop, slot) =
             (epoch_comm.clone(), stop_rx.clone(), thread_slot.clone());
@@ -216,11 +178,13 @@ impl Worker for WorkerService {
                             let cfg = read_config(&model)
                                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
                             let holders = holder_table(
-                                &placement,
+                                &placement.holders,
                                 cfg.num_layers,
                                 cfg.num_experts,
                                 &cfg.sparse_layers,
-                            )?;
+                            )
+                            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                            check_slots(&placement.assignments, slots)?;
                             let addrs = placement
                                 .peer_addresses
                                 .iter()
@@ -267,16 +231,40 @@ impl Worker for WorkerService {
                                 return;
                             }
                         };
-                        while let Ok(plan) = plan_rx.recv() {
+                        while let Ok(m) = plan_rx.recv() {
                             if *thread_stop.borrow() {
                                 break;
                             }
-                            let r = ex
-                                .execute(&plan)
-                                .map(|r| msg(WMsg::Result(r)))
-                                .map_err(|e| Status::internal(e.to_string()));
+                            let r = match m {
+                                CMsg::Step(plan) => ex
+                                    .execute(&plan)
+                                    .map(|r| Some(msg(WMsg::Result(r))))
+                                    .map_err(|e| Status::internal(e.to_string())),
+                                CMsg::Experts(u) => {
+                                    let gained: Vec<_> = u
+                                        .holders
+                                        .iter()
+                                        .filter(|r| r.rank == placement.rank)
+                                        .flat_map(|r| r.assignments.clone())
+                                        .collect();
+                                    check_slots(&gained, slots)
+                                        .and_then(|()| {
+                                            ex.prepare(&u).map_err(|e| {
+                                                Status::invalid_argument(e.to_string())
+                                            })
+                                        })
+                                        .map(|()| None)
+                                }
+                                CMsg::Placement(_) => {
+                                    Err(Status::invalid_argument("a second placement in one epoch"))
+                                }
+                            };
                             let failed = r.is_err();
-                            if out.blocking_send(r).is_err() || failed {
+                            let sent = match r.transpose() {
+                                Some(r) => out.blocking_send(r).is_ok(),
+                                None => true,
+                            };
+                            if !sent || failed {
                                 break;
                             }
                         }
@@ -290,8 +278,8 @@ impl Worker for WorkerService {
             loop {
                 tokio::select! {
                     m = inbound.message() => match m {
-                        Ok(Some(CoordinatorMessage { msg: Some(CMsg::Step(plan)) })) => {
-                            if plan_tx.send(plan).is_err() {
+                        Ok(Some(CoordinatorMessage { msg: Some(m) })) => {
+                            if plan_tx.send(m).is_err() {
                                 break;
                             }
                         }
@@ -310,6 +298,21 @@ impl Worker for WorkerService {
         });
         drop(current);
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Refuses assignments that give this worker more experts in a layer than it has room for.
+fn check_slots(assignments: &[ExpertAssignment], slots: u32) -> Result<(), Status> {
+    match assignments
+        .iter()
+        .find(|a| slots > 0 && a.experts.len() > slots as usize)
+    {
+        Some(a) => Err(Status::failed_precondition(format!(
+            "layer {}: {} experts assigned, this worker has room for {slots}",
+            a.layer,
+            a.experts.len()
+        ))),
+        None => Ok(()),
     }
 }
 

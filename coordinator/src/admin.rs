@@ -1,0 +1,176 @@
+//! The operator API (`switchyard.v1.Admin`): drain a worker, rebalance experts, status.
+//!
+//! Drain takes a worker's control URL out of the pool the cluster factory builds from, marks
+//! the member drained, and rebuilds at the next step boundary: a new epoch over the others,
+//! its experts re-placed, its sequences re-homed and re-prefilled from their tokens so far (no
+//! client sees an error). It is refused (FAILED_PRECONDITION) when the others could not hold
+//! every expert, and undone if the rebuild fails. A drained member stays out until its
+//! process leaves membership; registering again after that brings it back as a join.
+
+use crate::server::{status_response, EngineControl, Roster};
+use std::sync::{Arc, Mutex};
+use switchyard_proto::v1::admin_server::{Admin, AdminServer};
+use switchyard_proto::v1::{
+    ClusterStatusRequest, ClusterStatusResponse, DrainRequest, DrainResponse, RebalanceRequest,
+    RebalanceResponse,
+};
+use tonic::{Request, Response, Status};
+
+pub struct AdminService {
+    control: EngineControl,
+    roster: Arc<Mutex<Roster>>,
+    /// Control URLs the cluster is built from; `None`: a fixed cluster (no drain).
+    pool: Option<Arc<Mutex<Vec<String>>>>,
+    num_experts: usize,
+    /// One drain at a time.
+    draining: tokio::sync::Mutex<()>,
+}
+
+impl AdminService {
+    pub fn new(
+        control: EngineControl,
+        roster: Arc<Mutex<Roster>>,
+        pool: Option<Arc<Mutex<Vec<String>>>>,
+        num_experts: usize,
+    ) -> Self {
+        AdminService {
+            control,
+            roster,
+            pool,
+            num_experts,
+            draining: Default::default(),
+        }
+    }
+
+    pub fn into_server(self) -> AdminServer<Self> {
+        AdminServer::new(self)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        let worker = req.into_inner().worker;
+        let Some(pool) = &self.pool else {
+            return Err(Status::unimplemented(
+                "this coordinator serves a fixed set of workers",
+            ));
+        };
+        let _one = self.draining.lock().await;
+        let snap = self.control.snapshot();
+        let url = {
+            let r = lock(&self.roster);
+            if r.drained.contains(&worker) {
+                return Err(Status::failed_precondition(format!(
+                    "worker {worker:?} is already drained"
+                )));
+            }
+            match r.ids.iter().find(|(_, id)| **id == worker) {
+                Some((url, _)) => url.clone(),
+                None => {
+                    let mut known: Vec<&String> = r.ids.values().collect();
+                    known.sort();
+                    return Err(Status::not_found(format!(
+                        "no worker {worker:?}; workers: {known:?}"
+                    )));
+                }
+            }
+        };
+        let Some(rank) = snap.addresses.iter().position(|a| *a == url) else {
+            return Err(Status::failed_precondition(format!(
+                "worker {worker:?} is not in the cluster now"
+            )));
+        };
+        if snap.addresses.len() < 2 {
+            return Err(Status::failed_precondition(format!(
+                "worker {worker:?} is the last one"
+            )));
+        }
+        let room: usize = snap
+            .expert_slots
+            .iter()
+            .enumerate()
+            .filter(|(r, _)| *r != rank)
+            .map(|(_, &s)| if s == 0 { self.num_experts } else { s })
+            .sum();
+        if room < self.num_experts {
+            return Err(Status::failed_precondition(format!(
+                "without {worker:?} the workers have room for {room} experts per layer, the \
+                 model has {}",
+                self.num_experts
+            )));
+        }
+        lock(pool).retain(|u| *u != url);
+        lock(&self.roster).drained.insert(worker.clone());
+        tracing::warn!(%worker, "draining");
+        match self.control.rebuild().await {
+            Ok((epoch, world)) => Ok(Response::new(DrainResponse {
+                epoch,
+                world_size: world as u32,
+            })),
+            Err(e) => {
+                lock(pool).push(url);
+                lock(&self.roster).drained.remove(&worker);
+                let _ = self.control.rebuild().await;
+                Err(Status::unavailable(format!(
+                    "drain of {worker:?} failed, undone: {e}"
+                )))
+            }
+        }
+    }
+
+    async fn rebalance(
+        &self,
+        _: Request<RebalanceRequest>,
+    ) -> Result<Response<RebalanceResponse>, Status> {
+        let r = self
+            .control
+            .rebalance()
+            .await
+            .map_err(Status::unavailable)?;
+        Ok(Response::new(RebalanceResponse {
+            imbalance_before: r.imbalance_before,
+            imbalance_after: r.imbalance_after,
+            experts_moved: r.moved as u32,
+            expert_version: r.version,
+        }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<ClusterStatusRequest>,
+    ) -> Result<Response<ClusterStatusResponse>, Status> {
+        let s = self.control.snapshot();
+        let r = lock(&self.roster).clone();
+        Ok(Response::new(status_response(&s, &r)))
+    }
+}
+
+/// ClusterStatus as JSON (the `admin status --json` output scripts read).
+pub fn status_json(s: &ClusterStatusResponse) -> serde_json::Value {
+    serde_json::json!({
+        "epoch": s.epoch,
+        "expert_version": s.expert_version,
+        "imbalance": s.imbalance,
+        "unavailable": s.unavailable,
+        "drained": s.drained,
+        "workers": s.workers.iter().map(|w| serde_json::json!({
+            "id": w.id,
+            "rank": w.rank,
+            "address": w.address,
+            "running_sequences": w.running_sequences,
+            "kv_blocks_used": w.kv_blocks_used,
+            "kv_blocks_total": w.kv_blocks_total,
+        })).collect::<Vec<_>>(),
+        "placement": s.placement.iter().map(|p| serde_json::json!({
+            "layer": p.layer,
+            "expert": p.expert,
+            "ranks": p.ranks,
+            "load": p.load,
+        })).collect::<Vec<_>>(),
+    })
+}
