@@ -29,6 +29,10 @@ pub enum DriverError {
     Plan(#[from] PlanError),
     #[error("rank {rank}: {detail}")]
     Rank { rank: usize, detail: String },
+    /// A rank could not be reached or left while the cluster was being formed (a cluster
+    /// factory may retry without it).
+    #[error("rank {rank} unreachable: {detail}")]
+    Unreachable { rank: usize, detail: String },
 }
 
 /// A group of ranks that executes one plan each per step, in lockstep.

@@ -19,9 +19,7 @@ use std::collections::BTreeSet;
 pub enum PlanError {
     #[error("no workers to place experts on")]
     NoWorkers,
-    #[error(
-        "layer {layer}: {experts} experts need at least that many slots, the workers have {slots}"
-    )]
+    #[error("layer {layer} has {experts} experts; the workers have room for {slots}")]
     InsufficientCapacity {
         layer: usize,
         experts: usize,

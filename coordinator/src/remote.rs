@@ -5,6 +5,7 @@
 
 use crate::driver::{Cluster, DriverError};
 use crate::placement::{plan_holders, rank_experts};
+use std::future::Future;
 use std::path::Path;
 use switchyard_proto::cluster::v1::coordinator_message::Msg as CMsg;
 use switchyard_proto::cluster::v1::worker_client::WorkerClient;
@@ -34,6 +35,19 @@ pub const DEFAULT_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_
 
 fn rank_err(rank: usize) -> impl Fn(String) -> DriverError {
     move |detail| DriverError::Rank { rank, detail }
+}
+
+fn unreachable(rank: usize) -> impl Fn(String) -> DriverError {
+    move |detail| DriverError::Unreachable { rank, detail }
+}
+
+/// While forming a cluster, a rank whose stream fails is unreachable (a retry may leave it
+/// out); a rank that answers out of turn is a protocol error.
+fn forming(e: DriverError) -> DriverError {
+    match e {
+        DriverError::Rank { rank, detail } => DriverError::Unreachable { rank, detail },
+        other => other,
+    }
 }
 
 async fn next_message(rank: usize, rx: &mut Streaming<WorkerMessage>) -> Result<WMsg, DriverError> {
@@ -70,14 +84,14 @@ impl GrpcCluster {
             for (rank, url) in urls.iter().enumerate() {
                 let mut client = WorkerClient::connect(url.clone())
                     .await
-                    .map_err(|e| rank_err(rank)(format!("connect {url}: {e}")))?;
+                    .map_err(|e| unreachable(rank)(format!("connect {url}: {e}")))?;
                 let (tx, rx) = mpsc::channel(4);
                 let mut inbound = client
                     .control(ReceiverStream::new(rx))
                     .await
-                    .map_err(|s| rank_err(rank)(s.to_string()))?
+                    .map_err(|s| unreachable(rank)(s.to_string()))?
                     .into_inner();
-                match next_message(rank, &mut inbound).await? {
+                match next_message(rank, &mut inbound).await.map_err(forming)? {
                     WMsg::Hello(h) => {
                         comm_addrs.push(h.comm_address);
                         slots.push(h.expert_slots as usize);
@@ -105,12 +119,15 @@ impl GrpcCluster {
                 .await
                 .map_err(|_| rank_err(rank)("control stream closed".into()))?;
             }
-            for (rank, rx) in rxs.iter_mut().enumerate() {
-                match next_message(rank, rx).await? {
-                    WMsg::Result(_) => {}
-                    other => return Err(rank_err(rank)(format!("expected ready, got {other:?}"))),
+            // Every rank's ready concurrently, failing at the first rank that fails: a dead
+            // rank must not leave the others waiting out their mesh-join timeout.
+            join_until_error(rxs.iter_mut().enumerate().map(|(rank, rx)| async move {
+                match next_message(rank, rx).await.map_err(forming)? {
+                    WMsg::Result(_) => Ok(()),
+                    other => Err(rank_err(rank)(format!("expected ready, got {other:?}"))),
                 }
-            }
+            }))
+            .await?;
             Ok::<_, DriverError>((txs, rxs, holders, slots))
         })?;
         Ok(GrpcCluster {
@@ -191,18 +208,23 @@ impl Cluster for GrpcCluster {
                 .await
                 .map_err(|_| rank_err(rank)("control stream closed".into()))?;
             }
-            let mut out = Vec::with_capacity(rxs.len());
             let deadline = tokio::time::Instant::now() + limit;
-            // Every rank's result concurrently: a rank blocked in the all-to-all behind a silent
-            // peer is silent too, so the error names them all.
-            let waits = rxs.iter_mut().enumerate().map(|(rank, rx)| async move {
-                tokio::time::timeout_at(deadline, next_message(rank, rx)).await
-            });
-            let results = futures_join_all(waits).await;
+            // Every rank's result concurrently, returning at the first rank that fails (the
+            // others may be stuck in an all-to-all with it until the epoch ends). A rank
+            // blocked behind a silent peer is silent too, so a timeout names them all.
+            let results =
+                join_until_error(rxs.iter_mut().enumerate().map(|(rank, rx)| async move {
+                    match tokio::time::timeout_at(deadline, next_message(rank, rx)).await {
+                        Ok(Ok(m)) => Ok(Some(m)),
+                        Ok(Err(e)) => Err(e),
+                        Err(_) => Ok(None),
+                    }
+                }))
+                .await?;
             let silent: Vec<usize> = results
                 .iter()
                 .enumerate()
-                .filter(|(_, r)| r.is_err())
+                .filter(|(_, r)| r.is_none())
                 .map(|(rank, _)| rank)
                 .collect();
             if let Some(&first) = silent.first() {
@@ -210,8 +232,9 @@ impl Cluster for GrpcCluster {
                     "no step result within {limit:?} from ranks {silent:?}"
                 )));
             }
+            let mut out = Vec::with_capacity(results.len());
             for (rank, m) in results.into_iter().enumerate() {
-                match m.expect("checked above")? {
+                match m.expect("checked above") {
                     WMsg::Result(r) => out.push(r),
                     other => {
                         return Err(rank_err(rank)(format!(
@@ -225,18 +248,20 @@ impl Cluster for GrpcCluster {
     }
 }
 
-/// Awaits every future, in order of the inputs (the futures run concurrently on this task).
-async fn futures_join_all<F: std::future::Future>(
+/// Awaits every future concurrently (on this task); their outputs in input order, or the
+/// first error as soon as any fails (the rest are dropped).
+async fn join_until_error<T, E, F: Future<Output = Result<T, E>>>(
     fs: impl IntoIterator<Item = F>,
-) -> Vec<F::Output> {
+) -> Result<Vec<T>, E> {
     let mut pinned: Vec<std::pin::Pin<Box<F>>> = fs.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = pinned.iter().map(|_| None).collect();
+    let mut out: Vec<Option<T>> = pinned.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
         let mut pending = false;
         for (f, o) in pinned.iter_mut().zip(out.iter_mut()) {
             if o.is_none() {
                 match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => *o = Some(v),
+                    std::task::Poll::Ready(Ok(v)) => *o = Some(v),
+                    std::task::Poll::Ready(Err(e)) => return std::task::Poll::Ready(Err(e)),
                     std::task::Poll::Pending => pending = true,
                 }
             }
@@ -244,11 +269,12 @@ async fn futures_join_all<F: std::future::Future>(
         if pending {
             std::task::Poll::Pending
         } else {
-            std::task::Poll::Ready(())
+            std::task::Poll::Ready(Ok(()))
         }
     })
-    .await;
-    out.into_iter()
+    .await?;
+    Ok(out
+        .into_iter()
         .map(|o| o.expect("every future finished"))
-        .collect()
+        .collect())
 }

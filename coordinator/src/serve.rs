@@ -101,14 +101,32 @@ pub async fn serve(
             // First all workers; after a lost rank, those still reachable (a new epoch).
             move || {
                 let candidates = urls.lock().unwrap_or_else(|e| e.into_inner()).clone();
-                let alive: Vec<String> = candidates.into_iter().filter(|u| reachable(u)).collect();
-                if alive.is_empty() {
-                    return Err(crate::driver::DriverError::Rank {
-                        rank: 0,
-                        detail: "no worker is reachable".into(),
-                    });
+                let mut alive: Vec<String> =
+                    candidates.into_iter().filter(|u| reachable(u)).collect();
+                // A worker that dies while the cluster forms is left out and the rest retried.
+                loop {
+                    if alive.is_empty() {
+                        return Err(crate::driver::DriverError::Unreachable {
+                            rank: 0,
+                            detail: "no worker is reachable".into(),
+                        });
+                    }
+                    match crate::remote::GrpcCluster::connect(&alive, &model, redundant, kv, 16) {
+                        Err(crate::driver::DriverError::Unreachable { rank, detail })
+                            if alive.len() > 1 =>
+                        {
+                            // The rank named may only be the first to notice a peer's death:
+                            // probe again, and leave out the named one only if all answer.
+                            let before = alive.len();
+                            alive.retain(|u| reachable(u));
+                            if alive.len() == before {
+                                tracing::warn!(url = %alive[rank], %detail, "leaving out a worker");
+                                alive.remove(rank);
+                            }
+                        }
+                        other => return other,
+                    }
                 }
-                crate::remote::GrpcCluster::connect(&alive, &model, redundant, kv, 16)
             },
             crate::server::ServiceOptions {
                 token_budget: o.token_budget,

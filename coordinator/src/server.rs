@@ -527,6 +527,15 @@ impl Inference for InferenceService {
         let deadline = grpc_timeout(req_meta.get("grpc-timeout"))
             .map_err(|d| invalid("grpc-timeout", d))?
             .map(|d| tokio::time::Instant::from_std(t0) + d);
+        let unavailable = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unavailable
+            .clone();
+        if !unavailable.is_empty() {
+            return Err(Status::unavailable(unavailable));
+        }
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(Status::resource_exhausted(format!(

@@ -1,95 +1,57 @@
-//! A worker killed with SIGKILL while 32 greedy streams are in flight: the coordinator's step
-//! fails, it rebuilds the cluster over the surviving workers (a new epoch, experts re-placed),
-//! re-homes every request with its tokens so far, and every stream completes with exactly the
-//! transformers golden tokens: none lost, none duplicated.
+//! Faults and operations under load, with real worker processes on loopback:
+//! - a worker killed with SIGKILL while 32 greedy streams are in flight: the coordinator's step
+//!   fails, it rebuilds the cluster over the surviving workers (a new epoch, experts
+//!   re-placed), re-homes every request with its tokens so far, and every stream completes with
+//!   exactly the transformers golden tokens: none lost, none duplicated;
+//! - an operator drains a worker (`switchyard admin drain`) mid-traffic: same guarantee;
+//! - the workers left cannot hold every expert: requests fail with UNAVAILABLE and a reason,
+//!   and service resumes once a worker is back.
 
 mod common;
-use common::{block_on, cluster_status, fixture, ids, spawn_serving, Proc};
+use common::{
+    admin_status, block_on, cluster_status, fixture, spawn_serving, switchyard, GoldenStreams, Proc,
+};
 
-use serde_json::Value;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use switchyard_proto::v1::generate_request::Input;
-use switchyard_proto::v1::generate_response::Event;
 use switchyard_proto::v1::inference_client::InferenceClient;
 use switchyard_proto::v1::*;
 
-#[test]
-fn killing_one_of_three_workers_mid_stream_loses_no_token() {
-    let dir = fixture("tiny-qwen3-moe");
+const MODEL: &str = "tiny-qwen3-moe";
+
+/// `n` workers (extra worker args appended) and a coordinator over their URLs.
+fn cluster(
+    n: usize,
+    worker_args: &[&str],
+    coord_args: &[&str],
+) -> (Vec<(Proc, String)>, Proc, String) {
+    let dir = fixture(MODEL);
     let m = dir.to_str().unwrap();
-    let mut workers: Vec<(Proc, String)> = (0..3)
-        .map(|_| spawn_serving(&["worker", "--model", m]))
+    let workers: Vec<(Proc, String)> = (0..n)
+        .map(|_| {
+            let mut a = vec!["worker", "--model", m];
+            a.extend(worker_args);
+            spawn_serving(&a)
+        })
         .collect();
-    let mut args = vec![
-        "coordinator",
-        "--model",
-        m,
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--redundant-experts",
-        "2",
-    ];
+    let mut args = vec!["coordinator", "--model", m, "--grpc-addr", "127.0.0.1:0"];
+    args.extend(coord_args);
     for w in &workers {
         args.extend(["--worker-url", w.1.as_str()]);
     }
-    let (_coord, url) = spawn_serving(&args);
-    let golden: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let (coord, url) = spawn_serving(&args);
+    (workers, coord, url)
+}
 
+#[test]
+fn killing_one_of_three_workers_mid_stream_loses_no_token() {
+    let (mut workers, _coord, url) = cluster(3, &[], &["--redundant-experts", "2"]);
     block_on(async {
-        let c = InferenceClient::connect(url.clone()).await.unwrap();
-        let (started, done) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-        let mut tasks = Vec::new();
-        for copy in 0..8 {
-            for p in golden["prompts"].as_array().unwrap() {
-                let prompt: Vec<u32> = ids(&p["input_ids"]).iter().map(|&x| x as u32).collect();
-                let want: Vec<u32> = ids(&p["greedy"]["new_ids"])
-                    .iter()
-                    .map(|&x| x as u32)
-                    .collect();
-                let name = format!("{}#{copy}", p["name"].as_str().unwrap());
-                let (mut c, started, done) = (c.clone(), started.clone(), done.clone());
-                tasks.push(tokio::spawn(async move {
-                    let mut s = c
-                        .generate(GenerateRequest {
-                            input: Some(Input::TokenIds(TokenIds { ids: prompt })),
-                            max_tokens: want.len() as u32,
-                            ignore_eos: true,
-                            stream_token_ids: true,
-                            ..Default::default()
-                        })
-                        .await
-                        .unwrap()
-                        .into_inner();
-                    let (mut got, mut fin) = (Vec::new(), None);
-                    while let Some(msg) = s.message().await.unwrap() {
-                        match msg.event {
-                            Some(Event::Delta(d)) => {
-                                if got.is_empty() && !d.token_ids.is_empty() {
-                                    started.fetch_add(1, Ordering::SeqCst);
-                                }
-                                got.extend(d.token_ids);
-                            }
-                            Some(Event::Finished(f)) => fin = Some(f.reason()),
-                            _ => {}
-                        }
-                    }
-                    done.fetch_add(1, Ordering::SeqCst);
-                    assert_eq!(fin, Some(FinishReason::Length), "{name}");
-                    assert_eq!(got, want, "{name}");
-                }));
-            }
-        }
+        let streams = GoldenStreams::start(&url, MODEL, 8);
         // Half the streams are producing tokens: kill a worker.
-        while started.load(Ordering::SeqCst) < 16 {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-        }
+        streams.wait_started(16).await;
         workers[1].0 .0.kill().unwrap();
-        let in_flight = 32 - done.load(Ordering::SeqCst);
-        for t in tasks {
-            t.await.unwrap();
-        }
+        let in_flight = streams.in_flight();
+        streams.finish().await;
         assert!(in_flight > 0, "every stream had finished before the kill");
         let st = cluster_status(&url).await;
         assert_eq!(st.epoch, 2);
@@ -98,4 +60,153 @@ fn killing_one_of_three_workers_mid_stream_loses_no_token() {
         eprintln!("{in_flight} of 32 streams in flight at the kill; all completed exactly");
     });
     let _ = workers[1].0 .0.wait();
+}
+
+#[test]
+fn draining_a_worker_under_load_moves_its_work_with_no_client_error() {
+    let (_workers, _coord, url) = cluster(3, &[], &[]);
+    block_on(async {
+        let before = admin_status(&url).await;
+        assert_eq!(before.workers.len(), 3);
+        let victim = before.workers[1].id.clone();
+        let streams = GoldenStreams::start(&url, MODEL, 8);
+        streams.wait_started(16).await;
+        let out = tokio::task::spawn_blocking({
+            let (url, victim) = (url.clone(), victim.clone());
+            move || switchyard(&["admin", "--endpoint", &url, "--json", "drain", &victim])
+        })
+        .await
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(reply["world_size"], 2, "{reply}");
+        let in_flight = streams.in_flight();
+        streams.finish().await;
+        let st = admin_status(&url).await;
+        assert_eq!(st.epoch, reply["epoch"].as_u64().unwrap());
+        assert_eq!(st.drained, vec![victim.clone()]);
+        assert!(st.workers.iter().all(|w| w.id != victim), "{st:?}");
+        assert!(st
+            .placement
+            .iter()
+            .all(|p| !p.ranks.is_empty() && p.ranks.iter().all(|r| *r < 2)));
+        eprintln!("{in_flight} of 32 streams in flight at the drain; all completed exactly");
+        // Draining it again, or an unknown worker, is refused with a reason.
+        let again = switchyard(&["admin", "--endpoint", &url, "drain", &victim]);
+        assert!(!again.status.success());
+        assert!(String::from_utf8_lossy(&again.stderr).contains("already drained"));
+        let unknown = switchyard(&["admin", "--endpoint", &url, "drain", "nobody"]);
+        assert!(
+            String::from_utf8_lossy(&unknown.stderr).contains("NotFound")
+                || String::from_utf8_lossy(&unknown.stderr).contains("not found")
+                || String::from_utf8_lossy(&unknown.stderr).contains("no worker"),
+            "{}",
+            String::from_utf8_lossy(&unknown.stderr)
+        );
+        // The cluster still serves the goldens.
+        common::assert_goldens(&url, MODEL, 1).await;
+    });
+}
+
+/// Two workers with room for 5 of the 8 experts per layer each: one alone cannot serve.
+#[test]
+fn losing_capacity_fails_requests_unavailable_until_a_worker_returns() {
+    let dir = fixture(MODEL);
+    let m = dir.to_str().unwrap();
+    let port = common::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let spawn_b = || {
+        spawn_serving(&[
+            "worker",
+            "--model",
+            m,
+            "--expert-slots",
+            "5",
+            "--listen",
+            &listen,
+        ])
+    };
+    let a = spawn_serving(&["worker", "--model", m, "--expert-slots", "5"]);
+    let mut b = spawn_b();
+    let (_coord, url) = spawn_serving(&[
+        "coordinator",
+        "--model",
+        m,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--worker-url",
+        &a.1,
+        "--worker-url",
+        &b.1,
+    ]);
+    block_on(async {
+        common::assert_goldens(&url, MODEL, 1).await;
+        // Long streams in flight when worker B dies: each ends UNAVAILABLE, with the reason.
+        let mut c = InferenceClient::connect(url.clone()).await.unwrap();
+        let mut streams = Vec::new();
+        for i in 0..4u32 {
+            streams.push(
+                c.generate(GenerateRequest {
+                    input: Some(Input::TokenIds(TokenIds {
+                        ids: vec![100 + i, 7, 9],
+                    })),
+                    max_tokens: 2000,
+                    ignore_eos: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+            );
+        }
+        for s in &mut streams {
+            s.message().await.unwrap(); // Started
+            s.message().await.unwrap(); // a first token
+        }
+        b.0 .0.kill().unwrap();
+        let _ = b.0 .0.wait();
+        for mut s in streams {
+            let err = loop {
+                match s.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("stream ended without an error"),
+                    Err(e) => break e,
+                }
+            };
+            assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+            assert!(err.message().contains("room for"), "{}", err.message());
+        }
+        // New requests are refused the same way, and status says why.
+        let err = c
+            .generate(GenerateRequest {
+                input: Some(Input::TokenIds(TokenIds { ids: vec![5, 6, 7] })),
+                max_tokens: 4,
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
+        let st = admin_status(&url).await;
+        assert!(!st.unavailable.is_empty());
+    });
+    // Worker B comes back on its address: service resumes by itself.
+    b = spawn_b();
+    block_on(async {
+        let t0 = std::time::Instant::now();
+        while !admin_status(&url).await.unavailable.is_empty() {
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(20),
+                "still unavailable"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        common::assert_goldens(&url, MODEL, 1).await;
+        let st = admin_status(&url).await;
+        assert_eq!(st.workers.len(), 2);
+    });
+    drop(b);
 }

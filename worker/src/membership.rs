@@ -15,6 +15,16 @@
 //!   the watch starts at the snapshot's revision + 1, so nothing between the two is lost).
 //! - At most one [`Leadership`] per election name is held at a time; `campaign` waits until it
 //!   is this candidate's turn.
+//!
+//! etcd out of reach (restarting, partitioned): nothing is declared lost for that alone.
+//! Lease keep-alives retry every TTL/3, re-opening their stream; a registration or leadership
+//! is lost only when etcd answers that the lease is gone. (A restarted etcd extends every
+//! lease by its TTL, so an outage of any length costs nothing if renewals resume in time.) A
+//! broken watch lists the prefix again, reports the difference as Joined/Left events, and
+//! watches on from that revision. Meanwhile the data path keeps serving; membership changes
+//! wait. Trade-off: a coordinator cut off from etcd longer than its TTL while etcd stays up
+//! keeps serving until it hears its lease is gone; a standby may lead meanwhile, and the
+//! workers (one control stream at a time) side with the newest.
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -266,30 +276,59 @@ impl EtcdMembership {
         let mut c = self.client.clone();
         let ttl_s = ttl.as_secs().max(1) as i64;
         let lease = c.lease_grant(ttl_s, None).await?.id();
-        let (mut keeper, mut acks) = c.lease_keep_alive(lease).await?;
+        let (keeper, acks) = c.lease_keep_alive(lease).await?;
         let (lost_tx, lost) = watch::channel(false);
         let period = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(100));
         let task = tokio::spawn(async move {
+            let mut stream = Some((keeper, acks));
+            let mut unreachable_since: Option<tokio::time::Instant> = None;
             loop {
                 tokio::time::sleep(period).await;
-                let alive = async {
+                // One renewal, bounded by the period; a broken stream is re-opened (etcd
+                // restarted or was out of reach: the client reconnects underneath).
+                let renewed = tokio::time::timeout(period, async {
+                    if stream.is_none() {
+                        stream = Some(c.lease_keep_alive(lease).await?);
+                    }
+                    let (keeper, acks) = stream.as_mut().expect("opened above");
                     keeper.keep_alive().await?;
                     match acks.message().await? {
-                        Some(a) if a.ttl() > 0 => Ok(true),
-                        _ => Ok::<_, etcd_client::Error>(false),
+                        Some(a) => Ok(a.ttl() > 0),
+                        None => Err(etcd_client::Error::WatchError(
+                            "keep-alive stream closed".into(),
+                        )),
                     }
-                };
-                match alive.await {
-                    Ok(true) => {}
-                    Ok(false) => {
+                })
+                .await;
+                match renewed {
+                    Ok(Ok(true)) => {
+                        if let Some(t) = unreachable_since.take() {
+                            tracing::info!(
+                                lease,
+                                after = ?t.elapsed(),
+                                "etcd reachable again; lease kept"
+                            );
+                        }
+                    }
+                    Ok(Ok(false)) => {
+                        // etcd answered: the lease is gone (expired while we were away).
                         tracing::warn!(lease, "lease expired");
                         let _ = lost_tx.send(true);
                         return;
                     }
-                    Err(e) => {
-                        tracing::warn!(lease, error = %e, "lease keep-alive failed");
-                        let _ = lost_tx.send(true);
-                        return;
+                    Ok(Err(e)) => {
+                        if unreachable_since.is_none() {
+                            tracing::warn!(lease, error = %e, "lease keep-alive failed; retrying");
+                            unreachable_since = Some(tokio::time::Instant::now());
+                        }
+                        stream = None;
+                    }
+                    Err(_) => {
+                        if unreachable_since.is_none() {
+                            tracing::warn!(lease, "lease keep-alive timed out; retrying");
+                            unreachable_since = Some(tokio::time::Instant::now());
+                        }
+                        stream = None;
                     }
                 }
             }
@@ -313,6 +352,67 @@ impl EtcdMembership {
             }
         })
     }
+}
+
+/// Every registered member and the revision of that view.
+async fn list_members(
+    c: &mut etcd_client::Client,
+    prefix: &str,
+) -> Result<(Vec<MemberInfo>, i64), MembershipError> {
+    let snap = c
+        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await?;
+    let rev = snap.header().map(|h| h.revision()).unwrap_or(0);
+    let members = snap
+        .kvs()
+        .iter()
+        .map(|kv| parse_member(kv.key(), kv.value()))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((members, rev))
+}
+
+/// Forwards membership changes from revision `from` until the watch breaks (`Ok`) or the
+/// receiver is gone (`Err`), keeping `known` current.
+async fn follow(
+    c: &mut etcd_client::Client,
+    prefix: &str,
+    from: i64,
+    known: &mut BTreeMap<String, MemberInfo>,
+    tx: &mpsc::UnboundedSender<MembershipEvent>,
+) -> Result<(), ()> {
+    let opts = etcd_client::WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(from);
+    let Ok(mut stream) = c.watch(prefix, Some(opts)).await else {
+        return Ok(());
+    };
+    while let Ok(Some(resp)) = stream.message().await {
+        if resp.canceled() {
+            break; // e.g. compacted past `from`: resynchronise by listing
+        }
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let e = match ev.event_type() {
+                etcd_client::EventType::Put => match parse_member(kv.key(), kv.value()) {
+                    Ok(m) => {
+                        known.insert(m.id.clone(), m.clone());
+                        MembershipEvent::Joined(m)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "ignoring member record");
+                        continue;
+                    }
+                },
+                etcd_client::EventType::Delete => {
+                    let id = String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned();
+                    known.remove(&id);
+                    MembershipEvent::Left(id)
+                }
+            };
+            tx.send(e).map_err(|_| ())?;
+        }
+    }
+    Ok(())
 }
 
 fn parse_member(key: &[u8], value: &[u8]) -> Result<MemberInfo, MembershipError> {
@@ -356,48 +456,45 @@ impl Membership for EtcdMembership {
         Box::pin(async move {
             let mut c = self.client.clone();
             let prefix = self.workers_prefix();
-            let snap = c
-                .get(
-                    prefix.clone(),
-                    Some(etcd_client::GetOptions::new().with_prefix()),
-                )
-                .await?;
-            let rev = snap.header().map(|h| h.revision()).unwrap_or(0);
-            let members = snap
-                .kvs()
-                .iter()
-                .map(|kv| parse_member(kv.key(), kv.value()))
-                .collect::<Result<Vec<_>, _>>()?;
-            let mut stream = c
-                .watch(
-                    prefix.clone(),
-                    Some(
-                        etcd_client::WatchOptions::new()
-                            .with_prefix()
-                            .with_start_revision(rev + 1),
-                    ),
-                )
-                .await?;
+            let (members, rev) = list_members(&mut c, &prefix).await?;
             let (tx, rx) = mpsc::unbounded_channel();
+            let mut known: BTreeMap<String, MemberInfo> =
+                members.iter().map(|m| (m.id.clone(), m.clone())).collect();
             tokio::spawn(async move {
-                while let Ok(Some(resp)) = stream.message().await {
-                    for ev in resp.events() {
-                        let Some(kv) = ev.kv() else { continue };
-                        let e = match ev.event_type() {
-                            etcd_client::EventType::Put => match parse_member(kv.key(), kv.value())
-                            {
-                                Ok(m) => MembershipEvent::Joined(m),
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "ignoring member record");
-                                    continue;
+                let mut from = rev + 1;
+                loop {
+                    if follow(&mut c, &prefix, from, &mut known, &tx)
+                        .await
+                        .is_err()
+                    {
+                        return; // the receiver is gone
+                    }
+                    // The watch broke (etcd restarted or out of reach): list again, report the
+                    // difference, and watch on from there.
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        match list_members(&mut c, &prefix).await {
+                            Ok((now, rev)) => {
+                                let now: BTreeMap<String, MemberInfo> =
+                                    now.into_iter().map(|m| (m.id.clone(), m)).collect();
+                                for id in known.keys().filter(|k| !now.contains_key(*k)) {
+                                    if tx.send(MembershipEvent::Left(id.clone())).is_err() {
+                                        return;
+                                    }
                                 }
-                            },
-                            etcd_client::EventType::Delete => MembershipEvent::Left(
-                                String::from_utf8_lossy(&kv.key()[prefix.len()..]).into_owned(),
-                            ),
-                        };
-                        if tx.send(e).is_err() {
-                            return;
+                                for (id, m) in &now {
+                                    if known.get(id) != Some(m)
+                                        && tx.send(MembershipEvent::Joined(m.clone())).is_err()
+                                    {
+                                        return;
+                                    }
+                                }
+                                known = now;
+                                from = rev + 1;
+                                tracing::info!("membership watch resumed");
+                                break;
+                            }
+                            Err(e) => tracing::debug!(error = %e, "membership list failed"),
                         }
                     }
                 }

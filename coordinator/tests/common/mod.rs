@@ -100,6 +100,8 @@ pub struct Etcd {
     _proc: Proc,
     dir: PathBuf,
     pub url: String,
+    args: Vec<String>,
+    client_port: u16,
 }
 
 impl Etcd {
@@ -110,34 +112,63 @@ impl Etcd {
         let _ = std::fs::remove_dir_all(&dir);
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
-        let child = Command::new("etcd")
-            .args([
-                "--name",
-                "test",
-                "--data-dir",
-                dir.to_str().unwrap(),
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-                "--initial-cluster",
-                &format!("test={peer_url}"),
-                "--log-level",
-                "error",
-            ])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("etcd on PATH (scripts/ensure-deps.sh installs etcd-server)");
+        let args: Vec<String> = [
+            "--name",
+            "test",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("test={peer_url}"),
+            "--log-level",
+            "error",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let etcd = Etcd {
-            _proc: Proc(child),
+            _proc: Self::spawn(&args),
             dir,
             url,
+            args,
+            client_port: client,
         };
+        etcd.wait_healthy();
+        etcd
+    }
+
+    fn spawn(args: &[String]) -> Proc {
+        Proc(
+            Command::new("etcd")
+                .args(args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("etcd on PATH (scripts/ensure-deps.sh installs etcd-server)"),
+        )
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to clients); its data stays.
+    pub fn stop(&mut self) {
+        let _ = self._proc.0.kill();
+        let _ = self._proc.0.wait();
+    }
+
+    /// Starts the server again on the same ports and data.
+    pub fn restart(&mut self) {
+        self._proc = Self::spawn(&self.args);
+        self.wait_healthy();
+    }
+
+    fn wait_healthy(&self) {
+        let client = self.client_port;
         // Ready once its client port answers /health.
         for _ in 0..200 {
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", client)) {
@@ -146,12 +177,12 @@ impl Etcd {
                 let mut body = String::new();
                 let _ = s.read_to_string(&mut body);
                 if body.contains("\"health\":\"true\"") {
-                    return etcd;
+                    return;
                 }
             }
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
-        panic!("etcd did not become healthy at {}", etcd.url);
+        panic!("etcd did not become healthy at {}", self.url);
     }
 }
 
@@ -237,6 +268,117 @@ pub async fn cluster_status(url: &str) -> switchyard_proto::v1::ClusterStatusRes
         .await
         .unwrap()
         .cluster_status(switchyard_proto::v1::ClusterStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// `copies` of every golden prompt of a fixture model streaming at once; each task checks that
+/// its stream ends with `Finished(LENGTH)` after exactly the transformers greedy tokens.
+pub struct GoldenStreams {
+    pub tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Streams that have received their first token / have ended.
+    pub started: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    pub done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl GoldenStreams {
+    /// Starts the streams (inside a runtime).
+    pub fn start(url: &str, model: &str, copies: usize) -> GoldenStreams {
+        use std::sync::atomic::Ordering;
+        use switchyard_proto::v1::generate_response::Event;
+        use switchyard_proto::v1::*;
+        let golden: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(model).join("golden.json")).unwrap(),
+        )
+        .unwrap();
+        let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for copy in 0..copies {
+            for p in golden["prompts"].as_array().unwrap() {
+                let prompt: Vec<u32> = ids(&p["input_ids"]).iter().map(|&x| x as u32).collect();
+                let want: Vec<u32> = ids(&p["greedy"]["new_ids"])
+                    .iter()
+                    .map(|&x| x as u32)
+                    .collect();
+                let name = format!("{}#{copy}", p["name"].as_str().unwrap());
+                let (url, started, done) = (url.to_string(), started.clone(), done.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut c = inference_client::InferenceClient::connect(url)
+                        .await
+                        .unwrap();
+                    let mut s = c
+                        .generate(GenerateRequest {
+                            input: Some(generate_request::Input::TokenIds(TokenIds {
+                                ids: prompt,
+                            })),
+                            max_tokens: want.len() as u32,
+                            ignore_eos: true,
+                            stream_token_ids: true,
+                            ..Default::default()
+                        })
+                        .await
+                        .unwrap_or_else(|s| panic!("{name}: {s}"))
+                        .into_inner();
+                    let (mut got, mut fin) = (Vec::new(), None);
+                    while let Some(msg) =
+                        s.message().await.unwrap_or_else(|s| panic!("{name}: {s}"))
+                    {
+                        match msg.event {
+                            Some(Event::Delta(d)) => {
+                                if got.is_empty() && !d.token_ids.is_empty() {
+                                    started.fetch_add(1, Ordering::SeqCst);
+                                }
+                                got.extend(d.token_ids);
+                            }
+                            Some(Event::Finished(f)) => fin = Some(f.reason()),
+                            _ => {}
+                        }
+                    }
+                    done.fetch_add(1, Ordering::SeqCst);
+                    assert_eq!(fin, Some(FinishReason::Length), "{name}");
+                    assert_eq!(got, want, "{name}");
+                }));
+            }
+        }
+        GoldenStreams {
+            tasks,
+            started,
+            done,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// Waits until `n` streams have their first token.
+    pub async fn wait_started(&self, n: usize) {
+        while self.started.load(std::sync::atomic::Ordering::SeqCst) < n {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    /// Streams not yet ended.
+    pub fn in_flight(&self) -> usize {
+        self.total() - self.done.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits for every stream; panics with the first failure.
+    pub async fn finish(self) {
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+    }
+}
+
+/// Admin.Status of the coordinator at `url`.
+pub async fn admin_status(url: &str) -> switchyard_proto::v1::ClusterStatusResponse {
+    switchyard_proto::v1::admin_client::AdminClient::connect(url.to_string())
+        .await
+        .unwrap()
+        .status(switchyard_proto::v1::ClusterStatusRequest {})
         .await
         .unwrap()
         .into_inner()
