@@ -307,3 +307,209 @@ pub fn run_cluster(o: &ClusterBenchOptions) -> anyhow::Result<Vec<ClusterBenchRo
     }
     Ok(rows)
 }
+
+/// `switchyard bench-rebalance`: a skewed workload on local workers before and after a live
+/// expert re-placement, measured in the same run.
+#[derive(Clone, Debug)]
+pub struct RebalanceBenchOptions {
+    pub model: PathBuf,
+    pub workers: usize,
+    /// Compute threads per worker process (each worker stands for one device).
+    pub worker_threads: usize,
+    pub redundant: usize,
+    pub batch: usize,
+    pub prompt_tokens: usize,
+    /// Distinct prompt tokens across the batch (fewer: more skewed routing).
+    pub distinct_tokens: usize,
+    pub decode_steps: usize,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RebalancePhase {
+    pub decode_tok_s: f64,
+    pub step_ms: f64,
+    /// Busiest worker's expert load over the mean worker's, from the tokens actually routed
+    /// during the phase (mean over MoE layers).
+    pub max_over_mean: f64,
+    /// CPU seconds each worker process used during the phase.
+    pub worker_cpu_s: Vec<f64>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct RebalanceBenchReport {
+    pub workers: usize,
+    pub worker_threads: usize,
+    pub redundant: usize,
+    pub batch: usize,
+    pub before: RebalancePhase,
+    pub after: RebalancePhase,
+    /// Predicted by the planner from the load average at the switch.
+    pub predicted_max_over_mean: f64,
+    pub experts_moved: usize,
+    /// Steps from the plan to the switch (ranks loading the new experts meanwhile).
+    pub transition_steps: usize,
+    /// Longest step during the transition, over the median step before it.
+    pub transition_max_step_ratio: f64,
+    /// The same workload and phases on a fresh cluster without the switch: how much the
+    /// second phase differs from the first by itself (longer contexts, drifting routing).
+    pub control_before: RebalancePhase,
+    pub control_after: RebalancePhase,
+}
+
+impl RebalanceBenchReport {
+    /// Throughput change the switch caused: (after/before) over the control's (after/before).
+    pub fn throughput_effect(&self) -> f64 {
+        (self.after.decode_tok_s / self.before.decode_tok_s)
+            / (self.control_after.decode_tok_s / self.control_before.decode_tok_s)
+    }
+}
+
+struct RebalanceRun {
+    before: RebalancePhase,
+    after: RebalancePhase,
+    plan: crate::driver::RebalanceReport,
+    transition_steps: usize,
+    transition_max_step_ratio: f64,
+}
+
+/// Tokens routed per expert between two cumulative snapshots, `[layer][expert]`.
+fn load_between(a: &[Vec<u64>], b: &[Vec<u64>]) -> Vec<Vec<f64>> {
+    b.iter()
+        .enumerate()
+        .map(|(l, row)| {
+            row.iter()
+                .enumerate()
+                .map(|(e, &n)| {
+                    (n - a.get(l).and_then(|r| r.get(e)).copied().unwrap_or(0)) as f64
+                })
+                .collect()
+        })
+        .collect()
+}
+
+pub fn run_rebalance(o: &RebalanceBenchOptions) -> anyhow::Result<RebalanceBenchReport> {
+    let control = rebalance_run(o, false)?;
+    let r = rebalance_run(o, true)?;
+    Ok(RebalanceBenchReport {
+        workers: o.workers,
+        worker_threads: o.worker_threads,
+        redundant: o.redundant,
+        batch: o.batch,
+        before: r.before,
+        after: r.after,
+        predicted_max_over_mean: r.plan.imbalance_after,
+        experts_moved: r.plan.moved,
+        transition_steps: r.transition_steps,
+        transition_max_step_ratio: r.transition_max_step_ratio,
+        control_before: control.before,
+        control_after: control.after,
+    })
+}
+
+fn rebalance_run(o: &RebalanceBenchOptions, switch: bool) -> anyhow::Result<RebalanceRun> {
+    use crate::driver::{Driver, GenRequest};
+    use crate::rebalance::RebalancePolicy;
+    use switchyard_kernels::sampling::SamplingParams;
+    let cfg = switchyard_worker::engine::read_config(&o.model)?;
+    let env = [("RAYON_NUM_THREADS".to_string(), o.worker_threads.to_string())];
+    let workers = crate::local::LocalWorkers::spawn_with_env(&o.model, o.workers, &[], &env)?;
+    let total_steps = 2 * o.decode_steps + 64;
+    let blocks = (o.batch * (o.prompt_tokens + total_steps + 8)).div_ceil(16) + 16;
+    let cluster = crate::remote::GrpcCluster::connect(
+        &workers.urls(),
+        &o.model,
+        o.redundant,
+        blocks,
+        16,
+    )?;
+    let policy = RebalancePolicy {
+        threshold: f64::INFINITY,
+        window: 16,
+        ..Default::default()
+    };
+    let mut d = Driver::new(cluster, o.batch * o.prompt_tokens.max(1), o.batch).with_rebalancing(
+        cfg.clone(),
+        o.redundant,
+        policy,
+    );
+    let mut rng = Rng::new(7);
+    let pool: Vec<u32> = (0..o.distinct_tokens.max(1))
+        .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
+        .collect();
+    for id in 0..o.batch as u64 {
+        d.submit(GenRequest {
+            id,
+            prompt: (0..o.prompt_tokens)
+                .map(|i| pool[(i + id as usize) % pool.len()])
+                .collect(),
+            max_tokens: total_steps,
+            sampling: SamplingParams::greedy(),
+            eos: vec![],
+            ignore_eos: true,
+            priority: 0,
+            top_logprobs: 0,
+        });
+    }
+    let mut warm = 0;
+    while warm < 16 {
+        d.step()?;
+        let s = d.last_step();
+        if s.decodes == o.batch && s.prefill_tokens == 0 {
+            warm += 1;
+        }
+    }
+    let phase = |d: &mut Driver| -> anyhow::Result<(RebalancePhase, Vec<f64>)> {
+        let start = d.snapshot();
+        let cpu0 = workers.cpu_seconds();
+        let (mut tokens, mut steps) = (0usize, Vec::new());
+        let t0 = Instant::now();
+        for _ in 0..o.decode_steps {
+            tokens += d.step()?.len();
+            steps.push(d.last_step().seconds);
+        }
+        let elapsed = t0.elapsed().as_secs_f64();
+        let end = d.snapshot();
+        let load = load_between(&start.expert_load, &end.expert_load);
+        Ok((
+            RebalancePhase {
+                decode_tok_s: tokens as f64 / elapsed,
+                step_ms: elapsed / o.decode_steps as f64 * 1e3,
+                max_over_mean: crate::placement::imbalance(&end.holders, &load, o.workers),
+                worker_cpu_s: workers
+                    .cpu_seconds()
+                    .iter()
+                    .zip(&cpu0)
+                    .map(|(b, a)| b - a)
+                    .collect(),
+            },
+            steps,
+        ))
+    };
+    let (before, mut steps) = phase(&mut d)?;
+    steps.sort_by(f64::total_cmp);
+    let median = steps[steps.len() / 2];
+    let plan = if switch {
+        d.rebalance_now()?
+    } else {
+        Default::default()
+    };
+    let (mut transition_steps, mut longest) = (0, 0.0f64);
+    while d.switching() {
+        d.step()?;
+        transition_steps += 1;
+        longest = longest.max(d.last_step().seconds);
+    }
+    // The switch step itself, and one after it.
+    for _ in 0..2 {
+        d.step()?;
+        longest = longest.max(d.last_step().seconds);
+    }
+    let (after, _) = phase(&mut d)?;
+    Ok(RebalanceRun {
+        before,
+        after,
+        plan,
+        transition_steps,
+        transition_max_step_ratio: longest / median,
+    })
+}

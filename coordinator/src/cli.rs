@@ -50,6 +50,9 @@ pub enum Command {
     /// Measure decode throughput of local clusters of 1, 2, 4... worker processes: tokens/s,
     /// all-to-all share of step time, coordinator overhead per token.
     BenchCluster(BenchClusterArgs),
+    /// Measure a skewed workload on local workers before and after a live expert
+    /// re-placement: expert load balance, decode tokens/s, and the switch's cost.
+    BenchRebalance(BenchRebalanceArgs),
     /// Serve as a cluster worker: the control stream on --listen, the expert all-to-all on
     /// --comm-listen. Prints `worker ready grpc=URL comm=ADDR` once listening.
     Worker(WorkerArgs),
@@ -368,6 +371,30 @@ pub struct BenchClusterArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct BenchRebalanceArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// Compute threads per worker (1 on a 2-core machine: each worker stands for a device).
+    #[arg(long, default_value_t = 1)]
+    pub worker_threads: usize,
+    #[arg(long, default_value_t = 0)]
+    pub redundant_experts: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 16)]
+    pub prompt_tokens: usize,
+    /// Distinct prompt tokens across the batch (fewer: more skewed expert routing).
+    #[arg(long, default_value_t = 2)]
+    pub distinct_tokens: usize,
+    #[arg(long, default_value_t = 48)]
+    pub decode_steps: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct BenchArgs {
     #[arg(long)]
     pub model: PathBuf,
@@ -392,6 +419,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::GenModel(a) => gen_model(a),
         Command::Bench(a) => bench_cmd(a),
         Command::BenchCluster(a) => bench_cluster_cmd(a),
+        Command::BenchRebalance(a) => bench_rebalance_cmd(a),
         Command::Worker(a) => worker_cmd(a),
         Command::Up(a) => up_cmd(a),
         Command::Coordinator(a) => coordinator_cmd(a),
@@ -520,6 +548,61 @@ fn bench_cluster_cmd(a: BenchClusterArgs) -> Result<()> {
             r.coordinator_us_per_token
         );
     }
+    Ok(())
+}
+
+fn bench_rebalance_cmd(a: BenchRebalanceArgs) -> Result<()> {
+    if a.workers < 2 || a.worker_threads == 0 || a.batch == 0 || a.decode_steps < 2 {
+        bail!("--workers must be at least 2; --worker-threads, --batch, --decode-steps positive");
+    }
+    let r = bench::run_rebalance(&bench::RebalanceBenchOptions {
+        model: a.model,
+        workers: a.workers,
+        worker_threads: a.worker_threads,
+        redundant: a.redundant_experts,
+        batch: a.batch,
+        prompt_tokens: a.prompt_tokens.max(1),
+        distinct_tokens: a.distinct_tokens,
+        decode_steps: a.decode_steps,
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+    println!(
+        "{} workers x {} threads, {} redundant, batch {}",
+        r.workers, r.worker_threads, r.redundant, r.batch
+    );
+    println!("phase            expert load max/mean  decode tok/s  step ms  worker CPU s");
+    for (name, p) in [
+        ("control first", &r.control_before),
+        ("control second", &r.control_after),
+        ("before switch", &r.before),
+        ("after switch", &r.after),
+    ] {
+        println!(
+            "{name:<15}  {:>20.2}  {:>12.1}  {:>7.1}  {}",
+            p.max_over_mean,
+            p.decode_tok_s,
+            p.step_ms,
+            p.worker_cpu_s
+                .iter()
+                .map(|c| format!("{c:.1}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+    println!(
+        "switch effect on throughput {:.2}x (after/before over the control's); max/mean {:.2} \
+         (predicted {:.2}); {} experts moved, switch after {} steps, longest step {:.2}x the \
+         median",
+        r.throughput_effect(),
+        r.after.max_over_mean,
+        r.predicted_max_over_mean,
+        r.experts_moved,
+        r.transition_steps,
+        r.transition_max_step_ratio
+    );
     Ok(())
 }
 

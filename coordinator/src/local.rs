@@ -17,6 +17,17 @@ impl LocalWorkers {
     /// Starts `k` workers serving `model`, each with `extra` arguments; returns once every one
     /// has announced its control URL.
     pub fn spawn(model: &Path, k: usize, extra: &[String]) -> Result<Self> {
+        Self::spawn_with_env(model, k, extra, &[])
+    }
+
+    /// As [`spawn`](Self::spawn), with extra environment variables for the workers (e.g.
+    /// `RAYON_NUM_THREADS`).
+    pub fn spawn_with_env(
+        model: &Path,
+        k: usize,
+        extra: &[String],
+        env: &[(String, String)],
+    ) -> Result<Self> {
         let exe = std::env::current_exe()?;
         let mut w = LocalWorkers {
             children: Vec::new(),
@@ -29,6 +40,7 @@ impl LocalWorkers {
                 .arg(model)
                 .args(["--id", &id, "--exit-with-stdin"])
                 .args(extra)
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .spawn()?;
@@ -47,6 +59,27 @@ impl LocalWorkers {
             });
         }
         Ok(w)
+    }
+
+    /// CPU seconds (user + system) each worker process has used so far (Linux `/proc`).
+    pub fn cpu_seconds(&self) -> Vec<f64> {
+        self.children
+            .iter()
+            .map(|c| {
+                std::fs::read_to_string(format!("/proc/{}/stat", c.id()))
+                    .ok()
+                    .and_then(|s| {
+                        // Fields after the parenthesised command name; utime and stime are
+                        // fields 14 and 15 (1-based), in clock ticks (100 per second).
+                        let rest = &s[s.rfind(')')? + 2..];
+                        let f: Vec<&str> = rest.split_whitespace().collect();
+                        let ticks: f64 = f.get(11)?.parse::<f64>().ok()?
+                            + f.get(12)?.parse::<f64>().ok()?;
+                        Some(ticks / 100.0)
+                    })
+                    .unwrap_or(0.0)
+            })
+            .collect()
     }
 
     pub fn urls(&self) -> Vec<String> {

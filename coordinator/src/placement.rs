@@ -172,9 +172,14 @@ pub fn imbalance(holders: &[Vec<Vec<u32>>], load: &[Vec<f64>], world: usize) -> 
     }
 }
 
-/// A re-placement for `load`: the balanced plan, with each layer's ranks relabelled (among
-/// ranks of equal room) to keep as many experts where they already are as possible. Returns
-/// the new table and the number of expert replicas that must be loaded somewhere new.
+/// A re-placement for `load` that moves few experts: per MoE layer, starting from `current`,
+/// first give each expert the replica count the planner would (adding replicas on the
+/// least-loaded ranks with room, dropping them from the busiest), then repeatedly relieve the
+/// busiest rank by moving one expert to the least-loaded rank (only if that rank holds fewer
+/// experts: each held expert also costs its weight reads), or swapping one pair between them,
+/// choosing the change that lowers their larger load most, until no change gains 1% of the
+/// mean rank load. Returns the new table and the replicas that must be loaded somewhere
+/// new.
 pub fn rebalance(
     cfg: &switchyard_worker::ModelConfig,
     slots: &[usize],
@@ -182,57 +187,151 @@ pub fn rebalance(
     load: &[Vec<f64>],
     current: &[Vec<Vec<u32>>],
 ) -> Result<(Vec<Vec<Vec<u32>>>, usize), PlanError> {
-    let mut fresh = plan_holders(cfg, slots, redundant, Some(load))?;
     let world = slots.len();
+    if world == 0 {
+        return Err(PlanError::NoWorkers);
+    }
+    let caps: Vec<usize> = slots
+        .iter()
+        .map(|&s| if s == 0 { cfg.num_experts } else { s })
+        .collect();
+    let mut out = current.to_vec();
     let mut moved = 0;
-    for (new, old) in fresh.iter_mut().zip(current) {
-        if new.is_empty() {
+    for (layer, table) in out.iter_mut().enumerate() {
+        if table.is_empty() {
             continue;
         }
-        let sets = |t: &[Vec<u32>]| -> Vec<BTreeSet<usize>> {
-            let mut s = vec![BTreeSet::new(); world];
-            for (e, ranks) in t.iter().enumerate() {
-                for &r in ranks {
-                    if let Some(x) = s.get_mut(r as usize) {
-                        x.insert(e);
-                    }
+        let mut ld = load.get(layer).cloned().unwrap_or_default();
+        ld.resize(table.len(), 0.0);
+        let problem = Problem {
+            layers: 1,
+            experts: table.len(),
+            workers: caps
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| WorkerSlot {
+                    id: i.to_string(),
+                    experts_per_layer: c,
+                })
+                .collect(),
+            redundant,
+            load: Some(vec![ld.clone()]),
+        };
+        let slots_total: usize = caps.iter().sum();
+        if slots_total < table.len() {
+            return Err(PlanError::InsufficientCapacity {
+                layer,
+                experts: table.len(),
+                slots: slots_total,
+            });
+        }
+        let extra = redundant.min(slots_total - table.len());
+        let target = replica_counts(&problem, 0, extra, &caps);
+        moved += refine_layer(&ld, &target, &caps, table);
+    }
+    Ok((out, moved))
+}
+
+/// Rank loads of one layer (each expert's load split over its holders).
+fn layer_loads(load: &[f64], table: &[Vec<u32>], world: usize) -> Vec<f64> {
+    rank_loads(table, load, world)
+}
+
+/// Adjusts one layer's holder table in place (see [`rebalance`]); replicas added or moved.
+fn refine_layer(load: &[f64], target: &[usize], caps: &[usize], table: &mut [Vec<u32>]) -> usize {
+    let world = caps.len();
+    let held_by = |table: &[Vec<u32>], w: usize| {
+        table
+            .iter()
+            .filter(|h| h.contains(&(w as u32)))
+            .count()
+    };
+    let mut moved = 0;
+    // 1. Replica counts.
+    let mut order: Vec<usize> = (0..table.len()).collect();
+    order.sort_by(|&a, &b| load[b].total_cmp(&load[a]).then(a.cmp(&b)));
+    for &e in &order {
+        while table[e].len() > target[e].max(1) {
+            let wl = layer_loads(load, table, world);
+            let &w = table[e]
+                .iter()
+                .max_by(|a, b| wl[**a as usize].total_cmp(&wl[**b as usize]))
+                .expect("more than one holder");
+            table[e].retain(|x| *x != w);
+        }
+        while table[e].len() < target[e] {
+            let wl = layer_loads(load, table, world);
+            let pick = (0..world)
+                .filter(|&w| !table[e].contains(&(w as u32)) && held_by(table, w) < caps[w])
+                .min_by(|&a, &b| wl[a].total_cmp(&wl[b]).then(a.cmp(&b)));
+            let Some(w) = pick else { break };
+            table[e].push(w as u32);
+            table[e].sort_unstable();
+            moved += 1;
+        }
+    }
+    // 2. Relieve the busiest rank, one move or swap at a time.
+    let share = |table: &[Vec<u32>], e: usize| load[e] / table[e].len().max(1) as f64;
+    for _ in 0..4 * table.len() {
+        let wl = layer_loads(load, table, world);
+        let mean = wl.iter().sum::<f64>() / world as f64;
+        let b = (0..world)
+            .max_by(|&x, &y| wl[x].total_cmp(&wl[y]).then(y.cmp(&x)))
+            .expect("ranks");
+        let l = (0..world)
+            .min_by(|&x, &y| wl[x].total_cmp(&wl[y]).then(x.cmp(&y)))
+            .expect("ranks");
+        let min_gain = 0.01 * mean;
+        if b == l || wl[b] - wl[l] <= min_gain {
+            break;
+        }
+        let (bu, lu) = (b as u32, l as u32);
+        let on_b: Vec<usize> = (0..table.len())
+            .filter(|&e| table[e].contains(&bu) && !table[e].contains(&lu))
+            .collect();
+        let on_l: Vec<usize> = (0..table.len())
+            .filter(|&e| table[e].contains(&lu) && !table[e].contains(&bu))
+            .collect();
+        // (resulting larger load, expert from b, expert from l)
+        let mut best: Option<(f64, usize, Option<usize>)> = None;
+        let mut consider = |m: f64, e: usize, f: Option<usize>| {
+            if m < wl[b] - min_gain && best.as_ref().is_none_or(|x| m < x.0) {
+                best = Some((m, e, f));
+            }
+        };
+        // A plain move only when it leaves the two ranks' expert counts no further apart (each
+        // held expert has a fixed cost, its weights read every step, beside its tokens).
+        if held_by(table, l) < caps[l] && held_by(table, l) < held_by(table, b) {
+            for &e in &on_b {
+                let s = share(table, e);
+                consider((wl[b] - s).max(wl[l] + s), e, None);
+            }
+        }
+        for &e in &on_b {
+            for &f in &on_l {
+                let d = share(table, e) - share(table, f);
+                if d > 0.0 {
+                    consider((wl[b] - d).max(wl[l] + d), e, Some(f));
                 }
             }
-            s
+        }
+        let Some((_, e, f)) = best else { break };
+        let mut swap = |x: usize, from: u32, to: u32| {
+            for r in table[x].iter_mut() {
+                if *r == from {
+                    *r = to;
+                }
+            }
+            table[x].sort_unstable();
         };
-        let (ns, os) = (sets(new), sets(old));
-        // Greedy maximum-overlap matching of new sets to old ranks.
-        let mut pairs: Vec<(usize, usize, usize)> = (0..world)
-            .flat_map(|i| (0..world).map(move |r| (i, r)))
-            .filter(|&(i, r)| slots[i] == slots[r])
-            .map(|(i, r)| (ns[i].intersection(&os[r]).count(), i, r))
-            .collect();
-        pairs.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)));
-        let mut to = vec![usize::MAX; world];
-        let mut taken = vec![false; world];
-        for (_, i, r) in pairs {
-            if to[i] == usize::MAX && !taken[r] {
-                to[i] = r;
-                taken[r] = true;
-            }
+        swap(e, bu, lu);
+        moved += 1;
+        if let Some(f) = f {
+            swap(f, lu, bu);
+            moved += 1;
         }
-        for (i, t) in to.iter_mut().enumerate() {
-            if *t == usize::MAX {
-                *t = i; // unreachable with equal-room classes, kept total for safety
-            }
-        }
-        for ranks in new.iter_mut() {
-            for r in ranks.iter_mut() {
-                *r = to[*r as usize] as u32;
-            }
-            ranks.sort_unstable();
-        }
-        let relabelled = sets(new);
-        moved += (0..world)
-            .map(|r| relabelled[r].difference(&os[r]).count())
-            .sum::<usize>();
     }
-    Ok((fresh, moved))
+    moved
 }
 
 /// Per-rank assignments (`RankExperts`) of a holder table, for ranks `0..world`.
@@ -631,9 +730,56 @@ mod tests {
         let (again, moved_again) = rebalance(&c, &slots, 0, &load, &next).unwrap();
         assert_eq!(again, next);
         assert_eq!(moved_again, 0);
-        // Replicas for the hot experts bring it closer still.
+        // Replicas for the hot experts bring it closer still, within each rank's room.
         let (rep, _) = rebalance(&c, &slots, 4, &load, &next).unwrap();
         assert!(imbalance(&rep, &load, 4) <= after + 1e-9);
+        let tight = [3, 3, 3, 3];
+        let cur = plan_holders(&c, &tight, 0, None).unwrap();
+        let (t, _) = rebalance(&c, &tight, 4, &load, &cur).unwrap();
+        for l in &t {
+            assert!(l.iter().all(|h| !h.is_empty()));
+            for r in 0..4u32 {
+                assert!(l.iter().filter(|h| h.contains(&r)).count() <= 3);
+            }
+        }
+        assert!(imbalance(&t, &load, 4) < imbalance(&cur, &load, 4));
+    }
+
+    proptest! {
+        #[test]
+        fn rebalance_keeps_invariants_and_never_worsens_without_replicas(
+            experts in 2usize..24,
+            caps in prop::collection::vec(0usize..12, 2..5),
+            seed in any::<u64>(),
+            redundant in 0usize..4,
+        ) {
+            let c = cfg(2, experts);
+            let mut caps = caps;
+            let room: usize = caps.iter().map(|&x| if x == 0 { experts } else { x }).sum();
+            prop_assume!(room >= experts);
+            let mut rng = switchyard_kernels::rng::Rng::new(seed);
+            let load: Vec<Vec<f64>> = (0..2)
+                .map(|_| (0..experts).map(|_| (rng.next_f64() * 10.0).powi(3)).collect())
+                .collect();
+            let world = caps.len();
+            let cur = plan_holders(&c, &caps, redundant, None).unwrap();
+            let (next, _) = rebalance(&c, &caps, redundant, &load, &cur).unwrap();
+            for l in &next {
+                for h in l {
+                    prop_assert!(!h.is_empty());
+                    let mut d = h.clone();
+                    d.dedup();
+                    prop_assert_eq!(d.len(), h.len());
+                }
+                for (r, cap) in caps.iter_mut().enumerate() {
+                    let cap = if *cap == 0 { experts } else { *cap };
+                    prop_assert!(l.iter().filter(|h| h.contains(&(r as u32))).count() <= cap);
+                }
+            }
+            if redundant == 0 {
+                prop_assert!(imbalance(&next, &load, world) <= imbalance(&cur, &load, world) + 1e-9);
+            }
+        }
     }
 
     #[test]
