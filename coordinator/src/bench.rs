@@ -379,9 +379,7 @@ fn load_between(a: &[Vec<u64>], b: &[Vec<u64>]) -> Vec<Vec<f64>> {
         .map(|(l, row)| {
             row.iter()
                 .enumerate()
-                .map(|(e, &n)| {
-                    (n - a.get(l).and_then(|r| r.get(e)).copied().unwrap_or(0)) as f64
-                })
+                .map(|(e, &n)| (n - a.get(l).and_then(|r| r.get(e)).copied().unwrap_or(0)) as f64)
                 .collect()
         })
         .collect()
@@ -411,17 +409,15 @@ fn rebalance_run(o: &RebalanceBenchOptions, switch: bool) -> anyhow::Result<Reba
     use crate::rebalance::RebalancePolicy;
     use switchyard_kernels::sampling::SamplingParams;
     let cfg = switchyard_worker::engine::read_config(&o.model)?;
-    let env = [("RAYON_NUM_THREADS".to_string(), o.worker_threads.to_string())];
+    let env = [(
+        "RAYON_NUM_THREADS".to_string(),
+        o.worker_threads.to_string(),
+    )];
     let workers = crate::local::LocalWorkers::spawn_with_env(&o.model, o.workers, &[], &env)?;
     let total_steps = 2 * o.decode_steps + 64;
     let blocks = (o.batch * (o.prompt_tokens + total_steps + 8)).div_ceil(16) + 16;
-    let cluster = crate::remote::GrpcCluster::connect(
-        &workers.urls(),
-        &o.model,
-        o.redundant,
-        blocks,
-        16,
-    )?;
+    let cluster =
+        crate::remote::GrpcCluster::connect(&workers.urls(), &o.model, o.redundant, blocks, 16)?;
     let policy = RebalancePolicy {
         threshold: f64::INFINITY,
         window: 16,

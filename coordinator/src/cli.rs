@@ -53,6 +53,9 @@ pub enum Command {
     /// Measure a skewed workload on local workers before and after a live expert
     /// re-placement: expert load balance, decode tokens/s, and the switch's cost.
     BenchRebalance(BenchRebalanceArgs),
+    /// Kill and restart random workers under steady load: requests lost (must be 0), and the
+    /// latency cost of each recovery.
+    BenchChaos(BenchChaosArgs),
     /// Serve as a cluster worker: the control stream on --listen, the expert all-to-all on
     /// --comm-listen. Prints `worker ready grpc=URL comm=ADDR` once listening.
     Worker(WorkerArgs),
@@ -371,6 +374,37 @@ pub struct BenchClusterArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct BenchChaosArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 3)]
+    pub workers: usize,
+    #[arg(long, default_value_t = 2)]
+    pub redundant_experts: usize,
+    /// Clients sending requests back to back.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Seconds of chaos.
+    #[arg(long, default_value_t = 120)]
+    pub duration: u64,
+    /// Mean seconds between kills (each jittered by ±50%).
+    #[arg(long, default_value_t = 10.0)]
+    pub interval: f64,
+    /// Seconds a killed worker stays down before it is restarted on its address.
+    #[arg(long, default_value_t = 3.0)]
+    pub downtime: f64,
+    /// Distinct reference prompts.
+    #[arg(long, default_value_t = 16)]
+    pub prompts: usize,
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: u32,
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct BenchRebalanceArgs {
     #[arg(long)]
     pub model: PathBuf,
@@ -420,6 +454,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Bench(a) => bench_cmd(a),
         Command::BenchCluster(a) => bench_cluster_cmd(a),
         Command::BenchRebalance(a) => bench_rebalance_cmd(a),
+        Command::BenchChaos(a) => bench_chaos_cmd(a),
         Command::Worker(a) => worker_cmd(a),
         Command::Up(a) => up_cmd(a),
         Command::Coordinator(a) => coordinator_cmd(a),
@@ -547,6 +582,68 @@ fn bench_cluster_cmd(a: BenchClusterArgs) -> Result<()> {
             r.all_to_all_bytes_per_step / 1e3,
             r.coordinator_us_per_token
         );
+    }
+    Ok(())
+}
+
+fn bench_chaos_cmd(a: BenchChaosArgs) -> Result<()> {
+    if a.concurrency == 0 || a.duration == 0 || a.max_tokens == 0 || a.prompts == 0 {
+        bail!("--concurrency, --duration, --max-tokens and --prompts must be positive");
+    }
+    if !(a.interval > 0.0 && a.downtime >= 0.0) {
+        bail!("--interval must be positive and --downtime not negative");
+    }
+    let r = crate::chaos::run(&crate::chaos::ChaosOptions {
+        model: a.model,
+        workers: a.workers,
+        redundant: a.redundant_experts,
+        concurrency: a.concurrency,
+        duration: Duration::from_secs(a.duration),
+        interval: Duration::from_secs_f64(a.interval),
+        downtime: Duration::from_secs_f64(a.downtime),
+        prompts: a.prompts,
+        max_tokens: a.max_tokens,
+        seed: a.seed,
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "{} workers, {:.0} s: {} requests, {} lost, {} kills ({} restarts), final epoch {}, \
+             {} workers serving at the end",
+            r.workers,
+            r.duration_s,
+            r.requests,
+            r.lost,
+            r.kills,
+            r.restarts,
+            r.final_epoch,
+            r.final_workers
+        );
+        println!(
+            "latency ms  calm p50 {:.0} p99 {:.0}  |  across a kill ({} requests) p50 {:.0} p99 {:.0} ({:.2}x calm p99)",
+            r.calm_p50_ms,
+            r.calm_p99_ms,
+            r.disturbed_requests,
+            r.disturbed_p50_ms,
+            r.disturbed_p99_ms,
+            r.disturbed_p99_ms / r.calm_p99_ms.max(1e-9)
+        );
+        println!(
+            "stall per kill ms (longest token gap across it; median gap {:.1}): {}",
+            r.median_itl_ms,
+            r.stall_ms
+                .iter()
+                .map(|s| format!("{s:.0}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        for d in &r.lost_detail {
+            println!("lost: {d}");
+        }
+    }
+    if r.lost > 0 {
+        bail!("{} requests lost", r.lost);
     }
     Ok(())
 }

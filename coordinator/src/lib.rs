@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod bench;
+pub mod chaos;
 pub mod cli;
 pub mod driver;
 pub mod generate;

@@ -240,12 +240,8 @@ fn layer_loads(load: &[f64], table: &[Vec<u32>], world: usize) -> Vec<f64> {
 /// Adjusts one layer's holder table in place (see [`rebalance`]); replicas added or moved.
 fn refine_layer(load: &[f64], target: &[usize], caps: &[usize], table: &mut [Vec<u32>]) -> usize {
     let world = caps.len();
-    let held_by = |table: &[Vec<u32>], w: usize| {
-        table
-            .iter()
-            .filter(|h| h.contains(&(w as u32)))
-            .count()
-    };
+    let held_by =
+        |table: &[Vec<u32>], w: usize| table.iter().filter(|h| h.contains(&(w as u32))).count();
     let mut moved = 0;
     // 1. Replica counts.
     let mut order: Vec<usize> = (0..table.len()).collect();

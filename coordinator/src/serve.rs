@@ -140,6 +140,8 @@ pub async fn serve(
     .await??;
     let roster = svc.roster();
     let rebuild = svc.rebuilder();
+    let control = svc.control();
+    tokio::spawn(take_back_returning_workers(control.clone(), pool.clone()));
     let admin = crate::admin::AdminService::new(
         svc.control(),
         roster.clone(),
@@ -178,7 +180,12 @@ pub async fn serve(
                     .drained
                     .contains(&m.id);
                 let mut p = pool.lock().unwrap_or_else(|e| e.into_inner());
-                if !drained && !p.contains(&m.control_url) {
+                let outside = !control.snapshot().addresses.contains(&m.control_url);
+                if !drained && p.contains(&m.control_url) && outside {
+                    // Back at its old address (a restarted process): take it in again.
+                    tracing::warn!(id = %m.id, "worker registered again; rebuilding to include it");
+                    rebuild();
+                } else if !drained && !p.contains(&m.control_url) {
                     p.push(m.control_url.clone());
                     roster
                         .lock()
@@ -243,6 +250,61 @@ pub async fn serve(
         })
         .await?;
     Ok(())
+}
+
+/// Every 2 s, looks for pool workers outside the cluster (lost, then restarted at the same
+/// address, e.g. a StatefulSet pod; or a static `--worker-url` that answers again) and rebuilds
+/// to take them back. A worker that answers but does not make it into the cluster is retried
+/// with exponential backoff (up to a minute), so a broken one cannot make every request
+/// re-prefill every 2 s.
+async fn take_back_returning_workers(
+    control: crate::server::EngineControl,
+    pool: Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    use std::collections::HashMap;
+    let mut backoff: HashMap<String, (tokio::time::Instant, Duration)> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let snap = control.snapshot();
+        if !snap.unavailable.is_empty() {
+            continue; // the engine loop retries on its own
+        }
+        let now = tokio::time::Instant::now();
+        let outside: Vec<String> = pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|u| !snap.addresses.contains(u))
+            .filter(|u| backoff.get(*u).is_none_or(|(next, _)| *next <= now))
+            .cloned()
+            .collect();
+        if outside.is_empty() {
+            continue;
+        }
+        let probe = outside.clone();
+        let back: Vec<String> = tokio::task::spawn_blocking(move || {
+            probe.into_iter().filter(|u| reachable(u)).collect()
+        })
+        .await
+        .unwrap_or_default();
+        if back.is_empty() {
+            continue;
+        }
+        tracing::warn!(workers = ?back, "workers reachable again; rebuilding to take them in");
+        let _ = control.rebuild().await;
+        let now_in = control.snapshot().addresses;
+        for u in back {
+            if now_in.contains(&u) {
+                backoff.remove(&u);
+            } else {
+                let wait = backoff.get(&u).map_or(Duration::from_secs(2), |(_, d)| {
+                    (*d * 2).min(Duration::from_secs(60))
+                });
+                backoff.insert(u, (tokio::time::Instant::now() + wait, wait));
+            }
+        }
+    }
 }
 
 /// Whether a worker's control port accepts a connection (within 1 s).
