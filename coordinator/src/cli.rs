@@ -132,6 +132,9 @@ pub struct ClusterArgs {
     /// Steps in the expert-load moving average (and warm-up before rebalancing).
     #[arg(long, default_value_t = 32)]
     pub rebalance_window: u64,
+    /// Seconds a step may wait for a silent worker before the cluster is rebuilt without it.
+    #[arg(long, default_value_t = 30)]
+    pub step_timeout: u64,
     #[command(flatten)]
     pub membership: MembershipArgs,
 }
@@ -853,6 +856,7 @@ fn serve_options(
             window: c.rebalance_window,
             ..Default::default()
         },
+        step_timeout: Duration::from_secs(c.step_timeout.max(1)),
     })
 }
 

@@ -31,7 +31,14 @@ pub struct GrpcCluster {
 }
 
 /// How long a step may take before the cluster is declared stuck (a worker stopped answering).
-pub const DEFAULT_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+pub const DEFAULT_STEP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// How long a worker may take to accept the control stream and greet; one that does not (a
+/// frozen process still accepts TCP connections) is unreachable.
+pub const HELLO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How long the workers may take to join the mesh and load their weights.
+pub const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn rank_err(rank: usize) -> impl Fn(String) -> DriverError {
     move |detail| DriverError::Rank { rank, detail }
@@ -82,22 +89,29 @@ impl GrpcCluster {
             let mut comm_addrs = Vec::new();
             let mut slots = Vec::new();
             for (rank, url) in urls.iter().enumerate() {
-                let mut client = WorkerClient::connect(url.clone())
-                    .await
-                    .map_err(|e| unreachable(rank)(format!("connect {url}: {e}")))?;
-                let (tx, rx) = mpsc::channel(4);
-                let mut inbound = client
-                    .control(ReceiverStream::new(rx))
-                    .await
-                    .map_err(|s| unreachable(rank)(s.to_string()))?
-                    .into_inner();
-                match next_message(rank, &mut inbound).await.map_err(forming)? {
-                    WMsg::Hello(h) => {
-                        comm_addrs.push(h.comm_address);
-                        slots.push(h.expert_slots as usize);
+                let hello = async {
+                    let mut client = WorkerClient::connect(url.clone())
+                        .await
+                        .map_err(|e| unreachable(rank)(format!("connect {url}: {e}")))?;
+                    let (tx, rx) = mpsc::channel(4);
+                    let mut inbound = client
+                        .control(ReceiverStream::new(rx))
+                        .await
+                        .map_err(|s| unreachable(rank)(s.to_string()))?
+                        .into_inner();
+                    match next_message(rank, &mut inbound).await.map_err(forming)? {
+                        WMsg::Hello(h) => Ok((tx, inbound, h)),
+                        other => Err(rank_err(rank)(format!("expected hello, got {other:?}"))),
                     }
-                    other => return Err(rank_err(rank)(format!("expected hello, got {other:?}"))),
-                }
+                };
+                let (tx, inbound, h) =
+                    tokio::time::timeout(HELLO_TIMEOUT, hello)
+                        .await
+                        .map_err(|_| {
+                            unreachable(rank)(format!("{url}: no hello within {HELLO_TIMEOUT:?}"))
+                        })??;
+                comm_addrs.push(h.comm_address);
+                slots.push(h.expert_slots as usize);
                 txs.push(tx);
                 rxs.push(inbound);
             }
@@ -121,13 +135,17 @@ impl GrpcCluster {
             }
             // Every rank's ready concurrently, failing at the first rank that fails: a dead
             // rank must not leave the others waiting out their mesh-join timeout.
-            join_until_error(rxs.iter_mut().enumerate().map(|(rank, rx)| async move {
+            let ready = join_until_error(rxs.iter_mut().enumerate().map(|(rank, rx)| async move {
                 match next_message(rank, rx).await.map_err(forming)? {
                     WMsg::Result(_) => Ok(()),
                     other => Err(rank_err(rank)(format!("expected ready, got {other:?}"))),
                 }
-            }))
-            .await?;
+            }));
+            tokio::time::timeout(READY_TIMEOUT, ready)
+                .await
+                .map_err(|_| {
+                    rank_err(0)(format!("workers not ready within {READY_TIMEOUT:?}"))
+                })??;
             Ok::<_, DriverError>((txs, rxs, holders, slots))
         })?;
         Ok(GrpcCluster {

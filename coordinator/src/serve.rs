@@ -40,6 +40,8 @@ pub struct ServeOptions {
     /// Give up waiting for workers after this long.
     pub join_timeout: Duration,
     pub rebalance: crate::rebalance::RebalancePolicy,
+    /// A step with a rank silent this long fails (and the cluster is rebuilt without it).
+    pub step_timeout: Duration,
 }
 
 /// Election name (under the membership prefix) that coordinator replicas campaign on.
@@ -95,6 +97,7 @@ pub async fn serve(
     let o = opts.clone();
     let svc = tokio::task::spawn_blocking(move || {
         let (model, redundant, kv) = (o.model.clone(), o.redundant_experts, o.kv_blocks);
+        let step_timeout = o.step_timeout;
         InferenceService::start(
             &o.model,
             name,
@@ -111,7 +114,9 @@ pub async fn serve(
                             detail: "no worker is reachable".into(),
                         });
                     }
-                    match crate::remote::GrpcCluster::connect(&alive, &model, redundant, kv, 16) {
+                    match crate::remote::GrpcCluster::connect(&alive, &model, redundant, kv, 16)
+                        .map(|c| c.with_step_timeout(step_timeout))
+                    {
                         Err(crate::driver::DriverError::Unreachable { rank, detail })
                             if alive.len() > 1 =>
                         {
@@ -164,13 +169,18 @@ pub async fn serve(
             }
             if let MembershipEvent::Left(id) = &e {
                 // A drained worker whose process is gone may come back as a fresh join.
-                if roster
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .drained
-                    .remove(id)
-                {
+                let (was_drained, url) = {
+                    let mut r = roster.lock().unwrap_or_else(|e| e.into_inner());
+                    let url = r.ids.iter().find(|(_, i)| *i == id).map(|(u, _)| u.clone());
+                    (r.drained.remove(id), url)
+                };
+                if was_drained {
                     tracing::info!(%id, "drained worker left membership");
+                } else if url.is_some_and(|u| control.snapshot().addresses.contains(&u)) {
+                    // Its lease lapsed: dead, frozen or cut off. Rebuild over the workers that
+                    // still answer rather than wait for a step to time out.
+                    tracing::warn!(%id, "a worker of the cluster left membership; rebuilding");
+                    rebuild();
                 }
             }
             if let MembershipEvent::Joined(m) = &e {
@@ -252,7 +262,7 @@ pub async fn serve(
     Ok(())
 }
 
-/// Every 2 s, looks for pool workers outside the cluster (lost, then restarted at the same
+/// Every 2 s, looks for pool workers outside the cluster (on two ticks in a row) (lost, then restarted at the same
 /// address, e.g. a StatefulSet pod; or a static `--worker-url` that answers again) and rebuilds
 /// to take them back. A worker that answers but does not make it into the cluster is retried
 /// with exponential backoff (up to a minute), so a broken one cannot make every request
@@ -263,6 +273,8 @@ async fn take_back_returning_workers(
 ) {
     use std::collections::HashMap;
     let mut backoff: HashMap<String, (tokio::time::Instant, Duration)> = HashMap::new();
+    // Outside on two ticks in a row: a join's own rebuild (already asked for) is not doubled.
+    let mut outside_before: Vec<String> = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tick.tick().await;
@@ -276,13 +288,19 @@ async fn take_back_returning_workers(
             .unwrap_or_else(|e| e.into_inner())
             .iter()
             .filter(|u| !snap.addresses.contains(u))
+            .cloned()
+            .collect();
+        let due: Vec<String> = outside
+            .iter()
+            .filter(|u| outside_before.contains(u))
             .filter(|u| backoff.get(*u).is_none_or(|(next, _)| *next <= now))
             .cloned()
             .collect();
-        if outside.is_empty() {
+        outside_before = outside;
+        if due.is_empty() {
             continue;
         }
-        let probe = outside.clone();
+        let probe = due;
         let back: Vec<String> = tokio::task::spawn_blocking(move || {
             probe.into_iter().filter(|u| reachable(u)).collect()
         })

@@ -70,11 +70,19 @@ fn workers_register_in_etcd_and_a_lapsed_lease_leaves_cluster_status() {
             listed = cluster_status(&url).await.workers.len();
         }
         let gone_after = t0.elapsed();
+        // Its lease lapsing made the coordinator rebuild without it (a frozen worker still
+        // accepts connections, so it is left out when it does not greet): the cluster serves
+        // while it is still frozen, without waiting for a step timeout.
+        let t1 = Instant::now();
+        assert_goldens(&url, "tiny-qwen3-moe", 1).await;
+        let served_in = t1.elapsed();
         signal(workers[1].0 .0.id(), "-CONT");
+        assert!(served_in < Duration::from_secs(15), "{served_in:?}");
         let st = cluster_status(&url).await;
         let ids: Vec<&str> = st.workers.iter().map(|w| w.id.as_str()).collect();
         assert_eq!(ids, ["w0"], "after {gone_after:?}");
         assert!(gone_after >= Duration::from_secs(1), "{gone_after:?}");
+        assert_eq!(st.epoch, 2, "rebuilt without the frozen worker");
 
         // Resumed, it registers again under a new lease, is listed again, and serves.
         let t0 = Instant::now();
@@ -85,6 +93,7 @@ fn workers_register_in_etcd_and_a_lapsed_lease_leaves_cluster_status() {
         let st = cluster_status(&url).await;
         let ids: Vec<&str> = st.workers.iter().map(|w| w.id.as_str()).collect();
         assert_eq!(ids, ["w0", "w1"]);
+        assert!(st.epoch >= 3, "taken back in: epoch {}", st.epoch);
         assert_goldens(&url, "tiny-qwen3-moe", 1).await;
     });
 }

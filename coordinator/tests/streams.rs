@@ -4,7 +4,7 @@
 //! INVALID_ARGUMENT naming its field while the cluster keeps serving.
 
 mod common;
-use common::{block_on, cluster_status, fixture, ids, spawn_serving};
+use common::{block_on, cluster_status, fixture, ids};
 
 use serde_json::Value;
 use std::time::Duration;
