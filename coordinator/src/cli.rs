@@ -132,6 +132,9 @@ pub struct ClusterArgs {
     /// Steps in the expert-load moving average (and warm-up before rebalancing).
     #[arg(long, default_value_t = 32)]
     pub rebalance_window: u64,
+    /// A re-placement is switched to only if it cuts the predicted imbalance by this fraction.
+    #[arg(long, default_value_t = 0.1)]
+    pub rebalance_min_gain: f64,
     /// Seconds a step may wait for a silent worker before the cluster is rebuilt without it.
     #[arg(long, default_value_t = 30)]
     pub step_timeout: u64,
@@ -838,6 +841,12 @@ fn serve_options(
     if c.rebalance_window == 0 {
         bail!("--rebalance-window must be at least 1");
     }
+    if !(0.0..1.0).contains(&c.rebalance_min_gain) {
+        bail!(
+            "--rebalance-min-gain must be in [0, 1), got {}",
+            c.rebalance_min_gain
+        );
+    }
     Ok(ServeOptions {
         model: c.model.clone(),
         workers: c.workers,
@@ -854,6 +863,7 @@ fn serve_options(
         rebalance: crate::rebalance::RebalancePolicy {
             threshold,
             window: c.rebalance_window,
+            min_gain: c.rebalance_min_gain,
             ..Default::default()
         },
         step_timeout: Duration::from_secs(c.step_timeout.max(1)),

@@ -251,3 +251,48 @@ fn chaos_kills_and_restarts_lose_no_request() {
         "{r}"
     );
 }
+
+/// Automatic rebalancing while serving (threshold barely above even, no minimum gain): expert
+/// placements switch live under 32 streams, every stream stays token-exact, and the operator
+/// commands report it.
+#[test]
+fn live_rebalancing_under_load_keeps_streams_exact_and_admin_reports_it() {
+    let (_workers, _coord, url) = cluster(
+        3,
+        &[],
+        &[
+            "--rebalance-threshold",
+            "1.01",
+            "--rebalance-window",
+            "4",
+            "--rebalance-min-gain",
+            "0",
+            "--redundant-experts",
+            "2",
+        ],
+    );
+    block_on(async {
+        GoldenStreams::start(&url, MODEL, 8).finish().await;
+        let st = admin_status(&url).await;
+        assert!(st.expert_version >= 1, "no live switch happened: {st:?}");
+        assert_eq!(st.epoch, 1, "a switch is not a new epoch");
+        assert!(st.imbalance >= 1.0, "{}", st.imbalance);
+        assert!(st.placement.iter().all(|p| !p.ranks.is_empty()));
+        let out = switchyard(&["admin", "--endpoint", &url, "--json", "rebalance"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(r["imbalance_before"].as_f64().unwrap() >= 1.0, "{r}");
+        // Streams stay exact through whatever that started.
+        common::assert_goldens(&url, MODEL, 2).await;
+        let out = switchyard(&["admin", "--endpoint", &url, "status"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("epoch 1") && text.contains("imbalance"),
+            "{text}"
+        );
+    });
+}
