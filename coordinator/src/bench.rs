@@ -244,10 +244,37 @@ pub struct ClusterBenchRow {
     pub coordinator_us_per_token: f64,
 }
 
+/// A greedy request that ignores end-of-sequence (benchmarks run a fixed number of steps).
+fn greedy(id: u64, prompt: Vec<u32>, max_tokens: usize) -> crate::driver::GenRequest {
+    crate::driver::GenRequest {
+        id,
+        prompt,
+        max_tokens,
+        sampling: switchyard_kernels::sampling::SamplingParams::greedy(),
+        eos: vec![],
+        ignore_eos: true,
+        priority: 0,
+        top_logprobs: 0,
+    }
+}
+
+/// Steps until every prompt is prefilled and `steps` decode-only steps of all `batch`
+/// sequences have run.
+fn warm_up(d: &mut crate::driver::Driver, batch: usize, steps: usize) -> anyhow::Result<()> {
+    let mut warm = 0;
+    while warm < steps {
+        d.step()?;
+        let s = d.last_step();
+        if s.decodes == batch && s.prefill_tokens == 0 {
+            warm += 1;
+        }
+    }
+    Ok(())
+}
+
 /// Runs `decode_steps` decode steps of `batch` sequences on 1..n local workers each.
 pub fn run_cluster(o: &ClusterBenchOptions) -> anyhow::Result<Vec<ClusterBenchRow>> {
-    use crate::driver::{Driver, GenRequest};
-    use switchyard_kernels::sampling::SamplingParams;
+    use crate::driver::Driver;
     let cfg = switchyard_worker::engine::read_config(&o.model)?;
     let mut rows = Vec::new();
     for &k in &o.workers {
@@ -258,28 +285,13 @@ pub fn run_cluster(o: &ClusterBenchOptions) -> anyhow::Result<Vec<ClusterBenchRo
         let mut d = Driver::new(cluster, o.batch * o.prompt_tokens.max(1), o.batch);
         let mut rng = Rng::new(1);
         for id in 0..o.batch as u64 {
-            d.submit(GenRequest {
-                id,
-                prompt: (0..o.prompt_tokens)
-                    .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
-                    .collect(),
-                max_tokens: o.decode_steps + 4,
-                sampling: SamplingParams::greedy(),
-                eos: vec![],
-                ignore_eos: true,
-                priority: 0,
-                top_logprobs: 0,
-            });
+            let prompt = (0..o.prompt_tokens)
+                .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
+                .collect();
+            d.submit(greedy(id, prompt, o.decode_steps + 4));
         }
         // Prefill everything and take two decode steps before measuring.
-        let mut warm = 0;
-        while warm < 2 {
-            d.step()?;
-            let s = d.last_step();
-            if s.decodes == o.batch && s.prefill_tokens == 0 {
-                warm += 1;
-            }
-        }
+        warm_up(&mut d, o.batch, 2)?;
         let (mut tokens, mut wall, mut a2a, mut bytes, mut worker) = (0usize, 0.0, 0.0, 0u64, 0.0);
         let t0 = Instant::now();
         for _ in 0..o.decode_steps {
@@ -405,9 +417,8 @@ pub fn run_rebalance(o: &RebalanceBenchOptions) -> anyhow::Result<RebalanceBench
 }
 
 fn rebalance_run(o: &RebalanceBenchOptions, switch: bool) -> anyhow::Result<RebalanceRun> {
-    use crate::driver::{Driver, GenRequest};
+    use crate::driver::Driver;
     use crate::rebalance::RebalancePolicy;
-    use switchyard_kernels::sampling::SamplingParams;
     let cfg = switchyard_worker::engine::read_config(&o.model)?;
     let env = [(
         "RAYON_NUM_THREADS".to_string(),
@@ -433,27 +444,12 @@ fn rebalance_run(o: &RebalanceBenchOptions, switch: bool) -> anyhow::Result<Reba
         .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
         .collect();
     for id in 0..o.batch as u64 {
-        d.submit(GenRequest {
-            id,
-            prompt: (0..o.prompt_tokens)
-                .map(|i| pool[(i + id as usize) % pool.len()])
-                .collect(),
-            max_tokens: total_steps,
-            sampling: SamplingParams::greedy(),
-            eos: vec![],
-            ignore_eos: true,
-            priority: 0,
-            top_logprobs: 0,
-        });
+        let prompt = (0..o.prompt_tokens)
+            .map(|i| pool[(i + id as usize) % pool.len()])
+            .collect();
+        d.submit(greedy(id, prompt, total_steps));
     }
-    let mut warm = 0;
-    while warm < 16 {
-        d.step()?;
-        let s = d.last_step();
-        if s.decodes == o.batch && s.prefill_tokens == 0 {
-            warm += 1;
-        }
-    }
+    warm_up(&mut d, o.batch, 16)?;
     let phase = |d: &mut Driver| -> anyhow::Result<(RebalancePhase, Vec<f64>)> {
         let start = d.snapshot();
         let cpu0 = workers.cpu_seconds();

@@ -564,6 +564,16 @@ impl Driver {
         &self.kv_used
     }
 
+    /// Experts per MoE layer (0 for a model without any).
+    fn experts_per_layer(&self) -> usize {
+        self.cluster
+            .holders()
+            .iter()
+            .map(|l| l.len())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Expert bookkeeping after a successful step: record a switch that happened, note when
     /// every rank has loaded a pending placement, feed the load average, and let the policy
     /// start a re-placement.
@@ -572,13 +582,7 @@ impl Driver {
         switched: Option<u64>,
         results: &[StepResult],
     ) -> Result<(), DriverError> {
-        let experts = self
-            .cluster
-            .holders()
-            .iter()
-            .map(|l| l.len())
-            .max()
-            .unwrap_or(0);
+        let experts = self.experts_per_layer();
         let Some(x) = &mut self.experts else {
             return Ok(());
         };
@@ -700,13 +704,7 @@ impl Driver {
         };
         for (w, r) in results.into_iter().enumerate() {
             self.kv_used[w] = r.kv_blocks_used;
-            let experts = self
-                .cluster
-                .holders()
-                .iter()
-                .map(|l| l.len())
-                .max()
-                .unwrap_or(0);
+            let experts = self.experts_per_layer();
             if experts > 0 {
                 if self.expert_load.is_empty() {
                     self.expert_load = vec![vec![0; experts]; r.expert_load.len() / experts];

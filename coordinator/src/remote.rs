@@ -28,6 +28,7 @@ pub struct GrpcCluster {
     slots: Vec<usize>,
     urls: Vec<String>,
     step_timeout: std::time::Duration,
+    interrupt: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
 
 /// How long a step may take before the cluster is declared stuck (a worker stopped answering).
@@ -158,6 +159,7 @@ impl GrpcCluster {
             slots,
             urls: urls.to_vec(),
             step_timeout: DEFAULT_STEP_TIMEOUT,
+            interrupt: None,
         })
     }
 
@@ -165,6 +167,17 @@ impl GrpcCluster {
     /// instead of waiting forever.
     pub fn with_step_timeout(mut self, t: std::time::Duration) -> Self {
         self.step_timeout = t;
+        self
+    }
+
+    /// A step in flight (or the next one) fails at once when `n` is notified (a rank's
+    /// member left membership: waiting out the step timeout would only delay the rebuild).
+    /// A notification from before this cluster was formed is dropped.
+    pub fn with_interrupt(mut self, n: std::sync::Arc<tokio::sync::Notify>) -> Self {
+        self.rt.block_on(async {
+            let _ = tokio::time::timeout(std::time::Duration::ZERO, n.notified()).await;
+        });
+        self.interrupt = Some(n);
         self
     }
 }
@@ -218,6 +231,7 @@ impl Cluster for GrpcCluster {
 
     fn step(&mut self, plans: Vec<StepPlan>) -> Result<Vec<StepResult>, DriverError> {
         let (txs, rxs, limit) = (&self.txs, &mut self.rxs, self.step_timeout);
+        let interrupt = self.interrupt.clone();
         self.rt.block_on(async {
             for (rank, (tx, p)) in txs.iter().zip(plans).enumerate() {
                 tx.send(CoordinatorMessage {
@@ -230,15 +244,24 @@ impl Cluster for GrpcCluster {
             // Every rank's result concurrently, returning at the first rank that fails (the
             // others may be stuck in an all-to-all with it until the epoch ends). A rank
             // blocked behind a silent peer is silent too, so a timeout names them all.
-            let results =
-                join_until_error(rxs.iter_mut().enumerate().map(|(rank, rx)| async move {
-                    match tokio::time::timeout_at(deadline, next_message(rank, rx)).await {
-                        Ok(Ok(m)) => Ok(Some(m)),
-                        Ok(Err(e)) => Err(e),
-                        Err(_) => Ok(None),
+            let all = join_until_error(rxs.iter_mut().enumerate().map(|(rank, rx)| async move {
+                match tokio::time::timeout_at(deadline, next_message(rank, rx)).await {
+                    Ok(Ok(m)) => Ok(Some(m)),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Ok(None),
+                }
+            }));
+            let results = match interrupt {
+                Some(n) => tokio::select! {
+                    r = all => r?,
+                    _ = n.notified() => {
+                        return Err(rank_err(0)(
+                            "step interrupted: a worker left membership".into(),
+                        ))
                     }
-                }))
-                .await?;
+                },
+                None => all.await?,
+            };
             let silent: Vec<usize> = results
                 .iter()
                 .enumerate()

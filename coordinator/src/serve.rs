@@ -95,9 +95,13 @@ pub async fn serve(
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     let o = opts.clone();
+    // Notified when a cluster worker leaves membership: fails a step stuck on it at once.
+    let interrupt = Arc::new(tokio::sync::Notify::new());
+    let interrupt_factory = interrupt.clone();
     let svc = tokio::task::spawn_blocking(move || {
         let (model, redundant, kv) = (o.model.clone(), o.redundant_experts, o.kv_blocks);
         let step_timeout = o.step_timeout;
+        let interrupt = interrupt_factory.clone();
         InferenceService::start(
             &o.model,
             name,
@@ -115,8 +119,10 @@ pub async fn serve(
                         });
                     }
                     match crate::remote::GrpcCluster::connect(&alive, &model, redundant, kv, 16)
-                        .map(|c| c.with_step_timeout(step_timeout))
-                    {
+                        .map(|c| {
+                            c.with_step_timeout(step_timeout)
+                                .with_interrupt(interrupt.clone())
+                        }) {
                         Err(crate::driver::DriverError::Unreachable { rank, detail })
                             if alive.len() > 1 =>
                         {
@@ -180,6 +186,7 @@ pub async fn serve(
                     // Its lease lapsed: dead, frozen or cut off. Rebuild over the workers that
                     // still answer rather than wait for a step to time out.
                     tracing::warn!(%id, "a worker of the cluster left membership; rebuilding");
+                    interrupt.notify_one();
                     rebuild();
                 }
             }

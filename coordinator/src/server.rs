@@ -38,8 +38,9 @@ enum Cmd {
     Submit(GenRequest, Sink),
     Cancel(u64),
     /// Rebuild the cluster from the factory now (a worker joined or was drained); replies
-    /// with the new epoch and world size.
-    Rebuild(Option<Reply<(u64, usize)>>),
+    /// with the new epoch and world size. Asked at the instant given: a rebuild that happened
+    /// since (e.g. recovering from the step the same event failed) already satisfies it.
+    Rebuild(Instant, Option<Reply<(u64, usize)>>),
     /// Plan a re-placement of experts for the current load and start it if better.
     Rebalance(Reply<RebalanceReport>),
 }
@@ -90,6 +91,7 @@ fn engine_loop(
     let mut failures = 0;
     let mut unavailable: Option<String> = None;
     let mut last_try = Instant::now();
+    let mut last_rebuilt = Instant::now();
     let publish = |driver: &Driver, unavailable: &Option<String>| {
         let mut s = driver.snapshot();
         s.unavailable = unavailable.clone().unwrap_or_default();
@@ -127,14 +129,19 @@ fn engine_loop(
                     sinks.remove(&id);
                     driver.cancel(id);
                 }
-                Cmd::Rebuild(reply) => {
-                    let r = match recover.as_mut() {
-                        Some(f) => rebuild(&mut driver, f, "a membership change"),
-                        None => Err("this cluster cannot be rebuilt".into()),
+                Cmd::Rebuild(asked, reply) => {
+                    let r = if asked < last_rebuilt {
+                        Ok(())
+                    } else {
+                        match recover.as_mut() {
+                            Some(f) => rebuild(&mut driver, f, "a membership change"),
+                            None => Err("this cluster cannot be rebuilt".into()),
+                        }
                     };
                     if r.is_ok() {
                         unavailable = None;
                         failures = 0;
+                        last_rebuilt = Instant::now();
                     }
                     last_try = Instant::now();
                     publish(&driver, &unavailable);
@@ -160,6 +167,7 @@ fn engine_loop(
                     if rebuild(&mut driver, f, "being unavailable").is_ok() {
                         unavailable = None;
                         failures = 0;
+                        last_rebuilt = Instant::now();
                         tracing::warn!("cluster available again");
                     }
                 }
@@ -215,6 +223,9 @@ fn engine_loop(
                     Some(_) => Err(format!("{failures} steps in a row failed: {err}")),
                     None => Err(err.to_string()),
                 };
+                if rebuilt.is_ok() {
+                    last_rebuilt = Instant::now();
+                }
                 if let Err(why) = rebuilt {
                     let why = format!("the cluster cannot serve: {why}");
                     tracing::error!("{why}; failing the requests in flight");
@@ -347,7 +358,7 @@ impl InferenceService {
     pub fn rebuilder(&self) -> impl Fn() + Send + Sync + 'static {
         let tx = self.cmds.lock().unwrap_or_else(|e| e.into_inner()).clone();
         move || {
-            let _ = tx.send(Cmd::Rebuild(None));
+            let _ = tx.send(Cmd::Rebuild(Instant::now(), None));
         }
     }
 
@@ -391,7 +402,7 @@ impl EngineControl {
     pub async fn rebuild(&self) -> Result<(u64, usize), String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.cmds
-            .send(Cmd::Rebuild(Some(tx)))
+            .send(Cmd::Rebuild(Instant::now(), Some(tx)))
             .map_err(|_| "the engine loop has stopped".to_string())?;
         rx.await
             .map_err(|_| "the engine loop has stopped".to_string())?

@@ -229,27 +229,7 @@ pub async fn generate_ids(url: &str, prompt_ids: Vec<u32>, max_tokens: u32) -> V
 /// Every golden prompt of the fixture `model`, all in flight at once (`copies` times each),
 /// streams exactly the transformers greedy tokens.
 pub async fn assert_goldens(url: &str, model: &str, copies: usize) {
-    let golden: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixture(model).join("golden.json")).unwrap())
-            .unwrap();
-    let mut tasks = Vec::new();
-    for _ in 0..copies {
-        for p in golden["prompts"].as_array().unwrap() {
-            let prompt: Vec<u32> = ids(&p["input_ids"]).iter().map(|&x| x as u32).collect();
-            let want: Vec<u32> = ids(&p["greedy"]["new_ids"])
-                .iter()
-                .map(|&x| x as u32)
-                .collect();
-            let (url, name) = (url.to_string(), p["name"].as_str().unwrap().to_string());
-            tasks.push(tokio::spawn(async move {
-                let got = generate_ids(&url, prompt, want.len() as u32).await;
-                assert_eq!(got, want, "{name}");
-            }));
-        }
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    GoldenStreams::start(url, model, copies).finish().await
 }
 
 /// Runs a future to completion on a fresh multi-threaded runtime.
