@@ -25,10 +25,11 @@ if ((${#need[@]})); then
 fi
 if [ "${1:-}" = test ]; then
   venv="$HOME/.cache/switchyard/venv"
-  if ! "$venv/bin/python" -c "import grpc, grpc_tools, grpc_reflection, grpc_health" >/dev/null 2>&1; then
-    echo "creating $venv with grpcio" >&2
+  if ! "$venv/bin/python" -c "import grpc, grpc_tools, grpc_reflection, grpc_health, openai, prometheus_client" >/dev/null 2>&1; then
+    echo "creating $venv with grpcio, openai, prometheus_client" >&2
     python3 -m venv "$venv"
-    "$venv/bin/pip" install -q grpcio grpcio-tools grpcio-reflection grpcio-health-checking
+    "$venv/bin/pip" install -q grpcio grpcio-tools grpcio-reflection grpcio-health-checking \
+      openai prometheus_client
   fi
   export SWITCHYARD_PYTHON="$venv/bin/python"
 fi

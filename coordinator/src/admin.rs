@@ -24,6 +24,7 @@ pub struct AdminService {
     num_experts: usize,
     /// One drain at a time.
     draining: tokio::sync::Mutex<()>,
+    keys: Option<Arc<crate::auth::ApiKeys>>,
 }
 
 impl AdminService {
@@ -39,6 +40,22 @@ impl AdminService {
             pool,
             num_experts,
             draining: Default::default(),
+            keys: None,
+        }
+    }
+
+    /// Requires one of `keys` on every call.
+    pub fn with_api_keys(mut self, keys: Option<Arc<crate::auth::ApiKeys>>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        match &self.keys {
+            Some(k) => k
+                .check(crate::server::auth_value(req.metadata()))
+                .map(|_| ()),
+            None => Ok(()),
         }
     }
 
@@ -54,6 +71,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn drain(&self, req: Request<DrainRequest>) -> Result<Response<DrainResponse>, Status> {
+        self.authorize(&req)?;
         let worker = req.into_inner().worker;
         let Some(pool) = &self.pool else {
             return Err(Status::unimplemented(
@@ -125,8 +143,9 @@ impl Admin for AdminService {
 
     async fn rebalance(
         &self,
-        _: Request<RebalanceRequest>,
+        req: Request<RebalanceRequest>,
     ) -> Result<Response<RebalanceResponse>, Status> {
+        self.authorize(&req)?;
         let r = self
             .control
             .rebalance()
@@ -142,8 +161,9 @@ impl Admin for AdminService {
 
     async fn status(
         &self,
-        _: Request<ClusterStatusRequest>,
+        req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        self.authorize(&req)?;
         let s = self.control.snapshot();
         let r = lock(&self.roster).clone();
         Ok(Response::new(status_response(&s, &r)))

@@ -135,6 +135,18 @@ pub struct ClusterArgs {
     /// A re-placement is switched to only if it cuts the predicted imbalance by this fraction.
     #[arg(long, default_value_t = 0.1)]
     pub rebalance_min_gain: f64,
+    /// OpenAI-style HTTP API (`/v1/models`, `/v1/completions`, `/v1/chat/completions`) with
+    /// `/healthz`, `/readyz` and `/metrics`; port 0 picks a free port (announced), "off"
+    /// disables.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub http_addr: String,
+    /// Require API keys (one per line) on HTTP and gRPC; also SWITCHYARD_API_KEYS
+    /// (comma-separated).
+    #[arg(long)]
+    pub api_keys_file: Option<PathBuf>,
+    /// Requests in flight per API key before RESOURCE_EXHAUSTED / HTTP 429; 0: no limit.
+    #[arg(long, default_value_t = 0)]
+    pub max_requests_per_key: usize,
     /// Seconds a step may wait for a silent worker before the cluster is rebuilt without it.
     #[arg(long, default_value_t = 30)]
     pub step_timeout: u64,
@@ -867,6 +879,13 @@ fn serve_options(
             ..Default::default()
         },
         step_timeout: Duration::from_secs(c.step_timeout.max(1)),
+        http_addr: (c.http_addr != "off").then(|| c.http_addr.clone()),
+        api_keys: crate::auth::ApiKeys::load(
+            c.api_keys_file.as_deref(),
+            std::env::var("SWITCHYARD_API_KEYS").ok().as_deref(),
+            c.max_requests_per_key,
+        )?
+        .map(Arc::new),
     })
 }
 

@@ -2,11 +2,13 @@
 //! benchmark, and the `switchyard` command line.
 
 pub mod admin;
+pub mod auth;
 pub mod bench;
 pub mod chaos;
 pub mod cli;
 pub mod driver;
 pub mod generate;
+pub mod http;
 pub mod local;
 pub mod metrics;
 pub mod pacer;

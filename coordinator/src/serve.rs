@@ -42,6 +42,10 @@ pub struct ServeOptions {
     pub rebalance: crate::rebalance::RebalancePolicy,
     /// A step with a rank silent this long fails (and the cluster is rebuilt without it).
     pub step_timeout: Duration,
+    /// OpenAI-style HTTP API address (also `/healthz`, `/readyz`, `/metrics`); none: off.
+    pub http_addr: Option<String>,
+    /// Required API keys (HTTP and gRPC); none: open.
+    pub api_keys: Option<Arc<crate::auth::ApiKeys>>,
 }
 
 /// Election name (under the membership prefix) that coordinator replicas campaign on.
@@ -158,7 +162,8 @@ pub async fn serve(
         roster.clone(),
         Some(pool.clone()),
         switchyard_worker::engine::read_config(&opts.model)?.num_experts,
-    );
+    )
+    .with_api_keys(opts.api_keys.clone());
     {
         let mut r = roster.lock().unwrap_or_else(|e| e.into_inner());
         r.ids = members
@@ -167,7 +172,9 @@ pub async fn serve(
             .collect();
         r.live = live.keys().cloned().collect();
     }
+    let membership_control = control.clone();
     tokio::spawn(async move {
+        let control = membership_control;
         while let Some(e) = events.recv().await {
             match &e {
                 MembershipEvent::Left(id) => tracing::warn!(%id, "worker left membership"),
@@ -218,10 +225,28 @@ pub async fn serve(
         }
     });
 
+    let metrics = svc.metrics();
+    let svc = Arc::new(svc.with_api_keys(opts.api_keys.clone()));
+    // Readiness: the cluster serves (every expert placed on a live worker) and membership
+    // answers; polled every second into gRPC health (overall and per service) and /readyz.
     let (health, health_svc) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<switchyard_proto::v1::inference_server::InferenceServer<InferenceService>>()
-        .await;
+    let ready_state: Arc<std::sync::Mutex<Result<(), String>>> =
+        Arc::new(std::sync::Mutex::new(Err("starting".into())));
+    {
+        let (control, membership, ready_state) =
+            (control.clone(), membership.clone(), ready_state.clone());
+        let health = health.clone();
+        let first = readiness(&control, &*membership).await;
+        apply_readiness(&health, &ready_state, first).await;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let r = readiness(&control, &*membership).await;
+                apply_readiness(&health, &ready_state, r).await;
+            }
+        });
+    }
     // Reflection in both versions: v1, and v1alpha for the clients that only speak it (grpcurl
     // falls back to it; grpcio's reflection helpers use it).
     let reflection = || {
@@ -235,12 +260,34 @@ pub async fn serve(
         .await
         .with_context(|| format!("--grpc-addr {}", opts.grpc_addr))?;
     let mut announce = format!("serving grpc=http://{}", listener.local_addr()?);
+    if let Some(addr) = &opts.http_addr {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--http-addr {addr}"))?;
+        announce.push_str(&format!(" http=http://{}", l.local_addr()?));
+        let ready_state = ready_state.clone();
+        let state = crate::http::HttpState {
+            svc: svc.clone(),
+            metrics: metrics.clone(),
+            ready: Arc::new(move || {
+                ready_state
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+            }),
+        };
+        tokio::spawn(async move {
+            if let Err(e) = crate::http::serve(l, state).await {
+                tracing::error!(error = %e, "HTTP server stopped");
+            }
+        });
+    }
     if let Some(addr) = &opts.metrics_addr {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--metrics-addr {addr}"))?;
         announce.push_str(&format!(" metrics=http://{}/metrics", l.local_addr()?));
-        let m = svc.metrics();
+        let m = metrics.clone();
         tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve(l, m).await {
                 tracing::error!(error = %e, "metrics server stopped");
@@ -258,7 +305,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(admin.into_server())
-        .add_service(svc.into_server())
+        .add_service(switchyard_proto::v1::inference_server::InferenceServer::from_arc(svc))
         .serve_with_incoming_shutdown(switchyard_worker::server::incoming(listener), async {
             tokio::select! {
                 _ = shutdown => {}
@@ -330,6 +377,53 @@ async fn take_back_returning_workers(
             }
         }
     }
+}
+
+/// Whether the coordinator can serve: the cluster is formed and not unavailable, and
+/// membership (etcd) answers within a second.
+async fn readiness(
+    control: &crate::server::EngineControl,
+    membership: &dyn Membership,
+) -> Result<(), String> {
+    let s = control.snapshot();
+    if !s.unavailable.is_empty() {
+        return Err(s.unavailable);
+    }
+    if s.addresses.is_empty() {
+        return Err("no cluster yet".into());
+    }
+    match tokio::time::timeout(Duration::from_secs(1), membership.leader(LEADER_ELECTION)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("membership: {e}")),
+        Err(_) => Err("membership: no answer within 1 s".into()),
+    }
+}
+
+/// Records readiness and mirrors it into gRPC health (the overall status and the service's).
+async fn apply_readiness(
+    health: &tonic_health::server::HealthReporter,
+    state: &std::sync::Mutex<Result<(), String>>,
+    r: Result<(), String>,
+) {
+    let changed = *state.lock().unwrap_or_else(|e| e.into_inner()) != r;
+    if !changed {
+        return;
+    }
+    let status = if r.is_ok() {
+        tonic_health::ServingStatus::Serving
+    } else {
+        tonic_health::ServingStatus::NotServing
+    };
+    if let Err(why) = &r {
+        tracing::warn!(%why, "not ready");
+    } else {
+        tracing::info!("ready");
+    }
+    *state.lock().unwrap_or_else(|e| e.into_inner()) = r;
+    health.set_service_status("", status).await;
+    health
+        .set_service_status("switchyard.v1.Inference", status)
+        .await;
 }
 
 /// Whether a worker's control port accepts a connection (within 1 s).

@@ -274,6 +274,7 @@ pub struct InferenceService {
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
     roster: Arc<std::sync::Mutex<Roster>>,
     metrics: Arc<Metrics>,
+    keys: Option<Arc<crate::auth::ApiKeys>>,
 }
 
 /// Which member serves each control URL, and which members are registered now (membership's
@@ -350,7 +351,37 @@ impl InferenceService {
             in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             roster: Default::default(),
             metrics,
+            keys: None,
         })
+    }
+
+    /// Requires one of `keys` on every call (and limits each key's requests in flight).
+    pub fn with_api_keys(mut self, keys: Option<Arc<crate::auth::ApiKeys>>) -> Self {
+        self.keys = keys;
+        self
+    }
+
+    /// Checks a caller's `authorization` value (`Bearer KEY`) when keys are required.
+    pub fn authorize(&self, authorization: Option<&str>) -> Result<(), Status> {
+        match &self.keys {
+            Some(k) => k.check(authorization).map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// The served model's name (as ListModels reports it).
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+
+    /// The model's context length.
+    pub fn max_context(&self) -> usize {
+        self.cfg.max_position_embeddings
+    }
+
+    /// A token's text as it would appear in output (special tokens included).
+    pub fn token_text(&self, id: u32) -> String {
+        self.tok.decode(&[id], false).unwrap_or_default()
     }
 
     /// A handle that asks the engine loop to rebuild the cluster from its factory at the next
@@ -455,6 +486,11 @@ fn grpc_timeout(
     }))
 }
 
+/// The `authorization` metadata value of a call, if any.
+pub fn auth_value(m: &tonic::metadata::MetadataMap) -> Option<&str> {
+    m.get("authorization").and_then(|v| v.to_str().ok())
+}
+
 fn invalid(field: &str, detail: impl std::fmt::Display) -> Status {
     Status::invalid_argument(format!("{field}: {detail}"))
 }
@@ -479,6 +515,13 @@ impl Inference for InferenceService {
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenStream>, Status> {
         let t0 = Instant::now();
         let req_meta = req.metadata().clone();
+        let key_permit = match &self.keys {
+            Some(k) => {
+                let key = k.check(auth_value(&req_meta))?;
+                Some(k.acquire(key)?)
+            }
+            None => None,
+        };
         let r = req.into_inner();
         if !r.model.is_empty() && r.model != self.model_name {
             return Err(invalid(
@@ -589,6 +632,7 @@ impl Inference for InferenceService {
         tokio::spawn(
             async move {
                 let _admitted = admitted;
+                let _key_permit = key_permit;
                 let cancel = |cmds: &mpsc::Sender<Cmd>| {
                     let _ = cmds.send(Cmd::Cancel(id));
                 };
@@ -731,6 +775,7 @@ impl Inference for InferenceService {
         &self,
         req: Request<TokenizeRequest>,
     ) -> Result<Response<TokenizeResponse>, Status> {
+        self.authorize(auth_value(req.metadata()))?;
         let r = req.into_inner();
         let (ids, rendered) = match r.input {
             Some(tokenize_request::Input::Text(t)) => {
@@ -763,8 +808,9 @@ impl Inference for InferenceService {
 
     async fn list_models(
         &self,
-        _: Request<ListModelsRequest>,
+        req: Request<ListModelsRequest>,
     ) -> Result<Response<ListModelsResponse>, Status> {
+        self.authorize(auth_value(req.metadata()))?;
         Ok(Response::new(ListModelsResponse {
             models: vec![ModelInfo {
                 name: self.model_name.clone(),
@@ -778,8 +824,9 @@ impl Inference for InferenceService {
 
     async fn cluster_status(
         &self,
-        _: Request<ClusterStatusRequest>,
+        req: Request<ClusterStatusRequest>,
     ) -> Result<Response<ClusterStatusResponse>, Status> {
+        self.authorize(auth_value(req.metadata()))?;
         let s = self
             .snapshot
             .lock()

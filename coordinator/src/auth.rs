@@ -1,0 +1,154 @@
+//! Optional API keys, checked on HTTP (`Authorization: Bearer KEY`) and gRPC (the same
+//! `authorization` metadata), with a per-key limit on requests in flight.
+//!
+//! Keys come from a file (one per line; blank lines and `#` comments ignored) and/or an
+//! environment variable (comma-separated). No keys configured: every caller is accepted.
+//! Invariant: a generation holds its key's permit from admission until its stream ends, so
+//! a key never has more than `per_key` generations in flight.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("API keys file {path}: {source}")]
+    File {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("no API key in {0} (an empty key list would lock every caller out)")]
+    Empty(String),
+}
+
+pub struct ApiKeys {
+    keys: HashMap<String, Arc<Semaphore>>,
+    per_key: usize,
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the keys themselves.
+        write!(
+            f,
+            "ApiKeys({} keys, {} per key)",
+            self.keys.len(),
+            self.per_key
+        )
+    }
+}
+
+impl ApiKeys {
+    /// Keys from `file` and the comma-separated `env_value`; `None` when neither is given.
+    pub fn load(
+        file: Option<&std::path::Path>,
+        env_value: Option<&str>,
+        per_key: usize,
+    ) -> Result<Option<Self>, AuthError> {
+        if file.is_none() && env_value.is_none() {
+            return Ok(None);
+        }
+        let mut keys = Vec::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| AuthError::File {
+                path: path.to_path_buf(),
+                source,
+            })?;
+            keys.extend(
+                text.lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .map(str::to_string),
+            );
+        }
+        if let Some(v) = env_value {
+            keys.extend(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_string),
+            );
+        }
+        if keys.is_empty() {
+            return Err(AuthError::Empty(
+                file.map_or("the environment".into(), |p| p.display().to_string()),
+            ));
+        }
+        let per_key = if per_key == 0 {
+            Semaphore::MAX_PERMITS
+        } else {
+            per_key
+        };
+        Ok(Some(ApiKeys {
+            keys: keys
+                .into_iter()
+                .map(|k| (k, Arc::new(Semaphore::new(per_key))))
+                .collect(),
+            per_key,
+        }))
+    }
+
+    /// The key an `authorization` value (`Bearer KEY`) presents, if it is a known one.
+    pub fn check(&self, authorization: Option<&str>) -> Result<&str, tonic::Status> {
+        let presented = authorization
+            .and_then(|a| {
+                a.strip_prefix("Bearer ")
+                    .or_else(|| a.strip_prefix("bearer "))
+            })
+            .map(str::trim);
+        match presented {
+            None => Err(tonic::Status::unauthenticated(
+                "missing API key: send `authorization: Bearer KEY`",
+            )),
+            Some(k) => self
+                .keys
+                .get_key_value(k)
+                .map(|(k, _)| k.as_str())
+                .ok_or_else(|| tonic::Status::unauthenticated("incorrect API key provided")),
+        }
+    }
+
+    /// A slot of `key`'s concurrency limit, held until dropped; RESOURCE_EXHAUSTED when full.
+    pub fn acquire(&self, key: &str) -> Result<OwnedSemaphorePermit, tonic::Status> {
+        let sem = self
+            .keys
+            .get(key)
+            .ok_or_else(|| tonic::Status::unauthenticated("incorrect API key provided"))?;
+        sem.clone().try_acquire_owned().map_err(|_| {
+            tonic::Status::resource_exhausted(format!(
+                "this API key already has {} requests in flight",
+                self.per_key
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_from_env_check_and_limit() {
+        let k = ApiKeys::load(None, Some("alpha, beta"), 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(k.check(Some("Bearer alpha")).unwrap(), "alpha");
+        assert_eq!(
+            k.check(Some("Bearer gamma")).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        assert_eq!(
+            k.check(None).unwrap_err().code(),
+            tonic::Code::Unauthenticated
+        );
+        let p = k.acquire("beta").unwrap();
+        assert_eq!(
+            k.acquire("beta").unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
+        drop(p);
+        assert!(k.acquire("beta").is_ok());
+        assert!(ApiKeys::load(None, None, 1).unwrap().is_none());
+        assert!(ApiKeys::load(None, Some(" , "), 1).is_err());
+    }
+}

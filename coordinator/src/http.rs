@@ -1,0 +1,765 @@
+//! OpenAI-style HTTP API on the coordinator (axum): `GET /v1/models`, `POST /v1/completions`,
+//! `POST /v1/chat/completions` (JSON, or server-sent events with `stream: true`), `GET
+//! /healthz`, `GET /readyz`, `GET /metrics`.
+//!
+//! Each request is translated into a `switchyard.v1.GenerateRequest` and run through the same
+//! [`InferenceService`] as gRPC calls (validation, tokenization, chat template, reasoning
+//! split, stop strings, admission, API keys, cancellation), then its events are translated
+//! back. So both APIs give the same tokens and the same errors, and a client that disconnects
+//! drops the event stream, which cancels the request (its KV is freed with the next step).
+//!
+//! Errors use OpenAI's body, `{"error": {"message", "type", "param", "code"}}`, with the status
+//! mapped from the gRPC code (INVALID_ARGUMENT 400, UNAUTHENTICATED 401, NOT_FOUND 404,
+//! RESOURCE_EXHAUSTED 429, UNAVAILABLE 503, DEADLINE_EXCEEDED 504, others 500).
+
+use crate::metrics::Metrics;
+use crate::server::InferenceService;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use switchyard_proto::v1::generate_response::Event;
+use switchyard_proto::v1::inference_server::Inference;
+use switchyard_proto::v1::*;
+use tokio_stream::StreamExt;
+
+/// Whether the coordinator can serve now (`Err` says why not).
+pub type Readiness = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub svc: Arc<InferenceService>,
+    pub metrics: Arc<Metrics>,
+    pub ready: Readiness,
+}
+
+/// The router: OpenAI-style endpoints, health, readiness and metrics.
+pub fn router(state: HttpState) -> axum::Router {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route("/v1/models", get(models))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Serves `router(state)` on `listener` until the process ends.
+pub async fn serve(listener: tokio::net::TcpListener, state: HttpState) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).await
+}
+
+/// An error in OpenAI's shape.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+    param: Option<String>,
+    code: Option<&'static str>,
+}
+
+impl ApiError {
+    fn invalid(param: Option<&str>, message: impl Into<String>) -> Self {
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            kind: "invalid_request_error",
+            message: message.into(),
+            param: param.map(str::to_string),
+            code: None,
+        }
+    }
+
+    fn body(&self) -> Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+impl From<tonic::Status> for ApiError {
+    fn from(s: tonic::Status) -> Self {
+        use tonic::Code;
+        let (status, kind, code) = match s.code() {
+            Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            Code::Unauthenticated => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("invalid_api_key"),
+            ),
+            Code::PermissionDenied => (StatusCode::FORBIDDEN, "invalid_request_error", None),
+            Code::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error", None),
+            Code::ResourceExhausted => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                Some("rate_limit_exceeded"),
+            ),
+            Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None),
+            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "server_error", None),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+        };
+        // Validation messages are "field: detail"; the field is OpenAI's `param`.
+        let param = (s.code() == Code::InvalidArgument)
+            .then(|| s.message().split_once(": ").map(|(f, _)| f.to_string()))
+            .flatten();
+        ApiError {
+            status,
+            kind,
+            message: s.message().to_string(),
+            param,
+            code,
+        }
+    }
+}
+
+/// A JSON body, with OpenAI-shaped errors for malformed JSON or wrong field types.
+pub struct Body<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|e| ApiError::invalid(None, e.to_string()))?;
+        serde_json::from_slice(&bytes)
+            .map(Body)
+            .map_err(|e| ApiError::invalid(None, format!("request body: {e}")))
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(untagged)]
+enum OneOrMany {
+    #[default]
+    None,
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize, Default)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+/// Fields both endpoints share.
+#[derive(Deserialize, Default)]
+struct Common {
+    model: String,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    seed: Option<u64>,
+    n: Option<u32>,
+    #[serde(default)]
+    stop: OneOrMany,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    /// Not in OpenAI's API; vLLM's extension, honoured the same way.
+    top_k: Option<u32>,
+    min_p: Option<f32>,
+    repetition_penalty: Option<f32>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<ContentPart>),
+}
+
+#[derive(Deserialize)]
+struct ContentPart {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: String,
+}
+
+#[derive(Deserialize)]
+struct ChatMessageIn {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+#[derive(Deserialize)]
+struct ChatRequest {
+    #[serde(flatten)]
+    common: Common,
+    messages: Vec<ChatMessageIn>,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PromptIn {
+    Text(String),
+    Texts(Vec<String>),
+    Ids(Vec<u32>),
+}
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    #[serde(flatten)]
+    common: Common,
+    prompt: PromptIn,
+    /// Completions' logprobs: how many alternatives per position (0 = only the chosen).
+    logprobs: Option<u32>,
+    #[serde(default)]
+    echo: bool,
+}
+
+/// Largest `n` accepted.
+const MAX_N: u32 = 16;
+
+fn bearer(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+}
+
+/// The gRPC request the HTTP one stands for, carrying the caller's credentials.
+fn grpc_request(r: GenerateRequest, auth: &Option<String>) -> tonic::Request<GenerateRequest> {
+    let mut req = tonic::Request::new(r);
+    if let Some(a) = auth.as_deref().and_then(|a| a.parse().ok()) {
+        req.metadata_mut().insert("authorization", a);
+    }
+    req
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn new_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!(
+        "{prefix}-{:x}{:06x}",
+        now_s(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+impl Common {
+    /// The request template (input filled in by the caller), after OpenAI-level checks.
+    fn to_grpc(&self, svc: &InferenceService) -> Result<GenerateRequest, ApiError> {
+        if self.model != svc.model_name() {
+            return Err(ApiError {
+                status: StatusCode::NOT_FOUND,
+                kind: "invalid_request_error",
+                message: format!(
+                    "The model `{}` does not exist (serving `{}`)",
+                    self.model,
+                    svc.model_name()
+                ),
+                param: Some("model".into()),
+                code: Some("model_not_found"),
+            });
+        }
+        let n = self.n.unwrap_or(1);
+        if n == 0 || n > MAX_N {
+            return Err(ApiError::invalid(
+                Some("n"),
+                format!("n must be between 1 and {MAX_N}, got {n}"),
+            ));
+        }
+        let stop = match &self.stop {
+            OneOrMany::None => vec![],
+            OneOrMany::One(s) => vec![s.clone()],
+            OneOrMany::Many(v) => v.clone(),
+        };
+        if stop.len() > 4 {
+            return Err(ApiError::invalid(Some("stop"), "at most 4 stop sequences"));
+        }
+        let max_tokens = self
+            .max_completion_tokens
+            .or(self.max_tokens)
+            // No limit: up to the context (the service clamps to what the prompt leaves).
+            .unwrap_or(svc.max_context() as u32);
+        Ok(GenerateRequest {
+            model: String::new(),
+            sampling: Some(SamplingParams {
+                // OpenAI's default temperature is 1.
+                temperature: self.temperature.unwrap_or(1.0),
+                top_p: self.top_p,
+                top_k: self.top_k.unwrap_or(0),
+                min_p: self.min_p.unwrap_or(0.0),
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            }),
+            max_tokens,
+            stop,
+            stream_token_ids: true,
+            ..Default::default()
+        })
+    }
+}
+
+/// One choice's outcome, gathered from its event stream.
+#[derive(Default)]
+struct Gathered {
+    text: String,
+    reasoning: String,
+    prompt_tokens: u32,
+    completion_tokens: u32,
+    reasoning_tokens: u32,
+    finish: Option<FinishReason>,
+    error: String,
+    logprobs: Vec<TokenLogprob>,
+}
+
+fn finish_str(f: Option<FinishReason>) -> Value {
+    match f {
+        Some(FinishReason::Stop) => json!("stop"),
+        Some(FinishReason::Length) => json!("length"),
+        Some(_) => json!("error"),
+        None => Value::Null,
+    }
+}
+
+type EventStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<GenerateResponse, tonic::Status>> + Send>,
+>;
+
+/// Starts one generation; errors before the first event are the request's errors.
+async fn start(
+    svc: &InferenceService,
+    r: GenerateRequest,
+    auth: &Option<String>,
+) -> Result<EventStream, ApiError> {
+    Ok(svc.generate(grpc_request(r, auth)).await?.into_inner())
+}
+
+async fn gather(mut s: EventStream) -> Result<Gathered, ApiError> {
+    let mut g = Gathered::default();
+    while let Some(m) = s.next().await {
+        match m?.event {
+            Some(Event::Started(st)) => g.prompt_tokens = st.prompt_tokens,
+            Some(Event::Delta(d)) => {
+                g.text.push_str(&d.text);
+                g.reasoning.push_str(&d.reasoning_text);
+                g.logprobs.extend(d.logprobs);
+            }
+            Some(Event::Finished(f)) => {
+                g.finish = Some(f.reason());
+                g.error = f.error;
+                if let Some(u) = f.usage {
+                    g.completion_tokens = u.completion_tokens;
+                    g.reasoning_tokens = u.reasoning_tokens;
+                }
+            }
+            None => {}
+        }
+    }
+    if g.finish == Some(FinishReason::Error) {
+        return Err(ApiError::from(tonic::Status::internal(g.error.clone())));
+    }
+    Ok(g)
+}
+
+fn usage(prompt: u32, completion: u32, reasoning: u32) -> Value {
+    json!({
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    })
+}
+
+/// Chat logprobs (`{"content": [...]}`) for some positions.
+fn chat_logprobs(svc: &InferenceService, lps: &[TokenLogprob]) -> Value {
+    let entry = |id: u32, lp: f32| {
+        let t = svc.token_text(id);
+        json!({"token": t, "logprob": lp, "bytes": t.as_bytes()})
+    };
+    json!({"content": lps.iter().map(|l| {
+        let mut e = entry(l.token_id, l.logprob);
+        e["top_logprobs"] = Value::Array(l.top.iter().map(|t| entry(t.token_id, t.logprob)).collect());
+        e
+    }).collect::<Vec<_>>()})
+}
+
+/// Completions logprobs (`tokens`, `token_logprobs`, `top_logprobs`, `text_offset`).
+fn completion_logprobs(svc: &InferenceService, lps: &[TokenLogprob]) -> Value {
+    let mut offset = 0usize;
+    let (mut tokens, mut lp, mut top, mut offsets) = (vec![], vec![], vec![], vec![]);
+    for l in lps {
+        let t = svc.token_text(l.token_id);
+        offsets.push(offset);
+        offset += t.len();
+        tokens.push(t);
+        lp.push(l.logprob);
+        let alts: serde_json::Map<String, Value> = l
+            .top
+            .iter()
+            .map(|a| (svc.token_text(a.token_id), json!(a.logprob)))
+            .collect();
+        top.push(Value::Object(alts));
+    }
+    json!({"tokens": tokens, "token_logprobs": lp, "top_logprobs": top, "text_offset": offsets})
+}
+
+async fn models(State(st): State<HttpState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    st.svc.authorize(bearer(&headers).as_deref())?;
+    Ok(axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": st.svc.model_name(),
+            "object": "model",
+            "created": 0,
+            "owned_by": "switchyard",
+            "max_model_len": st.svc.max_context(),
+        }],
+    }))
+    .into_response())
+}
+
+async fn readyz(State(st): State<HttpState>) -> Response {
+    match (st.ready)() {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(st): State<HttpState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        st.metrics.render(),
+    )
+        .into_response()
+}
+
+fn sse(events: impl tokio_stream::Stream<Item = Value> + Send + 'static) -> Response {
+    use axum::response::sse::{Event as SseEvent, Sse};
+    let s = events
+        .map(|v| SseEvent::default().data(v.to_string()))
+        .chain(tokio_stream::once(SseEvent::default().data("[DONE]")))
+        .map(Ok::<_, std::convert::Infallible>);
+    Sse::new(s).into_response()
+}
+
+async fn chat_completions(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Body(req): Body<ChatRequest>,
+) -> Result<Response, ApiError> {
+    let auth = bearer(&headers);
+    st.svc.authorize(auth.as_deref())?;
+    let mut g = req.common.to_grpc(&st.svc)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            "at least one message is required",
+        ));
+    }
+    let mut messages = Vec::with_capacity(req.messages.len());
+    for (i, m) in req.messages.into_iter().enumerate() {
+        let content = match m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t,
+            Some(Content::Parts(parts)) => {
+                let mut t = String::new();
+                for p in parts {
+                    if p.kind != "text" {
+                        return Err(ApiError::invalid(
+                            Some(&format!("messages[{i}].content")),
+                            format!("content parts of type {:?} are not supported", p.kind),
+                        ));
+                    }
+                    t.push_str(&p.text);
+                }
+                t
+            }
+        };
+        messages.push(ChatMessage {
+            role: m.role,
+            content,
+        });
+    }
+    g.input = Some(generate_request::Input::Chat(ChatInput {
+        messages,
+        add_generation_prompt: Some(true),
+    }));
+    if req.logprobs {
+        g.logprobs = true;
+        g.top_logprobs = req.top_logprobs.unwrap_or(0);
+    } else if req.top_logprobs.is_some_and(|n| n > 0) {
+        return Err(ApiError::invalid(
+            Some("top_logprobs"),
+            "top_logprobs requires logprobs: true",
+        ));
+    }
+    let n = req.common.n.unwrap_or(1);
+    let streams = start_n(&st.svc, &g, n, &auth).await?;
+    let (id, created, model) = (new_id("chatcmpl"), now_s(), st.svc.model_name().to_string());
+    if !req.common.stream {
+        let mut choices = Vec::new();
+        let (mut prompt, mut completion, mut reasoning) = (0, 0, 0);
+        for (i, s) in streams.into_iter().enumerate() {
+            let r = gather(s).await?;
+            prompt = r.prompt_tokens;
+            completion += r.completion_tokens;
+            reasoning += r.reasoning_tokens;
+            let mut message = json!({"role": "assistant", "content": r.text});
+            if !r.reasoning.is_empty() {
+                message["reasoning_content"] = json!(r.reasoning);
+            }
+            choices.push(json!({
+                "index": i,
+                "message": message,
+                "logprobs": if req.logprobs { chat_logprobs(&st.svc, &r.logprobs) } else { Value::Null },
+                "finish_reason": finish_str(r.finish),
+            }));
+        }
+        return Ok(axum::Json(json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": choices, "usage": usage(prompt, completion, reasoning),
+        }))
+        .into_response());
+    }
+    let include_usage = req
+        .common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let svc = st.svc.clone();
+    let want_lp = req.logprobs;
+    let chunk = move |choices: Value, usage: Option<Value>| {
+        let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created,
+            "model": model, "choices": choices});
+        if let Some(u) = usage {
+            c["usage"] = u;
+        }
+        c
+    };
+    Ok(sse(merged(streams, move |item, totals| match item {
+        Item::Event(i, Event::Started(_)) => Some(chunk(
+            json!([{"index": i, "delta": {"role": "assistant", "content": ""},
+                "logprobs": null, "finish_reason": null}]),
+            None,
+        )),
+        Item::Event(i, Event::Delta(d)) => {
+            let mut delta = serde_json::Map::new();
+            if !d.reasoning_text.is_empty() {
+                delta.insert("reasoning_content".into(), json!(d.reasoning_text));
+            }
+            if !d.text.is_empty() {
+                delta.insert("content".into(), json!(d.text));
+            }
+            let lp = if want_lp && !d.logprobs.is_empty() {
+                chat_logprobs(&svc, &d.logprobs)
+            } else {
+                Value::Null
+            };
+            if delta.is_empty() && lp.is_null() {
+                return None;
+            }
+            Some(chunk(
+                json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": null}]),
+                None,
+            ))
+        }
+        Item::Event(i, Event::Finished(f)) => Some(chunk(
+            json!([{"index": i, "delta": {}, "logprobs": null,
+                "finish_reason": finish_str(Some(f.reason()))}]),
+            None,
+        )),
+        Item::Failed(e) => Some(e.body()),
+        Item::End if include_usage => {
+            Some(chunk(json!([]), Some(usage(totals.0, totals.1, totals.2))))
+        }
+        Item::End => None,
+    })))
+}
+
+async fn completions(
+    State(st): State<HttpState>,
+    headers: HeaderMap,
+    Body(req): Body<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let auth = bearer(&headers);
+    st.svc.authorize(auth.as_deref())?;
+    if req.echo {
+        return Err(ApiError::invalid(Some("echo"), "echo is not supported"));
+    }
+    let mut g = req.common.to_grpc(&st.svc)?;
+    // OpenAI's default for completions is 16 tokens.
+    if req.common.max_tokens.is_none() && req.common.max_completion_tokens.is_none() {
+        g.max_tokens = 16;
+    }
+    g.input = Some(match req.prompt {
+        PromptIn::Text(t) => generate_request::Input::Text(t),
+        PromptIn::Ids(ids) => generate_request::Input::TokenIds(TokenIds { ids }),
+        PromptIn::Texts(mut v) if v.len() == 1 => generate_request::Input::Text(v.remove(0)),
+        PromptIn::Texts(_) => {
+            return Err(ApiError::invalid(
+                Some("prompt"),
+                "one prompt per request (send a batch as separate requests)",
+            ))
+        }
+    });
+    if let Some(k) = req.logprobs {
+        g.logprobs = true;
+        g.top_logprobs = k;
+    }
+    let n = req.common.n.unwrap_or(1);
+    let streams = start_n(&st.svc, &g, n, &auth).await?;
+    let (id, created, model) = (new_id("cmpl"), now_s(), st.svc.model_name().to_string());
+    let want_lp = req.logprobs.is_some();
+    if !req.common.stream {
+        let mut choices = Vec::new();
+        let (mut prompt, mut completion, mut reasoning) = (0, 0, 0);
+        for (i, s) in streams.into_iter().enumerate() {
+            let r = gather(s).await?;
+            prompt = r.prompt_tokens;
+            completion += r.completion_tokens;
+            reasoning += r.reasoning_tokens;
+            choices.push(json!({
+                "index": i,
+                // A raw continuation: thinking, if any, is part of the text.
+                "text": format!("{}{}", r.reasoning, r.text),
+                "logprobs": if want_lp { completion_logprobs(&st.svc, &r.logprobs) } else { Value::Null },
+                "finish_reason": finish_str(r.finish),
+            }));
+        }
+        return Ok(axum::Json(json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": choices, "usage": usage(prompt, completion, reasoning),
+        }))
+        .into_response());
+    }
+    let include_usage = req
+        .common
+        .stream_options
+        .as_ref()
+        .is_some_and(|o| o.include_usage);
+    let svc = st.svc.clone();
+    let chunk = move |choices: Value, usage: Option<Value>| {
+        let mut c = json!({"id": id, "object": "text_completion", "created": created,
+            "model": model, "choices": choices});
+        if let Some(u) = usage {
+            c["usage"] = u;
+        }
+        c
+    };
+    Ok(sse(merged(streams, move |item, totals| match item {
+        Item::Event(_, Event::Started(_)) => None,
+        Item::Event(i, Event::Delta(d)) => {
+            let text = format!("{}{}", d.reasoning_text, d.text);
+            let lp = if want_lp && !d.logprobs.is_empty() {
+                completion_logprobs(&svc, &d.logprobs)
+            } else {
+                Value::Null
+            };
+            if text.is_empty() && lp.is_null() {
+                return None;
+            }
+            Some(chunk(
+                json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": null}]),
+                None,
+            ))
+        }
+        Item::Event(i, Event::Finished(f)) => Some(chunk(
+            json!([{"index": i, "text": "", "logprobs": null,
+                "finish_reason": finish_str(Some(f.reason()))}]),
+            None,
+        )),
+        Item::Failed(e) => Some(e.body()),
+        Item::End if include_usage => {
+            Some(chunk(json!([]), Some(usage(totals.0, totals.1, totals.2))))
+        }
+        Item::End => None,
+    })))
+}
+
+/// Starts `n` generations of `g` (seeded ones get seeds `seed + i`, so the choices differ).
+async fn start_n(
+    svc: &InferenceService,
+    g: &GenerateRequest,
+    n: u32,
+    auth: &Option<String>,
+) -> Result<Vec<EventStream>, ApiError> {
+    let mut out = Vec::with_capacity(n as usize);
+    for i in 0..n {
+        let mut r = g.clone();
+        if let Some(s) = r.sampling.as_mut().and_then(|s| s.seed.as_mut()) {
+            *s = s.wrapping_add(i as u64);
+        }
+        out.push(start(svc, r, auth).await?);
+    }
+    Ok(out)
+}
+
+/// What [`merged`] hands the formatter: a choice's event, a choice's error (which ends that
+/// choice), or the end of all choices.
+enum Item {
+    Event(usize, Event),
+    Failed(ApiError),
+    End,
+}
+
+/// Interleaves the choices' event streams in arrival order and formats each item with `f`,
+/// given the usage totals so far (prompt, completion, reasoning tokens); `Item::End` comes
+/// once, after every choice has ended.
+fn merged(
+    streams: Vec<EventStream>,
+    mut f: impl FnMut(Item, (u32, u32, u32)) -> Option<Value> + Send + 'static,
+) -> impl tokio_stream::Stream<Item = Value> + Send + 'static {
+    let mut all = tokio_stream::StreamMap::new();
+    for (i, s) in streams.into_iter().enumerate() {
+        all.insert(i, s);
+    }
+    let items = all
+        .filter_map(|(i, m)| match m {
+            Ok(GenerateResponse { event: Some(e) }) => Some(Item::Event(i, e)),
+            Ok(_) => None,
+            Err(s) => Some(Item::Failed(ApiError::from(s))),
+        })
+        .chain(tokio_stream::once(Item::End));
+    let mut totals = (0u32, 0u32, 0u32);
+    items.filter_map(move |item| {
+        if let Item::Event(_, e) = &item {
+            match e {
+                Event::Started(s) => totals.0 = s.prompt_tokens,
+                Event::Finished(fin) => {
+                    if let Some(u) = &fin.usage {
+                        totals.1 += u.completion_tokens;
+                        totals.2 += u.reasoning_tokens;
+                    }
+                }
+                Event::Delta(_) => {}
+            }
+        }
+        f(item, totals)
+    })
+}

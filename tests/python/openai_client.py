@@ -1,0 +1,116 @@
+"""The official `openai` package against Switchyard's OpenAI-style HTTP API.
+
+Usage: openai_client.py BASE_URL API_KEY EXPECT_JSON
+
+EXPECT_JSON (written by coordinator/tests/openai_client.rs from the gRPC API's answers):
+  {"model", "chat": {"message", "max_tokens", "reasoning", "content", "prompt_tokens",
+   "completion_tokens", "reasoning_tokens"}, "completion": {"prompt_ids", "max_tokens", "text"}}
+Prints one line per check; exits non-zero on the first failure.
+"""
+import json
+import sys
+import urllib.request
+
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+
+base, key, expect_path = sys.argv[1], sys.argv[2], sys.argv[3]
+exp = json.load(open(expect_path))
+client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+model = exp["model"]
+
+
+def check(cond, what):
+    if not cond:
+        print("FAIL:", what)
+        sys.exit(1)
+    print("ok:", what)
+
+
+def scrape():
+    text = urllib.request.urlopen(base + "/metrics").read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def total(samples, name):
+    return sum(v for (n, _), v in samples.items() if n == name)
+
+
+before = scrape()
+check(total(before, "switchyard_generated_tokens_total") >= 0, "metrics parse with prometheus_client")
+
+models = client.models.list()
+check([m.id for m in models.data] == [model], f"models.list -> {[m.id for m in models.data]}")
+
+c = exp["chat"]
+msgs = [{"role": "user", "content": c["message"]}]
+r = client.chat.completions.create(model=model, messages=msgs, max_tokens=c["max_tokens"], temperature=0)
+m = r.choices[0].message
+reasoning = getattr(m, "reasoning_content", None) or (m.model_extra or {}).get("reasoning_content") or ""
+check(m.content == c["content"], f"chat content equals the gRPC answer ({len(m.content)} chars)")
+check(reasoning == c["reasoning"], f"chat reasoning_content equals the gRPC reasoning ({len(reasoning)} chars)")
+check(r.usage.prompt_tokens == c["prompt_tokens"], f"usage.prompt_tokens {r.usage.prompt_tokens}")
+check(r.usage.completion_tokens == c["completion_tokens"], f"usage.completion_tokens {r.usage.completion_tokens}")
+check(r.usage.completion_tokens_details.reasoning_tokens == c["reasoning_tokens"],
+      f"usage reasoning_tokens {r.usage.completion_tokens_details.reasoning_tokens}")
+check(r.choices[0].finish_reason in ("length", "stop"), f"finish_reason {r.choices[0].finish_reason}")
+
+stream = client.chat.completions.create(model=model, messages=msgs, max_tokens=c["max_tokens"], temperature=0,
+                                        stream=True, stream_options={"include_usage": True})
+content, reasoning_s, usage, finish = "", "", None, None
+for chunk in stream:
+    if chunk.usage is not None:
+        usage = chunk.usage
+    for ch in chunk.choices:
+        d = ch.delta
+        content += d.content or ""
+        reasoning_s += (getattr(d, "reasoning_content", None) or (d.model_extra or {}).get("reasoning_content") or "")
+        if ch.finish_reason:
+            finish = ch.finish_reason
+check(content == c["content"], "streamed content equals the gRPC answer")
+check(reasoning_s == c["reasoning"], "streamed reasoning_content equals the gRPC reasoning")
+check(usage is not None and usage.completion_tokens == c["completion_tokens"]
+      and usage.completion_tokens_details.reasoning_tokens == c["reasoning_tokens"],
+      f"final usage chunk {usage}")
+check(finish == r.choices[0].finish_reason, f"streamed finish_reason {finish}")
+
+k = exp["completion"]
+cr = client.completions.create(model=model, prompt=k["prompt_ids"], max_tokens=k["max_tokens"], temperature=0,
+                               logprobs=2)
+check(cr.choices[0].text == k["text"], "completion text equals the gRPC text for the golden prompt")
+check(cr.usage.completion_tokens == k["max_tokens"], f"completion usage {cr.usage.completion_tokens}")
+lp = cr.choices[0].logprobs
+check(len(lp.token_logprobs) == k["max_tokens"] and all(len(t) == 2 for t in lp.top_logprobs),
+      "completion logprobs: one per token, 2 alternatives each")
+
+try:
+    client.chat.completions.create(model=model, messages=msgs, max_tokens=0)
+    check(False, "max_tokens=0 rejected")
+except openai.BadRequestError as e:
+    body = e.body or {}
+    check(e.status_code == 400 and body.get("param") == "max_tokens" and body.get("type") == "invalid_request_error",
+          f"max_tokens=0 -> 400 {body}")
+try:
+    client.chat.completions.create(model="no-such-model", messages=msgs, max_tokens=4)
+    check(False, "unknown model rejected")
+except openai.NotFoundError as e:
+    check(e.status_code == 404 and (e.body or {}).get("code") == "model_not_found", f"unknown model -> 404 {e.body}")
+
+bad = openai.OpenAI(base_url=base + "/v1", api_key="wrong-key", max_retries=0)
+try:
+    bad.chat.completions.create(model=model, messages=msgs, max_tokens=4)
+    check(False, "wrong API key rejected")
+except openai.AuthenticationError as e:
+    check(e.status_code == 401, f"wrong API key -> 401 {e.body}")
+
+after = scrape()
+gen = total(after, "switchyard_generated_tokens_total") - total(before, "switchyard_generated_tokens_total")
+want = 2 * c["completion_tokens"] + k["max_tokens"]
+check(gen >= want, f"switchyard_generated_tokens_total moved by {gen} (served at least {want})")
+fin = total(after, "switchyard_requests_finished_total") - total(before, "switchyard_requests_finished_total")
+check(fin >= 3, f"switchyard_requests_finished_total moved by {fin}")
+print("all checks passed")
