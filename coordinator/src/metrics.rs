@@ -211,11 +211,11 @@ impl Metrics {
                 w.worker, w.used
             );
         }
-        let _ = writeln!(o, "# HELP switchyard_kv_blocks_total KV blocks per worker.\n# TYPE switchyard_kv_blocks_total gauge");
+        let _ = writeln!(o, "# HELP switchyard_kv_blocks_capacity KV blocks per worker.\n# TYPE switchyard_kv_blocks_capacity gauge");
         for w in &kv {
             let _ = writeln!(
                 o,
-                "switchyard_kv_blocks_total{{worker=\"{}\"}} {}",
+                "switchyard_kv_blocks_capacity{{worker=\"{}\"}} {}",
                 w.worker, w.total
             );
         }

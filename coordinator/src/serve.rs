@@ -316,7 +316,8 @@ pub async fn serve(
     Ok(())
 }
 
-/// Every 2 s, looks for pool workers outside the cluster (on two ticks in a row) (lost, then restarted at the same
+/// Every 2 s, checks that the cluster's workers still answer (rebuilding without one that
+/// does not), and looks for pool workers outside the cluster (on two ticks in a row) (lost, then restarted at the same
 /// address, e.g. a StatefulSet pod; or a static `--worker-url` that answers again) and rebuilds
 /// to take them back. A worker that answers but does not make it into the cluster is retried
 /// with exponential backoff (up to a minute), so a broken one cannot make every request
@@ -335,6 +336,18 @@ async fn take_back_returning_workers(
         let snap = control.snapshot();
         if !snap.unavailable.is_empty() {
             continue; // the engine loop retries on its own
+        }
+        // A cluster worker that stopped answering while the cluster is idle (no step to fail,
+        // no membership lease to lapse with static workers): rebuild without it now, so
+        // readiness and capacity reflect it before the next request pays for it.
+        let members = snap.addresses.clone();
+        let gone = tokio::task::spawn_blocking(move || members.iter().any(|u| !reachable(u)))
+            .await
+            .unwrap_or(false);
+        if gone {
+            tracing::warn!("a cluster worker stopped answering; rebuilding without it");
+            let _ = control.rebuild().await;
+            continue;
         }
         let now = tokio::time::Instant::now();
         let outside: Vec<String> = pool

@@ -72,6 +72,17 @@ fn rebuild(driver: &mut Driver, recover: &mut Recover, why: &str) -> Result<(), 
 /// that fails deterministically must not loop forever).
 const MAX_RECOVERIES: usize = 3;
 
+/// Fails every request in flight with UNAVAILABLE and the reason (returned, as worded).
+fn fail_all(driver: &mut Driver, sinks: &mut HashMap<u64, Sink>, why: &str) -> String {
+    let why = format!("the cluster cannot serve: {why}");
+    tracing::error!("{why}; failing the requests in flight");
+    for (id, sink) in sinks.drain() {
+        let _ = sink.send(Err(Status::unavailable(why.clone())));
+        driver.cancel(id);
+    }
+    why
+}
+
 /// While unavailable, how often the engine loop tries to rebuild the cluster.
 const RETRY_UNAVAILABLE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -138,10 +149,19 @@ fn engine_loop(
                             None => Err("this cluster cannot be rebuilt".into()),
                         }
                     };
-                    if r.is_ok() {
-                        unavailable = None;
-                        failures = 0;
-                        last_rebuilt = Instant::now();
+                    match &r {
+                        Ok(()) => {
+                            unavailable = None;
+                            failures = 0;
+                            last_rebuilt = Instant::now();
+                        }
+                        // A failed rebuild has already opened new streams to the workers (the
+                        // old cluster's epoch is over): unavailable until a rebuild succeeds.
+                        // A drain (which asks for a reply) undoes itself and rebuilds again.
+                        Err(why) if reply.is_none() && recover.is_some() => {
+                            unavailable = Some(fail_all(&mut driver, &mut sinks, why));
+                        }
+                        Err(_) => {}
                     }
                     last_try = Instant::now();
                     publish(&driver, &unavailable);
@@ -227,12 +247,7 @@ fn engine_loop(
                     last_rebuilt = Instant::now();
                 }
                 if let Err(why) = rebuilt {
-                    let why = format!("the cluster cannot serve: {why}");
-                    tracing::error!("{why}; failing the requests in flight");
-                    for (id, sink) in sinks.drain() {
-                        let _ = sink.send(Err(Status::unavailable(why.clone())));
-                        driver.cancel(id);
-                    }
+                    let why = fail_all(&mut driver, &mut sinks, &why);
                     if recover.is_some() {
                         unavailable = Some(why);
                         last_try = Instant::now();

@@ -296,3 +296,90 @@ fn live_rebalancing_under_load_keeps_streams_exact_and_admin_reports_it() {
         );
     });
 }
+
+/// Readiness follows the cluster's ability to serve: two workers with room for 5 of the 8
+/// experts each; one is killed (no traffic: the coordinator's prober notices) and `/readyz`
+/// answers 503 with the reason while gRPC health says NOT_SERVING; the worker restarts on its
+/// address and both say ready again.
+#[test]
+fn readiness_flips_while_a_needed_worker_is_missing() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let dir = fixture(MODEL);
+    let m = dir.to_str().unwrap();
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let spawn_b = || {
+        spawn_serving(&[
+            "worker",
+            "--model",
+            m,
+            "--expert-slots",
+            "5",
+            "--listen",
+            &listen,
+        ])
+    };
+    let a = spawn_serving(&["worker", "--model", m, "--expert-slots", "5"]);
+    let mut b = spawn_b();
+    let (_coord, line) = common::spawn_announcing(&[
+        "coordinator",
+        "--model",
+        m,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--worker-url",
+        &a.1,
+        "--worker-url",
+        &b.1,
+    ]);
+    let (url, http) = (
+        common::announced(&line, "grpc"),
+        common::announced(&line, "http"),
+    );
+    let health = |url: String| async move {
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: "switchyard.v1.Inference".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status()
+    };
+    let wait_for = |want_ready: bool| {
+        let t0 = std::time::Instant::now();
+        loop {
+            let (code, body) = common::http_status(&format!("{http}/readyz"));
+            if (code == 200) == want_ready {
+                return body;
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(20),
+                "readyz still {code} {body}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    };
+    wait_for(true);
+    block_on(async { assert_eq!(health(url.clone()).await, ServingStatus::Serving) });
+    b.0 .0.kill().unwrap();
+    let _ = b.0 .0.wait();
+    let why = wait_for(false);
+    assert!(why.contains("room for"), "{why}");
+    block_on(async { assert_eq!(health(url.clone()).await, ServingStatus::NotServing) });
+    b = spawn_b();
+    wait_for(true);
+    block_on(async {
+        assert_eq!(health(url.clone()).await, ServingStatus::Serving);
+        common::assert_goldens(&url, MODEL, 1).await;
+    });
+    drop(b);
+}

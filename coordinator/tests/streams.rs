@@ -159,7 +159,7 @@ fn sixty_four_concurrent_streams_match_one_by_one_and_cancelled_ones_free_their_
         assert!(sample(&page, "switchyard_all_to_all_bytes_total") > 0.0);
         assert!(sample(&page, "switchyard_step_seconds_count") > 0.0);
         assert_eq!(
-            sample(&page, "switchyard_kv_blocks_total{worker=\"1\"}"),
+            sample(&page, "switchyard_kv_blocks_capacity{worker=\"1\"}"),
             1024.0
         );
         let routed: f64 = page

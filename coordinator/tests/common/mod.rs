@@ -53,6 +53,27 @@ pub fn announced(line: &str, key: &str) -> String {
         .to_string()
 }
 
+/// Plain HTTP/1.0 GET of `url`: the status code and the body.
+pub fn http_status(url: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let code = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    (code, body)
+}
+
 /// Plain HTTP/1.0 GET of `url` (http://HOST:PORT/PATH); the response body.
 pub fn http_get(url: &str) -> String {
     use std::io::{Read, Write};
