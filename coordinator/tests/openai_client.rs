@@ -147,3 +147,145 @@ fn the_openai_package_gets_what_grpc_gets() {
     assert!(stdout.contains("all checks passed"));
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// POSTs `body` to `path` with an API key; the open connection (for streaming) after the
+/// response head, and the status code.
+fn post(
+    http: &str,
+    path: &str,
+    key: &str,
+    body: &Value,
+) -> (u16, std::io::BufReader<std::net::TcpStream>) {
+    use std::io::{BufRead, Write};
+    let host = http.strip_prefix("http://").unwrap();
+    let mut s = std::net::TcpStream::connect(host).unwrap();
+    let b = body.to_string();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nAuthorization: Bearer {key}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
+        b.len()
+    )
+    .unwrap();
+    let mut r = std::io::BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    let code = status.split_whitespace().nth(1).unwrap().parse().unwrap();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).unwrap();
+        if h == "\r\n" || h.is_empty() {
+            break;
+        }
+    }
+    (code, r)
+}
+
+/// A key's requests in flight are bounded (the third of a 2-per-key limit gets 429 over HTTP
+/// and RESOURCE_EXHAUSTED over gRPC, another key is unaffected), and a client that hangs up
+/// on a stream cancels its request: nothing stays running and the KV comes back.
+#[test]
+fn per_key_limits_and_disconnects_cancel() {
+    let dir = fixture("tiny-qwen3-moe");
+    let tmp = std::env::temp_dir().join(format!("switchyard-keys-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let keys = tmp.join("keys");
+    std::fs::write(&keys, "key-a\nkey-b\n").unwrap();
+    let (_p, line) = spawn_announcing(&[
+        "up",
+        "--model",
+        dir.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--api-keys-file",
+        keys.to_str().unwrap(),
+        "--max-requests-per-key",
+        "2",
+    ]);
+    let (grpc, http) = (announced(&line, "grpc"), announced(&line, "http"));
+    let model = dir.file_name().unwrap().to_str().unwrap().to_string();
+    let long = json!({"model": model, "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4000, "stream": true, "temperature": 0});
+    let short = json!({"model": model, "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2, "temperature": 0});
+    let (c1, mut s1) = post(&http, "/v1/chat/completions", "key-a", &long);
+    let (c2, s2) = post(&http, "/v1/chat/completions", "key-a", &long);
+    assert_eq!((c1, c2), (200, 200));
+    // Both are streaming: read the first event of one.
+    // (HTTP/1.1 chunked: a chunk-size line comes first.)
+    let mut first = String::new();
+    for _ in 0..4 {
+        first.clear();
+        std::io::BufRead::read_line(&mut s1, &mut first).unwrap();
+        if first.starts_with("data: ") {
+            break;
+        }
+    }
+    assert!(first.starts_with("data: "), "{first:?}");
+    let (c3, mut r3) = post(&http, "/v1/chat/completions", "key-a", &short);
+    let mut body = String::new();
+    let _ = std::io::Read::read_to_string(&mut r3, &mut body);
+    assert_eq!(c3, 429, "{body}");
+    assert!(body.contains("rate_limit"), "{body}");
+    let (c4, _) = post(&http, "/v1/chat/completions", "key-b", &short);
+    assert_eq!(c4, 200, "another key is not limited");
+    block_on(async {
+        let mut c = InferenceClient::connect(grpc.clone()).await.unwrap();
+        let mut req = tonic::Request::new(GenerateRequest {
+            input: Some(generate_request::Input::TokenIds(TokenIds {
+                ids: vec![1, 2, 3],
+            })),
+            max_tokens: 2,
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("authorization", "Bearer key-a".parse().unwrap());
+        let err = c.generate(req).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    });
+    assert!(first.contains("chat.completion.chunk"), "{first}");
+    let running = |grpc: String| async move {
+        let mut c = InferenceClient::connect(grpc).await.unwrap();
+        let mut req = tonic::Request::new(ClusterStatusRequest {});
+        req.metadata_mut()
+            .insert("authorization", "Bearer key-b".parse().unwrap());
+        let st = c.cluster_status(req).await.unwrap().into_inner();
+        (
+            st.workers.iter().map(|w| w.running_sequences).sum::<u32>(),
+            st.workers.iter().map(|w| w.kv_blocks_used).sum::<u32>(),
+        )
+    };
+    let (before, _) = block_on(running(grpc.clone()));
+    assert_eq!(before, 2, "both long streams are running");
+    // Hang up on both long streams: they are cancelled and free their KV.
+    drop(s1);
+    drop(s2);
+    block_on(async {
+        let t0 = std::time::Instant::now();
+        loop {
+            let mut c = InferenceClient::connect(grpc.clone()).await.unwrap();
+            let mut req = tonic::Request::new(ClusterStatusRequest {});
+            req.metadata_mut()
+                .insert("authorization", "Bearer key-b".parse().unwrap());
+            let st = c.cluster_status(req).await.unwrap().into_inner();
+            let running: u32 = st.workers.iter().map(|w| w.running_sequences).sum();
+            let kv: u32 = st.workers.iter().map(|w| w.kv_blocks_used).sum();
+            if running == 0 && kv == 0 {
+                break;
+            }
+            assert!(
+                t0.elapsed() < std::time::Duration::from_secs(10),
+                "still running {running}, kv {kv}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    });
+    // The key's slots are free again.
+    let (c5, _) = post(&http, "/v1/chat/completions", "key-a", &short);
+    assert_eq!(c5, 200);
+    let _ = std::fs::remove_dir_all(&tmp);
+}
