@@ -76,6 +76,9 @@ pub struct AdminArgs {
     /// Coordinator URL, e.g. http://127.0.0.1:50051
     #[arg(long)]
     pub endpoint: String,
+    /// API key, when the coordinator requires one.
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Print the reply as JSON.
     #[arg(long)]
     pub json: bool,
@@ -217,6 +220,9 @@ pub struct GenerateArgs {
     /// Coordinator URL, e.g. http://127.0.0.1:50051
     #[arg(long)]
     pub endpoint: String,
+    /// API key, when the coordinator requires one.
+    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
     #[command(flatten)]
     pub prompt: PromptArgs,
     #[command(flatten)]
@@ -990,9 +996,10 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let mut client = InferenceClient::connect(a.endpoint.clone())
-            .await
-            .with_context(|| format!("--endpoint {}", a.endpoint))?;
+        let mut client = InferenceClient::with_interceptor(
+            connect(&a.endpoint).await?,
+            bearer(a.api_key.clone())?,
+        );
         let (input, tok_input) = match a.prompt.prompt()? {
             Prompt::Text(t) => (
                 generate_request::Input::Text(t.clone()),
@@ -1110,6 +1117,31 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     })
 }
 
+/// A gRPC channel to a coordinator.
+async fn connect(endpoint: &str) -> Result<tonic::transport::Channel> {
+    tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .with_context(|| format!("--endpoint {endpoint}"))?
+        .connect()
+        .await
+        .with_context(|| format!("--endpoint {endpoint}"))
+}
+
+/// Adds `authorization: Bearer KEY` to every call when a key is given.
+fn bearer(
+    key: Option<String>,
+) -> Result<impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone> {
+    let value: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = key
+        .map(|k| format!("Bearer {k}").parse())
+        .transpose()
+        .context("--api-key: not a valid header value")?;
+    Ok(move |mut req: tonic::Request<()>| {
+        if let Some(v) = &value {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    })
+}
+
 fn admin_cmd(a: AdminArgs) -> Result<()> {
     use switchyard_proto::v1::admin_client::AdminClient;
     use switchyard_proto::v1::*;
@@ -1118,9 +1150,8 @@ fn admin_cmd(a: AdminArgs) -> Result<()> {
         .build()?;
     let status = |s: tonic::Status| anyhow::anyhow!("{}: {}", s.code(), s.message());
     rt.block_on(async move {
-        let mut client = AdminClient::connect(a.endpoint.clone())
-            .await
-            .with_context(|| format!("--endpoint {}", a.endpoint))?;
+        let mut client =
+            AdminClient::with_interceptor(connect(&a.endpoint).await?, bearer(a.api_key.clone())?);
         match a.action {
             AdminAction::Status => {
                 let s = client

@@ -287,5 +287,36 @@ fn per_key_limits_and_disconnects_cancel() {
     // The key's slots are free again.
     let (c5, _) = post(&http, "/v1/chat/completions", "key-a", &short);
     assert_eq!(c5, 200);
+    // The CLI clients carry a key (--api-key or SWITCHYARD_API_KEY); without one, refused.
+    let ok = common::switchyard(&["admin", "--endpoint", &grpc, "--api-key", "key-b", "status"]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let refused = common::switchyard(&["admin", "--endpoint", &grpc, "status"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("API key"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let gen = common::switchyard(&[
+        "generate",
+        "--endpoint",
+        &grpc,
+        "--api-key",
+        "key-b",
+        "--prompt-ids",
+        "1,2,3",
+        "--max-tokens",
+        "3",
+        "--json",
+    ]);
+    assert!(
+        gen.status.success(),
+        "{}",
+        String::from_utf8_lossy(&gen.stderr)
+    );
     let _ = std::fs::remove_dir_all(&tmp);
 }
