@@ -523,29 +523,21 @@ async fn chat_completions(
     let streams = start_n(&st.svc, &g, n, &auth).await?;
     let (id, created, model) = (new_id("chatcmpl"), now_s(), st.svc.model_name().to_string());
     if !req.common.stream {
-        let mut choices = Vec::new();
-        let (mut prompt, mut completion, mut reasoning) = (0, 0, 0);
-        for (i, s) in streams.into_iter().enumerate() {
-            let r = gather(s).await?;
-            prompt = r.prompt_tokens;
-            completion += r.completion_tokens;
-            reasoning += r.reasoning_tokens;
+        let svc = st.svc.clone();
+        let want_lp = req.logprobs;
+        return whole(streams, &id, "chat.completion", created, &model, |i, r| {
             let mut message = json!({"role": "assistant", "content": r.text});
             if !r.reasoning.is_empty() {
                 message["reasoning_content"] = json!(r.reasoning);
             }
-            choices.push(json!({
+            json!({
                 "index": i,
                 "message": message,
-                "logprobs": if req.logprobs { chat_logprobs(&st.svc, &r.logprobs) } else { Value::Null },
+                "logprobs": if want_lp { chat_logprobs(&svc, &r.logprobs) } else { Value::Null },
                 "finish_reason": finish_str(r.finish),
-            }));
-        }
-        return Ok(axum::Json(json!({
-            "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": choices, "usage": usage(prompt, completion, reasoning),
-        }))
-        .into_response());
+            })
+        })
+        .await;
     }
     let include_usage = req
         .common
@@ -554,14 +546,7 @@ async fn chat_completions(
         .is_some_and(|o| o.include_usage);
     let svc = st.svc.clone();
     let want_lp = req.logprobs;
-    let chunk = move |choices: Value, usage: Option<Value>| {
-        let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created,
-            "model": model, "choices": choices});
-        if let Some(u) = usage {
-            c["usage"] = u;
-        }
-        c
-    };
+    let chunk = chunker(id, "chat.completion.chunk", created, model);
     Ok(sse(merged(streams, move |item, totals| match item {
         Item::Event(i, Event::Started(_)) => Some(chunk(
             json!([{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -637,26 +622,17 @@ async fn completions(
     let (id, created, model) = (new_id("cmpl"), now_s(), st.svc.model_name().to_string());
     let want_lp = req.logprobs.is_some();
     if !req.common.stream {
-        let mut choices = Vec::new();
-        let (mut prompt, mut completion, mut reasoning) = (0, 0, 0);
-        for (i, s) in streams.into_iter().enumerate() {
-            let r = gather(s).await?;
-            prompt = r.prompt_tokens;
-            completion += r.completion_tokens;
-            reasoning += r.reasoning_tokens;
-            choices.push(json!({
+        let svc = st.svc.clone();
+        return whole(streams, &id, "text_completion", created, &model, |i, r| {
+            json!({
                 "index": i,
                 // A raw continuation: thinking, if any, is part of the text.
                 "text": format!("{}{}", r.reasoning, r.text),
-                "logprobs": if want_lp { completion_logprobs(&st.svc, &r.logprobs) } else { Value::Null },
+                "logprobs": if want_lp { completion_logprobs(&svc, &r.logprobs) } else { Value::Null },
                 "finish_reason": finish_str(r.finish),
-            }));
-        }
-        return Ok(axum::Json(json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": choices, "usage": usage(prompt, completion, reasoning),
-        }))
-        .into_response());
+            })
+        })
+        .await;
     }
     let include_usage = req
         .common
@@ -664,14 +640,7 @@ async fn completions(
         .as_ref()
         .is_some_and(|o| o.include_usage);
     let svc = st.svc.clone();
-    let chunk = move |choices: Value, usage: Option<Value>| {
-        let mut c = json!({"id": id, "object": "text_completion", "created": created,
-            "model": model, "choices": choices});
-        if let Some(u) = usage {
-            c["usage"] = u;
-        }
-        c
-    };
+    let chunk = chunker(id, "text_completion", created, model);
     Ok(sse(merged(streams, move |item, totals| match item {
         Item::Event(_, Event::Started(_)) => None,
         Item::Event(i, Event::Delta(d)) => {
@@ -700,6 +669,49 @@ async fn completions(
         }
         Item::End => None,
     })))
+}
+
+/// A whole (non-streaming) response: every choice gathered and formatted by `choice`, with
+/// the usage summed over choices.
+async fn whole(
+    streams: Vec<EventStream>,
+    id: &str,
+    object: &str,
+    created: u64,
+    model: &str,
+    mut choice: impl FnMut(usize, Gathered) -> Value,
+) -> Result<Response, ApiError> {
+    let mut choices = Vec::new();
+    let (mut prompt, mut completion, mut reasoning) = (0, 0, 0);
+    for (i, s) in streams.into_iter().enumerate() {
+        let r = gather(s).await?;
+        prompt = r.prompt_tokens;
+        completion += r.completion_tokens;
+        reasoning += r.reasoning_tokens;
+        choices.push(choice(i, r));
+    }
+    Ok(axum::Json(json!({
+        "id": id, "object": object, "created": created, "model": model,
+        "choices": choices, "usage": usage(prompt, completion, reasoning),
+    }))
+    .into_response())
+}
+
+/// Builds one streamed chunk (`choices`, and `usage` on the last one when asked for).
+fn chunker(
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: String,
+) -> impl Fn(Value, Option<Value>) -> Value + Send + 'static {
+    move |choices, usage| {
+        let mut c = json!({"id": id, "object": object, "created": created, "model": model,
+            "choices": choices});
+        if let Some(u) = usage {
+            c["usage"] = u;
+        }
+        c
+    }
 }
 
 /// Starts `n` generations of `g` (seeded ones get seeds `seed + i`, so the choices differ).

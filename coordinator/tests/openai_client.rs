@@ -10,32 +10,11 @@ mod common;
 use common::{announced, block_on, fixture, http_get, ids, spawn_announcing};
 
 use serde_json::{json, Value};
-use std::path::PathBuf;
 use switchyard_proto::v1::generate_response::Event;
 use switchyard_proto::v1::inference_client::InferenceClient;
 use switchyard_proto::v1::*;
 
 const KEY: &str = "sk-test-0123456789";
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("SWITCHYARD_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/switchyard/venv/bin/python")
-        });
-    let ok = std::process::Command::new(&p)
-        .args(["-c", "import openai, prometheus_client"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "{} cannot import openai and prometheus_client: run scripts/ensure-deps.sh test or set \
-         SWITCHYARD_PYTHON",
-        p.display()
-    );
-    p
-}
 
 /// Reasoning, answer, usage (prompt, completion, reasoning) of a greedy gRPC generation.
 async fn grpc_generate(url: &str, input: generate_request::Input, max_tokens: u32) -> Value {
@@ -132,7 +111,7 @@ fn the_openai_package_gets_what_grpc_gets() {
     std::fs::write(&exp_path, expect.to_string()).unwrap();
     let script =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/python/openai_client.py");
-    let out = std::process::Command::new(python())
+    let out = std::process::Command::new(common::python("openai, prometheus_client"))
         .arg(&script)
         .args([&http, KEY, exp_path.to_str().unwrap()])
         .output()

@@ -11,27 +11,7 @@ mod common;
 use common::{fixture, ids, spawn_serving};
 
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-
-fn python() -> PathBuf {
-    let p = std::env::var_os("SWITCHYARD_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/switchyard/venv/bin/python")
-        });
-    let ok = std::process::Command::new(&p)
-        .args(["-c", "import grpc, grpc_tools"])
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false);
-    assert!(
-        ok,
-        "{} lacks grpcio/grpcio-tools: run scripts/test.sh (it creates the venv) or set \
-         SWITCHYARD_PYTHON",
-        p.display()
-    );
-    p
-}
+use std::path::Path;
 
 fn log_softmax(v: &[f64]) -> Vec<f64> {
     let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -41,7 +21,7 @@ fn log_softmax(v: &[f64]) -> Vec<f64> {
 
 #[test]
 fn python_grpcio_client_streams_the_golden_tokens() {
-    let py = python();
+    let py = common::python("grpc, grpc_tools");
     let dir = fixture("tiny-qwen3-moe");
     let (_up, url) = spawn_serving(&[
         "up",

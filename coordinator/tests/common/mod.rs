@@ -384,3 +384,25 @@ pub async fn admin_status(url: &str) -> switchyard_proto::v1::ClusterStatusRespo
         .unwrap()
         .into_inner()
 }
+
+/// The Python the cross-language tests run: `$SWITCHYARD_PYTHON`, else the venv that
+/// `scripts/ensure-deps.sh test` creates; panics (with what to do) unless it can import
+/// `modules` (comma-separated).
+pub fn python(modules: &str) -> PathBuf {
+    let p = std::env::var_os("SWITCHYARD_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/switchyard/venv/bin/python")
+        });
+    let ok = Command::new(&p)
+        .args(["-c", &format!("import {modules}")])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(
+        ok,
+        "{} cannot import {modules}: run scripts/ensure-deps.sh test or set SWITCHYARD_PYTHON",
+        p.display()
+    );
+    p
+}
