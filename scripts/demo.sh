@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on an embedded default: builds Switchyard, generates the built-in `tiny` demo
 # model if absent, starts a local cluster (coordinator + 2 worker processes exchanging tokens
-# over the TCP all-to-all) and streams a chat reply through its gRPC API.
+# over the TCP all-to-all), streams a chat reply through its gRPC API and shows the cluster's
+# status (epoch, workers, expert balance) through the admin API.
 # Usage: scripts/demo.sh ["your message"]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,5 +21,7 @@ for _ in $(seq 1 300); do
 done
 url=$(sed -n 's/^serving grpc=\([^ ]*\).*/\1/p' "$log")
 metrics=$(sed -n 's/.* metrics=\([^ ]*\).*/\1/p' "$log")
-echo "local cluster at $url (2 workers; metrics at $metrics)" >&2
+http=$(sed -n 's/.* http=\([^ ]*\).*/\1/p' "$log")
+echo "local cluster at $url (2 workers; OpenAI-style HTTP at $http/v1; metrics at $metrics)" >&2
 "$bin" generate --endpoint "$url" --chat "${1:-Explain expert parallelism in one paragraph.}" --max-tokens 64
+"$bin" admin --endpoint "$url" status
