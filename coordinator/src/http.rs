@@ -547,44 +547,45 @@ async fn chat_completions(
     let svc = st.svc.clone();
     let want_lp = req.logprobs;
     let chunk = chunker(id, "chat.completion.chunk", created, model);
-    Ok(sse(merged(streams, move |item, totals| match item {
-        Item::Event(i, Event::Started(_)) => Some(chunk(
-            json!([{"index": i, "delta": {"role": "assistant", "content": ""},
+    let c = chunk.clone();
+    Ok(sse(merged(
+        streams,
+        chunk,
+        include_usage,
+        move |i, ev| match ev {
+            Event::Started(_) => Some(c(
+                json!([{"index": i, "delta": {"role": "assistant", "content": ""},
                 "logprobs": null, "finish_reason": null}]),
-            None,
-        )),
-        Item::Event(i, Event::Delta(d)) => {
-            let mut delta = serde_json::Map::new();
-            if !d.reasoning_text.is_empty() {
-                delta.insert("reasoning_content".into(), json!(d.reasoning_text));
-            }
-            if !d.text.is_empty() {
-                delta.insert("content".into(), json!(d.text));
-            }
-            let lp = if want_lp && !d.logprobs.is_empty() {
-                chat_logprobs(&svc, &d.logprobs)
-            } else {
-                Value::Null
-            };
-            if delta.is_empty() && lp.is_null() {
-                return None;
-            }
-            Some(chunk(
-                json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": null}]),
                 None,
-            ))
-        }
-        Item::Event(i, Event::Finished(f)) => Some(chunk(
-            json!([{"index": i, "delta": {}, "logprobs": null,
+            )),
+            Event::Delta(d) => {
+                let mut delta = serde_json::Map::new();
+                if !d.reasoning_text.is_empty() {
+                    delta.insert("reasoning_content".into(), json!(d.reasoning_text));
+                }
+                if !d.text.is_empty() {
+                    delta.insert("content".into(), json!(d.text));
+                }
+                let lp = if want_lp && !d.logprobs.is_empty() {
+                    chat_logprobs(&svc, &d.logprobs)
+                } else {
+                    Value::Null
+                };
+                if delta.is_empty() && lp.is_null() {
+                    return None;
+                }
+                Some(c(
+                    json!([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": null}]),
+                    None,
+                ))
+            }
+            Event::Finished(f) => Some(c(
+                json!([{"index": i, "delta": {}, "logprobs": null,
                 "finish_reason": finish_str(Some(f.reason()))}]),
-            None,
-        )),
-        Item::Failed(e) => Some(e.body()),
-        Item::End if include_usage => {
-            Some(chunk(json!([]), Some(usage(totals.0, totals.1, totals.2))))
-        }
-        Item::End => None,
-    })))
+                None,
+            )),
+        },
+    )))
 }
 
 async fn completions(
@@ -641,34 +642,35 @@ async fn completions(
         .is_some_and(|o| o.include_usage);
     let svc = st.svc.clone();
     let chunk = chunker(id, "text_completion", created, model);
-    Ok(sse(merged(streams, move |item, totals| match item {
-        Item::Event(_, Event::Started(_)) => None,
-        Item::Event(i, Event::Delta(d)) => {
-            let text = format!("{}{}", d.reasoning_text, d.text);
-            let lp = if want_lp && !d.logprobs.is_empty() {
-                completion_logprobs(&svc, &d.logprobs)
-            } else {
-                Value::Null
-            };
-            if text.is_empty() && lp.is_null() {
-                return None;
+    let c = chunk.clone();
+    Ok(sse(merged(
+        streams,
+        chunk,
+        include_usage,
+        move |i, ev| match ev {
+            Event::Started(_) => None,
+            Event::Delta(d) => {
+                let text = format!("{}{}", d.reasoning_text, d.text);
+                let lp = if want_lp && !d.logprobs.is_empty() {
+                    completion_logprobs(&svc, &d.logprobs)
+                } else {
+                    Value::Null
+                };
+                if text.is_empty() && lp.is_null() {
+                    return None;
+                }
+                Some(c(
+                    json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": null}]),
+                    None,
+                ))
             }
-            Some(chunk(
-                json!([{"index": i, "text": text, "logprobs": lp, "finish_reason": null}]),
-                None,
-            ))
-        }
-        Item::Event(i, Event::Finished(f)) => Some(chunk(
-            json!([{"index": i, "text": "", "logprobs": null,
+            Event::Finished(f) => Some(c(
+                json!([{"index": i, "text": "", "logprobs": null,
                 "finish_reason": finish_str(Some(f.reason()))}]),
-            None,
-        )),
-        Item::Failed(e) => Some(e.body()),
-        Item::End if include_usage => {
-            Some(chunk(json!([]), Some(usage(totals.0, totals.1, totals.2))))
-        }
-        Item::End => None,
-    })))
+                None,
+            )),
+        },
+    )))
 }
 
 /// A whole (non-streaming) response: every choice gathered and formatted by `choice`, with
@@ -703,7 +705,7 @@ fn chunker(
     object: &'static str,
     created: u64,
     model: String,
-) -> impl Fn(Value, Option<Value>) -> Value + Send + 'static {
+) -> impl Fn(Value, Option<Value>) -> Value + Clone + Send + 'static {
     move |choices, usage| {
         let mut c = json!({"id": id, "object": object, "created": created, "model": model,
             "choices": choices});
@@ -732,36 +734,27 @@ async fn start_n(
     Ok(out)
 }
 
-/// What [`merged`] hands the formatter: a choice's event, a choice's error (which ends that
-/// choice), or the end of all choices.
-enum Item {
-    Event(usize, Event),
-    Failed(ApiError),
-    End,
-}
-
-/// Interleaves the choices' event streams in arrival order and formats each item with `f`,
-/// given the usage totals so far (prompt, completion, reasoning tokens); `Item::End` comes
-/// once, after every choice has ended.
+/// Interleaves the choices' event streams in arrival order as streamed chunks: each event is
+/// formatted by `f` (choice index, event; `None` skips it), a choice's error is sent as an
+/// OpenAI error body (and ends that choice), and after every choice has ended comes a chunk
+/// with the usage totals when `include_usage` (prompt tokens; completion and reasoning
+/// tokens summed over choices).
 fn merged(
     streams: Vec<EventStream>,
-    mut f: impl FnMut(Item, (u32, u32, u32)) -> Option<Value> + Send + 'static,
+    chunk: impl Fn(Value, Option<Value>) -> Value + Send + 'static,
+    include_usage: bool,
+    mut f: impl FnMut(usize, Event) -> Option<Value> + Send + 'static,
 ) -> impl tokio_stream::Stream<Item = Value> + Send + 'static {
     let mut all = tokio_stream::StreamMap::new();
     for (i, s) in streams.into_iter().enumerate() {
         all.insert(i, s);
     }
-    let items = all
-        .filter_map(|(i, m)| match m {
-            Ok(GenerateResponse { event: Some(e) }) => Some(Item::Event(i, e)),
-            Ok(_) => None,
-            Err(s) => Some(Item::Failed(ApiError::from(s))),
-        })
-        .chain(tokio_stream::once(Item::End));
+    // `None` marks the end of every choice.
+    let items = all.map(Some).chain(tokio_stream::once(None));
     let mut totals = (0u32, 0u32, 0u32);
-    items.filter_map(move |item| {
-        if let Item::Event(_, e) = &item {
-            match e {
+    items.filter_map(move |item| match item {
+        Some((i, Ok(GenerateResponse { event: Some(e) }))) => {
+            match &e {
                 Event::Started(s) => totals.0 = s.prompt_tokens,
                 Event::Finished(fin) => {
                     if let Some(u) = &fin.usage {
@@ -771,7 +764,11 @@ fn merged(
                 }
                 Event::Delta(_) => {}
             }
+            f(i, e)
         }
-        f(item, totals)
+        Some((_, Ok(_))) => None,
+        Some((_, Err(s))) => Some(ApiError::from(s).body()),
+        None if include_usage => Some(chunk(json!([]), Some(usage(totals.0, totals.1, totals.2)))),
+        None => None,
     })
 }

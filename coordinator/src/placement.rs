@@ -232,11 +232,6 @@ pub fn rebalance(
     Ok((out, moved))
 }
 
-/// Rank loads of one layer (each expert's load split over its holders).
-fn layer_loads(load: &[f64], table: &[Vec<u32>], world: usize) -> Vec<f64> {
-    rank_loads(table, load, world)
-}
-
 /// Adjusts one layer's holder table in place (see [`rebalance`]); replicas added or moved.
 fn refine_layer(load: &[f64], target: &[usize], caps: &[usize], table: &mut [Vec<u32>]) -> usize {
     let world = caps.len();
@@ -248,7 +243,7 @@ fn refine_layer(load: &[f64], target: &[usize], caps: &[usize], table: &mut [Vec
     order.sort_by(|&a, &b| load[b].total_cmp(&load[a]).then(a.cmp(&b)));
     for &e in &order {
         while table[e].len() > target[e].max(1) {
-            let wl = layer_loads(load, table, world);
+            let wl = rank_loads(table, load, world);
             let &w = table[e]
                 .iter()
                 .max_by(|a, b| wl[**a as usize].total_cmp(&wl[**b as usize]))
@@ -256,7 +251,7 @@ fn refine_layer(load: &[f64], target: &[usize], caps: &[usize], table: &mut [Vec
             table[e].retain(|x| *x != w);
         }
         while table[e].len() < target[e] {
-            let wl = layer_loads(load, table, world);
+            let wl = rank_loads(table, load, world);
             let pick = (0..world)
                 .filter(|&w| !table[e].contains(&(w as u32)) && held_by(table, w) < caps[w])
                 .min_by(|&a, &b| wl[a].total_cmp(&wl[b]).then(a.cmp(&b)));
@@ -269,7 +264,7 @@ fn refine_layer(load: &[f64], target: &[usize], caps: &[usize], table: &mut [Vec
     // 2. Relieve the busiest rank, one move or swap at a time.
     let share = |table: &[Vec<u32>], e: usize| load[e] / table[e].len().max(1) as f64;
     for _ in 0..4 * table.len() {
-        let wl = layer_loads(load, table, world);
+        let wl = rank_loads(table, load, world);
         let mean = wl.iter().sum::<f64>() / world as f64;
         let b = (0..world)
             .max_by(|&x, &y| wl[x].total_cmp(&wl[y]).then(y.cmp(&x)))

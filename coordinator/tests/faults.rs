@@ -112,14 +112,17 @@ fn draining_a_worker_under_load_moves_its_work_with_no_client_error() {
     });
 }
 
-/// Two workers with room for 5 of the 8 experts per layer each: one alone cannot serve.
-#[test]
-fn losing_capacity_fails_requests_unavailable_until_a_worker_returns() {
-    let dir = fixture(MODEL);
-    let m = dir.to_str().unwrap();
-    let port = common::free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let spawn_b = || {
+/// Two workers with room for 5 of the 8 experts per layer each (one alone cannot serve): A,
+/// B on a fixed address, and how to start B again there.
+fn tight_pair(
+    m: &str,
+) -> (
+    (Proc, String),
+    (Proc, String),
+    impl Fn() -> (Proc, String) + '_,
+) {
+    let listen = format!("127.0.0.1:{}", common::free_port());
+    let spawn_b = move || {
         spawn_serving(&[
             "worker",
             "--model",
@@ -131,7 +134,16 @@ fn losing_capacity_fails_requests_unavailable_until_a_worker_returns() {
         ])
     };
     let a = spawn_serving(&["worker", "--model", m, "--expert-slots", "5"]);
-    let mut b = spawn_b();
+    let b = spawn_b();
+    (a, b, spawn_b)
+}
+
+/// Two workers with room for 5 of the 8 experts per layer each: one alone cannot serve.
+#[test]
+fn losing_capacity_fails_requests_unavailable_until_a_worker_returns() {
+    let dir = fixture(MODEL);
+    let m = dir.to_str().unwrap();
+    let (a, mut b, spawn_b) = tight_pair(m);
     let (_coord, url) = spawn_serving(&[
         "coordinator",
         "--model",
@@ -308,20 +320,7 @@ fn readiness_flips_while_a_needed_worker_is_missing() {
     use tonic_health::pb::HealthCheckRequest;
     let dir = fixture(MODEL);
     let m = dir.to_str().unwrap();
-    let listen = format!("127.0.0.1:{}", common::free_port());
-    let spawn_b = || {
-        spawn_serving(&[
-            "worker",
-            "--model",
-            m,
-            "--expert-slots",
-            "5",
-            "--listen",
-            &listen,
-        ])
-    };
-    let a = spawn_serving(&["worker", "--model", m, "--expert-slots", "5"]);
-    let mut b = spawn_b();
+    let (a, mut b, spawn_b) = tight_pair(m);
     let (_coord, line) = common::spawn_announcing(&[
         "coordinator",
         "--model",

@@ -16,6 +16,12 @@ use switchyard_proto::v1::*;
 
 const KEY: &str = "sk-test-0123456789";
 
+/// Adds `authorization: Bearer KEY` to a gRPC request.
+fn with_key<T>(req: &mut tonic::Request<T>, key: &str) {
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+}
+
 /// Reasoning, answer, usage (prompt, completion, reasoning) of a greedy gRPC generation.
 async fn grpc_generate(url: &str, input: generate_request::Input, max_tokens: u32) -> Value {
     let mut c = InferenceClient::connect(url.to_string()).await.unwrap();
@@ -25,8 +31,7 @@ async fn grpc_generate(url: &str, input: generate_request::Input, max_tokens: u3
         sampling: Some(SamplingParams::default()),
         ..Default::default()
     });
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {KEY}").parse().unwrap());
+    with_key(&mut req, KEY);
     let mut s = c.generate(req).await.unwrap().into_inner();
     let (mut reasoning, mut text, mut usage) = (String::new(), String::new(), None);
     while let Some(m) = s.message().await.unwrap() {
@@ -221,8 +226,7 @@ fn per_key_limits_and_disconnects_cancel() {
             max_tokens: 2,
             ..Default::default()
         });
-        req.metadata_mut()
-            .insert("authorization", "Bearer key-a".parse().unwrap());
+        with_key(&mut req, "key-a");
         let err = c.generate(req).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
     });
@@ -230,8 +234,7 @@ fn per_key_limits_and_disconnects_cancel() {
     let running = |grpc: String| async move {
         let mut c = InferenceClient::connect(grpc).await.unwrap();
         let mut req = tonic::Request::new(ClusterStatusRequest {});
-        req.metadata_mut()
-            .insert("authorization", "Bearer key-b".parse().unwrap());
+        with_key(&mut req, "key-b");
         let st = c.cluster_status(req).await.unwrap().into_inner();
         (
             st.workers.iter().map(|w| w.running_sequences).sum::<u32>(),
@@ -248,8 +251,7 @@ fn per_key_limits_and_disconnects_cancel() {
         loop {
             let mut c = InferenceClient::connect(grpc.clone()).await.unwrap();
             let mut req = tonic::Request::new(ClusterStatusRequest {});
-            req.metadata_mut()
-                .insert("authorization", "Bearer key-b".parse().unwrap());
+            with_key(&mut req, "key-b");
             let st = c.cluster_status(req).await.unwrap().into_inner();
             let running: u32 = st.workers.iter().map(|w| w.running_sequences).sum();
             let kv: u32 = st.workers.iter().map(|w| w.kv_blocks_used).sum();
