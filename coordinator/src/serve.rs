@@ -236,13 +236,19 @@ pub async fn serve(
         let (control, membership, ready_state) =
             (control.clone(), membership.clone(), ready_state.clone());
         let health = health.clone();
-        let first = readiness(&control, &*membership).await;
+        let mut members = membership_ready(&*membership).await;
+        let first = readiness(&control.snapshot(), &members);
         apply_readiness(&health, &ready_state, first).await;
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
+            // The engine's state is read every 100 ms (a lock), so the cluster forming or
+            // losing capacity shows at once; membership is asked once a second.
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
+            for n in 1u64.. {
                 tick.tick().await;
-                let r = readiness(&control, &*membership).await;
+                if n % 10 == 0 {
+                    members = membership_ready(&*membership).await;
+                }
+                let r = readiness(&control.snapshot(), &members);
                 apply_readiness(&health, &ready_state, r).await;
             }
         });
@@ -393,18 +399,19 @@ async fn take_back_returning_workers(
 }
 
 /// Whether the coordinator can serve: the cluster is formed and not unavailable, and
-/// membership (etcd) answers within a second.
-async fn readiness(
-    control: &crate::server::EngineControl,
-    membership: &dyn Membership,
-) -> Result<(), String> {
-    let s = control.snapshot();
+/// membership (etcd) answered (`members`, from [`membership_ready`]).
+fn readiness(s: &crate::driver::Snapshot, members: &Result<(), String>) -> Result<(), String> {
     if !s.unavailable.is_empty() {
-        return Err(s.unavailable);
+        return Err(s.unavailable.clone());
     }
     if s.addresses.is_empty() {
         return Err("no cluster yet".into());
     }
+    members.clone()
+}
+
+/// Whether membership (etcd) answers within a second.
+async fn membership_ready(membership: &dyn Membership) -> Result<(), String> {
     match tokio::time::timeout(Duration::from_secs(1), membership.leader(LEADER_ELECTION)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("membership: {e}")),
@@ -432,11 +439,12 @@ async fn apply_readiness(
     } else {
         tracing::info!("ready");
     }
-    *state.lock().unwrap_or_else(|e| e.into_inner()) = r;
+    // Health first, so that /readyz never runs ahead of gRPC health.
     health.set_service_status("", status).await;
     health
         .set_service_status("switchyard.v1.Inference", status)
         .await;
+    *state.lock().unwrap_or_else(|e| e.into_inner()) = r;
 }
 
 /// Whether a worker's control port accepts a connection (within 1 s).

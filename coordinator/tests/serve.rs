@@ -276,15 +276,29 @@ fn worker_counts_and_replicas_all_stream_the_goldens() {
                         .await
                         .unwrap();
                     let mut h = HealthClient::new(ch);
+                    // The cluster forms after the listener is up; readiness follows within
+                    // a poll (100 ms) of it.
                     for service in ["", "switchyard.v1.Inference"] {
-                        let s = h
-                            .check(HealthCheckRequest {
-                                service: service.into(),
-                            })
-                            .await
-                            .unwrap()
-                            .into_inner();
-                        assert_eq!(s.status(), ServingStatus::Serving, "{service:?}");
+                        let deadline =
+                            std::time::Instant::now() + std::time::Duration::from_secs(30);
+                        loop {
+                            let s = h
+                                .check(HealthCheckRequest {
+                                    service: service.into(),
+                                })
+                                .await
+                                .unwrap()
+                                .into_inner();
+                            if s.status() == ServingStatus::Serving {
+                                break;
+                            }
+                            assert!(
+                                std::time::Instant::now() < deadline,
+                                "{service:?} still {:?} after 30 s",
+                                s.status()
+                            );
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        }
                     }
                     common::assert_goldens(&url, model, 2).await;
                     let st = common::cluster_status(&url).await;
