@@ -11,6 +11,8 @@
 //!   thread with a fixed reduction order.
 
 pub mod attention;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod linear;
 pub mod moe;
 pub mod norm;

@@ -141,6 +141,11 @@ impl Rope {
         self.dim
     }
 
+    /// The inverse frequencies (`dim / 2`), what a device kernel needs besides the factor.
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     pub fn attention_factor(&self) -> f32 {
         self.attention_factor
     }
