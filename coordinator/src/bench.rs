@@ -23,12 +23,15 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Skip the memory bandwidth measurement (for profiling the model alone).
     pub skip_bandwidth: bool,
+    /// Where the forward pass runs; on a GPU the bound is the device's memory bandwidth.
+    pub device: switchyard_worker::Device,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchReport {
     pub model: String,
     pub dtype: String,
+    pub device: String,
     pub threads: usize,
     pub weight_bytes: usize,
     /// Weight bytes a single decode token must read (dense + top-k experts + lm_head).
@@ -38,7 +41,9 @@ pub struct BenchReport {
     pub prefill_tokens: usize,
     pub prefill_tok_s: f64,
     pub decode_tok_s_b1: f64,
-    pub decode_tok_s_b8: f64,
+    /// Sequences decoded together in the batched measurement.
+    pub batch: usize,
+    pub decode_tok_s_batch: f64,
     pub decode_b1_bound_tok_s: f64,
     pub decode_b1_fraction_of_bound: f64,
     pub peak_rss_bytes: u64,
@@ -146,6 +151,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
     let eopts = EngineOptions {
         dtype: opts.dtype,
         max_context: Some(opts.prefill_tokens.max(64) + opts.decode_steps + 64),
+        kv_blocks: Some(
+            (opts.batch.max(4) + 1) * (opts.prefill_tokens.max(64) + opts.decode_steps + 64)
+                .div_ceil(16),
+        ),
+        device: opts.device,
         ..Default::default()
     };
     let mut engine = Engine::load(&opts.model, &eopts)?;
@@ -179,7 +189,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
         }
     }
     let decode_tok_s_b1 = decode(&mut engine, &mut rng, 1, opts.decode_steps)?;
-    let decode_tok_s_b8 = decode(
+    let decode_tok_s_batch = decode(
         &mut engine,
         &mut rng,
         opts.batch,
@@ -191,7 +201,19 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
     let bw = if opts.skip_bandwidth {
         f64::NAN
     } else {
-        read_bandwidth_gb_s(1 << 30)
+        match opts.device {
+            switchyard_worker::Device::Cpu => read_bandwidth_gb_s(1 << 30),
+            switchyard_worker::Device::Cuda(_n) => {
+                #[cfg(feature = "cuda")]
+                {
+                    switchyard_kernels::cuda::Gpu::get(_n)
+                        .and_then(|g| g.copy_bandwidth_gb_s(4 << 30))
+                        .map_err(|e| WorkerError::Device(e.to_string()))?
+                }
+                #[cfg(not(feature = "cuda"))]
+                f64::NAN
+            }
+        }
     };
     let bound = bw * 1e9 / bytes_per_token as f64;
     Ok(BenchReport {
@@ -201,6 +223,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
         } else {
             "f32".into()
         },
+        device: opts.device.to_string(),
         threads: rayon::current_num_threads(),
         weight_bytes,
         bytes_per_token,
@@ -209,7 +232,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
         prefill_tokens: opts.prefill_tokens,
         prefill_tok_s,
         decode_tok_s_b1,
-        decode_tok_s_b8,
+        batch: opts.batch,
+        decode_tok_s_batch,
         decode_b1_bound_tok_s: bound,
         decode_b1_fraction_of_bound: decode_tok_s_b1 / bound,
         peak_rss_bytes: peak_rss,

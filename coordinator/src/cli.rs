@@ -469,6 +469,9 @@ pub struct BenchArgs {
     /// Skip measuring memory bandwidth (profiling runs).
     #[arg(long)]
     pub skip_bandwidth: bool,
+    /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: switchyard_worker::Device,
 }
 
 pub fn main_with(cli: Cli) -> Result<()> {
@@ -739,14 +742,15 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         batch: a.batch,
         seed: 0,
         skip_bandwidth: a.skip_bandwidth,
+        device: a.device,
     })?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
     println!(
-        "model            {} ({}, {} threads)",
-        r.model, r.dtype, r.threads
+        "model            {} ({}, {}, {} threads)",
+        r.model, r.dtype, r.device, r.threads
     );
     println!(
         "weights          {:.1} MB held, {:.1} MB read per decoded token",
@@ -766,7 +770,10 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         r.decode_tok_s_b1,
         100.0 * r.decode_b1_fraction_of_bound
     );
-    println!("decode b=8       {:.1} tok/s aggregate", r.decode_tok_s_b8);
+    println!(
+        "decode b={:<3}     {:.1} tok/s aggregate",
+        r.batch, r.decode_tok_s_batch
+    );
     println!(
         "peak RSS         {:.1} MB ({:.2}x weights)",
         r.peak_rss_bytes as f64 / 1e6,

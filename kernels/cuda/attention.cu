@@ -1,7 +1,7 @@
 // Paged attention over the KV cache layout `[block][slot][kv_head][head_dim]` (f32), with
 // online softmax. Query row r attends to keys lo..=pos[r] of its own sequence (the block table
 // at tables + table_off[r]); lo = pos + 1 - window under a sliding window, else 0. Query head
-// h reads kv head h / (heads / kv_heads). head_dim is a multiple of 32, at most 256.
+// h reads kv head h / (heads / kv_heads). head_dim is at most 256 (lanes past it idle).
 #define DPL_MAX 8   // head_dim / 32
 #define RPW_MAX 4   // query rows per warp in the prefill tile
 

@@ -16,9 +16,10 @@
 
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaView, CudaViewMut, DevicePtr,
-    DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
 };
+pub use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use cudarc::nvrtc::{CompileOptions, Ptx};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -268,6 +269,23 @@ impl Gpu {
     }
     pub fn sync(&self) -> Result<(), CudaError> {
         Ok(self.stream.synchronize()?)
+    }
+
+    /// Device memory bandwidth, GB/s counting bytes read and written: best of 10
+    /// device-to-device copies of `bytes`.
+    pub fn copy_bandwidth_gb_s(&self, bytes: usize) -> Result<f64, CudaError> {
+        let n = bytes / 4;
+        let src = self.zeros::<f32>(n)?;
+        let mut dst = self.zeros::<f32>(n)?;
+        let mut best = 0.0f64;
+        for _ in 0..10 {
+            self.sync()?;
+            let t = std::time::Instant::now();
+            self.stream.memcpy_dtod(&src, &mut dst)?;
+            self.sync()?;
+            best = best.max(2.0 * (n * 4) as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+        Ok(best)
     }
 
     /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (cuBLAS; `beta = 1` accumulates into `out`).
@@ -709,11 +727,11 @@ impl Gpu {
         p: &GpuAttn,
         out: &mut CudaViewMut<'_, f32>,
     ) -> Result<(), CudaError> {
-        if p.head_dim % 32 != 0 || p.head_dim > 256 || p.heads % p.kv_heads != 0 {
+        if p.head_dim == 0 || p.head_dim > 256 || p.kv_heads == 0 || p.heads % p.kv_heads != 0 {
             return Err(CudaError::Shape {
                 op: "attention",
                 detail: format!(
-                    "head_dim {} (a multiple of 32 up to 256), {} heads over {} kv heads",
+                    "head_dim {} (1 to 256), {} heads over {} kv heads",
                     p.head_dim, p.heads, p.kv_heads
                 ),
             });

@@ -303,6 +303,9 @@ fn paged_attention_decode_and_tiled_prefill_match_cpu() {
     attention_case(&g, &mut rng, &[(300, 200), (1, 9)], 16, 4, 128, None);
     attention_case(&g, &mut rng, &[(100, 0)], 8, 8, 128, Some(33));
     attention_case(&g, &mut rng, &[(40, 3)], 4, 1, 256, None);
+    // Small heads (the fixture models' 16): lanes past head_dim idle.
+    attention_case(&g, &mut rng, &[(33, 0), (1, 40)], 4, 2, 16, None);
+    attention_case(&g, &mut rng, &[(1, 90), (1, 3)], 4, 2, 16, Some(20));
 }
 
 #[test]

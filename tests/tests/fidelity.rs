@@ -4,7 +4,7 @@
 mod common;
 use common::{fixture, floats, golden, ids};
 
-use switchyard_worker::engine::{ChunkSpec, Engine, EngineOptions, Logits};
+use switchyard_worker::engine::{ChunkSpec, Device, Engine, EngineOptions, Logits};
 use switchyard_worker::WeightDType;
 
 const MODELS: &[&str] = &["tiny-qwen3-moe", "tiny-mixtral"];
@@ -12,6 +12,13 @@ const LOGIT_TOL: f32 = 1e-4;
 
 fn engine(model: &str, opts: EngineOptions) -> Engine {
     Engine::load(&fixture(model), &opts).unwrap()
+}
+
+fn on(device: Device) -> EngineOptions {
+    EngineOptions {
+        device,
+        ..Default::default()
+    }
 }
 
 fn max_abs(a: &[f32], b: &[f32]) -> f32 {
@@ -79,9 +86,13 @@ fn greedy_batched(e: &mut Engine, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32
 
 #[test]
 fn logits_match_golden_at_recorded_positions() {
+    logits_match_golden_at_recorded_positions_on(Device::Cpu)
+}
+
+fn logits_match_golden_at_recorded_positions_on(dev: Device) {
     for model in MODELS {
         let g = golden(model);
-        let mut e = engine(model, EngineOptions::default());
+        let mut e = engine(model, on(dev));
         for (pi, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
             let prompt = ids(&p["input_ids"]);
             let all = prompt_logits(&mut e, pi as u64, &prompt);
@@ -104,6 +115,10 @@ fn logits_match_golden_at_recorded_positions() {
 
 #[test]
 fn greedy_tokens_match_golden_one_by_one_and_batched() {
+    greedy_tokens_match_golden_one_by_one_and_batched_on(Device::Cpu)
+}
+
+fn greedy_tokens_match_golden_one_by_one_and_batched_on(dev: Device) {
     for model in MODELS {
         let g = golden(model);
         let prompts: Vec<Vec<u32>> = g["prompts"]
@@ -119,7 +134,7 @@ fn greedy_tokens_match_golden_one_by_one_and_batched() {
             .map(|p| ids(&p["greedy"]["new_ids"]))
             .collect();
         let n = want[0].len();
-        let mut e = engine(model, EngineOptions::default());
+        let mut e = engine(model, on(dev));
         for (i, p) in prompts.iter().enumerate() {
             let got = greedy_batched(&mut e, std::slice::from_ref(p), n);
             assert_eq!(got[0], want[i], "{model} prompt {i} alone");
@@ -143,11 +158,15 @@ fn greedy_tokens_match_golden_one_by_one_and_batched() {
 
 #[test]
 fn router_choices_match_golden() {
+    router_choices_match_golden_on(Device::Cpu)
+}
+
+fn router_choices_match_golden_on(dev: Device) {
     for model in MODELS {
         let g = golden(model);
         let p = &g["prompts"][0];
         let prompt = ids(&p["input_ids"]);
-        let mut e = engine(model, EngineOptions::default());
+        let mut e = engine(model, on(dev));
         let out = e
             .step(
                 &[ChunkSpec {
@@ -187,11 +206,15 @@ fn router_choices_match_golden() {
 
 #[test]
 fn chunked_prefill_of_64_equals_one_pass() {
+    chunked_prefill_of_64_equals_one_pass_on(Device::Cpu)
+}
+
+fn chunked_prefill_of_64_equals_one_pass_on(dev: Device) {
     for model in MODELS {
         let g = golden(model);
         let p = &g["prompts"][3]; // `long`, 281 tokens
         let prompt = ids(&p["input_ids"]);
-        let mut e = engine(model, EngineOptions::default());
+        let mut e = engine(model, on(dev));
         let whole = prompt_logits(&mut e, 1, &prompt);
         let mut chunked = Vec::new();
         for c in prompt.chunks(64) {
@@ -282,5 +305,50 @@ fn bf16_copies_stay_within_tolerance() {
         eprintln!("{model}: bf16 worst logit drift {worst}");
         assert!(worst < 0.05, "{model}: bf16 drift {worst}");
         assert!(worst > 0.0, "bf16 path must actually round weights");
+    }
+}
+
+/// The same checks with the forward pass on a GPU (feature `cuda`); each says why it skips
+/// where no GPU is present.
+#[cfg(feature = "cuda")]
+mod on_gpu {
+    use super::*;
+
+    fn gpu() -> Option<Device> {
+        match switchyard_kernels::cuda::probe() {
+            Ok(_) => Some(Device::Cuda(0)),
+            Err(why) => {
+                eprintln!("SKIPPED: no GPU: {why}");
+                None
+            }
+        }
+    }
+
+    #[test]
+    fn gpu_logits_match_golden_at_recorded_positions() {
+        if let Some(d) = gpu() {
+            logits_match_golden_at_recorded_positions_on(d)
+        }
+    }
+
+    #[test]
+    fn gpu_greedy_tokens_match_golden_one_by_one_and_batched() {
+        if let Some(d) = gpu() {
+            greedy_tokens_match_golden_one_by_one_and_batched_on(d)
+        }
+    }
+
+    #[test]
+    fn gpu_router_choices_match_golden() {
+        if let Some(d) = gpu() {
+            router_choices_match_golden_on(d)
+        }
+    }
+
+    #[test]
+    fn gpu_chunked_prefill_of_64_equals_one_pass() {
+        if let Some(d) = gpu() {
+            chunked_prefill_of_64_equals_one_pass_on(d)
+        }
     }
 }

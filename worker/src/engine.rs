@@ -29,6 +29,41 @@ pub struct EngineOptions {
     pub max_context: Option<usize>,
     /// Number of expert shards to load in-process (each holds only its experts).
     pub expert_shards: usize,
+    /// Where the forward pass runs.
+    pub device: Device,
+}
+
+/// Where a worker runs the forward pass.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    #[default]
+    Cpu,
+    /// CUDA device ordinal (builds with the `cuda` feature).
+    Cuda(usize),
+}
+
+impl std::str::FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Device::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?} (cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Device::Cpu => write!(f, "cpu"),
+            Device::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
 }
 
 impl Default for EngineOptions {
@@ -39,6 +74,7 @@ impl Default for EngineOptions {
             kv_blocks: None,
             max_context: None,
             expert_shards: 1,
+            device: Device::Cpu,
         }
     }
 }
@@ -75,6 +111,10 @@ pub struct Engine {
     kv: KvCache,
     seqs: HashMap<u64, Seq>,
     max_context: usize,
+    /// The model on a GPU, when the engine runs there (it then owns the KV data; `kv` keeps
+    /// the block allocator).
+    #[cfg(feature = "cuda")]
+    gpu: Option<crate::model::cuda::CudaModel>,
 }
 
 /// Reads and validates `config.json` of a checkpoint folder.
@@ -203,6 +243,33 @@ impl Engine {
             .kv_blocks
             .unwrap_or(4 * max_context.div_ceil(opts.block_size));
         let kv = KvCache::new(&cfg, blocks, opts.block_size);
+        #[cfg(feature = "cuda")]
+        let gpu = match opts.device {
+            Device::Cpu => None,
+            Device::Cuda(ordinal) => {
+                if experts.placement().is_some() {
+                    return Err(WorkerError::Device(
+                        "CUDA workers hold every expert (one GPU per worker); expert \
+                         parallelism across GPU workers is not wired yet"
+                            .into(),
+                    ));
+                }
+                let all = ExpertSet::load(&ck, &cfg, &ExpertSelection::all(&cfg), dtype)?;
+                Some(crate::model::cuda::CudaModel::upload(
+                    &model,
+                    &all,
+                    ordinal,
+                    blocks,
+                    opts.block_size,
+                )?)
+            }
+        };
+        #[cfg(not(feature = "cuda"))]
+        if let Device::Cuda(_) = opts.device {
+            return Err(WorkerError::Device(
+                "this build has no CUDA support (build with `--features cuda`)".into(),
+            ));
+        }
         Ok(Engine {
             model,
             dir: dir.to_path_buf(),
@@ -211,6 +278,8 @@ impl Engine {
             kv,
             seqs: HashMap::new(),
             max_context,
+            #[cfg(feature = "cuda")]
+            gpu,
         })
     }
 
@@ -338,6 +407,14 @@ impl Engine {
             .collect();
         // The forward pass runs on the caller's thread, never inside the thread pool: with
         // expert parallelism it blocks in collectives, which must not hold pool threads.
+        #[cfg(feature = "cuda")]
+        let out = match &mut self.gpu {
+            Some(g) => g.forward(&inputs, record_routing),
+            None => self
+                .model
+                .forward(&inputs, &mut self.kv, &*self.experts, record_routing),
+        };
+        #[cfg(not(feature = "cuda"))]
         let out = self
             .model
             .forward(&inputs, &mut self.kv, &*self.experts, record_routing);

@@ -27,7 +27,7 @@ pub mod server;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
-pub use engine::{ChunkSpec, Engine, EngineOptions, Logits};
+pub use engine::{ChunkSpec, Device, Engine, EngineOptions, Logits};
 pub use model::Model;
 pub use weights::{Checkpoint, WeightDType};
 
@@ -58,6 +58,8 @@ pub enum WorkerError {
     Placement(String),
     #[error("expert all-to-all: {0}")]
     Comm(String),
+    #[error("device: {0}")]
+    Device(String),
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -10,6 +10,10 @@
 //! The model holds the dense weights (embeddings, attention, norms, routers, dense MLPs,
 //! lm_head); experts are reached through [`ExpertExec`].
 
+#[cfg(feature = "cuda")]
+#[path = "cuda_model.rs"]
+pub mod cuda;
+
 use crate::config::{Arch, ModelConfig};
 use crate::experts::{ExpertExec, Mlp};
 use crate::kv::KvCache;
