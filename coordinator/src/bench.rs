@@ -152,8 +152,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
         dtype: opts.dtype,
         max_context: Some(opts.prefill_tokens.max(64) + opts.decode_steps + 64),
         kv_blocks: Some(
-            (opts.batch.max(4) + 1) * (opts.prefill_tokens.max(64) + opts.decode_steps + 64)
-                .div_ceil(16),
+            (opts.batch.max(4) + 1)
+                * (opts.prefill_tokens.max(64) + opts.decode_steps + 64).div_ceil(16),
         ),
         device: opts.device,
         ..Default::default()

@@ -14,6 +14,7 @@
 //!   CPU's [`crate::WeightRef`]; the KV cache has the CPU layout `[block][slot][kv_head][d]`.
 //! - All work of one [`Gpu`] is queued on its one stream, in call order.
 
+pub use cudarc;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
@@ -240,6 +241,11 @@ impl Gpu {
     ) -> Result<CudaSlice<T>, CudaError> {
         Ok(self.stream.alloc_zeros::<T>(n.max(1))?)
     }
+    /// An uninitialised buffer of `n` elements, for outputs a kernel writes in full.
+    pub fn scratch<T: DeviceRepr>(&self, n: usize) -> Result<CudaSlice<T>, CudaError> {
+        // SAFETY: callers only read what a kernel wrote first.
+        Ok(unsafe { self.stream.alloc::<T>(n.max(1))? })
+    }
     pub fn upload<T: DeviceRepr>(&self, host: &[T]) -> Result<CudaSlice<T>, CudaError> {
         if host.is_empty() {
             // Zero-length allocations are not allowed; a 1-element buffer stands in.
@@ -254,7 +260,8 @@ impl Gpu {
         dst: &mut CudaSlice<T>,
     ) -> Result<(), CudaError> {
         if !host.is_empty() {
-            self.stream.memcpy_htod(host, &mut dst.slice_mut(..host.len()))?;
+            self.stream
+                .memcpy_htod(host, &mut dst.slice_mut(..host.len()))?;
         }
         Ok(())
     }
@@ -288,7 +295,8 @@ impl Gpu {
         Ok(best)
     }
 
-    /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (cuBLAS; `beta = 1` accumulates into `out`).
+    /// `out[m, n] = x[m, k] · w[n, k]ᵀ` (cuBLAS; `accumulate` adds into `out`, beta = 1).
+    #[allow(clippy::too_many_arguments)]
     pub fn linear(
         &self,
         x: &CudaView<'_, f32>,
@@ -299,97 +307,105 @@ impl Gpu {
         out: &mut CudaViewMut<'_, f32>,
         accumulate: bool,
     ) -> Result<(), CudaError> {
-        if w.len() != n * k || x.len() < m * k || out.len() < m * n {
-            return Err(CudaError::Shape {
-                op: "linear",
-                detail: format!(
-                    "w {} for [{n}, {k}], x {} for [{m}, {k}], out {} for [{m}, {n}]",
-                    w.len(),
-                    x.len(),
-                    out.len()
-                ),
-            });
+        self.linear_many(
+            x,
+            m,
+            k,
+            &mut [GemmJob {
+                w,
+                n,
+                out,
+                accumulate,
+            }],
+        )
+    }
+
+    /// Several products of the same input (q/k/v, gate/up): the input is rounded to bf16
+    /// once for all the bf16 weights among them.
+    pub fn linear_many(
+        &self,
+        x: &CudaView<'_, f32>,
+        m: usize,
+        k: usize,
+        jobs: &mut [GemmJob<'_, '_>],
+    ) -> Result<(), CudaError> {
+        for j in jobs.iter() {
+            if j.w.len() != j.n * k || x.len() < m * k || j.out.len() < m * j.n {
+                return Err(CudaError::Shape {
+                    op: "linear",
+                    detail: format!(
+                        "w {} for [{}, {k}], x {} for [{m}, {k}], out {} for [{m}, {}]",
+                        j.w.len(),
+                        j.n,
+                        x.len(),
+                        j.out.len(),
+                        j.n
+                    ),
+                });
+            }
         }
         if m == 0 {
             return Ok(());
         }
-        let (alpha, beta) = (1.0f32, if accumulate { 1.0f32 } else { 0.0 });
         let s = &self.stream;
-        // Row-major out[m, n] is column-major [n, m] = op(W)[n, k] · X[k, m] with W stored
-        // column-major [k, n] (transposed) and X column-major [k, m].
-        match w {
-            DevWeight::F32(wd) => {
-                let (wp, _a) = wd.device_ptr(s);
-                let (xp, _b) = x.device_ptr(s);
-                let (op, _c) = out.device_ptr_mut(s);
-                // SAFETY: pointers are live for the call, sizes checked above.
-                unsafe {
-                    blas::gemm_ex(
-                        *self.blas.handle(),
-                        blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                        blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                        n as i32,
-                        m as i32,
-                        k as i32,
-                        &alpha as *const f32 as *const _,
-                        wp as *const _,
-                        blas_sys::cudaDataType_t::CUDA_R_32F,
-                        k as i32,
-                        xp as *const _,
-                        blas_sys::cudaDataType_t::CUDA_R_32F,
-                        k as i32,
-                        &beta as *const f32 as *const _,
-                        op as *mut _,
-                        blas_sys::cudaDataType_t::CUDA_R_32F,
-                        n as i32,
-                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )?
-                };
+        let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+        if jobs.iter().any(|j| matches!(j.w, DevWeight::Bf16(_))) {
+            if stage.as_ref().is_none_or(|b| b.len() < m * k) {
+                // SAFETY: fully written by the cast below before any read.
+                *stage = Some(unsafe { s.alloc::<u16>((m * k).next_power_of_two())? });
             }
-            DevWeight::Bf16(wd) => {
-                let mut stage = self.stage.lock().unwrap_or_else(|e| e.into_inner());
-                if stage.as_ref().is_none_or(|b| b.len() < m * k) {
-                    *stage = Some(self.zeros::<u16>((m * k).next_power_of_two())?);
+            let xb = stage.as_mut().expect("staging allocated above");
+            let count = (m * k) as i64;
+            // SAFETY: kernel arguments match `to_bf16`'s signature.
+            unsafe {
+                s.launch_builder(self.f("to_bf16"))
+                    .arg(x)
+                    .arg(&mut *xb)
+                    .arg(&count)
+                    .launch(elems(m * k))?
+            };
+        }
+        let (xp, _x) = x.device_ptr(s);
+        for j in jobs.iter_mut() {
+            let (wp, wt, bp) = match j.w {
+                DevWeight::F32(wd) => {
+                    (wd.device_ptr(s).0, blas_sys::cudaDataType_t::CUDA_R_32F, xp)
                 }
-                let xb = stage.as_mut().expect("staging allocated above");
-                let count = (m * k) as i64;
-                // SAFETY: kernel arguments match `to_bf16`'s signature.
-                unsafe {
-                    s.launch_builder(self.f("to_bf16"))
-                        .arg(x)
-                        .arg(&mut *xb)
-                        .arg(&count)
-                        .launch(elems(m * k))?
-                };
-                let (wp, _a) = wd.device_ptr(s);
-                let (xp, _b) = xb.device_ptr(s);
-                let (op, _c) = out.device_ptr_mut(s);
-                // SAFETY: as above.
-                unsafe {
-                    blas::gemm_ex(
-                        *self.blas.handle(),
-                        blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                        blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                        n as i32,
-                        m as i32,
-                        k as i32,
-                        &alpha as *const f32 as *const _,
-                        wp as *const _,
-                        blas_sys::cudaDataType_t::CUDA_R_16BF,
-                        k as i32,
-                        xp as *const _,
-                        blas_sys::cudaDataType_t::CUDA_R_16BF,
-                        k as i32,
-                        &beta as *const f32 as *const _,
-                        op as *mut _,
-                        blas_sys::cudaDataType_t::CUDA_R_32F,
-                        n as i32,
-                        blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                        blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-                    )?
-                };
-            }
+                DevWeight::Bf16(wd) => (
+                    wd.device_ptr(s).0,
+                    blas_sys::cudaDataType_t::CUDA_R_16BF,
+                    stage.as_ref().expect("cast above").device_ptr(s).0,
+                ),
+            };
+            let (op, _c) = j.out.device_ptr_mut(s);
+            let (alpha, beta) = (1.0f32, if j.accumulate { 1.0f32 } else { 0.0 });
+            // Row-major out[m, n] is column-major [n, m] = op(W)[n, k] · X[k, m] with W
+            // stored column-major [k, n] (transposed) and X column-major [k, m].
+            // SAFETY: pointers are live for the call (one stream, no event tracking), sizes
+            // checked above.
+            unsafe {
+                blas::gemm_ex(
+                    *self.blas.handle(),
+                    blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                    blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                    j.n as i32,
+                    m as i32,
+                    k as i32,
+                    &alpha as *const f32 as *const _,
+                    wp as *const _,
+                    wt,
+                    k as i32,
+                    bp as *const _,
+                    wt,
+                    k as i32,
+                    &beta as *const f32 as *const _,
+                    op as *mut _,
+                    blas_sys::cudaDataType_t::CUDA_R_32F,
+                    j.n as i32,
+                    blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                    blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+                )?
+            };
         }
         Ok(())
     }
@@ -860,6 +876,14 @@ impl Gpu {
         v.truncate(rows);
         Ok(v)
     }
+}
+
+/// One product of [`Gpu::linear_many`].
+pub struct GemmJob<'a, 'b> {
+    pub w: &'a DevWeight,
+    pub n: usize,
+    pub out: &'a mut CudaViewMut<'b, f32>,
+    pub accumulate: bool,
 }
 
 /// Attention geometry.

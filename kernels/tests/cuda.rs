@@ -75,19 +75,26 @@ fn rms_norm_silu_and_add_match_cpu() {
     norm::rms_norm(&mut cpu, &w, 1e-6);
     let mut dx = g.upload(&x).unwrap();
     let dw = g.upload(&w).unwrap();
-    g.rms_norm(&mut dx.slice_mut(..), &dw, rows, n, 1e-6).unwrap();
+    g.rms_norm(&mut dx.slice_mut(..), &dw, rows, n, 1e-6)
+        .unwrap();
     let got = g.download(&dx.slice(..)).unwrap();
-    assert!(max_abs_diff(&got, &cpu) < 1e-5, "{}", max_abs_diff(&got, &cpu));
+    assert!(
+        max_abs_diff(&got, &cpu) < 1e-5,
+        "{}",
+        max_abs_diff(&got, &cpu)
+    );
 
     let u = randn(&mut rng, rows * n, 1.0);
     let mut cpu_g = x.clone();
     switchyard_kernels::silu_mul(&mut cpu_g, &u);
     let mut dg = g.upload(&x).unwrap();
     let du = g.upload(&u).unwrap();
-    g.silu_mul(&mut dg.slice_mut(..), &du.slice(..), rows * n).unwrap();
+    g.silu_mul(&mut dg.slice_mut(..), &du.slice(..), rows * n)
+        .unwrap();
     assert!(max_abs_diff(&g.download(&dg.slice(..)).unwrap(), &cpu_g) < 1e-5);
 
-    g.add(&mut dg.slice_mut(..), &du.slice(..), rows * n).unwrap();
+    g.add(&mut dg.slice_mut(..), &du.slice(..), rows * n)
+        .unwrap();
     let sum: Vec<f32> = cpu_g.iter().zip(&u).map(|(a, b)| a + b).collect();
     assert!(max_abs_diff(&g.download(&dg.slice(..)).unwrap(), &sum) < 1e-5);
 }
@@ -152,11 +159,23 @@ fn rope_default_linear_and_yarn_match_cpu() {
         }
         let mut dx = g.upload(&x).unwrap();
         let (dp, inv) = (g.upload(&pos).unwrap(), g.upload(r.inv_freq()).unwrap());
-        g.rope(&mut dx.slice_mut(..), &dp, &inv, r.attention_factor(), rows, heads, d)
-            .unwrap();
+        g.rope(
+            &mut dx.slice_mut(..),
+            &dp,
+            &inv,
+            r.attention_factor(),
+            rows,
+            heads,
+            d,
+        )
+        .unwrap();
         let got = g.download(&dx.slice(..)).unwrap();
         // Angles up to ~24000 rad: cos/sin of the same f32 angle agree to a few ulp.
-        assert!(max_abs_diff(&got, &cpu) < 1e-4, "{s:?}: {}", max_abs_diff(&got, &cpu));
+        assert!(
+            max_abs_diff(&got, &cpu) < 1e-4,
+            "{s:?}: {}",
+            max_abs_diff(&got, &cpu)
+        );
     }
     let _ = rope::apply_with;
 }
@@ -172,9 +191,21 @@ fn routing_permute_and_combine_match_cpu() {
         let dl = g.upload(&logits).unwrap();
         let mut di = g.zeros::<u32>(t * k).unwrap();
         let mut dw = g.zeros::<f32>(t * k).unwrap();
-        g.route_topk(&dl.slice(..), t, e, k, normalize, &mut di.slice_mut(..), &mut dw.slice_mut(..))
-            .unwrap();
-        assert_eq!(g.download(&di.slice(..)).unwrap(), ids, "normalize={normalize}");
+        g.route_topk(
+            &dl.slice(..),
+            t,
+            e,
+            k,
+            normalize,
+            &mut di.slice_mut(..),
+            &mut dw.slice_mut(..),
+        )
+        .unwrap();
+        assert_eq!(
+            g.download(&di.slice(..)).unwrap(),
+            ids,
+            "normalize={normalize}"
+        );
         assert!(max_abs_diff(&g.download(&dw.slice(..)).unwrap(), &w) < 1e-6);
     }
     // Pack rows by expert, "run" each expert (a per-expert scale), unpack and combine.
@@ -190,13 +221,24 @@ fn routing_permute_and_combine_match_cpu() {
     let dx = g.upload(&x).unwrap();
     let dsrc = g.upload(&src_row).unwrap();
     let mut packed = g.zeros::<f32>(t * k * h).unwrap();
-    g.gather_rows(&dx.slice(..), &dsrc.slice(..), &mut packed.slice_mut(..), t * k, h)
-        .unwrap();
+    g.gather_rows(
+        &dx.slice(..),
+        &dsrc.slice(..),
+        &mut packed.slice_mut(..),
+        t * k,
+        h,
+    )
+    .unwrap();
     let mut host_packed = g.download(&packed.slice(..)).unwrap();
     for (p, &i) in order.iter().enumerate() {
         let scale = 1.0 + ids[i] as f32 / 10.0;
-        assert_eq!(&host_packed[p * h..(p + 1) * h], &x[(i / k) * h..(i / k + 1) * h]);
-        host_packed[p * h..(p + 1) * h].iter_mut().for_each(|v| *v *= scale);
+        assert_eq!(
+            &host_packed[p * h..(p + 1) * h],
+            &x[(i / k) * h..(i / k + 1) * h]
+        );
+        host_packed[p * h..(p + 1) * h]
+            .iter_mut()
+            .for_each(|v| *v *= scale);
     }
     let mut slots = vec![0.0f32; t * k * h];
     for i in 0..t * k {
@@ -208,8 +250,16 @@ fn routing_permute_and_combine_match_cpu() {
     let dp = g.upload(&host_packed).unwrap();
     let (dsr, dw) = (g.upload(&slot_row).unwrap(), g.upload(&w).unwrap());
     let mut out = g.zeros::<f32>(t * h).unwrap();
-    g.combine_slots(&dp.slice(..), &dsr.slice(..), &dw.slice(..), &mut out.slice_mut(..), t, k, h)
-        .unwrap();
+    g.combine_slots(
+        &dp.slice(..),
+        &dsr.slice(..),
+        &dw.slice(..),
+        &mut out.slice_mut(..),
+        t,
+        k,
+        h,
+    )
+    .unwrap();
     assert!(max_abs_diff(&g.download(&out.slice(..)).unwrap(), &cpu) < 1e-5);
 }
 
@@ -274,7 +324,11 @@ fn attention_case(
         .map(|(ci, &(n, s))| (tables[ci].as_slice(), s, n))
         .collect();
     let ar = AttnRows::new(g, &spec).unwrap();
-    let (dq, dk, dv) = (g.upload(&q).unwrap(), g.upload(&kc).unwrap(), g.upload(&vc).unwrap());
+    let (dq, dk, dv) = (
+        g.upload(&q).unwrap(),
+        g.upload(&kc).unwrap(),
+        g.upload(&vc).unwrap(),
+    );
     let mut out = g.zeros::<f32>(q.len()).unwrap();
     let gp = GpuAttn {
         heads,
@@ -288,7 +342,10 @@ fn attention_case(
         .unwrap();
     let got = g.download(&out.slice(..)).unwrap();
     let diff = max_abs_diff(&got, &cpu);
-    assert!(diff < 2e-5, "chunks {chunks:?} d={d} window={window:?}: {diff}");
+    assert!(
+        diff < 2e-5,
+        "chunks {chunks:?} d={d} window={window:?}: {diff}"
+    );
 }
 
 #[test]
@@ -296,7 +353,15 @@ fn paged_attention_decode_and_tiled_prefill_match_cpu() {
     let Some(g) = gpu() else { return };
     let mut rng = Rng::new(5);
     // Decode only: single-row chunks at various context lengths.
-    attention_case(&g, &mut rng, &[(1, 0), (1, 17), (1, 300), (1, 1023)], 8, 2, 64, None);
+    attention_case(
+        &g,
+        &mut rng,
+        &[(1, 0), (1, 17), (1, 300), (1, 1023)],
+        8,
+        2,
+        64,
+        None,
+    );
     attention_case(&g, &mut rng, &[(1, 5), (1, 700)], 16, 4, 128, Some(100));
     // Prefill: whole prompts, chunks continuing a cached prefix, mixed with decode rows.
     attention_case(&g, &mut rng, &[(37, 0), (1, 50), (20, 64)], 8, 2, 64, None);
@@ -323,7 +388,13 @@ fn sampling_matches_the_cpu_distribution() {
         .collect();
     let mut d = g.upload(&logits).unwrap();
     let got = g
-        .sample(&mut d.slice_mut(..), 4, vocab, &vec![SamplingParams::greedy(); 4], &[0.5; 4])
+        .sample(
+            &mut d.slice_mut(..),
+            4,
+            vocab,
+            &vec![SamplingParams::greedy(); 4],
+            &[0.5; 4],
+        )
         .unwrap();
     assert_eq!(got, want);
     assert_eq!(got[1], 10);
@@ -364,7 +435,10 @@ fn sampling_matches_the_cpu_distribution() {
             tv += (freq[*tok as usize] as f64 / n as f64 - *prob as f64).abs();
         }
         for (tok, c) in freq.iter().enumerate() {
-            assert!(*c == 0 || kept[tok], "{sp:?}: token {tok} drawn {c} times, filtered on CPU");
+            assert!(
+                *c == 0 || kept[tok],
+                "{sp:?}: token {tok} drawn {c} times, filtered on CPU"
+            );
         }
         // Total variation of an empirical distribution over ≤ 1000 outcomes from 20000 draws.
         assert!(tv / 2.0 < 0.06, "{sp:?}: total variation {}", tv / 2.0);

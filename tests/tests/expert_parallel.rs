@@ -184,3 +184,35 @@ fn holders_cover_every_expert_with_replicas() {
         assert_eq!(layer.iter().map(|ws| ws.len()).sum::<usize>(), 12);
     }
 }
+
+/// The NCCL transport on one GPU (feature `cuda`; skips, saying why, without a GPU): raw
+/// exchanges of empty, small and 8 MiB buffers come back intact, and the expert-parallel
+/// engine streams the goldens with its all-to-all going through NCCL.
+#[cfg(feature = "cuda")]
+#[test]
+fn nccl_single_gpu_all_to_all_and_goldens() {
+    use switchyard_worker::nccl::NcclComm;
+    if let Err(why) = switchyard_kernels::cuda::probe() {
+        eprintln!("SKIPPED: no GPU: {why}");
+        return;
+    }
+    // Bootstrapped over a mesh, as a worker does at each epoch.
+    let mesh = Comm::Local(LocalComm::group(1).pop().unwrap());
+    let nccl = NcclComm::over(&mesh, 0).unwrap();
+    for n in [0usize, 1, 4093, 8 << 20] {
+        let buf: Vec<u8> = (0..n).map(|i| (i * 31 % 251) as u8).collect();
+        let got = nccl.all_to_all(vec![buf.clone()]).unwrap();
+        assert_eq!(got, vec![buf], "{n} bytes");
+    }
+    assert!(matches!(
+        nccl.all_to_all(vec![vec![], vec![]]),
+        Err(switchyard_worker::comm::CommError::Arity {
+            expected: 1,
+            got: 2
+        })
+    ));
+    let comm = Comm::Nccl(Arc::new(nccl));
+    for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
+        check_with(model, vec![comm.clone()], 0, 1);
+    }
+}

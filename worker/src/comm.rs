@@ -2,8 +2,8 @@
 //! included) and receives one from each, in rank order.
 //!
 //! A closed set of transports behind one enum: `Local` (ranks are threads of one process;
-//! tests) and `Tcp` (a full mesh of TCP streams between processes, the CPU default); NCCL
-//! comes with the GPU backend. Invariants: every rank
+//! tests), `Tcp` (a full mesh of TCP streams between processes, the CPU default) and `Nccl`
+//! (GPUs; feature `cuda`, [`crate::nccl`]). Invariants: every rank
 //! joins every exchange, even with nothing to send (empty buffers), and exchanges complete in
 //! the same order on all ranks (lockstep), so buffer `i` of exchange `n` always comes from
 //! rank `i`'s exchange `n`.
@@ -361,6 +361,9 @@ const MAX_FRAME: usize = 1 << 30;
 pub enum Comm {
     Local(LocalComm),
     Tcp(Arc<TcpComm>),
+    /// NCCL between GPUs (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    Nccl(Arc<crate::nccl::NcclComm>),
 }
 
 impl Comm {
@@ -368,6 +371,8 @@ impl Comm {
         match self {
             Comm::Local(c) => c.rank,
             Comm::Tcp(c) => c.rank,
+            #[cfg(feature = "cuda")]
+            Comm::Nccl(c) => c.rank(),
         }
     }
 
@@ -375,6 +380,8 @@ impl Comm {
         match self {
             Comm::Local(c) => c.hub.world,
             Comm::Tcp(c) => c.world,
+            #[cfg(feature = "cuda")]
+            Comm::Nccl(c) => c.world(),
         }
     }
 
@@ -383,6 +390,8 @@ impl Comm {
         match self {
             Comm::Local(c) => c.all_to_all(send),
             Comm::Tcp(c) => c.all_to_all(send),
+            #[cfg(feature = "cuda")]
+            Comm::Nccl(c) => c.all_to_all(send),
         }
     }
 }

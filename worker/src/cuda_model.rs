@@ -15,7 +15,7 @@ use crate::experts::{ExpertSet, Mlp};
 use crate::WorkerError;
 use std::sync::Arc;
 use switchyard_kernels::cuda::{
-    AttnRows, CudaError, CudaSlice, CudaView, CudaViewMut, DevWeight, Gpu, GpuAttn,
+    AttnRows, CudaError, CudaSlice, CudaView, CudaViewMut, DevWeight, GemmJob, Gpu, GpuAttn,
 };
 
 impl From<CudaError> for WorkerError {
@@ -105,9 +105,10 @@ impl CudaModel {
                 Ffn::Moe { router } => {
                     let mut ex = Vec::with_capacity(cfg.num_experts);
                     for e in 0..cfg.num_experts {
-                        let m = experts
-                            .get(li, e)
-                            .ok_or(WorkerError::ExpertMissing { layer: li, expert: e })?;
+                        let m = experts.get(li, e).ok_or(WorkerError::ExpertMissing {
+                            layer: li,
+                            expert: e,
+                        })?;
                         ex.push(Some(GMlp::upload(g, m)?));
                     }
                     GFfn::Moe {
@@ -219,13 +220,13 @@ impl CudaModel {
         let rows = AttnRows::new(g, &chunks)?;
         let dtok = g.upload(&tokens)?;
         let dpos = g.upload(&pos)?;
-        let mut hs = g.zeros::<f32>(t * h)?;
+        let mut hs = g.scratch::<f32>(t * h)?;
         g.embed(&self.embed, &dtok, t, h, &mut hs.slice_mut(..))?;
-        let mut x = g.zeros::<f32>(t * h)?;
-        let mut q = g.zeros::<f32>(t * qw)?;
-        let mut k = g.zeros::<f32>(t * kvw)?;
-        let mut v = g.zeros::<f32>(t * kvw)?;
-        let mut att = g.zeros::<f32>(t * qw)?;
+        let mut x = g.scratch::<f32>(t * h)?;
+        let mut q = g.scratch::<f32>(t * qw)?;
+        let mut k = g.scratch::<f32>(t * kvw)?;
+        let mut v = g.scratch::<f32>(t * kvw)?;
+        let mut att = g.scratch::<f32>(t * qw)?;
         let ap = GpuAttn {
             heads: nh,
             kv_heads: nkv,
@@ -237,9 +238,16 @@ impl CudaModel {
         let eps = cfg.rms_norm_eps;
         for (li, layer) in self.layers.iter().enumerate() {
             g.rms_norm_to(&hs.slice(..), &layer.ln1, &mut x.slice_mut(..), t, h, eps)?;
-            g.linear(&x.slice(..), t, h, &layer.q, qw, &mut q.slice_mut(..), false)?;
-            g.linear(&x.slice(..), t, h, &layer.k, kvw, &mut k.slice_mut(..), false)?;
-            g.linear(&x.slice(..), t, h, &layer.v, kvw, &mut v.slice_mut(..), false)?;
+            g.linear_many(
+                &x.slice(..),
+                t,
+                h,
+                &mut [
+                    job(&layer.q, qw, &mut q.slice_mut(..)),
+                    job(&layer.k, kvw, &mut k.slice_mut(..)),
+                    job(&layer.v, kvw, &mut v.slice_mut(..)),
+                ],
+            )?;
             if let Some([bq, bk, bv]) = &layer.bias {
                 g.add_bias(&mut q.slice_mut(..), bq, qw, t * qw)?;
                 g.add_bias(&mut k.slice_mut(..), bk, kvw, t * kvw)?;
@@ -272,16 +280,32 @@ impl CudaModel {
                 &mut att.slice_mut(..),
             )?;
             // The residual add rides on the GEMM (beta = 1).
-            g.linear(&att.slice(..), t, qw, &layer.o, h, &mut hs.slice_mut(..), true)?;
+            g.linear(
+                &att.slice(..),
+                t,
+                qw,
+                &layer.o,
+                h,
+                &mut hs.slice_mut(..),
+                true,
+            )?;
             g.rms_norm_to(&hs.slice(..), &layer.ln2, &mut x.slice_mut(..), t, h, eps)?;
             match &layer.ffn {
                 GFfn::Dense(m) => mlp(g, m, &x.slice(..), t, h, &mut hs.slice_mut(..))?,
                 GFfn::Moe { router, experts } => {
                     let (e, kk) = (cfg.num_experts, cfg.experts_per_tok);
-                    let mut logits = g.zeros::<f32>(t * e)?;
-                    g.linear(&x.slice(..), t, h, router, e, &mut logits.slice_mut(..), false)?;
-                    let mut ids = g.zeros::<u32>(t * kk)?;
-                    let mut w = g.zeros::<f32>(t * kk)?;
+                    let mut logits = g.scratch::<f32>(t * e)?;
+                    g.linear(
+                        &x.slice(..),
+                        t,
+                        h,
+                        router,
+                        e,
+                        &mut logits.slice_mut(..),
+                        false,
+                    )?;
+                    let mut ids = g.scratch::<u32>(t * kk)?;
+                    let mut w = g.scratch::<f32>(t * kk)?;
                     g.route_topk(
                         &logits.slice(..),
                         t,
@@ -313,24 +337,38 @@ impl CudaModel {
                     }
                     let (dsrc, dslot) = (g.upload(&src_row)?, g.upload(&slot_row)?);
                     let n = t * kk;
-                    let mut packed = g.zeros::<f32>(n * h)?;
-                    g.gather_rows(&x.slice(..), &dsrc.slice(..), &mut packed.slice_mut(..), n, h)?;
+                    let mut packed = g.scratch::<f32>(n * h)?;
+                    g.gather_rows(
+                        &x.slice(..),
+                        &dsrc.slice(..),
+                        &mut packed.slice_mut(..),
+                        n,
+                        h,
+                    )?;
                     let inter = cfg.moe_intermediate_size;
-                    let mut gate = g.zeros::<f32>(n * inter)?;
-                    let mut up = g.zeros::<f32>(n * inter)?;
-                    let mut y = g.zeros::<f32>(n * h)?;
+                    let mut gate = g.scratch::<f32>(n * inter)?;
+                    let mut up = g.scratch::<f32>(n * inter)?;
+                    let mut y = g.scratch::<f32>(n * h)?;
                     for ex in 0..e {
                         let (a, b) = (start[ex], start[ex + 1]);
                         if a == b {
                             continue;
                         }
-                        let m = experts[ex]
-                            .as_ref()
-                            .ok_or(WorkerError::ExpertMissing { layer: li, expert: ex })?;
+                        let m = experts[ex].as_ref().ok_or(WorkerError::ExpertMissing {
+                            layer: li,
+                            expert: ex,
+                        })?;
                         let xs = packed.slice(a * h..b * h);
                         let rows_e = b - a;
-                        g.linear(&xs, rows_e, h, &m.gate, m.inter, &mut gate.slice_mut(a * inter..b * inter), false)?;
-                        g.linear(&xs, rows_e, h, &m.up, m.inter, &mut up.slice_mut(a * inter..b * inter), false)?;
+                        g.linear_many(
+                            &xs,
+                            rows_e,
+                            h,
+                            &mut [
+                                job(&m.gate, m.inter, &mut gate.slice_mut(a * inter..b * inter)),
+                                job(&m.up, m.inter, &mut up.slice_mut(a * inter..b * inter)),
+                            ],
+                        )?;
                     }
                     g.silu_mul(&mut gate.slice_mut(..), &up.slice(..), n * inter)?;
                     for ex in 0..e {
@@ -393,8 +431,16 @@ impl CudaModel {
         g.rms_norm(&mut x.slice_mut(..ns * h), &self.norm, ns, h, eps)?;
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let vocab = cfg.vocab_size;
-        let mut logits = g.zeros::<f32>(ns * vocab)?;
-        g.linear(&x.slice(..), ns, h, head, vocab, &mut logits.slice_mut(..), false)?;
+        let mut logits = g.scratch::<f32>(ns * vocab)?;
+        g.linear(
+            &x.slice(..),
+            ns,
+            h,
+            head,
+            vocab,
+            &mut logits.slice_mut(..),
+            false,
+        )?;
         out.logits = g.download(&logits.slice(..ns * vocab))?;
         Ok(out)
     }
@@ -409,10 +455,26 @@ fn mlp(
     h: usize,
     acc: &mut CudaViewMut<'_, f32>,
 ) -> Result<(), CudaError> {
-    let mut gate = g.zeros::<f32>(t * m.inter)?;
-    let mut up = g.zeros::<f32>(t * m.inter)?;
-    g.linear(x, t, h, &m.gate, m.inter, &mut gate.slice_mut(..), false)?;
-    g.linear(x, t, h, &m.up, m.inter, &mut up.slice_mut(..), false)?;
+    let mut gate = g.scratch::<f32>(t * m.inter)?;
+    let mut up = g.scratch::<f32>(t * m.inter)?;
+    g.linear_many(
+        x,
+        t,
+        h,
+        &mut [
+            job(&m.gate, m.inter, &mut gate.slice_mut(..)),
+            job(&m.up, m.inter, &mut up.slice_mut(..)),
+        ],
+    )?;
     g.silu_mul(&mut gate.slice_mut(..), &up.slice(..), t * m.inter)?;
     g.linear(&gate.slice(..), t, m.inter, &m.down, h, acc, true)
+}
+
+fn job<'a, 'b>(w: &'a DevWeight, n: usize, out: &'a mut CudaViewMut<'b, f32>) -> GemmJob<'a, 'b> {
+    GemmJob {
+        w,
+        n,
+        out,
+        accumulate: false,
+    }
 }

@@ -22,6 +22,8 @@ pub mod experts;
 pub mod kv;
 pub mod membership;
 pub mod model;
+#[cfg(feature = "cuda")]
+pub mod nccl;
 pub mod presets;
 pub mod server;
 pub mod weights;
