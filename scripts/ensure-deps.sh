@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the build needs on a fresh Debian machine: protoc (for the gRPC contracts).
 # With `test` as argument also what the tests need: etcd (a real server for the membership
-# tests) and a Python venv with grpcio (the cross-language client test).
+# tests), a Python venv with grpcio (the cross-language client test) and NVRTC (the CUDA
+# kernels' compile test).
 # Sourced by the other scripts; does nothing when everything is present.
 set -euo pipefail
 
@@ -32,5 +33,14 @@ if [ "${1:-}" = test ]; then
       openai prometheus_client
   fi
   export SWITCHYARD_PYTHON="$venv/bin/python"
+  # NVRTC alone (no toolkit, no GPU) compiles the CUDA kernels in the tests. 13.0 matches the
+  # driver of the GPU machines the kernels are checked on.
+  nvrtc_lib=$("$venv/bin/python" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))" 2>/dev/null || true)
+  if [ ! -e "$nvrtc_lib/libnvrtc.so.13" ]; then
+    echo "installing the NVRTC wheel into $venv" >&2
+    "$venv/bin/pip" install -q "nvidia-cuda-nvrtc==13.0.*"
+    nvrtc_lib=$("$venv/bin/python" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))")
+  fi
+  export SWITCHYARD_NVRTC_LIB="$nvrtc_lib"
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }

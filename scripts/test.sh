@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
 # Runs every test: kernel oracles, fidelity against the Hugging Face goldens, text pipeline,
 # error handling, the CLI and the cluster end to end (real worker processes, a real etcd, a
-# Python grpcio client). Installs what the build and the tests need first.
+# Python grpcio client), and the CUDA backend's kernels compiled by NVRTC. Installs what the
+# build and the tests need first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/ensure-deps.sh test
 # A target directory outside the clone lets repeated runs (and fresh clones) reuse builds.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/switchyard/target}"
 cargo test --workspace --locked
+# The CUDA backend (feature `cuda`): every kernel file compiled by NVRTC (required: a kernel
+# that does not compile fails here), and the GPU tests, which print why they skip where no GPU
+# is present.
+export LD_LIBRARY_PATH="$SWITCHYARD_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+SWITCHYARD_REQUIRE_NVRTC=1 cargo test --locked -p switchyard-kernels --features cuda --test cuda
+cargo test --locked -p switchyard-tests --features cuda --test fidelity --test expert_parallel \
+  -- on_gpu nccl

@@ -198,6 +198,9 @@ pub struct UpArgs {
     /// Experts per MoE layer each worker has room for (0: all).
     #[arg(long, default_value_t = 0)]
     pub expert_slots: u32,
+    /// Where the workers run the forward pass (cpu, cuda, cuda:N).
+    #[arg(long, default_value = "cpu")]
+    pub device: switchyard_worker::Device,
 }
 
 #[derive(Args, Debug)]
@@ -257,6 +260,10 @@ pub struct WorkerArgs {
     /// coordinator places within it and refuses service when the workers together fall short.
     #[arg(long, default_value_t = 0)]
     pub expert_slots: u32,
+    /// Where the forward pass runs: cpu, cuda or cuda:N (CUDA needs a build with
+    /// `--features cuda`; a CUDA worker holds every expert, so one per cluster for now).
+    #[arg(long, default_value = "cpu")]
+    pub device: switchyard_worker::Device,
     #[command(flatten)]
     pub membership: MembershipArgs,
 }
@@ -804,6 +811,7 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
         let id = a.id.unwrap_or_else(|| addr.to_string());
         let opts = EngineOptions {
             dtype: a.dtype,
+            device: a.device,
             ..Default::default()
         };
         let control_url = a.advertise.unwrap_or_else(|| format!("http://{addr}"));
@@ -924,6 +932,9 @@ fn up_cmd(a: UpArgs) -> Result<()> {
     }
     if a.expert_slots > 0 {
         extra.extend(["--expert-slots".into(), a.expert_slots.to_string()]);
+    }
+    if a.device != switchyard_worker::Device::Cpu {
+        extra.extend(["--device".into(), a.device.to_string()]);
     }
     let workers = crate::local::LocalWorkers::spawn(&c.model, c.workers, &extra)?;
     let started = workers.members.clone();

@@ -208,6 +208,11 @@ impl Engine {
             WeightDType::F32
         });
         let model = Model::load(&ck, &cfg, dtype)?;
+        #[cfg(feature = "cuda")]
+        let ep_world = match &setup {
+            ExpertSetup::Local => 1,
+            ExpertSetup::Parallel { comm, .. } => comm.world(),
+        };
         let experts: Box<dyn ExpertExec + Send> = match setup {
             ExpertSetup::Local => {
                 let shards = opts.expert_shards.max(1);
@@ -247,12 +252,12 @@ impl Engine {
         let gpu = match opts.device {
             Device::Cpu => None,
             Device::Cuda(ordinal) => {
-                if experts.placement().is_some() {
-                    return Err(WorkerError::Device(
-                        "CUDA workers hold every expert (one GPU per worker); expert \
-                         parallelism across GPU workers is not wired yet"
-                            .into(),
-                    ));
+                if ep_world > 1 {
+                    return Err(WorkerError::Device(format!(
+                        "a CUDA worker holds every expert on its GPU; expert parallelism over \
+                         {ep_world} GPU workers is not wired into the GPU forward pass yet \
+                         (run one GPU worker, or CPU workers)"
+                    )));
                 }
                 let all = ExpertSet::load(&ck, &cfg, &ExpertSelection::all(&cfg), dtype)?;
                 Some(crate::model::cuda::CudaModel::upload(
