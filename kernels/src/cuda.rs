@@ -51,7 +51,14 @@ pub const SOURCES: &[(&str, &str, &[&str])] = &[
     (
         "moe.cu",
         include_str!("../cuda/moe.cu"),
-        &["route_topk", "gather_rows", "combine_slots"],
+        &[
+            "route_topk",
+            "gather_rows",
+            "combine_slots",
+            "moe_gate_up_gemv",
+            "moe_down_gemv",
+            "combine_add",
+        ],
     ),
     (
         "attention.cu",
@@ -697,6 +704,128 @@ impl Gpu {
         Ok(())
     }
 
+    /// The experts of `t` tokens (`k` choices each, `ids` `[t, k]`) for small batches, with no
+    /// host round-trip: `hs[t] += Σ_s w[t, s] · expert_{ids[t,s]}(x[t])`. `act` and `y` are
+    /// scratch of at least `t·k·inter` and `t·k·h`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_small_batch(
+        &self,
+        x: &CudaView<'_, f32>,
+        ids: &CudaView<'_, u32>,
+        w: &CudaView<'_, f32>,
+        experts: &ExpertTable,
+        t: usize,
+        k: usize,
+        hs: &mut CudaViewMut<'_, f32>,
+        act: &mut CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        let (h, inter) = (experts.hidden, experts.inter);
+        let n = t * k;
+        if n == 0 {
+            return Ok(());
+        }
+        if h * 4 > 48 * 1024 || inter * 4 > 48 * 1024 {
+            return Err(CudaError::Shape {
+                op: "moe_small_batch",
+                detail: format!("hidden {h} / expert width {inter} above 12288"),
+            });
+        }
+        if act.len() < n * inter || y.len() < n * h || ids.len() < n || w.len() < n {
+            return Err(CudaError::Shape {
+                op: "moe_small_batch",
+                detail: format!("{n} pairs, act {}, y {}", act.len(), y.len()),
+            });
+        }
+        let (k32, h32, i32_, b) = (k as i32, h as i32, inter as i32, experts.bf16 as i32);
+        let warps = 8u32;
+        let s = &self.stream;
+        // SAFETY: arguments match the kernels' signatures; the pointer tables hold live
+        // weights of `experts.hidden` x `experts.inter` shapes.
+        unsafe {
+            s.launch_builder(self.f("moe_gate_up_gemv"))
+                .arg(x)
+                .arg(ids)
+                .arg(&k32)
+                .arg(&experts.gate)
+                .arg(&experts.up)
+                .arg(&b)
+                .arg(&mut *act)
+                .arg(&h32)
+                .arg(&i32_)
+                .launch(LaunchConfig {
+                    grid_dim: (n as u32, (inter as u32).div_ceil(warps), 1),
+                    block_dim: (32 * warps, 1, 1),
+                    shared_mem_bytes: (h * 4) as u32,
+                })?;
+            s.launch_builder(self.f("moe_down_gemv"))
+                .arg(&*act)
+                .arg(ids)
+                .arg(&experts.down)
+                .arg(&b)
+                .arg(&mut *y)
+                .arg(&h32)
+                .arg(&i32_)
+                .launch(LaunchConfig {
+                    grid_dim: (n as u32, (h as u32).div_ceil(warps), 1),
+                    block_dim: (32 * warps, 1, 1),
+                    shared_mem_bytes: (inter * 4) as u32,
+                })?;
+            s.launch_builder(self.f("combine_add"))
+                .arg(&*y)
+                .arg(w)
+                .arg(hs)
+                .arg(&k32)
+                .arg(&h32)
+                .launch(cfg1(t, THREADS))?;
+        }
+        Ok(())
+    }
+
+    /// Device pointer tables of one layer's experts (every expert present, one dtype).
+    pub fn expert_table(
+        &self,
+        experts: &[(&DevWeight, &DevWeight, &DevWeight)],
+        hidden: usize,
+        inter: usize,
+    ) -> Result<ExpertTable, CudaError> {
+        let s = &self.stream;
+        let ptr = |w: &DevWeight| match w {
+            DevWeight::F32(d) => d.device_ptr(s).0,
+            DevWeight::Bf16(d) => d.device_ptr(s).0,
+        };
+        let bf16 = experts
+            .first()
+            .is_some_and(|e| matches!(e.0, DevWeight::Bf16(_)));
+        for (g, u, d) in experts {
+            for m in [g, u, d] {
+                if matches!(m, DevWeight::Bf16(_)) != bf16 {
+                    return Err(CudaError::Shape {
+                        op: "expert_table",
+                        detail: "experts of mixed dtypes".into(),
+                    });
+                }
+            }
+            if g.len() != hidden * inter || u.len() != hidden * inter || d.len() != hidden * inter {
+                return Err(CudaError::Shape {
+                    op: "expert_table",
+                    detail: format!("an expert is not [{inter}, {hidden}] / [{hidden}, {inter}]"),
+                });
+            }
+        }
+        let gate: Vec<u64> = experts.iter().map(|e| ptr(e.0)).collect();
+        let up: Vec<u64> = experts.iter().map(|e| ptr(e.1)).collect();
+        let down: Vec<u64> = experts.iter().map(|e| ptr(e.2)).collect();
+        Ok(ExpertTable {
+            gate: self.upload(&gate)?,
+            up: self.upload(&up)?,
+            down: self.upload(&down)?,
+            bf16,
+            hidden,
+            inter,
+        })
+    }
+
     /// Writes each row's keys and values (`[rows, kvw]`) at its position.
     #[allow(clippy::too_many_arguments)]
     pub fn kv_write(
@@ -875,6 +1004,28 @@ impl Gpu {
         let mut v = self.download(&out.slice(..))?;
         v.truncate(rows);
         Ok(v)
+    }
+}
+
+/// Token-slot pairs up to which a step's experts run through [`Gpu::moe_small_batch`]
+/// (each pair reads its expert's weights; above this, grouping by expert reads less).
+pub const SMALL_BATCH_PAIRS: usize = 32;
+
+/// Device pointers to one layer's expert weights, for [`Gpu::moe_small_batch`]. Valid while
+/// the weights it was built from live (the model owns both).
+pub struct ExpertTable {
+    gate: CudaSlice<u64>,
+    up: CudaSlice<u64>,
+    down: CudaSlice<u64>,
+    bf16: bool,
+    hidden: usize,
+    inter: usize,
+}
+
+impl ExpertTable {
+    /// Whether [`Gpu::moe_small_batch`] serves these shapes.
+    pub fn fits_small_batch(&self) -> bool {
+        self.hidden * 4 <= 48 * 1024 && self.inter * 4 <= 48 * 1024
     }
 }
 

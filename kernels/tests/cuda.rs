@@ -444,3 +444,101 @@ fn sampling_matches_the_cpu_distribution() {
         assert!(tv / 2.0 < 0.06, "{sp:?}: total variation {}", tv / 2.0);
     }
 }
+
+#[test]
+fn small_batch_experts_match_cpu() {
+    let Some(g) = gpu() else { return };
+    let mut rng = Rng::new(7);
+    let (e, h, inter, t, k) = (8, 64, 96, 3, 2);
+    let ids: Vec<u32> = vec![3, 5, 5, 0, 7, 3];
+    let w = randn(&mut rng, t * k, 0.5);
+    let x = randn(&mut rng, t * h, 1.0);
+    let mats: Vec<[Vec<f32>; 3]> = (0..e)
+        .map(|_| {
+            [
+                randn(&mut rng, inter * h, (1.0 / h as f32).sqrt()),
+                randn(&mut rng, inter * h, (1.0 / h as f32).sqrt()),
+                randn(&mut rng, h * inter, (1.0 / inter as f32).sqrt()),
+            ]
+        })
+        .collect();
+    let hs0 = randn(&mut rng, t * h, 1.0);
+    for bf16w in [false, true] {
+        let round = |v: &[f32]| -> Vec<f32> {
+            if bf16w {
+                v.iter().map(|x| bf16::from_f32(*x).to_f32()).collect()
+            } else {
+                v.to_vec()
+            }
+        };
+        // CPU: each (token, slot) through its expert, inputs rounded as the GPU path does.
+        let mut want = hs0.clone();
+        for ti in 0..t {
+            let mut acc = vec![0.0f32; h];
+            for s in 0..k {
+                let m = &mats[ids[ti * k + s] as usize];
+                let wm: Vec<Vec<f32>> = m.iter().map(|v| round(v)).collect();
+                let xr = round(&x[ti * h..(ti + 1) * h]);
+                let mut gt = vec![0.0; inter];
+                let mut up = vec![0.0; inter];
+                linear(&xr, 1, h, WeightRef::F32(&wm[0]), inter, &mut gt);
+                linear(&xr, 1, h, WeightRef::F32(&wm[1]), inter, &mut up);
+                switchyard_kernels::silu_mul(&mut gt, &up);
+                let act = round(&gt);
+                let mut y = vec![0.0; h];
+                linear(&act, 1, inter, WeightRef::F32(&wm[2]), h, &mut y);
+                for i in 0..h {
+                    acc[i] += w[ti * k + s] * y[i];
+                }
+            }
+            for i in 0..h {
+                want[ti * h + i] += acc[i];
+            }
+        }
+        let dev: Vec<[DevWeight; 3]> = mats
+            .iter()
+            .map(|m| {
+                let up = |v: &Vec<f32>| {
+                    if bf16w {
+                        let b: Vec<bf16> = v.iter().map(|x| bf16::from_f32(*x)).collect();
+                        g.weight(WeightRef::Bf16(&b)).unwrap()
+                    } else {
+                        g.weight(WeightRef::F32(v)).unwrap()
+                    }
+                };
+                [up(&m[0]), up(&m[1]), up(&m[2])]
+            })
+            .collect();
+        let refs: Vec<(&DevWeight, &DevWeight, &DevWeight)> =
+            dev.iter().map(|d| (&d[0], &d[1], &d[2])).collect();
+        let table = g.expert_table(&refs, h, inter).unwrap();
+        assert!(table.fits_small_batch());
+        let (dx, di, dw) = (
+            g.upload(&x).unwrap(),
+            g.upload(&ids).unwrap(),
+            g.upload(&w).unwrap(),
+        );
+        let mut hs = g.upload(&hs0).unwrap();
+        let mut act = g.zeros::<f32>(t * k * inter).unwrap();
+        let mut y = g.zeros::<f32>(t * k * h).unwrap();
+        g.moe_small_batch(
+            &dx.slice(..),
+            &di.slice(..),
+            &dw.slice(..),
+            &table,
+            t,
+            k,
+            &mut hs.slice_mut(..),
+            &mut act,
+            &mut y,
+        )
+        .unwrap();
+        let got = g.download(&hs.slice(..)).unwrap();
+        let tol = if bf16w { 1e-3 } else { 1e-5 };
+        assert!(
+            max_abs_diff(&got, &want) < tol,
+            "bf16={bf16w}: {}",
+            max_abs_diff(&got, &want)
+        );
+    }
+}

@@ -15,7 +15,8 @@ use crate::experts::{ExpertSet, Mlp};
 use crate::WorkerError;
 use std::sync::Arc;
 use switchyard_kernels::cuda::{
-    AttnRows, CudaError, CudaSlice, CudaView, CudaViewMut, DevWeight, GemmJob, Gpu, GpuAttn,
+    AttnRows, CudaError, CudaSlice, CudaView, CudaViewMut, DevWeight, ExpertTable, GemmJob, Gpu,
+    GpuAttn, SMALL_BATCH_PAIRS,
 };
 
 impl From<CudaError> for WorkerError {
@@ -50,6 +51,8 @@ enum GFfn {
     Moe {
         router: DevWeight,
         experts: Vec<Option<GMlp>>,
+        /// Pointer tables of `experts` for the small-batch path.
+        table: ExpertTable,
     },
 }
 
@@ -111,9 +114,17 @@ impl CudaModel {
                         })?;
                         ex.push(Some(GMlp::upload(g, m)?));
                     }
+                    let refs: Vec<(&DevWeight, &DevWeight, &DevWeight)> = ex
+                        .iter()
+                        .flatten()
+                        .map(|m| (&m.gate, &m.up, &m.down))
+                        .collect();
+                    let table =
+                        g.expert_table(&refs, cfg.hidden_size, cfg.moe_intermediate_size)?;
                     GFfn::Moe {
                         router: g.weight(router.weight())?,
                         experts: ex,
+                        table,
                     }
                 }
             };
@@ -136,9 +147,9 @@ impl CudaModel {
             weight_bytes += layer.o.nbytes();
             weight_bytes += match &layer.ffn {
                 GFfn::Dense(m) => m.nbytes(),
-                GFfn::Moe { router, experts } => {
-                    router.nbytes() + experts.iter().flatten().map(GMlp::nbytes).sum::<usize>()
-                }
+                GFfn::Moe {
+                    router, experts, ..
+                } => router.nbytes() + experts.iter().flatten().map(GMlp::nbytes).sum::<usize>(),
             };
             layers.push(layer);
         }
@@ -236,6 +247,20 @@ impl CudaModel {
             window: cfg.sliding_window,
         };
         let eps = cfg.rms_norm_eps;
+        // Every MoE layer's choices stay on the device until the step ends (one download).
+        let (ne, kk) = (cfg.num_experts, cfg.experts_per_tok);
+        let pairs = t * kk;
+        let mut all_ids = g.zeros::<u32>(cfg.num_layers * pairs)?;
+        let mut all_w = g.zeros::<f32>(cfg.num_layers * pairs)?;
+        let small = pairs <= SMALL_BATCH_PAIRS;
+        let (mut act, mut ys) = if small {
+            (
+                g.scratch::<f32>(pairs * cfg.moe_intermediate_size)?,
+                g.scratch::<f32>(pairs * h)?,
+            )
+        } else {
+            (g.scratch::<f32>(1)?, g.scratch::<f32>(1)?)
+        };
         for (li, layer) in self.layers.iter().enumerate() {
             g.rms_norm_to(&hs.slice(..), &layer.ln1, &mut x.slice_mut(..), t, h, eps)?;
             g.linear_many(
@@ -292,8 +317,12 @@ impl CudaModel {
             g.rms_norm_to(&hs.slice(..), &layer.ln2, &mut x.slice_mut(..), t, h, eps)?;
             match &layer.ffn {
                 GFfn::Dense(m) => mlp(g, m, &x.slice(..), t, h, &mut hs.slice_mut(..))?,
-                GFfn::Moe { router, experts } => {
-                    let (e, kk) = (cfg.num_experts, cfg.experts_per_tok);
+                GFfn::Moe {
+                    router,
+                    experts,
+                    table,
+                } => {
+                    let e = ne;
                     let mut logits = g.scratch::<f32>(t * e)?;
                     g.linear(
                         &x.slice(..),
@@ -304,23 +333,36 @@ impl CudaModel {
                         &mut logits.slice_mut(..),
                         false,
                     )?;
-                    let mut ids = g.scratch::<u32>(t * kk)?;
-                    let mut w = g.scratch::<f32>(t * kk)?;
+                    let span = li * pairs..(li + 1) * pairs;
                     g.route_topk(
                         &logits.slice(..),
                         t,
                         e,
                         kk,
                         cfg.norm_topk_prob,
-                        &mut ids.slice_mut(..),
-                        &mut w.slice_mut(..),
+                        &mut all_ids.slice_mut(span.clone()),
+                        &mut all_w.slice_mut(span.clone()),
                     )?;
-                    let host_ids = g.download(&ids.slice(..t * kk))?;
+                    let (ids, w) = (all_ids.slice(span.clone()), all_w.slice(span.clone()));
+                    if small && table.fits_small_batch() {
+                        g.moe_small_batch(
+                            &x.slice(..),
+                            &ids,
+                            &w,
+                            table,
+                            t,
+                            kk,
+                            &mut hs.slice_mut(..),
+                            &mut act,
+                            &mut ys,
+                        )?;
+                        continue;
+                    }
+                    let host_ids = g.download(&ids)?;
                     // Counting sort of the (token, slot) pairs by expert.
                     let mut counts = vec![0usize; e];
                     for id in &host_ids {
                         counts[*id as usize] += 1;
-                        out.expert_load[li * e + *id as usize] += 1;
                     }
                     let mut start = vec![0usize; e + 1];
                     for i in 0..e {
@@ -390,20 +432,42 @@ impl CudaModel {
                     g.combine_slots(
                         &y.slice(..),
                         &dslot.slice(..),
-                        &w.slice(..),
+                        &w,
                         &mut x.slice_mut(..),
                         t,
                         kk,
                         h,
                     )?;
                     g.add(&mut hs.slice_mut(..), &x.slice(..), t * h)?;
-                    if record_routing {
-                        out.routing.push(Routing {
-                            layer: li,
-                            ids: host_ids,
-                            weights: g.download(&w.slice(..t * kk))?,
-                        });
-                    }
+                }
+            }
+        }
+        // Expert load (and routing, when asked) from the choices kept on the device.
+        let moe_layers: Vec<usize> = self
+            .layers
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| matches!(l.ffn, GFfn::Moe { .. }))
+            .map(|(i, _)| i)
+            .collect();
+        if !moe_layers.is_empty() {
+            let ids = g.download(&all_ids.slice(..cfg.num_layers * pairs))?;
+            let ws = if record_routing {
+                g.download(&all_w.slice(..cfg.num_layers * pairs))?
+            } else {
+                Vec::new()
+            };
+            for &li in &moe_layers {
+                let span = li * pairs..(li + 1) * pairs;
+                for id in &ids[span.clone()] {
+                    out.expert_load[li * ne + *id as usize] += 1;
+                }
+                if record_routing {
+                    out.routing.push(Routing {
+                        layer: li,
+                        ids: ids[span.clone()].to_vec(),
+                        weights: ws[span].to_vec(),
+                    });
                 }
             }
         }
