@@ -279,6 +279,7 @@ fn greedy(id: u64, prompt: Vec<u32>, max_tokens: usize) -> crate::driver::GenReq
         ignore_eos: true,
         priority: 0,
         top_logprobs: 0,
+        trace: None,
     }
 }
 

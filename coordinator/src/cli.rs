@@ -37,6 +37,10 @@ pub const TOKENIZER_CONFIG_JSON: &[u8] = include_bytes!(concat!(
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// Export OpenTelemetry traces (OTLP/HTTP) to this collector, e.g. http://otel:4318
+    /// (off by default): a span per request and per engine step, linked.
+    #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

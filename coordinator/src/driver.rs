@@ -299,6 +299,8 @@ pub struct GenRequest {
     pub priority: i32,
     /// Most likely tokens to report with each sampled one (0: only its own logprob).
     pub top_logprobs: u32,
+    /// The request's span: every step that computes for it links to it.
+    pub trace: Option<tracing::Span>,
 }
 
 struct Live {
@@ -672,7 +674,21 @@ impl Driver {
                 top_logprobs: l.req.top_logprobs,
             });
         }
-        let results = self.cluster.step(plans)?;
+        let span = tracing::info_span!(
+            "step",
+            step = self.step_no,
+            decodes = s.decodes,
+            prefill_tokens,
+            rows = s.chunks.len()
+        );
+        if !span.is_disabled() {
+            for c in &s.chunks {
+                if let Some(t) = &self.live[&c.seq].req.trace {
+                    span.follows_from(t);
+                }
+            }
+        }
+        let results = span.in_scope(|| self.cluster.step(plans))?;
         let secs = t0.elapsed().as_secs_f64();
         if let Some(p) = &mut self.pacer {
             p.observe(s.decodes, units, secs);

@@ -238,11 +238,38 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
         .map(str::to_string)
 }
 
-/// The gRPC request the HTTP one stands for, carrying the caller's credentials.
-fn grpc_request(r: GenerateRequest, auth: &Option<String>) -> tonic::Request<GenerateRequest> {
+/// What the gRPC request carries over from the HTTP one: the caller's credentials and W3C
+/// trace context (so the request's span joins the caller's trace).
+struct Caller {
+    auth: Option<String>,
+    trace: Vec<(&'static str, String)>,
+}
+
+impl Caller {
+    fn of(headers: &HeaderMap) -> Self {
+        Caller {
+            auth: bearer(headers),
+            trace: ["traceparent", "tracestate"]
+                .into_iter()
+                .filter_map(|k| {
+                    let v = headers.get(k)?.to_str().ok()?;
+                    Some((k, v.to_string()))
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The gRPC request the HTTP one stands for.
+fn grpc_request(r: GenerateRequest, caller: &Caller) -> tonic::Request<GenerateRequest> {
     let mut req = tonic::Request::new(r);
-    if let Some(a) = auth.as_deref().and_then(|a| a.parse().ok()) {
+    if let Some(a) = caller.auth.as_deref().and_then(|a| a.parse().ok()) {
         req.metadata_mut().insert("authorization", a);
+    }
+    for (k, v) in &caller.trace {
+        if let Ok(v) = v.parse() {
+            req.metadata_mut().insert(*k, v);
+        }
     }
     req
 }
@@ -348,9 +375,9 @@ type EventStream = std::pin::Pin<
 async fn start(
     svc: &InferenceService,
     r: GenerateRequest,
-    auth: &Option<String>,
+    caller: &Caller,
 ) -> Result<EventStream, ApiError> {
-    Ok(svc.generate(grpc_request(r, auth)).await?.into_inner())
+    Ok(svc.generate(grpc_request(r, caller)).await?.into_inner())
 }
 
 async fn gather(mut s: EventStream) -> Result<Gathered, ApiError> {
@@ -473,8 +500,8 @@ async fn chat_completions(
     headers: HeaderMap,
     Body(req): Body<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let auth = bearer(&headers);
-    st.svc.authorize(auth.as_deref())?;
+    let caller = Caller::of(&headers);
+    st.svc.authorize(caller.auth.as_deref())?;
     let mut g = req.common.to_grpc(&st.svc)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
@@ -520,7 +547,7 @@ async fn chat_completions(
         ));
     }
     let n = req.common.n.unwrap_or(1);
-    let streams = start_n(&st.svc, &g, n, &auth).await?;
+    let streams = start_n(&st.svc, &g, n, &caller).await?;
     let (id, created, model) = (new_id("chatcmpl"), now_s(), st.svc.model_name().to_string());
     if !req.common.stream {
         let svc = st.svc.clone();
@@ -593,8 +620,8 @@ async fn completions(
     headers: HeaderMap,
     Body(req): Body<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let auth = bearer(&headers);
-    st.svc.authorize(auth.as_deref())?;
+    let caller = Caller::of(&headers);
+    st.svc.authorize(caller.auth.as_deref())?;
     if req.echo {
         return Err(ApiError::invalid(Some("echo"), "echo is not supported"));
     }
@@ -619,7 +646,7 @@ async fn completions(
         g.top_logprobs = k;
     }
     let n = req.common.n.unwrap_or(1);
-    let streams = start_n(&st.svc, &g, n, &auth).await?;
+    let streams = start_n(&st.svc, &g, n, &caller).await?;
     let (id, created, model) = (new_id("cmpl"), now_s(), st.svc.model_name().to_string());
     let want_lp = req.logprobs.is_some();
     if !req.common.stream {
@@ -721,7 +748,7 @@ async fn start_n(
     svc: &InferenceService,
     g: &GenerateRequest,
     n: u32,
-    auth: &Option<String>,
+    caller: &Caller,
 ) -> Result<Vec<EventStream>, ApiError> {
     let mut out = Vec::with_capacity(n as usize);
     for i in 0..n {
@@ -729,7 +756,7 @@ async fn start_n(
         if let Some(s) = r.sampling.as_mut().and_then(|s| s.seed.as_mut()) {
             *s = s.wrapping_add(i as u64);
         }
-        out.push(start(svc, r, auth).await?);
+        out.push(start(svc, r, caller).await?);
     }
     Ok(out)
 }

@@ -18,6 +18,7 @@ pub mod remote;
 pub mod scheduler;
 pub mod serve;
 pub mod server;
+pub mod telemetry;
 pub mod text;
 
 /// Errors of a generation request.

@@ -623,6 +623,12 @@ impl Inference for InferenceService {
         };
         let span =
             tracing::info_span!("generate", request_id = %request_id, prompt_tokens = ids.len());
+        crate::telemetry::adopt_parent(&span, |k| {
+            req_meta
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        });
         let (tok_tx, mut tok_rx) = tokio::sync::mpsc::unbounded_channel();
         let max_new = greq
             .max_tokens
@@ -636,6 +642,7 @@ impl Inference for InferenceService {
             ignore_eos: r.ignore_eos,
             priority: r.priority,
             top_logprobs: if r.logprobs { r.top_logprobs } else { 0 },
+            trace: Some(span.clone()),
         };
         self.send(Cmd::Submit(gen, tok_tx));
         let (out_tx, out_rx) = tokio::sync::mpsc::channel(64);

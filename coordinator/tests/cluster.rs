@@ -47,6 +47,7 @@ fn two_worker_processes_match_goldens() {
                     ignore_eos: true,
                     priority: 0,
                     top_logprobs: 0,
+                    trace: None,
                 });
                 want.insert(id, ids(&p["greedy"]["new_ids"]));
             }
@@ -79,6 +80,7 @@ fn run_goldens(d: &mut Driver, golden: &Value) -> Result<(), String> {
             ignore_eos: true,
             priority: 0,
             top_logprobs: 0,
+            trace: None,
         });
         want.insert(i as u64, ids(&p["greedy"]["new_ids"]));
     }
