@@ -840,6 +840,7 @@ impl Inference for InferenceService {
                 max_context: self.cfg.max_position_embeddings as u32,
                 num_experts: self.cfg.num_experts as u32,
                 experts_per_token: self.cfg.experts_per_tok as u32,
+                vocab_size: self.cfg.vocab_size as u32,
             }],
         }))
     }
