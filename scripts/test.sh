@@ -13,6 +13,6 @@ cargo test --workspace --locked
 # that does not compile fails here), and the GPU tests, which print why they skip where no GPU
 # is present.
 export LD_LIBRARY_PATH="$SWITCHYARD_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-SWITCHYARD_REQUIRE_NVRTC=1 cargo test --locked -p switchyard-kernels --features cuda --test cuda
+SWITCHYARD_REQUIRE_NVRTC=1 cargo test --locked -p switchyard-kernels --features cuda --test cuda -- --nocapture
 cargo test --locked -p switchyard-tests --features cuda --test fidelity --test expert_parallel \
-  -- on_gpu nccl
+  -- --nocapture on_gpu nccl

@@ -96,7 +96,9 @@ pub enum AdminAction {
     Status,
     /// Move a worker's experts and sequences to the others and leave it out.
     Drain {
-        /// The worker's id, as `status` lists it.
+        /// The worker's id, as `status` lists it (a pod's preStop hook sets
+        /// SWITCHYARD_WORKER_ID to its own).
+        #[arg(env = "SWITCHYARD_WORKER_ID")]
         worker: String,
     },
     /// Re-place experts for the current load if that is markedly better.
@@ -173,6 +175,24 @@ pub struct MembershipArgs {
     /// Lease time-to-live in seconds: a member that stops renewing disappears after this.
     #[arg(long, default_value_t = 5)]
     pub lease_ttl: u64,
+    /// etcd over TLS: the CA certificate (PEM) the servers are verified against.
+    #[arg(long, env = "SWITCHYARD_ETCD_CA_FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// Client certificate and key (PEM) for etcd servers that require them.
+    #[arg(long, env = "SWITCHYARD_ETCD_CERT_FILE", requires = "etcd_key_file")]
+    pub etcd_cert_file: Option<PathBuf>,
+    #[arg(long, env = "SWITCHYARD_ETCD_KEY_FILE", requires = "etcd_cert_file")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// etcd username (with SWITCHYARD_ETCD_PASSWORD).
+    #[arg(long, env = "SWITCHYARD_ETCD_USER")]
+    pub etcd_user: Option<String>,
+    #[arg(
+        long,
+        env = "SWITCHYARD_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_user"
+    )]
+    pub etcd_password: Option<String>,
 }
 
 impl MembershipArgs {
@@ -181,7 +201,16 @@ impl MembershipArgs {
             return Ok(None);
         };
         let endpoints: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
-        let m = EtcdMembership::connect(&endpoints, &self.cluster_prefix)
+        let sec = switchyard_worker::membership::EtcdSecurity {
+            ca: self.etcd_ca_file.clone(),
+            cert: self.etcd_cert_file.clone(),
+            key: self.etcd_key_file.clone(),
+            user: self
+                .etcd_user
+                .clone()
+                .map(|u| (u, self.etcd_password.clone().unwrap_or_default())),
+        };
+        let m = EtcdMembership::connect_with(&endpoints, &self.cluster_prefix, &sec)
             .await
             .with_context(|| format!("--etcd {urls}"))?;
         Ok(Some(Arc::new(m)))
@@ -249,6 +278,10 @@ pub struct WorkerArgs {
     /// All-to-all (TCP mesh) address.
     #[arg(long, default_value = "127.0.0.1:0")]
     pub comm_listen: String,
+    /// Mesh address published to peers, HOST:PORT (default: the bound address; set it when
+    /// binding 0.0.0.0, e.g. to the pod's stable DNS name).
+    #[arg(long)]
+    pub comm_advertise: Option<String>,
     #[arg(long)]
     pub dtype: Option<WeightDType>,
     /// Worker id (default: the control address).
@@ -826,6 +859,9 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
         };
         let mut svc = switchyard_worker::server::WorkerService::new(id, a.model, opts, comm)?;
         svc.expert_slots = a.expert_slots;
+        if let Some(c) = &a.comm_advertise {
+            svc.advertise_comm(c.clone());
+        }
         // Registered only once the control port is bound, so a listed worker is reachable.
         if let Some(m) = a.membership.connect().await? {
             let ttl = a.membership.ttl()?;
@@ -847,7 +883,12 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
                 }
             });
         }
-        println!("worker ready grpc={control_url} comm={comm_addr}");
+        println!(
+            "worker ready grpc={control_url} comm={}",
+            a.comm_advertise
+                .as_deref()
+                .unwrap_or(&comm_addr.to_string())
+        );
         std::io::stdout().flush()?;
         tonic::transport::Server::builder()
             .add_service(svc.into_server())

@@ -76,6 +76,105 @@ async fn in_memory_membership_keeps_the_contract() {
     contract(&MemoryMembership::new()).await;
 }
 
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+fn certificates(dir: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let sh = |cmd: &str| {
+        let o = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=sy-test-ca");
+    for (name, ext) in [
+        ("server", "subjectAltName=IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        sh(&format!(
+            "openssl req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name} \
+             && printf '{ext}\\n' > {name}.ext \
+             && openssl x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+                -out {name}.crt -days 2 -extfile {name}.ext"
+        ));
+    }
+}
+
+/// External etcd as a platform team runs it: TLS with client certificates, then
+/// username/password authentication on top. The contract holds over it; a client without its
+/// certificate, or with a wrong password, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_over_tls_with_auth_keeps_the_contract_and_refuses_strangers() {
+    use switchyard_worker::membership::EtcdSecurity;
+    let certs = std::env::temp_dir().join(format!("sy-etcd-certs-{}", std::process::id()));
+    certificates(&certs);
+    let etcd = Etcd::start_tls(&certs);
+    let tls = EtcdSecurity {
+        ca: Some(certs.join("ca.crt")),
+        cert: Some(certs.join("client.crt")),
+        key: Some(certs.join("client.key")),
+        user: None,
+    };
+    let eps = [etcd.url.clone()];
+    let m = EtcdMembership::connect_with(&eps, "/switchyard/tls", &tls)
+        .await
+        .unwrap();
+    contract(&m).await;
+    // Without a client certificate: refused (at connect or at the first call).
+    let bare = EtcdSecurity {
+        cert: None,
+        key: None,
+        ..tls.clone()
+    };
+    let refused = match EtcdMembership::connect_with(&eps, "/switchyard/tls", &bare).await {
+        Err(_) => true,
+        Ok(m) => m.leader("probe").await.is_err(),
+    };
+    assert!(refused, "a client without a certificate got in");
+    // Turn on authentication (root user), then only the right password works.
+    let opts = etcd_client::ConnectOptions::new().with_tls(
+        etcd_client::TlsOptions::new()
+            .ca_certificate(etcd_client::Certificate::from_pem(
+                std::fs::read(certs.join("ca.crt")).unwrap(),
+            ))
+            .identity(etcd_client::Identity::from_pem(
+                std::fs::read(certs.join("client.crt")).unwrap(),
+                std::fs::read(certs.join("client.key")).unwrap(),
+            )),
+    );
+    let mut admin = etcd_client::Client::connect(&eps, Some(opts))
+        .await
+        .unwrap();
+    admin.user_add("root", "s3cret", None).await.unwrap();
+    admin.user_grant_role("root", "root").await.unwrap();
+    admin.auth_enable().await.unwrap();
+    let authed = EtcdSecurity {
+        user: Some(("root".into(), "s3cret".into())),
+        ..tls.clone()
+    };
+    let m = EtcdMembership::connect_with(&eps, "/switchyard/auth", &authed)
+        .await
+        .unwrap();
+    contract(&m).await;
+    let wrong = EtcdSecurity {
+        user: Some(("root".into(), "nope".into())),
+        ..tls.clone()
+    };
+    assert!(
+        EtcdMembership::connect_with(&eps, "/switchyard/auth", &wrong)
+            .await
+            .is_err()
+    );
+    drop(etcd);
+    let _ = std::fs::remove_dir_all(&certs);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_membership_keeps_the_contract() {
     let etcd = Etcd::start();

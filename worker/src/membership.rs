@@ -40,6 +40,20 @@ pub enum MembershipError {
     Etcd(#[from] etcd_client::Error),
     #[error("member record {key:?}: {detail}")]
     BadRecord { key: String, detail: String },
+    #[error("etcd connection settings: {0}")]
+    Config(String),
+}
+
+/// TLS and authentication for etcd; all absent: plain connections, no auth.
+#[derive(Clone, Debug, Default)]
+pub struct EtcdSecurity {
+    /// PEM file of the CA that signed the servers' certificates.
+    pub ca: Option<std::path::PathBuf>,
+    /// PEM client certificate and key, for servers that require client certificates.
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+    /// Username and password.
+    pub user: Option<(String, String)>,
 }
 
 /// What a worker publishes about itself.
@@ -253,9 +267,44 @@ pub struct EtcdMembership {
 
 impl EtcdMembership {
     pub async fn connect(endpoints: &[String], prefix: &str) -> Result<Self, MembershipError> {
-        let opts = etcd_client::ConnectOptions::new()
+        Self::connect_with(endpoints, prefix, &EtcdSecurity::default()).await
+    }
+
+    /// Connects to a secured etcd: TLS (server verified against `ca`; `cert` + `key` for
+    /// mutual TLS) and/or username/password authentication.
+    pub async fn connect_with(
+        endpoints: &[String],
+        prefix: &str,
+        sec: &EtcdSecurity,
+    ) -> Result<Self, MembershipError> {
+        let mut opts = etcd_client::ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(5))
             .with_timeout(Duration::from_secs(10));
+        if let Some((user, password)) = &sec.user {
+            opts = opts.with_user(user.clone(), password.clone());
+        }
+        if sec.ca.is_some() || sec.cert.is_some() {
+            let read = |p: &std::path::Path| {
+                std::fs::read(p)
+                    .map_err(|e| MembershipError::Config(format!("{}: {e}", p.display())))
+            };
+            let mut tls = etcd_client::TlsOptions::new();
+            if let Some(ca) = &sec.ca {
+                tls = tls.ca_certificate(etcd_client::Certificate::from_pem(read(ca)?));
+            }
+            match (&sec.cert, &sec.key) {
+                (Some(c), Some(k)) => {
+                    tls = tls.identity(etcd_client::Identity::from_pem(read(c)?, read(k)?));
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(MembershipError::Config(
+                        "a client certificate needs its key (and the key its certificate)".into(),
+                    ))
+                }
+            }
+            opts = opts.with_tls(tls);
+        }
         let client = etcd_client::Client::connect(endpoints, Some(opts)).await?;
         Ok(EtcdMembership {
             client,

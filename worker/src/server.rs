@@ -82,6 +82,12 @@ impl Epoch {
 }
 
 impl WorkerService {
+    /// The all-to-all address peers dial, when it differs from the bound one (a pod binds
+    /// 0.0.0.0 and is reached by its stable DNS name).
+    pub fn advertise_comm(&mut self, addr: String) {
+        self.comm_addr = addr;
+    }
+
     pub fn new(
         id: String,
         model: PathBuf,

@@ -122,10 +122,60 @@ pub struct Etcd {
     dir: PathBuf,
     pub url: String,
     args: Vec<String>,
+    /// The plain-HTTP port that answers /health (the client port, or the metrics port when
+    /// clients speak TLS).
     client_port: u16,
 }
 
 impl Etcd {
+    /// A server that speaks TLS to clients and requires a client certificate signed by the
+    /// same CA: `certs` holds ca.crt, server.crt and server.key.
+    pub fn start_tls(certs: &Path) -> Etcd {
+        let (client, peer, metrics) = (free_port(), free_port(), free_port());
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-etcd-{}-{client}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let url = format!("https://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let f = |n: &str| certs.join(n).to_str().unwrap().to_string();
+        let args: Vec<String> = vec![
+            "--name".into(),
+            "test".into(),
+            "--data-dir".into(),
+            dir.to_str().unwrap().into(),
+            "--listen-client-urls".into(),
+            url.clone(),
+            "--advertise-client-urls".into(),
+            url.clone(),
+            "--listen-peer-urls".into(),
+            peer_url.clone(),
+            "--initial-advertise-peer-urls".into(),
+            peer_url.clone(),
+            "--initial-cluster".into(),
+            format!("test={peer_url}"),
+            "--listen-metrics-urls".into(),
+            format!("http://127.0.0.1:{metrics}"),
+            "--cert-file".into(),
+            f("server.crt"),
+            "--key-file".into(),
+            f("server.key"),
+            "--trusted-ca-file".into(),
+            f("ca.crt"),
+            "--client-cert-auth".into(),
+            "--log-level".into(),
+            "error".into(),
+        ];
+        let etcd = Etcd {
+            _proc: Self::spawn(&args),
+            dir,
+            url,
+            args,
+            client_port: metrics,
+        };
+        etcd.wait_healthy();
+        etcd
+    }
+
     pub fn start() -> Etcd {
         let (client, peer) = (free_port(), free_port());
         let dir =

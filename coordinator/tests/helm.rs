@@ -1,0 +1,344 @@
+//! The Helm chart (`helm/switchyard`), checked offline with the real tools: `helm lint
+//! --strict` over a matrix of value files, the schema rejecting a broken one, every rendered
+//! manifest validated against the Kubernetes 1.32 schemas (`kubernetes-validate --strict`) and
+//! the ServiceMonitor against the prometheus-operator models; and the commands the chart
+//! renders run for real: the coordinator and two workers started with exactly the rendered
+//! arguments and environment (against a local etcd) serve the golden tokens.
+//!
+//! The tools come from `scripts/ensure-deps.sh test` (SWITCHYARD_HELM, SWITCHYARD_NPM,
+//! SWITCHYARD_KUBERNETES_VALIDATE); helm from PATH is accepted when it is 3.17.
+
+mod common;
+use common::{fixture, Etcd};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+fn chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../helm/switchyard")
+}
+
+fn tool(env: &str, fallback: &str) -> PathBuf {
+    let p = std::env::var_os(env)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| fallback.into());
+    assert!(
+        Command::new(&p)
+            .arg("--help")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok(),
+        "{} not found: run scripts/ensure-deps.sh test (sets {env})",
+        p.display()
+    );
+    p
+}
+
+fn helm(args: &[&str]) -> std::process::Output {
+    Command::new(tool("SWITCHYARD_HELM", "helm"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+const MATRIX: &[&str] = &[
+    "",
+    "ci/cpu.yaml",
+    "ci/gpu.yaml",
+    "ci/external-etcd-tls.yaml",
+    "ci/etcd-3.yaml",
+    "ci/monitoring.yaml",
+];
+
+fn with_values(v: &str) -> Vec<String> {
+    if v.is_empty() {
+        vec![]
+    } else {
+        vec!["-f".into(), chart().join(v).to_str().unwrap().into()]
+    }
+}
+
+#[test]
+fn lint_strict_passes_the_matrix_and_the_schema_rejects_bad_values() {
+    let c = chart();
+    let v = helm(&["version", "--short"]);
+    assert!(
+        String::from_utf8_lossy(&v.stdout).starts_with("v3.17"),
+        "helm {:?}",
+        v
+    );
+    for vf in MATRIX {
+        let mut args = vec![
+            "lint".to_string(),
+            "--strict".into(),
+            c.to_str().unwrap().into(),
+        ];
+        args.extend(with_values(vf));
+        let o = helm(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(
+            o.status.success(),
+            "lint {vf:?}: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let bad = c.join("ci/bad-values.yaml");
+    let o = helm(&[
+        "lint",
+        "--strict",
+        c.to_str().unwrap(),
+        "-f",
+        bad.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        text.contains("workers.device") && text.contains("workers.replicas"),
+        "{text}"
+    );
+    // External etcd without endpoints is refused by the schema too.
+    let o = helm(&[
+        "template",
+        "sy",
+        c.to_str().unwrap(),
+        "--set",
+        "etcd.enabled=false",
+    ]);
+    assert!(!o.status.success());
+}
+
+#[test]
+fn rendered_manifests_validate_against_kubernetes_1_32() {
+    let c = chart();
+    let validate = tool("SWITCHYARD_KUBERNETES_VALIDATE", "kubernetes-validate");
+    let npm = std::env::var("SWITCHYARD_NPM")
+        .unwrap_or_else(|_| format!("{}/.cache/switchyard/npm", std::env::var("HOME").unwrap()));
+    let dir = std::env::temp_dir().join(format!("sy-helm-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut monitors = 0;
+    for (i, vf) in MATRIX.iter().enumerate() {
+        let mut args = vec![
+            "template".to_string(),
+            "sy".into(),
+            c.to_str().unwrap().into(),
+            "--namespace".into(),
+            "serving".into(),
+        ];
+        args.extend(with_values(vf));
+        let o = helm(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let file = dir.join(format!("render-{i}.yaml"));
+        std::fs::write(&file, &o.stdout).unwrap();
+        let v = Command::new(&validate)
+            .args(["--strict", "-k", "1.32.0", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let out = format!(
+            "{}{}",
+            String::from_utf8_lossy(&v.stdout),
+            String::from_utf8_lossy(&v.stderr)
+        );
+        assert!(
+            v.status.success() && !out.contains("ERROR"),
+            "{vf:?}:\n{out}"
+        );
+        let passed = out.matches(" passed for resource ").count();
+        assert!(
+            passed >= 8,
+            "{vf:?}: only {passed} resources validated:\n{out}"
+        );
+        // Custom resources against their models.
+        let mut node = Command::new("node")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../helm/scripts/validate-crds.mjs"))
+            .env("SWITCHYARD_NPM", &npm)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut node.stdin.take().unwrap(), &o.stdout).unwrap();
+        let n = node.wait_with_output().unwrap();
+        assert!(
+            n.status.success(),
+            "{vf:?}: {}",
+            String::from_utf8_lossy(&n.stderr)
+        );
+        monitors += String::from_utf8_lossy(&n.stdout)
+            .matches("valid ServiceMonitor")
+            .count();
+    }
+    assert_eq!(
+        monitors, 1,
+        "the monitoring values render one ServiceMonitor"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Rendered documents as JSON (PyYAML from the test venv does the parsing).
+fn render_json(args: &[String]) -> Vec<Value> {
+    let o = helm(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut py = Command::new(common::python("yaml"))
+        .args(["-c", "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut py.stdin.take().unwrap(), &o.stdout).unwrap();
+    serde_json::from_slice(&py.wait_with_output().unwrap().stdout).unwrap()
+}
+
+/// The container's args and environment as Kubernetes would give them to the process:
+/// `$(VAR)` expanded from the env list in order, fieldRefs from `fields`, ConfigMap
+/// `envFrom` from the rendered ConfigMap, `overrides` replacing values that only cluster DNS
+/// could provide.
+fn process(
+    container: &Value,
+    configmap: &Value,
+    fields: &HashMap<&str, String>,
+    overrides: &HashMap<&str, String>,
+) -> (Vec<String>, HashMap<String, String>) {
+    let mut env: HashMap<String, String> = HashMap::new();
+    for (k, v) in configmap["data"].as_object().unwrap() {
+        env.insert(k.clone(), v.as_str().unwrap().to_string());
+    }
+    let expand = |s: &str, env: &HashMap<String, String>| {
+        let mut out = s.to_string();
+        for (k, v) in env {
+            out = out.replace(&format!("$({k})"), v);
+        }
+        out
+    };
+    for e in container["env"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        let value = if let Some(v) = overrides.get(name) {
+            v.clone()
+        } else if let Some(v) = e["value"].as_str() {
+            expand(v, &env)
+        } else {
+            let path = e["valueFrom"]["fieldRef"]["fieldPath"]
+                .as_str()
+                .unwrap_or_else(|| panic!("env {name}: {e}"));
+            fields[path].clone()
+        };
+        env.insert(name.to_string(), value);
+    }
+    let args = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = expand(a.as_str().unwrap(), &env);
+            assert!(!a.contains("$("), "unexpanded {a}");
+            a
+        })
+        .collect();
+    (args, env)
+}
+
+fn find<'a>(docs: &'a [Value], kind: &str, suffix: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| d["kind"] == kind && d["metadata"]["name"].as_str().unwrap().ends_with(suffix))
+        .unwrap_or_else(|| panic!("no {kind} *{suffix}"))
+}
+
+#[test]
+fn the_rendered_commands_form_a_cluster_that_serves() {
+    let etcd = Etcd::start();
+    let model = fixture("tiny-qwen3-moe");
+    let port = || common::free_port().to_string();
+    let (grpc, http, metrics, control, comm) = (port(), port(), port(), port(), port());
+    let sets = [
+        format!("etcd.external.endpoints={}", etcd.url),
+        format!("model.path={}", model.display()),
+        format!("coordinator.grpcPort={grpc}"),
+        format!("coordinator.httpPort={http}"),
+        format!("coordinator.metricsPort={metrics}"),
+        format!("workers.controlPort={control}"),
+        format!("workers.commPort={comm}"),
+        format!(
+            "membership.clusterPrefix=/switchyard/helm-{}",
+            std::process::id()
+        ),
+    ];
+    let mut args: Vec<String> = vec![
+        "template".into(),
+        "sy".into(),
+        chart().to_str().unwrap().into(),
+        "--namespace".into(),
+        "serving".into(),
+        "-f".into(),
+        chart().join("ci/cpu.yaml").to_str().unwrap().into(),
+        "--set".into(),
+        "etcd.enabled=false".into(),
+    ];
+    for s in &sets {
+        args.push("--set".into());
+        args.push(s.clone());
+    }
+    let docs = render_json(&args);
+    let cm = find(&docs, "ConfigMap", "switchyard");
+    let sts = find(&docs, "StatefulSet", "-worker");
+    let dep = find(&docs, "Deployment", "-coordinator");
+    let replicas = sts["spec"]["replicas"].as_u64().unwrap() as usize;
+    assert_eq!(replicas, 2);
+    let bin = env!("CARGO_BIN_EXE_switchyard");
+    let mut procs = Vec::new();
+    for i in 0..replicas {
+        // Each pod's own address: a loopback IP of its own (cluster DNS stands in by it).
+        let ip = format!("127.0.0.{}", i + 2);
+        let fields = HashMap::from([
+            ("metadata.name", format!("sy-switchyard-worker-{i}")),
+            ("status.podIP", ip.clone()),
+        ]);
+        let overrides = HashMap::from([("PEER_HOST", ip.clone())]);
+        let c = &sts["spec"]["template"]["spec"]["containers"][0];
+        let (a, env) = process(c, cm, &fields, &overrides);
+        assert_eq!(a[0], "worker");
+        assert!(a.contains(&format!("--listen={ip}:{control}")), "{a:?}");
+        let mut cmd = Command::new(bin);
+        cmd.args(&a).envs(&env).stdout(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains(&format!("comm={ip}:{comm}")), "{line}");
+        procs.push(common::Proc(child));
+    }
+    let fields = HashMap::from([("metadata.name", "sy-switchyard-coordinator-abc".to_string())]);
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    let (a, env) = process(c, cm, &fields, &HashMap::new());
+    assert_eq!(a[0], "coordinator");
+    assert_eq!(env["SWITCHYARD_ETCD"], etcd.url);
+    let mut child = Command::new(bin)
+        .args(&a)
+        .envs(&env)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    procs.push(common::Proc(child));
+    assert!(line.contains(&format!(":{grpc}")), "{line}");
+    let url = format!("http://127.0.0.1:{grpc}");
+    common::block_on(async {
+        common::assert_goldens(&url, "tiny-qwen3-moe", 1).await;
+        let st = common::cluster_status(&url).await;
+        assert_eq!(st.workers.len(), 2);
+    });
+    // The readiness probe the chart declares: gRPC health of switchyard.v1.Inference.
+    let probe = &c["readinessProbe"]["grpc"];
+    assert_eq!(probe["service"], "switchyard.v1.Inference");
+    assert_eq!(probe["port"].as_u64().unwrap().to_string(), grpc);
+    drop(procs);
+}
