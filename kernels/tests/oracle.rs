@@ -6,17 +6,8 @@ use switchyard_kernels::rope::{Rope, RopeScaling};
 use switchyard_kernels::sampling::{self, SamplingParams};
 use switchyard_kernels::{bf16, linear, moe, norm, reference, softmax, WeightRef};
 
-fn randn(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| rng.normal() as f32 * scale).collect()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
+mod common;
+use common::{max_abs_diff, randn};
 
 #[test]
 fn linear_f32_matches_reference_for_all_row_regimes() {

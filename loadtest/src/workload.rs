@@ -1,7 +1,7 @@
 //! Workloads: what each request asks for (prompt tokens, output length, whether it hangs up
 //! early) and when it is sent. Pure and seeded: the same options and seed give the same list.
 
-use crate::rng::Rng;
+use crate::rng::{Draws, Rng};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 

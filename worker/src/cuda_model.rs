@@ -10,7 +10,7 @@
 //! MoE layer (t·k ids: the per-expert GEMM sizes are needed on the host to launch cuBLAS), and
 //! the requested logits coming down at the end.
 
-use super::{Ffn, ForwardInput, ForwardOutput, Logits, Model, Routing};
+use super::{Ffn, ForwardInput, ForwardOutput, Model, Routing};
 use crate::experts::{ExpertSet, Mlp};
 use crate::WorkerError;
 use std::sync::Arc;
@@ -472,17 +472,7 @@ impl CudaModel {
             }
         }
         // Final norm and lm_head on the rows that want logits.
-        let mut sel = Vec::new();
-        let mut row = 0;
-        for (ei, inp) in inputs.iter().enumerate() {
-            let n = inp.tokens.len();
-            match inp.logits {
-                Logits::None => {}
-                Logits::Last => sel.push((row + n - 1, ei, inp.start_pos + n - 1)),
-                Logits::All => sel.extend((0..n).map(|j| (row + j, ei, inp.start_pos + j))),
-            }
-            row += n;
-        }
+        let sel = super::logit_rows(inputs);
         out.logit_rows = sel.iter().map(|&(_, ei, pos)| (ei, pos)).collect();
         if sel.is_empty() {
             g.sync()?;

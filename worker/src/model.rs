@@ -82,6 +82,22 @@ pub struct ForwardOutput {
     pub expert_load: Vec<u32>,
 }
 
+/// The rows of a step that want logits: (row in the step, entry index, absolute position).
+pub(crate) fn logit_rows(inputs: &[ForwardInput<'_>]) -> Vec<(usize, usize, usize)> {
+    let mut sel = Vec::new();
+    let mut row = 0;
+    for (ei, inp) in inputs.iter().enumerate() {
+        let n = inp.tokens.len();
+        match inp.logits {
+            Logits::None => {}
+            Logits::Last => sel.push((row + n - 1, ei, inp.start_pos + n - 1)),
+            Logits::All => sel.extend((0..n).map(|j| (row + j, ei, inp.start_pos + j))),
+        }
+        row += n;
+    }
+    sel
+}
+
 pub struct Model {
     pub cfg: ModelConfig,
     pub dtype: WeightDType,
@@ -354,17 +370,7 @@ impl Model {
             axpy(&mut hs, 1.0, &tmp);
         }
         // Final norm and lm_head on the rows that want logits.
-        let mut sel = Vec::new();
-        let mut row = 0;
-        for (ei, inp) in inputs.iter().enumerate() {
-            let n = inp.tokens.len();
-            match inp.logits {
-                Logits::None => {}
-                Logits::Last => sel.push((row + n - 1, ei, inp.start_pos + n - 1)),
-                Logits::All => sel.extend((0..n).map(|j| (row + j, ei, inp.start_pos + j))),
-            }
-            row += n;
-        }
+        let sel = logit_rows(inputs);
         let mut xs = vec![0.0f32; sel.len() * h];
         for (i, &(r, _, _)) in sel.iter().enumerate() {
             xs[i * h..(i + 1) * h].copy_from_slice(&hs[r * h..(r + 1) * h]);
