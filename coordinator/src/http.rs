@@ -175,6 +175,9 @@ struct Common {
     top_k: Option<u32>,
     min_p: Option<f32>,
     repetition_penalty: Option<f32>,
+    /// vLLM's extension: generate exactly max_tokens (load tests).
+    #[serde(default)]
+    ignore_eos: bool,
 }
 
 #[derive(Deserialize)]
@@ -339,6 +342,7 @@ impl Common {
             }),
             max_tokens,
             stop,
+            ignore_eos: self.ignore_eos,
             stream_token_ids: true,
             ..Default::default()
         })

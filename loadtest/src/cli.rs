@@ -44,9 +44,14 @@ fn secs(s: &str) -> Result<Duration, String> {
 
 #[derive(Args, Debug, Clone)]
 pub struct Load {
-    /// gRPC endpoint, e.g. http://127.0.0.1:50051.
+    /// gRPC endpoint (http://127.0.0.1:50051), or with `--api openai` the HTTP base URL
+    /// (http://127.0.0.1:8080).
     #[arg(long)]
     pub endpoint: String,
+    /// grpc (`switchyard.v1.Generate`) or openai (`/v1/completions`, `/v1/chat/completions`
+    /// with `--chat`; streamed SSE, tokens counted from the streamed logprobs).
+    #[arg(long, default_value = "grpc", value_parser = ["grpc", "openai"])]
+    pub api: String,
     /// HTTP/2 connections to spread the streams over.
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
@@ -190,6 +195,11 @@ fn options(
 ) -> Result<RunOptions> {
     Ok(RunOptions {
         endpoint: l.endpoint.clone(),
+        api: if l.api == "openai" {
+            crate::client::Api::OpenAi
+        } else {
+            crate::client::Api::Grpc
+        },
         connections: l.connections.max(1),
         shape,
         duration,

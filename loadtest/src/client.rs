@@ -14,9 +14,20 @@ use switchyard_proto::v1::*;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
+/// Which API the requests use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    /// `switchyard.v1` gRPC `Generate` (token ids and timing per stream message).
+    Grpc,
+    /// OpenAI-style HTTP: `/v1/completions` (token-id prompts) or `/v1/chat/completions`
+    /// (chat), streamed as server-sent events; tokens per event from its logprobs.
+    OpenAi,
+}
+
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     pub endpoint: String,
+    pub api: Api,
     /// HTTP/2 connections the streams are spread over.
     pub connections: usize,
     pub shape: Shape,
@@ -83,19 +94,55 @@ struct Live {
 
 /// Runs the workload; returns every record (window marked) and the summary.
 pub async fn run(o: &RunOptions) -> Result<(Vec<Record>, Summary, ModelFacts)> {
-    let mut clients = connect(&o.endpoint, o.connections).await?;
-    let facts = model_facts(&mut clients[0]).await?;
+    let (clients, facts): (Vec<Conn>, ModelFacts) = match o.api {
+        Api::Grpc => {
+            let mut cs = connect(&o.endpoint, o.connections).await?;
+            let facts = model_facts(&mut cs[0]).await?;
+            (cs.into_iter().map(Conn::Grpc).collect(), facts)
+        }
+        Api::OpenAi => {
+            let base = o.endpoint.trim_end_matches('/').to_string();
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(4096)
+                .tcp_nodelay(true)
+                .build()?;
+            let model = openai_model(&client, &base).await?;
+            let facts = ModelFacts {
+                name: model.clone(),
+                vocab: 0,
+                max_context: 0,
+            };
+            (
+                vec![Conn::Http {
+                    client,
+                    base,
+                    model,
+                }],
+                facts,
+            )
+        }
+    };
     let mut prompts = o.prompts.clone();
-    if prompts.token_range.1 == 0 {
+    if prompts.token_range.1 == 0 && !prompts.chat {
         if facts.vocab == 0 {
-            bail!("the endpoint does not report its vocabulary size; give --token-range");
+            bail!(
+                "the endpoint does not report its vocabulary size; give --token-range LO-HI \
+                 (the OpenAI API has no such field)"
+            );
         }
         prompts.token_range.1 = facts.vocab;
+    }
+    if prompts.token_range.1 == 0 {
+        // Chat prompts are words; the range only feeds the unused id draws.
+        prompts.token_range.1 = prompts.token_range.0 + 1;
     }
     if prompts.token_range.0 >= prompts.token_range.1 {
         bail!("--token-range is empty for a vocabulary of {}", facts.vocab);
     }
     if o.long_context {
+        if facts.max_context == 0 {
+            bail!("--long-context needs the model's context size, which only the gRPC API reports");
+        }
         let room = facts.max_context.saturating_sub(o.prompts.output.max() + 8);
         if room == 0 {
             bail!(
@@ -148,11 +195,11 @@ pub async fn run(o: &RunOptions) -> Result<(Vec<Record>, Summary, ModelFacts)> {
     });
     let deadline = o.deadline;
     let (tx1, live1) = (tx.clone(), live.clone());
-    let start_one = move |p: Planned, scheduled: f64, client: InferenceClient<Channel>| {
+    let start_one = move |p: Planned, scheduled: f64, client: Conn| {
         let (tx, live) = (tx1.clone(), live1.clone());
         async move {
             live.sent.fetch_add(1, Ordering::Relaxed);
-            let r = one(client, &p, t0, scheduled, deadline).await;
+            let r = one_any(client, &p, t0, scheduled, deadline).await;
             if let Some(t) = r.ttft_s {
                 live.ttfts.lock().unwrap_or_else(|e| e.into_inner()).push(t);
             }
@@ -210,7 +257,8 @@ pub async fn run(o: &RunOptions) -> Result<(Vec<Record>, Summary, ModelFacts)> {
         (_, Some(d)) => d
             .as_secs_f64()
             .min(planned.last().map_or(0.0, |p| p.at) + interval(&o.shape)),
-        _ => records.iter().map(|r| r.sent_s).fold(0.0, f64::max) + interval(&o.shape),
+        // Limited by count: the window ends just after the last send (it is included).
+        _ => records.iter().map(|r| r.sent_s).fold(0.0, f64::max) + interval(&o.shape).max(1e-9),
     };
     let start = o.warmup.as_secs_f64();
     let end = (send_end - o.cooldown.as_secs_f64()).max(start + 1e-6);
@@ -237,16 +285,9 @@ fn interval(shape: &Shape) -> f64 {
     }
 }
 
-/// Sends one request and follows its stream.
-async fn one(
-    mut client: InferenceClient<Channel>,
-    p: &Planned,
-    t0: Instant,
-    scheduled: f64,
-    deadline: Option<Duration>,
-) -> Record {
-    let sent = Instant::now();
-    let mut r = Record {
+/// A record before anything came back.
+fn blank(p: &Planned, t0: Instant, sent: Instant, scheduled: f64) -> Record {
+    Record {
         index: p.index,
         scheduled_s: scheduled,
         sent_s: (sent - t0).as_secs_f64(),
@@ -267,7 +308,47 @@ async fn one(
         server_reasoning_tokens: None,
         message_tokens: Vec::new(),
         message_gaps_s: Vec::new(),
-    };
+    }
+}
+
+/// A connection to send one request on.
+#[derive(Clone)]
+enum Conn {
+    Grpc(InferenceClient<Channel>),
+    Http {
+        client: reqwest::Client,
+        base: String,
+        model: String,
+    },
+}
+
+async fn one_any(
+    conn: Conn,
+    p: &Planned,
+    t0: Instant,
+    scheduled: f64,
+    deadline: Option<Duration>,
+) -> Record {
+    match conn {
+        Conn::Grpc(c) => one(c, p, t0, scheduled, deadline).await,
+        Conn::Http {
+            client,
+            base,
+            model,
+        } => one_http(client, base, model, p, t0, scheduled, deadline).await,
+    }
+}
+
+/// Sends one request and follows its stream.
+async fn one(
+    mut client: InferenceClient<Channel>,
+    p: &Planned,
+    t0: Instant,
+    scheduled: f64,
+    deadline: Option<Duration>,
+) -> Record {
+    let sent = Instant::now();
+    let mut r = blank(p, t0, sent, scheduled);
     let input = match &p.chat {
         Some(text) => generate_request::Input::Chat(ChatInput {
             messages: vec![ChatMessage {
@@ -368,4 +449,169 @@ pub fn code_name(c: tonic::Code) -> String {
         out.push(ch.to_ascii_uppercase());
     }
     out
+}
+
+/// What the OpenAI-style endpoint serves (`GET /v1/models`): the model id. The vocabulary
+/// and context are not part of that API, so token ranges must come from `--token-range`
+/// or a gRPC endpoint's ListModels (`--grpc-facts`).
+pub async fn openai_model(http: &reqwest::Client, base: &str) -> Result<String> {
+    let r = http
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .with_context(|| format!("GET {base}/v1/models"))?;
+    let status = r.status();
+    let body = r.text().await?;
+    if !status.is_success() {
+        bail!("GET {base}/v1/models: {status}: {body}");
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    v["data"][0]["id"]
+        .as_str()
+        .map(str::to_string)
+        .context("the endpoint lists no model")
+}
+
+/// One request over the OpenAI-style HTTP API, streamed (SSE).
+async fn one_http(
+    http: reqwest::Client,
+    base: String,
+    model: String,
+    p: &Planned,
+    t0: Instant,
+    scheduled: f64,
+    deadline: Option<Duration>,
+) -> Record {
+    use futures_util::StreamExt;
+    let sent = Instant::now();
+    let mut r = blank(p, t0, sent, scheduled);
+    let chat = p.chat.is_some();
+    let body = if let Some(text) = &p.chat {
+        serde_json::json!({
+            "model": model, "messages": [{"role": "user", "content": text}],
+            "max_tokens": p.max_tokens, "temperature": 0, "ignore_eos": true, "stream": true,
+            "logprobs": true, "stream_options": {"include_usage": true},
+        })
+    } else {
+        serde_json::json!({
+            "model": model, "prompt": p.prompt, "max_tokens": p.max_tokens, "temperature": 0,
+            "ignore_eos": true, "stream": true, "logprobs": 0,
+            "stream_options": {"include_usage": true},
+        })
+    };
+    let path = if chat {
+        "chat/completions"
+    } else {
+        "completions"
+    };
+    let follow = async {
+        let resp = http
+            .post(format!("{base}/v1/{path}"))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| ("UNAVAILABLE".to_string(), e.to_string()))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            return Err((format!("HTTP_{}", status.as_u16()), text));
+        }
+        let mut stream = resp.bytes_stream();
+        let mut buf = String::new();
+        let mut last_msg: Option<Instant> = None;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ("UNAVAILABLE".to_string(), e.to_string()))?;
+            let now = Instant::now();
+            buf.push_str(&String::from_utf8_lossy(&chunk));
+            while let Some(end) = buf.find("\n\n") {
+                let event: String = buf.drain(..end + 2).collect();
+                for line in event.lines() {
+                    let Some(data) = line.strip_prefix("data: ") else {
+                        continue;
+                    };
+                    if data == "[DONE]" {
+                        continue;
+                    }
+                    let v: serde_json::Value = serde_json::from_str(data)
+                        .map_err(|e| ("MALFORMED".to_string(), format!("{e}: {data}")))?;
+                    if let Some(err) = v.get("error") {
+                        return Err(("FINISHED_WITH_ERROR".to_string(), err.to_string()));
+                    }
+                    if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                        r.server_completion_tokens =
+                            u["completion_tokens"].as_u64().map(|x| x as u32);
+                        r.server_reasoning_tokens = Some(
+                            u["completion_tokens_details"]["reasoning_tokens"]
+                                .as_u64()
+                                .unwrap_or(0) as u32,
+                        );
+                        r.prompt_tokens = u["prompt_tokens"].as_u64().unwrap_or(0) as u32;
+                    }
+                    let Some(c) = v["choices"].get(0) else {
+                        continue;
+                    };
+                    if let Some(f) = c["finish_reason"].as_str() {
+                        r.finish = f.to_string();
+                    }
+                    let (n, answer, reasoning) = if chat {
+                        let d = &c["delta"];
+                        (
+                            c["logprobs"]["content"].as_array().map_or(0, |a| a.len()),
+                            d["content"].as_str().is_some_and(|s| !s.is_empty()),
+                            d["reasoning_content"]
+                                .as_str()
+                                .is_some_and(|s| !s.is_empty()),
+                        )
+                    } else {
+                        (
+                            c["logprobs"]["tokens"].as_array().map_or(0, |a| a.len()),
+                            c["text"].as_str().is_some_and(|s| !s.is_empty()),
+                            false,
+                        )
+                    };
+                    let n = n as u32;
+                    if n == 0 {
+                        continue;
+                    }
+                    let since = (now - sent).as_secs_f64();
+                    if r.ttft_s.is_none() {
+                        r.ttft_s = Some(since);
+                        r.first_token_s = Some(since);
+                    }
+                    if r.ttfa_s.is_none() && answer {
+                        r.ttfa_s = Some(since);
+                    }
+                    if reasoning && !answer {
+                        r.reasoning_tokens_seen += n;
+                    }
+                    if let Some(l) = last_msg {
+                        r.message_gaps_s.push((now - l).as_secs_f64());
+                    }
+                    last_msg = Some(now);
+                    r.last_token_s = Some(since);
+                    r.message_tokens.push(n);
+                    r.output_tokens += n;
+                    if p.cancel_after.is_some_and(|c| r.output_tokens >= c) {
+                        r.status = "cancelled".into();
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    let res = match deadline {
+        Some(d) => tokio::time::timeout(d, follow).await.unwrap_or_else(|_| {
+            r.status = "deadline".into();
+            Ok(())
+        }),
+        None => follow.await,
+    };
+    if let Err((status, error)) = res {
+        r.status = status;
+        r.error = error;
+    }
+    r.end_s = (Instant::now() - t0).as_secs_f64();
+    r
 }

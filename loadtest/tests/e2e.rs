@@ -31,6 +31,16 @@ fn switchyard() -> PathBuf {
     p
 }
 
+/// The process and its announcement line.
+fn serving_line(cmd: &mut Command) -> (Proc, String) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    (Proc(child), line)
+}
+
 fn serving(cmd: &mut Command) -> (Proc, String) {
     let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
@@ -285,4 +295,74 @@ fn thresholds_gate_with_exit_code_3_and_compare_reads_two_runs() {
     ]);
     assert_eq!(o.status.code(), Some(2));
     let _ = (std::fs::remove_dir_all(&a), std::fs::remove_dir_all(&b));
+}
+
+#[test]
+fn the_openai_http_api_is_driven_with_the_same_accounting() {
+    let model = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-qwen3-moe");
+    let (_up, line) = serving_line(Command::new(switchyard()).args([
+        "up",
+        "--model",
+        model.to_str().unwrap(),
+        "--workers",
+        "1",
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--http-addr",
+        "127.0.0.1:0",
+    ]));
+    let http = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("http="))
+        .unwrap_or_else(|| panic!("no http= in {line:?}"))
+        .to_string();
+    for chat in [false, true] {
+        let out = tmp(if chat { "openai-chat" } else { "openai" });
+        let mut args = vec![
+            "run",
+            "--api",
+            "openai",
+            "--endpoint",
+            &http,
+            "--concurrency",
+            "3",
+            "--requests",
+            "12",
+            "--input-len",
+            "uniform:4-12",
+            "--output-len",
+            "uniform:3-7",
+            "--token-range",
+            "10-200",
+            "--quiet",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if chat {
+            args.push("--chat");
+        }
+        let o = lt(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let s: Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap())
+                .unwrap();
+        assert_eq!(
+            s["ok"].as_u64(),
+            Some(12),
+            "chat={chat}: {}",
+            s["by_status"]
+        );
+        for l in std::fs::read_to_string(out.join("requests.jsonl"))
+            .unwrap()
+            .lines()
+        {
+            let r: Value = serde_json::from_str(l).unwrap();
+            // Tokens counted from the streamed logprobs == the usage chunk == what was asked.
+            let got = r["output_tokens"].as_u64().unwrap();
+            assert_eq!(Some(got), r["server_completion_tokens"].as_u64(), "{r}");
+            assert_eq!(got, r["max_tokens"].as_u64().unwrap(), "{r}");
+            assert!(r["ttft_s"].as_f64().unwrap() > 0.0);
+        }
+        let _ = std::fs::remove_dir_all(&out);
+    }
 }
