@@ -73,14 +73,18 @@ fn rebuild(driver: &mut Driver, recover: &mut Recover, why: &str) -> Result<(), 
 const MAX_RECOVERIES: usize = 3;
 
 /// Fails every request in flight with UNAVAILABLE and the reason (returned, as worded).
-fn fail_all(driver: &mut Driver, sinks: &mut HashMap<u64, Sink>, why: &str) -> String {
-    let why = format!("the cluster cannot serve: {why}");
+fn unavailable_reason(why: &str) -> String {
+    format!("the cluster cannot serve: {why}")
+}
+
+/// Ends every request in flight with UNAVAILABLE and `why`. Callers publish the unavailable
+/// state first, so a client that sees its stream fail and retries at once is refused too.
+fn fail_all(driver: &mut Driver, sinks: &mut HashMap<u64, Sink>, why: &str) {
     tracing::error!("{why}; failing the requests in flight");
     for (id, sink) in sinks.drain() {
-        let _ = sink.send(Err(Status::unavailable(why.clone())));
+        let _ = sink.send(Err(Status::unavailable(why.to_string())));
         driver.cancel(id);
     }
-    why
 }
 
 /// While unavailable, how often the engine loop tries to rebuild the cluster.
@@ -159,7 +163,10 @@ fn engine_loop(
                         // old cluster's epoch is over): unavailable until a rebuild succeeds.
                         // A drain (which asks for a reply) undoes itself and rebuilds again.
                         Err(why) if reply.is_none() && recover.is_some() => {
-                            unavailable = Some(fail_all(&mut driver, &mut sinks, why));
+                            let why = unavailable_reason(why);
+                            unavailable = Some(why.clone());
+                            publish(&driver, &unavailable);
+                            fail_all(&mut driver, &mut sinks, &why);
                         }
                         Err(_) => {}
                     }
@@ -247,11 +254,13 @@ fn engine_loop(
                     last_rebuilt = Instant::now();
                 }
                 if let Err(why) = rebuilt {
-                    let why = fail_all(&mut driver, &mut sinks, &why);
+                    let why = unavailable_reason(&why);
                     if recover.is_some() {
-                        unavailable = Some(why);
+                        unavailable = Some(why.clone());
                         last_try = Instant::now();
                     }
+                    publish(&driver, &unavailable);
+                    fail_all(&mut driver, &mut sinks, &why);
                 }
                 publish(&driver, &unavailable);
                 continue;

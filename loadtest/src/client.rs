@@ -285,6 +285,45 @@ fn interval(shape: &Shape) -> f64 {
     }
 }
 
+impl Record {
+    /// Accounts one stream message carrying `n` tokens (answer text and/or reasoning),
+    /// received `since` seconds after sending at `now`. True when the plan hangs up here.
+    #[allow(clippy::too_many_arguments)]
+    fn on_tokens(
+        &mut self,
+        p: &Planned,
+        since: f64,
+        now: Instant,
+        last_msg: &mut Option<Instant>,
+        n: u32,
+        answer: bool,
+        reasoning: bool,
+    ) -> bool {
+        if self.ttft_s.is_none() {
+            self.ttft_s = Some(since);
+            self.first_token_s = Some(since);
+        }
+        if self.ttfa_s.is_none() && answer {
+            self.ttfa_s = Some(since);
+        }
+        if reasoning && !answer {
+            self.reasoning_tokens_seen += n;
+        }
+        if let Some(l) = *last_msg {
+            self.message_gaps_s.push((now - l).as_secs_f64());
+        }
+        *last_msg = Some(now);
+        self.last_token_s = Some(since);
+        self.message_tokens.push(n);
+        self.output_tokens += n;
+        let cancel = p.cancel_after.is_some_and(|c| self.output_tokens >= c);
+        if cancel {
+            self.status = "cancelled".into();
+        }
+        cancel
+    }
+}
+
 /// A record before anything came back.
 fn blank(p: &Planned, t0: Instant, sent: Instant, scheduled: f64) -> Record {
     Record {
@@ -382,26 +421,9 @@ async fn one(
                     if n == 0 {
                         continue;
                     }
-                    if r.ttft_s.is_none() {
-                        r.ttft_s = Some(since);
-                        r.first_token_s = Some(since);
-                    }
-                    if r.ttfa_s.is_none() && !d.text.is_empty() {
-                        r.ttfa_s = Some(since);
-                    }
-                    if !d.reasoning_text.is_empty() && d.text.is_empty() {
-                        r.reasoning_tokens_seen += n;
-                    }
-                    if let Some(l) = last_msg {
-                        r.message_gaps_s.push((now - l).as_secs_f64());
-                    }
-                    last_msg = Some(now);
-                    r.last_token_s = Some(since);
-                    r.message_tokens.push(n);
-                    r.output_tokens += n;
-                    if p.cancel_after.is_some_and(|c| r.output_tokens >= c) {
+                    let (answer, reasoning) = (!d.text.is_empty(), !d.reasoning_text.is_empty());
+                    if r.on_tokens(p, since, now, &mut last_msg, n, answer, reasoning) {
                         // Hang up mid-stream: dropping the stream resets it.
-                        r.status = "cancelled".into();
                         return Ok(());
                     }
                 }
@@ -575,25 +597,8 @@ async fn one_http(
                         continue;
                     }
                     let since = (now - sent).as_secs_f64();
-                    if r.ttft_s.is_none() {
-                        r.ttft_s = Some(since);
-                        r.first_token_s = Some(since);
-                    }
-                    if r.ttfa_s.is_none() && answer {
-                        r.ttfa_s = Some(since);
-                    }
-                    if reasoning && !answer {
-                        r.reasoning_tokens_seen += n;
-                    }
-                    if let Some(l) = last_msg {
-                        r.message_gaps_s.push((now - l).as_secs_f64());
-                    }
-                    last_msg = Some(now);
-                    r.last_token_s = Some(since);
-                    r.message_tokens.push(n);
-                    r.output_tokens += n;
-                    if p.cancel_after.is_some_and(|c| r.output_tokens >= c) {
-                        r.status = "cancelled".into();
+                    if r.on_tokens(p, since, now, &mut last_msg, n, answer, reasoning) {
+                        // Hang up mid-stream: dropping the response closes the connection.
                         return Ok(());
                     }
                 }

@@ -42,17 +42,13 @@ fn serving_line(cmd: &mut Command) -> (Proc, String) {
 }
 
 fn serving(cmd: &mut Command) -> (Proc, String) {
-    let mut child = cmd.stdout(Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let (p, line) = serving_line(cmd);
     let url = line
         .split_whitespace()
         .find_map(|w| w.strip_prefix("grpc="))
         .unwrap_or_else(|| panic!("no grpc= in {line:?}"))
         .to_string();
-    (Proc(child), url)
+    (p, url)
 }
 
 fn cluster() -> (Proc, String) {
