@@ -76,11 +76,15 @@ impl Drop for Telemetry {
 /// `tracestate`), when there is one and export is on.
 pub fn adopt_parent(span: &tracing::Span, get: impl Fn(&str) -> Option<String>) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
+    // Nothing to do (and nothing to copy) per request while export is off.
+    if span.is_disabled() {
+        return;
+    }
     let carrier: std::collections::HashMap<String, String> = ["traceparent", "tracestate"]
         .into_iter()
         .filter_map(|k| Some((k.to_string(), get(k)?)))
         .collect();
-    if !carrier.contains_key("traceparent") || span.is_disabled() {
+    if !carrier.contains_key("traceparent") {
         return;
     }
     let cx = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));

@@ -208,14 +208,50 @@ impl Engine {
             WeightDType::F32
         });
         let model = Model::load(&ck, &cfg, dtype)?;
+        #[cfg(not(feature = "cuda"))]
+        if let Device::Cuda(_) = opts.device {
+            return Err(WorkerError::Device(
+                "this build has no CUDA support (build with `--features cuda`)".into(),
+            ));
+        }
+        let max_context = opts
+            .max_context
+            .unwrap_or(cfg.max_position_embeddings)
+            .min(cfg.max_position_embeddings);
+        let blocks = opts
+            .kv_blocks
+            .unwrap_or(4 * max_context.div_ceil(opts.block_size));
+        let kv = KvCache::new(&cfg, blocks, opts.block_size);
+        // On a GPU, the model is uploaded from the experts loaded below (no second load).
         #[cfg(feature = "cuda")]
-        let ep_world = match &setup {
-            ExpertSetup::Local => 1,
-            ExpertSetup::Parallel { comm, .. } => comm.world(),
+        let mut gpu = None;
+        #[cfg(feature = "cuda")]
+        let mut to_gpu = |set: &ExpertSet, ep_world: usize| -> Result<(), WorkerError> {
+            if let Device::Cuda(ordinal) = opts.device {
+                if ep_world > 1 {
+                    return Err(WorkerError::Device(format!(
+                        "a CUDA worker holds every expert on its GPU; expert parallelism over \
+                         {ep_world} GPU workers is not wired into the GPU forward pass yet \
+                         (run one GPU worker, or CPU workers)"
+                    )));
+                }
+                gpu = Some(crate::model::cuda::CudaModel::upload(
+                    &model,
+                    set,
+                    ordinal,
+                    blocks,
+                    opts.block_size,
+                )?);
+            }
+            Ok(())
         };
         let experts: Box<dyn ExpertExec + Send> = match setup {
             ExpertSetup::Local => {
-                let shards = opts.expert_shards.max(1);
+                // In-process shards only matter to the CPU forward pass.
+                let shards = match opts.device {
+                    Device::Cpu => opts.expert_shards.max(1),
+                    Device::Cuda(_) => 1,
+                };
                 let sets = (0..shards)
                     .map(|s| {
                         ExpertSet::load(
@@ -226,12 +262,16 @@ impl Engine {
                         )
                     })
                     .collect::<Result<Vec<_>, _>>()?;
+                #[cfg(feature = "cuda")]
+                to_gpu(&sets[0], 1)?;
                 Box::new(LocalExperts { shards: sets })
             }
             ExpertSetup::Parallel { holders, comm } => {
                 check_holders(&cfg, &holders)?;
                 let sel = ExpertSelection::of_rank(&holders, comm.rank() as u32);
                 let local = ExpertSet::load(&ck, &cfg, &sel, dtype)?;
+                #[cfg(feature = "cuda")]
+                to_gpu(&local, comm.world())?;
                 Box::new(EpExperts {
                     local,
                     holders,
@@ -240,41 +280,6 @@ impl Engine {
                 })
             }
         };
-        let max_context = opts
-            .max_context
-            .unwrap_or(cfg.max_position_embeddings)
-            .min(cfg.max_position_embeddings);
-        let blocks = opts
-            .kv_blocks
-            .unwrap_or(4 * max_context.div_ceil(opts.block_size));
-        let kv = KvCache::new(&cfg, blocks, opts.block_size);
-        #[cfg(feature = "cuda")]
-        let gpu = match opts.device {
-            Device::Cpu => None,
-            Device::Cuda(ordinal) => {
-                if ep_world > 1 {
-                    return Err(WorkerError::Device(format!(
-                        "a CUDA worker holds every expert on its GPU; expert parallelism over \
-                         {ep_world} GPU workers is not wired into the GPU forward pass yet \
-                         (run one GPU worker, or CPU workers)"
-                    )));
-                }
-                let all = ExpertSet::load(&ck, &cfg, &ExpertSelection::all(&cfg), dtype)?;
-                Some(crate::model::cuda::CudaModel::upload(
-                    &model,
-                    &all,
-                    ordinal,
-                    blocks,
-                    opts.block_size,
-                )?)
-            }
-        };
-        #[cfg(not(feature = "cuda"))]
-        if let Device::Cuda(_) = opts.device {
-            return Err(WorkerError::Device(
-                "this build has no CUDA support (build with `--features cuda`)".into(),
-            ));
-        }
         Ok(Engine {
             model,
             dir: dir.to_path_buf(),
