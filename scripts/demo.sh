@@ -22,6 +22,7 @@ done
 url=$(sed -n 's/^serving grpc=\([^ ]*\).*/\1/p' "$log")
 metrics=$(sed -n 's/.* metrics=\([^ ]*\).*/\1/p' "$log")
 http=$(sed -n 's/.* http=\([^ ]*\).*/\1/p' "$log")
+admin=$(sed -n 's/.* admin=\([^ ]*\).*/\1/p' "$log")
 echo "local cluster at $url (2 workers; OpenAI-style HTTP at $http/v1; metrics at $metrics)" >&2
 "$bin" generate --endpoint "$url" --chat "${1:-Explain expert parallelism in one paragraph.}" --max-tokens 64
-"$bin" admin --endpoint "$url" status
+"$bin" admin --endpoint "$admin" status

@@ -6,6 +6,13 @@
 //! client sees an error). It is refused (FAILED_PRECONDITION) when the others could not hold
 //! every expert, and undone if the rebuild fails. A drained member stays out until its
 //! process leaves membership; registering again after that brings it back as a join.
+//!
+//! Operators apart from tenants: the service is served only on its own listener
+//! (`--admin-addr`), never on the public API's port. With admin keys (`--admin-keys-file`,
+//! `SWITCHYARD_ADMIN_KEYS`) every call must present one of them; a tenant API key is refused
+//! (PERMISSION_DENIED). Without admin keys the listener must be a loopback address (the
+//! coordinator refuses to start otherwise), so only someone on the coordinator's own host can
+//! operate it.
 
 use crate::server::{status_response, EngineControl, Roster};
 use std::sync::{Arc, Mutex};
@@ -24,7 +31,10 @@ pub struct AdminService {
     num_experts: usize,
     /// One drain at a time.
     draining: tokio::sync::Mutex<()>,
+    /// Admin credentials; `None`: open (a loopback listener only).
     keys: Option<Arc<crate::auth::ApiKeys>>,
+    /// Tenant API keys, to tell a tenant who knocks here why not.
+    tenants: Option<Arc<crate::auth::ApiKeys>>,
 }
 
 impl AdminService {
@@ -41,21 +51,46 @@ impl AdminService {
             num_experts,
             draining: Default::default(),
             keys: None,
+            tenants: None,
         }
     }
 
-    /// Requires one of `keys` on every call.
-    pub fn with_api_keys(mut self, keys: Option<Arc<crate::auth::ApiKeys>>) -> Self {
+    /// Requires one of the admin `keys` on every call; a key among `tenants` is refused with
+    /// PERMISSION_DENIED.
+    pub fn with_admin_keys(
+        mut self,
+        keys: Option<Arc<crate::auth::ApiKeys>>,
+        tenants: Option<Arc<crate::auth::ApiKeys>>,
+    ) -> Self {
         self.keys = keys;
+        self.tenants = tenants;
         self
     }
 
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        match &self.keys {
-            Some(k) => k
-                .check(crate::server::auth_value(req.metadata()))
-                .map(|_| ()),
-            None => Ok(()),
+        let presented = crate::server::auth_value(req.metadata());
+        let Some(k) = &self.keys else {
+            return Ok(());
+        };
+        match k.check(presented) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                let tenant = self
+                    .tenants
+                    .as_ref()
+                    .is_some_and(|t| t.check(presented).is_ok());
+                if tenant {
+                    Err(Status::permission_denied(
+                        "a tenant API key cannot operate the cluster: the Admin API needs an \
+                         admin key",
+                    ))
+                } else {
+                    Err(Status::unauthenticated(format!(
+                        "admin API: {}",
+                        e.message()
+                    )))
+                }
+            }
         }
     }
 

@@ -3,6 +3,9 @@
 //!
 //! Keys come from a file (one per line; blank lines and `#` comments ignored) and/or an
 //! environment variable (comma-separated). No keys configured: every caller is accepted.
+//! A file line may grant a key more after whitespace: `KEY priority` lets that key set
+//! request priorities (other keys' requests run at priority 0 or are refused when they ask
+//! for another).
 //! Invariant: a generation holds its key's permit from admission until its stream ends, so
 //! a key never has more than `per_key` generations in flight.
 
@@ -19,10 +22,18 @@ pub enum AuthError {
     },
     #[error("no API key in {0} (an empty key list would lock every caller out)")]
     Empty(String),
+    #[error("API keys file {path}, line {line}: unknown grant {grant:?} (known: priority)")]
+    Grant {
+        path: std::path::PathBuf,
+        line: usize,
+        grant: String,
+    },
 }
 
 pub struct ApiKeys {
     keys: HashMap<String, Arc<Semaphore>>,
+    /// Keys allowed to set request priorities.
+    prioritize: std::collections::HashSet<String>,
     per_key: usize,
 }
 
@@ -49,17 +60,38 @@ impl ApiKeys {
             return Ok(None);
         }
         let mut keys = Vec::new();
+        let mut prioritize = std::collections::HashSet::new();
         if let Some(path) = file {
             let text = std::fs::read_to_string(path).map_err(|source| AuthError::File {
                 path: path.to_path_buf(),
                 source,
             })?;
-            keys.extend(
-                text.lines()
-                    .map(str::trim)
-                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                    .map(str::to_string),
-            );
+            for (n, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                let mut words = line.split_whitespace();
+                let key = words
+                    .next()
+                    .expect("a non-empty line has a word")
+                    .to_string();
+                for grant in words {
+                    match grant {
+                        "priority" => {
+                            prioritize.insert(key.clone());
+                        }
+                        other => {
+                            return Err(AuthError::Grant {
+                                path: path.to_path_buf(),
+                                line: n + 1,
+                                grant: other.to_string(),
+                            })
+                        }
+                    }
+                }
+                keys.push(key);
+            }
         }
         if let Some(v) = env_value {
             keys.extend(
@@ -84,8 +116,14 @@ impl ApiKeys {
                 .into_iter()
                 .map(|k| (k, Arc::new(Semaphore::new(per_key))))
                 .collect(),
+            prioritize,
             per_key,
         }))
+    }
+
+    /// Whether `key` may set request priorities.
+    pub fn may_prioritize(&self, key: &str) -> bool {
+        self.prioritize.contains(key)
     }
 
     /// The key an `authorization` value (`Bearer KEY`) presents, if it is a known one.
@@ -149,6 +187,20 @@ mod tests {
         drop(p);
         assert!(k.acquire("beta").is_ok());
         assert!(ApiKeys::load(None, None, 1).unwrap().is_none());
+        assert!(!k.may_prioritize("alpha"));
+        let dir = std::env::temp_dir().join(format!("sy-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("keys");
+        std::fs::write(&f, "# tenants\nplain\nboss priority\n").unwrap();
+        let k = ApiKeys::load(Some(&f), None, 0).unwrap().unwrap();
+        assert!(k.may_prioritize("boss") && !k.may_prioritize("plain"));
+        assert_eq!(k.check(Some("Bearer boss")).unwrap(), "boss");
+        std::fs::write(&f, "x admin\n").unwrap();
+        assert!(matches!(
+            ApiKeys::load(Some(&f), None, 0),
+            Err(AuthError::Grant { line: 1, .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
         assert!(ApiKeys::load(None, Some(" , "), 1).is_err());
     }
 }

@@ -313,7 +313,7 @@ pub fn run_cluster(o: &ClusterBenchOptions) -> anyhow::Result<Vec<ClusterBenchRo
             let prompt = (0..o.prompt_tokens)
                 .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
                 .collect();
-            d.submit(greedy(id, prompt, o.decode_steps + 4));
+            d.submit(greedy(id, prompt, o.decode_steps + 4))?;
         }
         // Prefill everything and take two decode steps before measuring.
         warm_up(&mut d, o.batch, 2)?;
@@ -472,7 +472,7 @@ fn rebalance_run(o: &RebalanceBenchOptions, switch: bool) -> anyhow::Result<Reba
         let prompt = (0..o.prompt_tokens)
             .map(|i| pool[(i + id as usize) % pool.len()])
             .collect();
-        d.submit(greedy(id, prompt, total_steps));
+        d.submit(greedy(id, prompt, total_steps))?;
     }
     warm_up(&mut d, o.batch, 16)?;
     let phase = |d: &mut Driver| -> anyhow::Result<(RebalancePhase, Vec<f64>)> {

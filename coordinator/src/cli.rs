@@ -14,7 +14,7 @@ use std::time::Duration;
 use switchyard_kernels::sampling::SamplingParams;
 use switchyard_worker::engine::{Engine, EngineOptions};
 use switchyard_worker::membership::{
-    EtcdMembership, MemberInfo, Membership, MemoryMembership, Registration,
+    with_backoff, EtcdMembership, MemberInfo, Membership, MemoryMembership, Registration,
 };
 use switchyard_worker::{presets, WeightDType};
 
@@ -41,6 +41,9 @@ pub struct Cli {
     /// (off by default): a span per request and per engine step, linked.
     #[arg(long, global = true, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
+    /// Log lines as text (ANSI colours only on a terminal) or JSON, one object per line.
+    #[arg(long, global = true, env = "SWITCHYARD_LOG_FORMAT", default_value_t)]
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 #[derive(Subcommand, Debug)]
@@ -77,12 +80,14 @@ pub enum Command {
 
 #[derive(Args, Debug)]
 pub struct AdminArgs {
-    /// Coordinator URL, e.g. http://127.0.0.1:50051
+    /// The coordinator's Admin listener (`--admin-addr`; announced as `admin=URL`), e.g.
+    /// http://127.0.0.1:50052
     #[arg(long)]
     pub endpoint: String,
-    /// API key, when the coordinator requires one.
-    #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
+    /// Admin key, when the coordinator requires one (a tenant API key is refused). Given a
+    /// file's content (one key per line), the first key is used.
+    #[arg(long, env = "SWITCHYARD_ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
     /// Print the reply as JSON.
     #[arg(long)]
     pub json: bool,
@@ -156,9 +161,26 @@ pub struct ClusterArgs {
     /// Requests in flight per API key before RESOURCE_EXHAUSTED / HTTP 429; 0: no limit.
     #[arg(long, default_value_t = 0)]
     pub max_requests_per_key: usize,
+    /// The Admin API's listener (drain, rebalance, status), apart from the public API; port 0
+    /// picks a free port (announced), "off" disables. Without admin keys it must be a loopback
+    /// address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub admin_addr: String,
+    /// Admin keys (one per line), required on every Admin call; tenant API keys are refused
+    /// there. Also SWITCHYARD_ADMIN_KEYS (comma-separated).
+    #[arg(long)]
+    pub admin_keys_file: Option<PathBuf>,
     /// Seconds a step may wait for a silent worker before the cluster is rebuilt without it.
     #[arg(long, default_value_t = 30)]
     pub step_timeout: u64,
+    /// Longest context a request may span (prompt + max_tokens), as vLLM's option; default:
+    /// the model's context or what one worker's KV cache holds, whichever is smaller. A value
+    /// the KV cache cannot hold refuses to start.
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+    /// Fault injection for supervision tests: the engine loop panics after N steps.
+    #[arg(long, hide = true)]
+    pub fault_panic_after_steps: Option<u64>,
     #[command(flatten)]
     pub membership: MembershipArgs,
 }
@@ -210,9 +232,11 @@ impl MembershipArgs {
                 .clone()
                 .map(|u| (u, self.etcd_password.clone().unwrap_or_default())),
         };
-        let m = EtcdMembership::connect_with(&endpoints, &self.cluster_prefix, &sec)
-            .await
-            .with_context(|| format!("--etcd {urls}"))?;
+        let m = with_backoff("connecting", || {
+            EtcdMembership::connect_with(&endpoints, &self.cluster_prefix, &sec)
+        })
+        .await
+        .with_context(|| format!("--etcd {urls}"))?;
         Ok(Some(Arc::new(m)))
     }
 
@@ -519,6 +543,8 @@ pub struct BenchArgs {
 }
 
 pub fn main_with(cli: Cli) -> Result<()> {
+    // Workers that `up` spawns log the same way.
+    LOG_FORMAT.get_or_init(|| cli.log_format);
     match cli.command {
         Command::Run(a) => run(a),
         Command::GenModel(a) => gen_model(a),
@@ -533,6 +559,9 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Admin(a) => admin_cmd(a),
     }
 }
+
+/// The log format this process was started with.
+static LOG_FORMAT: std::sync::OnceLock<crate::telemetry::LogFormat> = std::sync::OnceLock::new();
 
 fn run(a: RunArgs) -> Result<()> {
     let tok = Tokenizer::load(&a.model)?;
@@ -865,7 +894,7 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
         // Registered only once the control port is bound, so a listed worker is reachable.
         if let Some(m) = a.membership.connect().await? {
             let ttl = a.membership.ttl()?;
-            let mut reg = m.register(member.clone(), ttl).await?;
+            let mut reg = with_backoff("registering", || m.register(member.clone(), ttl)).await?;
             // A lapsed lease (paused process, partition) is re-registered once reachable.
             tokio::spawn(async move {
                 loop {
@@ -925,6 +954,14 @@ fn serve_options(
             c.rebalance_min_gain
         );
     }
+    let admin_keys = crate::auth::ApiKeys::load(
+        c.admin_keys_file.as_deref(),
+        std::env::var("SWITCHYARD_ADMIN_KEYS").ok().as_deref(),
+        0,
+    )?
+    .map(Arc::new);
+    let admin_addr = (c.admin_addr != "off").then(|| c.admin_addr.clone());
+    crate::serve::check_admin(admin_addr.as_deref(), admin_keys.is_some())?;
     Ok(ServeOptions {
         model: c.model.clone(),
         workers: c.workers,
@@ -952,6 +989,10 @@ fn serve_options(
             c.max_requests_per_key,
         )?
         .map(Arc::new),
+        max_model_len: c.max_model_len,
+        panic_after_steps: c.fault_panic_after_steps,
+        admin_addr,
+        admin_keys,
     })
 }
 
@@ -966,7 +1007,10 @@ fn up_cmd(a: UpArgs) -> Result<()> {
     if c.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let mut extra = Vec::new();
+    let mut extra = vec![
+        "--log-format".to_string(),
+        LOG_FORMAT.get().copied().unwrap_or_default().to_string(),
+    ];
     if let Some(etcd) = &c.membership.etcd {
         extra.extend(["--etcd".to_string(), etcd.clone()]);
         extra.extend([
@@ -981,9 +1025,10 @@ fn up_cmd(a: UpArgs) -> Result<()> {
     if a.device != switchyard_worker::Device::Cpu {
         extra.extend(["--device".into(), a.device.to_string()]);
     }
+    // Options are checked before any worker process starts.
+    let opts = serve_options(&c, "up".into(), Duration::from_secs(60))?;
     let workers = crate::local::LocalWorkers::spawn(&c.model, c.workers, &extra)?;
     let started = workers.members.clone();
-    let opts = serve_options(&c, "up".into(), Duration::from_secs(60))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -1196,7 +1241,7 @@ fn bearer(
     let value: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = key
         .map(|k| format!("Bearer {k}").parse())
         .transpose()
-        .context("--api-key: not a valid header value")?;
+        .context("the key is not a valid header value")?;
     Ok(move |mut req: tonic::Request<()>| {
         if let Some(v) = &value {
             req.metadata_mut().insert("authorization", v.clone());
@@ -1213,8 +1258,13 @@ fn admin_cmd(a: AdminArgs) -> Result<()> {
         .build()?;
     let status = |s: tonic::Status| anyhow::anyhow!("{}: {}", s.code(), s.message());
     rt.block_on(async move {
-        let mut client =
-            AdminClient::with_interceptor(connect(&a.endpoint).await?, bearer(a.api_key.clone())?);
+        let key = a.admin_key.as_deref().and_then(|k| {
+            k.lines()
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_string)
+        });
+        let mut client = AdminClient::with_interceptor(connect(&a.endpoint).await?, bearer(key)?);
         match a.action {
             AdminAction::Status => {
                 let s = client

@@ -33,6 +33,22 @@ pub enum DriverError {
     /// factory may retry without it).
     #[error("rank {rank} unreachable: {detail}")]
     Unreachable { rank: usize, detail: String },
+    /// A worker is driven by a newer leader (a larger fencing token): this coordinator must
+    /// not drive it, nor build a cluster without it.
+    #[error("rank {rank}: {detail}")]
+    Fenced { rank: usize, detail: String },
+    /// A rank answered a step with something that cannot be true of the plan it was sent
+    /// (a worker that is broken, out of date or hostile): the epoch is over.
+    #[error("rank {rank} sent an invalid step result: {detail}")]
+    InvalidResult { rank: usize, detail: String },
+    /// A request that could never run to its end: it would wait for KV blocks that no
+    /// worker has.
+    #[error("prompt ({prompt} tokens) + max_tokens ({max_tokens}) = {} exceeds what one worker's KV cache holds ({capacity} tokens)", .prompt + .max_tokens)]
+    TooLong {
+        prompt: usize,
+        max_tokens: usize,
+        capacity: usize,
+    },
 }
 
 /// A group of ranks that executes one plan each per step, in lockstep.
@@ -335,6 +351,99 @@ pub struct Driver {
     max_running: usize,
     epoch: u64,
     experts: Option<Experts>,
+    limits: Option<ResultLimits>,
+}
+
+/// What a valid step result may contain, from the model's shape.
+#[derive(Clone, Copy, Debug)]
+struct ResultLimits {
+    vocab: usize,
+    /// `expert_load` entries of every result (layers × experts).
+    load_len: usize,
+}
+
+/// Checks one rank's result against the plan it was sent: exactly one token for each chunk
+/// that asked to sample and nothing else, token ids inside the vocabulary, no more
+/// alternatives than asked for, finite log-probabilities, expert load of the model's shape
+/// and a KV count within the rank's blocks. Pure; the step fails on the first violation.
+fn check_result(
+    plan: &StepPlan,
+    r: &StepResult,
+    limits: Option<ResultLimits>,
+    kv_total: usize,
+) -> Result<(), String> {
+    if r.step != plan.step {
+        return Err(format!("answers step {} to plan {}", r.step, plan.step));
+    }
+    let mut asked: HashMap<u64, u32> = plan
+        .chunks
+        .iter()
+        .filter(|c| c.sample)
+        .map(|c| (c.seq_id, c.top_logprobs))
+        .collect();
+    if r.tokens.len() != asked.len() {
+        return Err(format!(
+            "{} sampled tokens for {} sampling chunks",
+            r.tokens.len(),
+            asked.len()
+        ));
+    }
+    for t in &r.tokens {
+        let Some(top) = asked.remove(&t.seq_id) else {
+            return Err(format!(
+                "a token for sequence {}, which it was not asked to sample (or twice)",
+                t.seq_id
+            ));
+        };
+        if t.top.len() > top as usize {
+            return Err(format!(
+                "{} alternatives for sequence {} (asked for {top})",
+                t.top.len(),
+                t.seq_id
+            ));
+        }
+        if t.logprob.is_nan() || t.logprob > 0.0 || t.top.iter().any(|x| x.logprob.is_nan()) {
+            return Err(format!(
+                "log-probability {} for sequence {}",
+                t.logprob, t.seq_id
+            ));
+        }
+        if let Some(l) = limits {
+            let bad = std::iter::once(t.token)
+                .chain(t.top.iter().map(|x| x.token))
+                .find(|&id| id as usize >= l.vocab);
+            if let Some(id) = bad {
+                return Err(format!(
+                    "token id {id} for sequence {} is outside the vocabulary (size {})",
+                    t.seq_id, l.vocab
+                ));
+            }
+        }
+    }
+    if let Some(l) = limits {
+        if !r.expert_load.is_empty() && r.expert_load.len() != l.load_len {
+            return Err(format!(
+                "{} expert load entries (the model has {})",
+                r.expert_load.len(),
+                l.load_len
+            ));
+        }
+    }
+    if r.kv_blocks_used as usize > kv_total {
+        return Err(format!(
+            "{} KV blocks in use of {kv_total}",
+            r.kv_blocks_used
+        ));
+    }
+    for (name, x) in [
+        ("all_to_all_seconds", r.all_to_all_seconds),
+        ("step_seconds", r.step_seconds),
+    ] {
+        if !x.is_finite() || x < 0.0 {
+            return Err(format!("{name} = {x}"));
+        }
+    }
+    Ok(())
 }
 
 impl Driver {
@@ -342,7 +451,10 @@ impl Driver {
     /// request with all its tokens so far (prompt and generated): each is re-homed and
     /// re-prefilled on the new group, then continues where it was. Sampling is seeded by
     /// position, so the continuation is the one the old group would have produced.
-    pub fn rebuild(&mut self, cluster: Box<dyn Cluster>) {
+    ///
+    /// Returns the requests that cannot run on the new group (their whole length no longer
+    /// fits one worker's KV): they are dropped, and the caller fails them.
+    pub fn rebuild(&mut self, cluster: Box<dyn Cluster>) -> Vec<(u64, DriverError)> {
         let w = cluster.world();
         let (blocks, block_size) = cluster.kv_shape();
         let mut state = State::new(SchedulerConfig {
@@ -354,8 +466,20 @@ impl Driver {
         });
         let mut ids: Vec<u64> = self.live.keys().copied().collect();
         ids.sort_unstable();
+        let mut dropped = Vec::new();
         for id in ids {
             let l = &self.live[&id];
+            let total = l.req.prompt.len() + l.req.max_tokens;
+            if !state.fits(total) {
+                let e = DriverError::TooLong {
+                    prompt: l.req.prompt.len(),
+                    max_tokens: l.req.max_tokens,
+                    capacity: state.capacity_tokens(),
+                };
+                self.live.remove(&id);
+                dropped.push((id, e));
+                continue;
+            }
             state.add(id, l.tokens.len(), l.req.priority);
         }
         self.state = state;
@@ -371,6 +495,22 @@ impl Driver {
             x.pending = None;
             x.version = 0;
         }
+        dropped
+    }
+
+    /// Checks every step result against the model's shape as well as the plan (vocabulary,
+    /// expert load entries); without it results are checked against the plan only.
+    pub fn with_model_limits(mut self, cfg: &switchyard_worker::ModelConfig) -> Self {
+        self.limits = Some(ResultLimits {
+            vocab: cfg.vocab_size,
+            load_len: cfg.num_layers * cfg.num_experts,
+        });
+        self
+    }
+
+    /// Most tokens (prompt + generated) one sequence may reach: one worker's KV cache.
+    pub fn capacity_tokens(&self) -> usize {
+        self.state.capacity_tokens()
     }
 
     /// Tracks expert load and re-places experts while serving (see [`crate::rebalance`]);
@@ -480,6 +620,7 @@ impl Driver {
             max_running,
             epoch: 1,
             experts: None,
+            limits: None,
         }
     }
 
@@ -503,7 +644,15 @@ impl Driver {
         self
     }
 
-    pub fn submit(&mut self, req: GenRequest) {
+    /// Queues a request; refused (and nothing changes) when it could never run to its end.
+    pub fn submit(&mut self, req: GenRequest) -> Result<(), DriverError> {
+        if req.prompt.is_empty() || !self.state.fits(req.prompt.len() + req.max_tokens) {
+            return Err(DriverError::TooLong {
+                prompt: req.prompt.len(),
+                max_tokens: req.max_tokens,
+                capacity: self.state.capacity_tokens(),
+            });
+        }
         self.state.add(req.id, req.prompt.len(), req.priority);
         let tokens = req.prompt.clone();
         self.live.insert(
@@ -514,6 +663,7 @@ impl Driver {
                 generated: 0,
             },
         );
+        Ok(())
     }
 
     /// Drops a request; its KV blocks are freed on its worker with the next step.
@@ -688,7 +838,48 @@ impl Driver {
                 }
             }
         }
+        let checks: Vec<StepPlan> = plans
+            .iter()
+            .map(|p| StepPlan {
+                chunks: p
+                    .chunks
+                    .iter()
+                    .filter(|c| c.sample)
+                    .map(|c| SeqChunk {
+                        seq_id: c.seq_id,
+                        sample: true,
+                        top_logprobs: c.top_logprobs,
+                        ..Default::default()
+                    })
+                    .collect(),
+                step: p.step,
+                ..Default::default()
+            })
+            .collect();
         let results = span.in_scope(|| self.cluster.step(plans))?;
+        if results.len() != checks.len() {
+            return Err(DriverError::InvalidResult {
+                rank: results.len().min(checks.len()),
+                detail: format!("{} results for {} ranks", results.len(), checks.len()),
+            });
+        }
+        let kv_total = self.cluster.kv_shape().0;
+        for (rank, (plan, r)) in checks.iter().zip(&results).enumerate() {
+            check_result(plan, r, self.limits, kv_total).map_err(|detail| {
+                tracing::error!(rank, %detail, "invalid step result; ending the epoch");
+                DriverError::InvalidResult { rank, detail }
+            })?;
+        }
+        let load_len = results.first().map_or(0, |r| r.expert_load.len());
+        if let Some(rank) = results.iter().position(|r| r.expert_load.len() != load_len) {
+            return Err(DriverError::InvalidResult {
+                rank,
+                detail: format!(
+                    "{} expert load entries where rank 0 sent {load_len}",
+                    results[rank].expert_load.len()
+                ),
+            });
+        }
         let secs = t0.elapsed().as_secs_f64();
         if let Some(p) = &mut self.pacer {
             p.observe(s.decodes, units, secs);
@@ -721,11 +912,14 @@ impl Driver {
         for (w, r) in results.into_iter().enumerate() {
             self.kv_used[w] = r.kv_blocks_used;
             let experts = self.experts_per_layer();
-            if experts > 0 {
-                if self.expert_load.is_empty() {
-                    self.expert_load = vec![vec![0; experts]; r.expert_load.len() / experts];
+            if experts > 0 && !r.expert_load.is_empty() {
+                let layers = r.expert_load.len() / experts;
+                if self.expert_load.len() != layers
+                    || self.expert_load.iter().any(|l| l.len() != experts)
+                {
+                    self.expert_load = vec![vec![0; experts]; layers];
                 }
-                for (i, n) in r.expert_load.iter().enumerate() {
+                for (i, n) in r.expert_load.iter().take(layers * experts).enumerate() {
                     self.expert_load[i / experts][i % experts] += *n as u64;
                 }
             }

@@ -91,17 +91,25 @@ pub fn prompt_ids(
 }
 
 /// Checks a request's limits and sampling settings against a prompt length and context size.
+///
+/// `max_context` is the longest sequence (prompt + generated tokens) the server runs:
+/// `--max-model-len`, at most one worker's KV cache. A request that could outgrow it is
+/// refused here rather than queued for blocks that would never exist.
 pub fn validate(req: &Request, prompt_len: usize, max_context: usize) -> Result<(), GenerateError> {
     if prompt_len >= max_context {
-        return Err(invalid("prompt", format!("has {prompt_len} tokens; the context holds {max_context}, leaving no room to generate")));
+        return Err(invalid("prompt", format!("has {prompt_len} tokens; the maximum context length is {max_context} tokens, leaving no room to generate")));
     }
     if req.max_tokens == 0 {
         return Err(invalid("max_tokens", "must be at least 1"));
     }
-    if req.max_tokens > max_context {
+    if prompt_len + req.max_tokens > max_context {
         return Err(invalid(
             "max_tokens",
-            format!("{} exceeds the context size {max_context}", req.max_tokens),
+            format!(
+                "prompt ({prompt_len} tokens) + max_tokens ({}) = {} exceeds the maximum context length of {max_context} tokens",
+                req.max_tokens,
+                prompt_len + req.max_tokens
+            ),
         ));
     }
     if req.prefill_chunk == 0 {

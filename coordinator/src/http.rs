@@ -265,7 +265,11 @@ impl Caller {
 
 /// The gRPC request the HTTP one stands for.
 fn grpc_request(r: GenerateRequest, caller: &Caller) -> tonic::Request<GenerateRequest> {
+    let up_to_context = r.max_tokens == 0;
     let mut req = tonic::Request::new(r);
+    if up_to_context {
+        req.extensions_mut().insert(crate::server::UpToContext);
+    }
     if let Some(a) = caller.auth.as_deref().and_then(|a| a.parse().ok()) {
         req.metadata_mut().insert("authorization", a);
     }
@@ -324,11 +328,17 @@ impl Common {
         if stop.len() > 4 {
             return Err(ApiError::invalid(Some("stop"), "at most 4 stop sequences"));
         }
-        let max_tokens = self
-            .max_completion_tokens
-            .or(self.max_tokens)
-            // No limit: up to the context (the service clamps to what the prompt leaves).
-            .unwrap_or(svc.max_context() as u32);
+        let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
+            Some(0) => {
+                return Err(ApiError::invalid(
+                    Some("max_tokens"),
+                    "max_tokens must be at least 1",
+                ))
+            }
+            Some(n) => n,
+            // No limit: as many as the context leaves after the prompt (see `grpc_request`).
+            None => 0,
+        };
         Ok(GenerateRequest {
             model: String::new(),
             sampling: Some(SamplingParams {

@@ -63,13 +63,13 @@ impl Rebalancer {
             return;
         }
         let layers = load.len() / experts;
-        if self.avg.len() != layers {
+        if self.avg.len() != layers || self.avg.iter().any(|l| l.len() != experts) {
             self.avg = vec![vec![0.0; experts]; layers];
         }
         self.steps += 1;
         // Plain mean until the window fills (no bias towards zero), then exponential.
         let a = 1.0 / (self.steps.min(self.policy.window.max(1))) as f64;
-        for (i, &n) in load.iter().enumerate() {
+        for (i, &n) in load.iter().take(layers * experts).enumerate() {
             let x = &mut self.avg[i / experts][i % experts];
             *x += a * (n as f64 - *x);
         }

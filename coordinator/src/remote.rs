@@ -77,6 +77,20 @@ impl GrpcCluster {
         kv_blocks: usize,
         block_size: usize,
     ) -> Result<Self, DriverError> {
+        Self::connect_fenced(urls, model, redundant, kv_blocks, block_size, 0)
+    }
+
+    /// [`connect`](Self::connect) as the leader holding fencing token `fence`: every control
+    /// stream carries it, and a worker that a newer leader (a larger token) drives refuses the
+    /// stream (`DriverError::Fenced`).
+    pub fn connect_fenced(
+        urls: &[String],
+        model: &Path,
+        redundant: usize,
+        kv_blocks: usize,
+        block_size: usize,
+        fence: u64,
+    ) -> Result<Self, DriverError> {
         let cfg = read_config(model)?;
         let world = urls.len();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -95,10 +109,29 @@ impl GrpcCluster {
                         .await
                         .map_err(|e| unreachable(rank)(format!("connect {url}: {e}")))?;
                     let (tx, rx) = mpsc::channel(4);
+                    let mut call = tonic::Request::new(ReceiverStream::new(rx));
+                    call.metadata_mut().insert(
+                        switchyard_worker::server::FENCE_METADATA,
+                        fence
+                            .to_string()
+                            .parse()
+                            .expect("digits are a header value"),
+                    );
                     let mut inbound = client
-                        .control(ReceiverStream::new(rx))
+                        .control(call)
                         .await
-                        .map_err(|s| unreachable(rank)(s.to_string()))?
+                        .map_err(|s| {
+                            if s.code() == tonic::Code::FailedPrecondition
+                                && s.message().starts_with("fenced")
+                            {
+                                DriverError::Fenced {
+                                    rank,
+                                    detail: s.message().to_string(),
+                                }
+                            } else {
+                                unreachable(rank)(s.to_string())
+                            }
+                        })?
                         .into_inner();
                     match next_message(rank, &mut inbound).await.map_err(forming)? {
                         WMsg::Hello(h) => Ok((tx, inbound, h)),

@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_worker::membership::{MemberInfo, Membership, MembershipEvent};
+use switchyard_worker::membership::{with_backoff, MemberInfo, Membership, MembershipEvent};
 
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -46,6 +46,37 @@ pub struct ServeOptions {
     pub http_addr: Option<String>,
     /// Required API keys (HTTP and gRPC); none: open.
     pub api_keys: Option<Arc<crate::auth::ApiKeys>>,
+    /// Longest prompt + max_tokens of a request (`None`: the model's context or one worker's
+    /// KV, whichever is smaller).
+    pub max_model_len: Option<usize>,
+    /// Fault injection (supervision tests): the engine loop panics after this many steps.
+    pub panic_after_steps: Option<u64>,
+    /// The Admin API's own listener; none: no Admin API. Without `admin_keys` it must be a
+    /// loopback address.
+    pub admin_addr: Option<String>,
+    /// Admin credentials (distinct from tenant API keys).
+    pub admin_keys: Option<Arc<crate::auth::ApiKeys>>,
+}
+
+/// Whether `addr` (HOST:PORT) only accepts connections from this host.
+pub fn is_loopback(addr: &str) -> bool {
+    match addr.parse::<std::net::SocketAddr>() {
+        Ok(a) => a.ip().is_loopback(),
+        Err(_) => addr
+            .rsplit_once(':')
+            .is_some_and(|(h, _)| h.eq_ignore_ascii_case("localhost")),
+    }
+}
+
+/// Refuses an Admin listener that others could reach without a credential.
+pub fn check_admin(addr: Option<&str>, keys: bool) -> Result<()> {
+    match addr {
+        Some(a) if !keys && !is_loopback(a) => bail!(
+            "--admin-addr {a} is reachable from other hosts: give admin keys \
+             (--admin-keys-file or SWITCHYARD_ADMIN_KEYS), or bind a loopback address"
+        ),
+        _ => Ok(()),
+    }
 }
 
 /// Election name (under the membership prefix) that coordinator replicas campaign on.
@@ -60,15 +91,37 @@ pub async fn serve(
     if opts.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    if let Some(l) = membership.leader(LEADER_ELECTION).await? {
-        eprintln!("standby: {l} leads; waiting for its lease to end");
+    check_admin(opts.admin_addr.as_deref(), opts.admin_keys.is_some())?;
+    if let Some(l) = with_backoff("asking who leads", || membership.leader(LEADER_ELECTION)).await?
+    {
+        tracing::warn!(leader = %l, "standby: waiting for the leader's lease to end");
     }
-    let mut leadership = membership
-        .campaign(LEADER_ELECTION, &opts.candidate, opts.lease_ttl)
-        .await?;
-    tracing::info!(candidate = %opts.candidate, "leading");
+    let mut leadership = with_backoff("campaigning", || {
+        membership.campaign(LEADER_ELECTION, &opts.candidate, opts.lease_ttl)
+    })
+    .await?;
+    let fence = leadership.fence();
+    tracing::info!(candidate = %opts.candidate, fence, "leading");
+    // Steps only while leadership is fresh: a leader that cannot renew its lease in time
+    // stops driving workers before a standby could be elected (and the workers' fencing
+    // refuses it once one has).
+    let may_drive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    {
+        let (mut fresh, may_drive) = (leadership.freshness(), may_drive.clone());
+        tokio::spawn(async move {
+            loop {
+                may_drive.store(
+                    *fresh.borrow_and_update(),
+                    std::sync::atomic::Ordering::Release,
+                );
+                if fresh.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
 
-    let (snapshot, mut events) = membership.watch().await?;
+    let (snapshot, mut events) = with_backoff("watching members", || membership.watch()).await?;
     let mut live: BTreeMap<String, MemberInfo> =
         snapshot.into_iter().map(|m| (m.id.clone(), m)).collect();
     let deadline = tokio::time::Instant::now() + opts.join_timeout;
@@ -91,7 +144,10 @@ pub async fn serve(
         members.iter().map(|m| m.control_url.clone()).collect(),
     ));
     let urls = pool.clone();
-    tracing::info!(?urls, "workers registered; connecting");
+    tracing::info!(
+        workers = ?members.iter().map(|m| m.control_url.as_str()).collect::<Vec<_>>(),
+        "workers registered; connecting"
+    );
 
     let name = opts
         .model
@@ -122,11 +178,13 @@ pub async fn serve(
                             detail: "no worker is reachable".into(),
                         });
                     }
-                    match crate::remote::GrpcCluster::connect(&alive, &model, redundant, kv, 16)
-                        .map(|c| {
-                            c.with_step_timeout(step_timeout)
-                                .with_interrupt(interrupt.clone())
-                        }) {
+                    match crate::remote::GrpcCluster::connect_fenced(
+                        &alive, &model, redundant, kv, 16, fence,
+                    )
+                    .map(|c| {
+                        c.with_step_timeout(step_timeout)
+                            .with_interrupt(interrupt.clone())
+                    }) {
                         Err(crate::driver::DriverError::Unreachable { rank, detail })
                             if alive.len() > 1 =>
                         {
@@ -149,10 +207,14 @@ pub async fn serve(
                 pace_factor: o.pace_factor,
                 redundant: o.redundant_experts,
                 rebalance: o.rebalance,
+                max_model_len: o.max_model_len,
+                panic_after_steps: o.panic_after_steps,
+                may_drive: Some(may_drive),
             },
         )
     })
     .await??;
+    let mut engine_failure = svc.engine_failure();
     let roster = svc.roster();
     let rebuild = svc.rebuilder();
     let control = svc.control();
@@ -163,7 +225,7 @@ pub async fn serve(
         Some(pool.clone()),
         switchyard_worker::engine::read_config(&opts.model)?.num_experts,
     )
-    .with_api_keys(opts.api_keys.clone());
+    .with_admin_keys(opts.admin_keys.clone(), opts.api_keys.clone());
     {
         let mut r = roster.lock().unwrap_or_else(|e| e.into_inner());
         r.ids = members
@@ -227,28 +289,32 @@ pub async fn serve(
 
     let metrics = svc.metrics();
     let svc = Arc::new(svc.with_api_keys(opts.api_keys.clone()));
-    // Readiness: the cluster serves (every expert placed on a live worker) and membership
-    // answers; polled every second into gRPC health (overall and per service) and /readyz.
+    // Leadership is watched by a task that holds it: when it is lost, `leading` turns false;
+    // aborting the task resigns (the engine failed).
+    let (leading_tx, leading) = tokio::sync::watch::channel(true);
+    let holder = tokio::spawn(async move {
+        leadership.lost().await;
+        tracing::error!("leadership lost; stopping");
+        let _ = leading_tx.send(false);
+    });
+    // Readiness: the cluster serves (every expert placed on a live worker) and this replica
+    // holds leadership. Both are local state: no etcd round trip, so an etcd outage does not
+    // take every coordinator out of the Service (leadership is lost only when etcd says the
+    // lease is gone). Read every 100 ms into gRPC health (overall and per service) and /readyz.
     let (health, health_svc) = tonic_health::server::health_reporter();
     let ready_state: Arc<std::sync::Mutex<Result<(), String>>> =
         Arc::new(std::sync::Mutex::new(Err("starting".into())));
     {
-        let (control, membership, ready_state) =
-            (control.clone(), membership.clone(), ready_state.clone());
+        let (control, ready_state, leading) =
+            (control.clone(), ready_state.clone(), leading.clone());
         let health = health.clone();
-        let mut members = membership_ready(&*membership).await;
-        let first = readiness(&control.snapshot(), &members);
+        let first = readiness(&control.snapshot(), *leading.borrow());
         apply_readiness(&health, &ready_state, first).await;
         tokio::spawn(async move {
-            // The engine's state is read every 100 ms (a lock), so the cluster forming or
-            // losing capacity shows at once; membership is asked once a second.
             let mut tick = tokio::time::interval(Duration::from_millis(100));
-            for n in 1u64.. {
+            loop {
                 tick.tick().await;
-                if n % 10 == 0 {
-                    members = membership_ready(&*membership).await;
-                }
-                let r = readiness(&control.snapshot(), &members);
+                let r = readiness(&control.snapshot(), *leading.borrow());
                 apply_readiness(&health, &ready_state, r).await;
             }
         });
@@ -300,25 +366,68 @@ pub async fn serve(
             }
         });
     }
+    if let Some(addr) = &opts.admin_addr {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("--admin-addr {addr}"))?;
+        announce.push_str(&format!(" admin=http://{}", l.local_addr()?));
+        let admin = admin.into_server();
+        tokio::spawn(async move {
+            let served = tonic::transport::Server::builder()
+                .add_service(admin)
+                .serve_with_incoming(switchyard_worker::server::incoming(l))
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "admin server stopped");
+            }
+        });
+    } else {
+        drop(admin);
+    }
     println!("{announce}");
     std::io::stdout().flush()?;
-    let lost = async move {
-        leadership.lost().await;
-        tracing::error!("leadership lost; stopping");
+    let mut lost = leading.clone();
+    {
+        // Leadership lost: fail what is in flight (a paused stream would otherwise hold the
+        // graceful shutdown below forever), then the server stops.
+        let (mut leading, control) = (leading.clone(), control.clone());
+        tokio::spawn(async move {
+            if leading.wait_for(|l| !*l).await.is_ok() {
+                control.stop("leadership lost");
+            }
+        });
+    }
+    let failed = async move {
+        let why = engine_failure
+            .wait_for(|f| f.is_some())
+            .await
+            .ok()
+            .and_then(|f| f.clone());
+        why.unwrap_or_else(|| "the engine loop stopped".into())
     };
+    let mut failure = None;
     tonic::transport::Server::builder()
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(admin.into_server())
         .add_service(switchyard_proto::v1::inference_server::InferenceServer::from_arc(svc))
         .serve_with_incoming_shutdown(switchyard_worker::server::incoming(listener), async {
             tokio::select! {
                 _ = shutdown => {}
-                _ = lost => {}
+                _ = lost.wait_for(|l| !*l) => {}
+                why = failed => failure = Some(why),
             }
         })
         .await?;
+    if let Some(why) = failure {
+        // Not ready (the snapshot says unavailable), no longer leading (resigned, so a
+        // standby takes over at once), and a non-zero exit so the pod is restarted.
+        apply_readiness(&health, &ready_state, Err(why.clone())).await;
+        holder.abort();
+        let _ = holder.await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        bail!("{why}; resigned leadership");
+    }
     Ok(())
 }
 
@@ -398,25 +507,19 @@ async fn take_back_returning_workers(
     }
 }
 
-/// Whether the coordinator can serve: the cluster is formed and not unavailable, and
-/// membership (etcd) answered (`members`, from [`membership_ready`]).
-fn readiness(s: &crate::driver::Snapshot, members: &Result<(), String>) -> Result<(), String> {
+/// Whether the coordinator can serve: it leads, and the cluster is formed and not
+/// unavailable. Pure, from local state only.
+fn readiness(s: &crate::driver::Snapshot, leading: bool) -> Result<(), String> {
+    if !leading {
+        return Err("leadership lost".into());
+    }
     if !s.unavailable.is_empty() {
         return Err(s.unavailable.clone());
     }
     if s.addresses.is_empty() {
         return Err("no cluster yet".into());
     }
-    members.clone()
-}
-
-/// Whether membership (etcd) answers within a second.
-async fn membership_ready(membership: &dyn Membership) -> Result<(), String> {
-    match tokio::time::timeout(Duration::from_secs(1), membership.leader(LEADER_ELECTION)).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => Err(format!("membership: {e}")),
-        Err(_) => Err("membership: no answer within 1 s".into()),
-    }
+    Ok(())
 }
 
 /// Records readiness and mirrors it into gRPC health (the overall status and the service's).

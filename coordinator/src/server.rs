@@ -43,6 +43,9 @@ enum Cmd {
     Rebuild(Instant, Option<Reply<(u64, usize)>>),
     /// Plan a re-placement of experts for the current load and start it if better.
     Rebalance(Reply<RebalanceReport>),
+    /// Stop for good (leadership lost): every request in flight fails with the reason and the
+    /// loop ends, so nothing waits on a coordinator that may no longer drive its workers.
+    Stop(String),
 }
 
 /// Builds a new cluster from the ranks still reachable (after a failed step, a join or a
@@ -51,10 +54,19 @@ type Recover = Box<dyn FnMut() -> Result<Box<dyn Cluster>, crate::driver::Driver
 
 /// Replaces the driver's cluster with a fresh one from `recover` (requests re-homed); on
 /// failure the old one is kept and the error returned.
-fn rebuild(driver: &mut Driver, recover: &mut Recover, why: &str) -> Result<(), String> {
+fn rebuild(
+    driver: &mut Driver,
+    recover: &mut Recover,
+    why: &str,
+    sinks: &mut HashMap<u64, Sink>,
+) -> Result<(), String> {
     match recover() {
         Ok(c) => {
-            driver.rebuild(c);
+            for (id, e) in driver.rebuild(c) {
+                if let Some(sink) = sinks.remove(&id) {
+                    let _ = sink.send(Err(Status::invalid_argument(e.to_string())));
+                }
+            }
             tracing::warn!(
                 world = driver.snapshot().addresses.len(),
                 "cluster rebuilt after {why}; requests re-homed"
@@ -87,6 +99,13 @@ fn fail_all(driver: &mut Driver, sinks: &mut HashMap<u64, Sink>, why: &str) {
     }
 }
 
+/// What may stop the engine loop from stepping: a leadership that is not fresh, or a fault
+/// injected by the supervision tests.
+struct LoopFaults {
+    panic_after_steps: Option<u64>,
+    may_drive: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
 /// While unavailable, how often the engine loop tries to rebuild the cluster.
 const RETRY_UNAVAILABLE: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -102,7 +121,14 @@ fn engine_loop(
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
     metrics: Arc<Metrics>,
     mut recover: Option<Recover>,
+    gates: LoopFaults,
 ) {
+    let LoopFaults {
+        panic_after_steps,
+        may_drive,
+    } = gates;
+    let mut steps = 0u64;
+    let mut paused = false;
     let mut failures = 0;
     let mut unavailable: Option<String> = None;
     let mut last_try = Instant::now();
@@ -136,8 +162,15 @@ fn engine_loop(
                         let _ = sink.send(Err(Status::unavailable(why.clone())));
                     }
                     None => {
-                        sinks.insert(r.id, sink);
-                        driver.submit(r);
+                        let id = r.id;
+                        match driver.submit(r) {
+                            Ok(()) => {
+                                sinks.insert(id, sink);
+                            }
+                            Err(e) => {
+                                let _ = sink.send(Err(Status::invalid_argument(e.to_string())));
+                            }
+                        }
                     }
                 },
                 Cmd::Cancel(id) => {
@@ -149,7 +182,7 @@ fn engine_loop(
                         Ok(())
                     } else {
                         match recover.as_mut() {
-                            Some(f) => rebuild(&mut driver, f, "a membership change"),
+                            Some(f) => rebuild(&mut driver, f, "a membership change", &mut sinks),
                             None => Err("this cluster cannot be rebuilt".into()),
                         }
                     };
@@ -177,6 +210,13 @@ fn engine_loop(
                         let _ = reply.send(r.map(|()| (s.epoch, s.addresses.len())));
                     }
                 }
+                Cmd::Stop(why) => {
+                    let why = unavailable_reason(&why);
+                    unavailable = Some(why.clone());
+                    publish(&driver, &unavailable);
+                    fail_all(&mut driver, &mut sinks, &why);
+                    return;
+                }
                 Cmd::Rebalance(reply) => {
                     let r = if unavailable.is_some() {
                         Err("the cluster is unavailable".into())
@@ -191,7 +231,7 @@ fn engine_loop(
             if last_try.elapsed() >= RETRY_UNAVAILABLE {
                 last_try = Instant::now();
                 if let Some(f) = recover.as_mut() {
-                    if rebuild(&mut driver, f, "being unavailable").is_ok() {
+                    if rebuild(&mut driver, f, "being unavailable", &mut sinks).is_ok() {
                         unavailable = None;
                         failures = 0;
                         last_rebuilt = Instant::now();
@@ -201,6 +241,25 @@ fn engine_loop(
                 publish(&driver, &unavailable);
             }
             continue;
+        }
+        if let Some(g) = &may_drive {
+            let drive = g.load(Ordering::Acquire);
+            if drive == paused {
+                paused = !drive;
+                if paused {
+                    tracing::warn!("leadership not renewed in time: pausing steps");
+                } else {
+                    tracing::info!("leadership renewed: stepping again");
+                }
+            }
+            if paused {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                continue;
+            }
+        }
+        steps += 1;
+        if panic_after_steps.is_some_and(|n| steps > n) {
+            panic!("fault injected after {} steps", steps - 1);
         }
         let stepped = driver.step();
         let snap = driver.snapshot();
@@ -245,7 +304,7 @@ fn engine_loop(
                 tracing::warn!(error = %err, "step failed");
                 let rebuilt = match recover.as_mut() {
                     Some(r) if failures <= MAX_RECOVERIES => {
-                        rebuild(&mut driver, r, "a failed step")
+                        rebuild(&mut driver, r, "a failed step", &mut sinks)
                     }
                     Some(_) => Err(format!("{failures} steps in a row failed: {err}")),
                     None => Err(err.to_string()),
@@ -270,7 +329,7 @@ fn engine_loop(
 }
 
 /// How the engine loop batches and admits.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct ServiceOptions {
     /// Tokens computed per step across the cluster.
     pub token_budget: usize,
@@ -283,6 +342,53 @@ pub struct ServiceOptions {
     pub redundant: usize,
     /// Live rebalancing (threshold INFINITY: only on an operator's request).
     pub rebalance: crate::rebalance::RebalancePolicy,
+    /// Most tokens (prompt + max_tokens) a request may span; `None`: the model's context or
+    /// what one worker's KV cache holds, whichever is smaller. A value the KV cannot hold is
+    /// refused at start.
+    pub max_model_len: Option<usize>,
+    /// Fault injection for the supervision tests: the engine loop panics after this many
+    /// steps.
+    pub panic_after_steps: Option<u64>,
+    /// While this reads false the engine loop does not step (its leadership could not be
+    /// renewed in time, so a standby may be about to take over); requests wait.
+    pub may_drive: Option<Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// Why the engine loop stopped for good (it panicked), once it has.
+pub type EngineFailure = tokio::sync::watch::Receiver<Option<String>>;
+
+/// The longest context the service accepts: `explicit`, checked against the model's context
+/// and one worker's KV capacity (`kv_tokens`), or the smaller of the two.
+pub fn max_model_len(
+    explicit: Option<usize>,
+    model_context: usize,
+    kv_tokens: usize,
+    block_size: usize,
+) -> Result<usize, String> {
+    match explicit {
+        None => Ok(model_context.min(kv_tokens)),
+        Some(0) => Err("--max-model-len must be at least 1".into()),
+        Some(n) if n > model_context => Err(format!(
+            "--max-model-len {n} exceeds the model's context ({model_context} tokens, \
+             max_position_embeddings); lower it"
+        )),
+        Some(n) if n > kv_tokens => Err(format!(
+            "--max-model-len {n} exceeds what one worker's KV cache holds ({kv_tokens} tokens = \
+             {} blocks of {block_size}); raise --kv-blocks to at least {} or lower \
+             --max-model-len to {kv_tokens}",
+            kv_tokens / block_size.max(1),
+            n.div_ceil(block_size.max(1))
+        )),
+        Some(n) => Ok(n),
+    }
+}
+
+/// A panic's message, as far as it has one.
+fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".into())
 }
 
 pub struct InferenceService {
@@ -299,6 +405,9 @@ pub struct InferenceService {
     roster: Arc<std::sync::Mutex<Roster>>,
     metrics: Arc<Metrics>,
     keys: Option<Arc<crate::auth::ApiKeys>>,
+    /// Prompt + max_tokens of one request, at most.
+    max_model_len: usize,
+    failed: EngineFailure,
 }
 
 /// Which member serves each control URL, and which members are registered now (membership's
@@ -336,6 +445,9 @@ impl InferenceService {
             pace_factor,
             redundant,
             rebalance,
+            max_model_len: explicit_len,
+            panic_after_steps,
+            may_drive,
         } = opts;
         let tok = Arc::new(Tokenizer::load(model_dir)?);
         let cfg = switchyard_worker::engine::read_config(model_dir)?;
@@ -347,23 +459,64 @@ impl InferenceService {
         let metrics = Arc::new(Metrics::default());
         let m = metrics.clone();
         let model_cfg = cfg.clone();
+        let (failed_tx, failed) = tokio::sync::watch::channel(None);
         std::thread::spawn(move || match make_cluster() {
             Ok(c) => {
-                let _ = ready_tx.send(Ok(()));
+                let _ = ready_tx.send(Ok(c.kv_shape()));
                 let mut d = Driver::new(c, token_budget, 256)
+                    .with_model_limits(&model_cfg)
                     .with_rebalancing(model_cfg, redundant, rebalance);
                 if pace_factor > 0.0 {
                     d = d.with_pacing(pace_factor, attn_equiv);
                 }
                 let recover: Recover =
                     Box::new(move || make_cluster().map(|c| Box::new(c) as Box<dyn Cluster>));
-                engine_loop(d, rx, snap, m, Some(recover));
+                // Supervision: a panic anywhere in the loop (a bug; no input should reach
+                // one) makes the service unavailable and reports the failure, so the process
+                // stops leading and exits instead of reading ready while every request fails.
+                let published = snap.clone();
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    engine_loop(
+                        d,
+                        rx,
+                        snap,
+                        m,
+                        Some(recover),
+                        LoopFaults {
+                            panic_after_steps,
+                            may_drive,
+                        },
+                    )
+                }));
+                if let Err(p) = r {
+                    let why = format!("the engine loop panicked: {}", panic_message(&*p));
+                    tracing::error!("{why}");
+                    published
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .unavailable = why.clone();
+                    let _ = failed_tx.send(Some(why));
+                }
             }
             Err(e) => {
                 let _ = ready_tx.send(Err(e.to_string()));
             }
         });
-        ready_rx.recv()?.map_err(anyhow::Error::msg)?;
+        let (kv_blocks, block_size) = ready_rx.recv()?.map_err(anyhow::Error::msg)?;
+        let kv_tokens = kv_blocks * block_size;
+        let max_model_len = max_model_len(
+            explicit_len,
+            cfg.max_position_embeddings,
+            kv_tokens,
+            block_size,
+        )
+        .map_err(anyhow::Error::msg)?;
+        tracing::info!(
+            max_model_len,
+            model_context = cfg.max_position_embeddings,
+            kv_tokens_per_worker = kv_tokens,
+            "maximum context length"
+        );
         Ok(InferenceService {
             model_name,
             tok,
@@ -376,7 +529,14 @@ impl InferenceService {
             roster: Default::default(),
             metrics,
             keys: None,
+            max_model_len,
+            failed,
         })
+    }
+
+    /// Resolves, with the reason, once the engine loop has stopped for good.
+    pub fn engine_failure(&self) -> EngineFailure {
+        self.failed.clone()
     }
 
     /// Requires one of `keys` on every call (and limits each key's requests in flight).
@@ -398,9 +558,9 @@ impl InferenceService {
         &self.model_name
     }
 
-    /// The model's context length.
+    /// The longest context a request may span (prompt + max_tokens): `--max-model-len`.
     pub fn max_context(&self) -> usize {
-        self.cfg.max_position_embeddings
+        self.max_model_len
     }
 
     /// A token's text as it would appear in output (special tokens included).
@@ -463,6 +623,11 @@ impl EngineControl {
             .map_err(|_| "the engine loop has stopped".to_string())?
     }
 
+    /// Stops the engine loop for good: requests in flight fail with `why`.
+    pub fn stop(&self, why: &str) {
+        let _ = self.cmds.send(Cmd::Stop(why.to_string()));
+    }
+
     /// Plans a re-placement for the current load and starts it if better.
     pub async fn rebalance(&self) -> Result<RebalanceReport, String> {
         let (tx, rx) = tokio::sync::oneshot::channel();
@@ -484,6 +649,37 @@ impl EngineControl {
 
 /// Largest `top_logprobs` a request may ask for (as OpenAI's API).
 pub const MAX_TOP_LOGPROBS: u32 = 20;
+/// Stop strings a request may give, and the longest one in bytes.
+pub const MAX_STOP_STRINGS: usize = 16;
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// Marks a request (as a tonic extension, which no remote caller can set) whose `max_tokens`
+/// of 0 means "as many as the context leaves" (OpenAI's chat API without a limit).
+#[derive(Clone, Copy, Debug)]
+pub struct UpToContext;
+
+/// Checks the stop strings a request gives.
+fn check_stop(stop: &[String]) -> Result<(), Status> {
+    if stop.len() > MAX_STOP_STRINGS {
+        return Err(invalid(
+            "stop",
+            format!("{} stop strings; at most {MAX_STOP_STRINGS}", stop.len()),
+        ));
+    }
+    if let Some(s) = stop
+        .iter()
+        .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+    {
+        return Err(invalid(
+            "stop",
+            format!(
+                "a stop string of {} bytes; each must have 1 to {MAX_STOP_BYTES}",
+                s.len()
+            ),
+        ));
+    }
+    Ok(())
+}
 
 /// Parses a `grpc-timeout` header (`<digits><unit>`, unit one of H M S m u n; gRPC over HTTP/2
 /// spec).
@@ -539,14 +735,15 @@ impl Inference for InferenceService {
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenStream>, Status> {
         let t0 = Instant::now();
         let req_meta = req.metadata().clone();
-        let key_permit = match &self.keys {
+        let (key_permit, may_prioritize) = match &self.keys {
             Some(k) => {
                 let key = k.check(auth_value(&req_meta))?;
-                Some(k.acquire(key)?)
+                (Some(k.acquire(key)?), k.may_prioritize(key))
             }
-            None => None,
+            None => (None, true),
         };
-        let r = req.into_inner();
+        let up_to_context = req.extensions().get::<UpToContext>().is_some();
+        let mut r = req.into_inner();
         if !r.model.is_empty() && r.model != self.model_name {
             return Err(invalid(
                 "model",
@@ -584,6 +781,14 @@ impl Inference for InferenceService {
             repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
             seed: s.seed.unwrap_or(0),
         };
+        check_stop(&r.stop)?;
+        if r.priority != 0 && !may_prioritize {
+            return Err(Status::permission_denied(format!(
+                "priority: this API key may not set request priorities (asked for {}); grant it \
+                 with `KEY priority` in the API keys file",
+                r.priority
+            )));
+        }
         let greq = GenReq {
             prompt,
             max_tokens: r.max_tokens as usize,
@@ -592,10 +797,19 @@ impl Inference for InferenceService {
             ignore_eos: r.ignore_eos,
             prefill_chunk: 1,
         };
-        let ids = generate::prompt_ids(&self.tok, &greq.prompt, self.cfg.vocab_size)
+        // Tokenizing a long prompt (and rendering a chat template) is CPU work: off the
+        // runtime's threads, so one large request cannot stall every other connection.
+        let (tok, prompt, vocab) = (self.tok.clone(), greq.prompt.clone(), self.cfg.vocab_size);
+        let ids = tokio::task::spawn_blocking(move || generate::prompt_ids(&tok, &prompt, vocab))
+            .await
+            .map_err(|e| Status::internal(format!("tokenizer task: {e}")))?
             .map_err(gen_status)?;
-        generate::validate(&greq, ids.len(), self.cfg.max_position_embeddings)
-            .map_err(gen_status)?;
+        let mut greq = greq;
+        if up_to_context && greq.max_tokens == 0 {
+            greq.max_tokens = self.max_model_len.saturating_sub(ids.len()).max(1);
+            r.max_tokens = greq.max_tokens as u32;
+        }
+        generate::validate(&greq, ids.len(), self.max_model_len).map_err(gen_status)?;
         if r.top_logprobs > MAX_TOP_LOGPROBS {
             return Err(invalid(
                 "top_logprobs",
@@ -639,9 +853,7 @@ impl Inference for InferenceService {
                 .map(str::to_string)
         });
         let (tok_tx, mut tok_rx) = tokio::sync::mpsc::unbounded_channel();
-        let max_new = greq
-            .max_tokens
-            .min(self.cfg.max_position_embeddings - ids.len());
+        let max_new = greq.max_tokens;
         let gen = GenRequest {
             id,
             prompt: ids.clone(),
@@ -686,22 +898,25 @@ impl Inference for InferenceService {
                     metrics.on_finished("cancelled");
                     cancel(cmds)
                 };
+                let far = tokio::time::Instant::now() + std::time::Duration::from_secs(1 << 30);
                 loop {
-                    let next = match deadline {
-                        Some(d) => match tokio::time::timeout_at(d, tok_rx.recv()).await {
-                            Ok(n) => n,
-                            Err(_) => {
-                                metrics.on_finished("deadline");
-                                let _ = cmds.send(Cmd::Cancel(id));
-                                let _ = out_tx
-                                    .send(Err(Status::deadline_exceeded(format!(
-                                        "deadline passed after {completion} tokens"
-                                    ))))
-                                    .await;
-                                return;
-                            }
-                        },
-                        None => tok_rx.recv().await,
+                    // A client that leaves is noticed at once, whether its request is queued,
+                    // prefilling or decoding: its admission slot, key permit and KV go back
+                    // now, not at its next token.
+                    let next = tokio::select! {
+                        biased;
+                        _ = out_tx.closed() => return cancel(&cmds),
+                        _ = tokio::time::sleep_until(deadline.unwrap_or(far)) => {
+                            metrics.on_finished("deadline");
+                            let _ = cmds.send(Cmd::Cancel(id));
+                            let _ = out_tx
+                                .send(Err(Status::deadline_exceeded(format!(
+                                    "deadline passed after {completion} tokens"
+                                ))))
+                                .await;
+                            return;
+                        }
+                        n = tok_rx.recv() => n,
                     };
                     let e = match next {
                         Some(Ok(e)) => e,
@@ -846,7 +1061,7 @@ impl Inference for InferenceService {
             models: vec![ModelInfo {
                 name: self.model_name.clone(),
                 architecture: self.cfg.arch.hf_name().into(),
-                max_context: self.cfg.max_position_embeddings as u32,
+                max_context: self.max_model_len as u32,
                 num_experts: self.cfg.num_experts as u32,
                 experts_per_token: self.cfg.experts_per_tok as u32,
                 vocab_size: self.cfg.vocab_size as u32,
@@ -921,5 +1136,66 @@ pub fn status_response(s: &Snapshot, roster: &Roster) -> ClusterStatusResponse {
         imbalance: s.imbalance,
         drained: roster.drained.iter().cloned().collect(),
         unavailable: s.unavailable.clone(),
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn fuzz_cases() -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000)
+    }
+
+    fn parse(s: &str) -> Result<Option<std::time::Duration>, String> {
+        match tonic::metadata::MetadataValue::try_from(s) {
+            Ok(v) => grpc_timeout(Some(&v)),
+            Err(_) => Err("not a header value".into()),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(fuzz_cases()))]
+
+        /// Any header value: a deadline or an error, never a panic or an overflow.
+        #[test]
+        fn fuzz_grpc_timeout(s in "\\PC{0,12}") {
+            let _ = parse(&s);
+        }
+
+        /// The spec's form (1 to 8 digits and a unit) parses to exactly its value.
+        #[test]
+        fn fuzz_grpc_timeout_values(n in 0u64..100_000_000, unit in prop::sample::select(vec!['H', 'M', 'S', 'm', 'u', 'n'])) {
+            use std::time::Duration;
+            let want = match unit {
+                'H' => Duration::from_secs(n * 3600),
+                'M' => Duration::from_secs(n * 60),
+                'S' => Duration::from_secs(n),
+                'm' => Duration::from_millis(n),
+                'u' => Duration::from_micros(n),
+                _ => Duration::from_nanos(n),
+            };
+            let good = format!("{n}{unit}");
+            prop_assert_eq!(parse(&good), Ok(Some(want)));
+            let bad = format!("{n}x");
+            prop_assert!(parse(&bad).is_err());
+        }
+    }
+
+    #[test]
+    fn max_model_len_defaults_and_refusals() {
+        assert_eq!(max_model_len(None, 4096, 128, 16), Ok(128));
+        assert_eq!(max_model_len(None, 100, 128, 16), Ok(100));
+        assert_eq!(max_model_len(Some(64), 4096, 128, 16), Ok(64));
+        let e = max_model_len(Some(1000), 4096, 128, 16).unwrap_err();
+        assert!(e.contains("--kv-blocks to at least 63"), "{e}");
+        assert!(max_model_len(Some(5000), 4096, 1 << 20, 16)
+            .unwrap_err()
+            .contains("context"));
+        assert!(max_model_len(Some(0), 4096, 128, 16).is_err());
     }
 }

@@ -1,6 +1,8 @@
 //! Logs and, optionally, OpenTelemetry traces.
 //!
-//! Logs go to stderr, filtered by `SWITCHYARD_LOG` (default `warn`). With an OTLP endpoint
+//! Logs go to stderr, filtered by `SWITCHYARD_LOG` (default `info`): human-readable text,
+//! coloured only when stderr is a terminal (a file or a pipe gets no ANSI escapes), or one
+//! JSON object per line with `--log-format json` (for log shippers). With an OTLP endpoint
 //! (`--otlp-endpoint URL` or `OTEL_EXPORTER_OTLP_ENDPOINT`; off by default) the coordinator's
 //! spans are exported over OTLP/HTTP (protobuf, `URL/v1/traces`) by a batching background
 //! thread, whatever the log filter:
@@ -26,11 +28,43 @@ pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
 }
 
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `target`, `fields`, `span`s).
+    Json,
+}
+
+impl std::fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
 /// Installs the global subscriber: logs, plus trace export to `otlp` when given.
-pub fn init(otlp: Option<&str>) -> Result<Telemetry> {
-    let logs = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_filter(EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| "warn".into()));
+pub fn init(otlp: Option<&str>, format: LogFormat) -> Result<Telemetry> {
+    use std::io::IsTerminal;
+    let filter = || EnvFilter::try_from_env("SWITCHYARD_LOG").unwrap_or_else(|_| "info".into());
+    let logs: Box<dyn Layer<_> + Send + Sync> = match format {
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_filter(filter())
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_ansi(false)
+            .with_current_span(true)
+            .with_filter(filter())
+            .boxed(),
+    };
     let (traces, provider) = match otlp {
         None => (None, None),
         Some(endpoint) => {
@@ -61,6 +95,17 @@ pub fn init(otlp: Option<&str>) -> Result<Telemetry> {
         .with(logs)
         .with(traces)
         .try_init()?;
+    if format == LogFormat::Json {
+        // A panic is a log line like any other (the default hook writes plain text).
+        std::panic::set_hook(Box::new(|info| {
+            let thread = std::thread::current();
+            tracing::error!(
+                thread = thread.name().unwrap_or("unnamed"),
+                panic = %info,
+                "thread panicked"
+            );
+        }));
+    }
     Ok(Telemetry { provider })
 }
 

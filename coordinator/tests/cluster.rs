@@ -48,7 +48,8 @@ fn two_worker_processes_match_goldens() {
                     priority: 0,
                     top_logprobs: 0,
                     trace: None,
-                });
+                })
+                .unwrap();
                 want.insert(id, ids(&p["greedy"]["new_ids"]));
             }
         }
@@ -81,7 +82,8 @@ fn run_goldens(d: &mut Driver, golden: &Value) -> Result<(), String> {
             priority: 0,
             top_logprobs: 0,
             trace: None,
-        });
+        })
+        .map_err(|e| e.to_string())?;
         want.insert(i as u64, ids(&p["greedy"]["new_ids"]));
     }
     let mut got: std::collections::HashMap<u64, Vec<u32>> = Default::default();
@@ -213,4 +215,42 @@ fn experts_re_placed_mid_generation_keep_tokens_exact() {
     let first = s.expert_version;
     run_goldens(&mut d, &golden).unwrap();
     assert!(d.snapshot().expert_version >= first);
+}
+
+/// Fencing: a worker driven by a leader holding fencing token 5 refuses a control stream with
+/// a smaller token (a stale leader) and its epoch goes on undisturbed; a newer token (7) takes
+/// it over, after which the old cluster's steps fail.
+#[test]
+fn a_worker_refuses_a_stale_leader_and_follows_a_newer_one() {
+    use switchyard_coordinator::driver::DriverError;
+    let dir = fixture("tiny-qwen3-moe");
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let workers: Vec<(Proc, String)> = (0..2).map(|_| spawn_worker(&dir)).collect();
+    let urls: Vec<String> = workers.iter().map(|w| w.1.clone()).collect();
+    let mut current = Driver::new(
+        GrpcCluster::connect_fenced(&urls, &dir, 0, 64, 16, 5).unwrap(),
+        128,
+        64,
+    );
+    run_goldens(&mut current, &golden).unwrap();
+    match GrpcCluster::connect_fenced(&urls, &dir, 0, 64, 16, 3) {
+        Err(DriverError::Fenced { detail, .. }) => {
+            assert!(
+                detail.contains("fence 5") && detail.contains("fence 3"),
+                "{detail}"
+            )
+        }
+        Err(e) => panic!("stale leader refused for the wrong reason: {e}"),
+        Ok(_) => panic!("a stale leader was let in"),
+    }
+    // The epoch the stale leader knocked on is intact.
+    run_goldens(&mut current, &golden).unwrap();
+    let mut newer = Driver::new(
+        GrpcCluster::connect_fenced(&urls, &dir, 0, 64, 16, 7).unwrap(),
+        128,
+        64,
+    );
+    run_goldens(&mut newer, &golden).unwrap();
+    assert!(run_goldens(&mut current, &golden).is_err());
 }

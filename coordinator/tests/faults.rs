@@ -9,7 +9,8 @@
 
 mod common;
 use common::{
-    admin_status, block_on, cluster_status, fixture, spawn_serving, switchyard, GoldenStreams, Proc,
+    admin_status, announced, block_on, cluster_status, fixture, spawn_announcing, spawn_serving,
+    switchyard, GoldenStreams, Proc,
 };
 
 use switchyard_proto::v1::generate_request::Input;
@@ -23,7 +24,7 @@ fn cluster(
     n: usize,
     worker_args: &[&str],
     coord_args: &[&str],
-) -> (Vec<(Proc, String)>, Proc, String) {
+) -> (Vec<(Proc, String)>, Proc, String, String) {
     let dir = fixture(MODEL);
     let m = dir.to_str().unwrap();
     let workers: Vec<(Proc, String)> = (0..n)
@@ -38,13 +39,14 @@ fn cluster(
     for w in &workers {
         args.extend(["--worker-url", w.1.as_str()]);
     }
-    let (coord, url) = spawn_serving(&args);
-    (workers, coord, url)
+    let (coord, line) = spawn_announcing(&args);
+    let (url, admin) = (announced(&line, "grpc"), announced(&line, "admin"));
+    (workers, coord, url, admin)
 }
 
 #[test]
 fn killing_one_of_three_workers_mid_stream_loses_no_token() {
-    let (mut workers, _coord, url) = cluster(3, &[], &["--redundant-experts", "2"]);
+    let (mut workers, _coord, url, _) = cluster(3, &[], &["--redundant-experts", "2"]);
     block_on(async {
         let streams = GoldenStreams::start(&url, MODEL, 8);
         // Half the streams are producing tokens: kill a worker.
@@ -64,16 +66,16 @@ fn killing_one_of_three_workers_mid_stream_loses_no_token() {
 
 #[test]
 fn draining_a_worker_under_load_moves_its_work_with_no_client_error() {
-    let (_workers, _coord, url) = cluster(3, &[], &[]);
+    let (_workers, _coord, url, admin) = cluster(3, &[], &[]);
     block_on(async {
-        let before = admin_status(&url).await;
+        let before = admin_status(&admin).await;
         assert_eq!(before.workers.len(), 3);
         let victim = before.workers[1].id.clone();
         let streams = GoldenStreams::start(&url, MODEL, 8);
         streams.wait_started(16).await;
         let out = tokio::task::spawn_blocking({
-            let (url, victim) = (url.clone(), victim.clone());
-            move || switchyard(&["admin", "--endpoint", &url, "--json", "drain", &victim])
+            let (admin, victim) = (admin.clone(), victim.clone());
+            move || switchyard(&["admin", "--endpoint", &admin, "--json", "drain", &victim])
         })
         .await
         .unwrap();
@@ -86,7 +88,7 @@ fn draining_a_worker_under_load_moves_its_work_with_no_client_error() {
         assert_eq!(reply["world_size"], 2, "{reply}");
         let in_flight = streams.in_flight();
         streams.finish().await;
-        let st = admin_status(&url).await;
+        let st = admin_status(&admin).await;
         assert_eq!(st.epoch, reply["epoch"].as_u64().unwrap());
         assert_eq!(st.drained, vec![victim.clone()]);
         assert!(st.workers.iter().all(|w| w.id != victim), "{st:?}");
@@ -96,10 +98,10 @@ fn draining_a_worker_under_load_moves_its_work_with_no_client_error() {
             .all(|p| !p.ranks.is_empty() && p.ranks.iter().all(|r| *r < 2)));
         eprintln!("{in_flight} of 32 streams in flight at the drain; all completed exactly");
         // Draining it again, or an unknown worker, is refused with a reason.
-        let again = switchyard(&["admin", "--endpoint", &url, "drain", &victim]);
+        let again = switchyard(&["admin", "--endpoint", &admin, "drain", &victim]);
         assert!(!again.status.success());
         assert!(String::from_utf8_lossy(&again.stderr).contains("already drained"));
-        let unknown = switchyard(&["admin", "--endpoint", &url, "drain", "nobody"]);
+        let unknown = switchyard(&["admin", "--endpoint", &admin, "drain", "nobody"]);
         assert!(
             String::from_utf8_lossy(&unknown.stderr).contains("NotFound")
                 || String::from_utf8_lossy(&unknown.stderr).contains("not found")
@@ -144,7 +146,7 @@ fn losing_capacity_fails_requests_unavailable_until_a_worker_returns() {
     let dir = fixture(MODEL);
     let m = dir.to_str().unwrap();
     let (a, mut b, spawn_b) = tight_pair(m);
-    let (_coord, url) = spawn_serving(&[
+    let (_coord, line) = spawn_announcing(&[
         "coordinator",
         "--model",
         m,
@@ -155,6 +157,7 @@ fn losing_capacity_fails_requests_unavailable_until_a_worker_returns() {
         "--worker-url",
         &b.1,
     ]);
+    let (url, admin) = (announced(&line, "grpc"), announced(&line, "admin"));
     block_on(async {
         common::assert_goldens(&url, MODEL, 1).await;
         // Long streams in flight when worker B dies: each ends UNAVAILABLE, with the reason.
@@ -202,14 +205,14 @@ fn losing_capacity_fails_requests_unavailable_until_a_worker_returns() {
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
-        let st = admin_status(&url).await;
+        let st = admin_status(&admin).await;
         assert!(!st.unavailable.is_empty());
     });
     // Worker B comes back on its address: service resumes by itself.
     b = spawn_b();
     block_on(async {
         let t0 = std::time::Instant::now();
-        while !admin_status(&url).await.unavailable.is_empty() {
+        while !admin_status(&admin).await.unavailable.is_empty() {
             assert!(
                 t0.elapsed() < std::time::Duration::from_secs(20),
                 "still unavailable"
@@ -217,7 +220,7 @@ fn losing_capacity_fails_requests_unavailable_until_a_worker_returns() {
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
         common::assert_goldens(&url, MODEL, 1).await;
-        let st = admin_status(&url).await;
+        let st = admin_status(&admin).await;
         assert_eq!(st.workers.len(), 2);
     });
     drop(b);
@@ -269,7 +272,7 @@ fn chaos_kills_and_restarts_lose_no_request() {
 /// commands report it.
 #[test]
 fn live_rebalancing_under_load_keeps_streams_exact_and_admin_reports_it() {
-    let (_workers, _coord, url) = cluster(
+    let (_workers, _coord, url, admin) = cluster(
         3,
         &[],
         &[
@@ -285,12 +288,12 @@ fn live_rebalancing_under_load_keeps_streams_exact_and_admin_reports_it() {
     );
     block_on(async {
         GoldenStreams::start(&url, MODEL, 8).finish().await;
-        let st = admin_status(&url).await;
+        let st = admin_status(&admin).await;
         assert!(st.expert_version >= 1, "no live switch happened: {st:?}");
         assert_eq!(st.epoch, 1, "a switch is not a new epoch");
         assert!(st.imbalance >= 1.0, "{}", st.imbalance);
         assert!(st.placement.iter().all(|p| !p.ranks.is_empty()));
-        let out = switchyard(&["admin", "--endpoint", &url, "--json", "rebalance"]);
+        let out = switchyard(&["admin", "--endpoint", &admin, "--json", "rebalance"]);
         assert!(
             out.status.success(),
             "{}",
@@ -300,7 +303,7 @@ fn live_rebalancing_under_load_keeps_streams_exact_and_admin_reports_it() {
         assert!(r["imbalance_before"].as_f64().unwrap() >= 1.0, "{r}");
         // Streams stay exact through whatever that started.
         common::assert_goldens(&url, MODEL, 2).await;
-        let out = switchyard(&["admin", "--endpoint", &url, "status"]);
+        let out = switchyard(&["admin", "--endpoint", &admin, "status"]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             text.contains("epoch 1") && text.contains("imbalance"),

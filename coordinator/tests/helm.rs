@@ -202,6 +202,7 @@ fn render_json(args: &[String]) -> Vec<Value> {
 fn process(
     container: &Value,
     configmap: &Value,
+    secrets: &[Value],
     fields: &HashMap<&str, String>,
     overrides: &HashMap<&str, String>,
 ) -> (Vec<String>, HashMap<String, String>) {
@@ -222,6 +223,17 @@ fn process(
             v.clone()
         } else if let Some(v) = e["value"].as_str() {
             expand(v, &env)
+        } else if let Some(r) = e["valueFrom"].get("secretKeyRef") {
+            // A Secret the chart renders itself (string data).
+            let name = r["name"].as_str().unwrap();
+            let secret = secrets
+                .iter()
+                .find(|d| d["kind"] == "Secret" && d["metadata"]["name"] == name)
+                .unwrap_or_else(|| panic!("env {name}: no rendered Secret {name}"));
+            secret["stringData"][r["key"].as_str().unwrap()]
+                .as_str()
+                .unwrap_or_else(|| panic!("Secret {name} has no {r}"))
+                .to_string()
         } else {
             let path = e["valueFrom"]["fieldRef"]["fieldPath"]
                 .as_str()
@@ -255,12 +267,14 @@ fn the_rendered_commands_form_a_cluster_that_serves() {
     let model = fixture("tiny-qwen3-moe");
     let port = || common::free_port().to_string();
     let (grpc, http, metrics, control, comm) = (port(), port(), port(), port(), port());
+    let admin = port();
     let sets = [
         format!("etcd.external.endpoints={}", etcd.url),
         format!("model.path={}", model.display()),
         format!("coordinator.grpcPort={grpc}"),
         format!("coordinator.httpPort={http}"),
         format!("coordinator.metricsPort={metrics}"),
+        format!("coordinator.adminPort={admin}"),
         format!("workers.controlPort={control}"),
         format!("workers.commPort={comm}"),
         format!(
@@ -300,7 +314,7 @@ fn the_rendered_commands_form_a_cluster_that_serves() {
         ]);
         let overrides = HashMap::from([("PEER_HOST", ip.clone())]);
         let c = &sts["spec"]["template"]["spec"]["containers"][0];
-        let (a, env) = process(c, cm, &fields, &overrides);
+        let (a, env) = process(c, cm, &docs, &fields, &overrides);
         assert_eq!(a[0], "worker");
         assert!(a.contains(&format!("--listen={ip}:{control}")), "{a:?}");
         let mut cmd = Command::new(bin);
@@ -315,7 +329,7 @@ fn the_rendered_commands_form_a_cluster_that_serves() {
     }
     let fields = HashMap::from([("metadata.name", "sy-switchyard-coordinator-abc".to_string())]);
     let c = &dep["spec"]["template"]["spec"]["containers"][0];
-    let (a, env) = process(c, cm, &fields, &HashMap::new());
+    let (a, env) = process(c, cm, &docs, &fields, &HashMap::new());
     assert_eq!(a[0], "coordinator");
     assert_eq!(env["SWITCHYARD_ETCD"], etcd.url);
     let mut child = Command::new(bin)
@@ -340,5 +354,63 @@ fn the_rendered_commands_form_a_cluster_that_serves() {
     let probe = &c["readinessProbe"]["grpc"];
     assert_eq!(probe["service"], "switchyard.v1.Inference");
     assert_eq!(probe["port"].as_u64().unwrap().to_string(), grpc);
+    // A worker pod stopping runs its preStop drain: the rendered command with the pod's env
+    // (its id, the generated admin key) reaches the Admin API (cluster DNS stands in by
+    // loopback) and moves the worker out; without the key the same command is refused.
+    let w = &sts["spec"]["template"]["spec"]["containers"][0];
+    let fields = HashMap::from([
+        ("metadata.name", "sy-switchyard-worker-1".to_string()),
+        ("status.podIP", "127.0.0.3".to_string()),
+    ]);
+    let (_, wenv) = process(
+        w,
+        cm,
+        &docs,
+        &fields,
+        &HashMap::from([("PEER_HOST", "127.0.0.3".to_string())]),
+    );
+    let pre: Vec<String> = w["lifecycle"]["preStop"]["exec"]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let a = a.as_str().unwrap();
+            match a.strip_prefix("--endpoint=") {
+                Some(e) => {
+                    assert!(e.ends_with(&format!(":{admin}")), "preStop reaches {e}");
+                    format!("--endpoint=http://127.0.0.1:{admin}")
+                }
+                None => a.to_string(),
+            }
+        })
+        .collect();
+    assert_eq!(pre[0], "switchyard");
+    let run = |env: &HashMap<String, String>| {
+        Command::new(bin)
+            .args(&pre[1..])
+            .env_clear()
+            .envs(env)
+            .output()
+            .unwrap()
+    };
+    let mut keyless = wenv.clone();
+    keyless.remove("SWITCHYARD_ADMIN_KEY");
+    let refused = run(&keyless);
+    assert!(
+        !refused.status.success(),
+        "a drain without the admin key was accepted"
+    );
+    let drained = run(&wenv);
+    assert!(
+        drained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drained.stderr)
+    );
+    common::block_on(async {
+        let st = common::cluster_status(&url).await;
+        assert_eq!(st.workers.len(), 1);
+        assert_eq!(st.drained, vec!["sy-switchyard-worker-1".to_string()]);
+        common::assert_goldens(&url, "tiny-qwen3-moe", 1).await;
+    });
     drop(procs);
 }

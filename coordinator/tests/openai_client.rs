@@ -175,6 +175,8 @@ fn per_key_limits_and_disconnects_cancel() {
     std::fs::create_dir_all(&tmp).unwrap();
     let keys = tmp.join("keys");
     std::fs::write(&keys, "key-a\nkey-b\n").unwrap();
+    let admin_keys = tmp.join("admin-keys");
+    std::fs::write(&admin_keys, "# operators\nroot-key\n").unwrap();
     let (_p, line) = spawn_announcing(&[
         "up",
         "--model",
@@ -189,8 +191,14 @@ fn per_key_limits_and_disconnects_cancel() {
         keys.to_str().unwrap(),
         "--max-requests-per-key",
         "2",
+        "--admin-keys-file",
+        admin_keys.to_str().unwrap(),
     ]);
-    let (grpc, http) = (announced(&line, "grpc"), announced(&line, "http"));
+    let (grpc, http, admin) = (
+        announced(&line, "grpc"),
+        announced(&line, "http"),
+        announced(&line, "admin"),
+    );
     let model = dir.file_name().unwrap().to_str().unwrap().to_string();
     let long = json!({"model": model, "messages": [{"role": "user", "content": "hi"}],
         "max_tokens": 4000, "stream": true, "temperature": 0});
@@ -268,19 +276,60 @@ fn per_key_limits_and_disconnects_cancel() {
     // The key's slots are free again.
     let (c5, _) = post(&http, "/v1/chat/completions", "key-a", &short);
     assert_eq!(c5, 200);
-    // The CLI clients carry a key (--api-key or SWITCHYARD_API_KEY); without one, refused.
-    let ok = common::switchyard(&["admin", "--endpoint", &grpc, "--api-key", "key-b", "status"]);
+    // Operators apart from tenants: the Admin API is on its own listener and takes only an
+    // admin key (--admin-key or SWITCHYARD_ADMIN_KEY); a tenant's key is refused there, and
+    // the public port does not serve it at all.
+    let ok = common::switchyard(&[
+        "admin",
+        "--endpoint",
+        &admin,
+        "--admin-key",
+        "root-key",
+        "status",
+    ]);
     assert!(
         ok.status.success(),
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    let refused = common::switchyard(&["admin", "--endpoint", &grpc, "status"]);
+    let tenant = common::switchyard(&[
+        "admin",
+        "--endpoint",
+        &admin,
+        "--admin-key",
+        "key-b",
+        "status",
+    ]);
+    assert!(!tenant.status.success());
+    let err = String::from_utf8_lossy(&tenant.stderr);
+    assert!(
+        err.contains("PermissionDenied") || err.contains("permission"),
+        "{err}"
+    );
+    assert!(err.contains("tenant API key"), "{err}");
+    let refused = common::switchyard(&["admin", "--endpoint", &admin, "status"]);
     assert!(!refused.status.success());
     assert!(
         String::from_utf8_lossy(&refused.stderr).contains("API key"),
         "{}",
         String::from_utf8_lossy(&refused.stderr)
+    );
+    let public = common::switchyard(&[
+        "admin",
+        "--endpoint",
+        &grpc,
+        "--admin-key",
+        "root-key",
+        "status",
+    ]);
+    assert!(
+        !public.status.success(),
+        "the public port serves the Admin API"
+    );
+    assert!(
+        String::from_utf8_lossy(&public.stderr).contains("not implemented"),
+        "{}",
+        String::from_utf8_lossy(&public.stderr)
     );
     let gen = common::switchyard(&[
         "generate",

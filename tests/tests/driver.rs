@@ -68,7 +68,7 @@ fn concurrent_streams_under_kv_pressure_match_goldens() {
         let mut d = Driver::new(cluster, 96, 64);
         let (reqs, want) = requests(model, 8);
         for r in reqs {
-            d.submit(r);
+            d.submit(r).unwrap();
         }
         let got = run(&mut d, 5000);
         assert_eq!(got.len(), want.len());
@@ -102,7 +102,7 @@ fn cancelling_half_mid_stream_frees_all_kv() {
     let (reqs, want) = requests(model, 4);
     let ids: Vec<u64> = reqs.iter().map(|r| r.id).collect();
     for r in reqs {
-        d.submit(r);
+        d.submit(r).unwrap();
     }
     let mut got: HashMap<u64, Vec<u32>> = HashMap::new();
     for _ in 0..4 {

@@ -221,11 +221,21 @@ fn prompt_longer_than_context_and_bad_requests_are_rejected() {
         field(generate::generate(&mut e, &tok, &bad, |_, _| {})),
         "temperature"
     );
-    // Nothing leaked, and the engine still serves: a prompt that fills the context to the brim
-    // stops with `length` at the limit.
+    // A request that could outgrow the context is refused up front, naming both numbers.
+    assert_eq!(
+        field(generate::generate(
+            &mut e,
+            &tok,
+            &req(Prompt::Ids(vec![5; 60]), 64),
+            |_, _| {}
+        )),
+        "max_tokens"
+    );
+    // Nothing leaked, and the engine still serves: a request that fills the context to the
+    // brim runs to the limit.
     assert_eq!(e.kv_used(), 0);
     let out =
-        generate::generate(&mut e, &tok, &req(Prompt::Ids(vec![5; 60]), 64), |_, _| {}).unwrap();
+        generate::generate(&mut e, &tok, &req(Prompt::Ids(vec![5; 60]), 4), |_, _| {}).unwrap();
     assert_eq!(out.output_ids.len(), 4);
     assert_eq!(e.kv_used(), 0);
 }

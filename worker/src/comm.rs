@@ -301,9 +301,7 @@ impl TcpComm {
                     let peer = self.peers[r].as_ref().expect("mesh is complete");
                     sc.spawn(move || {
                         let mut s = peer.write.lock().unwrap_or_else(|e| e.into_inner());
-                        s.write_all(&(buf.len() as u64).to_le_bytes())
-                            .and_then(|_| s.write_all(buf))
-                            .map_err(|e| io_err(r, e))
+                        write_frame(&mut *s, r, buf)
                     })
                 })
                 .collect();
@@ -338,23 +336,38 @@ impl TcpComm {
     fn read_frame(&self, r: usize) -> Result<Vec<u8>, CommError> {
         let peer = self.peers[r].as_ref().expect("mesh is complete");
         let mut s = peer.read.lock().unwrap_or_else(|e| e.into_inner());
-        let mut len = [0u8; 8];
-        s.read_exact(&mut len).map_err(|e| io_err(r, e))?;
-        let n = u64::from_le_bytes(len) as usize;
-        if n > MAX_FRAME {
-            return Err(CommError::Malformed {
-                peer: r,
-                detail: format!("frame of {n} bytes exceeds {MAX_FRAME}"),
-            });
-        }
-        let mut buf = vec![0u8; n];
-        s.read_exact(&mut buf).map_err(|e| io_err(r, e))?;
-        Ok(buf)
+        read_frame(&mut *s, r, MAX_FRAME)
     }
 }
 
 /// Largest accepted frame (a step's tokens for one peer): 1 GiB.
-const MAX_FRAME: usize = 1 << 30;
+pub const MAX_FRAME: usize = 1 << 30;
+
+/// Reads one frame (a u64 little-endian length, then that many bytes) from peer `peer`. A
+/// length over `max` is refused before anything is allocated; a short read is an error. Pure
+/// over any reader, so any bytes a peer sends end in a frame or an error, never a panic or an
+/// allocation it chose.
+pub fn read_frame(r: &mut impl Read, peer: usize, max: usize) -> Result<Vec<u8>, CommError> {
+    let mut len = [0u8; 8];
+    r.read_exact(&mut len).map_err(|e| io_err(peer, e))?;
+    let n = u64::from_le_bytes(len);
+    if n > max as u64 {
+        return Err(CommError::Malformed {
+            peer,
+            detail: format!("frame of {n} bytes exceeds {max}"),
+        });
+    }
+    let mut buf = vec![0u8; n as usize];
+    r.read_exact(&mut buf).map_err(|e| io_err(peer, e))?;
+    Ok(buf)
+}
+
+/// Writes one frame as [`read_frame`] reads it.
+pub fn write_frame(w: &mut impl Write, peer: usize, buf: &[u8]) -> Result<(), CommError> {
+    w.write_all(&(buf.len() as u64).to_le_bytes())
+        .and_then(|()| w.write_all(buf))
+        .map_err(|e| io_err(peer, e))
+}
 
 /// An all-to-all transport.
 #[derive(Clone)]
@@ -392,6 +405,48 @@ impl Comm {
             Comm::Tcp(c) => c.all_to_all(send),
             #[cfg(feature = "cuda")]
             Comm::Nccl(c) => c.all_to_all(send),
+        }
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases()))]
+
+        /// Any byte stream from a peer reads as one frame of the length it announces (within
+        /// the cap) or an error; never a panic, never an allocation over the cap.
+        #[test]
+        fn fuzz_mesh_frames(bytes in prop::collection::vec(any::<u8>(), 0..64), max in 0usize..40) {
+            let mut r = std::io::Cursor::new(bytes.clone());
+            match read_frame(&mut r, 2, max) {
+                Ok(f) => {
+                    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap());
+                    prop_assert!(n as usize <= max);
+                    prop_assert_eq!(&f[..], &bytes[8..8 + n as usize]);
+                }
+                Err(CommError::Malformed { peer, .. }) | Err(CommError::Io { peer, .. }) => {
+                    prop_assert_eq!(peer, 2)
+                }
+                Err(e) => prop_assert!(false, "unexpected {e}"),
+            }
+        }
+
+        /// What write_frame writes, read_frame reads back, frame after frame.
+        #[test]
+        fn fuzz_frames_round_trip(frames in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..32), 0..6)) {
+            let mut wire = Vec::new();
+            for f in &frames {
+                write_frame(&mut wire, 0, f).unwrap();
+            }
+            let mut r = std::io::Cursor::new(wire);
+            for f in &frames {
+                prop_assert_eq!(&read_frame(&mut r, 0, 32).unwrap(), f);
+            }
+            prop_assert!(read_frame(&mut r, 0, 32).is_err());
         }
     }
 }

@@ -297,6 +297,24 @@ impl ModelConfig {
             Arch::Qwen3Moe => o.bool("attention_bias", false)?,
             Arch::Mixtral => false,
         };
+        // Bounds far above any released model, so a corrupt or hostile config.json fails here
+        // by name instead of overflowing a size computation or asking for terabytes later.
+        for (field, v, max) in [
+            ("hidden_size", hidden_size, 1 << 16),
+            ("num_hidden_layers", num_layers, 1 << 10),
+            ("num_attention_heads", num_heads, 1 << 10),
+            ("vocab_size", vocab_size, 1 << 22),
+            ("intermediate_size", intermediate_size, 1 << 20),
+            ("moe_intermediate_size", moe_intermediate_size, 1 << 20),
+            ("max_position_embeddings", max_position_embeddings, 1 << 24),
+        ] {
+            if v > max {
+                return Err(invalid(
+                    field,
+                    format!("{v} is beyond any supported model (at most {max})"),
+                ));
+            }
+        }
         let sparse_layers = match arch {
             Arch::Mixtral => vec![num_experts > 0; num_layers],
             Arch::Qwen3Moe => {
@@ -326,6 +344,22 @@ impl ModelConfig {
                     .collect()
             }
         };
+        let eos_token_ids = token_ids(o.get("eos_token_id"), "eos_token_id")?;
+        let bos_token_id = token_ids(o.get("bos_token_id"), "bos_token_id")?
+            .first()
+            .copied();
+        for (field, id) in eos_token_ids
+            .iter()
+            .map(|&t| ("eos_token_id", t))
+            .chain(bos_token_id.map(|t| ("bos_token_id", t)))
+        {
+            if id as usize >= vocab_size {
+                return Err(invalid(
+                    field,
+                    format!("token id {id} is outside the vocabulary (vocab_size {vocab_size})"),
+                ));
+            }
+        }
         Ok(ModelConfig {
             arch,
             hidden_size,
@@ -348,10 +382,8 @@ impl ModelConfig {
             qk_norm,
             attention_bias,
             sparse_layers,
-            eos_token_ids: token_ids(o.get("eos_token_id"), "eos_token_id")?,
-            bos_token_id: token_ids(o.get("bos_token_id"), "bos_token_id")?
-                .first()
-                .copied(),
+            eos_token_ids,
+            bos_token_id,
         })
     }
 
@@ -442,5 +474,78 @@ fn parse_rope_scaling(
             field: "rope_scaling.rope_type".into(),
             detail: format!("{other:?} (supported: default, linear, yarn)"),
         }),
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// JSON values of every kind a hostile or corrupt config.json could hold.
+    fn any_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (0u64..4096).prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            "[a-z_]{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(2, 8, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn base() -> Value {
+        crate::presets::preset("tiny").expect("tiny preset")
+    }
+
+    /// Found by `fuzz_config_fields`: a huge layer count used to size the layer table before
+    /// any bound was checked (an allocation of exabytes).
+    #[test]
+    fn a_huge_layer_count_is_refused_by_name() {
+        let mut v = base();
+        v["num_hidden_layers"] = serde_json::json!(8988355094638496528u64);
+        match ModelConfig::from_json(&v) {
+            Err(ConfigError::Invalid { field, .. }) => assert_eq!(field, "num_hidden_layers"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases()))]
+
+        /// A real config with fields replaced by arbitrary values parses or fails by name,
+        /// never panics; what parses satisfies the invariants the model code relies on.
+        #[test]
+        fn fuzz_config_fields(edits in prop::collection::vec((0usize..64, any_json()), 1..6)) {
+            let mut v = base();
+            let keys: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+            for (k, val) in edits {
+                let key = keys[k % keys.len()].clone();
+                v[key] = val;
+            }
+            if let Ok(c) = ModelConfig::from_json(&v) {
+                prop_assert!(c.head_dim > 0 && c.head_dim % 2 == 0);
+                prop_assert!(c.num_kv_heads > 0 && c.num_heads % c.num_kv_heads == 0);
+                prop_assert_eq!(c.sparse_layers.len(), c.num_layers);
+                prop_assert!(c.num_experts == 0 || (1..=c.num_experts).contains(&c.experts_per_tok));
+                prop_assert!(c.eos_token_ids.iter().all(|&t| (t as usize) < c.vocab_size));
+                prop_assert!(c.hidden_size <= 1 << 16 && c.vocab_size <= 1 << 22);
+            }
+        }
+
+        /// Arbitrary text: a config or an error.
+        #[test]
+        fn fuzz_config_text(s in "\\PC{0,200}") {
+            let _ = ModelConfig::from_json_str(&s);
+        }
     }
 }

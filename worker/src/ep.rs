@@ -112,7 +112,6 @@ impl ExpertExec for EpExperts {
         slots: &mut [f32],
     ) -> Result<(), WorkerError> {
         let world = self.comm.world();
-        let row_bytes = 4 + 4 * hidden;
         // 1-2. Dispatch.
         let mut sent: Vec<Vec<usize>> = vec![Vec::new(); world]; // per dst: pair indices
         let mut send: Vec<Vec<u8>> = vec![Vec::new(); world];
@@ -131,21 +130,7 @@ impl ExpertExec for EpExperts {
         let mut rows: Vec<f32> = Vec::new();
         let mut items: Vec<(usize, usize)> = Vec::new(); // (src, expert) per received row
         for (src, buf) in recv.iter().enumerate() {
-            if buf.len() % row_bytes != 0 {
-                return Err(comm_err(CommError::Malformed {
-                    peer: src,
-                    detail: format!("{} bytes is not a whole number of rows", buf.len()),
-                }));
-            }
-            for item in buf.chunks_exact(row_bytes) {
-                let e = u32::from_le_bytes(item[..4].try_into().expect("4 bytes")) as usize;
-                items.push((src, e));
-                rows.extend(
-                    item[4..]
-                        .chunks_exact(4)
-                        .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))),
-                );
-            }
+            decode_rows(src, buf, hidden, &mut items, &mut rows).map_err(comm_err)?;
         }
         let mut by_expert: std::collections::BTreeMap<usize, Vec<usize>> = Default::default();
         for (i, &(_, e)) in items.iter().enumerate() {
@@ -179,25 +164,115 @@ impl ExpertExec for EpExperts {
         }
         let back = self.exchange(reply)?;
         for (dst, buf) in back.iter().enumerate() {
-            if buf.len() != sent[dst].len() * hidden * 4 {
-                return Err(comm_err(CommError::Malformed {
-                    peer: dst,
-                    detail: format!("{} result bytes for {} rows", buf.len(), sent[dst].len()),
-                }));
-            }
-            for (row, &p) in buf.chunks_exact(hidden * 4).zip(&sent[dst]) {
-                for (o, b) in slots[p * hidden..(p + 1) * hidden]
-                    .iter_mut()
-                    .zip(row.chunks_exact(4))
-                {
-                    *o = f32::from_le_bytes(b.try_into().expect("4 bytes"));
-                }
-            }
+            decode_results(dst, buf, hidden, &sent[dst], slots).map_err(comm_err)?;
         }
         Ok(())
     }
 
     fn nbytes(&self) -> usize {
         self.local.nbytes()
+    }
+}
+
+/// Splits the dispatch buffer peer `src` sent into its rows: each is a u32 expert id then
+/// `hidden` f32s. Appends `(src, expert)` to `items` and the row to `rows`. Any bytes end in
+/// rows or an error (a buffer that is not a whole number of rows); an expert id is not
+/// trusted here: the caller looks it up among the experts it holds.
+pub fn decode_rows(
+    src: usize,
+    buf: &[u8],
+    hidden: usize,
+    items: &mut Vec<(usize, usize)>,
+    rows: &mut Vec<f32>,
+) -> Result<(), CommError> {
+    let row_bytes = 4 + 4 * hidden;
+    if buf.len() % row_bytes != 0 {
+        return Err(CommError::Malformed {
+            peer: src,
+            detail: format!("{} bytes is not a whole number of rows", buf.len()),
+        });
+    }
+    for item in buf.chunks_exact(row_bytes) {
+        let e = u32::from_le_bytes([item[0], item[1], item[2], item[3]]) as usize;
+        items.push((src, e));
+        rows.extend(
+            item[4..]
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        );
+    }
+    Ok(())
+}
+
+/// Writes the expert outputs peer `dst` returned for the (token, slot) pairs `pairs` sent to
+/// it into their rows of `slots`; the buffer must hold exactly one row per pair.
+pub fn decode_results(
+    dst: usize,
+    buf: &[u8],
+    hidden: usize,
+    pairs: &[usize],
+    slots: &mut [f32],
+) -> Result<(), CommError> {
+    if buf.len() != pairs.len() * hidden * 4 {
+        return Err(CommError::Malformed {
+            peer: dst,
+            detail: format!("{} result bytes for {} rows", buf.len(), pairs.len()),
+        });
+    }
+    if hidden == 0 {
+        return Ok(());
+    }
+    for (row, &p) in buf.chunks_exact(hidden * 4).zip(pairs) {
+        for (o, b) in slots[p * hidden..(p + 1) * hidden]
+            .iter_mut()
+            .zip(row.chunks_exact(4))
+        {
+            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases()))]
+
+        /// Any bytes from a peer decode to whole rows or an error; the rows decoded are the
+        /// bytes given, in order.
+        #[test]
+        fn fuzz_dispatch_rows(buf in prop::collection::vec(any::<u8>(), 0..600), hidden in 0usize..12) {
+            let (mut items, mut rows) = (Vec::new(), Vec::new());
+            match decode_rows(3, &buf, hidden, &mut items, &mut rows) {
+                Ok(()) => {
+                    let n = buf.len() / (4 + 4 * hidden);
+                    prop_assert_eq!(buf.len() % (4 + 4 * hidden), 0);
+                    prop_assert_eq!(items.len(), n);
+                    prop_assert_eq!(rows.len(), n * hidden);
+                    for (i, &(src, e)) in items.iter().enumerate() {
+                        prop_assert_eq!(src, 3);
+                        let at = i * (4 + 4 * hidden);
+                        prop_assert_eq!(e as u32, u32::from_le_bytes(buf[at..at + 4].try_into().unwrap()));
+                    }
+                }
+                Err(CommError::Malformed { peer, .. }) => prop_assert_eq!(peer, 3),
+                Err(e) => prop_assert!(false, "unexpected {e}"),
+            }
+        }
+
+        /// Results of the wrong size are refused; the right size lands in the pairs' rows.
+        #[test]
+        fn fuzz_result_rows(
+            buf in prop::collection::vec(any::<u8>(), 0..400),
+            hidden in 1usize..8,
+            pairs in prop::collection::vec(0usize..6, 0..6),
+        ) {
+            let mut slots = vec![0.0f32; 6 * hidden];
+            let ok = decode_results(1, &buf, hidden, &pairs, &mut slots).is_ok();
+            prop_assert_eq!(ok, buf.len() == pairs.len() * hidden * 4);
+        }
     }
 }

@@ -29,6 +29,16 @@ pub mod server;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};
+
+/// Cases per fuzz property (decoders of outside bytes): `PROPTEST_CASES`, or 2000. A longer
+/// run: `PROPTEST_CASES=200000 cargo test --release -p switchyard-worker fuzz_`.
+#[cfg(test)]
+pub(crate) fn fuzz_cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
 pub use engine::{ChunkSpec, Device, Engine, EngineOptions, Logits};
 pub use model::Model;
 pub use weights::{Checkpoint, WeightDType};

@@ -44,6 +44,29 @@ pub enum MembershipError {
     Config(String),
 }
 
+/// Runs `op` until it succeeds, waiting 250 ms, then twice as long each time (at most 10 s),
+/// while it fails for a reason that may pass (etcd not reachable yet, restarting); says so in
+/// the log each time. A configuration error (a missing certificate file) is returned at once.
+/// Start order therefore does not matter: a process started before etcd waits for it.
+pub async fn with_backoff<T, F, Fut>(what: &str, mut op: F) -> Result<T, MembershipError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, MembershipError>>,
+{
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e @ MembershipError::Config(_)) => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?wait, "{what}: etcd not reachable; waiting");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
 /// TLS and authentication for etcd; all absent: plain connections, no auth.
 #[derive(Clone, Debug, Default)]
 pub struct EtcdSecurity {
@@ -93,12 +116,27 @@ impl Registration {
 /// Coordinator leadership; dropping it resigns.
 pub struct Leadership {
     lost: watch::Receiver<bool>,
+    /// True while the lease was renewed within its renew deadline (two thirds of the TTL).
+    fresh: watch::Receiver<bool>,
+    /// This leadership's fencing token: larger than every earlier leader's of the same
+    /// election (etcd: the leader key's creation revision; in memory: a counter).
+    fence: u64,
     _guard: Guard,
 }
 
 impl Leadership {
     pub fn is_held(&self) -> bool {
         !*self.lost.borrow()
+    }
+    /// The fencing token workers compare: a stream from a smaller one is refused.
+    pub fn fence(&self) -> u64 {
+        self.fence
+    }
+    /// Whether the lease was renewed recently enough that no other candidate can have taken
+    /// over: a leader must not drive workers while this is false (it may resume when a
+    /// renewal succeeds again, which etcd allows while the lease lives).
+    pub fn freshness(&self) -> watch::Receiver<bool> {
+        self.fresh.clone()
     }
     /// Resolves when leadership is lost (the lease could not be kept).
     pub async fn lost(&mut self) {
@@ -152,6 +190,8 @@ struct MemoryState {
     watchers: Vec<mpsc::UnboundedSender<MembershipEvent>>,
     /// Election name -> leader id.
     leaders: BTreeMap<String, String>,
+    /// Leaderships granted so far (the fencing tokens).
+    elections: u64,
 }
 
 /// Membership inside one process: `switchyard up` registers the workers it spawned.
@@ -225,23 +265,27 @@ impl Membership for MemoryMembership {
     ) -> BoxFuture<'_, Result<Leadership, MembershipError>> {
         let (name, candidate) = (name.to_string(), candidate.to_string());
         Box::pin(async move {
-            loop {
+            let fence = loop {
                 let released = self.released.notified();
                 {
                     let mut st = lock(&self.state);
                     if !st.leaders.contains_key(&name) {
                         st.leaders.insert(name.clone(), candidate.clone());
-                        break;
+                        st.elections += 1;
+                        break st.elections;
                     }
                 }
                 released.await;
-            }
+            };
             let (state, released) = (self.state.clone(), self.released.clone());
             let (tx, lost) = watch::channel(false);
+            let (fresh_tx, fresh) = watch::channel(true);
             Ok(Leadership {
                 lost,
+                fresh,
+                fence,
                 _guard: Guard(Some(Box::new(move || {
-                    let _keep = tx;
+                    let _keep = (tx, fresh_tx);
                     lock(&state).leaders.remove(&name);
                     released.notify_waiters();
                 }))),
@@ -321,23 +365,46 @@ impl EtcdMembership {
     async fn leased(
         &self,
         ttl: Duration,
-    ) -> Result<(i64, watch::Receiver<bool>, tokio::task::JoinHandle<()>), MembershipError> {
+    ) -> Result<
+        (
+            i64,
+            watch::Receiver<bool>,
+            watch::Receiver<bool>,
+            tokio::task::JoinHandle<()>,
+        ),
+        MembershipError,
+    > {
         let mut c = self.client.clone();
         let ttl_s = ttl.as_secs().max(1) as i64;
         let lease = c.lease_grant(ttl_s, None).await?.id();
         let (keeper, acks) = c.lease_keep_alive(lease).await?;
         let (lost_tx, lost) = watch::channel(false);
+        let (fresh_tx, fresh) = watch::channel(true);
+        // Past this without a renewal the lease may be about to lapse (etcd counts from its
+        // last renewal), so whoever holds it must stop acting on it.
+        let renew_deadline = ttl.mul_f64(2.0 / 3.0);
         let period = Duration::from_millis((ttl_s as u64 * 1000 / 3).max(100));
         let task = tokio::spawn(async move {
             let mut stream = Some((keeper, acks));
             let mut unreachable_since: Option<tokio::time::Instant> = None;
+            let mut renewed_at = tokio::time::Instant::now();
             loop {
                 tokio::time::sleep(period).await;
                 // One renewal, bounded by the period; a broken stream is re-opened (etcd
                 // restarted or was out of reach: the client reconnects underneath).
                 let renewed = tokio::time::timeout(period, async {
                     if stream.is_none() {
-                        stream = Some(c.lease_keep_alive(lease).await?);
+                        // Opening the stream renews once; etcd-client reports etcd's answer
+                        // "TTL 0" (the lease is gone) as this error, which is as final as a
+                        // zero TTL on an open stream.
+                        stream = match c.lease_keep_alive(lease).await {
+                            Err(etcd_client::Error::LeaseKeepAliveError(m))
+                                if m == "lease not found" =>
+                            {
+                                return Ok(false)
+                            }
+                            other => Some(other?),
+                        };
                     }
                     let (keeper, acks) = stream.as_mut().expect("opened above");
                     keeper.keep_alive().await?;
@@ -349,8 +416,17 @@ impl EtcdMembership {
                     }
                 })
                 .await;
+                tracing::debug!(lease, ?renewed, "lease renewal");
+                if !matches!(renewed, Ok(Ok(true))) && renewed_at.elapsed() > renew_deadline {
+                    if *fresh_tx.borrow() {
+                        tracing::warn!(lease, "lease not renewed within its deadline");
+                    }
+                    fresh_tx.send_replace(false);
+                }
                 match renewed {
                     Ok(Ok(true)) => {
+                        renewed_at = tokio::time::Instant::now();
+                        fresh_tx.send_replace(true);
                         if let Some(t) = unreachable_since.take() {
                             tracing::info!(
                                 lease,
@@ -382,7 +458,7 @@ impl EtcdMembership {
                 }
             }
         });
-        Ok((lease, lost, task))
+        Ok((lease, lost, fresh, task))
     }
 
     /// Stops keeping `lease` and revokes it (best effort; it expires anyway).
@@ -415,8 +491,15 @@ async fn list_members(
     let members = snap
         .kvs()
         .iter()
-        .map(|kv| parse_member(kv.key(), kv.value()))
-        .collect::<Result<Vec<_>, _>>()?;
+        .filter_map(|kv| match parse_member(kv.key(), kv.value()) {
+            Ok(m) => Some(m),
+            // One bad record (another tool, an older version) must not hide every member.
+            Err(e) => {
+                tracing::warn!(error = %e, "ignoring member record");
+                None
+            }
+        })
+        .collect();
     Ok((members, rev))
 }
 
@@ -478,7 +561,7 @@ impl Membership for EtcdMembership {
         ttl: Duration,
     ) -> BoxFuture<'_, Result<Registration, MembershipError>> {
         Box::pin(async move {
-            let (lease, lost, task) = self.leased(ttl).await?;
+            let (lease, lost, _fresh, task) = self.leased(ttl).await?;
             let key = format!("{}{}", self.workers_prefix(), member.id);
             let value = serde_json::to_vec(&member).expect("member serializes");
             self.client
@@ -561,11 +644,14 @@ impl Membership for EtcdMembership {
         let name = format!("{}/{}", self.prefix, name);
         let candidate = candidate.to_string();
         Box::pin(async move {
-            let (lease, lost, task) = self.leased(ttl).await?;
+            let (lease, lost, fresh, task) = self.leased(ttl).await?;
             // Blocks until every earlier candidate's key is gone.
-            self.client.clone().campaign(name, candidate, lease).await?;
+            let won = self.client.clone().campaign(name, candidate, lease).await?;
+            let fence = won.leader().map_or(0, |k| k.rev().max(0) as u64);
             Ok(Leadership {
                 lost,
+                fresh,
+                fence,
                 _guard: Guard(Some(self.release(lease, task))),
             })
         })

@@ -28,7 +28,7 @@ use switchyard_proto::cluster::v1::coordinator_message::Msg as CMsg;
 use switchyard_proto::cluster::v1::worker_message::Msg as WMsg;
 use switchyard_proto::cluster::v1::worker_server::{Worker, WorkerServer};
 use switchyard_proto::cluster::v1::{
-    CoordinatorMessage, ExpertAssignment, StepResult, WorkerHello, WorkerMessage,
+    CoordinatorMessage, ExpertAssignment, Placement, StepResult, WorkerHello, WorkerMessage,
 };
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -45,7 +45,14 @@ pub struct WorkerService {
     /// placement giving it more is refused.
     pub expert_slots: u32,
     current: Arc<tokio::sync::Mutex<Option<Epoch>>>,
+    /// The largest fencing token a coordinator has driven this worker with.
+    fence: Arc<std::sync::atomic::AtomicU64>,
 }
+
+/// The Control call's metadata key carrying the coordinator's fencing token (its leadership's
+/// election revision). Read before anything else, so a stale leader cannot end the epoch a
+/// newer one drives.
+pub const FENCE_METADATA: &str = "x-switchyard-fence";
 
 /// The epoch being served: how to stop it, its mesh, and its executor thread (started once
 /// the placement arrives; the slot's lock orders "stop" against "start").
@@ -104,6 +111,7 @@ impl WorkerService {
             comm_timeout: Duration::from_secs(60),
             expert_slots: 0,
             current: Arc::new(tokio::sync::Mutex::new(None)),
+            fence: Arc::default(),
         })
     }
 
@@ -126,8 +134,30 @@ impl Worker for WorkerService {
         &self,
         req: Request<Streaming<CoordinatorMessage>>,
     ) -> Result<Response<ControlStream>, Status> {
+        let fence = match req.metadata().get(FENCE_METADATA) {
+            None => 0,
+            Some(v) => v
+                .to_str()
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!("{FENCE_METADATA}: not a number"))
+                })?,
+        };
         // One epoch at a time: end the current one (and free its engine) before starting.
         let mut current = self.current.lock().await;
+        // Fencing: a coordinator whose leadership is older than the one driving this worker
+        // (it lost its lease and a standby took over) is refused, and the epoch goes on.
+        let newest = self.fence.load(std::sync::atomic::Ordering::Acquire);
+        if fence < newest {
+            tracing::warn!(worker = %self.id, fence, newest, "refusing a stale coordinator");
+            return Err(Status::failed_precondition(format!(
+                "fenced: a newer coordinator (fence {newest}) drives this worker; this stream \
+                 carries fence {fence}"
+            )));
+        }
+        self.fence
+            .store(fence, std::sync::atomic::Ordering::Release);
         if let Some(old) = current.take() {
             tracing::warn!(worker = %self.id, "new control stream; ending the current epoch");
             old.end().await;
@@ -190,6 +220,7 @@ impl Worker for WorkerService {
                                 &cfg.sparse_layers,
                             )
                             .map_err(|e| Status::invalid_argument(e.to_string()))?;
+                            check_placement(&placement)?;
                             check_slots(&placement.assignments, slots)?;
                             let addrs = placement
                                 .peer_addresses
@@ -253,7 +284,18 @@ impl Worker for WorkerService {
                                         .filter(|r| r.rank == placement.rank)
                                         .flat_map(|r| r.assignments.clone())
                                         .collect();
-                                    check_slots(&gained, slots)
+                                    let world = placement.world_size as usize;
+                                    let outside =
+                                        u.holders.iter().find(|r| r.rank as usize >= world);
+                                    let in_world = match outside {
+                                        Some(r) => Err(Status::invalid_argument(format!(
+                                            "expert update names rank {} outside a world of {world}",
+                                            r.rank
+                                        ))),
+                                        None => Ok(()),
+                                    };
+                                    in_world
+                                        .and_then(|()| check_slots(&gained, slots))
                                         .and_then(|()| {
                                             ex.prepare(&u).map_err(|e| {
                                                 Status::invalid_argument(e.to_string())
@@ -334,4 +376,29 @@ pub fn incoming(
         s.set_nodelay(true)?;
         Ok(s)
     })
+}
+
+/// A placement this worker can act on: a world of at least one rank, this rank inside it, one
+/// mesh address per rank and a holder entry naming only ranks of the world.
+fn check_placement(p: &Placement) -> Result<(), Status> {
+    let world = p.world_size as usize;
+    if world == 0 || p.rank as usize >= world {
+        return Err(Status::invalid_argument(format!(
+            "placement: rank {} outside a world of {world}",
+            p.rank
+        )));
+    }
+    if p.peer_addresses.len() != world {
+        return Err(Status::invalid_argument(format!(
+            "placement: {} peer addresses for a world of {world}",
+            p.peer_addresses.len()
+        )));
+    }
+    if let Some(r) = p.holders.iter().find(|r| r.rank as usize >= world) {
+        return Err(Status::invalid_argument(format!(
+            "placement: holders name rank {} outside a world of {world}",
+            r.rank
+        )));
+    }
+    Ok(())
 }

@@ -152,6 +152,52 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LoadError + '_ {
     }
 }
 
+/// Reads one safetensors file's header: where its data starts and each tensor's entry (as
+/// shard `shard`). Every offset is checked against the file's length (no arithmetic on
+/// header values can overflow) and every shape against its byte size, so any bytes end in an
+/// index or an error naming what is wrong.
+fn index_shard(bytes: &[u8], shard: usize) -> Result<(usize, Vec<(String, Entry)>), String> {
+    let (n, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| format!("{e:?}"))?;
+    let data_start = n
+        .checked_add(8)
+        .filter(|d| *d <= bytes.len())
+        .ok_or("header longer than the file")?;
+    let mut out = Vec::new();
+    for (name, info) in meta.tensors() {
+        let (s, e) = info.data_offsets;
+        let (start, end) = match (data_start.checked_add(s), data_start.checked_add(e)) {
+            (Some(a), Some(b)) if a <= b && b <= bytes.len() => (a, b),
+            _ => return Err(format!("tensor `{name}` extends past the end of the file")),
+        };
+        let elems = info
+            .shape
+            .iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .and_then(|n| n.checked_mul(info.dtype.bitsize()))
+            .map(|bits| bits.div_ceil(8))
+            .ok_or_else(|| format!("tensor `{name}`: shape {:?} overflows", info.shape))?;
+        if elems != end - start {
+            return Err(format!(
+                "tensor `{name}`: shape {:?} of {:?} needs {elems} bytes, the header gives {}",
+                info.shape,
+                info.dtype,
+                end - start
+            ));
+        }
+        out.push((
+            name.clone(),
+            Entry {
+                shard,
+                dtype: info.dtype,
+                shape: info.shape.clone(),
+                start,
+                end,
+            },
+        ));
+    }
+    Ok((data_start, out))
+}
+
 impl Checkpoint {
     pub fn open(dir: &Path) -> Result<Self, LoadError> {
         let single = dir.join("model.safetensors");
@@ -200,32 +246,12 @@ impl Checkpoint {
             // SAFETY: the file is opened read-only and checkpoints are not modified while
             // served; a concurrent truncation would be a deployment error.
             let map = unsafe { Mmap::map(&file) }.map_err(io(&path))?;
-            let (n, meta) = safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| {
-                LoadError::BadFile {
+            let (data_start, tensors) =
+                index_shard(&map[..], shards.len()).map_err(|detail| LoadError::BadFile {
                     path: path.clone(),
-                    detail: format!("{e:?}"),
-                }
-            })?;
-            let data_start = 8 + n;
-            for (name, info) in meta.tensors() {
-                let (s, e) = info.data_offsets;
-                if data_start + e > map.len() {
-                    return Err(LoadError::BadFile {
-                        path: path.clone(),
-                        detail: format!("tensor `{name}` extends past the end of the file"),
-                    });
-                }
-                entries.insert(
-                    name.clone(),
-                    Entry {
-                        shard: shards.len(),
-                        dtype: info.dtype,
-                        shape: info.shape.clone(),
-                        start: data_start + s,
-                        end: data_start + e,
-                    },
-                );
-            }
+                    detail,
+                })?;
+            entries.extend(tensors);
             shards.push(Shard {
                 path,
                 map: Arc::new(map),
@@ -429,5 +455,61 @@ impl SafetensorsWriter {
             )));
         }
         self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A valid safetensors file of two small tensors, for mutating.
+    fn sample() -> Vec<u8> {
+        let header = br#"{"a":{"dtype":"F32","shape":[2,2],"data_offsets":[0,16]},"b":{"dtype":"BF16","shape":[3],"data_offsets":[16,22]}}"#;
+        let mut f = (header.len() as u64).to_le_bytes().to_vec();
+        f.extend_from_slice(header);
+        f.extend(std::iter::repeat_n(7u8, 22));
+        f
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases()))]
+
+        /// Random bytes, and a valid file with bytes overwritten, cut short or its length
+        /// prefix replaced: an index whose every entry lies inside the file, or an error.
+        #[test]
+        fn fuzz_safetensors_headers(
+            random in prop::collection::vec(any::<u8>(), 0..200),
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+            cut in any::<prop::sample::Index>(),
+            len in prop::option::of(any::<u64>()),
+        ) {
+            let mut f = sample();
+            for (at, b) in &edits {
+                let i = at.index(f.len());
+                f[i] = *b;
+            }
+            if let Some(l) = len {
+                f[..8].copy_from_slice(&l.to_le_bytes());
+            }
+            let short = &f[..cut.index(f.len() + 1).min(f.len())];
+            for bytes in [&random[..], &f[..], short] {
+                if let Ok((start, entries)) = index_shard(bytes, 0) {
+                    prop_assert!(start <= bytes.len());
+                    for (_, e) in entries {
+                        prop_assert!(start <= e.start && e.start <= e.end && e.end <= bytes.len());
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_sample_indexes() {
+        let (start, entries) = index_shard(&sample(), 0).unwrap();
+        assert_eq!(entries.len(), 2);
+        assert!(entries
+            .iter()
+            .all(|(_, e)| e.end <= sample().len() && e.start >= start));
     }
 }

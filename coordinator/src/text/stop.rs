@@ -104,4 +104,40 @@ mod tests {
         assert_eq!(run(&["é!"], &["caf", "é", "!x"]), ("caf".into(), true));
         assert_eq!(run(&["ab"], &["ééa"]), ("ééa".into(), false));
     }
+
+    /// Cases per fuzz property: `PROPTEST_CASES`, or 2000.
+    fn fuzz_cases() -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(2000)
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(fuzz_cases()))]
+
+        /// Any text in any pieces against any stops: what is emitted is a prefix of the text
+        /// holding no stop string; on a stop it is exactly the text before a stop string
+        /// that starts there; without one it is the whole text.
+        #[test]
+        fn fuzz_stop_matching(
+            pieces in proptest::collection::vec("[abé ]{0,5}", 0..12),
+            stops in proptest::collection::vec("[abé]{0,3}", 0..4),
+        ) {
+            let full: String = pieces.concat();
+            let stop_refs: Vec<&str> = stops.iter().map(|s| s.as_str()).collect();
+            let piece_refs: Vec<&str> = pieces.iter().map(|s| s.as_str()).collect();
+            let (out, stopped) = run(&stop_refs, &piece_refs);
+            proptest::prop_assert!(full.starts_with(&out), "{out:?} is not a prefix of {full:?}");
+            for s in stops.iter().filter(|s| !s.is_empty()) {
+                proptest::prop_assert!(!out.contains(s.as_str()), "{out:?} leaks {s:?}");
+            }
+            if stopped {
+                let rest = &full[out.len()..];
+                proptest::prop_assert!(stops.iter().any(|s| !s.is_empty() && rest.starts_with(s.as_str())));
+            } else {
+                proptest::prop_assert_eq!(&out, &full);
+            }
+        }
+    }
 }

@@ -55,11 +55,32 @@ pub fn announced(line: &str, key: &str) -> String {
 
 /// Plain HTTP/1.0 GET of `url`: the status code and the body.
 pub fn http_status(url: &str) -> (u16, String) {
-    use std::io::{Read, Write};
     let rest = url.strip_prefix("http://").unwrap();
     let (host, path) = rest.split_once('/').unwrap();
+    http_exchange(
+        host,
+        &format!("GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n"),
+    )
+}
+
+/// Plain HTTP/1.0 POST of a JSON `body` to `base` (http://HOST:PORT) + `path`: the status
+/// code and the body.
+pub fn http_post(base: &str, path: &str, body: &str) -> (u16, String) {
+    let host = base.strip_prefix("http://").unwrap();
+    http_exchange(
+        host,
+        &format!(
+            "POST {path} HTTP/1.0\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+/// Sends `request` to `host` and reads the whole response: status code (0 if none) and body.
+fn http_exchange(host: &str, request: &str) -> (u16, String) {
+    use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(host).unwrap();
-    write!(s, "GET /{path} HTTP/1.0\r\nHost: {host}\r\n\r\n").unwrap();
+    s.write_all(request.as_bytes()).unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let code = resp
@@ -224,6 +245,11 @@ impl Etcd {
                 .spawn()
                 .expect("etcd on PATH (scripts/ensure-deps.sh installs etcd-server)"),
         )
+    }
+
+    /// The server's process id (to freeze it with SIGSTOP).
+    pub fn pid(&self) -> u32 {
+        self._proc.0.id()
     }
 
     /// Kills the server (SIGKILL: no goodbye to clients); its data stays.

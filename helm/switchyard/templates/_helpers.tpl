@@ -134,3 +134,8 @@ initContainers:
         mountPath: {{ dir .Values.model.path }}
 {{- end }}
 {{- end -}}
+
+{{/* The Secret holding the admin keys: the user's, or the one the chart creates. */}}
+{{- define "switchyard.adminSecret" -}}
+{{- default (printf "%s-admin" (include "switchyard.fullname" .)) .Values.coordinator.adminKeysSecret -}}
+{{- end -}}
