@@ -58,6 +58,14 @@ fn forming(e: DriverError) -> DriverError {
     }
 }
 
+/// 32 fresh random bytes from the operating system: one epoch's mesh secret.
+fn epoch_secret() -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut b = vec![0u8; 32];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut b)?;
+    Ok(b)
+}
+
 async fn next_message(rank: usize, rx: &mut Streaming<WorkerMessage>) -> Result<WMsg, DriverError> {
     match rx.message().await {
         Ok(Some(WorkerMessage { msg: Some(m) })) => Ok(m),
@@ -151,6 +159,8 @@ impl GrpcCluster {
             }
             let holders = plan_holders(&cfg, &slots, redundant, None)?;
             let all = rank_experts(&holders, world);
+            let mesh_secret =
+                epoch_secret().map_err(|e| rank_err(0)(format!("mesh secret: {e}")))?;
             for (rank, tx) in txs.iter().enumerate() {
                 let p = Placement {
                     epoch: 1,
@@ -160,6 +170,7 @@ impl GrpcCluster {
                     peer_addresses: comm_addrs.clone(),
                     holders: all.clone(),
                     kv_blocks: kv_blocks as u32,
+                    mesh_secret: mesh_secret.clone(),
                 };
                 tx.send(CoordinatorMessage {
                     msg: Some(CMsg::Placement(p)),

@@ -900,3 +900,47 @@ fn a_leader_that_cannot_renew_stops_stepping_until_it_can() {
     });
     etcd.stop();
 }
+
+/// Hostile peers on the mesh port of rank 0 while an epoch's mesh forms (silent, forging rank
+/// 1 without the epoch's secret, speaking HTTP): the real workers still form the mesh and
+/// serve the goldens; the intruders are dropped (they used to be taken for rank 1, or to hold
+/// the accept loop for the whole mesh timeout).
+#[test]
+fn intruders_on_a_workers_mesh_port_are_dropped() {
+    use std::io::Write;
+    let dir = fixture("tiny-qwen3-moe");
+    let m = dir.to_str().unwrap();
+    let workers: Vec<(Proc, String)> = (0..2)
+        .map(|_| spawn_announcing(&["worker", "--model", m]))
+        .collect();
+    let comm0 = common::announced(&workers[0].1, "comm");
+    let mut intruders = vec![std::net::TcpStream::connect(&comm0).unwrap()];
+    let mut forger = std::net::TcpStream::connect(&comm0).unwrap();
+    let mut hello = 1u32.to_le_bytes().to_vec();
+    hello.extend_from_slice(&[0u8; 32]);
+    forger.write_all(&hello).unwrap();
+    intruders.push(forger);
+    let mut http = std::net::TcpStream::connect(&comm0).unwrap();
+    http.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    intruders.push(http);
+    let urls: Vec<String> = workers
+        .iter()
+        .map(|w| common::announced(&w.1, "grpc"))
+        .collect();
+    let t0 = Instant::now();
+    let (_coord, url) = spawn_serving(&[
+        "coordinator",
+        "--model",
+        m,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--worker-url",
+        &urls[0],
+        "--worker-url",
+        &urls[1],
+    ]);
+    assert!(t0.elapsed() < Duration::from_secs(20), "{:?}", t0.elapsed());
+    block_on(common::assert_goldens(&url, "tiny-qwen3-moe", 1));
+    drop(intruders);
+}

@@ -161,17 +161,53 @@ fn io_err(peer: usize, e: std::io::Error) -> CommError {
     }
 }
 
+/// Longest a connecting peer may take to present its rank and the epoch's secret; a silent
+/// or slow connection is dropped after this without holding up anyone else's.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Whether two byte strings are equal, in time independent of where they differ.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Reads a connecting peer's handshake (u32 rank, then the epoch's secret) within
+/// [`HANDSHAKE_TIMEOUT`]; the rank if it presents the right secret.
+fn read_handshake(s: &mut TcpStream, secret: &[u8]) -> Result<usize, String> {
+    s.set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    let mut id = [0u8; 4];
+    s.read_exact(&mut id)
+        .map_err(|e| format!("no rank id: {e}"))?;
+    let mut presented = vec![0u8; secret.len()];
+    s.read_exact(&mut presented)
+        .map_err(|e| format!("no secret: {e}"))?;
+    if !same_secret(&presented, secret) {
+        return Err("wrong epoch secret".into());
+    }
+    Ok(u32::from_le_bytes(id) as usize)
+}
+
 impl TcpComm {
     /// Joins the mesh: connects to every lower rank at `addrs[r]` (retrying until `timeout`)
     /// and accepts every higher rank on `listener`. Each connection starts with the
-    /// connecting rank's id. Reads and writes give up after `timeout`.
+    /// connecting rank's id and the epoch's `secret` (handed out in the Placement): a
+    /// connection that presents a wrong one, or stays silent past [`HANDSHAKE_TIMEOUT`], is
+    /// dropped, and joining goes on. Handshakes are read on their own threads, so no
+    /// connection can hold up the accept loop. Reads and writes give up after `timeout`.
     pub fn join(
         rank: usize,
         addrs: &[SocketAddr],
         listener: TcpListener,
         timeout: Duration,
+        secret: &[u8],
     ) -> Result<Self, CommError> {
         let world = addrs.len();
+        if rank >= world {
+            return Err(CommError::Malformed {
+                peer: rank,
+                detail: format!("rank {rank} outside a world of {world}"),
+            });
+        }
         let mut peers: Vec<Option<Mutex<TcpStream>>> = (0..world).map(|_| None).collect();
         let deadline = Instant::now() + timeout;
         for (r, addr) in addrs.iter().enumerate().take(rank) {
@@ -186,32 +222,44 @@ impl TcpComm {
                 }
             };
             let mut stream = stream;
-            stream
-                .write_all(&(rank as u32).to_le_bytes())
-                .map_err(|e| io_err(r, e))?;
+            let mut hello = (rank as u32).to_le_bytes().to_vec();
+            hello.extend_from_slice(secret);
+            stream.write_all(&hello).map_err(|e| io_err(r, e))?;
             peers[r] = Some(Mutex::new(stream));
         }
         listener
             .set_nonblocking(true)
             .map_err(|e| io_err(rank, e))?;
+        let (tx, rx) = std::sync::mpsc::channel::<(usize, TcpStream)>();
         let mut pending = world - rank - 1;
         while pending > 0 {
+            while let Ok((r, s)) = rx.try_recv() {
+                if r <= rank || r >= world || peers[r].is_some() {
+                    tracing::warn!(
+                        rank,
+                        peer = r,
+                        "mesh: dropping a connection claiming an unexpected rank"
+                    );
+                    continue;
+                }
+                peers[r] = Some(Mutex::new(s));
+                pending -= 1;
+            }
+            if pending == 0 {
+                break;
+            }
             match listener.accept() {
-                Ok((mut s, _)) => {
+                Ok((mut s, from)) => {
                     s.set_nonblocking(false).map_err(|e| io_err(rank, e))?;
-                    s.set_read_timeout(Some(timeout))
-                        .map_err(|e| io_err(rank, e))?;
-                    let mut id = [0u8; 4];
-                    s.read_exact(&mut id).map_err(|e| io_err(rank, e))?;
-                    let r = u32::from_le_bytes(id) as usize;
-                    if r <= rank || r >= world || peers[r].is_some() {
-                        return Err(CommError::Malformed {
-                            peer: r,
-                            detail: format!("unexpected rank id {r} while joining as {rank}"),
-                        });
-                    }
-                    peers[r] = Some(Mutex::new(s));
-                    pending -= 1;
+                    let (tx, secret) = (tx.clone(), secret.to_vec());
+                    std::thread::spawn(move || match read_handshake(&mut s, &secret) {
+                        Ok(r) => {
+                            let _ = tx.send((r, s));
+                        }
+                        Err(why) => {
+                            tracing::warn!(%from, %why, "mesh: dropping an unauthenticated connection")
+                        }
+                    });
                 }
                 Err(e)
                     if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline =>
@@ -260,6 +308,15 @@ impl TcpComm {
     /// A whole mesh of `world` ranks on loopback ports, joined from threads of this process
     /// (tests, and local clusters that want the TCP path).
     pub fn loopback_mesh(world: usize, timeout: Duration) -> Result<Vec<TcpComm>, CommError> {
+        Self::loopback_mesh_with(world, timeout, b"loopback")
+    }
+
+    /// [`loopback_mesh`](Self::loopback_mesh) with the epoch secret `secret`.
+    pub fn loopback_mesh_with(
+        world: usize,
+        timeout: Duration,
+        secret: &[u8],
+    ) -> Result<Vec<TcpComm>, CommError> {
         let listeners = (0..world)
             .map(|r| TcpListener::bind("127.0.0.1:0").map_err(|e| io_err(r, e)))
             .collect::<Result<Vec<_>, _>>()?;
@@ -272,8 +329,8 @@ impl TcpComm {
             .into_iter()
             .enumerate()
             .map(|(r, l)| {
-                let addrs = addrs.clone();
-                std::thread::spawn(move || TcpComm::join(r, &addrs, l, timeout))
+                let (addrs, secret) = (addrs.clone(), secret.to_vec());
+                std::thread::spawn(move || TcpComm::join(r, &addrs, l, timeout, &secret))
             })
             .collect();
         joins
@@ -454,6 +511,62 @@ mod fuzz {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Intruders at rank 0's mesh port while the mesh forms: one silent, one claiming rank 1
+    /// without the epoch's secret, one with garbage. The real ranks still join, in well under
+    /// the handshake timeout times the intruders, and exchange intact buffers.
+    #[test]
+    fn intruders_cannot_join_or_stall_the_mesh() {
+        let listeners: Vec<TcpListener> = (0..2)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let silent = TcpStream::connect(addrs[0]).unwrap();
+        let mut forger = TcpStream::connect(addrs[0]).unwrap();
+        let mut hello = 1u32.to_le_bytes().to_vec();
+        hello.extend_from_slice(&[0u8; 32]);
+        forger.write_all(&hello).unwrap();
+        let mut garbage = TcpStream::connect(addrs[0]).unwrap();
+        garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let secret = [7u8; 32];
+        let t0 = Instant::now();
+        let joins: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let addrs = addrs.clone();
+                std::thread::spawn(move || {
+                    TcpComm::join(r, &addrs, l, Duration::from_secs(20), &secret)
+                })
+            })
+            .collect();
+        let comms: Vec<Comm> = joins
+            .into_iter()
+            .map(|h| Comm::Tcp(Arc::new(h.join().unwrap().unwrap())))
+            .collect();
+        assert!(
+            t0.elapsed() < HANDSHAKE_TIMEOUT,
+            "an intruder held up the join: {:?}",
+            t0.elapsed()
+        );
+        let out: Vec<_> = comms
+            .iter()
+            .enumerate()
+            .map(|(r, c)| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    c.all_to_all(vec![vec![r as u8; 3], vec![r as u8 + 10; 2]])
+                })
+            })
+            .collect();
+        let got: Vec<Vec<Vec<u8>>> = out
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect();
+        assert_eq!(got[0], vec![vec![0; 3], vec![1; 3]]);
+        assert_eq!(got[1], vec![vec![10; 2], vec![11; 2]]);
+        drop((silent, forger, garbage));
+    }
 
     fn tcp_group(world: usize) -> Vec<Comm> {
         TcpComm::loopback_mesh(world, Duration::from_secs(10))

@@ -231,9 +231,14 @@ impl Worker for WorkerService {
                                     })
                                 })
                                 .collect::<Result<Vec<_>, _>>()?;
-                            let comm =
-                                TcpComm::join(placement.rank as usize, &addrs, listener, timeout)
-                                    .map_err(|e| Status::unavailable(e.to_string()))?;
+                            let comm = TcpComm::join(
+                                placement.rank as usize,
+                                &addrs,
+                                listener,
+                                timeout,
+                                &placement.mesh_secret,
+                            )
+                            .map_err(|e| Status::unavailable(e.to_string()))?;
                             let comm = Arc::new(comm);
                             *comm_slot.lock().unwrap_or_else(|e| e.into_inner()) =
                                 Some(comm.clone());
