@@ -88,6 +88,8 @@ pub struct AdminArgs {
     /// file's content (one key per line), the first key is used.
     #[arg(long, env = "SWITCHYARD_ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     /// Print the reply as JSON.
     #[arg(long)]
     pub json: bool,
@@ -170,6 +172,16 @@ pub struct ClusterArgs {
     /// there. Also SWITCHYARD_ADMIN_KEYS (comma-separated).
     #[arg(long)]
     pub admin_keys_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
+    /// CA that signed the workers' Control certificates (workers advertised as https://).
+    #[arg(long, env = "SWITCHYARD_WORKER_TLS_CA")]
+    pub worker_tls_ca: Option<PathBuf>,
+    /// This coordinator's client certificate and key for workers that require mutual TLS.
+    #[arg(long, env = "SWITCHYARD_WORKER_TLS_CERT", requires = "worker_tls_key")]
+    pub worker_tls_cert: Option<PathBuf>,
+    #[arg(long, env = "SWITCHYARD_WORKER_TLS_KEY", requires = "worker_tls_cert")]
+    pub worker_tls_key: Option<PathBuf>,
     /// Seconds a step may wait for a silent worker before the cluster is rebuilt without it.
     #[arg(long, default_value_t = 30)]
     pub step_timeout: u64,
@@ -183,6 +195,62 @@ pub struct ClusterArgs {
     pub fault_panic_after_steps: Option<u64>,
     #[command(flatten)]
     pub membership: MembershipArgs,
+}
+
+/// TLS on a listener: its certificate and key (PEM), and optionally the CA whose client
+/// certificates it requires (mutual TLS).
+#[derive(Args, Debug, Clone, Default)]
+pub struct ServerTlsArgs {
+    /// Certificate chain (PEM) of the public gRPC, HTTP and Admin listeners (a worker: of its
+    /// Control listener); with --tls-key turns TLS on.
+    #[arg(long, env = "SWITCHYARD_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, env = "SWITCHYARD_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (mutual TLS).
+    #[arg(long, env = "SWITCHYARD_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+}
+
+impl ServerTlsArgs {
+    fn load(&self) -> Result<Option<switchyard_worker::tls::ServerTls>> {
+        Ok(switchyard_worker::tls::ServerTls::from_flags(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_client_ca.as_deref(),
+            "--tls-cert/--tls-key",
+        )?)
+    }
+}
+
+/// How a client reaches a TLS listener: the CA to trust, and a client identity for mutual TLS.
+#[derive(Args, Debug, Clone, Default)]
+pub struct ClientTlsArgs {
+    /// CA (PEM) that signed the server's certificate; needed for https:// endpoints.
+    #[arg(long, env = "SWITCHYARD_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate and key (PEM), for servers that require them.
+    #[arg(long, requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+}
+
+impl ClientTlsArgs {
+    fn load(&self) -> Result<Option<tonic::transport::ClientTlsConfig>> {
+        match &self.tls_ca {
+            None if self.client_cert.is_some() => bail!("--client-cert needs --tls-ca"),
+            None => Ok(None),
+            Some(ca) => Ok(Some(
+                switchyard_worker::tls::ClientTls {
+                    ca: ca.clone(),
+                    cert: self.client_cert.clone(),
+                    key: self.client_key.clone(),
+                }
+                .tonic()?,
+            )),
+        }
+    }
 }
 
 #[derive(Args, Debug, Clone)]
@@ -284,6 +352,8 @@ pub struct GenerateArgs {
     #[arg(long, env = "SWITCHYARD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
     #[command(flatten)]
+    pub tls: ClientTlsArgs,
+    #[command(flatten)]
     pub prompt: PromptArgs,
     #[command(flatten)]
     pub sampling: SamplingArgs,
@@ -325,6 +395,10 @@ pub struct WorkerArgs {
     /// `--features cuda`; a CUDA worker holds every expert, so one per cluster for now).
     #[arg(long, default_value = "cpu")]
     pub device: switchyard_worker::Device,
+    /// TLS on the Control listener; with --tls-client-ca only coordinators presenting a
+    /// certificate from that CA may drive this worker.
+    #[command(flatten)]
+    pub tls: ServerTlsArgs,
     #[command(flatten)]
     pub membership: MembershipArgs,
 }
@@ -414,6 +488,8 @@ pub struct RunArgs {
     /// Hugging Face model folder.
     #[arg(long)]
     pub model: PathBuf,
+    #[command(flatten)]
+    pub tls: ClientTlsArgs,
     #[command(flatten)]
     pub prompt: PromptArgs,
     #[command(flatten)]
@@ -880,7 +956,9 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
             device: a.device,
             ..Default::default()
         };
-        let control_url = a.advertise.unwrap_or_else(|| format!("http://{addr}"));
+        let tls = a.tls.load()?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let control_url = a.advertise.unwrap_or_else(|| format!("{scheme}://{addr}"));
         let member = MemberInfo {
             id: id.clone(),
             control_url: control_url.clone(),
@@ -919,7 +997,11 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
                 .unwrap_or(&comm_addr.to_string())
         );
         std::io::stdout().flush()?;
-        tonic::transport::Server::builder()
+        let mut server = tonic::transport::Server::builder();
+        if let Some(t) = &tls {
+            server = server.tls_config(t.tonic()?)?;
+        }
+        server
             .add_service(svc.into_server())
             .serve_with_incoming(switchyard_worker::server::incoming(listener))
             .await?;
@@ -993,6 +1075,13 @@ fn serve_options(
         panic_after_steps: c.fault_panic_after_steps,
         admin_addr,
         admin_keys,
+        tls: c.tls.load()?,
+        control_tls: ClientTlsArgs {
+            tls_ca: c.worker_tls_ca.clone(),
+            client_cert: c.worker_tls_cert.clone(),
+            client_key: c.worker_tls_key.clone(),
+        }
+        .load()?,
     })
 }
 
@@ -1105,7 +1194,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         .build()?;
     rt.block_on(async move {
         let mut client = InferenceClient::with_interceptor(
-            connect(&a.endpoint).await?,
+            connect(&a.endpoint, &a.tls).await?,
             bearer(a.api_key.clone())?,
         );
         let (input, tok_input) = match a.prompt.prompt()? {
@@ -1225,11 +1314,19 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
     })
 }
 
-/// A gRPC channel to a coordinator.
-async fn connect(endpoint: &str) -> Result<tonic::transport::Channel> {
-    tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .with_context(|| format!("--endpoint {endpoint}"))?
-        .connect()
+/// A gRPC channel to a coordinator (TLS for an https:// endpoint, trusting `tls`).
+async fn connect(endpoint: &str, tls: &ClientTlsArgs) -> Result<tonic::transport::Channel> {
+    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .with_context(|| format!("--endpoint {endpoint}"))?;
+    match tls.load()? {
+        Some(t) if endpoint.starts_with("https://") => ep = ep.tls_config(t)?,
+        Some(_) => bail!("--tls-ca given for a plain http:// endpoint {endpoint}"),
+        None if endpoint.starts_with("https://") => {
+            bail!("--endpoint {endpoint} is TLS: give --tls-ca (the CA that signed it)")
+        }
+        None => {}
+    }
+    ep.connect()
         .await
         .with_context(|| format!("--endpoint {endpoint}"))
 }
@@ -1264,7 +1361,8 @@ fn admin_cmd(a: AdminArgs) -> Result<()> {
                 .find(|l| !l.is_empty() && !l.starts_with('#'))
                 .map(str::to_string)
         });
-        let mut client = AdminClient::with_interceptor(connect(&a.endpoint).await?, bearer(key)?);
+        let mut client =
+            AdminClient::with_interceptor(connect(&a.endpoint, &a.tls).await?, bearer(key)?);
         match a.action {
             AdminAction::Status => {
                 let s = client

@@ -48,9 +48,94 @@ pub fn router(state: HttpState) -> axum::Router {
         .with_state(state)
 }
 
-/// Serves `router(state)` on `listener` until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, state: HttpState) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).await
+/// Serves `router(state)` on `listener` until the process ends: plain HTTP, or HTTPS when
+/// `tls` is given (each connection's handshake in its own task, bounded by
+/// [`TLS_HANDSHAKE_TIMEOUT`], so a silent client holds up nobody else).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: HttpState,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<()> {
+    let Some(tls) = tls else {
+        return axum::serve(listener, router(state)).await;
+    };
+    let app = router(state);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, from) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: back off rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, app) = (acceptor.clone(), app.clone());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(%from, error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!(%from, "TLS handshake timed out"),
+            };
+            let svc = hyper_util::service::TowerToHyperService::new(app);
+            let served =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
+            if let Err(e) = served {
+                tracing::debug!(%from, error = %e, "HTTPS connection ended");
+            }
+        });
+    }
+}
+
+/// Longest a client may take to finish its TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A rustls server configuration (ring) from a listener's PEM files, requiring client
+/// certificates when a client CA is given. HTTP/1.1 only (ALPN), as the plain listener.
+pub fn rustls_config(
+    tls: &switchyard_worker::tls::ServerTls,
+) -> Result<Arc<rustls::ServerConfig>, switchyard_worker::tls::TlsError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use switchyard_worker::tls::TlsError;
+    let bad = |what: &str, e: &dyn std::fmt::Display| TlsError::Config(format!("{what}: {e}"));
+    let (cert, key, ca) = tls.pems()?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad(&tls.cert.display().to_string(), &e))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(&key).map_err(|e| bad(&tls.key.display().to_string(), &e))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("TLS versions", &e))?;
+    let builder = match ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in CertificateDer::pem_slice_iter(&ca) {
+                let c = c.map_err(|e| bad("client CA", &e))?;
+                roots.add(c).map_err(|e| bad("client CA", &e))?;
+            }
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .map_err(|e| bad("client CA", &e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|e| bad("certificate and key", &e))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// An error in OpenAI's shape.
@@ -479,7 +564,12 @@ async fn models(State(st): State<HttpState>, headers: HeaderMap) -> Result<Respo
 }
 
 async fn readyz(State(st): State<HttpState>) -> Response {
-    match (st.ready)() {
+    readiness_response((st.ready)())
+}
+
+/// `/readyz`'s answer: 200 `ready`, or 503 with the reason.
+pub fn readiness_response(r: Result<(), String>) -> Response {
+    match r {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
         Err(why) => (
             StatusCode::SERVICE_UNAVAILABLE,

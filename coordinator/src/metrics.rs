@@ -268,25 +268,38 @@ impl Metrics {
 }
 
 /// Serves `GET /metrics` on `listener` until the process ends.
+/// Serves `/metrics`, and `/healthz` and `/readyz` for probes: the plaintext port kubelet
+/// can probe when the public listeners require TLS client certificates (it reveals load
+/// figures and readiness, and changes nothing).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: std::sync::Arc<Metrics>,
+    ready: crate::http::Readiness,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let m = metrics.clone();
-            async move {
-                (
-                    [(
-                        axum::http::header::CONTENT_TYPE,
-                        "text/plain; version=0.0.4",
-                    )],
-                    m.render(),
-                )
-            }
-        }),
-    );
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let r = ready();
+                async move { crate::http::readiness_response(r) }
+            }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "text/plain; version=0.0.4",
+                        )],
+                        m.render(),
+                    )
+                }
+            }),
+        );
     axum::serve(listener, app).await
 }
 

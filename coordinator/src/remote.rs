@@ -58,6 +58,34 @@ fn forming(e: DriverError) -> DriverError {
     }
 }
 
+/// How a coordinator presents itself to workers: its fencing token and, for `https://`
+/// control URLs, its TLS client configuration.
+#[derive(Clone, Debug, Default)]
+pub struct ControlAccess {
+    pub fence: u64,
+    pub tls: Option<tonic::transport::ClientTlsConfig>,
+}
+
+/// A control channel to `url`: TLS when the URL is `https://` (which then requires `tls`).
+async fn connect_worker(
+    url: &str,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+) -> Result<WorkerClient<tonic::transport::Channel>, String> {
+    let mut ep =
+        tonic::transport::Endpoint::from_shared(url.to_string()).map_err(|e| e.to_string())?;
+    if url.starts_with("https://") {
+        let tls = tls.ok_or("an https:// worker needs --worker-tls-ca")?;
+        ep = ep.tls_config(tls.clone()).map_err(|e| e.to_string())?;
+    } else if tls.is_some() {
+        return Err("worker TLS is configured but the worker's URL is plain http://".into());
+    }
+    let ch = ep
+        .connect()
+        .await
+        .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
+    Ok(WorkerClient::new(ch))
+}
+
 /// 32 fresh random bytes from the operating system: one epoch's mesh secret.
 fn epoch_secret() -> std::io::Result<Vec<u8>> {
     use std::io::Read;
@@ -85,7 +113,14 @@ impl GrpcCluster {
         kv_blocks: usize,
         block_size: usize,
     ) -> Result<Self, DriverError> {
-        Self::connect_fenced(urls, model, redundant, kv_blocks, block_size, 0)
+        Self::connect_with(
+            urls,
+            model,
+            redundant,
+            kv_blocks,
+            block_size,
+            &ControlAccess::default(),
+        )
     }
 
     /// [`connect`](Self::connect) as the leader holding fencing token `fence`: every control
@@ -99,6 +134,21 @@ impl GrpcCluster {
         block_size: usize,
         fence: u64,
     ) -> Result<Self, DriverError> {
+        let access = ControlAccess { fence, tls: None };
+        Self::connect_with(urls, model, redundant, kv_blocks, block_size, &access)
+    }
+
+    /// [`connect`](Self::connect) with a fencing token and, for `https://` workers, TLS
+    /// (mutual, when the configuration carries this coordinator's identity).
+    pub fn connect_with(
+        urls: &[String],
+        model: &Path,
+        redundant: usize,
+        kv_blocks: usize,
+        block_size: usize,
+        access: &ControlAccess,
+    ) -> Result<Self, DriverError> {
+        let fence = access.fence;
         let cfg = read_config(model)?;
         let world = urls.len();
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -113,7 +163,7 @@ impl GrpcCluster {
             let mut slots = Vec::new();
             for (rank, url) in urls.iter().enumerate() {
                 let hello = async {
-                    let mut client = WorkerClient::connect(url.clone())
+                    let mut client = connect_worker(url, access.tls.as_ref())
                         .await
                         .map_err(|e| unreachable(rank)(format!("connect {url}: {e}")))?;
                     let (tx, rx) = mpsc::channel(4);

@@ -56,6 +56,11 @@ pub struct ServeOptions {
     pub admin_addr: Option<String>,
     /// Admin credentials (distinct from tenant API keys).
     pub admin_keys: Option<Arc<crate::auth::ApiKeys>>,
+    /// TLS on the public gRPC, HTTP and Admin listeners (mutual with a client CA).
+    pub tls: Option<switchyard_worker::tls::ServerTls>,
+    /// TLS towards `https://` workers' Control listeners (with this coordinator's identity
+    /// for mutual TLS).
+    pub control_tls: Option<tonic::transport::ClientTlsConfig>,
 }
 
 /// Whether `addr` (HOST:PORT) only accepts connections from this host.
@@ -162,6 +167,10 @@ pub async fn serve(
         let (model, redundant, kv) = (o.model.clone(), o.redundant_experts, o.kv_blocks);
         let step_timeout = o.step_timeout;
         let interrupt = interrupt_factory.clone();
+        let access = crate::remote::ControlAccess {
+            fence,
+            tls: o.control_tls.clone(),
+        };
         InferenceService::start(
             &o.model,
             name,
@@ -178,8 +187,8 @@ pub async fn serve(
                             detail: "no worker is reachable".into(),
                         });
                     }
-                    match crate::remote::GrpcCluster::connect_fenced(
-                        &alive, &model, redundant, kv, 16, fence,
+                    match crate::remote::GrpcCluster::connect_with(
+                        &alive, &model, redundant, kv, 16, &access,
                     )
                     .map(|c| {
                         c.with_step_timeout(step_timeout)
@@ -331,12 +340,19 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(&opts.grpc_addr)
         .await
         .with_context(|| format!("--grpc-addr {}", opts.grpc_addr))?;
-    let mut announce = format!("serving grpc=http://{}", listener.local_addr()?);
+    let scheme = if opts.tls.is_some() { "https" } else { "http" };
+    let grpc_tls = opts.tls.as_ref().map(|t| t.tonic()).transpose()?;
+    let http_tls = opts
+        .tls
+        .as_ref()
+        .map(crate::http::rustls_config)
+        .transpose()?;
+    let mut announce = format!("serving grpc={scheme}://{}", listener.local_addr()?);
     if let Some(addr) = &opts.http_addr {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--http-addr {addr}"))?;
-        announce.push_str(&format!(" http=http://{}", l.local_addr()?));
+        announce.push_str(&format!(" http={scheme}://{}", l.local_addr()?));
         let ready_state = ready_state.clone();
         let state = crate::http::HttpState {
             svc: svc.clone(),
@@ -349,7 +365,7 @@ pub async fn serve(
             }),
         };
         tokio::spawn(async move {
-            if let Err(e) = crate::http::serve(l, state).await {
+            if let Err(e) = crate::http::serve(l, state, http_tls).await {
                 tracing::error!(error = %e, "HTTP server stopped");
             }
         });
@@ -360,8 +376,15 @@ pub async fn serve(
             .with_context(|| format!("--metrics-addr {addr}"))?;
         announce.push_str(&format!(" metrics=http://{}/metrics", l.local_addr()?));
         let m = metrics.clone();
+        let ready_state = ready_state.clone();
+        let ready: crate::http::Readiness = Arc::new(move || {
+            ready_state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        });
         tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(l, m).await {
+            if let Err(e) = crate::metrics::serve(l, m, ready).await {
                 tracing::error!(error = %e, "metrics server stopped");
             }
         });
@@ -370,10 +393,20 @@ pub async fn serve(
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--admin-addr {addr}"))?;
-        announce.push_str(&format!(" admin=http://{}", l.local_addr()?));
+        announce.push_str(&format!(" admin={scheme}://{}", l.local_addr()?));
         let admin = admin.into_server();
+        let mut server = tonic::transport::Server::builder();
+        // The Admin API's TLS: the same identity, no client certificate required (its
+        // credential is the admin key), so a worker's preStop needs only the CA.
+        if let Some(t) = &opts.tls {
+            let t = switchyard_worker::tls::ServerTls {
+                client_ca: None,
+                ..t.clone()
+            };
+            server = server.tls_config(t.tonic()?)?;
+        }
         tokio::spawn(async move {
-            let served = tonic::transport::Server::builder()
+            let served = server
                 .add_service(admin)
                 .serve_with_incoming(switchyard_worker::server::incoming(l))
                 .await;
@@ -406,7 +439,11 @@ pub async fn serve(
         why.unwrap_or_else(|| "the engine loop stopped".into())
     };
     let mut failure = None;
-    tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(t) = grpc_tls {
+        server = server.tls_config(t)?;
+    }
+    server
         .add_service(health_svc)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -51,6 +51,7 @@ const MATRIX: &[&str] = &[
     "ci/external-etcd-tls.yaml",
     "ci/etcd-3.yaml",
     "ci/monitoring.yaml",
+    "ci/tls.yaml",
 ];
 
 fn with_values(v: &str) -> Vec<String> {
@@ -413,4 +414,64 @@ fn the_rendered_commands_form_a_cluster_that_serves() {
         common::assert_goldens(&url, "tiny-qwen3-moe", 1).await;
     });
     drop(procs);
+}
+
+/// With TLS values the chart wires the certificates the binaries take: the coordinator's
+/// public listeners (client certificates required) and its client side of Control, the
+/// workers' Control listener on https, a preStop drain that trusts the public CA, and a
+/// readiness probe kubelet can make without TLS.
+#[test]
+fn tls_values_wire_certificates_into_every_role() {
+    let args: Vec<String> = vec![
+        "template".into(),
+        "sy".into(),
+        chart().to_str().unwrap().into(),
+        "-f".into(),
+        chart().join("ci/tls.yaml").to_str().unwrap().into(),
+    ];
+    let docs = render_json(&args);
+    let strs = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_string())
+            .collect()
+    };
+    let dep = find(&docs, "Deployment", "-coordinator");
+    let c = &dep["spec"]["template"]["spec"]["containers"][0];
+    let a = strs(&c["args"]);
+    for want in [
+        "--tls-cert=/etc/switchyard/tls/public/tls.crt",
+        "--tls-client-ca=/etc/switchyard/tls/public/ca.crt",
+        "--worker-tls-ca=/etc/switchyard/tls/control/ca.crt",
+        "--worker-tls-cert=/etc/switchyard/tls/control/tls.crt",
+    ] {
+        assert!(
+            a.iter().any(|x| x == want),
+            "coordinator lacks {want}: {a:?}"
+        );
+    }
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let sts = find(&docs, "StatefulSet", "-worker");
+    let w = &sts["spec"]["template"]["spec"]["containers"][0];
+    let a = strs(&w["args"]);
+    assert!(
+        a.iter().any(|x| x.starts_with("--advertise=https://")),
+        "{a:?}"
+    );
+    assert!(
+        a.iter()
+            .any(|x| x == "--tls-client-ca=/etc/switchyard/tls/control/ca.crt"),
+        "{a:?}"
+    );
+    let pre = strs(&w["lifecycle"]["preStop"]["exec"]["command"]);
+    assert!(
+        pre.iter().any(|x| x.starts_with("--endpoint=https://")),
+        "{pre:?}"
+    );
+    assert!(
+        pre.iter()
+            .any(|x| x == "--tls-ca=/etc/switchyard/tls/public/ca.crt"),
+        "{pre:?}"
+    );
 }

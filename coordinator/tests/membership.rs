@@ -76,36 +76,6 @@ async fn in_memory_membership_keeps_the_contract() {
     contract(&MemoryMembership::new()).await;
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
-fn certificates(dir: &std::path::Path) {
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir).unwrap();
-    let sh = |cmd: &str| {
-        let o = std::process::Command::new("sh")
-            .args(["-c", cmd])
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            o.status.success(),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-    };
-    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=sy-test-ca");
-    for (name, ext) in [
-        ("server", "subjectAltName=IP:127.0.0.1"),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ] {
-        sh(&format!(
-            "openssl req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name} \
-             && printf '{ext}\\n' > {name}.ext \
-             && openssl x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
-                -out {name}.crt -days 2 -extfile {name}.ext"
-        ));
-    }
-}
-
 /// External etcd as a platform team runs it: TLS with client certificates, then
 /// username/password authentication on top. The contract holds over it; a client without its
 /// certificate, or with a wrong password, is refused.
@@ -113,7 +83,7 @@ fn certificates(dir: &std::path::Path) {
 async fn etcd_over_tls_with_auth_keeps_the_contract_and_refuses_strangers() {
     use switchyard_worker::membership::EtcdSecurity;
     let certs = std::env::temp_dir().join(format!("sy-etcd-certs-{}", std::process::id()));
-    certificates(&certs);
+    common::certificates(&certs);
     let etcd = Etcd::start_tls(&certs);
     let tls = EtcdSecurity {
         ca: Some(certs.join("ca.crt")),

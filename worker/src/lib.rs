@@ -26,6 +26,7 @@ pub mod model;
 pub mod nccl;
 pub mod presets;
 pub mod server;
+pub mod tls;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};

@@ -482,3 +482,33 @@ pub fn python(modules: &str) -> PathBuf {
     );
     p
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
+pub fn certificates(dir: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let sh = |cmd: &str| {
+        let o = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    sh("openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 -subj /CN=sy-test-ca");
+    for (name, ext) in [
+        ("server", "subjectAltName=IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        sh(&format!(
+            "openssl req -newkey rsa:2048 -nodes -keyout {name}.key -out {name}.csr -subj /CN={name} \
+             && printf '{ext}\\n' > {name}.ext \
+             && openssl x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+                -out {name}.crt -days 2 -extfile {name}.ext"
+        ));
+    }
+}

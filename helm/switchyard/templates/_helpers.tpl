@@ -106,6 +106,16 @@ app.kubernetes.io/component: {{ .component }}
   secret:
     secretName: {{ required "etcd.external.tls.secretName is required with TLS" .Values.etcd.external.tls.secretName }}
 {{- end }}
+{{- if .Values.tls.public.secretName }}
+- name: tls-public
+  secret:
+    secretName: {{ .Values.tls.public.secretName }}
+{{- end }}
+{{- if .Values.tls.control.secretName }}
+- name: tls-control
+  secret:
+    secretName: {{ .Values.tls.control.secretName }}
+{{- end }}
 {{- end -}}
 
 {{- define "switchyard.volumeMounts" -}}
@@ -117,6 +127,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (not .Values.etcd.enabled) .Values.etcd.external.tls.enabled }}
 - name: etcd-tls
   mountPath: /etc/switchyard/etcd-tls
+  readOnly: true
+{{- end }}
+{{- if .Values.tls.public.secretName }}
+- name: tls-public
+  mountPath: /etc/switchyard/tls/public
+  readOnly: true
+{{- end }}
+{{- if .Values.tls.control.secretName }}
+- name: tls-control
+  mountPath: /etc/switchyard/tls/control
   readOnly: true
 {{- end }}
 {{- end -}}
