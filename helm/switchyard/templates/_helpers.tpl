@@ -51,7 +51,7 @@ app.kubernetes.io/component: {{ .component }}
 {{- $full := include "switchyard.fullname" . -}}
 {{- $eps := list -}}
 {{- range $i := until (int .Values.etcd.replicas) -}}
-{{- $eps = append $eps (printf "http://%s-etcd-%d.%s-etcd.%s.svc:2379" $full $i $full $.Release.Namespace) -}}
+{{- $eps = append $eps (printf "%s://%s-etcd-%d.%s-etcd.%s.svc:2379" (include "switchyard.etcdScheme" $) $full $i $full $.Release.Namespace) -}}
 {{- end -}}
 {{- join "," $eps -}}
 {{- else -}}
@@ -63,6 +63,14 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "switchyard.env" -}}
 - name: SWITCHYARD_ETCD
   value: {{ include "switchyard.etcdEndpoints" . | quote }}
+{{- if and .Values.etcd.enabled .Values.etcd.tls.enabled }}
+- name: SWITCHYARD_ETCD_CA_FILE
+  value: /etc/switchyard/etcd-tls/ca.crt
+- name: SWITCHYARD_ETCD_CERT_FILE
+  value: /etc/switchyard/etcd-tls/tls.crt
+- name: SWITCHYARD_ETCD_KEY_FILE
+  value: /etc/switchyard/etcd-tls/tls.key
+{{- end }}
 {{- if and (not .Values.etcd.enabled) .Values.etcd.external.tls.enabled }}
 - name: SWITCHYARD_ETCD_CA_FILE
   value: /etc/switchyard/etcd-tls/ca.crt
@@ -106,6 +114,11 @@ app.kubernetes.io/component: {{ .component }}
   secret:
     secretName: {{ required "etcd.external.tls.secretName is required with TLS" .Values.etcd.external.tls.secretName }}
 {{- end }}
+{{- if and .Values.etcd.enabled .Values.etcd.tls.enabled }}
+- name: etcd-tls
+  secret:
+    secretName: {{ include "switchyard.fullname" . }}-etcd-tls
+{{- end }}
 {{- if .Values.tls.public.secretName }}
 - name: tls-public
   secret:
@@ -124,7 +137,7 @@ app.kubernetes.io/component: {{ .component }}
   readOnly: {{ not .Values.model.init.enabled }}
 - name: tmp
   mountPath: /tmp
-{{- if and (not .Values.etcd.enabled) .Values.etcd.external.tls.enabled }}
+{{- if or (and (not .Values.etcd.enabled) .Values.etcd.external.tls.enabled) (and .Values.etcd.enabled .Values.etcd.tls.enabled) }}
 - name: etcd-tls
   mountPath: /etc/switchyard/etcd-tls
   readOnly: true
@@ -158,4 +171,9 @@ initContainers:
 {{/* The Secret holding the admin keys: the user's, or the one the chart creates. */}}
 {{- define "switchyard.adminSecret" -}}
 {{- default (printf "%s-admin" (include "switchyard.fullname" .)) .Values.coordinator.adminKeysSecret -}}
+{{- end -}}
+
+{{/* http or https for the bundled etcd's URLs. */}}
+{{- define "switchyard.etcdScheme" -}}
+{{- if .Values.etcd.tls.enabled }}https{{ else }}http{{ end -}}
 {{- end -}}
