@@ -944,3 +944,140 @@ fn intruders_on_a_workers_mesh_port_are_dropped() {
     block_on(common::assert_goldens(&url, "tiny-qwen3-moe", 1));
     drop(intruders);
 }
+
+/// etcd as others may leave it: a malformed record under the workers prefix is skipped (it
+/// used to fail the list, so the coordinator could not start), and an etcd outage leaves the
+/// leader ready (readiness used to ask etcd every second and drop every coordinator out of the
+/// Service the moment etcd stopped answering).
+#[test]
+fn a_garbage_member_record_and_an_etcd_outage_leave_the_coordinator_ready() {
+    let mut etcd = common::Etcd::start();
+    let prefix = "/switchyard/garbage";
+    block_on(async {
+        let mut c = etcd_client::Client::connect([etcd.url.as_str()], None)
+            .await
+            .unwrap();
+        c.put(format!("{prefix}/workers/bogus"), "{not json", None)
+            .await
+            .unwrap();
+    });
+    let model = fixture("tiny-qwen3-moe");
+    let m = model.to_str().unwrap();
+    let flags = [
+        "--etcd",
+        &etcd.url,
+        "--cluster-prefix",
+        prefix,
+        "--lease-ttl",
+        "10",
+    ];
+    let mut w = vec!["worker", "--model", m, "--id", "w0"];
+    w.extend(flags);
+    let (_worker, _) = spawn_serving(&w);
+    let mut c = vec![
+        "coordinator",
+        "--model",
+        m,
+        "--workers",
+        "1",
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ];
+    c.extend(flags);
+    let (_coord, line) = spawn_announcing(&c);
+    let (url, http) = (
+        common::announced(&line, "grpc"),
+        common::announced(&line, "http"),
+    );
+    block_on(async {
+        let mut client = InferenceClient::connect(url.clone()).await.unwrap();
+        let (ids, _) = run_stream(&mut client, text_request("hello", 4))
+            .await
+            .unwrap();
+        assert_eq!(ids.len(), 4);
+    });
+    etcd.stop();
+    // Well past the old once-a-second etcd probe, inside the lease's renew deadline.
+    for _ in 0..8 {
+        std::thread::sleep(Duration::from_millis(500));
+        let (code, body) = common::http_status(&format!("{http}/readyz"));
+        assert_eq!(code, 200, "not ready during an etcd outage: {body}");
+    }
+    block_on(async {
+        let mut client = InferenceClient::connect(url).await.unwrap();
+        let (ids, _) = run_stream(&mut client, text_request("hello", 4))
+            .await
+            .unwrap();
+        assert_eq!(ids.len(), 4);
+    });
+}
+
+/// A Control client that sends a worker a placement it cannot act on (a rank outside the
+/// world, holders naming ranks that do not exist) gets an error; the worker stays up and
+/// serves the next, real coordinator.
+#[test]
+fn a_worker_refuses_placements_outside_the_world() {
+    use switchyard_proto::cluster::v1::coordinator_message::Msg as CMsg;
+    use switchyard_proto::cluster::v1::worker_client::WorkerClient;
+    use switchyard_proto::cluster::v1::*;
+    let dir = fixture("tiny-qwen3-moe");
+    let m = dir.to_str().unwrap();
+    let (_worker, line) = spawn_announcing(&["worker", "--model", m]);
+    let url = common::announced(&line, "grpc");
+    let bad = [
+        Placement {
+            world_size: 2,
+            rank: 5,
+            peer_addresses: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+            ..Default::default()
+        },
+        Placement {
+            world_size: 1,
+            rank: 0,
+            peer_addresses: vec!["127.0.0.1:1".into()],
+            holders: vec![RankExperts {
+                rank: 9,
+                assignments: vec![],
+            }],
+            ..Default::default()
+        },
+        Placement {
+            world_size: 0,
+            ..Default::default()
+        },
+    ];
+    block_on(async {
+        for p in bad {
+            let mut client = WorkerClient::connect(url.clone()).await.unwrap();
+            let (tx, rx) = tokio::sync::mpsc::channel(2);
+            let mut inbound = client
+                .control(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let hello = inbound.message().await.unwrap();
+            assert!(hello.is_some());
+            tx.send(CoordinatorMessage {
+                msg: Some(CMsg::Placement(p.clone())),
+            })
+            .await
+            .unwrap();
+            let answer = tokio::time::timeout(Duration::from_secs(10), inbound.message())
+                .await
+                .expect("no answer to a bad placement");
+            let e = answer.expect_err(&format!("{p:?} was accepted"));
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            assert!(e.message().contains("placement"), "{}", e.message());
+        }
+    });
+    let (_coord, curl) = spawn_serving(&[
+        "coordinator",
+        "--model",
+        m,
+        "--grpc-addr",
+        "127.0.0.1:0",
+        "--worker-url",
+        &url,
+    ]);
+    block_on(common::assert_goldens(&curl, "tiny-qwen3-moe", 1));
+}
