@@ -815,29 +815,8 @@ fn request_bounds_and_priorities_only_for_keys_granted_them() {
 fn a_leader_that_cannot_renew_stops_stepping_until_it_can() {
     let mut etcd = common::Etcd::start();
     let model = fixture("tiny-qwen3-moe");
-    let m = model.to_str().unwrap();
-    let flags = [
-        "--etcd",
-        &etcd.url,
-        "--cluster-prefix",
-        "/switchyard/fresh",
-        "--lease-ttl",
-        "3",
-    ];
-    let mut w = vec!["worker", "--model", m, "--id", "w0"];
-    w.extend(flags);
-    let (_worker, _) = spawn_serving(&w);
-    let mut c = vec![
-        "coordinator",
-        "--model",
-        m,
-        "--workers",
-        "1",
-        "--grpc-addr",
-        "127.0.0.1:0",
-    ];
-    c.extend(flags);
-    let (_coord, url) = spawn_serving(&c);
+    let (_worker, _coord, line) = etcd_pair(&etcd, &model, "/switchyard/fresh", "3");
+    let url = common::announced(&line, "grpc");
     block_on(async {
         let mut client = InferenceClient::connect(url).await.unwrap();
         let (ids, _) = run_stream(&mut client, text_request("hello", 4))
@@ -962,29 +941,7 @@ fn a_garbage_member_record_and_an_etcd_outage_leave_the_coordinator_ready() {
             .unwrap();
     });
     let model = fixture("tiny-qwen3-moe");
-    let m = model.to_str().unwrap();
-    let flags = [
-        "--etcd",
-        &etcd.url,
-        "--cluster-prefix",
-        prefix,
-        "--lease-ttl",
-        "10",
-    ];
-    let mut w = vec!["worker", "--model", m, "--id", "w0"];
-    w.extend(flags);
-    let (_worker, _) = spawn_serving(&w);
-    let mut c = vec![
-        "coordinator",
-        "--model",
-        m,
-        "--workers",
-        "1",
-        "--grpc-addr",
-        "127.0.0.1:0",
-    ];
-    c.extend(flags);
-    let (_coord, line) = spawn_announcing(&c);
+    let (_worker, _coord, line) = etcd_pair(&etcd, &model, prefix, "10");
     let (url, http) = (
         common::announced(&line, "grpc"),
         common::announced(&line, "http"),
@@ -1080,4 +1037,38 @@ fn a_worker_refuses_placements_outside_the_world() {
         &url,
     ]);
     block_on(common::assert_goldens(&curl, "tiny-qwen3-moe", 1));
+}
+
+/// One `worker --id w0` and a `coordinator --workers 1` with membership in `etcd` under
+/// `prefix` (lease TTL `ttl` seconds): the processes and the coordinator's announcement.
+fn etcd_pair(
+    etcd: &common::Etcd,
+    model: &std::path::Path,
+    prefix: &str,
+    ttl: &str,
+) -> (Proc, Proc, String) {
+    let m = model.to_str().unwrap();
+    let flags = [
+        "--etcd",
+        &etcd.url,
+        "--cluster-prefix",
+        prefix,
+        "--lease-ttl",
+        ttl,
+    ];
+    let mut w = vec!["worker", "--model", m, "--id", "w0"];
+    w.extend(flags);
+    let (worker, _) = spawn_serving(&w);
+    let mut c = vec![
+        "coordinator",
+        "--model",
+        m,
+        "--workers",
+        "1",
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ];
+    c.extend(flags);
+    let (coord, line) = spawn_announcing(&c);
+    (worker, coord, line)
 }
