@@ -637,12 +637,12 @@ fn roles_started_before_etcd_wait_for_it_and_serve() {
 }
 
 /// Cases for the end-to-end fuzz properties (each is a request to a live server):
-/// `PROPTEST_CASES`, or 300.
+/// `PROPTEST_CASES`, or 2000.
 fn e2e_cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
+        .unwrap_or(2000)
 }
 
 /// JSON values for request fields: every type, odd numbers, long strings.
@@ -715,20 +715,37 @@ fn fuzz_http_bodies() {
     let body = prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..80)
             .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
-        proptest::collection::vec((proptest::sample::select(FIELDS), any_field()), 0..7).prop_map(
-            |kv| {
-                let m: serde_json::Map<String, serde_json::Value> =
-                    kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        (
+            any::<bool>(),
+            proptest::collection::vec((proptest::sample::select(FIELDS), any_field()), 0..5),
+        )
+            .prop_map(|(chat, kv)| {
+                // A valid request of either kind, then fields overwritten with anything.
+                let mut m = serde_json::Map::new();
+                m.insert("model".into(), "tiny-qwen3-moe".into());
+                if chat {
+                    m.insert(
+                        "messages".into(),
+                        serde_json::json!([{"role": "user", "content": "hi"}]),
+                    );
+                } else {
+                    m.insert("prompt".into(), "hello".into());
+                }
+                m.insert("max_tokens".into(), 4.into());
+                for (k, v) in kv {
+                    m.insert(k.to_string(), v);
+                }
                 serde_json::Value::Object(m).to_string()
-            }
-        ),
+            }),
     ];
     let path = proptest::sample::select(vec!["/v1/completions", "/v1/chat/completions"]);
     let mut runner =
         proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(e2e_cases()));
+    let codes = std::sync::Mutex::new(std::collections::BTreeMap::<u16, usize>::new());
     runner
         .run(&(body, path), |(body, path)| {
             let (code, resp) = http_post(&http, path, &body);
+            *codes.lock().unwrap().entry(code).or_default() += 1;
             prop_assert!(
                 (200..500).contains(&code),
                 "{path} {body:?} -> {code} {resp}"
@@ -742,6 +759,9 @@ fn fuzz_http_bodies() {
             Ok(())
         })
         .unwrap();
+    let codes = codes.into_inner().unwrap();
+    eprintln!("HTTP statuses over {} bodies: {codes:?}", e2e_cases());
+    assert_eq!(codes.values().sum::<usize>(), e2e_cases() as usize);
     let ok = serde_json::json!({"model": "tiny-qwen3-moe", "prompt": "hello", "max_tokens": 4});
     assert_eq!(http_post(&http, "/v1/completions", &ok.to_string()).0, 200);
 }
