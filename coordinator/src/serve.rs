@@ -439,6 +439,7 @@ pub async fn serve(
         why.unwrap_or_else(|| "the engine loop stopped".into())
     };
     let mut failure = None;
+    let mut lost_leadership = false;
     let mut server = tonic::transport::Server::builder();
     if let Some(t) = grpc_tls {
         server = server.tls_config(t)?;
@@ -451,7 +452,7 @@ pub async fn serve(
         .serve_with_incoming_shutdown(switchyard_worker::server::incoming(listener), async {
             tokio::select! {
                 _ = shutdown => {}
-                _ = lost.wait_for(|l| !*l) => {}
+                _ = lost.wait_for(|l| !*l) => lost_leadership = true,
                 why = failed => failure = Some(why),
             }
         })
@@ -464,6 +465,10 @@ pub async fn serve(
         let _ = holder.await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         bail!("{why}; resigned leadership");
+    }
+    if lost_leadership {
+        // A supervisor restarts the process, which campaigns again as a standby.
+        bail!("leadership lost");
     }
     Ok(())
 }
