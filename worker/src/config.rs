@@ -179,6 +179,37 @@ impl ModelConfig {
             "MixtralForCausalLM" => Arch::Mixtral,
             other => return Err(ConfigError::UnsupportedArch(other.into())),
         };
+        // Refused by name rather than half-honoured: quantized layouts and non-attention
+        // layer kinds change what the weights mean.
+        if let Some(q) = o.get("quantization_config") {
+            let method = q
+                .get("quant_method")
+                .and_then(Value::as_str)
+                .unwrap_or("(none given)");
+            return Err(ConfigError::Unsupported {
+                field: "quantization_config.quant_method".into(),
+                detail: format!("{method:?}: quantized checkpoints are not supported yet"),
+            });
+        }
+        if let Some(Value::Array(kinds)) = o.get("layer_types") {
+            if let Some(k) = kinds
+                .iter()
+                .find(|k| !matches!(k.as_str(), Some("full_attention" | "sliding_attention")))
+            {
+                return Err(ConfigError::Unsupported {
+                    field: "layer_types".into(),
+                    detail: format!("layer kind {k} (only full and sliding attention)"),
+                });
+            }
+            // One kind for every layer is what the model runs today (sliding when
+            // sliding_window is set); a per-layer mix would be silently mis-run.
+            if kinds.windows(2).any(|w| w[0] != w[1]) {
+                return Err(ConfigError::Unsupported {
+                    field: "layer_types".into(),
+                    detail: "attention kinds that differ between layers".into(),
+                });
+            }
+        }
         if let Some(act) = o.str("hidden_act")? {
             if act != "silu" {
                 return Err(ConfigError::Unsupported {

@@ -106,3 +106,40 @@ fn bench_preset_has_the_specified_size() {
     let active_without_embedding = active - (cfg.vocab_size * cfg.hidden_size) as u64;
     assert_eq!(active_without_embedding / 100_000, 736);
 }
+
+/// Features that change what the weights mean are refused at load, naming the field: a
+/// quantized layout, and layer kinds other than attention (Qwen3-Next's linear attention).
+#[test]
+fn quantized_layouts_and_linear_attention_layers_are_refused_by_name() {
+    let mut c = presets::preset("tiny").unwrap();
+    c["quantization_config"] = json!({"quant_method": "fp8", "weight_block_size": [128, 128]});
+    let e = ModelConfig::from_json(&c).unwrap_err().to_string();
+    assert!(
+        e.contains("quantization_config.quant_method") && e.contains("fp8"),
+        "{e}"
+    );
+    let mut c = presets::preset("tiny").unwrap();
+    c["layer_types"] = json!([
+        "full_attention",
+        "linear_attention",
+        "full_attention",
+        "full_attention"
+    ]);
+    let e = ModelConfig::from_json(&c).unwrap_err().to_string();
+    assert!(
+        e.contains("layer_types") && e.contains("linear_attention"),
+        "{e}"
+    );
+    let mut c = presets::preset("tiny").unwrap();
+    c["layer_types"] = json!([
+        "full_attention",
+        "sliding_attention",
+        "full_attention",
+        "full_attention"
+    ]);
+    let e = ModelConfig::from_json(&c).unwrap_err().to_string();
+    assert!(e.contains("layer_types") && e.contains("differ"), "{e}");
+    let mut c = presets::preset("tiny").unwrap();
+    c["layer_types"] = json!(vec!["full_attention"; 4]);
+    assert!(ModelConfig::from_json(&c).is_ok());
+}
