@@ -348,21 +348,25 @@ pub async fn serve(
         .map(crate::http::rustls_config)
         .transpose()?;
     let mut announce = format!("serving grpc={scheme}://{}", listener.local_addr()?);
+    // What /readyz answers, on the HTTP API and on the metrics port alike.
+    let ready: crate::http::Readiness = {
+        let ready_state = ready_state.clone();
+        Arc::new(move || {
+            ready_state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        })
+    };
     if let Some(addr) = &opts.http_addr {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("--http-addr {addr}"))?;
         announce.push_str(&format!(" http={scheme}://{}", l.local_addr()?));
-        let ready_state = ready_state.clone();
         let state = crate::http::HttpState {
             svc: svc.clone(),
             metrics: metrics.clone(),
-            ready: Arc::new(move || {
-                ready_state
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone()
-            }),
+            ready: ready.clone(),
         };
         tokio::spawn(async move {
             if let Err(e) = crate::http::serve(l, state, http_tls).await {
@@ -375,14 +379,7 @@ pub async fn serve(
             .await
             .with_context(|| format!("--metrics-addr {addr}"))?;
         announce.push_str(&format!(" metrics=http://{}/metrics", l.local_addr()?));
-        let m = metrics.clone();
-        let ready_state = ready_state.clone();
-        let ready: crate::http::Readiness = Arc::new(move || {
-            ready_state
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-        });
+        let (m, ready) = (metrics.clone(), ready.clone());
         tokio::spawn(async move {
             if let Err(e) = crate::metrics::serve(l, m, ready).await {
                 tracing::error!(error = %e, "metrics server stopped");
