@@ -619,8 +619,6 @@ pub struct BenchArgs {
 }
 
 pub fn main_with(cli: Cli) -> Result<()> {
-    // Workers that `up` spawns log the same way.
-    LOG_FORMAT.get_or_init(|| cli.log_format);
     match cli.command {
         Command::Run(a) => run(a),
         Command::GenModel(a) => gen_model(a),
@@ -629,15 +627,13 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::BenchRebalance(a) => bench_rebalance_cmd(a),
         Command::BenchChaos(a) => bench_chaos_cmd(a),
         Command::Worker(a) => worker_cmd(a),
-        Command::Up(a) => up_cmd(a),
+        // Workers that `up` spawns log the same way.
+        Command::Up(a) => up_cmd(a, cli.log_format),
         Command::Coordinator(a) => coordinator_cmd(a),
         Command::Generate(a) => generate_cmd(a),
         Command::Admin(a) => admin_cmd(a),
     }
 }
-
-/// The log format this process was started with.
-static LOG_FORMAT: std::sync::OnceLock<crate::telemetry::LogFormat> = std::sync::OnceLock::new();
 
 fn run(a: RunArgs) -> Result<()> {
     let tok = Tokenizer::load(&a.model)?;
@@ -1091,15 +1087,12 @@ fn ctrl_c() -> impl std::future::Future<Output = ()> + Send {
     }
 }
 
-fn up_cmd(a: UpArgs) -> Result<()> {
+fn up_cmd(a: UpArgs, log_format: crate::telemetry::LogFormat) -> Result<()> {
     let c = a.cluster;
     if c.workers == 0 {
         bail!("--workers must be at least 1");
     }
-    let mut extra = vec![
-        "--log-format".to_string(),
-        LOG_FORMAT.get().copied().unwrap_or_default().to_string(),
-    ];
+    let mut extra = vec!["--log-format".to_string(), log_format.to_string()];
     if let Some(etcd) = &c.membership.etcd {
         extra.extend(["--etcd".to_string(), etcd.clone()]);
         extra.extend([

@@ -362,25 +362,22 @@ struct ResultLimits {
     load_len: usize,
 }
 
-/// Checks one rank's result against the plan it was sent: exactly one token for each chunk
-/// that asked to sample and nothing else, token ids inside the vocabulary, no more
-/// alternatives than asked for, finite log-probabilities, expert load of the model's shape
-/// and a KV count within the rank's blocks. Pure; the step fails on the first violation.
+/// Checks one rank's result against the plan it was sent for step `step`, whose sampling
+/// chunks were `sampled` (sequence, alternatives asked): exactly one token for each and
+/// nothing else, token ids inside the vocabulary, no more alternatives than asked for, finite
+/// log-probabilities, expert load of the model's shape and a KV count within the rank's
+/// blocks. Pure; the step fails on the first violation.
 fn check_result(
-    plan: &StepPlan,
+    step: u64,
+    sampled: &[(u64, u32)],
     r: &StepResult,
     limits: Option<ResultLimits>,
     kv_total: usize,
 ) -> Result<(), String> {
-    if r.step != plan.step {
-        return Err(format!("answers step {} to plan {}", r.step, plan.step));
+    if r.step != step {
+        return Err(format!("answers step {} to plan {step}", r.step));
     }
-    let mut asked: HashMap<u64, u32> = plan
-        .chunks
-        .iter()
-        .filter(|c| c.sample)
-        .map(|c| (c.seq_id, c.top_logprobs))
-        .collect();
+    let mut asked: HashMap<u64, u32> = sampled.iter().copied().collect();
     if r.tokens.len() != asked.len() {
         return Err(format!(
             "{} sampled tokens for {} sampling chunks",
@@ -807,8 +804,13 @@ impl Driver {
             plans[w].free_seqs.push(id);
         }
         self.preemptions += s.preempted.len();
+        // What each rank was asked to sample (its result is checked against it).
+        let mut sampled: Vec<Vec<(u64, u32)>> = vec![Vec::new(); plans.len()];
         for c in &s.chunks {
             let l = &self.live[&c.seq];
+            if c.sample {
+                sampled[c.worker].push((c.seq, l.req.top_logprobs));
+            }
             let p = &l.req.sampling;
             plans[c.worker].chunks.push(SeqChunk {
                 seq_id: c.seq,
@@ -838,34 +840,16 @@ impl Driver {
                 }
             }
         }
-        let checks: Vec<StepPlan> = plans
-            .iter()
-            .map(|p| StepPlan {
-                chunks: p
-                    .chunks
-                    .iter()
-                    .filter(|c| c.sample)
-                    .map(|c| SeqChunk {
-                        seq_id: c.seq_id,
-                        sample: true,
-                        top_logprobs: c.top_logprobs,
-                        ..Default::default()
-                    })
-                    .collect(),
-                step: p.step,
-                ..Default::default()
-            })
-            .collect();
         let results = span.in_scope(|| self.cluster.step(plans))?;
-        if results.len() != checks.len() {
+        if results.len() != sampled.len() {
             return Err(DriverError::InvalidResult {
-                rank: results.len().min(checks.len()),
-                detail: format!("{} results for {} ranks", results.len(), checks.len()),
+                rank: results.len().min(sampled.len()),
+                detail: format!("{} results for {} ranks", results.len(), sampled.len()),
             });
         }
         let kv_total = self.cluster.kv_shape().0;
-        for (rank, (plan, r)) in checks.iter().zip(&results).enumerate() {
-            check_result(plan, r, self.limits, kv_total).map_err(|detail| {
+        for (rank, (asked, r)) in sampled.iter().zip(&results).enumerate() {
+            check_result(self.step_no, asked, r, self.limits, kv_total).map_err(|detail| {
                 tracing::error!(rank, %detail, "invalid step result; ending the epoch");
                 DriverError::InvalidResult { rank, detail }
             })?;

@@ -21,6 +21,15 @@ pub mod server;
 pub mod telemetry;
 pub mod text;
 
+/// Cases per fuzz property (decoders of outside bytes): `PROPTEST_CASES`, or 2000.
+#[cfg(test)]
+pub(crate) fn fuzz_cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000)
+}
+
 /// Errors of a generation request.
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {

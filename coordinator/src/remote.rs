@@ -123,23 +123,10 @@ impl GrpcCluster {
         )
     }
 
-    /// [`connect`](Self::connect) as the leader holding fencing token `fence`: every control
-    /// stream carries it, and a worker that a newer leader (a larger token) drives refuses the
-    /// stream (`DriverError::Fenced`).
-    pub fn connect_fenced(
-        urls: &[String],
-        model: &Path,
-        redundant: usize,
-        kv_blocks: usize,
-        block_size: usize,
-        fence: u64,
-    ) -> Result<Self, DriverError> {
-        let access = ControlAccess { fence, tls: None };
-        Self::connect_with(urls, model, redundant, kv_blocks, block_size, &access)
-    }
-
-    /// [`connect`](Self::connect) with a fencing token and, for `https://` workers, TLS
-    /// (mutual, when the configuration carries this coordinator's identity).
+    /// [`connect`](Self::connect) as the leader holding fencing token `access.fence` (every
+    /// control stream carries it; a worker that a newer leader drives refuses the stream with
+    /// `DriverError::Fenced`) and, for `https://` workers, TLS (mutual, when the
+    /// configuration carries this coordinator's identity).
     pub fn connect_with(
         urls: &[String],
         model: &Path,

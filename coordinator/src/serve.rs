@@ -110,21 +110,7 @@ pub async fn serve(
     // Steps only while leadership is fresh: a leader that cannot renew its lease in time
     // stops driving workers before a standby could be elected (and the workers' fencing
     // refuses it once one has).
-    let may_drive = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    {
-        let (mut fresh, may_drive) = (leadership.freshness(), may_drive.clone());
-        tokio::spawn(async move {
-            loop {
-                may_drive.store(
-                    *fresh.borrow_and_update(),
-                    std::sync::atomic::Ordering::Release,
-                );
-                if fresh.changed().await.is_err() {
-                    return;
-                }
-            }
-        });
-    }
+    let may_drive = leadership.freshness();
 
     let (snapshot, mut events) = with_backoff("watching members", || membership.watch()).await?;
     let mut live: BTreeMap<String, MemberInfo> =
@@ -417,16 +403,6 @@ pub async fn serve(
     println!("{announce}");
     std::io::stdout().flush()?;
     let mut lost = leading.clone();
-    {
-        // Leadership lost: fail what is in flight (a paused stream would otherwise hold the
-        // graceful shutdown below forever), then the server stops.
-        let (mut leading, control) = (leading.clone(), control.clone());
-        tokio::spawn(async move {
-            if leading.wait_for(|l| !*l).await.is_ok() {
-                control.stop("leadership lost");
-            }
-        });
-    }
     let failed = async move {
         let why = engine_failure
             .wait_for(|f| f.is_some())
@@ -449,7 +425,12 @@ pub async fn serve(
         .serve_with_incoming_shutdown(switchyard_worker::server::incoming(listener), async {
             tokio::select! {
                 _ = shutdown => {}
-                _ = lost.wait_for(|l| !*l) => lost_leadership = true,
+                _ = lost.wait_for(|l| !*l) => {
+                    // Fail what is in flight first: a paused stream would otherwise hold the
+                    // graceful shutdown forever.
+                    control.stop("leadership lost");
+                    lost_leadership = true;
+                }
                 why = failed => failure = Some(why),
             }
         })

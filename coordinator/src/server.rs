@@ -101,9 +101,9 @@ fn fail_all(driver: &mut Driver, sinks: &mut HashMap<u64, Sink>, why: &str) {
 
 /// What may stop the engine loop from stepping: a leadership that is not fresh, or a fault
 /// injected by the supervision tests.
-struct LoopFaults {
+struct LoopGates {
     panic_after_steps: Option<u64>,
-    may_drive: Option<Arc<std::sync::atomic::AtomicBool>>,
+    may_drive: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// While unavailable, how often the engine loop tries to rebuild the cluster.
@@ -121,9 +121,9 @@ fn engine_loop(
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
     metrics: Arc<Metrics>,
     mut recover: Option<Recover>,
-    gates: LoopFaults,
+    gates: LoopGates,
 ) {
-    let LoopFaults {
+    let LoopGates {
         panic_after_steps,
         may_drive,
     } = gates;
@@ -243,7 +243,7 @@ fn engine_loop(
             continue;
         }
         if let Some(g) = &may_drive {
-            let drive = g.load(Ordering::Acquire);
+            let drive = *g.borrow();
             if drive == paused {
                 paused = !drive;
                 if paused {
@@ -351,7 +351,7 @@ pub struct ServiceOptions {
     pub panic_after_steps: Option<u64>,
     /// While this reads false the engine loop does not step (its leadership could not be
     /// renewed in time, so a standby may be about to take over); requests wait.
-    pub may_drive: Option<Arc<std::sync::atomic::AtomicBool>>,
+    pub may_drive: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 /// Why the engine loop stopped for good (it panicked), once it has.
@@ -482,7 +482,7 @@ impl InferenceService {
                         snap,
                         m,
                         Some(recover),
-                        LoopFaults {
+                        LoopGates {
                             panic_after_steps,
                             may_drive,
                         },
@@ -853,11 +853,10 @@ impl Inference for InferenceService {
                 .map(str::to_string)
         });
         let (tok_tx, mut tok_rx) = tokio::sync::mpsc::unbounded_channel();
-        let max_new = greq.max_tokens;
         let gen = GenRequest {
             id,
             prompt: ids.clone(),
-            max_tokens: max_new,
+            max_tokens: greq.max_tokens,
             sampling,
             eos: self.tok.eos_ids.clone(),
             ignore_eos: r.ignore_eos,
@@ -898,7 +897,11 @@ impl Inference for InferenceService {
                     metrics.on_finished("cancelled");
                     cancel(cmds)
                 };
-                let far = tokio::time::Instant::now() + std::time::Duration::from_secs(1 << 30);
+                // One timer for the request's whole life (armed only with a deadline).
+                let expiry = tokio::time::sleep_until(deadline.unwrap_or_else(|| {
+                    tokio::time::Instant::now() + std::time::Duration::from_secs(1 << 30)
+                }));
+                tokio::pin!(expiry);
                 loop {
                     // A client that leaves is noticed at once, whether its request is queued,
                     // prefilling or decoding: its admission slot, key permit and KV go back
@@ -906,7 +909,7 @@ impl Inference for InferenceService {
                     let next = tokio::select! {
                         biased;
                         _ = out_tx.closed() => return cancel(&cmds),
-                        _ = tokio::time::sleep_until(deadline.unwrap_or(far)) => {
+                        _ = &mut expiry, if deadline.is_some() => {
                             metrics.on_finished("deadline");
                             let _ = cmds.send(Cmd::Cancel(id));
                             let _ = out_tx
@@ -1144,12 +1147,7 @@ mod fuzz {
     use super::*;
     use proptest::prelude::*;
 
-    fn fuzz_cases() -> u32 {
-        std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2000)
-    }
+    use crate::fuzz_cases;
 
     fn parse(s: &str) -> Result<Option<std::time::Duration>, String> {
         match tonic::metadata::MetadataValue::try_from(s) {

@@ -11,6 +11,11 @@ use switchyard_coordinator::driver::{Driver, GenRequest};
 use switchyard_coordinator::remote::GrpcCluster;
 use switchyard_kernels::sampling::SamplingParams;
 
+/// How a leader holding fencing token `fence` reaches plaintext workers.
+fn fenced(fence: u64) -> switchyard_coordinator::remote::ControlAccess {
+    switchyard_coordinator::remote::ControlAccess { fence, tls: None }
+}
+
 fn spawn_worker(model: &Path) -> (Proc, String) {
     spawn_serving(&["worker", "--model", model.to_str().unwrap()])
 }
@@ -229,12 +234,12 @@ fn a_worker_refuses_a_stale_leader_and_follows_a_newer_one() {
     let workers: Vec<(Proc, String)> = (0..2).map(|_| spawn_worker(&dir)).collect();
     let urls: Vec<String> = workers.iter().map(|w| w.1.clone()).collect();
     let mut current = Driver::new(
-        GrpcCluster::connect_fenced(&urls, &dir, 0, 64, 16, 5).unwrap(),
+        GrpcCluster::connect_with(&urls, &dir, 0, 64, 16, &fenced(5)).unwrap(),
         128,
         64,
     );
     run_goldens(&mut current, &golden).unwrap();
-    match GrpcCluster::connect_fenced(&urls, &dir, 0, 64, 16, 3) {
+    match GrpcCluster::connect_with(&urls, &dir, 0, 64, 16, &fenced(3)) {
         Err(DriverError::Fenced { detail, .. }) => {
             assert!(
                 detail.contains("fence 5") && detail.contains("fence 3"),
@@ -247,7 +252,7 @@ fn a_worker_refuses_a_stale_leader_and_follows_a_newer_one() {
     // The epoch the stale leader knocked on is intact.
     run_goldens(&mut current, &golden).unwrap();
     let mut newer = Driver::new(
-        GrpcCluster::connect_fenced(&urls, &dir, 0, 64, 16, 7).unwrap(),
+        GrpcCluster::connect_with(&urls, &dir, 0, 64, 16, &fenced(7)).unwrap(),
         128,
         64,
     );

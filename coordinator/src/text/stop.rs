@@ -105,16 +105,8 @@ mod tests {
         assert_eq!(run(&["ab"], &["ééa"]), ("ééa".into(), false));
     }
 
-    /// Cases per fuzz property: `PROPTEST_CASES`, or 2000.
-    fn fuzz_cases() -> u32 {
-        std::env::var("PROPTEST_CASES")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(2000)
-    }
-
     proptest::proptest! {
-        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(fuzz_cases()))]
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::fuzz_cases()))]
 
         /// Any text in any pieces against any stops: what is emitted is a prefix of the text
         /// holding no stop string; on a stop it is exactly the text before a stop string
