@@ -57,14 +57,29 @@ pub struct QueryRow<'a> {
 
 /// `out[t, h, :] = softmax(q[t, h] · K[..=pos]ᵀ · scale) · V[..=pos]` for every row `t` and head
 /// `h`, with kv head `h / (heads / kv_heads)`. `q` and `out` are `[rows, heads * head_dim]`.
-///
-/// Work is split by (row, kv head): the query heads sharing a kv head are processed together,
-/// so each key and value vector is read once per group.
 pub fn paged_attention(
     q: &[f32],
     rows: &[QueryRow<'_>],
     kv: KvLayer<'_>,
     p: AttnParams,
+    out: &mut [f32],
+) {
+    paged_attention_with(q, rows, kv, p, None, out)
+}
+
+/// [`paged_attention`] with optional attention sinks (one logit per query head, as GPT-OSS):
+/// each head's softmax runs over its scores and its sink, and the sink's share is dropped, so
+/// `out = Σ exp(s - M) v / (Σ exp(s - M) + exp(sink - M))`.
+///
+/// Work is split by (row, kv head, chunk of at most 16 of the query heads sharing that kv
+/// head): each key and value vector is read once per chunk. Many heads on one kv head (MLA's
+/// absorbed form: all heads on one latent) therefore still spread over threads.
+pub fn paged_attention_with(
+    q: &[f32],
+    rows: &[QueryRow<'_>],
+    kv: KvLayer<'_>,
+    p: AttnParams,
+    sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
     let d = p.head_dim;
@@ -75,22 +90,26 @@ pub fn paged_attention(
         d <= MAX_HEAD_DIM,
         "attention: head_dim above {MAX_HEAD_DIM}"
     );
+    if let Some(s) = sinks {
+        assert_eq!(s.len(), p.heads, "attention: one sink per query head");
+    }
     let group = p.heads / p.kv_heads;
-    assert!(
-        group <= MAX_GROUP,
-        "attention: more than {MAX_GROUP} query heads per kv head"
-    );
+    let hc = head_chunk(group);
+    let per_group = group / hc;
     let avx2 = crate::simd::has_avx2();
     let work = |(i, o): (usize, &mut [f32])| {
-        let (t, g) = (i / p.kv_heads, i % p.kv_heads);
-        let qs = &q[(t * p.heads + g * group) * d..(t * p.heads + (g + 1) * group) * d];
+        let (t, r) = (i / (p.kv_heads * per_group), i % (p.kv_heads * per_group));
+        let (g, c) = (r / per_group, r % per_group);
+        let h0 = g * group + c * hc;
+        let qs = &q[(t * p.heads + h0) * d..(t * p.heads + h0 + hc) * d];
+        let sk = sinks.map(|s| &s[h0..h0 + hc]);
         #[cfg(target_arch = "x86_64")]
         if avx2 && d % 8 == 0 {
             // SAFETY: avx2 and fma are present (checked above) and d is a multiple of 8.
-            unsafe { attend_group_avx2(qs, rows[t], kv, g, group, p, o) };
+            unsafe { attend_group_avx2(qs, rows[t], kv, g, hc, p, sk, o) };
             return;
         }
-        attend_group::<Portable>(qs, rows[t], kv, g, group, p, o);
+        attend_group::<Portable>(qs, rows[t], kv, g, hc, p, sk, o);
     };
     let longest = rows
         .iter()
@@ -98,17 +117,25 @@ pub fn paged_attention(
         .map(|(l, h)| h - l)
         .max();
     if longest.unwrap_or(0) > SPLIT_KEYS && rayon::current_num_threads() > 1 {
-        return split_attention(q, rows, kv, p, out, avx2);
+        return split_attention(q, rows, kv, p, sinks, out, avx2);
     }
     let total_keys: usize = rows.iter().map(|r| r.pos + 1).sum();
     if total_keys * p.heads * d < 64 * 1024 {
-        out.chunks_mut(group * d).enumerate().for_each(work);
+        out.chunks_mut(hc * d).enumerate().for_each(work);
     } else {
-        out.par_chunks_mut(group * d)
+        out.par_chunks_mut(hc * d)
             .enumerate()
             .with_min_len(2)
             .for_each(work);
     }
+}
+
+/// The largest divisor of `group` that is at most [`MAX_GROUP`].
+fn head_chunk(group: usize) -> usize {
+    (1..=group.min(MAX_GROUP))
+        .rev()
+        .find(|c| group % c == 0)
+        .unwrap_or(1)
 }
 
 /// Rows with more visible keys than this are split into segments of this many keys, computed
@@ -116,11 +143,12 @@ pub fn paged_attention(
 /// thread instead of one per kv head.
 const SPLIT_KEYS: usize = 1024;
 
-/// One unit of split attention: row `t`, kv head `g`, keys `lo..hi`.
+/// One unit of split attention: row `t`, kv head `g`, head chunk `c`, keys `lo..hi`.
 #[derive(Clone, Copy)]
 struct Segment {
     t: usize,
     g: usize,
+    c: usize,
     lo: usize,
     hi: usize,
 }
@@ -130,24 +158,34 @@ fn split_attention(
     rows: &[QueryRow<'_>],
     kv: KvLayer<'_>,
     p: AttnParams,
+    sinks: Option<&[f32]>,
     out: &mut [f32],
     avx2: bool,
 ) {
     let d = p.head_dim;
     let group = p.heads / p.kv_heads;
+    let hc = head_chunk(group);
     let mut segs = Vec::new();
     for (t, r) in rows.iter().enumerate() {
         let (lo, hi) = key_range(r.pos, p.window);
         for g in 0..p.kv_heads {
-            let mut s = lo;
-            while s < hi {
-                let e = (s + SPLIT_KEYS).min(hi);
-                segs.push(Segment { t, g, lo: s, hi: e });
-                s = e;
+            for c in 0..group / hc {
+                let mut s = lo;
+                while s < hi {
+                    let e = (s + SPLIT_KEYS).min(hi);
+                    segs.push(Segment {
+                        t,
+                        g,
+                        c,
+                        lo: s,
+                        hi: e,
+                    });
+                    s = e;
+                }
             }
         }
     }
-    let stride = group * d;
+    let stride = hc * d;
     let mut partial = vec![0.0f32; segs.len() * stride];
     let mut stats = vec![([0.0f32; MAX_GROUP], [0.0f32; MAX_GROUP]); segs.len()];
     partial
@@ -155,46 +193,54 @@ fn split_attention(
         .zip(stats.par_iter_mut())
         .zip(segs.par_iter())
         .for_each(|((o, st), s)| {
-            let qs = &q[(s.t * p.heads + s.g * group) * d..(s.t * p.heads + (s.g + 1) * group) * d];
+            let h0 = s.g * group + s.c * hc;
+            let qs = &q[(s.t * p.heads + h0) * d..(s.t * p.heads + h0 + hc) * d];
             #[cfg(target_arch = "x86_64")]
             if avx2 && d % 8 == 0 {
                 // SAFETY: avx2 and fma are present (checked by the caller) and d % 8 == 0.
-                *st = unsafe { attend_range_avx2(qs, rows[s.t], kv, s.g, group, p, s.lo, s.hi, o) };
+                *st = unsafe { attend_range_avx2(qs, rows[s.t], kv, s.g, hc, p, s.lo, s.hi, o) };
                 return;
             }
             let _ = avx2;
-            *st = attend_range::<Portable>(qs, rows[s.t], kv, s.g, group, p, s.lo, s.hi, o);
+            *st = attend_range::<Portable>(qs, rows[s.t], kv, s.g, hc, p, s.lo, s.hi, o);
         });
-    // Merge each (row, kv head)'s segments, in key order.
+    // Merge each (row, kv head, chunk)'s segments, in key order.
     let mut i = 0;
     while i < segs.len() {
-        let (t, g) = (segs[i].t, segs[i].g);
+        let (t, g, c) = (segs[i].t, segs[i].g, segs[i].c);
         let mut j = i;
-        while j < segs.len() && segs[j].t == t && segs[j].g == g {
+        while j < segs.len() && segs[j].t == t && segs[j].g == g && segs[j].c == c {
             j += 1;
         }
-        let o = &mut out[(t * p.heads + g * group) * d..(t * p.heads + (g + 1) * group) * d];
-        merge_partials(&partial[i * stride..j * stride], &stats[i..j], group, d, o);
+        let h0 = g * group + c * hc;
+        let o = &mut out[(t * p.heads + h0) * d..(t * p.heads + h0 + hc) * d];
+        let sk = sinks.map(|s| &s[h0..h0 + hc]);
+        merge_partials(&partial[i * stride..j * stride], &stats[i..j], hc, d, sk, o);
         i = j;
     }
 }
 
-/// `out[h] = Σ_s exp(m_s - M) o_s[h] / Σ_s exp(m_s - M) l_s` with `M = max_s m_s`.
+/// `out[h] = Σ_s exp(m_s - M) o_s[h] / (Σ_s exp(m_s - M) l_s [+ exp(sink_h - M)])` with
+/// `M = max_s m_s` (and the sink).
 fn merge_partials(
     partial: &[f32],
     stats: &[([f32; MAX_GROUP], [f32; MAX_GROUP])],
     group: usize,
     d: usize,
+    sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
     for h in 0..group {
-        let mx = stats
+        let mut mx = stats
             .iter()
             .map(|s| s.0[h])
             .fold(f32::NEG_INFINITY, f32::max);
+        if let Some(sk) = sinks {
+            mx = mx.max(sk[h]);
+        }
         let o = &mut out[h * d..(h + 1) * d];
         o.fill(0.0);
-        let mut l = 0.0;
+        let mut l = sinks.map_or(0.0, |sk| (sk[h] - mx).exp());
         for (k, s) in stats.iter().enumerate() {
             let w = (s.0[h] - mx).exp();
             l += w * s.1[h];
@@ -208,12 +254,14 @@ fn merge_partials(
     }
 }
 
-const MAX_HEAD_DIM: usize = 256;
+/// Large enough for MLA's absorbed form (kv_lora_rank 512 + rope 64 in DeepSeek-V3).
+const MAX_HEAD_DIM: usize = 1024;
 const MAX_GROUP: usize = 16;
 const KEY_TILE: usize = 64;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn attend_group_avx2(
     q: &[f32],
     row: QueryRow<'_>,
@@ -221,9 +269,10 @@ unsafe fn attend_group_avx2(
     g: usize,
     group: usize,
     p: AttnParams,
+    sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
-    attend_group::<Avx2>(q, row, kv, g, group, p, out)
+    attend_group::<Avx2>(q, row, kv, g, group, p, sinks, out)
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -342,7 +391,9 @@ fn key_range(pos: usize, window: Option<usize>) -> (usize, usize) {
     }
 }
 
-/// Online-softmax attention of `group` query heads (`q`: `[group, d]`) against kv head `g`.
+/// Online-softmax attention of `group` query heads (`q`: `[group, d]`) against kv head `g`,
+/// with each head's sink (if any) joining the normalisation.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn attend_group<O: Ops>(
     q: &[f32],
@@ -351,13 +402,22 @@ fn attend_group<O: Ops>(
     g: usize,
     group: usize,
     p: AttnParams,
+    sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
     let (lo, hi) = key_range(row.pos, p.window);
-    let (_, l) = attend_range::<O>(q, row, kv, g, group, p, lo, hi, out);
+    let (m, l) = attend_range::<O>(q, row, kv, g, group, p, lo, hi, out);
     let d = p.head_dim;
     for h in 0..group {
-        scale8(&mut out[h * d..(h + 1) * d], 1.0 / l[h]);
+        let f = match sinks {
+            None => 1.0 / l[h],
+            Some(sk) => {
+                let mx = m[h].max(sk[h]);
+                let corr = (m[h] - mx).exp();
+                corr / (l[h] * corr + (sk[h] - mx).exp())
+            }
+        };
+        scale8(&mut out[h * d..(h + 1) * d], f);
     }
 }
 

@@ -80,3 +80,85 @@ pub fn route(logits: &[f32], k: usize, normalize: bool) -> (Vec<u32>, Vec<f32>) 
     }
     (ids, w)
 }
+
+/// [`attention_one`] with a sink logit joining the softmax and then dropped (GPT-OSS).
+pub fn attention_one_with_sink(
+    q: &[f32],
+    keys: &[Vec<f32>],
+    values: &[Vec<f32>],
+    scale: f32,
+    sink: f32,
+) -> Vec<f32> {
+    let mut scores: Vec<f32> = keys
+        .iter()
+        .map(|k| {
+            (q.iter()
+                .zip(k)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum::<f64>()
+                * scale as f64) as f32
+        })
+        .collect();
+    scores.push(sink);
+    let p = softmax(&scores);
+    let d = q.len();
+    let mut out = vec![0.0f64; d];
+    for (pi, v) in p.iter().zip(values) {
+        for i in 0..d {
+            out[i] += *pi as f64 * v[i] as f64;
+        }
+    }
+    out.into_iter().map(|v| v as f32).collect()
+}
+
+/// Indices of `v` sorted by value, descending, ties to the lower index.
+fn order(v: &[f32]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    idx.sort_by(|a, b| v[*b].partial_cmp(&v[*a]).unwrap().then(a.cmp(b)));
+    idx
+}
+
+/// DeepSeek-V3's router by sorting: sigmoid scores, groups ranked by the sum of their two
+/// best biased scores, experts outside the best `topk_group` groups masked to 0, top-k of the
+/// biased (masked) scores, unbiased weights, renormalised (+1e-20) and scaled.
+#[allow(clippy::too_many_arguments)]
+pub fn route_sigmoid_grouped(
+    logits: &[f32],
+    bias: &[f32],
+    n_group: usize,
+    topk_group: usize,
+    k: usize,
+    normalize: bool,
+    scaling: f32,
+) -> (Vec<u32>, Vec<f32>) {
+    let s: Vec<f32> = logits.iter().map(|x| 1.0 / (1.0 + (-x).exp())).collect();
+    let mut c: Vec<f32> = s.iter().zip(bias).map(|(a, b)| a + b).collect();
+    let per = c.len() / n_group;
+    let gs: Vec<f32> = c
+        .chunks(per)
+        .map(|g| order(g).iter().take(2).map(|&i| g[i]).sum())
+        .collect();
+    let keep: Vec<usize> = order(&gs).into_iter().take(topk_group).collect();
+    for (gi, g) in c.chunks_mut(per).enumerate() {
+        if !keep.contains(&gi) {
+            g.fill(0.0);
+        }
+    }
+    let ids: Vec<usize> = order(&c).into_iter().take(k).collect();
+    let mut w: Vec<f32> = ids.iter().map(|&i| s[i]).collect();
+    let sum: f32 = w.iter().sum();
+    for v in &mut w {
+        if normalize {
+            *v /= sum + 1e-20;
+        }
+        *v *= scaling;
+    }
+    (ids.into_iter().map(|i| i as u32).collect(), w)
+}
+
+/// GPT-OSS's router by sorting: the k largest logits, softmax over them.
+pub fn route_topk_softmax(logits: &[f32], k: usize) -> (Vec<u32>, Vec<f32>) {
+    let ids: Vec<usize> = order(logits).into_iter().take(k).collect();
+    let top: Vec<f32> = ids.iter().map(|&i| logits[i]).collect();
+    (ids.into_iter().map(|i| i as u32).collect(), softmax(&top))
+}

@@ -184,6 +184,20 @@ pub fn apply_with(x: &mut [f32], dim: usize, cos: &[f32], sin: &[f32]) {
     }
 }
 
+/// Rotates `[heads, dim]` with precomputed cos/sin, pairs interleaved: `(x[2i], x[2i+1])` is
+/// rotated by frequency `i` (DeepSeek's `rope_interleave`). The reference de-interleaves and
+/// then rotates halves; the result here keeps the interleaved order, which leaves every dot
+/// product between rotated vectors unchanged.
+pub fn apply_interleaved_with(x: &mut [f32], dim: usize, cos: &[f32], sin: &[f32]) {
+    for head in x.chunks_mut(dim) {
+        for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+            let (x1, x2) = (pair[0], pair[1]);
+            pair[0] = x1 * cos[i] - x2 * sin[i];
+            pair[1] = x2 * cos[i] + x1 * sin[i];
+        }
+    }
+}
+
 fn check_factor(f: f32) -> Result<(), KernelError> {
     if !(f >= 1.0) || !f.is_finite() {
         return Err(KernelError::Param {

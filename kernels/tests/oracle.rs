@@ -77,7 +77,14 @@ fn softmax_matches_reference_and_survives_large_logits() {
 #[test]
 fn routing_matches_sorting_reference_with_and_without_normalisation() {
     let mut rng = Rng::new(5);
-    for &(e, k) in &[(8usize, 2usize), (32, 4), (64, 8), (128, 8)] {
+    for &(e, k) in &[
+        (8usize, 2usize),
+        (32, 4),
+        (64, 8),
+        (128, 8),
+        (256, 8),
+        (384, 8),
+    ] {
         let logits = randn(&mut rng, 20 * e, 1.0);
         for normalize in [false, true] {
             let (ids, w) = moe::route(&logits, e, k, normalize);
@@ -86,6 +93,59 @@ fn routing_matches_sorting_reference_with_and_without_normalisation() {
                 assert_eq!(&ids[t * k..(t + 1) * k], &rid[..]);
                 assert!(max_abs_diff(&w[t * k..(t + 1) * k], &rw) < 1e-6);
             }
+        }
+    }
+}
+
+/// DeepSeek-V3 (256 experts, 8 groups, 4 kept, top-8), Kimi K2 (384, one group) and the tiny
+/// fixture's shape (8, 2 groups, 1 kept): no limit on the expert count.
+#[test]
+fn grouped_sigmoid_routing_matches_sorting_reference() {
+    let mut rng = Rng::new(11);
+    for &(e, g, tg, k) in &[
+        (256usize, 8usize, 4usize, 8usize),
+        (384, 1, 1, 8),
+        (8, 2, 1, 2),
+    ] {
+        let logits = randn(&mut rng, 20 * e, 1.0);
+        // Biases large enough that some biased scores go negative (below the masked 0).
+        let bias = randn(&mut rng, e, 0.5);
+        for normalize in [false, true] {
+            let router = moe::Router::SigmoidGrouped {
+                bias: &bias,
+                n_group: g,
+                topk_group: tg,
+                renormalize: normalize,
+                scaling: 2.5,
+            };
+            let (ids, w) = moe::route_with(&logits, e, k, router);
+            for t in 0..20 {
+                let (rid, rw) = reference::route_sigmoid_grouped(
+                    &logits[t * e..(t + 1) * e],
+                    &bias,
+                    g,
+                    tg,
+                    k,
+                    normalize,
+                    2.5,
+                );
+                assert_eq!(&ids[t * k..(t + 1) * k], &rid[..], "e={e} t={t}");
+                assert!(max_abs_diff(&w[t * k..(t + 1) * k], &rw) < 1e-6);
+            }
+        }
+    }
+}
+
+#[test]
+fn topk_then_softmax_routing_matches_sorting_reference() {
+    let mut rng = Rng::new(12);
+    for &(e, k) in &[(32usize, 4usize), (128, 4)] {
+        let logits = randn(&mut rng, 20 * e, 1.0);
+        let (ids, w) = moe::route_with(&logits, e, k, moe::Router::TopkSoftmax);
+        for t in 0..20 {
+            let (rid, rw) = reference::route_topk_softmax(&logits[t * e..(t + 1) * e], k);
+            assert_eq!(&ids[t * k..(t + 1) * k], &rid[..]);
+            assert!(max_abs_diff(&w[t * k..(t + 1) * k], &rw) < 1e-6);
         }
     }
 }
@@ -209,6 +269,93 @@ fn paged_attention_matches_full_softmax_reference() {
                 );
             }
         }
+    }
+}
+
+/// Sinks (GPT-OSS) and many query heads on one kv head of a wide dimension (MLA's absorbed
+/// form: 128 heads on one latent of 64+8 here), on the direct and the split-K paths.
+#[test]
+fn paged_attention_with_sinks_and_wide_groups_matches_reference() {
+    let mut rng = Rng::new(13);
+    let bs = 16;
+    for &(heads, kvh, d, len, window, sinks) in &[
+        (4usize, 2usize, 16usize, 100usize, None, true),
+        (4, 2, 16, 100, Some(32usize), true),
+        (4, 2, 16, 3000, None, true),
+        (128, 1, 72, 50, None, false),
+        (24, 1, 40, 3000, None, false),
+        (20, 4, 8, 60, Some(7), true),
+    ] {
+        let pl = pool(&mut rng, len, bs, kvh, d);
+        let positions: Vec<usize> = vec![0, len / 2, len - 1];
+        let rows: Vec<QueryRow> = positions
+            .iter()
+            .map(|&pos| QueryRow {
+                table: &pl.table,
+                pos,
+            })
+            .collect();
+        let q = randn(&mut rng, rows.len() * heads * d, 1.0);
+        let sk = randn(&mut rng, heads, 2.0);
+        let mut out = vec![0.0; q.len()];
+        let p = AttnParams {
+            heads,
+            kv_heads: kvh,
+            head_dim: d,
+            scale: 0.25,
+            window,
+        };
+        let kv = KvLayer {
+            k: &pl.k,
+            v: &pl.v,
+            block_size: bs,
+            kv_heads: kvh,
+            head_dim: d,
+        };
+        let sinks_arg = sinks.then_some(&sk[..]);
+        switchyard_kernels::attention::paged_attention_with(&q, &rows, kv, p, sinks_arg, &mut out);
+        for (t, &pos) in positions.iter().enumerate() {
+            let lo = window.map(|w| (pos + 1).saturating_sub(w)).unwrap_or(0);
+            for h in 0..heads {
+                let g = h / (heads / kvh);
+                let qi = &q[(t * heads + h) * d..(t * heads + h + 1) * d];
+                let (ks, vs) = (&pl.keys[g][lo..=pos], &pl.vals[g][lo..=pos]);
+                let r = if sinks {
+                    reference::attention_one_with_sink(qi, ks, vs, 0.25, sk[h])
+                } else {
+                    reference::attention_one(qi, ks, vs, 0.25)
+                };
+                let o = &out[(t * heads + h) * d..(t * heads + h + 1) * d];
+                assert!(
+                    max_abs_diff(o, &r) < 1e-5,
+                    "heads={heads} kvh={kvh} d={d} len={len} pos={pos} h={h}"
+                );
+            }
+        }
+    }
+}
+
+/// Interleaved rope rotates pairs (2i, 2i+1) by frequency i: the reference's de-interleave
+/// then rotate-half, up to that permutation (so dot products agree).
+#[test]
+fn interleaved_rope_equals_deinterleaved_rotate_half() {
+    let mut rng = Rng::new(14);
+    let d = 8;
+    let rope = Rope::new(d, 10000.0, &RopeScaling::Default, 4096).unwrap();
+    let (mut c, mut s) = (vec![0.0; d / 2], vec![0.0; d / 2]);
+    rope.cos_sin(29, &mut c, &mut s);
+    let x = randn(&mut rng, d, 1.0);
+    let mut a = x.clone();
+    switchyard_kernels::rope::apply_interleaved_with(&mut a, d, &c, &s);
+    // Reference: de-interleave (evens then odds), rotate halves.
+    let mut b: Vec<f32> = (0..d / 2)
+        .map(|i| x[2 * i])
+        .chain((0..d / 2).map(|i| x[2 * i + 1]))
+        .collect();
+    switchyard_kernels::rope::apply_with(&mut b, d, &c, &s);
+    for i in 0..d / 2 {
+        assert!((a[2 * i] - b[i]).abs() < 1e-6);
+        assert!((a[2 * i + 1] - b[d / 2 + i]).abs() < 1e-6);
     }
 }
 

@@ -154,23 +154,35 @@ fn check_with(model: &str, comms: Vec<Comm>, redundant: usize, homing_ranks: usi
     assert_eq!(seen, prompts.len());
 }
 
+/// Every family with fixtures: the original two, Qwen2-MoE (shared expert), OLMoE,
+/// DeepSeek-V3 (MLA, a dense first layer, grouped routing, shared expert) and GPT-OSS (fused
+/// biased experts).
+const MODELS: &[&str] = &[
+    "tiny-qwen3-moe",
+    "tiny-mixtral",
+    "tiny-qwen2-moe",
+    "tiny-olmoe",
+    "tiny-deepseek-v3",
+    "tiny-gpt-oss",
+];
+
 #[test]
 fn two_ranks_match_goldens() {
-    for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
+    for model in MODELS {
         check(model, 2, 0, 2);
     }
 }
 
 #[test]
 fn three_ranks_with_replicas_and_an_idle_rank_match_goldens() {
-    for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
+    for model in MODELS {
         check(model, 3, 4, 2);
     }
 }
 
 #[test]
 fn tcp_mesh_ranks_match_goldens() {
-    for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
+    for model in MODELS {
         check_with(model, tcp_group(3), 2, 3);
     }
 }

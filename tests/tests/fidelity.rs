@@ -7,7 +7,14 @@ use common::{fixture, floats, golden, ids};
 use switchyard_worker::engine::{ChunkSpec, Device, Engine, EngineOptions, Logits};
 use switchyard_worker::WeightDType;
 
-const MODELS: &[&str] = &["tiny-qwen3-moe", "tiny-mixtral"];
+const MODELS: &[&str] = &[
+    "tiny-qwen3-moe",
+    "tiny-mixtral",
+    "tiny-qwen2-moe",
+    "tiny-olmoe",
+    "tiny-deepseek-v3",
+    "tiny-gpt-oss",
+];
 const LOGIT_TOL: f32 = 1e-4;
 
 fn engine(model: &str, opts: EngineOptions) -> Engine {
@@ -86,11 +93,11 @@ fn greedy_batched(e: &mut Engine, prompts: &[Vec<u32>], n: usize) -> Vec<Vec<u32
 
 #[test]
 fn logits_match_golden_at_recorded_positions() {
-    logits_match_golden_at_recorded_positions_on(Device::Cpu)
+    logits_match_golden_at_recorded_positions_on(Device::Cpu, MODELS)
 }
 
-fn logits_match_golden_at_recorded_positions_on(dev: Device) {
-    for model in MODELS {
+fn logits_match_golden_at_recorded_positions_on(dev: Device, models: &[&str]) {
+    for model in models {
         let g = golden(model);
         let mut e = engine(model, on(dev));
         for (pi, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
@@ -115,11 +122,11 @@ fn logits_match_golden_at_recorded_positions_on(dev: Device) {
 
 #[test]
 fn greedy_tokens_match_golden_one_by_one_and_batched() {
-    greedy_tokens_match_golden_one_by_one_and_batched_on(Device::Cpu)
+    greedy_tokens_match_golden_one_by_one_and_batched_on(Device::Cpu, MODELS)
 }
 
-fn greedy_tokens_match_golden_one_by_one_and_batched_on(dev: Device) {
-    for model in MODELS {
+fn greedy_tokens_match_golden_one_by_one_and_batched_on(dev: Device, models: &[&str]) {
+    for model in models {
         let g = golden(model);
         let prompts: Vec<Vec<u32>> = g["prompts"]
             .as_array()
@@ -158,11 +165,11 @@ fn greedy_tokens_match_golden_one_by_one_and_batched_on(dev: Device) {
 
 #[test]
 fn router_choices_match_golden() {
-    router_choices_match_golden_on(Device::Cpu)
+    router_choices_match_golden_on(Device::Cpu, MODELS)
 }
 
-fn router_choices_match_golden_on(dev: Device) {
-    for model in MODELS {
+fn router_choices_match_golden_on(dev: Device, models: &[&str]) {
+    for model in models {
         let g = golden(model);
         let p = &g["prompts"][0];
         let prompt = ids(&p["input_ids"]);
@@ -192,12 +199,26 @@ fn router_choices_match_golden_on(dev: Device) {
                 .zip(rec["topk_weights"].as_array().unwrap())
                 .enumerate()
             {
+                // The same (expert, weight) choices; compared by expert id, since the
+                // reference's group-limited top-k returns them unsorted.
+                let by_id = |ids: &[u32], w: &[f32]| {
+                    let mut v: Vec<(u32, f32)> =
+                        ids.iter().copied().zip(w.iter().copied()).collect();
+                    v.sort_by_key(|p| p.0);
+                    v
+                };
+                let got = by_id(&r.ids[t * k..(t + 1) * k], &r.weights[t * k..(t + 1) * k]);
+                let want = by_id(&ids(want_ids), &floats(want_w));
                 assert_eq!(
-                    &r.ids[t * k..(t + 1) * k],
-                    &ids(want_ids)[..],
+                    got.iter().map(|p| p.0).collect::<Vec<_>>(),
+                    want.iter().map(|p| p.0).collect::<Vec<_>>(),
                     "{model} layer {layer} token {t}"
                 );
-                let d = max_abs(&r.weights[t * k..(t + 1) * k], &floats(want_w));
+                let d = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a.1 - b.1).abs())
+                    .fold(0.0, f32::max);
                 assert!(d < 1e-5, "{model} layer {layer} token {t}: weight diff {d}");
             }
         }
@@ -206,11 +227,11 @@ fn router_choices_match_golden_on(dev: Device) {
 
 #[test]
 fn chunked_prefill_of_64_equals_one_pass() {
-    chunked_prefill_of_64_equals_one_pass_on(Device::Cpu)
+    chunked_prefill_of_64_equals_one_pass_on(Device::Cpu, MODELS)
 }
 
-fn chunked_prefill_of_64_equals_one_pass_on(dev: Device) {
-    for model in MODELS {
+fn chunked_prefill_of_64_equals_one_pass_on(dev: Device, models: &[&str]) {
+    for model in models {
         let g = golden(model);
         let p = &g["prompts"][3]; // `long`, 281 tokens
         let prompt = ids(&p["input_ids"]);
@@ -266,12 +287,39 @@ fn expert_shards_give_identical_logits() {
     }
 }
 
+/// Full-prompt logits at every position and the routing of every MoE layer, one pass.
+fn prompt_logits_routed(
+    e: &mut Engine,
+    seq: u64,
+    prompt: &[u32],
+) -> (Vec<Vec<f32>>, Vec<switchyard_worker::model::Routing>) {
+    let out = e
+        .step(
+            &[ChunkSpec {
+                seq_id: seq,
+                tokens: prompt,
+                logits: Logits::All,
+            }],
+            true,
+        )
+        .unwrap();
+    e.release(seq);
+    let v = e.config().vocab_size;
+    (
+        out.logits.chunks(v).map(|c| c.to_vec()).collect(),
+        out.routing,
+    )
+}
+
 /// bf16 weights: each weight is rounded to 8 significant bits (relative error ≤ 2⁻⁹). Through
-/// embeddings, two layers and the lm_head that moves these unit-scale logits by ~0.017 at
-/// worst (measured on both fixtures). We require (a) logits within 0.05 absolute of the f32
-/// goldens: 3x the measured drift, and small against the logits' spread (std ≈ 1.5), and (b)
-/// greedy tokens equal to the goldens up to the first step whose recorded top-1 margin is below
-/// 0.1 (a margin smaller than twice the tolerance can legitimately flip).
+/// embeddings, two layers and the lm_head that moves these unit-scale logits by ~0.02 at
+/// worst (measured on every fixture) — except at a token whose router choice itself flips
+/// under the rounding (a different expert set is a different function: measured up to 1.3 on
+/// GPT-OSS). We require (a) logits within 0.05 absolute of the f32 goldens (2-3x the measured
+/// drift, small against the logits' spread, std ≈ 1.5) at every recorded position whose own
+/// token routes to the same experts as in f32, (b) such flips to be rare (under 3% of prompt
+/// tokens), and (c) greedy tokens equal to the goldens up to the first step whose recorded
+/// top-1 margin is below 0.1 (a margin smaller than twice the tolerance can legitimately flip).
 #[test]
 fn bf16_copies_stay_within_tolerance() {
     for model in MODELS {
@@ -283,15 +331,32 @@ fn bf16_copies_stay_within_tolerance() {
                 ..Default::default()
             },
         );
-        let mut worst = 0.0f32;
+        let mut exact = engine(model, EngineOptions::default());
+        let k = e.config().experts_per_tok;
+        let (mut worst, mut flips, mut tokens) = (0.0f32, 0usize, 0usize);
         for (pi, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
             let prompt = ids(&p["input_ids"]);
-            let all = prompt_logits(&mut e, pi as u64, &prompt);
+            let (all, routed) = prompt_logits_routed(&mut e, pi as u64, &prompt);
+            let (_, reference) = prompt_logits_routed(&mut exact, pi as u64, &prompt);
+            let set = |r: &switchyard_worker::model::Routing, t: usize| {
+                let mut v = r.ids[t * k..(t + 1) * k].to_vec();
+                v.sort();
+                v
+            };
+            let flipped = |t: usize| {
+                routed
+                    .iter()
+                    .zip(&reference)
+                    .any(|(a, b)| set(a, t) != set(b, t))
+            };
+            tokens += prompt.len();
+            flips += (0..prompt.len()).filter(|&t| flipped(t)).count();
             for rec in p["logits"].as_array().unwrap() {
                 let pos = rec["position"].as_u64().unwrap() as usize;
-                worst = worst.max(max_abs(&all[pos], &floats(&rec["values"])));
+                if !flipped(pos) {
+                    worst = worst.max(max_abs(&all[pos], &floats(&rec["values"])));
+                }
             }
-            e.release(pi as u64);
             let want = ids(&p["greedy"]["new_ids"]);
             let margins = floats(&p["greedy"]["top1_margins"]);
             let safe = margins.iter().position(|m| *m < 0.1).unwrap_or(want.len());
@@ -302,9 +367,15 @@ fn bf16_copies_stay_within_tolerance() {
                 "{model} prompt {pi}: bf16 greedy diverged before a fragile step"
             );
         }
-        eprintln!("{model}: bf16 worst logit drift {worst}");
+        eprintln!(
+            "{model}: bf16 worst logit drift {worst}; router flips at {flips} of {tokens} tokens"
+        );
         assert!(worst < 0.05, "{model}: bf16 drift {worst}");
         assert!(worst > 0.0, "bf16 path must actually round weights");
+        assert!(
+            flips * 100 < tokens * 3,
+            "{model}: {flips} router flips in {tokens} tokens"
+        );
     }
 }
 
@@ -313,6 +384,24 @@ fn bf16_copies_stay_within_tolerance() {
 #[cfg(feature = "cuda")]
 mod on_gpu {
     use super::*;
+
+    /// The families the CUDA backend runs so far; the others are refused at load by name.
+    const GPU_MODELS: &[&str] = &["tiny-qwen3-moe", "tiny-mixtral"];
+
+    #[test]
+    fn gpu_refuses_families_it_does_not_run_yet_by_name() {
+        let Some(d) = gpu() else { return };
+        for model in MODELS.iter().filter(|m| !GPU_MODELS.contains(m)) {
+            let err = Engine::load(&fixture(model), &on(d))
+                .err()
+                .expect("refused");
+            let msg = err.to_string();
+            assert!(
+                msg.contains("CUDA backend") && msg.contains("not implemented"),
+                "{msg}"
+            );
+        }
+    }
 
     fn gpu() -> Option<Device> {
         match switchyard_kernels::cuda::probe() {
@@ -327,28 +416,28 @@ mod on_gpu {
     #[test]
     fn gpu_logits_match_golden_at_recorded_positions() {
         if let Some(d) = gpu() {
-            logits_match_golden_at_recorded_positions_on(d)
+            logits_match_golden_at_recorded_positions_on(d, GPU_MODELS)
         }
     }
 
     #[test]
     fn gpu_greedy_tokens_match_golden_one_by_one_and_batched() {
         if let Some(d) = gpu() {
-            greedy_tokens_match_golden_one_by_one_and_batched_on(d)
+            greedy_tokens_match_golden_one_by_one_and_batched_on(d, GPU_MODELS)
         }
     }
 
     #[test]
     fn gpu_router_choices_match_golden() {
         if let Some(d) = gpu() {
-            router_choices_match_golden_on(d)
+            router_choices_match_golden_on(d, GPU_MODELS)
         }
     }
 
     #[test]
     fn gpu_chunked_prefill_of_64_equals_one_pass() {
         if let Some(d) = gpu() {
-            chunked_prefill_of_64_equals_one_pass_on(d)
+            chunked_prefill_of_64_equals_one_pass_on(d, GPU_MODELS)
         }
     }
 }

@@ -13,7 +13,7 @@ pub enum ConfigError {
     Missing(&'static str),
     #[error("config.json: field `{field}` is invalid: {detail}")]
     Invalid { field: String, detail: String },
-    #[error("config.json: unsupported architecture {0:?} (supported: Qwen3MoeForCausalLM, MixtralForCausalLM)")]
+    #[error("config.json: unsupported architecture {name:?} (supported: {list})", name = .0, list = crate::family::supported())]
     UnsupportedArch(String),
     #[error("config.json: field `{field}`: unsupported: {detail}")]
     Unsupported { field: String, detail: String },
@@ -21,22 +21,12 @@ pub enum ConfigError {
     Json(String),
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Arch {
-    Qwen3Moe,
-    Mixtral,
-}
+pub use crate::family::{
+    Activation, Arch, AttentionSpec, ExpertSpec, MlaSpec, QkNorm, RouterSpec, SharedExpertSpec,
+};
 
-impl Arch {
-    pub fn hf_name(&self) -> &'static str {
-        match self {
-            Arch::Qwen3Moe => "Qwen3MoeForCausalLM",
-            Arch::Mixtral => "MixtralForCausalLM",
-        }
-    }
-}
-
-/// A validated model configuration.
+/// A validated model configuration: the shape every family shares, and the family's choice
+/// of shared pieces (see [`crate::family`]).
 #[derive(Clone, Debug)]
 pub struct ModelConfig {
     pub arch: Arch,
@@ -44,6 +34,7 @@ pub struct ModelConfig {
     pub num_layers: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    /// Query/key head dimension (MLA: nope + rope dims).
     pub head_dim: usize,
     pub vocab_size: usize,
     /// Intermediate size of dense (non-MoE) MLP layers.
@@ -52,31 +43,47 @@ pub struct ModelConfig {
     pub moe_intermediate_size: usize,
     pub num_experts: usize,
     pub experts_per_tok: usize,
-    pub norm_topk_prob: bool,
     pub rms_norm_eps: f32,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
+    /// Dimensions rotated by rope.
+    pub rope_dim: usize,
     pub max_position_embeddings: usize,
-    pub sliding_window: Option<usize>,
+    /// Per layer: the sliding window, if the layer has one.
+    pub windows: Vec<Option<usize>>,
     pub tie_word_embeddings: bool,
-    pub qk_norm: bool,
-    pub attention_bias: bool,
+    pub attention: AttentionSpec,
+    pub router: RouterSpec,
+    pub experts: ExpertSpec,
+    pub shared_expert: Option<SharedExpertSpec>,
     /// Per layer: true when the layer's MLP is a sparse MoE block.
     pub sparse_layers: Vec<bool>,
+    /// Layers after the decoder's in the checkpoint (multi-token prediction), never loaded.
+    pub skipped_layers: usize,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
 }
 
-struct Obj<'a>(&'a serde_json::Map<String, Value>);
+/// What one cached position holds per layer: `k_width` key floats and `v_width` value
+/// floats. MLA caches only the latent and the rope key (`v_width` 0: values are read from
+/// the latent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvShape {
+    pub k_width: usize,
+    pub v_width: usize,
+}
+
+/// A JSON object with typed, field-naming accessors.
+pub struct Obj<'a>(pub &'a serde_json::Map<String, Value>);
 
 impl<'a> Obj<'a> {
-    fn get(&self, f: &'static str) -> Option<&'a Value> {
+    pub fn get(&self, f: &'static str) -> Option<&'a Value> {
         self.0.get(f).filter(|v| !v.is_null())
     }
-    fn usize(&self, f: &'static str) -> Result<usize, ConfigError> {
+    pub fn usize(&self, f: &'static str) -> Result<usize, ConfigError> {
         self.opt_usize(f)?.ok_or(ConfigError::Missing(f))
     }
-    fn opt_usize(&self, f: &'static str) -> Result<Option<usize>, ConfigError> {
+    pub fn opt_usize(&self, f: &'static str) -> Result<Option<usize>, ConfigError> {
         match self.get(f) {
             None => Ok(None),
             Some(v) => v
@@ -85,14 +92,14 @@ impl<'a> Obj<'a> {
                 .ok_or_else(|| invalid(f, format!("expected a non-negative integer, got {v}"))),
         }
     }
-    fn pos(&self, f: &'static str) -> Result<usize, ConfigError> {
+    pub fn pos(&self, f: &'static str) -> Result<usize, ConfigError> {
         let v = self.usize(f)?;
         if v == 0 {
             return Err(invalid(f, "must be positive".into()));
         }
         Ok(v)
     }
-    fn f64(&self, f: &'static str) -> Result<Option<f64>, ConfigError> {
+    pub fn f64(&self, f: &'static str) -> Result<Option<f64>, ConfigError> {
         match self.get(f) {
             None => Ok(None),
             Some(v) => v
@@ -101,7 +108,7 @@ impl<'a> Obj<'a> {
                 .ok_or_else(|| invalid(f, format!("expected a number, got {v}"))),
         }
     }
-    fn bool(&self, f: &'static str, default: bool) -> Result<bool, ConfigError> {
+    pub fn bool(&self, f: &'static str, default: bool) -> Result<bool, ConfigError> {
         match self.get(f) {
             None => Ok(default),
             Some(v) => v
@@ -109,7 +116,7 @@ impl<'a> Obj<'a> {
                 .ok_or_else(|| invalid(f, format!("expected a boolean, got {v}"))),
         }
     }
-    fn str(&self, f: &'static str) -> Result<Option<&'a str>, ConfigError> {
+    pub fn str(&self, f: &'static str) -> Result<Option<&'a str>, ConfigError> {
         match self.get(f) {
             None => Ok(None),
             Some(v) => v
@@ -120,7 +127,7 @@ impl<'a> Obj<'a> {
     }
 }
 
-fn invalid(field: &str, detail: String) -> ConfigError {
+pub(crate) fn invalid(field: &str, detail: String) -> ConfigError {
     ConfigError::Invalid {
         field: field.to_string(),
         detail,
@@ -161,23 +168,20 @@ impl ModelConfig {
             .as_object()
             .ok_or_else(|| ConfigError::Json("top level is not an object".into()))?;
         let o = Obj(map);
-        let arch_name = match o.get("architectures") {
-            Some(Value::Array(a)) if !a.is_empty() => a[0]
-                .as_str()
-                .ok_or_else(|| invalid("architectures", "expected strings".into()))?
-                .to_string(),
+        let family = match o.get("architectures") {
+            Some(Value::Array(a)) if !a.is_empty() => {
+                let name = a[0]
+                    .as_str()
+                    .ok_or_else(|| invalid("architectures", "expected strings".into()))?;
+                crate::family::by_hf_name(name)
+                    .ok_or_else(|| ConfigError::UnsupportedArch(name.into()))?
+            }
             Some(_) => return Err(invalid("architectures", "expected a non-empty list".into())),
             None => match o.str("model_type")? {
-                Some("qwen3_moe") => "Qwen3MoeForCausalLM".into(),
-                Some("mixtral") => "MixtralForCausalLM".into(),
-                Some(other) => return Err(ConfigError::UnsupportedArch(other.into())),
+                Some(t) => crate::family::by_model_type(t)
+                    .ok_or_else(|| ConfigError::UnsupportedArch(t.into()))?,
                 None => return Err(ConfigError::Missing("architectures")),
             },
-        };
-        let arch = match arch_name.as_str() {
-            "Qwen3MoeForCausalLM" => Arch::Qwen3Moe,
-            "MixtralForCausalLM" => Arch::Mixtral,
-            other => return Err(ConfigError::UnsupportedArch(other.into())),
         };
         // Refused by name rather than half-honoured: quantized layouts and non-attention
         // layer kinds change what the weights mean.
@@ -190,25 +194,6 @@ impl ModelConfig {
                 field: "quantization_config.quant_method".into(),
                 detail: format!("{method:?}: quantized checkpoints are not supported yet"),
             });
-        }
-        if let Some(Value::Array(kinds)) = o.get("layer_types") {
-            if let Some(k) = kinds
-                .iter()
-                .find(|k| !matches!(k.as_str(), Some("full_attention" | "sliding_attention")))
-            {
-                return Err(ConfigError::Unsupported {
-                    field: "layer_types".into(),
-                    detail: format!("layer kind {k} (only full and sliding attention)"),
-                });
-            }
-            // One kind for every layer is what the model runs today (sliding when
-            // sliding_window is set); a per-layer mix would be silently mis-run.
-            if kinds.windows(2).any(|w| w[0] != w[1]) {
-                return Err(ConfigError::Unsupported {
-                    field: "layer_types".into(),
-                    detail: "attention kinds that differ between layers".into(),
-                });
-            }
         }
         if let Some(act) = o.str("hidden_act")? {
             if act != "silu" {
@@ -228,18 +213,28 @@ impl ModelConfig {
                 format!("{num_kv_heads} does not divide num_attention_heads {num_heads}"),
             ));
         }
-        let head_dim = match o.opt_usize("head_dim")? {
-            Some(d) => d,
-            None => {
-                if hidden_size % num_heads != 0 {
-                    return Err(invalid(
-                        "hidden_size",
-                        "not divisible by num_attention_heads and no head_dim given".into(),
-                    ));
-                }
-                hidden_size / num_heads
+        // Bounds far above any released model, so a corrupt or hostile config.json fails here
+        // by name instead of overflowing a size computation or asking for terabytes later.
+        for (field, v, max) in [
+            ("hidden_size", hidden_size, 1 << 16),
+            ("num_hidden_layers", num_layers, 1 << 10),
+            ("num_attention_heads", num_heads, 1 << 10),
+        ] {
+            if v > max {
+                return Err(invalid(
+                    field,
+                    format!("{v} is beyond any supported model (at most {max})"),
+                ));
             }
+        }
+        let common = crate::family::Common {
+            hidden_size,
+            num_layers,
+            num_heads,
+            num_kv_heads,
         };
+        let parts = (family.parse)(&o, &common)?;
+        let head_dim = parts.head_dim;
         if head_dim == 0 || head_dim % 2 != 0 || head_dim > 512 {
             return Err(invalid(
                 "head_dim",
@@ -247,38 +242,6 @@ impl ModelConfig {
             ));
         }
         let vocab_size = o.pos("vocab_size")?;
-        let intermediate_size = o.pos("intermediate_size")?;
-        let (num_experts, moe_intermediate_size, norm_topk_prob, qk_norm, expert_key) = match arch {
-            Arch::Qwen3Moe => (
-                o.usize("num_experts")?,
-                o.pos("moe_intermediate_size")?,
-                o.bool("norm_topk_prob", false)?,
-                true,
-                "num_experts",
-            ),
-            Arch::Mixtral => (
-                o.usize("num_local_experts")?,
-                intermediate_size,
-                true,
-                false,
-                "num_local_experts",
-            ),
-        };
-        if num_experts > 128 {
-            return Err(ConfigError::Unsupported {
-                field: expert_key.into(),
-                detail: format!("{num_experts} experts (at most 128)"),
-            });
-        }
-        let experts_per_tok = o.usize("num_experts_per_tok")?;
-        if num_experts > 0
-            && (experts_per_tok == 0 || experts_per_tok > num_experts || experts_per_tok > 64)
-        {
-            return Err(invalid(
-                "num_experts_per_tok",
-                format!("{experts_per_tok} is not in 1..={}", num_experts.min(64)),
-            ));
-        }
         let rms_norm_eps = o
             .f64("rms_norm_eps")?
             .ok_or(ConfigError::Missing("rms_norm_eps"))? as f32;
@@ -309,35 +272,20 @@ impl ModelConfig {
             None => rope_params,
         };
         let rope_scaling = parse_rope_scaling(scaling_obj, max_position_embeddings)?;
-        let sliding_window = match arch {
-            Arch::Mixtral => o.opt_usize("sliding_window")?,
-            Arch::Qwen3Moe => {
-                if o.bool("use_sliding_window", false)? {
-                    return Err(ConfigError::Unsupported {
-                        field: "use_sliding_window".into(),
-                        detail: "sliding-window attention for Qwen3-MoE (max_window_layers) is not implemented".into(),
-                    });
-                }
-                None
-            }
-        };
-        if sliding_window == Some(0) {
-            return Err(invalid("sliding_window", "must be positive".into()));
-        }
-        let attention_bias = match arch {
-            Arch::Qwen3Moe => o.bool("attention_bias", false)?,
-            Arch::Mixtral => false,
-        };
-        // Bounds far above any released model, so a corrupt or hostile config.json fails here
-        // by name instead of overflowing a size computation or asking for terabytes later.
         for (field, v, max) in [
-            ("hidden_size", hidden_size, 1 << 16),
-            ("num_hidden_layers", num_layers, 1 << 10),
-            ("num_attention_heads", num_heads, 1 << 10),
             ("vocab_size", vocab_size, 1 << 22),
-            ("intermediate_size", intermediate_size, 1 << 20),
-            ("moe_intermediate_size", moe_intermediate_size, 1 << 20),
+            ("intermediate_size", parts.intermediate_size, 1 << 20),
+            (
+                "moe_intermediate_size",
+                parts.moe_intermediate_size,
+                1 << 20,
+            ),
             ("max_position_embeddings", max_position_embeddings, 1 << 24),
+            (
+                "shared_expert_intermediate_size",
+                parts.shared_expert.map_or(0, |s| s.intermediate_size),
+                1 << 20,
+            ),
         ] {
             if v > max {
                 return Err(invalid(
@@ -346,35 +294,6 @@ impl ModelConfig {
                 ));
             }
         }
-        let sparse_layers = match arch {
-            Arch::Mixtral => vec![num_experts > 0; num_layers],
-            Arch::Qwen3Moe => {
-                let step = o.opt_usize("decoder_sparse_step")?.unwrap_or(1);
-                if step == 0 {
-                    return Err(invalid("decoder_sparse_step", "must be positive".into()));
-                }
-                let only: Vec<usize> = match o.get("mlp_only_layers") {
-                    None => vec![],
-                    Some(Value::Array(a)) => a
-                        .iter()
-                        .map(|x| {
-                            x.as_u64().map(|x| x as usize).ok_or_else(|| {
-                                invalid("mlp_only_layers", format!("bad layer index {x}"))
-                            })
-                        })
-                        .collect::<Result<_, _>>()?,
-                    Some(other) => {
-                        return Err(invalid(
-                            "mlp_only_layers",
-                            format!("expected a list, got {other}"),
-                        ))
-                    }
-                };
-                (0..num_layers)
-                    .map(|l| !only.contains(&l) && num_experts > 0 && (l + 1) % step == 0)
-                    .collect()
-            }
-        };
         let eos_token_ids = token_ids(o.get("eos_token_id"), "eos_token_id")?;
         let bos_token_id = token_ids(o.get("bos_token_id"), "bos_token_id")?
             .first()
@@ -392,53 +311,53 @@ impl ModelConfig {
             }
         }
         Ok(ModelConfig {
-            arch,
+            arch: family.arch,
             hidden_size,
             num_layers,
             num_heads,
             num_kv_heads,
             head_dim,
             vocab_size,
-            intermediate_size,
-            moe_intermediate_size,
-            num_experts,
-            experts_per_tok,
-            norm_topk_prob,
+            intermediate_size: parts.intermediate_size,
+            moe_intermediate_size: parts.moe_intermediate_size,
+            num_experts: parts.num_experts,
+            experts_per_tok: parts.experts_per_tok,
             rms_norm_eps,
             rope_theta,
             rope_scaling,
+            rope_dim: parts.rope_dim,
             max_position_embeddings,
-            sliding_window,
+            windows: parts.windows,
             tie_word_embeddings: o.bool("tie_word_embeddings", false)?,
-            qk_norm,
-            attention_bias,
-            sparse_layers,
+            attention: parts.attention,
+            router: parts.router,
+            experts: parts.experts,
+            shared_expert: parts.shared_expert,
+            sparse_layers: parts.sparse_layers,
+            skipped_layers: parts.skipped_layers,
             eos_token_ids,
             bos_token_id,
         })
     }
 
-    /// Parameters in the checkpoint and active per token (embeddings and lm_head included).
-    pub fn param_counts(&self) -> (u64, u64) {
-        let h = self.hidden_size as u64;
-        let attn = h * (self.num_heads * self.head_dim) as u64 * 2
-            + h * (self.num_kv_heads * self.head_dim) as u64 * 2;
-        let expert = 3 * h * self.moe_intermediate_size as u64;
-        let dense = 3 * h * self.intermediate_size as u64;
-        let embed = self.vocab_size as u64 * h * if self.tie_word_embeddings { 1 } else { 2 };
-        let (mut total, mut active) = (embed, embed);
-        for &sparse in &self.sparse_layers {
-            let base = attn + 2 * h;
-            if sparse {
-                let router = h * self.num_experts as u64;
-                total += base + router + expert * self.num_experts as u64;
-                active += base + router + expert * self.experts_per_tok as u64;
-            } else {
-                total += base + dense;
-                active += base + dense;
-            }
+    /// What one cached position holds per layer.
+    pub fn kv_shape(&self) -> KvShape {
+        match &self.attention {
+            AttentionSpec::Gqa { .. } => KvShape {
+                k_width: self.num_kv_heads * self.head_dim,
+                v_width: self.num_kv_heads * self.head_dim,
+            },
+            AttentionSpec::Mla(m) => KvShape {
+                k_width: m.kv_lora_rank + m.qk_rope_head_dim,
+                v_width: 0,
+            },
         }
-        (total, active)
+    }
+
+    /// Bytes the KV cache holds per token over all layers, at `elem_bytes` per element.
+    pub fn kv_bytes_per_token(&self, elem_bytes: usize) -> usize {
+        let s = self.kv_shape();
+        self.num_layers * (s.k_width + s.v_width) * elem_bytes
     }
 }
 

@@ -10,7 +10,8 @@
 //! MoE layer (t·k ids: the per-expert GEMM sizes are needed on the host to launch cuBLAS), and
 //! the requested logits coming down at the end.
 
-use super::{Ffn, ForwardInput, ForwardOutput, Model, Routing};
+use super::{Attention, Ffn, ForwardInput, ForwardOutput, Model, Routing};
+use crate::config::{Activation, AttentionSpec, ModelConfig, QkNorm, RouterSpec};
 use crate::experts::{ExpertSet, Mlp};
 use crate::WorkerError;
 use std::sync::Arc;
@@ -85,6 +86,39 @@ pub struct CudaModel {
     weight_bytes: usize,
 }
 
+/// The pieces this backend implements so far; anything else is refused at load, naming it.
+fn check_supported(cfg: &ModelConfig) -> Result<(), WorkerError> {
+    let missing = match &cfg.attention {
+        AttentionSpec::Mla(_) => Some("multi-head latent attention"),
+        AttentionSpec::Gqa { o_bias: true, .. } => Some("an o_proj bias"),
+        AttentionSpec::Gqa { sinks: true, .. } => Some("attention sinks"),
+        AttentionSpec::Gqa {
+            qk_norm: QkNorm::Full,
+            ..
+        } => Some("q/k norms over the full projection"),
+        AttentionSpec::Gqa { .. } => None,
+    }
+    .or(match cfg.router {
+        RouterSpec::Softmax { .. } => None,
+        _ => Some("this router"),
+    })
+    .or((cfg.experts.act != Activation::Silu || cfg.experts.bias)
+        .then_some("clamped SwiGLU experts with biases"))
+    .or(cfg.shared_expert.map(|_| "shared experts"))
+    .or(cfg
+        .windows
+        .windows(2)
+        .any(|w| w[0] != w[1])
+        .then_some("per-layer sliding windows"));
+    match missing {
+        None => Ok(()),
+        Some(what) => Err(WorkerError::Device(format!(
+            "{} on the CUDA backend: {what} is not implemented there yet (run with --device cpu)",
+            cfg.arch.hf_name()
+        ))),
+    }
+}
+
 impl CudaModel {
     /// Uploads the dense weights of `model` and every expert of `experts` (which must hold
     /// all of them) to device `ordinal`, and allocates a `kv_blocks`-block cache.
@@ -95,17 +129,20 @@ impl CudaModel {
         kv_blocks: usize,
         block_size: usize,
     ) -> Result<Self, WorkerError> {
-        let gpu = Gpu::get(ordinal)?;
         let cfg = &model.cfg;
+        check_supported(cfg)?;
+        let gpu = Gpu::get(ordinal)?;
         let g = &*gpu;
         let vec = |v: &[f32]| g.upload(v);
         let mut weight_bytes = 0;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for (li, l) in model.layers.iter().enumerate() {
-            let a = &l.attn;
+            let Attention::Gqa(a) = &l.attn else {
+                unreachable!("checked by check_supported")
+            };
             let ffn = match &l.ffn {
                 Ffn::Dense(m) => GFfn::Dense(GMlp::upload(g, m)?),
-                Ffn::Moe { router } => {
+                Ffn::Moe { router, .. } => {
                     let mut ex = Vec::with_capacity(cfg.num_experts);
                     for e in 0..cfg.num_experts {
                         let m = experts.get(li, e).ok_or(WorkerError::ExpertMissing {
@@ -122,7 +159,7 @@ impl CudaModel {
                     let table =
                         g.expert_table(&refs, cfg.hidden_size, cfg.moe_intermediate_size)?;
                     GFfn::Moe {
-                        router: g.weight(router.weight())?,
+                        router: g.weight(router.weight.weight())?,
                         experts: ex,
                         table,
                     }
@@ -244,7 +281,7 @@ impl CudaModel {
             head_dim: d,
             block_size: self.block_size,
             scale: 1.0 / (d as f32).sqrt(),
-            window: cfg.sliding_window,
+            window: cfg.windows.first().copied().flatten(),
         };
         let eps = cfg.rms_norm_eps;
         // Every MoE layer's choices stay on the device until the step ends (one download).
@@ -339,7 +376,7 @@ impl CudaModel {
                         t,
                         e,
                         kk,
-                        cfg.norm_topk_prob,
+                        matches!(cfg.router, RouterSpec::Softmax { renormalize: true }),
                         &mut all_ids.slice_mut(span.clone()),
                         &mut all_w.slice_mut(span.clone()),
                     )?;

@@ -6,21 +6,55 @@
 //! (`switchyard_kernels::moe::combine`). Where an expert runs therefore never changes the
 //! arithmetic of the combine, and results are identical for any sharding.
 
-use crate::config::{Arch, ModelConfig};
+use crate::config::{Activation, ModelConfig};
+use crate::family::tensors::ExpertTensors;
 use crate::weights::{Checkpoint, LoadError, Tensor, WeightDType};
 use crate::WorkerError;
-use switchyard_kernels::{linear, linear_batch, silu_mul, LinearJob};
+use switchyard_kernels::{axpy, linear, linear_batch, LinearJob};
 
-/// A SiLU-gated MLP: `down(silu(gate(x)) * up(x))`.
+/// Biases of a gated MLP's three projections.
+pub struct MlpBias {
+    pub gate: Vec<f32>,
+    pub up: Vec<f32>,
+    pub down: Vec<f32>,
+}
+
+/// A gated MLP: `down(act(gate(x), up(x)))`, with optional biases.
 pub struct Mlp {
     pub gate: Tensor,
     pub up: Tensor,
     pub down: Tensor,
+    pub bias: Option<MlpBias>,
+    pub act: Activation,
     pub hidden: usize,
     pub inter: usize,
 }
 
+/// Adds `b` to every `b.len()`-long row of `x`.
+pub(crate) fn add_rows(x: &mut [f32], b: &[f32]) {
+    for row in x.chunks_mut(b.len()) {
+        axpy(row, 1.0, b);
+    }
+}
+
+impl Activation {
+    /// `gate[i] = act(gate[i], up[i])` in place.
+    pub fn apply(&self, gate: &mut [f32], up: &[f32]) {
+        match *self {
+            Activation::Silu => switchyard_kernels::silu_mul(gate, up),
+            Activation::ClampedSwiglu { alpha, limit } => {
+                for (g, u) in gate.iter_mut().zip(up) {
+                    let x = g.min(limit);
+                    let y = u.clamp(-limit, limit);
+                    *g = (y + 1.0) * (x / (1.0 + (-alpha * x).exp()));
+                }
+            }
+        }
+    }
+}
+
 impl Mlp {
+    /// A SiLU-gated MLP without biases from separate `[out, in]` tensors.
     pub fn load(
         ck: &Checkpoint,
         names: [String; 3],
@@ -33,9 +67,84 @@ impl Mlp {
             gate: ck.matrix(&g, &[inter, hidden], dtype)?,
             up: ck.matrix(&u, &[inter, hidden], dtype)?,
             down: ck.matrix(&d, &[hidden, inter], dtype)?,
+            bias: None,
+            act: Activation::Silu,
             hidden,
             inter,
         })
+    }
+
+    /// Routed expert `e` of layer `l`, in the family's layout.
+    pub fn load_expert(
+        ck: &Checkpoint,
+        cfg: &ModelConfig,
+        l: usize,
+        e: usize,
+        dtype: WeightDType,
+    ) -> Result<Self, LoadError> {
+        let (h, i, n) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
+        match cfg.expert_tensors(l, e) {
+            ExpertTensors::Separate(names) => {
+                let mut m = Mlp::load(ck, names, h, i, dtype)?;
+                m.act = cfg.experts.act;
+                Ok(m)
+            }
+            ExpertTensors::Fused {
+                gate_up,
+                gate_up_bias,
+                down,
+                down_bias,
+            } => {
+                // gate_up is `x @ W` with W [hidden, 2·inter], gate and up interleaved along
+                // the last axis: gate row j of our [inter, hidden] layout is column 2j.
+                let gu = ck.slab(&gate_up, &[n, h, 2 * i], e)?;
+                let mut gate = vec![0.0f32; i * h];
+                let mut up = vec![0.0f32; i * h];
+                for r in 0..h {
+                    for j in 0..i {
+                        gate[j * h + r] = gu[r * 2 * i + 2 * j];
+                        up[j * h + r] = gu[r * 2 * i + 2 * j + 1];
+                    }
+                }
+                let gub = ck.slab(&gate_up_bias, &[n, 2 * i], e)?;
+                let dn = ck.slab(&down, &[n, i, h], e)?;
+                let mut down_t = vec![0.0f32; h * i];
+                for j in 0..i {
+                    for r in 0..h {
+                        down_t[r * i + j] = dn[j * h + r];
+                    }
+                }
+                Ok(Mlp {
+                    gate: Tensor::from_f32(vec![i, h], gate, dtype),
+                    up: Tensor::from_f32(vec![i, h], up, dtype),
+                    down: Tensor::from_f32(vec![h, i], down_t, dtype),
+                    bias: Some(MlpBias {
+                        gate: gub.iter().step_by(2).copied().collect(),
+                        up: gub.iter().skip(1).step_by(2).copied().collect(),
+                        down: ck.slab(&down_bias, &[n, h], e)?,
+                    }),
+                    act: cfg.experts.act,
+                    hidden: h,
+                    inter: i,
+                })
+            }
+        }
+    }
+
+    /// After the gate and up projections of some rows: biases, then the activation (into
+    /// `g`).
+    fn activate(&self, g: &mut [f32], u: &mut [f32]) {
+        if let Some(b) = &self.bias {
+            add_rows(g, &b.gate);
+            add_rows(u, &b.up);
+        }
+        self.act.apply(g, u);
+    }
+
+    fn finish(&self, out: &mut [f32]) {
+        if let Some(b) = &self.bias {
+            add_rows(out, &b.down);
+        }
     }
 
     /// `out[rows, hidden] = mlp(x[rows, hidden])`.
@@ -60,34 +169,13 @@ impl Mlp {
                 out: &mut u,
             },
         ]);
-        silu_mul(&mut g, &u);
+        self.activate(&mut g, &mut u);
         linear(&g, rows, self.inter, self.down.weight(), self.hidden, out);
+        self.finish(out);
     }
 
     pub fn nbytes(&self) -> usize {
         self.gate.nbytes() + self.up.nbytes() + self.down.nbytes()
-    }
-}
-
-/// Tensor names of expert `e` in `layer`: (gate, up, down).
-pub fn expert_tensor_names(arch: Arch, layer: usize, e: usize) -> [String; 3] {
-    match arch {
-        Arch::Qwen3Moe => {
-            let p = format!("model.layers.{layer}.mlp.experts.{e}");
-            [
-                format!("{p}.gate_proj.weight"),
-                format!("{p}.up_proj.weight"),
-                format!("{p}.down_proj.weight"),
-            ]
-        }
-        Arch::Mixtral => {
-            let p = format!("model.layers.{layer}.block_sparse_moe.experts.{e}");
-            [
-                format!("{p}.w1.weight"),
-                format!("{p}.w3.weight"),
-                format!("{p}.w2.weight"),
-            ]
-        }
     }
 }
 
@@ -182,14 +270,7 @@ impl ExpertSet {
         for (layer, held) in sel.per_layer.iter().enumerate() {
             let mut row: Vec<Option<Mlp>> = (0..cfg.num_experts).map(|_| None).collect();
             for &e in held {
-                let names = expert_tensor_names(cfg.arch, layer, e as usize);
-                row[e as usize] = Some(Mlp::load(
-                    ck,
-                    names,
-                    cfg.hidden_size,
-                    cfg.moe_intermediate_size,
-                    dtype,
-                )?);
+                row[e as usize] = Some(Mlp::load_expert(ck, cfg, layer, e as usize, dtype)?);
             }
             experts.push(row);
         }
@@ -338,8 +419,8 @@ pub fn run_experts(work: &[(&Mlp, Vec<usize>)], x: &[f32], hidden: usize) -> Vec
         });
     }
     linear_batch(jobs);
-    for (g, u) in gates.iter_mut().zip(&ups) {
-        silu_mul(g, u);
+    for ((g, u), (mlp, _)) in gates.iter_mut().zip(ups.iter_mut()).zip(work) {
+        mlp.activate(g, u);
     }
     let mut outs: Vec<Vec<f32>> = work
         .iter()
@@ -359,6 +440,9 @@ pub fn run_experts(work: &[(&Mlp, Vec<usize>)], x: &[f32], hidden: usize) -> Vec
         })
         .collect();
     linear_batch(jobs);
+    for (o, (mlp, _)) in outs.iter_mut().zip(work) {
+        mlp.finish(o);
+    }
     outs
 }
 

@@ -4,7 +4,10 @@
 //! - [`config`]: parses a Hugging Face `config.json` into a validated [`config::ModelConfig`].
 //! - [`weights`]: memory-mapped safetensors (single file or sharded with an index); a tensor is
 //!   only read when a rank asks for it.
-//! - [`model`]: the forward pass (Qwen3-MoE, Mixtral) over a batch of sequence chunks.
+//! - [`family`]: one module per model family (config fields, tensor names, which shared
+//!   pieces its layers use) and the registry from `architectures` to it.
+//! - [`layers`]: the shared pieces (attention variants including MLA, routers, shared experts).
+//! - [`model`]: the decoder forward pass every family shares, over a batch of sequence chunks.
 //! - [`experts`]: the expert weights a rank holds and the [`experts::ExpertExec`] interface
 //!   through which the model reaches experts, local or remote.
 //! - [`comm`]: the all-to-all between ranks; [`ep`]: expert parallelism over it.
@@ -19,7 +22,9 @@ pub mod engine;
 pub mod ep;
 pub mod executor;
 pub mod experts;
+pub mod family;
 pub mod kv;
+pub mod layers;
 pub mod membership;
 pub mod model;
 #[cfg(feature = "cuda")]

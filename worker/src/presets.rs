@@ -5,8 +5,8 @@
 //! fixtures' recipe: matrices `N(0, 1/fan_in)`, embeddings `N(0, 1)`, norm weights
 //! `1 + N(0, 0.1)`. The same seed always writes the same bytes.
 
-use crate::config::{Arch, ModelConfig};
-use crate::experts::expert_tensor_names;
+use crate::config::ModelConfig;
+use crate::family::tensors::Init;
 use crate::weights::{SafetensorsWriter, WeightDType};
 use crate::WorkerError;
 use rayon::prelude::*;
@@ -94,90 +94,13 @@ pub fn preset(name: &str) -> Option<Value> {
     }
 }
 
-enum Init {
-    /// N(0, 1/fan_in)
-    Matrix,
-    /// N(0, 1)
-    Embedding,
-    /// 1 + N(0, 0.1)
-    Norm,
-}
-
-/// Every tensor of a model: (name, shape, init).
-fn tensors(cfg: &ModelConfig) -> Vec<(String, Vec<usize>, Init)> {
-    let (h, nh, nkv, d) = (
-        cfg.hidden_size,
-        cfg.num_heads,
-        cfg.num_kv_heads,
-        cfg.head_dim,
-    );
-    let mut t = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![cfg.vocab_size, h],
-        Init::Embedding,
-    )];
-    for l in 0..cfg.num_layers {
-        let p = format!("model.layers.{l}");
-        t.push((format!("{p}.input_layernorm.weight"), vec![h], Init::Norm));
-        t.push((
-            format!("{p}.post_attention_layernorm.weight"),
-            vec![h],
-            Init::Norm,
-        ));
-        let a = format!("{p}.self_attn");
-        t.push((format!("{a}.q_proj.weight"), vec![nh * d, h], Init::Matrix));
-        t.push((format!("{a}.k_proj.weight"), vec![nkv * d, h], Init::Matrix));
-        t.push((format!("{a}.v_proj.weight"), vec![nkv * d, h], Init::Matrix));
-        t.push((format!("{a}.o_proj.weight"), vec![h, nh * d], Init::Matrix));
-        if cfg.qk_norm {
-            t.push((format!("{a}.q_norm.weight"), vec![d], Init::Norm));
-            t.push((format!("{a}.k_norm.weight"), vec![d], Init::Norm));
-        }
-        if cfg.sparse_layers[l] {
-            let router = match cfg.arch {
-                Arch::Qwen3Moe => format!("{p}.mlp.gate.weight"),
-                Arch::Mixtral => format!("{p}.block_sparse_moe.gate.weight"),
-            };
-            t.push((router, vec![cfg.num_experts, h], Init::Matrix));
-            for e in 0..cfg.num_experts {
-                let [g, u, dn] = expert_tensor_names(cfg.arch, l, e);
-                let i = cfg.moe_intermediate_size;
-                t.push((g, vec![i, h], Init::Matrix));
-                t.push((u, vec![i, h], Init::Matrix));
-                t.push((dn, vec![h, i], Init::Matrix));
-            }
-        } else {
-            let i = cfg.intermediate_size;
-            t.push((
-                format!("{p}.mlp.gate_proj.weight"),
-                vec![i, h],
-                Init::Matrix,
-            ));
-            t.push((format!("{p}.mlp.up_proj.weight"), vec![i, h], Init::Matrix));
-            t.push((
-                format!("{p}.mlp.down_proj.weight"),
-                vec![h, i],
-                Init::Matrix,
-            ));
-        }
-    }
-    t.push(("model.norm.weight".into(), vec![h], Init::Norm));
-    if !cfg.tie_word_embeddings {
-        t.push((
-            "lm_head.weight".into(),
-            vec![cfg.vocab_size, h],
-            Init::Matrix,
-        ));
-    }
-    t
-}
-
 fn fill(name_seed: u64, shape: &[usize], init: &Init) -> Vec<f32> {
     let n: usize = shape.iter().product();
     let (mean, std) = match init {
-        Init::Matrix => (0.0, 1.0 / (*shape.last().unwrap() as f64).sqrt()),
+        Init::Matrix { fan_in } => (0.0, 1.0 / (*fan_in as f64).sqrt()),
         Init::Embedding => (0.0, 1.0),
         Init::Norm => (1.0, 0.1),
+        Init::Bias => (0.0, 0.1),
     };
     let mut v = vec![0.0f32; n];
     const CHUNK: usize = 1 << 16;
@@ -241,7 +164,11 @@ pub fn generate(
     } else {
         "F32"
     };
-    let all = tensors(&cfg);
+    let all: Vec<(String, Vec<usize>, Init)> = cfg
+        .tensors()
+        .into_iter()
+        .map(|d| (d.name, d.shape, d.init))
+        .collect();
     // Group consecutive tensors into shards.
     let mut shards: Vec<Vec<usize>> = vec![vec![]];
     let mut size = 0;

@@ -136,6 +136,16 @@ impl Tensor {
             WeightRef::Bf16(w) => w.iter().map(|v| v.to_f32()).collect(),
         }
     }
+    /// An owned tensor from `f32` values, kept in `dtype`.
+    pub fn from_f32(shape: Vec<usize>, v: Vec<f32>, dtype: WeightDType) -> Tensor {
+        debug_assert_eq!(shape.iter().product::<usize>(), v.len());
+        let data = match dtype {
+            WeightDType::F32 => Data::F32(v),
+            WeightDType::Bf16 => Data::Bf16(v.into_iter().map(bf16::from_f32).collect()),
+        };
+        Tensor { shape, data }
+    }
+
     /// Bytes of weight data this tensor holds.
     pub fn nbytes(&self) -> usize {
         match self.weight() {
@@ -353,6 +363,36 @@ impl Checkpoint {
                 dtype: format!("{other:?}"),
             }),
         }
+    }
+
+    /// Entry `index` of the first axis of a tensor of shape `shape` (fused per-expert
+    /// tensors), as owned `f32`; only that entry's bytes are read.
+    pub fn slab(&self, name: &str, shape: &[usize], index: usize) -> Result<Vec<f32>, LoadError> {
+        let e = self.entry(name, shape)?;
+        let elem = match e.dtype {
+            Dtype::F32 => 4,
+            Dtype::BF16 | Dtype::F16 => 2,
+            other => {
+                return Err(LoadError::Dtype {
+                    name: name.into(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        };
+        let rows = shape.first().copied().unwrap_or(0);
+        if index >= rows {
+            return Err(LoadError::Shape {
+                name: format!("{name}[{index}]"),
+                found: shape.to_vec(),
+                expected: vec![index + 1],
+            });
+        }
+        let per = shape[1..].iter().product::<usize>() * elem;
+        let start = e.start + index * per;
+        Ok(decode_f32(
+            &self.shards[e.shard].map[start..start + per],
+            e.dtype,
+        ))
     }
 
     /// The stored dtype of a tensor ("F32", "BF16", "F16" or "other").

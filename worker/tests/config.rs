@@ -109,6 +109,7 @@ fn bench_preset_has_the_specified_size() {
 
 /// Features that change what the weights mean are refused at load, naming the field: a
 /// quantized layout, and layer kinds other than attention (Qwen3-Next's linear attention).
+/// Sliding and full attention may alternate per layer (`layer_types`, as GPT-OSS).
 #[test]
 fn quantized_layouts_and_linear_attention_layers_are_refused_by_name() {
     let mut c = presets::preset("tiny").unwrap();
@@ -137,9 +138,22 @@ fn quantized_layouts_and_linear_attention_layers_are_refused_by_name() {
         "full_attention",
         "full_attention"
     ]);
+    // Sliding layers need a window to slide.
     let e = ModelConfig::from_json(&c).unwrap_err().to_string();
-    assert!(e.contains("layer_types") && e.contains("differ"), "{e}");
+    assert!(e.contains("sliding_window"), "{e}");
+    // With one, each layer gets its own kind.
+    c["sliding_window"] = json!(32);
+    let cfg = ModelConfig::from_json(&c).unwrap();
+    assert_eq!(cfg.windows, vec![None, Some(32), None, None]);
     let mut c = presets::preset("tiny").unwrap();
     c["layer_types"] = json!(vec!["full_attention"; 4]);
     assert!(ModelConfig::from_json(&c).is_ok());
+    // An architecture not registered names itself and what is supported.
+    let mut c = presets::preset("tiny").unwrap();
+    c["architectures"] = json!(["Qwen3NextForCausalLM"]);
+    let e = ModelConfig::from_json(&c).unwrap_err().to_string();
+    assert!(
+        e.contains("Qwen3NextForCausalLM") && e.contains("DeepseekV3ForCausalLM"),
+        "{e}"
+    );
 }
