@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
-"""Hugging Face transformers baseline for `switchyard bench --device cuda`.
+"""Hugging Face transformers baseline for `switchyard bench` (CPU or `--device cuda`).
 
-Measures the same three figures as Switchyard's bench on the same checkpoint and GPU:
+Measures the same three figures as Switchyard's bench on the same checkpoint and device:
 prefill tokens/s of one prompt, and greedy decode tokens/s at batch 1 and batch B (prompts of
 32 random tokens, KV cache on, no padding). Prints one JSON line.
 
-    python3 scripts/bench-hf.py MODEL_DIR [--prefill 512] [--steps 64] [--batch 64]
+    python3 scripts/bench-hf.py MODEL_DIR [--device cuda|cpu] [--dtype bf16|f32]
+                                [--prefill 512] [--steps 64] [--batch 64]
 """
 import argparse
 import json
@@ -15,16 +16,21 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache
 
 
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed(fn):
-    torch.cuda.synchronize()
+    sync()
     t = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    sync()
     return out, time.perf_counter() - t
 
 
-def decode(model, vocab, batch, steps, gen):
-    ids = torch.randint(0, vocab, (batch, 32), generator=gen).cuda()
+def decode(model, vocab, batch, steps, gen, device):
+    ids = torch.randint(0, vocab, (batch, 32), generator=gen).to(device)
     with torch.no_grad():
         cache = DynamicCache()
         out = model(input_ids=ids, past_key_values=cache, use_cache=True)
@@ -32,11 +38,11 @@ def decode(model, vocab, batch, steps, gen):
         warm = 3
         for s in range(steps + warm):
             if s == warm:
-                torch.cuda.synchronize()
+                sync()
                 t0 = time.perf_counter()
             out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-        torch.cuda.synchronize()
+        sync()
         return batch * steps / (time.perf_counter() - t0)
 
 
@@ -46,11 +52,18 @@ def main():
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "f32"])
     a = ap.parse_args()
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.bfloat16).cuda().eval()
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    model = (
+        AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation="sdpa")
+        .to(a.device)
+        .eval()
+    )
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (1, a.prefill), generator=gen).cuda()
+    prompt = torch.randint(0, vocab, (1, a.prefill), generator=gen).to(a.device)
     best = 0.0
     with torch.no_grad():
         for rep in range(3):
@@ -60,12 +73,14 @@ def main():
     print(json.dumps({
         "impl": "transformers " + __import__("transformers").__version__,
         "torch": torch.__version__,
-        "gpu": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if a.device.startswith("cuda") else "cpu",
+        "dtype": a.dtype,
+        "threads": torch.get_num_threads(),
         "prefill_tokens": a.prefill,
         "prefill_tok_s": best,
-        "decode_tok_s_b1": decode(model, vocab, 1, a.steps, gen),
+        "decode_tok_s_b1": decode(model, vocab, 1, a.steps, gen, a.device),
         "batch": a.batch,
-        "decode_tok_s_batch": decode(model, vocab, a.batch, a.steps // 2, gen),
+        "decode_tok_s_batch": decode(model, vocab, a.batch, a.steps // 2, gen, a.device),
     }))
 
 

@@ -34,6 +34,10 @@ pub struct BenchReport {
     pub device: String,
     pub threads: usize,
     pub weight_bytes: usize,
+    /// The model family (`architectures`).
+    pub architecture: String,
+    /// KV cache bytes per token of context, all layers (MLA: the latent and rope key only).
+    pub kv_bytes_per_token: usize,
     /// Weight bytes a single decode token must read (dense + top-k experts + lm_head).
     pub bytes_per_token: usize,
     pub load_s: f64,
@@ -162,6 +166,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
     let load_s = t.elapsed().as_secs_f64();
     let cfg = engine.config().clone();
     let dtype = engine.model.dtype;
+    let kv_bytes_per_token = engine.kv_bytes_per_token();
     let elem = if dtype == WeightDType::Bf16 { 2 } else { 4 };
     let (_, active) = cfg.param_counts();
     let bytes_per_token = ((active - (cfg.vocab_size * cfg.hidden_size) as u64
@@ -226,6 +231,8 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
         device: opts.device.to_string(),
         threads: rayon::current_num_threads(),
         weight_bytes,
+        architecture: cfg.arch.hf_name().into(),
+        kv_bytes_per_token,
         bytes_per_token,
         load_s,
         read_bandwidth_gb_s: bw,

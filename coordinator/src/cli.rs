@@ -903,6 +903,10 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         r.bytes_per_token as f64 / 1e6
     );
     println!(
+        "kv cache         {} bytes per token of context ({}, f32)",
+        r.kv_bytes_per_token, r.architecture
+    );
+    println!(
         "read bandwidth   {:.1} GB/s  -> decode bound {:.1} tok/s",
         r.read_bandwidth_gb_s, r.decode_b1_bound_tok_s
     );

@@ -51,17 +51,34 @@ async fn grpc_generate(url: &str, input: generate_request::Input, max_tokens: u3
 
 #[test]
 fn the_openai_package_gets_what_grpc_gets() {
-    let dir = fixture("tiny-qwen3-moe");
-    let tmp = std::env::temp_dir().join(format!("switchyard-openai-{}", std::process::id()));
+    openai_agrees_with_grpc("tiny-qwen3-moe", &["--workers", "2"]);
+}
+
+/// Every family streams over gRPC and through the official `openai` package on a 3-worker
+/// cluster with replicated experts: greedy tokens equal the transformers goldens, reasoning
+/// (the fixtures' templates open `<think>`) arrives as reasoning, and both APIs agree.
+#[test]
+fn each_family_streams_over_grpc_and_the_openai_package() {
+    for model in [
+        "tiny-qwen2-moe",
+        "tiny-olmoe",
+        "tiny-deepseek-v3",
+        "tiny-gpt-oss",
+    ] {
+        openai_agrees_with_grpc(model, &["--workers", "3", "--redundant-experts", "2"]);
+    }
+}
+
+fn openai_agrees_with_grpc(model: &str, cluster: &[&str]) {
+    let dir = fixture(model);
+    let tmp =
+        std::env::temp_dir().join(format!("switchyard-openai-{model}-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
     let keys = tmp.join("keys");
     std::fs::write(&keys, format!("# test keys\n{KEY}\n")).unwrap();
-    let (_p, line) = spawn_announcing(&[
-        "up",
-        "--model",
-        dir.to_str().unwrap(),
-        "--workers",
-        "2",
+    let mut args = vec!["up", "--model", dir.to_str().unwrap()];
+    args.extend_from_slice(cluster);
+    args.extend_from_slice(&[
         "--grpc-addr",
         "127.0.0.1:0",
         "--http-addr",
@@ -69,6 +86,7 @@ fn the_openai_package_gets_what_grpc_gets() {
         "--api-keys-file",
         keys.to_str().unwrap(),
     ]);
+    let (_p, line) = spawn_announcing(&args);
     let (grpc, http) = (announced(&line, "grpc"), announced(&line, "http"));
     assert_eq!(http_get(&format!("{http}/healthz")).trim(), "ok");
     let golden: Value =
@@ -76,7 +94,11 @@ fn the_openai_package_gets_what_grpc_gets() {
     let p0 = &golden["prompts"][0];
     let prompt_ids: Vec<u32> = ids(&p0["input_ids"]).iter().map(|&x| x as u32).collect();
     let n = ids(&p0["greedy"]["new_ids"]).len() as u32;
-    let (chat, completion) = block_on(async {
+    let want: Vec<u32> = ids(&p0["greedy"]["new_ids"])
+        .iter()
+        .map(|&x| x as u32)
+        .collect();
+    let (chat, completion, greedy) = block_on(async {
         let chat = grpc_generate(
             &grpc,
             generate_request::Input::Chat(ChatInput {
@@ -97,8 +119,31 @@ fn the_openai_package_gets_what_grpc_gets() {
             n,
         )
         .await;
-        (chat, completion)
+        let mut c = InferenceClient::connect(grpc.clone()).await.unwrap();
+        let mut req = tonic::Request::new(GenerateRequest {
+            input: Some(generate_request::Input::TokenIds(TokenIds {
+                ids: prompt_ids.clone(),
+            })),
+            max_tokens: n,
+            ignore_eos: true,
+            stream_token_ids: true,
+            ..Default::default()
+        });
+        with_key(&mut req, KEY);
+        let mut s = c.generate(req).await.unwrap().into_inner();
+        let mut greedy = Vec::new();
+        while let Some(m) = s.message().await.unwrap() {
+            if let Some(Event::Delta(d)) = m.event {
+                greedy.extend(d.token_ids);
+            }
+        }
+        (chat, completion, greedy)
     });
+    assert_eq!(greedy, want, "{model}: greedy tokens over gRPC");
+    assert!(
+        !chat["reasoning"].as_str().unwrap().is_empty(),
+        "{model}: the template opens <think>, so the chat starts in reasoning: {chat}"
+    );
     let mut chat = chat;
     chat["message"] = json!("Why is the sky blue?");
     chat["max_tokens"] = json!(24);

@@ -183,7 +183,9 @@ const M_BLOCK: usize = 32;
 /// (`[rows, m]`): 4x3 register tiles where possible, row-at-a-time at the edges.
 fn dot_block(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, j0: usize, t: &mut [f32]) {
     let rows = t.len() / m;
-    let triples = if m >= 4 && simd::tile_4x3(&x[..4 * k], k, w, j0).is_some() {
+    // Probe the tile kernel only where a whole triple of weight rows exists (a block's last
+    // one or two rows at the end of the matrix would be read past).
+    let triples = if m >= 4 && rows >= 3 && simd::tile_4x3(&x[..4 * k], k, w, j0).is_some() {
         rows / 3
     } else {
         0

@@ -19,6 +19,9 @@ fn linear_f32_matches_reference_for_all_row_regimes() {
         (8, 256, 96),
         (13, 70, 40),
         (64, 128, 200),
+        // A weight block ending one row short of a tile triple (found by the tiny
+        // DeepSeek preset's dense down projection).
+        (8, 192, 128),
     ] {
         let x = randn(&mut rng, m * k, 1.0);
         let w = randn(&mut rng, n * k, (1.0 / k as f32).sqrt());

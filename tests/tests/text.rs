@@ -100,6 +100,83 @@ fn chat_template_opens_reasoning_and_output_splits_at_think_end() {
     assert_eq!((r.as_str(), a.as_str()), ("plan", "The answer"));
 }
 
+/// GPT-OSS's harmony format: a tokenizer with its special tokens; the analysis channel streams
+/// as reasoning, the final channel as the answer, and no header or marker leaks into either.
+#[test]
+fn harmony_channels_split_analysis_from_final() {
+    let dir = std::env::temp_dir().join(format!("sy-harmony-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut tj: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tokenizer").join("tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    let marks = [
+        "<|start|>",
+        "<|channel|>",
+        "<|message|>",
+        "<|end|>",
+        "<|return|>",
+    ];
+    let base = 3000;
+    for (i, m) in marks.iter().enumerate() {
+        tj["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "id": base + i, "content": m, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true
+            }));
+    }
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"chat_template": "{% for m in messages %}<|start|>{{ m.role }}<|message|>{{ m.content }}<|end|>{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}"}"#,
+    )
+    .unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    let h = tok.harmony.expect("harmony markers found");
+    let msgs = vec![Message {
+        role: "user".into(),
+        content: "Hi".into(),
+    }];
+    let prompt = tok.encode_chat(&msgs, true).unwrap();
+    assert!(tok
+        .render_chat(&msgs, true)
+        .unwrap()
+        .ends_with("<|start|>assistant"));
+    let mut gen = vec![h.channel];
+    gen.extend(tok.encode("analysis").unwrap());
+    gen.push(h.message);
+    gen.extend(tok.encode("Think it through.").unwrap());
+    gen.push(h.end);
+    gen.push(h.start);
+    gen.extend(tok.encode("assistant").unwrap());
+    gen.push(h.channel);
+    gen.extend(tok.encode("final").unwrap());
+    gen.push(h.message);
+    gen.extend(tok.encode("Blue light scatters.").unwrap());
+    let mut out = OutputText::new(&tok, &prompt, vec![]);
+    let (mut r, mut a) = (String::new(), String::new());
+    let mut reasoning_tokens = 0;
+    for id in gen {
+        let d = out.push(&tok, id).unwrap();
+        if out.in_reasoning() {
+            reasoning_tokens += 1;
+        }
+        r.push_str(&d.reasoning);
+        a.push_str(&d.text);
+    }
+    let d = out.finish(&tok).unwrap();
+    r.push_str(&d.reasoning);
+    a.push_str(&d.text);
+    assert_eq!(
+        (r.as_str(), a.as_str()),
+        ("Think it through.", "Blue light scatters.")
+    );
+    assert!(reasoning_tokens > 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn eos_comes_from_generation_config() {
     let tok = Tokenizer::load(&fixture("tiny-qwen3-moe")).unwrap();

@@ -335,6 +335,11 @@ impl Engine {
         self.model.nbytes() + self.experts.nbytes()
     }
 
+    /// Bytes of KV cache per token of context (all layers).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        self.kv.bytes_per_position()
+    }
+
     pub fn kv_used(&self) -> usize {
         self.kv.used()
     }

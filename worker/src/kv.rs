@@ -42,6 +42,18 @@ impl KvCache {
         }
     }
 
+    /// Bytes the pools hold per cached position, all layers together (what was allocated,
+    /// not a formula).
+    pub fn bytes_per_position(&self) -> usize {
+        let slots = (self.num_blocks * self.block_size).max(1);
+        self.k
+            .iter()
+            .chain(&self.v)
+            .map(|p| p.len() * std::mem::size_of::<f32>())
+            .sum::<usize>()
+            / slots
+    }
+
     pub fn capacity(&self) -> usize {
         self.num_blocks
     }

@@ -15,7 +15,17 @@ use std::path::Path;
 use switchyard_kernels::rng::Rng;
 
 /// Names of the built-in presets.
-pub const PRESETS: &[&str] = &["tiny", "tiny-mixtral", "bench", "long"];
+pub const PRESETS: &[&str] = &[
+    "tiny",
+    "tiny-mixtral",
+    "tiny-qwen2-moe",
+    "tiny-olmoe",
+    "tiny-deepseek-v3",
+    "tiny-gpt-oss",
+    "bench",
+    "bench-deepseek-v3",
+    "long",
+];
 
 /// The `config.json` of a preset.
 pub fn preset(name: &str) -> Option<Value> {
@@ -90,8 +100,94 @@ pub fn preset(name: &str) -> Option<Value> {
             "torch_dtype": "float32",
             "vocab_size": 2048
         })),
+        "tiny-qwen2-moe" => Some(json!({
+            "architectures": ["Qwen2MoeForCausalLM"],
+            "model_type": "qwen2_moe",
+            "bos_token_id": 2043, "eos_token_id": 2045, "pad_token_id": 2043,
+            "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "hidden_act": "silu", "hidden_size": 128, "intermediate_size": 192,
+            "max_position_embeddings": 4096, "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 96, "norm_topk_prob": true,
+            "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_experts": 16, "num_experts_per_tok": 4, "num_hidden_layers": 4,
+            "qkv_bias": true, "rms_norm_eps": 1e-6, "rope_scaling": null,
+            "rope_theta": 1000000.0, "sliding_window": null, "use_sliding_window": false,
+            "tie_word_embeddings": false, "torch_dtype": "float32", "vocab_size": 2048
+        })),
+        "tiny-olmoe" => Some(json!({
+            "architectures": ["OlmoeForCausalLM"],
+            "model_type": "olmoe",
+            "bos_token_id": 2043, "eos_token_id": 2045, "pad_token_id": 2043,
+            "attention_bias": false, "clip_qkv": null,
+            "hidden_act": "silu", "hidden_size": 128, "intermediate_size": 64,
+            "max_position_embeddings": 4096, "norm_topk_prob": false,
+            "num_attention_heads": 4, "num_key_value_heads": 4,
+            "num_experts": 16, "num_experts_per_tok": 4, "num_hidden_layers": 4,
+            "rms_norm_eps": 1e-5, "rope_scaling": null, "rope_theta": 10000.0,
+            "tie_word_embeddings": false, "torch_dtype": "float32", "vocab_size": 2048
+        })),
+        "tiny-deepseek-v3" => Some(deepseek(128, 4, 4, 48, 32, 16, 8, 16, 192, 32, 16, 2, 2, 1)),
+        // DeepSeek-V3's shape scaled to the `bench` preset's budget: MLA (q_lora 384,
+        // kv_lora 256, nope 64 + rope 32, v 64), one dense layer then 64 routed experts in
+        // 8 groups (4 kept), top-8, one shared expert.
+        "bench-deepseek-v3" => Some(deepseek(
+            1024, 8, 16, 384, 256, 64, 32, 64, 2048, 256, 64, 8, 8, 4,
+        )),
+        "tiny-gpt-oss" => Some(json!({
+            "architectures": ["GptOssForCausalLM"],
+            "model_type": "gpt_oss",
+            "bos_token_id": 2043, "eos_token_id": 2045, "pad_token_id": 2043,
+            "attention_bias": true, "head_dim": 32,
+            "hidden_act": "silu", "hidden_size": 128, "intermediate_size": 64,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            "max_position_embeddings": 4096,
+            "num_attention_heads": 4, "num_key_value_heads": 2,
+            "num_local_experts": 16, "num_experts_per_tok": 4, "num_hidden_layers": 4,
+            "rms_norm_eps": 1e-5,
+            "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 4.0,
+                "original_max_position_embeddings": 1024, "rope_type": "yarn", "truncate": false},
+            "rope_theta": 150000.0, "sliding_window": 128,
+            "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+            "tie_word_embeddings": false, "torch_dtype": "float32", "vocab_size": 2048
+        })),
         _ => None,
     }
+}
+
+/// A `DeepseekV3ForCausalLM` config (layer 0 dense, the rest sparse, one shared expert).
+#[allow(clippy::too_many_arguments)]
+fn deepseek(
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    q_lora: usize,
+    kv_lora: usize,
+    nope: usize,
+    rope: usize,
+    v: usize,
+    inter: usize,
+    moe_inter: usize,
+    experts: usize,
+    topk: usize,
+    groups: usize,
+    topk_group: usize,
+) -> Value {
+    json!({
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": "deepseek_v3",
+        "bos_token_id": 2043, "eos_token_id": 2045, "pad_token_id": 2043,
+        "attention_bias": false, "first_k_dense_replace": 1, "hidden_act": "silu",
+        "hidden_size": hidden, "intermediate_size": inter, "kv_lora_rank": kv_lora,
+        "max_position_embeddings": 32768, "moe_intermediate_size": moe_inter,
+        "n_group": groups, "n_routed_experts": experts, "n_shared_experts": 1,
+        "norm_topk_prob": true, "num_attention_heads": heads, "num_experts_per_tok": topk,
+        "num_hidden_layers": layers, "num_key_value_heads": heads,
+        "num_nextn_predict_layers": 0, "q_lora_rank": q_lora, "qk_nope_head_dim": nope,
+        "qk_rope_head_dim": rope, "rms_norm_eps": 1e-6, "rope_interleave": true,
+        "rope_scaling": null, "rope_theta": 10000.0, "routed_scaling_factor": 2.5,
+        "tie_word_embeddings": false, "topk_group": topk_group, "torch_dtype": "float32",
+        "v_head_dim": v, "vocab_size": 2048
+    })
 }
 
 fn fill(name_seed: u64, shape: &[usize], init: &Init) -> Vec<f32> {

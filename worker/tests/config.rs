@@ -157,3 +157,144 @@ fn quantized_layouts_and_linear_attention_layers_are_refused_by_name() {
         "{e}"
     );
 }
+
+/// DeepSeek-V3's released `config.json` shape (quantization aside), and Kimi K2's changes.
+fn deepseek_v3_released() -> serde_json::Value {
+    json!({
+        "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+        "bos_token_id": 0, "eos_token_id": 1, "first_k_dense_replace": 3,
+        "hidden_act": "silu", "hidden_size": 7168, "intermediate_size": 18432,
+        "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 2048,
+        "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256, "n_shared_experts": 1,
+        "norm_topk_prob": true, "num_attention_heads": 128, "num_experts_per_tok": 8,
+        "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1,
+        "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "rms_norm_eps": 1e-6,
+        "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0,
+            "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096, "type": "yarn"},
+        "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid",
+        "tie_word_embeddings": false, "topk_group": 4, "topk_method": "noaux_tc",
+        "v_head_dim": 128, "vocab_size": 129280
+    })
+}
+
+/// KV bytes per token follow each family's formula, read off the allocated cache:
+/// standard attention holds K and V per kv head (`2 · kv_heads · head_dim` floats per layer),
+/// MLA only the latent and the rope key (`kv_lora_rank + qk_rope_head_dim`). The formulas
+/// are computed here from the raw config fields, not through `ModelConfig`.
+#[test]
+fn kv_bytes_per_token_follow_each_family_formula() {
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures");
+    for name in [
+        "tiny-qwen3-moe",
+        "tiny-mixtral",
+        "tiny-qwen2-moe",
+        "tiny-olmoe",
+        "tiny-deepseek-v3",
+        "tiny-gpt-oss",
+    ] {
+        let raw: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(fixtures.join(name).join("config.json")).unwrap(),
+        )
+        .unwrap();
+        let u = |f: &str| raw[f].as_u64().unwrap() as usize;
+        let layers = u("num_hidden_layers");
+        let per_layer_floats = if raw.get("kv_lora_rank").is_some() {
+            u("kv_lora_rank") + u("qk_rope_head_dim")
+        } else {
+            let hd = raw
+                .get("head_dim")
+                .and_then(|v| v.as_u64())
+                .map(|v| v as usize)
+                .unwrap_or(u("hidden_size") / u("num_attention_heads"));
+            2 * u("num_key_value_heads") * hd
+        };
+        let want = layers * per_layer_floats * 4;
+        let cfg = ModelConfig::from_json(&raw).unwrap();
+        let kv = switchyard_worker::kv::KvCache::new(&cfg, 8, 16);
+        assert_eq!(kv.bytes_per_position(), want, "{name}");
+        assert_eq!(cfg.kv_bytes_per_token(4), want, "{name}");
+    }
+    // DeepSeek-V3 in bf16: 61 · (512 + 64) · 2 = 70,272 bytes per token, where caching the
+    // expanded per-head keys and values would take 61 · 128 · (192 + 128) · 2 ≈ 5.0 MB.
+    let ds = ModelConfig::from_json(&deepseek_v3_released()).unwrap();
+    assert_eq!(ds.kv_bytes_per_token(2), 70_272);
+    assert_eq!(ds.skipped_layers, 1, "the MTP layer is skipped, not loaded");
+    let (total, active) = ds.param_counts();
+    // 671B parameters (MTP layer excluded), ~37B active.
+    assert_eq!(total / 1_000_000_000, 671, "{total}");
+    assert_eq!(active / 1_000_000_000, 37, "{active}");
+    // Kimi K2: 384 experts in one group, 64 heads, the first layer dense.
+    let mut k2 = deepseek_v3_released();
+    k2["n_routed_experts"] = json!(384);
+    k2["n_group"] = json!(1);
+    k2["topk_group"] = json!(1);
+    k2["num_attention_heads"] = json!(64);
+    k2["num_key_value_heads"] = json!(64);
+    k2["first_k_dense_replace"] = json!(1);
+    let k2 = ModelConfig::from_json(&k2).unwrap();
+    assert_eq!(k2.num_experts, 384);
+    assert_eq!(k2.kv_bytes_per_token(2), 70_272);
+}
+
+/// Every family's `gen-model` preset writes a checkpoint in the released layout that loads and
+/// runs a chunked prefill equal to one pass (the bench-shaped DeepSeek preset is checked for
+/// size only: 391M parameters, 83M active).
+#[test]
+fn every_family_preset_generates_loads_and_runs() {
+    for name in [
+        "tiny",
+        "tiny-mixtral",
+        "tiny-qwen2-moe",
+        "tiny-olmoe",
+        "tiny-deepseek-v3",
+        "tiny-gpt-oss",
+    ] {
+        let c = presets::preset(name).unwrap();
+        let dir = std::env::temp_dir().join(format!("sy-preset-{name}-{}", std::process::id()));
+        presets::generate(&c, &dir, WeightDType::F32, 3, 1 << 22, &[]).unwrap();
+        let mut e = Engine::load(&dir, &EngineOptions::default()).unwrap();
+        assert_eq!(
+            e.config().arch.hf_name(),
+            c["architectures"][0].as_str().unwrap()
+        );
+        let prompt: Vec<u32> = (0..40).map(|i| (i * 37 % 2000) as u32).collect();
+        let whole = e
+            .step(
+                &[ChunkSpec {
+                    seq_id: 1,
+                    tokens: &prompt,
+                    logits: Logits::Last,
+                }],
+                false,
+            )
+            .unwrap()
+            .logits;
+        let mut last = vec![];
+        for ch in prompt.chunks(16) {
+            last = e
+                .step(
+                    &[ChunkSpec {
+                        seq_id: 2,
+                        tokens: ch,
+                        logits: Logits::Last,
+                    }],
+                    false,
+                )
+                .unwrap()
+                .logits;
+        }
+        let d = whole
+            .iter()
+            .zip(&last)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(whole.iter().all(|x| x.is_finite()), "{name}");
+        assert!(d < 1e-4, "{name}: chunked differs by {d}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let ds = ModelConfig::from_json(&presets::preset("bench-deepseek-v3").unwrap()).unwrap();
+    let (total, active) = ds.param_counts();
+    assert_eq!(total / 1_000_000, 391, "{total}");
+    assert_eq!(active / 1_000_000, 83, "{active}");
+}

@@ -7,7 +7,10 @@
 //!   sequence: text is held back while its decoding ends in a replacement character.
 //! - [`StopMatcher`] holds back any suffix that could still become a stop string, so a partial
 //!   match never leaks into the stream.
-//! - [`OutputText`] combines the two and routes text before `</think>` to reasoning.
+//! - [`OutputText`] combines the two and splits reasoning from the answer by the model's
+//!   convention: text inside `<think>…</think>` (DeepSeek-R1, Qwen3 templates), or GPT-OSS's
+//!   harmony channels (`<|channel|>analysis<|message|>…<|end|>` is reasoning, the `final`
+//!   channel is the answer; headers are never emitted as text).
 
 pub mod detok;
 pub mod stop;
@@ -50,6 +53,17 @@ pub struct Tokenizer {
     pub eos_ids: Vec<u32>,
     pub think_start: Option<u32>,
     pub think_end: Option<u32>,
+    /// GPT-OSS's harmony markers, when the vocabulary has them.
+    pub harmony: Option<Harmony>,
+}
+
+/// The special tokens of OpenAI's harmony format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Harmony {
+    pub start: u32,
+    pub channel: u32,
+    pub message: u32,
+    pub end: u32,
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>, TextError> {
@@ -129,6 +143,20 @@ impl Tokenizer {
         }
         let think_start = inner.token_to_id("<think>");
         let think_end = inner.token_to_id("</think>");
+        let harmony = match (
+            inner.token_to_id("<|start|>"),
+            inner.token_to_id("<|channel|>"),
+            inner.token_to_id("<|message|>"),
+            inner.token_to_id("<|end|>"),
+        ) {
+            (Some(start), Some(channel), Some(message), Some(end)) => Some(Harmony {
+                start,
+                channel,
+                message,
+                end,
+            }),
+            _ => None,
+        };
         Ok(Tokenizer {
             inner,
             chat_template,
@@ -137,6 +165,7 @@ impl Tokenizer {
             eos_ids,
             think_start,
             think_end,
+            harmony,
         })
     }
 
@@ -218,6 +247,16 @@ pub struct TextDelta {
     pub stopped: bool,
 }
 
+/// Where a harmony-format output stands.
+#[derive(Clone, Debug, PartialEq)]
+enum HarmonyState {
+    /// Inside a message header (`<|start|>role<|channel|>name`): nothing is emitted;
+    /// `channel` collects the channel name once `<|channel|>` is seen.
+    Header { channel: Option<String> },
+    /// Inside a message's content.
+    Content,
+}
+
 /// Turns output tokens into reasoning and answer text, with stop strings.
 pub struct OutputText {
     detok: DetokStream,
@@ -225,19 +264,77 @@ pub struct OutputText {
     in_reasoning: bool,
     think_start: Option<u32>,
     think_end: Option<u32>,
+    harmony: Option<(Harmony, HarmonyState)>,
     stopped: bool,
 }
 
 impl OutputText {
     pub fn new(tok: &Tokenizer, prompt: &[u32], stops: Vec<String>) -> Self {
+        // Harmony: generation after `…<|start|>assistant` begins in a header; otherwise in
+        // the content of whatever message is open (the answer unless its channel says).
+        let harmony = tok.harmony.map(|h| {
+            let last = prompt
+                .iter()
+                .rposition(|t| [h.start, h.message, h.end].contains(t))
+                .map(|i| prompt[i]);
+            let state = if last == Some(h.start) {
+                HarmonyState::Header { channel: None }
+            } else {
+                HarmonyState::Content
+            };
+            (h, state)
+        });
         OutputText {
             detok: DetokStream::new(true),
             stop: StopMatcher::new(stops),
-            in_reasoning: tok.starts_in_reasoning(prompt),
+            in_reasoning: harmony.is_none() && tok.starts_in_reasoning(prompt),
             think_start: tok.think_start,
             think_end: tok.think_end,
+            harmony,
             stopped: false,
         }
+    }
+
+    /// Harmony markers and header tokens: returns true when `id` was consumed.
+    fn harmony_token(
+        &mut self,
+        tok: &Tokenizer,
+        id: u32,
+        d: &mut TextDelta,
+    ) -> Result<bool, TextError> {
+        let Some((h, state)) = self.harmony.clone() else {
+            return Ok(false);
+        };
+        let next = if id == h.start || id == h.end {
+            if state == HarmonyState::Content {
+                self.flush_segment(tok, d)?;
+                self.detok = DetokStream::new(true);
+            }
+            self.in_reasoning = false;
+            HarmonyState::Header { channel: None }
+        } else if let HarmonyState::Header { channel } = state {
+            if id == h.channel {
+                HarmonyState::Header {
+                    channel: Some(String::new()),
+                }
+            } else if id == h.message {
+                // Only the analysis channel is reasoning; final (and commentary) is text.
+                self.in_reasoning = channel.as_deref().map(str::trim) == Some("analysis");
+                HarmonyState::Content
+            } else {
+                let channel = channel.map(|mut c| {
+                    c.push_str(&tok.decode(&[id], true).unwrap_or_default());
+                    c
+                });
+                HarmonyState::Header { channel }
+            }
+        } else {
+            return Ok(false);
+        };
+        if let Some((_, s)) = &mut self.harmony {
+            *s = next;
+        }
+        Ok(true)
     }
 
     pub fn in_reasoning(&self) -> bool {
@@ -278,6 +375,9 @@ impl OutputText {
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<TextDelta, TextError> {
         let mut d = TextDelta::default();
         if self.stopped {
+            return Ok(d);
+        }
+        if self.harmony_token(tok, id, &mut d)? {
             return Ok(d);
         }
         if Some(id) == self.think_end && self.in_reasoning {
