@@ -133,7 +133,7 @@ impl Mlp {
 
     /// After the gate and up projections of some rows: biases, then the activation (into
     /// `g`).
-    fn activate(&self, g: &mut [f32], u: &mut [f32]) {
+    pub(crate) fn activate(&self, g: &mut [f32], u: &mut [f32]) {
         if let Some(b) = &self.bias {
             add_rows(g, &b.gate);
             add_rows(u, &b.up);
@@ -141,7 +141,7 @@ impl Mlp {
         self.act.apply(g, u);
     }
 
-    fn finish(&self, out: &mut [f32]) {
+    pub(crate) fn finish(&self, out: &mut [f32]) {
         if let Some(b) = &self.bias {
             add_rows(out, &b.down);
         }

@@ -334,21 +334,26 @@ impl Mla {
         let t = step.rows.len();
         let qk = nope + rope;
         let width = lora + rope;
-        // Queries.
+        // Queries, and the latent and rope key of every row (one parallel region for the
+        // projections that read `x`).
         let mut q = vec![0.0f32; t * nh * qk];
+        let mut ckv = vec![0.0f32; t * width];
         match &self.q_a {
             Some((qa, qa_norm)) => {
                 let r = qa_norm.len();
                 let mut c = vec![0.0f32; t * r];
-                linear(x, t, h, qa.weight(), r, &mut c);
+                linear_batch(vec![
+                    job(x, t, h, qa, r, &mut c),
+                    job(x, t, h, &self.kv_a, width, &mut ckv),
+                ]);
                 rms_norm(&mut c, qa_norm, cfg.rms_norm_eps);
                 linear(&c, t, r, self.q_b.weight(), nh * qk, &mut q);
             }
-            None => linear(x, t, h, self.q_b.weight(), nh * qk, &mut q),
+            None => linear_batch(vec![
+                job(x, t, h, &self.q_b, nh * qk, &mut q),
+                job(x, t, h, &self.kv_a, width, &mut ckv),
+            ]),
         }
-        // The latent and rope key of every row, into the cache.
-        let mut ckv = vec![0.0f32; t * width];
-        linear(x, t, h, self.kv_a.weight(), width, &mut ckv);
         let rot = |v: &mut [f32], c: &[f32], s: &[f32]| {
             if m.interleave {
                 apply_interleaved_with(v, rope, c, s)
@@ -457,11 +462,9 @@ impl Router {
         })
     }
 
-    /// Expert ids and weights `[t, k]` for the rows `x`.
-    pub fn route(&self, x: &[f32], t: usize, h: usize, k: usize) -> (Vec<u32>, Vec<f32>) {
+    /// Expert ids and weights `[t, k]` from router logits `[t, num_experts]` (consumed).
+    pub fn choose(&self, mut logits: Vec<f32>, k: usize) -> (Vec<u32>, Vec<f32>) {
         let e = self.weight.shape[0];
-        let mut logits = vec![0.0f32; t * e];
-        linear(x, t, h, self.weight.weight(), e, &mut logits);
         let router = match self.spec {
             RouterSpec::Softmax { renormalize } => moe::Router::Softmax { renormalize },
             RouterSpec::TopkSoftmax => {
@@ -497,15 +500,18 @@ pub struct SharedExpert {
 }
 
 impl SharedExpert {
-    /// `out += gate(x) · mlp(x)` row by row.
-    fn add_to(&self, x: &[f32], t: usize, out: &mut [f32]) {
+    /// `out += gate(x) · down(act(g, u))` row by row, given the gate and up projections of
+    /// `x` (computed together with the router's logits).
+    fn add_to(&self, x: &[f32], t: usize, mut g: Vec<f32>, mut u: Vec<f32>, out: &mut [f32]) {
         let h = self.mlp.hidden;
         let mut y = vec![0.0f32; t * h];
-        self.mlp.forward(x, t, &mut y);
+        self.mlp.activate(&mut g, &mut u);
+        linear(&g, t, self.mlp.inter, self.mlp.down.weight(), h, &mut y);
+        self.mlp.finish(&mut y);
         for r in 0..t {
             let s = match &self.gate {
-                Some(g) => {
-                    let z = switchyard_kernels::linear::dot(&x[r * h..(r + 1) * h], g);
+                Some(gw) => {
+                    let z = switchyard_kernels::linear::dot(&x[r * h..(r + 1) * h], gw);
                     1.0 / (1.0 + (-z).exp())
                 }
                 None => 1.0,
@@ -590,12 +596,23 @@ impl Ffn {
             }
             Ffn::Moe { router, shared } => {
                 let kk = cfg.experts_per_tok;
-                let (ids, w) = router.route(x, t, h, kk);
+                let e = router.weight.shape[0];
+                // The router and the shared expert's gate/up read the same rows: one region.
+                let mut logits = vec![0.0f32; t * e];
+                let si = shared.as_ref().map_or(0, |s| s.mlp.inter);
+                let (mut g, mut u) = (vec![0.0f32; t * si], vec![0.0f32; t * si]);
+                let mut jobs = vec![job(x, t, h, &router.weight, e, &mut logits)];
+                if let Some(s) = shared {
+                    jobs.push(job(x, t, h, &s.mlp.gate, si, &mut g));
+                    jobs.push(job(x, t, h, &s.mlp.up, si, &mut u));
+                }
+                linear_batch(jobs);
+                let (ids, w) = router.choose(logits, kk);
                 let mut slots = vec![0.0f32; t * kk * h];
                 experts.run(li, x, h, &ids, kk, &mut slots)?;
                 moe::combine(&slots, &w, kk, h, out);
                 if let Some(s) = shared {
-                    s.add_to(x, t, out);
+                    s.add_to(x, t, g, u, out);
                 }
                 Ok(Some(Routed { ids, weights: w }))
             }
