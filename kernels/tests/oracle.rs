@@ -213,10 +213,73 @@ fn pool(rng: &mut Rng, len: usize, bs: usize, kvh: usize, d: usize) -> Pool {
     }
 }
 
+/// Paged attention on a random pool of `len` positions, queried at the first, middle and last
+/// position, against the full-softmax reference (with per-head sinks when `sinks`).
+#[allow(clippy::too_many_arguments)]
+fn check_attention(
+    rng: &mut Rng,
+    heads: usize,
+    kvh: usize,
+    d: usize,
+    bs: usize,
+    len: usize,
+    window: Option<usize>,
+    sinks: bool,
+) {
+    let pl = pool(rng, len, bs, kvh, d);
+    let positions: Vec<usize> = vec![0, len / 2, len - 1];
+    let rows: Vec<QueryRow> = positions
+        .iter()
+        .map(|&pos| QueryRow {
+            table: &pl.table,
+            pos,
+        })
+        .collect();
+    let q = randn(rng, rows.len() * heads * d, 1.0);
+    let sk = randn(rng, heads, 2.0);
+    let mut out = vec![0.0; q.len()];
+    let p = AttnParams {
+        heads,
+        kv_heads: kvh,
+        head_dim: d,
+        scale: 0.25,
+        window,
+    };
+    let kv = KvLayer {
+        k: &pl.k,
+        v: &pl.v,
+        block_size: bs,
+        kv_heads: kvh,
+        head_dim: d,
+    };
+    if sinks {
+        switchyard_kernels::attention::paged_attention_with(&q, &rows, kv, p, Some(&sk), &mut out);
+    } else {
+        paged_attention(&q, &rows, kv, p, &mut out);
+    }
+    for (t, &pos) in positions.iter().enumerate() {
+        let lo = window.map(|w| (pos + 1).saturating_sub(w)).unwrap_or(0);
+        for h in 0..heads {
+            let g = h / (heads / kvh);
+            let qi = &q[(t * heads + h) * d..(t * heads + h + 1) * d];
+            let (ks, vs) = (&pl.keys[g][lo..=pos], &pl.vals[g][lo..=pos]);
+            let r = if sinks {
+                reference::attention_one_with_sink(qi, ks, vs, 0.25, sk[h])
+            } else {
+                reference::attention_one(qi, ks, vs, 0.25)
+            };
+            let o = &out[(t * heads + h) * d..(t * heads + h + 1) * d];
+            assert!(
+                max_abs_diff(o, &r) < 1e-5,
+                "heads={heads} kvh={kvh} d={d} len={len} pos={pos} h={h} sinks={sinks}"
+            );
+        }
+    }
+}
+
 #[test]
 fn paged_attention_matches_full_softmax_reference() {
     let mut rng = Rng::new(7);
-    let (heads, kvh, d, bs) = (4, 2, 16, 16);
     for &(len, window) in &[
         (1usize, None),
         (17, None),
@@ -227,51 +290,7 @@ fn paged_attention_matches_full_softmax_reference() {
         (3000, None),
         (5000, Some(2500)),
     ] {
-        let pl = pool(&mut rng, len, bs, kvh, d);
-        // Queries at a few positions, all in one call.
-        let positions: Vec<usize> = vec![0, len / 2, len - 1];
-        let rows: Vec<QueryRow> = positions
-            .iter()
-            .map(|&pos| QueryRow {
-                table: &pl.table,
-                pos,
-            })
-            .collect();
-        let q = randn(&mut rng, rows.len() * heads * d, 1.0);
-        let mut out = vec![0.0; q.len()];
-        let p = AttnParams {
-            heads,
-            kv_heads: kvh,
-            head_dim: d,
-            scale: 0.25,
-            window,
-        };
-        let kv = KvLayer {
-            k: &pl.k,
-            v: &pl.v,
-            block_size: bs,
-            kv_heads: kvh,
-            head_dim: d,
-        };
-        paged_attention(&q, &rows, kv, p, &mut out);
-        for (t, &pos) in positions.iter().enumerate() {
-            let lo = window.map(|w| (pos + 1).saturating_sub(w)).unwrap_or(0);
-            for h in 0..heads {
-                let g = h / (heads / kvh);
-                let qi = &q[(t * heads + h) * d..(t * heads + h + 1) * d];
-                let r = reference::attention_one(
-                    qi,
-                    &pl.keys[g][lo..=pos],
-                    &pl.vals[g][lo..=pos],
-                    0.25,
-                );
-                let o = &out[(t * heads + h) * d..(t * heads + h + 1) * d];
-                assert!(
-                    max_abs_diff(o, &r) < 1e-5,
-                    "heads={heads} kvh={kvh} d={d} len={len} pos={pos} h={h}"
-                );
-            }
-        }
+        check_attention(&mut rng, 4, 2, 16, 16, len, window, false);
     }
 }
 
@@ -280,7 +299,6 @@ fn paged_attention_matches_full_softmax_reference() {
 #[test]
 fn paged_attention_with_sinks_and_wide_groups_matches_reference() {
     let mut rng = Rng::new(13);
-    let bs = 16;
     for &(heads, kvh, d, len, window, sinks) in &[
         (4usize, 2usize, 16usize, 100usize, None, true),
         (4, 2, 16, 100, Some(32usize), true),
@@ -289,52 +307,7 @@ fn paged_attention_with_sinks_and_wide_groups_matches_reference() {
         (24, 1, 40, 3000, None, false),
         (20, 4, 8, 60, Some(7), true),
     ] {
-        let pl = pool(&mut rng, len, bs, kvh, d);
-        let positions: Vec<usize> = vec![0, len / 2, len - 1];
-        let rows: Vec<QueryRow> = positions
-            .iter()
-            .map(|&pos| QueryRow {
-                table: &pl.table,
-                pos,
-            })
-            .collect();
-        let q = randn(&mut rng, rows.len() * heads * d, 1.0);
-        let sk = randn(&mut rng, heads, 2.0);
-        let mut out = vec![0.0; q.len()];
-        let p = AttnParams {
-            heads,
-            kv_heads: kvh,
-            head_dim: d,
-            scale: 0.25,
-            window,
-        };
-        let kv = KvLayer {
-            k: &pl.k,
-            v: &pl.v,
-            block_size: bs,
-            kv_heads: kvh,
-            head_dim: d,
-        };
-        let sinks_arg = sinks.then_some(&sk[..]);
-        switchyard_kernels::attention::paged_attention_with(&q, &rows, kv, p, sinks_arg, &mut out);
-        for (t, &pos) in positions.iter().enumerate() {
-            let lo = window.map(|w| (pos + 1).saturating_sub(w)).unwrap_or(0);
-            for h in 0..heads {
-                let g = h / (heads / kvh);
-                let qi = &q[(t * heads + h) * d..(t * heads + h + 1) * d];
-                let (ks, vs) = (&pl.keys[g][lo..=pos], &pl.vals[g][lo..=pos]);
-                let r = if sinks {
-                    reference::attention_one_with_sink(qi, ks, vs, 0.25, sk[h])
-                } else {
-                    reference::attention_one(qi, ks, vs, 0.25)
-                };
-                let o = &out[(t * heads + h) * d..(t * heads + h + 1) * d];
-                assert!(
-                    max_abs_diff(o, &r) < 1e-5,
-                    "heads={heads} kvh={kvh} d={d} len={len} pos={pos} h={h}"
-                );
-            }
-        }
+        check_attention(&mut rng, heads, kvh, d, 16, len, window, sinks);
     }
 }
 

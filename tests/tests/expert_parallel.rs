@@ -154,17 +154,7 @@ fn check_with(model: &str, comms: Vec<Comm>, redundant: usize, homing_ranks: usi
     assert_eq!(seen, prompts.len());
 }
 
-/// Every family with fixtures: the original two, Qwen2-MoE (shared expert), OLMoE,
-/// DeepSeek-V3 (MLA, a dense first layer, grouped routing, shared expert) and GPT-OSS (fused
-/// biased experts).
-const MODELS: &[&str] = &[
-    "tiny-qwen3-moe",
-    "tiny-mixtral",
-    "tiny-qwen2-moe",
-    "tiny-olmoe",
-    "tiny-deepseek-v3",
-    "tiny-gpt-oss",
-];
+const MODELS: &[&str] = common::FAMILIES;
 
 #[test]
 fn two_ranks_match_goldens() {

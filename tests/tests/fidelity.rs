@@ -7,14 +7,7 @@ use common::{fixture, floats, golden, ids};
 use switchyard_worker::engine::{ChunkSpec, Device, Engine, EngineOptions, Logits};
 use switchyard_worker::WeightDType;
 
-const MODELS: &[&str] = &[
-    "tiny-qwen3-moe",
-    "tiny-mixtral",
-    "tiny-qwen2-moe",
-    "tiny-olmoe",
-    "tiny-deepseek-v3",
-    "tiny-gpt-oss",
-];
+const MODELS: &[&str] = common::FAMILIES;
 const LOGIT_TOL: f32 = 1e-4;
 
 fn engine(model: &str, opts: EngineOptions) -> Engine {

@@ -4,6 +4,18 @@
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 
+/// Every family with a transformers fixture: the original two, Qwen2-MoE (gated shared
+/// expert), OLMoE, DeepSeek-V3 (MLA, a dense first layer, grouped routing, shared expert) and
+/// GPT-OSS (sinks, alternating windows, fused biased experts).
+pub const FAMILIES: &[&str] = &[
+    "tiny-qwen3-moe",
+    "tiny-mixtral",
+    "tiny-qwen2-moe",
+    "tiny-olmoe",
+    "tiny-deepseek-v3",
+    "tiny-gpt-oss",
+];
+
 /// `tests/fixtures/<name>`.
 pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

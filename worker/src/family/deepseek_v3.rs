@@ -12,15 +12,8 @@ pub static FAMILY: Family = Family {
     hf_name: "DeepseekV3ForCausalLM",
     model_type: "deepseek_v3",
     names: Names {
-        mlp: "mlp",
-        router: "gate",
-        experts: ExpertNames::Separate {
-            gate: "gate_proj",
-            up: "up_proj",
-            down: "down_proj",
-        },
         shared: "shared_experts",
-        shared_gate: "",
+        ..Names::STANDARD
     },
     parse,
 };

@@ -10,11 +10,9 @@ pub static FAMILY: Family = Family {
     hf_name: "GptOssForCausalLM",
     model_type: "gpt_oss",
     names: Names {
-        mlp: "mlp",
         router: "router",
         experts: ExpertNames::FusedInterleaved,
-        shared: "",
-        shared_gate: "",
+        ..Names::STANDARD
     },
     parse,
 };

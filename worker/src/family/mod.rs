@@ -100,6 +100,22 @@ pub struct Names {
     pub shared_gate: &'static str,
 }
 
+impl Names {
+    /// The layout most families use: `mlp.gate`, `mlp.experts.{e}.{gate,up,down}_proj`, no
+    /// shared expert.
+    pub const STANDARD: Names = Names {
+        mlp: "mlp",
+        router: "gate",
+        experts: ExpertNames::Separate {
+            gate: "gate_proj",
+            up: "up_proj",
+            down: "down_proj",
+        },
+        shared: "",
+        shared_gate: "",
+    };
+}
+
 #[derive(Debug)]
 pub enum ExpertNames {
     /// `experts.{e}.{gate|up|down}.weight`, each `[out, in]`.

@@ -7,17 +7,7 @@ pub static FAMILY: Family = Family {
     arch: Arch::Olmoe,
     hf_name: "OlmoeForCausalLM",
     model_type: "olmoe",
-    names: Names {
-        mlp: "mlp",
-        router: "gate",
-        experts: ExpertNames::Separate {
-            gate: "gate_proj",
-            up: "up_proj",
-            down: "down_proj",
-        },
-        shared: "",
-        shared_gate: "",
-    },
+    names: Names::STANDARD,
     parse,
 };
 

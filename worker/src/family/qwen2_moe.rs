@@ -8,15 +8,9 @@ pub static FAMILY: Family = Family {
     hf_name: "Qwen2MoeForCausalLM",
     model_type: "qwen2_moe",
     names: Names {
-        mlp: "mlp",
-        router: "gate",
-        experts: ExpertNames::Separate {
-            gate: "gate_proj",
-            up: "up_proj",
-            down: "down_proj",
-        },
         shared: "shared_expert",
         shared_gate: "shared_expert_gate",
+        ..Names::STANDARD
     },
     parse,
 };

@@ -7,17 +7,7 @@ pub static FAMILY: Family = Family {
     arch: Arch::Qwen3Moe,
     hf_name: "Qwen3MoeForCausalLM",
     model_type: "qwen3_moe",
-    names: Names {
-        mlp: "mlp",
-        router: "gate",
-        experts: ExpertNames::Separate {
-            gate: "gate_proj",
-            up: "up_proj",
-            down: "down_proj",
-        },
-        shared: "",
-        shared_gate: "",
-    },
+    names: Names::STANDARD,
     parse,
 };
 
