@@ -8,6 +8,12 @@ cd "$(dirname "$0")/.."
 source scripts/ensure-deps.sh test
 # A target directory outside the clone lets repeated runs (and fresh clones) reuse builds.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/switchyard/target}"
+# The engine has no network or async dependency (those live in switchyard-runtime).
+engine_deps="$(cargo tree --locked -p switchyard-worker -e normal)"
+if grep -E "^[^a-z]*(tonic|tokio|etcd-client|switchyard-proto) " <<<"$engine_deps"; then
+  echo "switchyard-worker (the engine) must not depend on tonic, tokio, etcd-client or the protos" >&2
+  exit 1
+fi
 cargo test --workspace --locked
 # The CUDA backend (feature `cuda`): every kernel file compiled by NVRTC (required: a kernel
 # that does not compile fails here), and the GPU tests, which print why they skip where no GPU

@@ -12,10 +12,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard_kernels::sampling::SamplingParams;
-use switchyard_worker::engine::{Engine, EngineOptions};
-use switchyard_worker::membership::{
+use switchyard_runtime::membership::{
     with_backoff, EtcdMembership, MemberInfo, Membership, MemoryMembership, Registration,
 };
+use switchyard_worker::engine::{Engine, EngineOptions};
 use switchyard_worker::{presets, WeightDType};
 
 /// The tokenizer shipped with generated models (the fixture tokenizer).
@@ -213,8 +213,8 @@ pub struct ServerTlsArgs {
 }
 
 impl ServerTlsArgs {
-    fn load(&self) -> Result<Option<switchyard_worker::tls::ServerTls>> {
-        Ok(switchyard_worker::tls::ServerTls::from_flags(
+    fn load(&self) -> Result<Option<switchyard_runtime::tls::ServerTls>> {
+        Ok(switchyard_runtime::tls::ServerTls::from_flags(
             self.tls_cert.as_deref(),
             self.tls_key.as_deref(),
             self.tls_client_ca.as_deref(),
@@ -242,7 +242,7 @@ impl ClientTlsArgs {
             None if self.client_cert.is_some() => bail!("--client-cert needs --tls-ca"),
             None => Ok(None),
             Some(ca) => Ok(Some(
-                switchyard_worker::tls::ClientTls {
+                switchyard_runtime::tls::ClientTls {
                     ca: ca.clone(),
                     cert: self.client_cert.clone(),
                     key: self.client_key.clone(),
@@ -291,7 +291,7 @@ impl MembershipArgs {
             return Ok(None);
         };
         let endpoints: Vec<String> = urls.split(',').map(|u| u.trim().to_string()).collect();
-        let sec = switchyard_worker::membership::EtcdSecurity {
+        let sec = switchyard_runtime::membership::EtcdSecurity {
             ca: self.etcd_ca_file.clone(),
             cert: self.etcd_cert_file.clone(),
             key: self.etcd_key_file.clone(),
@@ -964,7 +964,7 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
             control_url: control_url.clone(),
             model: a.model.display().to_string(),
         };
-        let mut svc = switchyard_worker::server::WorkerService::new(id, a.model, opts, comm)?;
+        let mut svc = switchyard_runtime::server::WorkerService::new(id, a.model, opts, comm)?;
         svc.expert_slots = a.expert_slots;
         if let Some(c) = &a.comm_advertise {
             svc.advertise_comm(c.clone());
@@ -1003,7 +1003,7 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
         }
         server
             .add_service(svc.into_server())
-            .serve_with_incoming(switchyard_worker::server::incoming(listener))
+            .serve_with_incoming(switchyard_runtime::server::incoming(listener))
             .await?;
         Ok(())
     })

@@ -16,9 +16,9 @@ use std::sync::mpsc;
 use switchyard_kernels::sampling::SamplingParams;
 use switchyard_proto::cluster::v1::coordinator_message::Msg as CMsg;
 use switchyard_proto::cluster::v1::{ExpertUpdate, SeqChunk, StepPlan, StepResult};
+use switchyard_runtime::executor::Executor;
 use switchyard_worker::comm::{Comm, LocalComm};
 use switchyard_worker::engine::{read_config, Engine, EngineOptions, ExpertSetup};
-use switchyard_worker::executor::Executor;
 use switchyard_worker::WorkerError;
 
 #[derive(Debug, thiserror::Error)]

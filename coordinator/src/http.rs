@@ -98,11 +98,11 @@ pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from
 /// A rustls server configuration (ring) from a listener's PEM files, requiring client
 /// certificates when a client CA is given. HTTP/1.1 only (ALPN), as the plain listener.
 pub fn rustls_config(
-    tls: &switchyard_worker::tls::ServerTls,
-) -> Result<Arc<rustls::ServerConfig>, switchyard_worker::tls::TlsError> {
+    tls: &switchyard_runtime::tls::ServerTls,
+) -> Result<Arc<rustls::ServerConfig>, switchyard_runtime::tls::TlsError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    use switchyard_worker::tls::TlsError;
+    use switchyard_runtime::tls::TlsError;
     let bad = |what: &str, e: &dyn std::fmt::Display| TlsError::Config(format!("{what}: {e}"));
     let (cert, key, ca) = tls.pems()?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert)

@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use std::io::BufRead;
 use std::path::Path;
-use switchyard_worker::membership::MemberInfo;
+use switchyard_runtime::membership::MemberInfo;
 
 pub struct LocalWorkers {
     children: Vec<std::process::Child>,

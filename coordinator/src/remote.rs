@@ -156,7 +156,7 @@ impl GrpcCluster {
                     let (tx, rx) = mpsc::channel(4);
                     let mut call = tonic::Request::new(ReceiverStream::new(rx));
                     call.metadata_mut().insert(
-                        switchyard_worker::server::FENCE_METADATA,
+                        switchyard_runtime::server::FENCE_METADATA,
                         fence
                             .to_string()
                             .parse()

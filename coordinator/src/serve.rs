@@ -19,7 +19,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use switchyard_worker::membership::{with_backoff, MemberInfo, Membership, MembershipEvent};
+use switchyard_runtime::membership::{with_backoff, MemberInfo, Membership, MembershipEvent};
 
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -57,7 +57,7 @@ pub struct ServeOptions {
     /// Admin credentials (distinct from tenant API keys).
     pub admin_keys: Option<Arc<crate::auth::ApiKeys>>,
     /// TLS on the public gRPC, HTTP and Admin listeners (mutual with a client CA).
-    pub tls: Option<switchyard_worker::tls::ServerTls>,
+    pub tls: Option<switchyard_runtime::tls::ServerTls>,
     /// TLS towards `https://` workers' Control listeners (with this coordinator's identity
     /// for mutual TLS).
     pub control_tls: Option<tonic::transport::ClientTlsConfig>,
@@ -382,7 +382,7 @@ pub async fn serve(
         // The Admin API's TLS: the same identity, no client certificate required (its
         // credential is the admin key), so a worker's preStop needs only the CA.
         if let Some(t) = &opts.tls {
-            let t = switchyard_worker::tls::ServerTls {
+            let t = switchyard_runtime::tls::ServerTls {
                 client_ca: None,
                 ..t.clone()
             };
@@ -391,7 +391,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let served = server
                 .add_service(admin)
-                .serve_with_incoming(switchyard_worker::server::incoming(l))
+                .serve_with_incoming(switchyard_runtime::server::incoming(l))
                 .await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "admin server stopped");
@@ -422,7 +422,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(switchyard_proto::v1::inference_server::InferenceServer::from_arc(svc))
-        .serve_with_incoming_shutdown(switchyard_worker::server::incoming(listener), async {
+        .serve_with_incoming_shutdown(switchyard_runtime::server::incoming(listener), async {
             tokio::select! {
                 _ = shutdown => {}
                 _ = lost.wait_for(|l| !*l) => {

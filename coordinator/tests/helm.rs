@@ -481,7 +481,7 @@ fn tls_values_wire_certificates_into_every_role() {
 /// presenting the same certificate, registering and seeing a member; without it, refused.
 #[test]
 fn the_bundled_etcds_generated_certificates_serve_mutual_tls() {
-    use switchyard_worker::membership::{EtcdMembership, EtcdSecurity, MemberInfo, Membership};
+    use switchyard_runtime::membership::{EtcdMembership, EtcdSecurity, MemberInfo, Membership};
     let docs = render_json(&[
         "template".into(),
         "sy".into(),

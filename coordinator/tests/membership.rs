@@ -6,7 +6,7 @@ mod common;
 use common::Etcd;
 
 use std::time::Duration;
-use switchyard_worker::membership::{
+use switchyard_runtime::membership::{
     EtcdMembership, MemberInfo, Membership, MembershipEvent, MemoryMembership,
 };
 use tokio::time::timeout;
@@ -81,7 +81,7 @@ async fn in_memory_membership_keeps_the_contract() {
 /// certificate, or with a wrong password, is refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn etcd_over_tls_with_auth_keeps_the_contract_and_refuses_strangers() {
-    use switchyard_worker::membership::EtcdSecurity;
+    use switchyard_runtime::membership::EtcdSecurity;
     let certs = std::env::temp_dir().join(format!("sy-etcd-certs-{}", std::process::id()));
     common::certificates(&certs);
     let etcd = Etcd::start_tls(&certs);

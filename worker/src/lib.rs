@@ -1,5 +1,6 @@
-//! Switchyard worker library: model configuration, checkpoint loading, the MoE architectures,
-//! the paged KV cache and the engine that runs steps over them.
+//! Switchyard's engine: model configuration and families, checkpoint loading, the forward
+//! pass, the paged KV cache and the engine that runs steps over them. No tonic, tokio or etcd:
+//! the cluster runtime (membership, Control server, executor, TLS) is `switchyard-runtime`.
 //!
 //! - [`config`]: parses a Hugging Face `config.json` into a validated [`config::ModelConfig`].
 //! - [`weights`]: memory-mapped safetensors (single file or sharded with an index); a tensor is
@@ -12,7 +13,6 @@
 //!   through which the model reaches experts, local or remote.
 //! - [`comm`]: the all-to-all between ranks; [`ep`]: expert parallelism over it.
 //! - [`kv`]: the paged KV cache and its block allocator.
-//! - [`membership`]: who the workers are and which coordinator leads (in-memory or etcd).
 //! - [`engine`]: sequences, block tables and steps on one worker.
 //! - [`presets`]: random-initialised checkpoints for demos and benchmarks.
 
@@ -20,18 +20,14 @@ pub mod comm;
 pub mod config;
 pub mod engine;
 pub mod ep;
-pub mod executor;
 pub mod experts;
 pub mod family;
 pub mod kv;
 pub mod layers;
-pub mod membership;
 pub mod model;
 #[cfg(feature = "cuda")]
 pub mod nccl;
 pub mod presets;
-pub mod server;
-pub mod tls;
 pub mod weights;
 
 pub use config::{Arch, ModelConfig};

@@ -17,8 +17,6 @@
 //! [`Executor`](crate::executor::Executor). A worker started with an expert budget
 //! (`expert_slots`) refuses a placement or update that gives it more experts per layer.
 
-use crate::comm::{Comm, TcpComm};
-use crate::engine::{read_config, Engine, EngineOptions, ExpertSetup};
 use crate::executor::{holder_table, Executor};
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -30,6 +28,8 @@ use switchyard_proto::cluster::v1::worker_server::{Worker, WorkerServer};
 use switchyard_proto::cluster::v1::{
     CoordinatorMessage, ExpertAssignment, Placement, StepResult, WorkerHello, WorkerMessage,
 };
+use switchyard_worker::comm::{Comm, TcpComm};
+use switchyard_worker::engine::{read_config, Engine, EngineOptions, ExpertSetup};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};

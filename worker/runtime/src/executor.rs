@@ -12,14 +12,14 @@
 //! version loaded; the first plan naming that version in `expert_version` switches to it before
 //! it runs (every rank gets that plan in the same step, so routing never disagrees).
 
-use crate::engine::{ChunkSpec, Engine, Logits, PreparedExperts};
-use crate::WorkerError;
 use std::collections::HashMap;
 use switchyard_kernels::rng::Rng;
 use switchyard_kernels::sampling::{self, SamplingParams};
 use switchyard_proto::cluster::v1::{
     ExpertUpdate, RankExperts, SampledToken, SeqChunk, StepPlan, StepResult, TokenLogprob,
 };
+use switchyard_worker::engine::{ChunkSpec, Engine, Logits, PreparedExperts};
+use switchyard_worker::WorkerError;
 
 type Loading = std::thread::JoinHandle<Result<PreparedExperts, WorkerError>>;
 
