@@ -434,3 +434,64 @@ mod on_gpu {
         }
     }
 }
+
+/// DeepSeek's multi-token-prediction layer (`num_nextn_predict_layers`, stored as layer
+/// `num_hidden_layers` with its own extra tensors) is skipped, not mis-loaded: a checkpoint
+/// carrying one gives the goldens unchanged.
+#[test]
+fn deepseek_mtp_layers_are_skipped() {
+    use switchyard_worker::weights::SafetensorsWriter;
+    let src = fixture("tiny-deepseek-v3");
+    let dir = std::env::temp_dir().join(format!("sy-mtp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg["num_nextn_predict_layers"] = 1.into();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let parsed = switchyard_worker::ModelConfig::from_json(&cfg).unwrap();
+    assert_eq!(parsed.skipped_layers, 1);
+    let ck = switchyard_worker::Checkpoint::open(&src).unwrap();
+    let mut decl: Vec<(String, &str, Vec<usize>)> = parsed
+        .tensors()
+        .into_iter()
+        .map(|d| (d.name, "F32", d.shape))
+        .collect();
+    let n = decl.len();
+    // The MTP layer: layer 1's tensors again under layer 2, plus its own projections.
+    for i in 0..n {
+        if let Some(rest) = decl[i].0.strip_prefix("model.layers.1.") {
+            let (name, shape) = (format!("model.layers.2.{rest}"), decl[i].2.clone());
+            decl.push((name, "F32", shape));
+        }
+    }
+    decl.push(("model.layers.2.eh_proj.weight".into(), "F32", vec![64, 128]));
+    decl.push(("model.layers.2.enorm.weight".into(), "F32", vec![64]));
+    let mut w = SafetensorsWriter::create(&dir.join("model.safetensors"), &decl).unwrap();
+    for (name, _, shape) in &decl {
+        let numel: usize = shape.iter().product();
+        let v: Vec<f32> = match name.strip_prefix("model.layers.2.") {
+            // Garbage: loading any of it would change the logits.
+            Some(_) => vec![7.0; numel],
+            None => ck.vector(name, shape).unwrap(),
+        };
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        w.write_next(name, &bytes).unwrap();
+    }
+    w.finish().unwrap();
+    let g = golden("tiny-deepseek-v3");
+    let mut e = Engine::load(&dir, &EngineOptions::default()).unwrap();
+    let p = &g["prompts"][0];
+    let all = prompt_logits(&mut e, 1, &ids(&p["input_ids"]));
+    for rec in p["logits"].as_array().unwrap() {
+        let pos = rec["position"].as_u64().unwrap() as usize;
+        assert!(max_abs(&all[pos], &floats(&rec["values"])) < LOGIT_TOL);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
