@@ -43,7 +43,19 @@ pub fn softmax(x: &[f32]) -> Vec<f32> {
 /// Causal attention for one query against `keys`/`values` (`[len, head_dim]` each), using a
 /// full materialised score vector: `softmax(q·Kᵀ · scale) · V`.
 pub fn attention_one(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f32) -> Vec<f32> {
-    let scores: Vec<f32> = keys
+    attention_scores_softmax(q, keys, values, scale, None)
+}
+
+/// Scores in f64, an optional sink logit joining the softmax (then dropped), the weighted sum
+/// of values.
+fn attention_scores_softmax(
+    q: &[f32],
+    keys: &[Vec<f32>],
+    values: &[Vec<f32>],
+    scale: f32,
+    sink: Option<f32>,
+) -> Vec<f32> {
+    let mut scores: Vec<f32> = keys
         .iter()
         .map(|k| {
             (q.iter()
@@ -53,6 +65,7 @@ pub fn attention_one(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>], scale: f
                 * scale as f64) as f32
         })
         .collect();
+    scores.extend(sink);
     let p = softmax(&scores);
     let d = q.len();
     let mut out = vec![0.0f64; d];
@@ -89,26 +102,7 @@ pub fn attention_one_with_sink(
     scale: f32,
     sink: f32,
 ) -> Vec<f32> {
-    let mut scores: Vec<f32> = keys
-        .iter()
-        .map(|k| {
-            (q.iter()
-                .zip(k)
-                .map(|(a, b)| *a as f64 * *b as f64)
-                .sum::<f64>()
-                * scale as f64) as f32
-        })
-        .collect();
-    scores.push(sink);
-    let p = softmax(&scores);
-    let d = q.len();
-    let mut out = vec![0.0f64; d];
-    for (pi, v) in p.iter().zip(values) {
-        for i in 0..d {
-            out[i] += *pi as f64 * v[i] as f64;
-        }
-    }
-    out.into_iter().map(|v| v as f32).collect()
+    attention_scores_softmax(q, keys, values, scale, Some(sink))
 }
 
 /// Indices of `v` sorted by value, descending, ties to the lower index.
