@@ -279,6 +279,11 @@ impl Gpu {
         Ok(match w {
             crate::WeightRef::F32(v) => DevWeight::F32(self.upload(v)?),
             crate::WeightRef::Bf16(v) => DevWeight::Bf16(self.upload(bytemuck::cast_slice(v))?),
+            crate::WeightRef::Fp8(_) => {
+                return Err(CudaError::Unavailable(
+                    "FP8 weights on the CUDA backend are not implemented yet".into(),
+                ))
+            }
         })
     }
     pub fn sync(&self) -> Result<(), CudaError> {

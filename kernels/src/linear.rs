@@ -19,6 +19,8 @@ use rayon::prelude::*;
 pub enum WeightRef<'a> {
     F32(&'a [f32]),
     Bf16(&'a [bf16]),
+    /// FP8 e4m3 with a scale per block, dequantized in registers.
+    Fp8(crate::quant::Fp8Block<'a>),
 }
 
 impl WeightRef<'_> {
@@ -26,6 +28,7 @@ impl WeightRef<'_> {
         match self {
             WeightRef::F32(w) => w.len(),
             WeightRef::Bf16(w) => w.len(),
+            WeightRef::Fp8(w) => w.q.len(),
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -40,6 +43,7 @@ impl WeightRef<'_> {
                     *o = v.to_f32();
                 }
             }
+            WeightRef::Fp8(w) => w.row_into(r, out),
         }
     }
     /// The element at flat index `i`, as `f32`.
@@ -47,6 +51,7 @@ impl WeightRef<'_> {
         match self {
             WeightRef::F32(w) => w[i],
             WeightRef::Bf16(w) => w[i].to_f32(),
+            WeightRef::Fp8(w) => w.get(i),
         }
     }
 }
@@ -103,7 +108,11 @@ pub fn linear_batch(jobs: Vec<LinearJob<'_>>) {
     if small.is_empty() {
         return;
     }
-    let elem = |w: &WeightRef<'_>| if matches!(w, WeightRef::F32(_)) { 4 } else { 2 };
+    let elem = |w: &WeightRef<'_>| match w {
+        WeightRef::F32(_) => 4,
+        WeightRef::Bf16(_) => 2,
+        WeightRef::Fp8(_) => 1,
+    };
     let total_bytes: usize = small.iter().map(|j| j.n * j.k * elem(&j.w)).sum();
     // About 8 chunks per thread, but never below 32 KiB of weights per chunk.
     let chunk_bytes = (total_bytes / (threads * 8)).max(32 << 10);
@@ -173,6 +182,7 @@ fn gemm_job(j: LinearJob<'_>, parallel: bool) {
                 });
             gemm_f32(j.x, j.m, j.k, &wide, j.n, j.out, parallel)
         }
+        WeightRef::Fp8(w) => gemm_f32(j.x, j.m, j.k, &w.to_f32(), j.n, j.out, parallel),
     }
 }
 
@@ -222,6 +232,7 @@ fn dot_one(x: &[f32], k: usize, w: WeightRef<'_>, j: usize) -> f32 {
     match w {
         WeightRef::F32(wf) => simd::dot_rows_f32::<1>(x, k, &wf[j * k..(j + 1) * k])[0],
         WeightRef::Bf16(wb) => simd::dot_rows_bf16::<1>(x, k, &wb[j * k..(j + 1) * k])[0],
+        WeightRef::Fp8(w) => w.dot_rows::<1>(x, j)[0],
     }
 }
 
@@ -238,6 +249,7 @@ fn dot_all_rows(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, j: usize, o: &m
                 WeightRef::Bf16(wb) => {
                     simd::dot_rows_bf16::<$R>(&x[r * k..], k, &wb[j * k..(j + 1) * k])
                 }
+                WeightRef::Fp8(w) => w.dot_rows::<$R>(&x[r * k..], j),
             };
             o[r..r + $R].copy_from_slice(&v);
             r += $R;

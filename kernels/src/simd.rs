@@ -75,6 +75,8 @@ pub fn tile_4x3(x: &[f32], k: usize, w: crate::WeightRef<'_>, j: usize) -> Optio
             match w {
                 crate::WeightRef::F32(w) => avx2::tile_4x3_f32(x, k, &w[j * k..(j + 3) * k]),
                 crate::WeightRef::Bf16(w) => avx2::tile_4x3_bf16(x, k, &w[j * k..(j + 3) * k]),
+                // Quantized rows take the row-at-a-time path (their own dequantizing dot).
+                crate::WeightRef::Fp8(_) => return None,
             }
         });
     }

@@ -516,3 +516,63 @@ fn sampling_params_validation_names_the_field() {
     .to_string();
     assert!(e.contains("temperature"));
 }
+
+/// FP8 e4m3 as the OCP format defines it: 1.0, the largest finite 448, the smallest
+/// subnormal 2⁻⁹, negative zero, NaN.
+#[test]
+fn e4m3_decodes_the_format_corners() {
+    use switchyard_kernels::quant::e4m3_decode;
+    assert_eq!(e4m3_decode(0x38), 1.0);
+    assert_eq!(e4m3_decode(0x7e), 448.0);
+    assert_eq!(e4m3_decode(0xfe), -448.0);
+    assert_eq!(e4m3_decode(0x01), 2f32.powi(-9));
+    assert_eq!(e4m3_decode(0x08), 2f32.powi(-6));
+    assert_eq!(e4m3_decode(0x80), 0.0);
+    assert!(e4m3_decode(0x7f).is_nan() && e4m3_decode(0xff).is_nan());
+}
+
+/// FP8 block-scaled weights dequantized in registers equal dequantize-then-f32, for decode
+/// and prefill row counts and blocks that do not divide the matrix.
+#[test]
+fn linear_fp8_matches_dequantized_reference() {
+    use switchyard_kernels::quant::Fp8Block;
+    let mut rng = Rng::new(21);
+    for &(m, k, n, br, bc) in &[
+        (1usize, 96usize, 50usize, 16usize, 32usize),
+        (4, 128, 64, 128, 128),
+        (7, 200, 33, 32, 64),
+        (20, 96, 50, 16, 32),
+        (8, 192, 128, 128, 128),
+    ] {
+        let x = randn(&mut rng, m * k, 1.0);
+        // Every finite code (0x7f and 0xff are NaN).
+        let q: Vec<u8> = (0..n * k)
+            .map(|_| {
+                let b = (rng.next_u64() % 256) as u8;
+                if b & 0x7f == 0x7f {
+                    0x38
+                } else {
+                    b
+                }
+            })
+            .collect();
+        let scales: Vec<f32> = (0..n.div_ceil(br) * k.div_ceil(bc))
+            .map(|_| 0.001 + (rng.next_u64() % 1000) as f32 * 1e-5)
+            .collect();
+        let w = WeightRef::Fp8(Fp8Block {
+            q: &q,
+            scale_inv: &scales,
+            k,
+            block: [br, bc],
+        });
+        let mut out = vec![0.0; m * n];
+        linear(&x, m, k, w, n, &mut out);
+        let r = reference::linear(&x, m, k, w, n);
+        let scale = r.iter().fold(1.0f32, |a, v| a.max(v.abs()));
+        assert!(
+            max_abs_diff(&out, &r) < 1e-5 * scale,
+            "m={m} k={k} n={n} block={br}x{bc}: {}",
+            max_abs_diff(&out, &r)
+        );
+    }
+}

@@ -62,6 +62,16 @@ pub struct ModelConfig {
     pub skipped_layers: usize,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
+    /// Quantized weights, as released.
+    pub quantization: Option<Quantization>,
+}
+
+/// How a checkpoint's weights are quantized (`quantization_config`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Quantization {
+    /// FP8 e4m3 weights with an f32 `weight_scale_inv` per `block` (`weight_block_size`);
+    /// activations stay unquantized (W8A16).
+    Fp8 { block: [usize; 2] },
 }
 
 /// What one cached position holds per layer: `k_width` key floats and `v_width` value
@@ -185,16 +195,10 @@ impl ModelConfig {
         };
         // Refused by name rather than half-honoured: quantized layouts and non-attention
         // layer kinds change what the weights mean.
-        if let Some(q) = o.get("quantization_config") {
-            let method = q
-                .get("quant_method")
-                .and_then(Value::as_str)
-                .unwrap_or("(none given)");
-            return Err(ConfigError::Unsupported {
-                field: "quantization_config.quant_method".into(),
-                detail: format!("{method:?}: quantized checkpoints are not supported yet"),
-            });
-        }
+        let quantization = match o.get("quantization_config") {
+            None => None,
+            Some(q) => Some(parse_quantization(q)?),
+        };
         if let Some(act) = o.str("hidden_act")? {
             if act != "silu" {
                 return Err(ConfigError::Unsupported {
@@ -337,6 +341,7 @@ impl ModelConfig {
             skipped_layers: parts.skipped_layers,
             eos_token_ids,
             bos_token_id,
+            quantization,
         })
     }
 
@@ -359,6 +364,67 @@ impl ModelConfig {
         let s = self.kv_shape();
         self.num_layers * (s.k_width + s.v_width) * elem_bytes
     }
+}
+
+/// `quantization_config`: FP8 block-scaled (e4m3, dynamic activations) is read as released;
+/// any other method, format or scheme is refused naming the field.
+fn parse_quantization(q: &Value) -> Result<Quantization, ConfigError> {
+    let Some(m) = q.as_object() else {
+        return Err(invalid(
+            "quantization_config",
+            format!("expected an object, got {q}"),
+        ));
+    };
+    let o = Obj(m);
+    let method = o.str("quant_method")?.unwrap_or("(none given)");
+    if method != "fp8" {
+        return Err(ConfigError::Unsupported {
+            field: "quantization_config.quant_method".into(),
+            detail: format!("{method:?} (supported: \"fp8\")"),
+        });
+    }
+    if let Some(f) = o.str("fmt")? {
+        if f != "e4m3" {
+            return Err(ConfigError::Unsupported {
+                field: "quantization_config.fmt".into(),
+                detail: format!("{f:?} (only \"e4m3\")"),
+            });
+        }
+    }
+    if let Some(s) = o.str("activation_scheme")? {
+        if s != "dynamic" {
+            return Err(ConfigError::Unsupported {
+                field: "quantization_config.activation_scheme".into(),
+                detail: format!("{s:?} (only \"dynamic\": activations are not quantized)"),
+            });
+        }
+    }
+    // transformers' FineGrainedFP8Config defaults to 128x128 blocks.
+    let block = match o.get("weight_block_size") {
+        None => [128, 128],
+        Some(Value::Array(a)) if a.len() == 2 => {
+            let mut b = [0usize; 2];
+            for (i, v) in a.iter().enumerate() {
+                b[i] = v
+                    .as_u64()
+                    .filter(|x| (1..=1 << 16).contains(x))
+                    .ok_or_else(|| {
+                        invalid(
+                            "quantization_config.weight_block_size",
+                            format!("{v} is not a block size in 1..=65536"),
+                        )
+                    })? as usize;
+            }
+            b
+        }
+        Some(other) => {
+            return Err(invalid(
+                "quantization_config.weight_block_size",
+                format!("expected [rows, cols], got {other}"),
+            ))
+        }
+    };
+    Ok(Quantization::Fp8 { block })
 }
 
 fn parse_rope_scaling(

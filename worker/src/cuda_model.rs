@@ -105,6 +105,7 @@ fn check_supported(cfg: &ModelConfig) -> Result<(), WorkerError> {
     .or((cfg.experts.act != Activation::Silu || cfg.experts.bias)
         .then_some("clamped SwiGLU experts with biases"))
     .or(cfg.shared_expert.map(|_| "shared experts"))
+    .or(cfg.quantization.map(|_| "FP8 weights"))
     .or(cfg
         .windows
         .windows(2)

@@ -175,7 +175,7 @@ impl ExpertLoad {
 
     /// Reads the gained experts' weights (the slow part; any thread).
     pub fn load(self) -> Result<PreparedExperts, WorkerError> {
-        let ck = Checkpoint::open(&self.dir)?;
+        let ck = Checkpoint::open(&self.dir)?.with_quantization(self.cfg.quantization);
         let gained = ExpertSet::load(&ck, &self.cfg, &self.gained, self.dtype)?;
         Ok(PreparedExperts {
             holders: self.holders,
@@ -201,7 +201,7 @@ impl Engine {
         setup: ExpertSetup,
     ) -> Result<Self, WorkerError> {
         let cfg = read_config(dir)?;
-        let ck = Checkpoint::open(dir)?;
+        let ck = Checkpoint::open(dir)?.with_quantization(cfg.quantization);
         let dtype = opts.dtype.unwrap_or(if is_mapped_bf16(&ck) {
             WeightDType::Bf16
         } else {

@@ -151,8 +151,15 @@ impl Attention {
                     ),
                 };
                 let (lora, nope, vd) = (m.kv_lora_rank, m.qk_nope_head_dim, m.v_head_dim);
-                let kv_b =
-                    ck.vector(&format!("{a}.kv_b_proj.weight"), &[nh * (nope + vd), lora])?;
+                let kv_b_name = format!("{a}.kv_b_proj.weight");
+                let kv_b = ck.vector(&kv_b_name, &[nh * (nope + vd), lora])?;
+                // The per-head splits of an FP8 kv_b_proj are kept in f32: exact, where
+                // rounding them to the model's dtype would change the results.
+                let split_dtype = if ck.dtype_of(&kv_b_name) == Some("F8_E4M3") {
+                    WeightDType::F32
+                } else {
+                    dtype
+                };
                 let mut uk_t = Vec::with_capacity(nh);
                 let mut uv = Vec::with_capacity(nh);
                 for hd in 0..nh {
@@ -164,9 +171,9 @@ impl Attention {
                             t[c * nope + i] = kv_b[(base + i) * lora + c];
                         }
                     }
-                    uk_t.push(Tensor::from_f32(vec![lora, nope], t, dtype));
+                    uk_t.push(Tensor::from_f32(vec![lora, nope], t, split_dtype));
                     let v = kv_b[(base + nope) * lora..(base + nope + vd) * lora].to_vec();
-                    uv.push(Tensor::from_f32(vec![vd, lora], v, dtype));
+                    uv.push(Tensor::from_f32(vec![vd, lora], v, split_dtype));
                 }
                 Ok(Attention::Mla(Mla {
                     spec: m.clone(),

@@ -14,6 +14,7 @@ use safetensors::tensor::Dtype;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use switchyard_kernels::quant::Fp8Block;
 use switchyard_kernels::WeightRef;
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +82,9 @@ pub struct Checkpoint {
     dir: PathBuf,
     shards: Vec<Shard>,
     entries: HashMap<String, Entry>,
+    /// `weight_block_size` of an FP8 checkpoint (`quantization_config`); FP8 tensors are
+    /// refused without it.
+    fp8_block: Option<[usize; 2]>,
 }
 
 enum Data {
@@ -92,6 +96,15 @@ enum Data {
     },
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
+    /// FP8 e4m3 bytes in place in the file map, with their block scales (owned).
+    Fp8 {
+        map: Arc<Mmap>,
+        start: usize,
+        len: usize,
+        scale_inv: Vec<f32>,
+        k: usize,
+        block: [usize; 2],
+    },
 }
 
 /// A loaded weight tensor, row-major.
@@ -124,6 +137,19 @@ impl Tensor {
             }
             Data::F32(v) => WeightRef::F32(v),
             Data::Bf16(v) => WeightRef::Bf16(v),
+            Data::Fp8 {
+                map,
+                start,
+                len,
+                scale_inv,
+                k,
+                block,
+            } => WeightRef::Fp8(Fp8Block {
+                q: &map[*start..*start + *len],
+                scale_inv,
+                k: *k,
+                block: *block,
+            }),
         }
     }
     pub fn numel(&self) -> usize {
@@ -134,6 +160,7 @@ impl Tensor {
         match self.weight() {
             WeightRef::F32(w) => w.to_vec(),
             WeightRef::Bf16(w) => w.iter().map(|v| v.to_f32()).collect(),
+            WeightRef::Fp8(w) => w.to_f32(),
         }
     }
     /// An owned tensor from `f32` values, kept in `dtype`.
@@ -151,6 +178,7 @@ impl Tensor {
         match self.weight() {
             WeightRef::F32(w) => w.len() * 4,
             WeightRef::Bf16(w) => w.len() * 2,
+            WeightRef::Fp8(w) => w.q.len() + w.scale_inv.len() * 4,
         }
     }
 }
@@ -272,7 +300,49 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             shards,
             entries,
+            fp8_block: None,
         })
+    }
+
+    /// Declares the FP8 block size of `config.json`'s `quantization_config` (see
+    /// [`crate::config::Quantization`]).
+    pub fn with_quantization(mut self, q: Option<crate::config::Quantization>) -> Self {
+        self.fp8_block = q.map(|q| match q {
+            crate::config::Quantization::Fp8 { block } => block,
+        });
+        self
+    }
+
+    /// An FP8 tensor's block scales, checked against its shape: `name_scale_inv`
+    /// `[⌈n/br⌉, ⌈k/bc⌉]` in f32.
+    fn fp8_scales(&self, name: &str, shape: &[usize]) -> Result<(Vec<f32>, [usize; 2]), LoadError> {
+        let block = self.fp8_block.ok_or_else(|| LoadError::Dtype {
+            name: name.into(),
+            dtype: "F8_E4M3 without an fp8 quantization_config in config.json".into(),
+        })?;
+        let [n, k] = match shape {
+            [n, k] => [*n, *k],
+            _ => {
+                return Err(LoadError::Shape {
+                    name: name.into(),
+                    found: shape.to_vec(),
+                    expected: vec![0, 0],
+                })
+            }
+        };
+        let sname = format!("{name}_scale_inv");
+        let expect = [n.div_ceil(block[0]), k.div_ceil(block[1])];
+        let e = self.entry(&sname, &expect)?;
+        if e.dtype != Dtype::F32 {
+            return Err(LoadError::Dtype {
+                name: sname,
+                dtype: format!("{:?} (block scales must be F32)", e.dtype),
+            });
+        }
+        Ok((
+            decode_f32(&self.shards[e.shard].map[e.start..e.end], e.dtype),
+            block,
+        ))
     }
 
     pub fn dir(&self) -> &Path {
@@ -312,6 +382,21 @@ impl Checkpoint {
         let e = self.entry(name, shape)?;
         let shard = &self.shards[e.shard];
         let bytes = &shard.map[e.start..e.end];
+        if e.dtype == Dtype::F8_E4M3 {
+            // Kept quantized as released, in place in the map, whatever `dtype` asks.
+            let (scale_inv, block) = self.fp8_scales(name, shape)?;
+            return Ok(Tensor {
+                shape: shape.to_vec(),
+                data: Data::Fp8 {
+                    map: shard.map.clone(),
+                    start: e.start,
+                    len: e.end - e.start,
+                    scale_inv,
+                    k: shape[1],
+                    block,
+                },
+            });
+        }
         let stored = match e.dtype {
             Dtype::F32 => Some(WeightDType::F32),
             Dtype::BF16 => Some(WeightDType::Bf16),
@@ -353,6 +438,10 @@ impl Checkpoint {
     /// Loads a small tensor (norm weights, biases) as owned `f32`.
     pub fn vector(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, LoadError> {
         let e = self.entry(name, shape)?;
+        if e.dtype == Dtype::F8_E4M3 {
+            // An FP8 matrix wanted in f32 (MLA's kv_b_proj, split per head at load).
+            return Ok(self.matrix(name, shape, WeightDType::F32)?.to_f32());
+        }
         match e.dtype {
             Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(decode_f32(
                 &self.shards[e.shard].map[e.start..e.end],
@@ -395,12 +484,13 @@ impl Checkpoint {
         ))
     }
 
-    /// The stored dtype of a tensor ("F32", "BF16", "F16" or "other").
+    /// The stored dtype of a tensor ("F32", "BF16", "F16", "F8_E4M3" or "other").
     pub fn dtype_of(&self, name: &str) -> Option<&'static str> {
         self.entries.get(name).map(|e| match e.dtype {
             Dtype::F32 => "F32",
             Dtype::BF16 => "BF16",
             Dtype::F16 => "F16",
+            Dtype::F8_E4M3 => "F8_E4M3",
             _ => "other",
         })
     }

@@ -113,12 +113,34 @@ fn bench_preset_has_the_specified_size() {
 #[test]
 fn quantized_layouts_and_linear_attention_layers_are_refused_by_name() {
     let mut c = presets::preset("tiny").unwrap();
-    c["quantization_config"] = json!({"quant_method": "fp8", "weight_block_size": [128, 128]});
+    c["quantization_config"] = json!({"quant_method": "mxfp4"});
     let e = ModelConfig::from_json(&c).unwrap_err().to_string();
     assert!(
-        e.contains("quantization_config.quant_method") && e.contains("fp8"),
+        e.contains("quantization_config.quant_method") && e.contains("mxfp4"),
         "{e}"
     );
+    // FP8 is read as released; its variants that are not implemented are refused by name.
+    c["quantization_config"] = json!({"quant_method": "fp8", "weight_block_size": [128, 128]});
+    assert!(ModelConfig::from_json(&c).unwrap().quantization.is_some());
+    for (k, v, field) in [
+        ("fmt", json!("e5m2"), "quantization_config.fmt"),
+        (
+            "activation_scheme",
+            json!("static"),
+            "quantization_config.activation_scheme",
+        ),
+        (
+            "weight_block_size",
+            json!([128]),
+            "quantization_config.weight_block_size",
+        ),
+    ] {
+        let mut q = json!({"quant_method": "fp8"});
+        q[k] = v;
+        c["quantization_config"] = q;
+        let e = ModelConfig::from_json(&c).unwrap_err().to_string();
+        assert!(e.contains(field), "{e}");
+    }
     let mut c = presets::preset("tiny").unwrap();
     c["layer_types"] = json!([
         "full_attention",
