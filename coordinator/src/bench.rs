@@ -167,11 +167,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
     let cfg = engine.config().clone();
     let dtype = engine.model.dtype;
     let kv_bytes_per_token = engine.kv_bytes_per_token();
-    let elem = if dtype == WeightDType::Bf16 { 2 } else { 4 };
-    let (_, active) = cfg.param_counts();
-    let bytes_per_token = ((active - (cfg.vocab_size * cfg.hidden_size) as u64
-        + cfg.hidden_size as u64)
-        * elem) as usize;
+    let bytes_per_token = engine.bytes_per_token();
     let mut rng = Rng::new(opts.seed);
 
     // Prefill: one warm-up pass (pages the weights in), then the timed pass.

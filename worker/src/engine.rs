@@ -335,6 +335,18 @@ impl Engine {
         self.model.nbytes() + self.experts.nbytes()
     }
 
+    /// Weight bytes one decoded token must read, from the bytes actually held (any dtype,
+    /// quantized included): the dense weights but one embedding row, and `k / E` of the
+    /// routed experts (this engine must hold all of them for the figure to mean that).
+    pub fn bytes_per_token(&self) -> usize {
+        let cfg = &self.model.cfg;
+        let embed = self.model.embed_nbytes();
+        let row = embed / cfg.vocab_size.max(1);
+        let experts = self.experts.nbytes() as u128 * cfg.experts_per_tok as u128
+            / cfg.num_experts.max(1) as u128;
+        self.model.nbytes() - embed + row + experts as usize
+    }
+
     /// Bytes of KV cache per token of context (all layers).
     pub fn kv_bytes_per_token(&self) -> usize {
         self.kv.bytes_per_position()

@@ -144,6 +144,11 @@ impl Model {
         })
     }
 
+    /// Bytes of the embedding table (a decoded token reads one row of it).
+    pub fn embed_nbytes(&self) -> usize {
+        self.embed.nbytes()
+    }
+
     /// Bytes of dense weights held.
     pub fn nbytes(&self) -> usize {
         let mut n = self.embed.nbytes() + self.lm_head.as_ref().map_or(0, |t| t.nbytes());

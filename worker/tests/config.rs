@@ -312,6 +312,17 @@ fn every_family_preset_generates_loads_and_runs() {
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
         assert!(whole.iter().all(|x| x.is_finite()), "{name}");
+        // The bytes a decoded token reads, from the weights held, agree with the parameter
+        // count of the tensor list (within the norms and biases, which the first leaves out).
+        let (_, active) = e.config().param_counts();
+        let cfg = e.config();
+        let formula =
+            (active - (cfg.vocab_size * cfg.hidden_size) as u64 + cfg.hidden_size as u64) * 4;
+        let held = e.bytes_per_token() as u64;
+        assert!(
+            held <= formula && held * 100 >= formula * 99,
+            "{name}: {held} bytes per token held, {formula} by the parameter count"
+        );
         assert!(d < 1e-4, "{name}: chunked differs by {d}");
         let _ = std::fs::remove_dir_all(&dir);
     }
