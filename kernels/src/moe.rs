@@ -72,6 +72,14 @@ pub fn route_with(
     let mut choice = vec![0.0f32; num_experts];
     let mut taken = vec![false; num_experts];
     let mut chosen = Vec::with_capacity(k);
+    // Grouped routing's scratch, sized once.
+    let groups_n = match router {
+        Router::SigmoidGrouped { n_group, .. } => n_group,
+        _ => 0,
+    };
+    let mut group_scores = vec![0.0f32; groups_n];
+    let mut gtaken = vec![false; groups_n];
+    let mut groups = Vec::with_capacity(groups_n);
     for row in logits.chunks(num_experts) {
         p.copy_from_slice(row);
         let start = ids.len();
@@ -106,9 +114,8 @@ pub fn route_with(
                     choice[e] = *x + bias[e];
                 }
                 // Group score: the sum of its two best biased scores.
-                let group_scores: Vec<f32> = choice
-                    .chunks(per)
-                    .map(|g| {
+                for (gs, g) in group_scores.iter_mut().zip(choice.chunks(per)) {
+                    *gs = {
                         let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
                         for &x in g {
                             if x > a {
@@ -123,10 +130,8 @@ pub fn route_with(
                         } else {
                             a + b
                         }
-                    })
-                    .collect();
-                let mut gtaken = vec![false; n_group];
-                let mut groups = Vec::with_capacity(topk_group);
+                    };
+                }
                 top_k(&group_scores, topk_group, &mut gtaken, &mut groups);
                 for (gi, g) in choice.chunks_mut(per).enumerate() {
                     if !gtaken[gi] {

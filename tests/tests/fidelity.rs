@@ -44,6 +44,19 @@ fn prompt_logits(e: &mut Engine, seq: u64, prompt: &[u32]) -> Vec<Vec<f32>> {
     out.logits.chunks(v).map(|c| c.to_vec()).collect()
 }
 
+/// Every golden prompt's ids and its greedy continuation.
+fn prompts_and_greedy(g: &serde_json::Value) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+    let field = |path: &[&str]| -> Vec<Vec<u32>> {
+        g["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| ids(path.iter().fold(p, |v, k| &v[*k])))
+            .collect()
+    };
+    (field(&["input_ids"]), field(&["greedy", "new_ids"]))
+}
+
 fn argmax(x: &[f32]) -> u32 {
     switchyard_kernels::sampling::argmax(x) as u32
 }
@@ -121,18 +134,7 @@ fn greedy_tokens_match_golden_one_by_one_and_batched() {
 fn greedy_tokens_match_golden_one_by_one_and_batched_on(dev: Device, models: &[&str]) {
     for model in models {
         let g = golden(model);
-        let prompts: Vec<Vec<u32>> = g["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| ids(&p["input_ids"]))
-            .collect();
-        let want: Vec<Vec<u32>> = g["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| ids(&p["greedy"]["new_ids"]))
-            .collect();
+        let (prompts, want) = prompts_and_greedy(&g);
         let n = want[0].len();
         let mut e = engine(model, on(dev));
         for (i, p) in prompts.iter().enumerate() {
@@ -506,12 +508,7 @@ fn fp8_block_scaled_checkpoint_matches_dequantized_goldens() {
     let g = golden(model);
     let mut e = engine(model, EngineOptions::default());
     assert!(e.config().quantization.is_some());
-    let prompts: Vec<Vec<u32>> = g["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| ids(&p["input_ids"]))
-        .collect();
+    let (prompts, want) = prompts_and_greedy(&g);
     for (pi, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
         let all = prompt_logits(&mut e, pi as u64, &prompts[pi]);
         for rec in p["logits"].as_array().unwrap() {
@@ -521,12 +518,6 @@ fn fp8_block_scaled_checkpoint_matches_dequantized_goldens() {
         }
         e.release(pi as u64);
     }
-    let want: Vec<Vec<u32>> = g["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| ids(&p["greedy"]["new_ids"]))
-        .collect();
     let n = want[0].len();
     for (i, p) in prompts.iter().enumerate() {
         assert_eq!(

@@ -323,10 +323,12 @@ impl Checkpoint {
         let [n, k] = match shape {
             [n, k] => [*n, *k],
             _ => {
-                return Err(LoadError::Shape {
+                return Err(LoadError::Dtype {
                     name: name.into(),
-                    found: shape.to_vec(),
-                    expected: vec![0, 0],
+                    dtype: format!(
+                        "F8_E4M3 with {} dims (block scales need a matrix)",
+                        shape.len()
+                    ),
                 })
             }
         };

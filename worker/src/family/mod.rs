@@ -344,6 +344,15 @@ pub(crate) fn experts(o: &Obj<'_>, key: &'static str) -> Result<(usize, usize), 
     Ok((n, k))
 }
 
+/// Qwen's `use_sliding_window` (windows from `max_window_layers`) is not implemented.
+pub(crate) fn refuse_qwen_sliding_window(o: &Obj<'_>) -> Result<(), ConfigError> {
+    refuse_if(
+        o.bool("use_sliding_window", false)?,
+        "use_sliding_window",
+        "sliding-window attention for Qwen MoE (max_window_layers) is not implemented",
+    )
+}
+
 /// Refuses a field that changes the arithmetic in a way not implemented, when it is set to
 /// anything but its neutral value.
 pub(crate) fn refuse_if(cond: bool, field: &'static str, detail: &str) -> Result<(), ConfigError> {

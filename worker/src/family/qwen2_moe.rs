@@ -16,11 +16,7 @@ pub static FAMILY: Family = Family {
 };
 
 fn parse(o: &Obj<'_>, c: &Common) -> Result<Parts, ConfigError> {
-    refuse_if(
-        o.bool("use_sliding_window", false)?,
-        "use_sliding_window",
-        "sliding-window attention for Qwen MoE (max_window_layers) is not implemented",
-    )?;
+    refuse_qwen_sliding_window(o)?;
     let (num_experts, experts_per_tok) = experts(o, "num_experts")?;
     let head_dim = head_dim(o, c)?;
     let shared = o.usize("shared_expert_intermediate_size")?;
