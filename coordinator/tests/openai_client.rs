@@ -69,6 +69,16 @@ fn each_family_streams_over_grpc_and_the_openai_package() {
     }
 }
 
+/// The quantized fixtures (DeepSeek-V3 in block-scaled FP8, GPT-OSS with MXFP4 experts), kept
+/// quantized in two worker processes: the dequantized goldens' greedy tokens, streamed over
+/// both APIs.
+#[test]
+fn quantized_checkpoints_stream_the_goldens_on_two_workers() {
+    for model in ["tiny-deepseek-v3-fp8", "tiny-gpt-oss-mxfp4"] {
+        openai_agrees_with_grpc(model, &["--workers", "2"]);
+    }
+}
+
 fn openai_agrees_with_grpc(model: &str, cluster: &[&str]) {
     let dir = fixture(model);
     let tmp =

@@ -284,6 +284,11 @@ impl Gpu {
                     "FP8 weights on the CUDA backend are not implemented yet".into(),
                 ))
             }
+            crate::WeightRef::Mxfp4(_) => {
+                return Err(CudaError::Unavailable(
+                    "MXFP4 weights on the CUDA backend are not implemented yet".into(),
+                ))
+            }
         })
     }
     pub fn sync(&self) -> Result<(), CudaError> {

@@ -21,6 +21,8 @@ pub enum WeightRef<'a> {
     Bf16(&'a [bf16]),
     /// FP8 e4m3 with a scale per block, dequantized in registers.
     Fp8(crate::quant::Fp8Block<'a>),
+    /// MXFP4 (e2m1 pairs with an e8m0 scale per 32), dequantized in registers.
+    Mxfp4(crate::quant::Mxfp4<'a>),
 }
 
 impl WeightRef<'_> {
@@ -29,6 +31,7 @@ impl WeightRef<'_> {
             WeightRef::F32(w) => w.len(),
             WeightRef::Bf16(w) => w.len(),
             WeightRef::Fp8(w) => w.q.len(),
+            WeightRef::Mxfp4(w) => w.n * w.k,
         }
     }
     pub fn is_empty(&self) -> bool {
@@ -44,6 +47,7 @@ impl WeightRef<'_> {
                 }
             }
             WeightRef::Fp8(w) => w.row_into(r, out),
+            WeightRef::Mxfp4(w) => w.row_into(r, out),
         }
     }
     /// The element at flat index `i`, as `f32`.
@@ -52,6 +56,7 @@ impl WeightRef<'_> {
             WeightRef::F32(w) => w[i],
             WeightRef::Bf16(w) => w[i].to_f32(),
             WeightRef::Fp8(w) => w.get(i),
+            WeightRef::Mxfp4(w) => w.get(i),
         }
     }
 }
@@ -108,10 +113,11 @@ pub fn linear_batch(jobs: Vec<LinearJob<'_>>) {
     if small.is_empty() {
         return;
     }
+    // Bytes per weight, rounded up (MXFP4's half byte counts as one: chunk sizing only).
     let elem = |w: &WeightRef<'_>| match w {
         WeightRef::F32(_) => 4,
         WeightRef::Bf16(_) => 2,
-        WeightRef::Fp8(_) => 1,
+        WeightRef::Fp8(_) | WeightRef::Mxfp4(_) => 1,
     };
     let total_bytes: usize = small.iter().map(|j| j.n * j.k * elem(&j.w)).sum();
     // About 8 chunks per thread, but never below 32 KiB of weights per chunk.
@@ -183,6 +189,7 @@ fn gemm_job(j: LinearJob<'_>, parallel: bool) {
             gemm_f32(j.x, j.m, j.k, &wide, j.n, j.out, parallel)
         }
         WeightRef::Fp8(w) => gemm_f32(j.x, j.m, j.k, &w.to_f32(), j.n, j.out, parallel),
+        WeightRef::Mxfp4(w) => gemm_f32(j.x, j.m, j.k, &w.to_f32(), j.n, j.out, parallel),
     }
 }
 
@@ -233,6 +240,7 @@ fn dot_one(x: &[f32], k: usize, w: WeightRef<'_>, j: usize) -> f32 {
         WeightRef::F32(wf) => simd::dot_rows_f32::<1>(x, k, &wf[j * k..(j + 1) * k])[0],
         WeightRef::Bf16(wb) => simd::dot_rows_bf16::<1>(x, k, &wb[j * k..(j + 1) * k])[0],
         WeightRef::Fp8(w) => w.dot_rows::<1>(x, j)[0],
+        WeightRef::Mxfp4(w) => w.dot_rows::<1>(x, j)[0],
     }
 }
 
@@ -250,6 +258,7 @@ fn dot_all_rows(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, j: usize, o: &m
                     simd::dot_rows_bf16::<$R>(&x[r * k..], k, &wb[j * k..(j + 1) * k])
                 }
                 WeightRef::Fp8(w) => w.dot_rows::<$R>(&x[r * k..], j),
+                WeightRef::Mxfp4(w) => w.dot_rows::<$R>(&x[r * k..], j),
             };
             o[r..r + $R].copy_from_slice(&v);
             r += $R;

@@ -5,11 +5,18 @@
 //! `scale_inv[⌈n/br⌉, ⌈k/bc⌉]` one `f32` per `br × bc` block; the weight is
 //! `w[r, c] = e4m3(q[r, c]) · scale_inv[r / br, c / bc]`, exactly as transformers'
 //! dequantizing loader computes it.
+//!
+//! MXFP4 (GPT-OSS experts): `blocks[n, k/32, 16]` packs two e2m1 values per byte (low nibble
+//! first), `scales[n, k/32]` one e8m0 exponent per 32 values; the weight is
+//! `w[r, 32g + 2b + h] = e2m1(nibble h of blocks[r, g, b]) · 2^(scales[r, g] − 127)`, as
+//! transformers' `convert_moe_packed_tensors` computes it. A view may take every `step`-th
+//! row of the stored matrix (GPT-OSS interleaves gate and up rows in one fused tensor), so
+//! both halves are read in place.
 
 use std::sync::OnceLock;
 
 /// The 256 values of FP8 e4m3 (OCP "fn": no infinities, `0x7f`/`0xff` are NaN).
-fn e4m3_table() -> &'static [f32; 256] {
+pub(crate) fn e4m3_table() -> &'static [f32; 256] {
     static T: OnceLock<[f32; 256]> = OnceLock::new();
     T.get_or_init(|| {
         let mut t = [0.0f32; 256];
@@ -78,39 +85,129 @@ impl Fp8Block<'_> {
         e4m3_table()[self.q[i] as usize] * self.scale(r, c)
     }
 
-    /// `out[i] = x[i] · w[j]` for `R` activation rows at stride `k`: per block of columns,
-    /// the e4m3 values are decoded once into a register-sized buffer and dotted with every
-    /// row, then scaled by the block's factor.
+    /// `out[i] = x[i] · w[j]` for `R` activation rows at stride `k`: the e4m3 codes are
+    /// decoded in registers and each block's partial sums scaled by its factor.
     pub fn dot_rows<const R: usize>(&self, x: &[f32], j: usize) -> [f32; R] {
-        let t = e4m3_table();
         let k = self.k;
-        let row = &self.q[j * k..(j + 1) * k];
-        let mut acc = [0.0f32; R];
-        let mut buf = [0.0f32; 128];
-        let mut c0 = 0;
-        while c0 < k {
-            let c1 = (c0 + self.block[1]).min(k);
-            let s = self.scale(j, c0);
-            let mut c = c0;
-            while c < c1 {
-                let e = (c + 128).min(c1);
-                for (b, q) in buf.iter_mut().zip(&row[c..e]) {
-                    *b = t[*q as usize];
-                }
-                for (ri, a) in acc.iter_mut().enumerate() {
-                    *a += s * crate::linear::dot(&x[ri * k + c..ri * k + e], &buf[..e - c]);
-                }
-                c = e;
-            }
-            c0 = c1;
-        }
-        acc
+        let sc = self.scale_cols();
+        let b = j / self.block[0];
+        crate::simd::dot_rows_fp8::<R>(
+            x,
+            k,
+            &self.q[j * k..(j + 1) * k],
+            &self.scale_inv[b * sc..(b + 1) * sc],
+            self.block[1],
+        )
     }
 
     /// The whole matrix in `f32` (for the GEMM path).
     pub fn to_f32(&self) -> Vec<f32> {
         let n = self.q.len() / self.k;
         let mut out = vec![0.0f32; n * self.k];
+        for (r, o) in out.chunks_mut(self.k).enumerate() {
+            self.row_into(r, o);
+        }
+        out
+    }
+}
+
+/// The 16 values of FP4 e2m1 (OCP MX): 1 sign, 2 exponent (bias 1), 1 mantissa bit.
+pub const E2M1: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
+/// Values per MXFP4 scale block.
+pub const MX_BLOCK: usize = 32;
+
+/// An e8m0 scale: `2^(e − 127)`, exact in `f32` (`2^-127` is subnormal); 255 is NaN.
+#[inline]
+pub fn e8m0_decode(e: u8) -> f32 {
+    match e {
+        255 => f32::NAN,
+        0 => f32::from_bits(1 << 22),
+        e => f32::from_bits((e as u32) << 23),
+    }
+}
+
+/// A borrowed MXFP4 matrix `[n, k]` (`k` a multiple of 32): row `r` is stored row `r · step`
+/// of `blocks` / `scales`, which begin at the view's row 0.
+#[derive(Clone, Copy, Debug)]
+pub struct Mxfp4<'a> {
+    pub blocks: &'a [u8],
+    pub scales: &'a [u8],
+    pub n: usize,
+    pub k: usize,
+    pub step: usize,
+}
+
+impl<'a> Mxfp4<'a> {
+    /// A view of `n` rows, checked against the slices (`None` when they are too short or `k`
+    /// is not a multiple of 32).
+    pub fn new(
+        blocks: &'a [u8],
+        scales: &'a [u8],
+        n: usize,
+        k: usize,
+        step: usize,
+    ) -> Option<Self> {
+        if k % MX_BLOCK != 0 || step == 0 {
+            return None;
+        }
+        let stored = if n == 0 { 0 } else { (n - 1) * step + 1 };
+        (blocks.len() >= stored * k / 2 && scales.len() >= stored * k / MX_BLOCK).then_some(Mxfp4 {
+            blocks,
+            scales,
+            n,
+            k,
+            step,
+        })
+    }
+
+    /// Packed bytes and scales of row `r`.
+    #[inline]
+    pub fn row(&self, r: usize) -> (&'a [u8], &'a [u8]) {
+        let s = r * self.step;
+        (
+            &self.blocks[s * self.k / 2..(s + 1) * self.k / 2],
+            &self.scales[s * self.k / MX_BLOCK..(s + 1) * self.k / MX_BLOCK],
+        )
+    }
+
+    /// Bytes this view reads (packed values and scales).
+    pub fn nbytes(&self) -> usize {
+        self.n * (self.k / 2 + self.k / MX_BLOCK)
+    }
+
+    /// Row `r` dequantized into `out` (`k` long).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let (b, s) = self.row(r);
+        for ((o, q), e) in out.chunks_mut(MX_BLOCK).zip(b.chunks(MX_BLOCK / 2)).zip(s) {
+            let sc = e8m0_decode(*e);
+            for (pair, byte) in o.chunks_mut(2).zip(q) {
+                pair[0] = E2M1[(byte & 15) as usize] * sc;
+                pair[1] = E2M1[(byte >> 4) as usize] * sc;
+            }
+        }
+    }
+
+    /// The element at flat index `i`.
+    pub fn get(&self, i: usize) -> f32 {
+        let (r, c) = (i / self.k, i % self.k);
+        let (b, s) = self.row(r);
+        let byte = b[c / 2];
+        let nib = if c % 2 == 0 { byte & 15 } else { byte >> 4 };
+        E2M1[nib as usize] * e8m0_decode(s[c / MX_BLOCK])
+    }
+
+    /// `out[i] = x[i] · w[j]` for `R` activation rows at stride `k`, each 32-value block
+    /// decoded once into registers and scaled after its dot products.
+    pub fn dot_rows<const R: usize>(&self, x: &[f32], j: usize) -> [f32; R] {
+        crate::simd::dot_rows_mxfp4::<R>(x, self.k, self.row(j))
+    }
+
+    /// The whole matrix in `f32` (for the GEMM path).
+    pub fn to_f32(&self) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.n * self.k];
         for (r, o) in out.chunks_mut(self.k).enumerate() {
             self.row_into(r, o);
         }

@@ -64,6 +64,82 @@ fn dot_portable<T: Copy>(x: &[f32], w: &[T], f: impl Fn(T) -> f32) -> f32 {
     s
 }
 
+/// As [`dot_rows_f32`] with an FP8 e4m3 weight row whose scales `scales[c / bc]` cover
+/// `bc` columns each.
+#[inline]
+pub fn dot_rows_fp8<const R: usize>(
+    x: &[f32],
+    k: usize,
+    q: &[u8],
+    scales: &[f32],
+    bc: usize,
+) -> [f32; R] {
+    assert!(x.len() >= R * k && q.len() >= k && scales.len() >= k.div_ceil(bc));
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: avx2+fma present; lengths asserted above.
+        return unsafe { avx2::dot_rows_fp8::<R>(x, k, q, scales, bc) };
+    }
+    portable_dot_rows_fp8(x, k, q, scales, bc)
+}
+
+fn portable_dot_rows_fp8<const R: usize>(
+    x: &[f32],
+    k: usize,
+    q: &[u8],
+    scales: &[f32],
+    bc: usize,
+) -> [f32; R] {
+    let t = crate::quant::e4m3_table();
+    let mut out = [0.0f32; R];
+    let mut buf = [0.0f32; 128];
+    for (b, s) in scales.iter().enumerate().take(k.div_ceil(bc)) {
+        let (c0, c1) = (b * bc, ((b + 1) * bc).min(k));
+        let mut c = c0;
+        while c < c1 {
+            let e = (c + 128).min(c1);
+            for (v, q) in buf.iter_mut().zip(&q[c..e]) {
+                *v = t[*q as usize];
+            }
+            for (r, o) in out.iter_mut().enumerate() {
+                *o += s * dot_portable(&x[r * k + c..r * k + e], &buf[..e - c], |v| v);
+            }
+            c = e;
+        }
+    }
+    out
+}
+
+/// As [`dot_rows_f32`] with an MXFP4 weight row: `row.0` the packed e2m1 pairs (`k / 2`
+/// bytes), `row.1` one e8m0 scale per 32 values.
+#[inline]
+pub fn dot_rows_mxfp4<const R: usize>(x: &[f32], k: usize, row: (&[u8], &[u8])) -> [f32; R] {
+    let (q, sc) = row;
+    assert!(k % 32 == 0 && x.len() >= R * k && q.len() >= k / 2 && sc.len() >= k / 32);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: avx2+fma present; lengths asserted above.
+        return unsafe { avx2::dot_rows_mxfp4::<R>(x, k, q, sc) };
+    }
+    portable_dot_rows_mxfp4(x, k, q, sc)
+}
+
+fn portable_dot_rows_mxfp4<const R: usize>(x: &[f32], k: usize, q: &[u8], sc: &[u8]) -> [f32; R] {
+    let mut out = [0.0f32; R];
+    let mut buf = [0.0f32; 32];
+    for (g, e) in sc.iter().enumerate().take(k / 32) {
+        let s = crate::quant::e8m0_decode(*e);
+        for (pair, byte) in buf.chunks_mut(2).zip(&q[g * 16..(g + 1) * 16]) {
+            pair[0] = crate::quant::E2M1[(byte & 15) as usize] * s;
+            pair[1] = crate::quant::E2M1[(byte >> 4) as usize] * s;
+        }
+        for (r, o) in out.iter_mut().enumerate() {
+            *o += dot_portable(&x[r * k + g * 32..r * k + g * 32 + 32], &buf, |v| v);
+        }
+    }
+    out
+}
+
 /// A 4x3 tile `out[r][c] = x[r] . w[c]` when the AVX2 kernel applies (`k % 8 == 0`); `None`
 /// tells the caller to fall back to row-at-a-time dot products.
 #[inline]
@@ -76,7 +152,7 @@ pub fn tile_4x3(x: &[f32], k: usize, w: crate::WeightRef<'_>, j: usize) -> Optio
                 crate::WeightRef::F32(w) => avx2::tile_4x3_f32(x, k, &w[j * k..(j + 3) * k]),
                 crate::WeightRef::Bf16(w) => avx2::tile_4x3_bf16(x, k, &w[j * k..(j + 3) * k]),
                 // Quantized rows take the row-at-a-time path (their own dequantizing dot).
-                crate::WeightRef::Fp8(_) => return None,
+                crate::WeightRef::Fp8(_) | crate::WeightRef::Mxfp4(_) => return None,
             }
         });
     }
@@ -206,6 +282,107 @@ pub(crate) mod avx2 {
     weight_kernels!(f32, load_f32, dot_rows_f32, tile_4x3_f32);
     weight_kernels!(bf16, load_bf16, dot_rows_bf16, tile_4x3_bf16);
 
+    /// FP8 e4m3 dot products: 8 bytes at a time widened to 32 bits and placed into an f32's
+    /// exponent and mantissa (`(b & 0x7f) << 20`, sign `<< 24`), which reads each code as
+    /// its value times 2⁻¹²⁰, and multiplied by 2¹²⁰ (exact, subnormal codes included: a
+    /// denormal f32 times a power of two); each block's partial sums are then scaled by its
+    /// block scale. The NaN codes read as ±480 here (no finite weight uses them).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_rows_fp8<const R: usize>(
+        x: &[f32],
+        k: usize,
+        q: &[u8],
+        scales: &[f32],
+        bc: usize,
+    ) -> [f32; R] {
+        let t = crate::quant::e4m3_table();
+        let xp = x.as_ptr();
+        let qp = q.as_ptr();
+        let mag = _mm256_set1_epi32(0x7f);
+        let sgn = _mm256_set1_epi32(0x80);
+        let two120 = _mm256_set1_ps(f32::from_bits((127 + 120) << 23));
+        let mut acc = [_mm256_setzero_ps(); R];
+        let mut tail = [0.0f32; R];
+        for (b, &s) in scales.iter().enumerate().take(k.div_ceil(bc)) {
+            let (c0, c1) = (b * bc, ((b + 1) * bc).min(k));
+            let mut part = [_mm256_setzero_ps(); R];
+            let mut c = c0;
+            while c + 8 <= c1 {
+                let v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(qp.add(c) as *const __m128i));
+                let bits = _mm256_or_si256(
+                    _mm256_slli_epi32(_mm256_and_si256(v, mag), 20),
+                    _mm256_slli_epi32(_mm256_and_si256(v, sgn), 24),
+                );
+                let w = _mm256_mul_ps(_mm256_castsi256_ps(bits), two120);
+                for r in 0..R {
+                    part[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(r * k + c)), w, part[r]);
+                }
+                c += 8;
+            }
+            let sv = _mm256_set1_ps(s);
+            for r in 0..R {
+                acc[r] = _mm256_fmadd_ps(part[r], sv, acc[r]);
+                for cc in c..c1 {
+                    tail[r] += s * t[*qp.add(cc) as usize] * *xp.add(r * k + cc);
+                }
+            }
+        }
+        let mut out = [0.0f32; R];
+        for r in 0..R {
+            out[r] = hsum(acc[r]) + tail[r];
+        }
+        out
+    }
+
+    /// MXFP4 dot products: each 16-byte block's nibbles are split, interleaved back into
+    /// value order and looked up (`pshufb`) as twice their e2m1 value in i8, widened to f32
+    /// and scaled by half the block's power of two (exact), then dotted with every row.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_rows_mxfp4<const R: usize>(
+        x: &[f32],
+        k: usize,
+        q: &[u8],
+        sc: &[u8],
+    ) -> [f32; R] {
+        let lut = _mm_setr_epi8(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+        let low = _mm_set1_epi8(0x0f);
+        let xp = x.as_ptr();
+        let mut acc0 = [_mm256_setzero_ps(); R];
+        let mut acc1 = [_mm256_setzero_ps(); R];
+        for g in 0..k / 32 {
+            let raw = _mm_loadu_si128(q.as_ptr().add(g * 16) as *const __m128i);
+            let lo = _mm_and_si128(raw, low);
+            let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low);
+            let v0 = _mm_shuffle_epi8(lut, _mm_unpacklo_epi8(lo, hi));
+            let v1 = _mm_shuffle_epi8(lut, _mm_unpackhi_epi8(lo, hi));
+            let s = _mm256_set1_ps(0.5 * crate::quant::e8m0_decode(sc[g]));
+            let w = [
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v0)), s),
+                _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v0, 8))),
+                    s,
+                ),
+                _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v1)), s),
+                _mm256_mul_ps(
+                    _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v1, 8))),
+                    s,
+                ),
+            ];
+            for r in 0..R {
+                let xr = xp.add(r * k + g * 32);
+                acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w[0], acc0[r]);
+                acc1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8)), w[1], acc1[r]);
+                acc0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(16)), w[2], acc0[r]);
+                acc1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(24)), w[3], acc1[r]);
+            }
+        }
+        let mut out = [0.0f32; R];
+        for r in 0..R {
+            out[r] = hsum(_mm256_add_ps(acc0[r], acc1[r]));
+        }
+        out
+    }
+
     /// Four dot products of consecutive `d`-long rows of `q4` with `key` (d % 8 == 0).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -334,6 +511,44 @@ pub(crate) mod avx2 {
 
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
+    /// The AVX2 quantized dot products equal the portable ones (which the oracle tests reach
+    /// only on CPUs without AVX2), for every code and tails shorter than a vector.
+    #[test]
+    fn quantized_avx2_dots_match_portable() {
+        if !super::has_avx2() {
+            eprintln!("skipped: no AVX2/FMA on this CPU");
+            return;
+        }
+        let mut rng = crate::rng::Rng::new(9);
+        for &(k, bc) in &[(64usize, 32usize), (200, 64), (96, 128), (13, 8)] {
+            let x: Vec<f32> = (0..3 * k).map(|_| rng.next_f64() as f32 - 0.5).collect();
+            let q: Vec<u8> = (0..k).map(|_| (rng.next_u64() as u8) & 0xfe).collect();
+            let s: Vec<f32> = (0..k.div_ceil(bc)).map(|i| 0.01 * (i + 1) as f32).collect();
+            // SAFETY: AVX2 and FMA checked above.
+            let a = unsafe { super::avx2::dot_rows_fp8::<3>(&x, k, &q, &s, bc) };
+            let p = super::portable_dot_rows_fp8::<3>(&x, k, &q, &s, bc);
+            for (a, p) in a.iter().zip(&p) {
+                assert!(
+                    (a - p).abs() <= 1e-5 * p.abs().max(1.0),
+                    "fp8 k={k}: {a} vs {p}"
+                );
+            }
+            if k % 32 == 0 {
+                let sc: Vec<u8> = (0..k / 32).map(|i| 120 + i as u8).collect();
+                let q4: Vec<u8> = (0..k / 2).map(|_| rng.next_u64() as u8).collect();
+                // SAFETY: as above.
+                let a = unsafe { super::avx2::dot_rows_mxfp4::<3>(&x, k, &q4, &sc) };
+                let p = super::portable_dot_rows_mxfp4::<3>(&x, k, &q4, &sc);
+                for (a, p) in a.iter().zip(&p) {
+                    assert!(
+                        (a - p).abs() <= 1e-5 * p.abs().max(1.0),
+                        "mxfp4 k={k}: {a} vs {p}"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn vector_exp_matches_scalar_exp() {
         if !super::has_avx2() {

@@ -498,13 +498,10 @@ fn deepseek_mtp_layers_are_skipped() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// The DeepSeek-V3 fixture in the released FP8 layout (e4m3 weights, f32 block scales), kept
-/// quantized and dequantized in the kernels: goldens from transformers' own dequantizing
-/// loader in float32. Logits within 1e-3, greedy tokens exact one by one and batched, and
-/// over two expert-sharded ranks in process.
-#[test]
-fn fp8_block_scaled_checkpoint_matches_dequantized_goldens() {
-    let model = "tiny-deepseek-v3-fp8";
+/// A quantized fixture kept quantized and dequantized in the kernels, against goldens from
+/// transformers' own dequantizing loader in float32: logits within 1e-3, greedy tokens exact
+/// one by one and batched, and over two expert-sharded ranks in process. Returns the engine.
+fn quantized_matches_dequantized_goldens(model: &str) -> Engine {
     let g = golden(model);
     let mut e = engine(model, EngineOptions::default());
     assert!(e.config().quantization.is_some());
@@ -522,10 +519,11 @@ fn fp8_block_scaled_checkpoint_matches_dequantized_goldens() {
     for (i, p) in prompts.iter().enumerate() {
         assert_eq!(
             greedy_batched(&mut e, std::slice::from_ref(p), n)[0],
-            want[i]
+            want[i],
+            "{model} prompt {i}"
         );
     }
-    assert_eq!(greedy_batched(&mut e, &prompts, n), want, "batched");
+    assert_eq!(greedy_batched(&mut e, &prompts, n), want, "{model} batched");
     // Two shards, each holding half of the experts.
     let mut sharded = engine(
         model,
@@ -534,10 +532,133 @@ fn fp8_block_scaled_checkpoint_matches_dequantized_goldens() {
             ..Default::default()
         },
     );
-    assert_eq!(greedy_batched(&mut sharded, &prompts, n), want, "2 shards");
-    // Quantized weights stay quantized: one byte per weight plus the scales.
+    assert_eq!(
+        greedy_batched(&mut sharded, &prompts, n),
+        want,
+        "{model} 2 shards"
+    );
+    e
+}
+
+/// The DeepSeek-V3 fixture in the released FP8 layout (e4m3 weights, f32 block scales).
+/// Quantized weights stay quantized: one byte per weight plus the scales.
+#[test]
+fn fp8_block_scaled_checkpoint_matches_dequantized_goldens() {
+    let e = quantized_matches_dequantized_goldens("tiny-deepseek-v3-fp8");
     let fp8_bytes = e.weight_bytes();
     let f32_bytes = engine("tiny-deepseek-v3", EngineOptions::default()).weight_bytes();
     eprintln!("fp8 fixture holds {fp8_bytes} weight bytes, its f32 twin {f32_bytes}");
     assert!(fp8_bytes * 2 < f32_bytes);
+}
+
+/// The GPT-OSS fixture with its experts in the released MXFP4 layout (`*_blocks`,
+/// `*_scales`; attention, router, embeddings and head unquantized per
+/// `modules_to_not_convert`). The experts stay 4-bit: half a byte per weight plus one scale
+/// byte per 32, against four bytes per weight in f32.
+#[test]
+fn mxfp4_experts_match_dequantized_goldens() {
+    let e = quantized_matches_dequantized_goldens("tiny-gpt-oss-mxfp4");
+    let q = e.expert_bytes();
+    let f = engine("tiny-gpt-oss", EngineOptions::default()).expert_bytes();
+    eprintln!("mxfp4 fixture holds {q} expert weight bytes, its f32 twin {f}");
+    assert!(q * 7 < f, "{q} vs {f}");
+}
+
+/// `modules_to_not_convert` is honoured per module: the MXFP4 fixture with layer 1's experts
+/// rewritten unquantized (the `[experts, in, out]` layout, dequantized here from the format's
+/// definition) and that module named in the list gives the same goldens; the same checkpoint
+/// without the entry is refused naming the missing MXFP4 tensor.
+#[test]
+fn mxfp4_modules_to_not_convert_is_honoured() {
+    use switchyard_worker::weights::SafetensorsWriter;
+    let src = fixture("tiny-gpt-oss-mxfp4");
+    let dir = std::env::temp_dir().join(format!("sy-mxfp4-mixed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let e2m1 = |n: u8| -> f32 {
+        let sign = if n & 8 != 0 { -1.0 } else { 1.0 };
+        let (e, m) = (((n >> 1) & 3) as i32, (n & 1) as f32);
+        sign * if e == 0 {
+            m * 0.5
+        } else {
+            (1.0 + m / 2.0) * 2f32.powi(e - 1)
+        }
+    };
+    let mut decl = Vec::new();
+    let mut data: Vec<Vec<u8>> = Vec::new();
+    for name in &names {
+        let t = st.tensor(name).unwrap();
+        let quantized = name.starts_with("model.layers.1.mlp.experts.");
+        if quantized && name.ends_with("_scales") {
+            continue;
+        }
+        if let (true, Some(base)) = (quantized, name.strip_suffix("_blocks")) {
+            let s = st.tensor(&format!("{base}_scales")).unwrap();
+            let [ne, out, g, _] = t.shape() else { panic!() };
+            let (ne, out, inp) = (*ne, *out, g * 32);
+            let mut w = vec![0.0f32; ne * inp * out];
+            for e in 0..ne {
+                for o in 0..out {
+                    for c in 0..inp {
+                        let row = e * out + o;
+                        let byte = t.data()[row * inp / 2 + c / 2];
+                        let nib = if c % 2 == 0 { byte & 15 } else { byte >> 4 };
+                        let scale = 2f32.powi(s.data()[row * inp / 32 + c / 32] as i32 - 127);
+                        w[(e * inp + c) * out + o] = e2m1(nib) * scale;
+                    }
+                }
+            }
+            decl.push((base.to_string(), "F32", vec![ne, inp, out]));
+            data.push(w.iter().flat_map(|v| v.to_le_bytes()).collect());
+        } else {
+            let dtype = format!("{:?}", t.dtype());
+            let dtype: &'static str = Box::leak(dtype.into_boxed_str());
+            decl.push((name.to_string(), dtype, t.shape().to_vec()));
+            data.push(t.data().to_vec());
+        }
+    }
+    let mut w = SafetensorsWriter::create(&dir.join("model.safetensors"), &decl).unwrap();
+    for ((name, _, _), d) in decl.iter().zip(&data) {
+        w.write_next(name, d).unwrap();
+    }
+    w.finish().unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let err = Engine::load(&dir, &EngineOptions::default())
+        .err()
+        .expect("layer 1 is not MXFP4 any more")
+        .to_string();
+    assert!(
+        err.contains("model.layers.1.mlp.experts.gate_up_proj_blocks"),
+        "{err}"
+    );
+    cfg["quantization_config"]["modules_to_not_convert"]
+        .as_array_mut()
+        .unwrap()
+        .push("model.layers.1.mlp.experts".into());
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut e = Engine::load(&dir, &EngineOptions::default()).unwrap();
+    let g = golden("tiny-gpt-oss-mxfp4");
+    let (prompts, want) = prompts_and_greedy(&g);
+    let p = &g["prompts"][0];
+    let all = prompt_logits(&mut e, 0, &prompts[0]);
+    for rec in p["logits"].as_array().unwrap() {
+        let pos = rec["position"].as_u64().unwrap() as usize;
+        let d = max_abs(&all[pos], &floats(&rec["values"]));
+        assert!(d < 1e-3, "pos {pos}: {d}");
+    }
+    e.release(0);
+    assert_eq!(greedy_batched(&mut e, &prompts, want[0].len()), want);
+    let _ = std::fs::remove_dir_all(&dir);
 }

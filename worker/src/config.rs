@@ -67,11 +67,54 @@ pub struct ModelConfig {
 }
 
 /// How a checkpoint's weights are quantized (`quantization_config`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Quantization {
     /// FP8 e4m3 weights with an f32 `weight_scale_inv` per `block` (`weight_block_size`);
     /// activations stay unquantized (W8A16).
     Fp8 { block: [usize; 2] },
+    /// MXFP4 routed experts (`*_blocks` + `*_scales`, W4A16), except in the modules matched
+    /// by `not_converted` (`modules_to_not_convert`); everything else is unquantized, as in
+    /// transformers, which quantizes only GPT-OSS's expert modules.
+    Mxfp4 { not_converted: Vec<String> },
+}
+
+impl Quantization {
+    /// Whether layer `l`'s routed experts are stored in MXFP4.
+    pub fn mxfp4_experts(&self, l: usize) -> bool {
+        match self {
+            Quantization::Fp8 { .. } => false,
+            Quantization::Mxfp4 { not_converted } => {
+                let module = format!("model.layers.{l}.mlp.experts");
+                !not_converted.iter().any(|p| module_matches(p, &module))
+            }
+        }
+    }
+
+    /// The FP8 block size, for FP8 checkpoints.
+    pub fn fp8_block(&self) -> Option<[usize; 2]> {
+        match self {
+            Quantization::Fp8 { block } => Some(*block),
+            Quantization::Mxfp4 { .. } => None,
+        }
+    }
+}
+
+/// Whether a `modules_to_not_convert` entry covers `module`, as transformers decides it: the
+/// entry, a regular expression, matches from the start of the module's name up to a dotted
+/// boundary (`"model.layers.1"` covers `model.layers.1.mlp`, not `model.layers.11`), or the
+/// name ends with the entry as written. An entry that is not a valid expression is matched
+/// only as a suffix (parsing refuses it first; see [`parse_mxfp4`]).
+pub fn module_matches(pattern: &str, module: &str) -> bool {
+    if module.ends_with(pattern) {
+        return true;
+    }
+    let Ok(re) = regex::Regex::new(&format!("^(?:{pattern})$")) else {
+        return false;
+    };
+    let b = module.as_bytes();
+    (0..=b.len())
+        .filter(|&p| p == b.len() || b[p] == b'.' || (p > 0 && b[p - 1] == b'.'))
+        .any(|p| re.is_match(&module[..p]))
 }
 
 /// What one cached position holds per layer: `k_width` key floats and `v_width` value
@@ -199,6 +242,17 @@ impl ModelConfig {
             None => None,
             Some(q) => Some(parse_quantization(q)?),
         };
+        if let Some(Quantization::Mxfp4 { .. }) = quantization {
+            if family.arch != Arch::GptOss {
+                return Err(ConfigError::Unsupported {
+                    field: "quantization_config.quant_method".into(),
+                    detail: format!(
+                        "\"mxfp4\" for {} (MXFP4 is read for GPT-OSS's fused experts)",
+                        family.hf_name
+                    ),
+                });
+            }
+        }
         if let Some(act) = o.str("hidden_act")? {
             if act != "silu" {
                 return Err(ConfigError::Unsupported {
@@ -366,8 +420,8 @@ impl ModelConfig {
     }
 }
 
-/// `quantization_config`: FP8 block-scaled (e4m3, dynamic activations) is read as released;
-/// any other method, format or scheme is refused naming the field.
+/// `quantization_config`: FP8 block-scaled (e4m3, dynamic activations) and MXFP4 are read as
+/// released; any other method, format or scheme is refused naming the field.
 fn parse_quantization(q: &Value) -> Result<Quantization, ConfigError> {
     let Some(m) = q.as_object() else {
         return Err(invalid(
@@ -377,10 +431,13 @@ fn parse_quantization(q: &Value) -> Result<Quantization, ConfigError> {
     };
     let o = Obj(m);
     let method = o.str("quant_method")?.unwrap_or("(none given)");
+    if method == "mxfp4" {
+        return parse_mxfp4(&o);
+    }
     if method != "fp8" {
         return Err(ConfigError::Unsupported {
             field: "quantization_config.quant_method".into(),
-            detail: format!("{method:?} (supported: \"fp8\")"),
+            detail: format!("{method:?} (supported: \"fp8\", \"mxfp4\")"),
         });
     }
     if let Some(f) = o.str("fmt")? {
@@ -425,6 +482,45 @@ fn parse_quantization(q: &Value) -> Result<Quantization, ConfigError> {
         }
     };
     Ok(Quantization::Fp8 { block })
+}
+
+/// MXFP4 (transformers' `Mxfp4Config`): `modules_to_not_convert` is honoured; `dequantize`
+/// (widening at load) is refused, since the point of the layout is to stay 4-bit.
+fn parse_mxfp4(o: &Obj<'_>) -> Result<Quantization, ConfigError> {
+    if o.bool("dequantize", false)? {
+        return Err(ConfigError::Unsupported {
+            field: "quantization_config.dequantize".into(),
+            detail: "true (MXFP4 experts are kept 4-bit and dequantized in the kernels)".into(),
+        });
+    }
+    let not_converted = match o.get("modules_to_not_convert") {
+        None | Some(Value::Null) => vec![],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                let p = v.as_str().ok_or_else(|| {
+                    invalid(
+                        "quantization_config.modules_to_not_convert",
+                        format!("expected module names, got {v}"),
+                    )
+                })?;
+                regex::Regex::new(p).map_err(|e| {
+                    invalid(
+                        "quantization_config.modules_to_not_convert",
+                        format!("{p:?} is not a valid pattern: {e}"),
+                    )
+                })?;
+                Ok(p.to_string())
+            })
+            .collect::<Result<_, _>>()?,
+        Some(other) => {
+            return Err(invalid(
+                "quantization_config.modules_to_not_convert",
+                format!("expected a list of module names, got {other}"),
+            ))
+        }
+    };
+    Ok(Quantization::Mxfp4 { not_converted })
 }
 
 fn parse_rope_scaling(

@@ -105,7 +105,10 @@ fn check_supported(cfg: &ModelConfig) -> Result<(), WorkerError> {
     .or((cfg.experts.act != Activation::Silu || cfg.experts.bias)
         .then_some("clamped SwiGLU experts with biases"))
     .or(cfg.shared_expert.map(|_| "shared experts"))
-    .or(cfg.quantization.map(|_| "FP8 weights"))
+    .or(cfg.quantization.as_ref().map(|q| match q {
+        crate::config::Quantization::Fp8 { .. } => "FP8 weights",
+        crate::config::Quantization::Mxfp4 { .. } => "MXFP4 experts",
+    }))
     .or(cfg
         .windows
         .windows(2)

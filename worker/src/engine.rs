@@ -175,7 +175,7 @@ impl ExpertLoad {
 
     /// Reads the gained experts' weights (the slow part; any thread).
     pub fn load(self) -> Result<PreparedExperts, WorkerError> {
-        let ck = Checkpoint::open(&self.dir)?.with_quantization(self.cfg.quantization);
+        let ck = Checkpoint::open(&self.dir)?.with_quantization(self.cfg.quantization.as_ref());
         let gained = ExpertSet::load(&ck, &self.cfg, &self.gained, self.dtype)?;
         Ok(PreparedExperts {
             holders: self.holders,
@@ -201,7 +201,7 @@ impl Engine {
         setup: ExpertSetup,
     ) -> Result<Self, WorkerError> {
         let cfg = read_config(dir)?;
-        let ck = Checkpoint::open(dir)?.with_quantization(cfg.quantization);
+        let ck = Checkpoint::open(dir)?.with_quantization(cfg.quantization.as_ref());
         let dtype = opts.dtype.unwrap_or(if is_mapped_bf16(&ck) {
             WeightDType::Bf16
         } else {
@@ -333,6 +333,11 @@ impl Engine {
     /// Bytes of weights held (dense + experts).
     pub fn weight_bytes(&self) -> usize {
         self.model.nbytes() + self.experts.nbytes()
+    }
+
+    /// Bytes of routed-expert weights held.
+    pub fn expert_bytes(&self) -> usize {
+        self.experts.nbytes()
     }
 
     /// Weight bytes one decoded token must read, from the bytes actually held (any dtype,

@@ -8,7 +8,7 @@
 
 use crate::config::{Activation, ModelConfig};
 use crate::family::tensors::ExpertTensors;
-use crate::weights::{Checkpoint, LoadError, Tensor, WeightDType};
+use crate::weights::{Checkpoint, LoadError, Rows, Tensor, WeightDType};
 use crate::WorkerError;
 use switchyard_kernels::{axpy, linear, linear_batch, LinearJob};
 
@@ -88,6 +88,34 @@ impl Mlp {
                 let mut m = Mlp::load(ck, names, h, i, dtype)?;
                 m.act = cfg.experts.act;
                 Ok(m)
+            }
+            ExpertTensors::Fused {
+                gate_up,
+                gate_up_bias,
+                down,
+                down_bias,
+            } if cfg
+                .quantization
+                .as_ref()
+                .is_some_and(|q| q.mxfp4_experts(l)) =>
+            {
+                // As released in MXFP4: `[experts, out, in]` (transposed from the unquantized
+                // layout) with gate and up interleaved along `out`; both halves are views of
+                // the one fused tensor, read in place.
+                let gub = ck.slab(&gate_up_bias, &[n, 2 * i], e)?;
+                Ok(Mlp {
+                    gate: ck.mxfp4_expert(&gate_up, [n, 2 * i, h], e, Rows::Even)?,
+                    up: ck.mxfp4_expert(&gate_up, [n, 2 * i, h], e, Rows::Odd)?,
+                    down: ck.mxfp4_expert(&down, [n, h, i], e, Rows::All)?,
+                    bias: Some(MlpBias {
+                        gate: gub.iter().step_by(2).copied().collect(),
+                        up: gub.iter().skip(1).step_by(2).copied().collect(),
+                        down: ck.slab(&down_bias, &[n, h], e)?,
+                    }),
+                    act: cfg.experts.act,
+                    hidden: h,
+                    inter: i,
+                })
             }
             ExpertTensors::Fused {
                 gate_up,

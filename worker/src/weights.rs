@@ -14,7 +14,7 @@ use safetensors::tensor::Dtype;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use switchyard_kernels::quant::Fp8Block;
+use switchyard_kernels::quant::{Fp8Block, Mxfp4, MX_BLOCK};
 use switchyard_kernels::WeightRef;
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +87,16 @@ pub struct Checkpoint {
     fp8_block: Option<[usize; 2]>,
 }
 
+/// Which rows of a fused MXFP4 expert tensor a view takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rows {
+    All,
+    /// Rows 0, 2, 4, … (GPT-OSS's gate rows).
+    Even,
+    /// Rows 1, 3, 5, … (GPT-OSS's up rows).
+    Odd,
+}
+
 enum Data {
     Mapped {
         map: Arc<Mmap>,
@@ -104,6 +114,17 @@ enum Data {
         scale_inv: Vec<f32>,
         k: usize,
         block: [usize; 2],
+    },
+    /// MXFP4 packed values and e8m0 scales, both in place in the file maps; `step` selects
+    /// every `step`-th stored row.
+    Mxfp4 {
+        blocks: Arc<Mmap>,
+        blocks_start: usize,
+        scales: Arc<Mmap>,
+        scales_start: usize,
+        n: usize,
+        k: usize,
+        step: usize,
     },
 }
 
@@ -150,6 +171,27 @@ impl Tensor {
                 k: *k,
                 block: *block,
             }),
+            Data::Mxfp4 {
+                blocks,
+                blocks_start,
+                scales,
+                scales_start,
+                n,
+                k,
+                step,
+            } => {
+                let stored = if *n == 0 { 0 } else { (*n - 1) * *step + 1 };
+                WeightRef::Mxfp4(
+                    Mxfp4::new(
+                        &blocks[*blocks_start..*blocks_start + stored * *k / 2],
+                        &scales[*scales_start..*scales_start + stored * *k / MX_BLOCK],
+                        *n,
+                        *k,
+                        *step,
+                    )
+                    .expect("checked at load"),
+                )
+            }
         }
     }
     pub fn numel(&self) -> usize {
@@ -161,6 +203,7 @@ impl Tensor {
             WeightRef::F32(w) => w.to_vec(),
             WeightRef::Bf16(w) => w.iter().map(|v| v.to_f32()).collect(),
             WeightRef::Fp8(w) => w.to_f32(),
+            WeightRef::Mxfp4(w) => w.to_f32(),
         }
     }
     /// An owned tensor from `f32` values, kept in `dtype`.
@@ -179,6 +222,7 @@ impl Tensor {
             WeightRef::F32(w) => w.len() * 4,
             WeightRef::Bf16(w) => w.len() * 2,
             WeightRef::Fp8(w) => w.q.len() + w.scale_inv.len() * 4,
+            WeightRef::Mxfp4(w) => w.nbytes(),
         }
     }
 }
@@ -306,11 +350,67 @@ impl Checkpoint {
 
     /// Declares the FP8 block size of `config.json`'s `quantization_config` (see
     /// [`crate::config::Quantization`]).
-    pub fn with_quantization(mut self, q: Option<crate::config::Quantization>) -> Self {
-        self.fp8_block = q.map(|q| match q {
-            crate::config::Quantization::Fp8 { block } => block,
-        });
+    pub fn with_quantization(mut self, q: Option<&crate::config::Quantization>) -> Self {
+        self.fp8_block = q.and_then(|q| q.fp8_block());
         self
+    }
+
+    /// Expert `e` of an MXFP4 tensor fused over experts, `base_blocks` `[experts, out, in/32,
+    /// 16]` and `base_scales` `[experts, out, in/32]` (both U8), as an `[out', in]` matrix of
+    /// the rows `rows` selects, in place in the file map. Shapes and dtypes are checked
+    /// against `[experts, out, in]`, so a tensor whose scales do not match is refused.
+    pub fn mxfp4_expert(
+        &self,
+        base: &str,
+        [experts, out, inp]: [usize; 3],
+        e: usize,
+        rows: Rows,
+    ) -> Result<Tensor, LoadError> {
+        if inp % MX_BLOCK != 0 {
+            return Err(LoadError::Shape {
+                name: format!("{base}_blocks"),
+                found: vec![experts, out, inp],
+                expected: vec![experts, out, inp.next_multiple_of(MX_BLOCK)],
+            });
+        }
+        let g = inp / MX_BLOCK;
+        let bname = format!("{base}_blocks");
+        let sname = format!("{base}_scales");
+        let b = self.entry(&bname, &[experts, out, g, MX_BLOCK / 2])?;
+        let sc = self.entry(&sname, &[experts, out, g])?;
+        for (name, ent) in [(&bname, b), (&sname, sc)] {
+            if ent.dtype != Dtype::U8 {
+                return Err(LoadError::Dtype {
+                    name: name.clone(),
+                    dtype: format!("{:?} (MXFP4 blocks and scales are U8)", ent.dtype),
+                });
+            }
+        }
+        if e >= experts {
+            return Err(LoadError::Shape {
+                name: format!("{bname}[{e}]"),
+                found: vec![experts, out, g, MX_BLOCK / 2],
+                expected: vec![e + 1],
+            });
+        }
+        let (first, step, n) = match rows {
+            Rows::All => (0, 1, out),
+            Rows::Even => (0, 2, out.div_ceil(2)),
+            Rows::Odd => (1, 2, out / 2),
+        };
+        let row0 = e * out + first;
+        Ok(Tensor {
+            shape: vec![n, inp],
+            data: Data::Mxfp4 {
+                blocks: self.shards[b.shard].map.clone(),
+                blocks_start: b.start + row0 * inp / 2,
+                scales: self.shards[sc.shard].map.clone(),
+                scales_start: sc.start + row0 * g,
+                n,
+                k: inp,
+                step,
+            },
+        })
     }
 
     /// An FP8 tensor's block scales, checked against its shape: `name_scale_inv`
@@ -486,13 +586,14 @@ impl Checkpoint {
         ))
     }
 
-    /// The stored dtype of a tensor ("F32", "BF16", "F16", "F8_E4M3" or "other").
+    /// The stored dtype of a tensor ("F32", "BF16", "F16", "F8_E4M3", "U8" or "other").
     pub fn dtype_of(&self, name: &str) -> Option<&'static str> {
         self.entries.get(name).map(|e| match e.dtype {
             Dtype::F32 => "F32",
             Dtype::BF16 => "BF16",
             Dtype::F16 => "F16",
             Dtype::F8_E4M3 => "F8_E4M3",
+            Dtype::U8 => "U8",
             _ => "other",
         })
     }
@@ -536,7 +637,7 @@ pub struct SafetensorsWriter {
 }
 
 impl SafetensorsWriter {
-    /// `tensors`: (name, dtype "F32"/"BF16", shape).
+    /// `tensors`: (name, dtype "F32", "BF16", "F16", "U8" or "F8_E4M3", shape).
     pub fn create(path: &Path, tensors: &[(String, &str, Vec<usize>)]) -> std::io::Result<Self> {
         use std::io::Write;
         let mut header = serde_json::Map::new();
@@ -544,7 +645,16 @@ impl SafetensorsWriter {
         let mut off = 0usize;
         let mut pending = std::collections::VecDeque::new();
         for (name, dtype, shape) in tensors {
-            let elem = if *dtype == "F32" { 4 } else { 2 };
+            let elem = match *dtype {
+                "F32" => 4,
+                "BF16" | "F16" => 2,
+                "U8" | "F8_E4M3" => 1,
+                other => {
+                    return Err(std::io::Error::other(format!(
+                        "{name}: dtype {other:?} is not written here"
+                    )))
+                }
+            };
             let n = shape.iter().product::<usize>() * elem;
             header.insert(
                 name.clone(),

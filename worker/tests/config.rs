@@ -119,6 +119,22 @@ fn quantized_layouts_and_linear_attention_layers_are_refused_by_name() {
         e.contains("quantization_config.quant_method") && e.contains("mxfp4"),
         "{e}"
     );
+    // MXFP4 is read for GPT-OSS only (its fused experts); widening at load is refused.
+    let mut g = presets::preset("tiny-gpt-oss").unwrap();
+    g["quantization_config"] = json!({"quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.1.mlp.experts"]});
+    let q = ModelConfig::from_json(&g).unwrap().quantization.unwrap();
+    assert!(q.mxfp4_experts(0) && !q.mxfp4_experts(1));
+    g["quantization_config"]["dequantize"] = json!(true);
+    let e = ModelConfig::from_json(&g).unwrap_err().to_string();
+    assert!(e.contains("quantization_config.dequantize"), "{e}");
+    g["quantization_config"] =
+        json!({"quant_method": "mxfp4", "modules_to_not_convert": "lm_head"});
+    let e = ModelConfig::from_json(&g).unwrap_err().to_string();
+    assert!(
+        e.contains("quantization_config.modules_to_not_convert"),
+        "{e}"
+    );
     // FP8 is read as released; its variants that are not implemented are refused by name.
     c["quantization_config"] = json!({"quant_method": "fp8", "weight_block_size": [128, 128]});
     assert!(ModelConfig::from_json(&c).unwrap().quantization.is_some());
@@ -330,4 +346,35 @@ fn every_family_preset_generates_loads_and_runs() {
     let (total, active) = ds.param_counts();
     assert_eq!(total / 1_000_000, 391, "{total}");
     assert_eq!(active / 1_000_000, 83, "{active}");
+}
+
+/// `modules_to_not_convert` entries as transformers reads them: a regular expression matched
+/// from the start up to a dotted boundary, or a suffix.
+#[test]
+fn modules_to_not_convert_patterns_match_as_transformers_does() {
+    use switchyard_worker::config::module_matches;
+    let m = "model.layers.12.mlp.experts";
+    for p in [
+        "model.layers.*.mlp.experts",
+        "model.layers.12.mlp",
+        "model.layers.12",
+        "model",
+        "model.layers.*",
+        "model.*.experts",
+        "experts",
+        "mlp.experts",
+        m,
+    ] {
+        assert!(module_matches(p, m), "{p}");
+    }
+    for p in [
+        "model.layers.*.self_attn",
+        "model.layers.1",
+        "model.layers.1.mlp.experts",
+        "model.layers.12.mlp.experts.0",
+        "model.layers.12.ml",
+        "lm_head",
+    ] {
+        assert!(!module_matches(p, m), "{p}");
+    }
 }
