@@ -507,7 +507,8 @@ pub struct RunArgs {
 
 #[derive(Args, Debug)]
 pub struct GenModelArgs {
-    /// A built-in preset (tiny, tiny-mixtral, bench, long).
+    /// A built-in preset (see `presets::PRESETS`: tiny, bench, bench-deepseek-v3,
+    /// bench-gpt-oss, ...).
     #[arg(long, conflicts_with = "config", required_unless_present = "config")]
     pub preset: Option<String>,
     /// A config.json to instantiate.
@@ -515,8 +516,10 @@ pub struct GenModelArgs {
     pub config: Option<PathBuf>,
     #[arg(long)]
     pub out: PathBuf,
+    /// f32, bf16, fp8 (the released block-scaled layout: `*_proj` matrices in e4m3 with
+    /// 128x128 block scales) or mxfp4 (GPT-OSS-shaped models: routed experts as released).
     #[arg(long, default_value = "f32")]
-    pub dtype: WeightDType,
+    pub dtype: presets::GenDType,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Largest safetensors shard, in MiB.

@@ -214,3 +214,96 @@ impl<'a> Mxfp4<'a> {
         out
     }
 }
+
+/// The e4m3 code nearest to `x` (ties to the even code), saturating at ±448; NaN maps to
+/// `0x7f`. Inverse of [`e4m3_decode`] on its finite values.
+pub fn e4m3_encode(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7f;
+    }
+    let t = e4m3_table();
+    let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
+    let a = x.abs();
+    // Codes 0x00..=0x7e are the non-negative finite values, increasing.
+    let (mut lo, mut hi) = (0usize, 0x7e);
+    if a >= t[hi] {
+        return sign | hi as u8;
+    }
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if t[mid] <= a {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let (dl, dh) = (a - t[lo], t[hi] - a);
+    let code = if dl < dh || (dl == dh && lo % 2 == 0) {
+        lo
+    } else {
+        hi
+    };
+    sign | code as u8
+}
+
+/// The e2m1 nibble nearest to `x` (ties to the even code), saturating at ±6.
+pub fn e2m1_encode(x: f32) -> u8 {
+    let sign = if x.is_sign_negative() { 8u8 } else { 0 };
+    let a = x.abs();
+    let mut best = 0usize;
+    for (c, v) in E2M1[..8].iter().enumerate() {
+        let (d, db) = ((a - v).abs(), (a - E2M1[best]).abs());
+        if d < db || (d == db && c % 2 == 0) {
+            best = c;
+        }
+    }
+    sign | best as u8
+}
+
+/// Block-scaled FP8 of a row-major `[n, k]` matrix: per `block` tile, `scale_inv = amax /
+/// 448` (1 for an all-zero tile) and `q = e4m3(w / scale_inv)`. Returns `(q, scale_inv)` in
+/// the released layout.
+pub fn quantize_fp8(w: &[f32], n: usize, k: usize, block: [usize; 2]) -> (Vec<u8>, Vec<f32>) {
+    let (sr, sc) = (n.div_ceil(block[0]), k.div_ceil(block[1]));
+    let mut scales = vec![0.0f32; sr * sc];
+    for r in 0..n {
+        for c in 0..k {
+            let s = &mut scales[(r / block[0]) * sc + c / block[1]];
+            *s = s.max(w[r * k + c].abs());
+        }
+    }
+    for s in &mut scales {
+        *s = if *s > 0.0 { *s / 448.0 } else { 1.0 };
+    }
+    let q = (0..n * k)
+        .map(|i| {
+            let (r, c) = (i / k, i % k);
+            e4m3_encode(w[i] / scales[(r / block[0]) * sc + c / block[1]])
+        })
+        .collect();
+    (q, scales)
+}
+
+/// MXFP4 of one row of `k` values (`k % 32 == 0`), appended to `blocks` (`k / 2` bytes) and
+/// `scales` (`k / 32` e8m0 exponents): each block's exponent is the OCP MX rule's,
+/// `⌊log2 amax⌋ − 2` (e2m1's largest exponent), the values then rounded to the nearest e2m1,
+/// saturating at ±6.
+pub fn quantize_mxfp4_row(row: &[f32], blocks: &mut Vec<u8>, scales: &mut Vec<u8>) {
+    assert!(
+        row.len() % MX_BLOCK == 0,
+        "MXFP4 rows are whole blocks of 32"
+    );
+    for b in row.chunks(MX_BLOCK) {
+        let amax = b.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        let e = if amax > 0.0 {
+            (amax.log2().floor() as i32 - 2).clamp(-127, 127)
+        } else {
+            -127
+        };
+        let inv = 2f32.powi(-e);
+        scales.push((e + 127) as u8);
+        for pair in b.chunks(2) {
+            blocks.push(e2m1_encode(pair[0] * inv) | (e2m1_encode(pair[1] * inv) << 4));
+        }
+    }
+}

@@ -651,3 +651,63 @@ fn e8m0_decodes_every_exponent() {
     }
     assert!(e8m0_decode(255).is_nan());
 }
+
+/// The encoders invert the decoders on every finite code and round to the nearest code
+/// otherwise; the block quantizers reproduce their inputs within half a step.
+#[test]
+fn fp8_and_mxfp4_encoders_round_to_nearest() {
+    use switchyard_kernels::quant::*;
+    for b in 0..=255u8 {
+        let v = e4m3_decode(b);
+        if v.is_nan() {
+            continue;
+        }
+        let back = e4m3_encode(v);
+        // ±0 both decode to 0: either code is right.
+        assert!(back == b || v == 0.0, "{b:#x} -> {v} -> {back:#x}");
+    }
+    for n in 0..16u8 {
+        let v = E2M1[n as usize];
+        assert!(e2m1_encode(v) == n || v == 0.0, "{n}");
+    }
+    assert_eq!(e4m3_encode(1000.0), 0x7e);
+    assert_eq!(e2m1_encode(-9.0), 0x0f);
+    assert_eq!(e2m1_encode(2.4), 4);
+    assert_eq!(e2m1_encode(2.6), 5);
+    let mut rng = Rng::new(3);
+    let (n, k) = (5, 300);
+    let w = randn(&mut rng, n * k, 0.05);
+    let (q, s) = quantize_fp8(&w, n, k, [2, 128]);
+    let blk = Fp8Block {
+        q: &q,
+        scale_inv: &s,
+        k,
+        block: [2, 128],
+    };
+    for (i, x) in w.iter().enumerate() {
+        let got = blk.get(i);
+        // e4m3 has 3 mantissa bits: within 1/16 relative, or the subnormal step absolute.
+        let scale = s[(i / k / 2) * 3 + (i % k) / 128];
+        assert!(
+            (got - x).abs() <= x.abs() / 16.0 + scale * 2f32.powi(-10),
+            "{x} vs {got}"
+        );
+    }
+    let k = 64;
+    let w = randn(&mut rng, 3 * k, 1.0);
+    let (mut blocks, mut scales) = (vec![], vec![]);
+    for r in w.chunks(k) {
+        quantize_mxfp4_row(r, &mut blocks, &mut scales);
+    }
+    let m = Mxfp4::new(&blocks, &scales, 3, k, 1).unwrap();
+    for (i, x) in w.iter().enumerate() {
+        let step = e8m0_decode(scales[i / 32]);
+        // Half the widest e2m1 gap (2, between 4 and 6) at the block's scale, or the
+        // saturation of a block's largest values (below 8 steps) to 6.
+        assert!(
+            (m.get(i) - x).abs() <= 2.0 * step + 1e-6,
+            "{x} vs {}",
+            m.get(i)
+        );
+    }
+}

@@ -6,7 +6,7 @@
 //! `1 + N(0, 0.1)`. The same seed always writes the same bytes.
 
 use crate::config::ModelConfig;
-use crate::family::tensors::Init;
+use crate::family::tensors::{Init, Routed};
 use crate::weights::{SafetensorsWriter, WeightDType};
 use crate::WorkerError;
 use rayon::prelude::*;
@@ -24,6 +24,7 @@ pub const PRESETS: &[&str] = &[
     "tiny-gpt-oss",
     "bench",
     "bench-deepseek-v3",
+    "bench-gpt-oss",
     "long",
 ];
 
@@ -133,6 +134,26 @@ pub fn preset(name: &str) -> Option<Value> {
         "bench-deepseek-v3" => Some(deepseek(
             1024, 8, 16, 384, 256, 64, 32, 64, 2048, 256, 64, 8, 8, 4,
         )),
+        // GPT-OSS's shape at the `bench` preset's budget: 32 experts top-4 (as GPT-OSS-20B),
+        // sliding (128) and full layers alternating, attention sinks.
+        "bench-gpt-oss" => Some(json!({
+            "architectures": ["GptOssForCausalLM"],
+            "model_type": "gpt_oss",
+            "bos_token_id": 2043, "eos_token_id": 2045, "pad_token_id": 2043,
+            "attention_bias": true, "head_dim": 64,
+            "hidden_act": "silu", "hidden_size": 1024, "intermediate_size": 512,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention",
+                "sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+            "max_position_embeddings": 32768,
+            "num_attention_heads": 16, "num_key_value_heads": 4,
+            "num_local_experts": 32, "num_experts_per_tok": 4, "num_hidden_layers": 8,
+            "rms_norm_eps": 1e-5,
+            "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": false},
+            "rope_theta": 150000.0, "sliding_window": 128,
+            "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+            "tie_word_embeddings": false, "torch_dtype": "float32", "vocab_size": 2048
+        })),
         "tiny-gpt-oss" => Some(json!({
             "architectures": ["GptOssForCausalLM"],
             "model_type": "gpt_oss",
@@ -219,23 +240,158 @@ fn name_seed(seed: u64, name: &str) -> u64 {
     h
 }
 
+/// The weight format [`generate`] writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GenDType {
+    F32,
+    Bf16,
+    /// The released FP8 layout (DeepSeek-V3, Qwen3 *-FP8): every `*_proj.weight` matrix in
+    /// e4m3 with an f32 `weight_scale_inv` per 128×128 block; embeddings, head, norms and
+    /// routers in bf16.
+    Fp8,
+    /// The released MXFP4 layout (GPT-OSS): routed experts as `*_blocks` / `*_scales`, the
+    /// rest in bf16.
+    Mxfp4,
+}
+
+impl std::str::FromStr for GenDType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" | "float32" => Ok(GenDType::F32),
+            "bf16" | "bfloat16" => Ok(GenDType::Bf16),
+            "fp8" => Ok(GenDType::Fp8),
+            "mxfp4" => Ok(GenDType::Mxfp4),
+            other => Err(format!("unknown dtype {other:?} (f32, bf16, fp8 or mxfp4)")),
+        }
+    }
+}
+
+impl From<WeightDType> for GenDType {
+    fn from(d: WeightDType) -> Self {
+        match d {
+            WeightDType::F32 => GenDType::F32,
+            WeightDType::Bf16 => GenDType::Bf16,
+        }
+    }
+}
+
+const FP8_BLOCK: [usize; 2] = [128, 128];
+
+/// How one generated tensor is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stored {
+    F32,
+    Bf16,
+    /// e4m3 + `_scale_inv`.
+    Fp8,
+    /// `[E, in, out]` fused experts as `_blocks` + `_scales` of the transposed `[E, out, in]`.
+    Mxfp4,
+}
+
+impl Stored {
+    fn of(dtype: GenDType, name: &str, shape: &[usize], routed: bool) -> Stored {
+        match dtype {
+            GenDType::F32 => Stored::F32,
+            GenDType::Bf16 => Stored::Bf16,
+            GenDType::Fp8 if shape.len() == 2 && name.ends_with("_proj.weight") => Stored::Fp8,
+            GenDType::Mxfp4 if routed && shape.len() == 3 && !name.ends_with("_bias") => {
+                Stored::Mxfp4
+            }
+            _ => Stored::Bf16,
+        }
+    }
+
+    /// The safetensors entries (name, dtype, shape) this tensor becomes.
+    fn entries(self, name: &str, shape: &[usize]) -> Vec<(String, &'static str, Vec<usize>)> {
+        match self {
+            Stored::F32 => vec![(name.into(), "F32", shape.to_vec())],
+            Stored::Bf16 => vec![(name.into(), "BF16", shape.to_vec())],
+            Stored::Fp8 => vec![
+                (name.into(), "F8_E4M3", shape.to_vec()),
+                (
+                    format!("{name}_scale_inv"),
+                    "F32",
+                    vec![
+                        shape[0].div_ceil(FP8_BLOCK[0]),
+                        shape[1].div_ceil(FP8_BLOCK[1]),
+                    ],
+                ),
+            ],
+            Stored::Mxfp4 => {
+                let (e, inp, out) = (shape[0], shape[1], shape[2]);
+                vec![
+                    (format!("{name}_blocks"), "U8", vec![e, out, inp / 32, 16]),
+                    (format!("{name}_scales"), "U8", vec![e, out, inp / 32]),
+                ]
+            }
+        }
+    }
+
+    /// The bytes of each entry, from the tensor's `f32` values.
+    fn encode(self, v: &[f32], shape: &[usize]) -> Vec<Vec<u8>> {
+        use switchyard_kernels::quant::{quantize_fp8, quantize_mxfp4_row};
+        match self {
+            Stored::F32 => vec![bytemuck::cast_slice(v).to_vec()],
+            Stored::Bf16 => vec![v
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
+                .collect()],
+            Stored::Fp8 => {
+                let (q, s) = quantize_fp8(v, shape[0], shape[1], FP8_BLOCK);
+                vec![q, bytemuck::cast_slice(&s).to_vec()]
+            }
+            Stored::Mxfp4 => {
+                let (e, inp, out) = (shape[0], shape[1], shape[2]);
+                let (mut blocks, mut scales) = (Vec::new(), Vec::new());
+                let mut row = vec![0.0f32; inp];
+                for ei in 0..e {
+                    for o in 0..out {
+                        for (c, r) in row.iter_mut().enumerate() {
+                            *r = v[(ei * inp + c) * out + o];
+                        }
+                        quantize_mxfp4_row(&row, &mut blocks, &mut scales);
+                    }
+                }
+                vec![blocks, scales]
+            }
+        }
+    }
+}
+
 /// Writes a random checkpoint for `config` into `out`. `tokenizer_files` are copied in as
 /// (file name, contents). Shards hold at most `shard_bytes` each (at least one tensor).
+/// Quantized dtypes quantize the same random weights into the released layouts and declare
+/// them in `quantization_config`.
 pub fn generate(
     config: &Value,
     out: &Path,
-    dtype: WeightDType,
+    dtype: impl Into<GenDType>,
     seed: u64,
     shard_bytes: usize,
     tokenizer_files: &[(&str, &[u8])],
 ) -> Result<(), WorkerError> {
-    let cfg = ModelConfig::from_json(config)?;
-    std::fs::create_dir_all(out)?;
+    let dtype = dtype.into();
     let mut config = config.clone();
-    config["torch_dtype"] = json!(if dtype == WeightDType::Bf16 {
-        "bfloat16"
-    } else {
+    match dtype {
+        GenDType::Fp8 => {
+            config["quantization_config"] = json!({"quant_method": "fp8", "fmt": "e4m3",
+                "activation_scheme": "dynamic", "weight_block_size": FP8_BLOCK});
+        }
+        GenDType::Mxfp4 => {
+            config["quantization_config"] = json!({"quant_method": "mxfp4",
+                "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                    "model.embed_tokens", "lm_head"]});
+        }
+        GenDType::F32 | GenDType::Bf16 => {}
+    }
+    // Parsing refuses MXFP4 for families without fused experts, naming the field.
+    let cfg = ModelConfig::from_json(&config)?;
+    std::fs::create_dir_all(out)?;
+    config["torch_dtype"] = json!(if dtype == GenDType::F32 {
         "float32"
+    } else {
+        "bfloat16"
     });
     std::fs::write(
         out.join("config.json"),
@@ -254,22 +410,28 @@ pub fn generate(
     for (name, bytes) in tokenizer_files {
         std::fs::write(out.join(name), bytes)?;
     }
-    let elem = if dtype == WeightDType::Bf16 { 2 } else { 4 };
-    let st_dtype = if dtype == WeightDType::Bf16 {
-        "BF16"
-    } else {
-        "F32"
-    };
-    let all: Vec<(String, Vec<usize>, Init)> = cfg
+    let all: Vec<(String, Vec<usize>, Init, Stored)> = cfg
         .tensors()
         .into_iter()
-        .map(|d| (d.name, d.shape, d.init))
+        .map(|d| {
+            let st = Stored::of(dtype, &d.name, &d.shape, d.routed != Routed::No);
+            (d.name, d.shape, d.init, st)
+        })
         .collect();
-    // Group consecutive tensors into shards.
+    let bytes_of = |shape: &[usize], st: Stored| -> usize {
+        let n = shape.iter().product::<usize>();
+        match st {
+            Stored::F32 => n * 4,
+            Stored::Bf16 => n * 2,
+            Stored::Fp8 => n,
+            Stored::Mxfp4 => n / 2 + n / 32,
+        }
+    };
+    // Group consecutive tensors into shards (a quantized tensor and its scales together).
     let mut shards: Vec<Vec<usize>> = vec![vec![]];
     let mut size = 0;
-    for (i, (_, shape, _)) in all.iter().enumerate() {
-        let n = shape.iter().product::<usize>() * elem;
+    for (i, (_, shape, _, st)) in all.iter().enumerate() {
+        let n = bytes_of(shape, *st);
         if size + n > shard_bytes && !shards.last().unwrap().is_empty() {
             shards.push(vec![]);
             size = 0;
@@ -284,22 +446,17 @@ pub fn generate(
         let file = format!("model-{:05}-of-{:05}.safetensors", si + 1, count);
         let decl: Vec<(String, &str, Vec<usize>)> = members
             .iter()
-            .map(|&i| (all[i].0.clone(), st_dtype, all[i].1.clone()))
+            .flat_map(|&i| all[i].3.entries(&all[i].0, &all[i].1))
             .collect();
         let mut w = SafetensorsWriter::create(&out.join(&file), &decl)?;
         for &i in members {
-            let (name, shape, init) = &all[i];
+            let (name, shape, init, st) = &all[i];
             let v = fill(name_seed(seed, name), shape, init);
-            let bytes: Vec<u8> = match dtype {
-                WeightDType::F32 => bytemuck::cast_slice(&v).to_vec(),
-                WeightDType::Bf16 => v
-                    .iter()
-                    .flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes())
-                    .collect(),
-            };
-            total += bytes.len();
-            w.write_next(name, &bytes)?;
-            weight_map.insert(name.clone(), json!(file));
+            for ((ename, _, _), bytes) in st.entries(name, shape).iter().zip(st.encode(&v, shape)) {
+                total += bytes.len();
+                w.write_next(ename, &bytes)?;
+                weight_map.insert(ename.clone(), json!(file));
+            }
         }
         w.finish()?;
     }
