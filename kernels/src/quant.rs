@@ -100,6 +100,45 @@ impl Fp8Block<'_> {
         )
     }
 
+    /// Rows `r0..r0 + n` as an owned block-scaled matrix, transposed (`[k, n]`) if asked:
+    /// exact, no value is re-rounded. Where `r0` is not on a block boundary the slice's row
+    /// blocks shrink to `gcd(br, r0 mod br)` rows, which never straddle a stored block.
+    pub fn rows(&self, r0: usize, n: usize, transpose: bool) -> Fp8Owned {
+        let [br, bc] = self.block;
+        let k = self.k;
+        let rb = if r0 % br == 0 { br } else { gcd(br, r0 % br) };
+        let (sc, gr) = (self.scale_cols(), n.div_ceil(rb));
+        let scale = |j: usize, cb: usize| self.scale_inv[((r0 + j * rb) / br) * sc + cb];
+        if !transpose {
+            let mut grid = Vec::with_capacity(gr * sc);
+            for j in 0..gr {
+                grid.extend((0..sc).map(|cb| scale(j, cb)));
+            }
+            return Fp8Owned {
+                q: self.q[r0 * k..(r0 + n) * k].to_vec(),
+                scale_inv: grid,
+                k,
+                block: [rb, bc],
+            };
+        }
+        let mut q = vec![0u8; k * n];
+        for i in 0..n {
+            for c in 0..k {
+                q[c * n + i] = self.q[(r0 + i) * k + c];
+            }
+        }
+        let mut grid = Vec::with_capacity(sc * gr);
+        for cb in 0..sc {
+            grid.extend((0..gr).map(|j| scale(j, cb)));
+        }
+        Fp8Owned {
+            q,
+            scale_inv: grid,
+            k: n,
+            block: [bc, rb],
+        }
+    }
+
     /// The whole matrix in `f32` (for the GEMM path).
     pub fn to_f32(&self) -> Vec<f32> {
         let n = self.q.len() / self.k;
@@ -108,6 +147,34 @@ impl Fp8Block<'_> {
             self.row_into(r, o);
         }
         out
+    }
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// An owned FP8 block-scaled matrix (a slice of a stored one; see [`Fp8Block::rows`]).
+#[derive(Clone, Debug)]
+pub struct Fp8Owned {
+    pub q: Vec<u8>,
+    pub scale_inv: Vec<f32>,
+    pub k: usize,
+    pub block: [usize; 2],
+}
+
+impl Fp8Owned {
+    pub fn view(&self) -> Fp8Block<'_> {
+        Fp8Block {
+            q: &self.q,
+            scale_inv: &self.scale_inv,
+            k: self.k,
+            block: self.block,
+        }
     }
 }
 

@@ -711,3 +711,42 @@ fn fp8_and_mxfp4_encoders_round_to_nearest() {
         );
     }
 }
+
+/// Row slices of an FP8 block matrix, plain and transposed, hold exactly the stored values,
+/// on and off block boundaries (MLA's per-head splits of `kv_b_proj`).
+#[test]
+fn fp8_row_slices_are_exact() {
+    use switchyard_kernels::quant::Fp8Block;
+    let mut rng = Rng::new(8);
+    let (n, k, block) = (384usize, 200usize, [128usize, 64usize]);
+    let q: Vec<u8> = (0..n * k).map(|_| (rng.next_u64() as u8) & 0xfe).collect();
+    let s: Vec<f32> = (0..3 * 4).map(|i| 0.01 * (i + 1) as f32).collect();
+    let w = Fp8Block {
+        q: &q,
+        scale_inv: &s,
+        k,
+        block,
+    };
+    for (r0, len) in [
+        (0usize, 64usize),
+        (64, 64),
+        (128, 128),
+        (96, 200),
+        (200, 184),
+    ] {
+        for t in [false, true] {
+            let sub = w.rows(r0, len, t);
+            let v = sub.view();
+            for i in 0..len {
+                for c in 0..k {
+                    let at = if t { c * len + i } else { i * k + c };
+                    assert_eq!(
+                        v.get(at),
+                        w.get((r0 + i) * k + c),
+                        "r0={r0} t={t} ({i},{c})"
+                    );
+                }
+            }
+        }
+    }
+}

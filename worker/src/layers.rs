@@ -20,7 +20,7 @@ use crate::WorkerError;
 use switchyard_kernels::attention::{paged_attention_with, AttnParams, QueryRow};
 use switchyard_kernels::norm::rms_norm;
 use switchyard_kernels::rope::{apply_interleaved_with, apply_with};
-use switchyard_kernels::{linear, linear_batch, moe, LinearJob};
+use switchyard_kernels::{linear, linear_batch, moe, LinearJob, WeightRef};
 
 /// Per-row rotary tables, shared by all layers of a step.
 pub struct RopeRows<'a> {
@@ -152,28 +152,33 @@ impl Attention {
                 };
                 let (lora, nope, vd) = (m.kv_lora_rank, m.qk_nope_head_dim, m.v_head_dim);
                 let kv_b_name = format!("{a}.kv_b_proj.weight");
-                let kv_b = ck.vector(&kv_b_name, &[nh * (nope + vd), lora])?;
-                // The per-head splits of an FP8 kv_b_proj are kept in f32: exact, where
-                // rounding them to the model's dtype would change the results.
-                let split_dtype = if ck.dtype_of(&kv_b_name) == Some("F8_E4M3") {
-                    WeightDType::F32
-                } else {
-                    dtype
-                };
+                let shape = [nh * (nope + vd), lora];
                 let mut uk_t = Vec::with_capacity(nh);
                 let mut uv = Vec::with_capacity(nh);
-                for hd in 0..nh {
-                    let base = hd * (nope + vd);
-                    // Rows base..base+nope are W_UK [nope, lora]; store its transpose.
-                    let mut t = vec![0.0f32; lora * nope];
-                    for i in 0..nope {
-                        for c in 0..lora {
-                            t[c * nope + i] = kv_b[(base + i) * lora + c];
-                        }
+                let kv_b = ck.matrix(&kv_b_name, &shape, dtype)?;
+                if let WeightRef::Fp8(w) = kv_b.weight() {
+                    // FP8 stays FP8: each head's rows (W_UK transposed, W_UV as stored) with
+                    // the block scales that cover them, exactly.
+                    for hd in 0..nh {
+                        let base = hd * (nope + vd);
+                        uk_t.push(Tensor::fp8(w.rows(base, nope, true)));
+                        uv.push(Tensor::fp8(w.rows(base + nope, vd, false)));
                     }
-                    uk_t.push(Tensor::from_f32(vec![lora, nope], t, split_dtype));
-                    let v = kv_b[(base + nope) * lora..(base + nope + vd) * lora].to_vec();
-                    uv.push(Tensor::from_f32(vec![vd, lora], v, split_dtype));
+                } else {
+                    let kv_b = kv_b.to_f32();
+                    for hd in 0..nh {
+                        let base = hd * (nope + vd);
+                        // Rows base..base+nope are W_UK [nope, lora]; store its transpose.
+                        let mut t = vec![0.0f32; lora * nope];
+                        for i in 0..nope {
+                            for c in 0..lora {
+                                t[c * nope + i] = kv_b[(base + i) * lora + c];
+                            }
+                        }
+                        uk_t.push(Tensor::from_f32(vec![lora, nope], t, dtype));
+                        let v = kv_b[(base + nope) * lora..(base + nope + vd) * lora].to_vec();
+                        uv.push(Tensor::from_f32(vec![vd, lora], v, dtype));
+                    }
                 }
                 Ok(Attention::Mla(Mla {
                     spec: m.clone(),

@@ -14,7 +14,7 @@ use safetensors::tensor::Dtype;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use switchyard_kernels::quant::{Fp8Block, Mxfp4, MX_BLOCK};
+use switchyard_kernels::quant::{Fp8Block, Fp8Owned, Mxfp4, MX_BLOCK};
 use switchyard_kernels::WeightRef;
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +115,8 @@ enum Data {
         k: usize,
         block: [usize; 2],
     },
+    /// An owned FP8 block matrix (derived from a stored one, e.g. MLA's per-head splits).
+    Fp8Owned(Fp8Owned),
     /// MXFP4 packed values and e8m0 scales, both in place in the file maps; `step` selects
     /// every `step`-th stored row.
     Mxfp4 {
@@ -171,6 +173,7 @@ impl Tensor {
                 k: *k,
                 block: *block,
             }),
+            Data::Fp8Owned(o) => WeightRef::Fp8(o.view()),
             Data::Mxfp4 {
                 blocks,
                 blocks_start,
@@ -214,6 +217,14 @@ impl Tensor {
             WeightDType::Bf16 => Data::Bf16(v.into_iter().map(bf16::from_f32).collect()),
         };
         Tensor { shape, data }
+    }
+
+    /// An owned FP8 tensor of shape `[n, k]`.
+    pub fn fp8(o: Fp8Owned) -> Tensor {
+        Tensor {
+            shape: vec![o.q.len() / o.k.max(1), o.k],
+            data: Data::Fp8Owned(o),
+        }
     }
 
     /// Bytes of weight data this tensor holds.
