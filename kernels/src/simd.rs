@@ -307,6 +307,41 @@ pub(crate) mod avx2 {
             let mut part0 = [_mm256_setzero_ps(); R];
             let mut part1 = [_mm256_setzero_ps(); R];
             let mut c = c0;
+            if R == 1 {
+                // One row: four independent FMA chains, so the FMA latency is hidden.
+                let (mut p2, mut p3) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                while c + 32 <= c1 {
+                    let va = _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(c) as *const __m128i));
+                    let vb =
+                        _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(c + 16) as *const __m128i));
+                    let ha = _mm256_and_si256(_mm256_slli_epi16(va, 7), keep);
+                    let hb = _mm256_and_si256(_mm256_slli_epi16(vb, 7), keep);
+                    let xr = xp.add(c);
+                    part0[0] = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(xr),
+                        _mm256_cvtph_ps(_mm256_castsi256_si128(ha)),
+                        part0[0],
+                    );
+                    part1[0] = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(xr.add(8)),
+                        _mm256_cvtph_ps(_mm256_extracti128_si256(ha, 1)),
+                        part1[0],
+                    );
+                    p2 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(xr.add(16)),
+                        _mm256_cvtph_ps(_mm256_castsi256_si128(hb)),
+                        p2,
+                    );
+                    p3 = _mm256_fmadd_ps(
+                        _mm256_loadu_ps(xr.add(24)),
+                        _mm256_cvtph_ps(_mm256_extracti128_si256(hb, 1)),
+                        p3,
+                    );
+                    c += 32;
+                }
+                part0[0] = _mm256_add_ps(part0[0], p2);
+                part1[0] = _mm256_add_ps(part1[0], p3);
+            }
             while c + 16 <= c1 {
                 let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(c) as *const __m128i));
                 let h = _mm256_and_si256(_mm256_slli_epi16(v, 7), keep);

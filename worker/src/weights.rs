@@ -462,6 +462,31 @@ impl Checkpoint {
         &self.dir
     }
 
+    /// Drops this process's resident pages of `start..end` of shard `shard` once their bytes
+    /// have been copied out (a converted or transposed tensor), so the copy is not held twice
+    /// in RSS. Only whole pages inside the range are dropped: they belong to that tensor alone
+    /// (tensors never overlap), and a later read would fault them in again from the file.
+    fn release(&self, shard: usize, start: usize, end: usize) {
+        #[cfg(unix)]
+        {
+            const PAGE: usize = 4096;
+            let (a, b) = (start.next_multiple_of(PAGE), end / PAGE * PAGE);
+            if b > a {
+                // SAFETY: a read-only file mapping: MADV_DONTNEED only discards this process's
+                // page-table entries; the data is re-read from the file if touched again, and
+                // no reference into these pages outlives the copy just made from them.
+                let _ = unsafe {
+                    self.shards[shard].map.unchecked_advise_range(
+                        memmap2::UncheckedAdvice::DontNeed,
+                        a,
+                        b - a,
+                    )
+                };
+            }
+        }
+        let _ = (shard, start, end);
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
     }
@@ -542,6 +567,7 @@ impl Checkpoint {
             WeightDType::F32 => Data::F32(f32s),
             WeightDType::Bf16 => Data::Bf16(f32s.into_iter().map(bf16::from_f32).collect()),
         };
+        self.release(e.shard, e.start, e.end);
         Ok(Tensor {
             shape: shape.to_vec(),
             data,
@@ -591,10 +617,9 @@ impl Checkpoint {
         }
         let per = shape[1..].iter().product::<usize>() * elem;
         let start = e.start + index * per;
-        Ok(decode_f32(
-            &self.shards[e.shard].map[start..start + per],
-            e.dtype,
-        ))
+        let v = decode_f32(&self.shards[e.shard].map[start..start + per], e.dtype);
+        self.release(e.shard, start, start + per);
+        Ok(v)
     }
 
     /// The stored dtype of a tensor ("F32", "BF16", "F16", "F8_E4M3", "U8" or "other").
