@@ -437,6 +437,19 @@ mod on_gpu {
     }
 }
 
+/// Creates `dir` holding `src`'s tokenizer and generation config (a checkpoint's non-weight
+/// files, for a test that rewrites the weights or the config).
+fn copy_text_files(src: &std::path::Path, dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+}
+
 /// DeepSeek's multi-token-prediction layer (`num_nextn_predict_layers`, stored as layer
 /// `num_hidden_layers` with its own extra tensors) is skipped, not mis-loaded: a checkpoint
 /// carrying one gives the goldens unchanged.
@@ -445,14 +458,7 @@ fn deepseek_mtp_layers_are_skipped() {
     use switchyard_worker::weights::SafetensorsWriter;
     let src = fixture("tiny-deepseek-v3");
     let dir = std::env::temp_dir().join(format!("sy-mtp-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-    ] {
-        std::fs::copy(src.join(f), dir.join(f)).unwrap();
-    }
+    copy_text_files(&src, &dir);
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     cfg["num_nextn_predict_layers"] = 1.into();
@@ -573,14 +579,7 @@ fn mxfp4_modules_to_not_convert_is_honoured() {
     use switchyard_worker::weights::SafetensorsWriter;
     let src = fixture("tiny-gpt-oss-mxfp4");
     let dir = std::env::temp_dir().join(format!("sy-mxfp4-mixed-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "generation_config.json",
-    ] {
-        std::fs::copy(src.join(f), dir.join(f)).unwrap();
-    }
+    copy_text_files(&src, &dir);
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();

@@ -19,6 +19,26 @@ pub struct MlpBias {
     pub down: Vec<f32>,
 }
 
+impl MlpBias {
+    /// Expert `e`'s biases from tensors fused over `[experts, hidden, inter]`: the gate/up
+    /// bias `[experts, 2·inter]` interleaved (gate at even positions), the down bias
+    /// `[experts, hidden]`.
+    fn fused(
+        ck: &Checkpoint,
+        gate_up: &str,
+        down: &str,
+        [n, h, i]: [usize; 3],
+        e: usize,
+    ) -> Result<Self, LoadError> {
+        let gub = ck.slab(gate_up, &[n, 2 * i], e)?;
+        Ok(MlpBias {
+            gate: gub.iter().step_by(2).copied().collect(),
+            up: gub.iter().skip(1).step_by(2).copied().collect(),
+            down: ck.slab(down, &[n, h], e)?,
+        })
+    }
+}
+
 /// A gated MLP: `down(act(gate(x), up(x)))`, with optional biases.
 pub struct Mlp {
     pub gate: Tensor,
@@ -102,16 +122,11 @@ impl Mlp {
                 // As released in MXFP4: `[experts, out, in]` (transposed from the unquantized
                 // layout) with gate and up interleaved along `out`; both halves are views of
                 // the one fused tensor, read in place.
-                let gub = ck.slab(&gate_up_bias, &[n, 2 * i], e)?;
                 Ok(Mlp {
                     gate: ck.mxfp4_expert(&gate_up, [n, 2 * i, h], e, Rows::Even)?,
                     up: ck.mxfp4_expert(&gate_up, [n, 2 * i, h], e, Rows::Odd)?,
                     down: ck.mxfp4_expert(&down, [n, h, i], e, Rows::All)?,
-                    bias: Some(MlpBias {
-                        gate: gub.iter().step_by(2).copied().collect(),
-                        up: gub.iter().skip(1).step_by(2).copied().collect(),
-                        down: ck.slab(&down_bias, &[n, h], e)?,
-                    }),
+                    bias: Some(MlpBias::fused(ck, &gate_up_bias, &down_bias, [n, h, i], e)?),
                     act: cfg.experts.act,
                     hidden: h,
                     inter: i,
@@ -134,7 +149,6 @@ impl Mlp {
                         up[j * h + r] = gu[r * 2 * i + 2 * j + 1];
                     }
                 }
-                let gub = ck.slab(&gate_up_bias, &[n, 2 * i], e)?;
                 let dn = ck.slab(&down, &[n, i, h], e)?;
                 let mut down_t = vec![0.0f32; h * i];
                 for j in 0..i {
@@ -146,11 +160,7 @@ impl Mlp {
                     gate: Tensor::from_f32(vec![i, h], gate, dtype),
                     up: Tensor::from_f32(vec![i, h], up, dtype),
                     down: Tensor::from_f32(vec![h, i], down_t, dtype),
-                    bias: Some(MlpBias {
-                        gate: gub.iter().step_by(2).copied().collect(),
-                        up: gub.iter().skip(1).step_by(2).copied().collect(),
-                        down: ck.slab(&down_bias, &[n, h], e)?,
-                    }),
+                    bias: Some(MlpBias::fused(ck, &gate_up_bias, &down_bias, [n, h, i], e)?),
                     act: cfg.experts.act,
                     hidden: h,
                     inter: i,

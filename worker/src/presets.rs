@@ -136,43 +136,53 @@ pub fn preset(name: &str) -> Option<Value> {
         )),
         // GPT-OSS's shape at the `bench` preset's budget: 32 experts top-4 (as GPT-OSS-20B),
         // sliding (128) and full layers alternating, attention sinks.
-        "bench-gpt-oss" => Some(json!({
-            "architectures": ["GptOssForCausalLM"],
-            "model_type": "gpt_oss",
-            "bos_token_id": 2043, "eos_token_id": 2045, "pad_token_id": 2043,
-            "attention_bias": true, "head_dim": 64,
-            "hidden_act": "silu", "hidden_size": 1024, "intermediate_size": 512,
-            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention",
-                "sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-            "max_position_embeddings": 32768,
-            "num_attention_heads": 16, "num_key_value_heads": 4,
-            "num_local_experts": 32, "num_experts_per_tok": 4, "num_hidden_layers": 8,
-            "rms_norm_eps": 1e-5,
-            "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
-                "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": false},
-            "rope_theta": 150000.0, "sliding_window": 128,
-            "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
-            "tie_word_embeddings": false, "torch_dtype": "float32", "vocab_size": 2048
-        })),
-        "tiny-gpt-oss" => Some(json!({
-            "architectures": ["GptOssForCausalLM"],
-            "model_type": "gpt_oss",
-            "bos_token_id": 2043, "eos_token_id": 2045, "pad_token_id": 2043,
-            "attention_bias": true, "head_dim": 32,
-            "hidden_act": "silu", "hidden_size": 128, "intermediate_size": 64,
-            "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
-            "max_position_embeddings": 4096,
-            "num_attention_heads": 4, "num_key_value_heads": 2,
-            "num_local_experts": 16, "num_experts_per_tok": 4, "num_hidden_layers": 4,
-            "rms_norm_eps": 1e-5,
-            "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 4.0,
-                "original_max_position_embeddings": 1024, "rope_type": "yarn", "truncate": false},
-            "rope_theta": 150000.0, "sliding_window": 128,
-            "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
-            "tie_word_embeddings": false, "torch_dtype": "float32", "vocab_size": 2048
-        })),
+        "bench-gpt-oss" => Some(gpt_oss(1024, 8, 16, 4, 64, 32, 4, 512, 32.0, 4096)),
+        "tiny-gpt-oss" => Some(gpt_oss(128, 4, 4, 2, 32, 16, 4, 64, 4.0, 1024)),
         _ => None,
     }
+}
+
+/// A `GptOssForCausalLM` config: sliding (128) and full layers alternating, YaRN by
+/// `factor` over `original_ctx`.
+#[allow(clippy::too_many_arguments)]
+fn gpt_oss(
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    kv: usize,
+    hd: usize,
+    experts: usize,
+    topk: usize,
+    inter: usize,
+    factor: f64,
+    original_ctx: usize,
+) -> Value {
+    let types: Vec<&str> = (0..layers)
+        .map(|l| {
+            if l % 2 == 0 {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        })
+        .collect();
+    json!({
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "bos_token_id": 2043, "eos_token_id": 2045, "pad_token_id": 2043,
+        "attention_bias": true, "head_dim": hd,
+        "hidden_act": "silu", "hidden_size": hidden, "intermediate_size": inter,
+        "layer_types": types,
+        "max_position_embeddings": original_ctx * factor as usize,
+        "num_attention_heads": heads, "num_key_value_heads": kv,
+        "num_local_experts": experts, "num_experts_per_tok": topk, "num_hidden_layers": layers,
+        "rms_norm_eps": 1e-5,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": factor,
+            "original_max_position_embeddings": original_ctx, "rope_type": "yarn", "truncate": false},
+        "rope_theta": 150000.0, "sliding_window": 128,
+        "swiglu_alpha": 1.702, "swiglu_limit": 7.0,
+        "tie_word_embeddings": false, "torch_dtype": "float32", "vocab_size": 2048
+    })
 }
 
 /// A `DeepseekV3ForCausalLM` config (layer 0 dense, the rest sparse, one shared expert).

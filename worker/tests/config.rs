@@ -275,6 +275,20 @@ fn kv_bytes_per_token_follow_each_family_formula() {
     assert_eq!(k2.kv_bytes_per_token(2), 70_272);
 }
 
+/// Feeds `tokens` to sequence `seq` and returns the logits at its last position.
+fn last_logits(e: &mut Engine, seq: u64, tokens: &[u32]) -> Vec<f32> {
+    e.step(
+        &[ChunkSpec {
+            seq_id: seq,
+            tokens,
+            logits: Logits::Last,
+        }],
+        false,
+    )
+    .unwrap()
+    .logits
+}
+
 /// Every family's `gen-model` preset writes a checkpoint in the released layout that loads and
 /// runs a chunked prefill equal to one pass (the bench-shaped DeepSeek preset is checked for
 /// size only: 391M parameters, 83M active).
@@ -297,30 +311,10 @@ fn every_family_preset_generates_loads_and_runs() {
             c["architectures"][0].as_str().unwrap()
         );
         let prompt: Vec<u32> = (0..40).map(|i| (i * 37 % 2000) as u32).collect();
-        let whole = e
-            .step(
-                &[ChunkSpec {
-                    seq_id: 1,
-                    tokens: &prompt,
-                    logits: Logits::Last,
-                }],
-                false,
-            )
-            .unwrap()
-            .logits;
+        let whole = last_logits(&mut e, 1, &prompt);
         let mut last = vec![];
         for ch in prompt.chunks(16) {
-            last = e
-                .step(
-                    &[ChunkSpec {
-                        seq_id: 2,
-                        tokens: ch,
-                        logits: Logits::Last,
-                    }],
-                    false,
-                )
-                .unwrap()
-                .logits;
+            last = last_logits(&mut e, 2, ch);
         }
         let d = whole
             .iter()
@@ -410,18 +404,7 @@ fn quantized_gen_model_writes_released_layouts_that_track_f32() {
         let run = |dir: &std::path::Path| {
             let mut e = Engine::load(dir, &EngineOptions::default()).unwrap();
             let prompt: Vec<u32> = (0..24).map(|i| (i * 37 % 2000) as u32).collect();
-            let l = e
-                .step(
-                    &[ChunkSpec {
-                        seq_id: 1,
-                        tokens: &prompt,
-                        logits: Logits::Last,
-                    }],
-                    false,
-                )
-                .unwrap()
-                .logits;
-            (l, e.weight_bytes())
+            (last_logits(&mut e, 1, &prompt), e.weight_bytes())
         };
         let ((q, qb), (f, fb)) = (run(&qd), run(&fd));
         let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
