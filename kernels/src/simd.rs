@@ -17,6 +17,20 @@ pub fn has_avx2() -> bool {
     }
 }
 
+/// AVX-512 F and BW (used where they halve the shuffle-port work of a kernel: FP8 decoding).
+#[inline]
+pub fn has_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512bw")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Dot products of `R` activation rows with one weight row: `out[r] = x[r] . w`.
 /// Rows of `x` are `k` long and laid out one after another.
 #[inline]
@@ -75,6 +89,11 @@ pub fn dot_rows_fp8<const R: usize>(
     bc: usize,
 ) -> [f32; R] {
     assert!(x.len() >= R * k && q.len() >= k && scales.len() >= k.div_ceil(bc));
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: avx512f/bw present (checked); lengths asserted above.
+        return unsafe { avx512::dot_rows_fp8::<R>(x, k, q, scales, bc) };
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
         // SAFETY: avx2, fma and f16c present; lengths asserted above.
@@ -544,6 +563,71 @@ pub(crate) mod avx2 {
     }
 }
 
+/// AVX-512 kernels. FP8 is the one that gains: on AVX2 each 16 codes cost four shuffle-port
+/// uops (widening, lane extract, two F16C conversions); here two (one widening to 16-bit,
+/// one 16-wide conversion).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx512 {
+    use std::arch::x86_64::*;
+
+    /// As `avx2::dot_rows_fp8`, 16 codes per conversion: sign-extended to 16 bits, shifted
+    /// left by 7 with bit 14 cleared they are the f16 of their values times 2⁻⁸ (exact,
+    /// subnormals included), widened to f32 by one `vcvtph2ps zmm`.
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    pub unsafe fn dot_rows_fp8<const R: usize>(
+        x: &[f32],
+        k: usize,
+        q: &[u8],
+        scales: &[f32],
+        bc: usize,
+    ) -> [f32; R] {
+        let t = crate::quant::e4m3_table();
+        let xp = x.as_ptr();
+        let qp = q.as_ptr();
+        let keep = _mm256_set1_epi16(!0x4000u16 as i16);
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut tail = [0.0f32; R];
+        for (b, &s) in scales.iter().enumerate().take(k.div_ceil(bc)) {
+            let (c0, c1) = (b * bc, ((b + 1) * bc).min(k));
+            let mut p0 = [_mm512_setzero_ps(); R];
+            let mut p1 = [_mm512_setzero_ps(); R];
+            let mut c = c0;
+            while c + 32 <= c1 {
+                let va = _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(c) as *const __m128i));
+                let vb = _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(c + 16) as *const __m128i));
+                let wa = _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(va, 7), keep));
+                let wb = _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(vb, 7), keep));
+                for r in 0..R {
+                    let xr = xp.add(r * k + c);
+                    p0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), wa, p0[r]);
+                    p1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr.add(16)), wb, p1[r]);
+                }
+                c += 32;
+            }
+            while c + 16 <= c1 {
+                let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(c) as *const __m128i));
+                let w = _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(v, 7), keep));
+                for r in 0..R {
+                    p0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(r * k + c)), w, p0[r]);
+                }
+                c += 16;
+            }
+            let sv = _mm512_set1_ps(s * 256.0);
+            for r in 0..R {
+                acc[r] = _mm512_fmadd_ps(_mm512_add_ps(p0[r], p1[r]), sv, acc[r]);
+                for cc in c..c1 {
+                    tail[r] += s * t[*qp.add(cc) as usize] * *xp.add(r * k + cc);
+                }
+            }
+        }
+        let mut out = [0.0f32; R];
+        for r in 0..R {
+            out[r] = _mm512_reduce_add_ps(acc[r]) + tail[r];
+        }
+        out
+    }
+}
+
 #[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     /// The AVX2 quantized dot products equal the portable ones (which the oracle tests reach
@@ -567,6 +651,18 @@ mod tests {
                     (a - p).abs() <= 1e-5 * p.abs().max(1.0),
                     "fp8 k={k}: {a} vs {p}"
                 );
+            }
+            if super::has_avx512() {
+                // SAFETY: AVX-512 F/BW checked.
+                let a = unsafe { super::avx512::dot_rows_fp8::<3>(&x, k, &q, &s, bc) };
+                for (a, p) in a.iter().zip(&p) {
+                    assert!(
+                        (a - p).abs() <= 1e-5 * p.abs().max(1.0),
+                        "avx512 k={k}: {a} vs {p}"
+                    );
+                }
+            } else {
+                eprintln!("AVX-512 FP8 path not checked: no AVX-512 F/BW on this CPU");
             }
             if k % 32 == 0 {
                 let sc: Vec<u8> = (0..k / 32).map(|i| 120 + i as u8).collect();
