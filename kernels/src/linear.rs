@@ -7,8 +7,9 @@
 //!   threads. Each output element is one dot product with a fixed summation order, so the
 //!   result does not depend on the thread count.
 //! - many rows (prefill): compute-bound; a packed, cache-blocked GEMM (`gemm` crate) on `f32`.
-//!   `bf16` weights are widened to `f32` per call, which costs `O(n·k)` against the GEMM's
-//!   `O(m·n·k)`.
+//!   bf16 and quantized weights are widened to `f32` one ~1 MB tile of rows at a time (the
+//!   tile stays in cache for the GEMM's packing), which costs `O(n·k)` against the GEMM's
+//!   `O(m·n·k)` and never holds the whole matrix widened.
 
 use crate::simd;
 use half::bf16;
@@ -174,22 +175,31 @@ pub fn linear_batch(jobs: Vec<LinearJob<'_>>) {
     }
 }
 
+/// The GEMM path widens non-`f32` weights (bf16, FP8, MXFP4) one tile of rows at a time into
+/// an `f32` buffer of about this many bytes, which stays in cache while the GEMM packs it; the
+/// whole matrix is never widened at once (a 7168×18432 FP8 matrix would be 528 MB).
+const WIDEN_TILE_BYTES: usize = 1 << 20;
+
 fn gemm_job(j: LinearJob<'_>, parallel: bool) {
-    match j.w {
-        WeightRef::F32(wf) => gemm_f32(j.x, j.m, j.k, wf, j.n, j.out, parallel),
-        WeightRef::Bf16(wb) => {
-            let mut wide = vec![0.0f32; j.n * j.k];
-            wide.par_chunks_mut(j.k * 64)
-                .zip(wb.par_chunks(j.k * 64))
-                .for_each(|(d, s)| {
-                    for (o, v) in d.iter_mut().zip(s) {
-                        *o = v.to_f32();
-                    }
-                });
-            gemm_f32(j.x, j.m, j.k, &wide, j.n, j.out, parallel)
+    if let WeightRef::F32(wf) = j.w {
+        return gemm_f32(j.x, j.m, j.k, wf, j.n, j.out, 0, j.n, parallel);
+    }
+    let tile = (WIDEN_TILE_BYTES / (4 * j.k)).clamp(16, j.n);
+    let mut wide = vec![0.0f32; tile * j.k];
+    for j0 in (0..j.n).step_by(tile) {
+        let t = tile.min(j.n - j0);
+        let buf = &mut wide[..t * j.k];
+        let widen = |(r0, rows): (usize, &mut [f32])| {
+            for (r, row) in rows.chunks_mut(j.k).enumerate() {
+                j.w.row_into(j0 + r0 * 8 + r, j.k, row);
+            }
+        };
+        if parallel {
+            buf.par_chunks_mut(8 * j.k).enumerate().for_each(widen);
+        } else {
+            buf.chunks_mut(8 * j.k).enumerate().for_each(widen);
         }
-        WeightRef::Fp8(w) => gemm_f32(j.x, j.m, j.k, &w.to_f32(), j.n, j.out, parallel),
-        WeightRef::Mxfp4(w) => gemm_f32(j.x, j.m, j.k, &w.to_f32(), j.n, j.out, parallel),
+        gemm_f32(j.x, j.m, j.k, buf, t, j.out, j0, j.n, parallel);
     }
 }
 
@@ -275,24 +285,39 @@ fn dot_all_rows(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, j: usize, o: &m
     }
 }
 
-fn gemm_f32(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, out: &mut [f32], parallel: bool) {
+/// `out[r, col0 + c] = x[r] · w[c]` for `c < n`, `out` rows `ldo` apart.
+#[allow(clippy::too_many_arguments)]
+fn gemm_f32(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    out: &mut [f32],
+    col0: usize,
+    ldo: usize,
+    parallel: bool,
+) {
+    assert!(x.len() >= m * k && w.len() >= n * k && col0 + n <= ldo);
+    assert!(m == 0 || out.len() >= (m - 1) * ldo + col0 + n);
     let threads = rayon::current_num_threads().max(1);
     let par = if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
         gemm::Parallelism::None
     };
-    // SAFETY: the shapes were checked by `linear`: dst is [m, n] row-major (rs = n, cs = 1),
-    // lhs is x [m, k] row-major, rhs is wᵀ [k, n] read from w [n, k] (rs = 1, cs = k).
-    // read_dst = false, so dst is overwritten with 1 · lhs · rhs.
+    // SAFETY: the bounds are asserted above: dst is [m, n] at column col0 of a row-major
+    // matrix with row stride ldo (rs = ldo, cs = 1), lhs is x [m, k] row-major, rhs is wᵀ
+    // [k, n] read from w [n, k] (rs = 1, cs = k). read_dst = false, so dst is overwritten
+    // with 1 · lhs · rhs.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            out.as_mut_ptr(),
+            out.as_mut_ptr().add(col0),
             1,
-            n as isize,
+            ldo as isize,
             false,
             x.as_ptr(),
             1,

@@ -750,3 +750,35 @@ fn fp8_row_slices_are_exact() {
         }
     }
 }
+
+/// The GEMM path widens bf16 and quantized weights one tile of rows at a time; a matrix of
+/// several tiles (the last one partial) gives the reference's result.
+#[test]
+fn gemm_over_several_widened_tiles_matches_reference() {
+    use switchyard_kernels::quant::quantize_fp8;
+    let mut rng = Rng::new(31);
+    let (m, k, n) = (20usize, 512usize, 1100usize);
+    let x = randn(&mut rng, m * k, 1.0);
+    let w = randn(&mut rng, n * k, 0.05);
+    let wb: Vec<half::bf16> = w.iter().map(|v| half::bf16::from_f32(*v)).collect();
+    let (q, s) = quantize_fp8(&w, n, k, [128, 128]);
+    for wr in [
+        WeightRef::Bf16(&wb),
+        WeightRef::Fp8(switchyard_kernels::quant::Fp8Block {
+            q: &q,
+            scale_inv: &s,
+            k,
+            block: [128, 128],
+        }),
+    ] {
+        let mut out = vec![0.0; m * n];
+        linear(&x, m, k, wr, n, &mut out);
+        let r = reference::linear(&x, m, k, wr, n);
+        let scale = r.iter().fold(1.0f32, |a, v| a.max(v.abs()));
+        assert!(
+            max_abs_diff(&out, &r) < 1e-5 * scale,
+            "{}",
+            max_abs_diff(&out, &r)
+        );
+    }
+}
