@@ -205,6 +205,76 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// The FP8 e4m3 dot-product kernel, stamped out per instruction set: `$conv` turns 16 codes,
+/// each sign-extended to 16 bits and shifted left by 7 with bit 14 cleared (`h`), into f32
+/// vectors of `$lanes` lanes. Such a 16-bit pattern is the f16 of the code's value times 2⁻⁸
+/// (sign, exponent `0eeee` with bias 15 against e4m3's 7, mantissa `mmm`, subnormals
+/// included), so F16C's widening is exact; each block's partial sums are scaled by 2⁸ and its
+/// block scale. 32 codes per iteration (two conversions) keep several FMA chains in flight;
+/// a block's last < 32 codes go through the table. The NaN codes read as ±480 (no finite
+/// weight uses them).
+#[cfg(target_arch = "x86_64")]
+macro_rules! fp8_dot_rows {
+    ($feat:literal, $v:ty, $lanes:literal, $zero:ident, $load:ident, $fma:ident, $add:ident,
+     $set1:ident, $reduce:path, |$h:ident| $conv:expr) => {
+        /// `out[r] = x[r] · w` for `R` rows of `x` (each `k` long) and one FP8 weight row
+        /// whose scales `scales[c / bc]` cover `bc` columns each.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn dot_rows_fp8<const R: usize>(
+            x: &[f32],
+            k: usize,
+            q: &[u8],
+            scales: &[f32],
+            bc: usize,
+        ) -> [f32; R] {
+            const N: usize = 32 / $lanes;
+            let t = crate::quant::e4m3_table();
+            let (xp, qp) = (x.as_ptr(), q.as_ptr());
+            let keep = _mm256_set1_epi16(!0x4000u16 as i16);
+            let mut acc: [$v; R] = [$zero(); R];
+            let mut tail = [0.0f32; R];
+            for (b, &s) in scales.iter().enumerate().take(k.div_ceil(bc)) {
+                let (c0, c1) = (b * bc, ((b + 1) * bc).min(k));
+                let mut part: [[$v; N]; R] = [[$zero(); N]; R];
+                let mut c = c0;
+                while c + 32 <= c1 {
+                    let mut w: [$v; N] = [$zero(); N];
+                    for half in 0..2 {
+                        let raw = _mm_loadu_si128(qp.add(c + 16 * half) as *const __m128i);
+                        let $h =
+                            _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(raw), 7), keep);
+                        let conv: [$v; N / 2] = $conv;
+                        w[half * N / 2..(half + 1) * N / 2].copy_from_slice(&conv);
+                    }
+                    for r in 0..R {
+                        for i in 0..N {
+                            let xv = $load(xp.add(r * k + c + i * $lanes));
+                            part[r][i] = $fma(xv, w[i], part[r][i]);
+                        }
+                    }
+                    c += 32;
+                }
+                let sv = $set1(s * 256.0);
+                for r in 0..R {
+                    let mut p = part[r][0];
+                    for v in &part[r][1..] {
+                        p = $add(p, *v);
+                    }
+                    acc[r] = $fma(p, sv, acc[r]);
+                    for cc in c..c1 {
+                        tail[r] += s * t[*qp.add(cc) as usize] * *xp.add(r * k + cc);
+                    }
+                }
+            }
+            let mut out = [0.0f32; R];
+            for r in 0..R {
+                out[r] = $reduce(acc[r]) + tail[r];
+            }
+            out
+        }
+    };
+}
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2 {
     use half::bf16;
@@ -301,92 +371,21 @@ pub(crate) mod avx2 {
     weight_kernels!(f32, load_f32, dot_rows_f32, tile_4x3_f32);
     weight_kernels!(bf16, load_bf16, dot_rows_bf16, tile_4x3_bf16);
 
-    /// FP8 e4m3 dot products, 16 codes at a time: each byte sign-extended to 16 bits and
-    /// shifted left by 7 is the f16 of its value times 2⁻⁸ once bit 14 (a copy of the sign)
-    /// is cleared — sign, then exponent `0eeee` (bias 15 against e4m3's 7), mantissa `mmm`,
-    /// subnormals included — and F16C widens that to f32 exactly. Each block's partial sums
-    /// are scaled by 2⁸ and its block scale. The NaN codes read as ±480 here (no finite
-    /// weight uses them).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_rows_fp8<const R: usize>(
-        x: &[f32],
-        k: usize,
-        q: &[u8],
-        scales: &[f32],
-        bc: usize,
-    ) -> [f32; R] {
-        let t = crate::quant::e4m3_table();
-        let xp = x.as_ptr();
-        let qp = q.as_ptr();
-        let keep = _mm256_set1_epi16(!0x4000u16 as i16);
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut tail = [0.0f32; R];
-        for (b, &s) in scales.iter().enumerate().take(k.div_ceil(bc)) {
-            let (c0, c1) = (b * bc, ((b + 1) * bc).min(k));
-            let mut part0 = [_mm256_setzero_ps(); R];
-            let mut part1 = [_mm256_setzero_ps(); R];
-            let mut c = c0;
-            if R == 1 {
-                // One row: four independent FMA chains, so the FMA latency is hidden.
-                let (mut p2, mut p3) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-                while c + 32 <= c1 {
-                    let va = _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(c) as *const __m128i));
-                    let vb =
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(c + 16) as *const __m128i));
-                    let ha = _mm256_and_si256(_mm256_slli_epi16(va, 7), keep);
-                    let hb = _mm256_and_si256(_mm256_slli_epi16(vb, 7), keep);
-                    let xr = xp.add(c);
-                    part0[0] = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(xr),
-                        _mm256_cvtph_ps(_mm256_castsi256_si128(ha)),
-                        part0[0],
-                    );
-                    part1[0] = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(xr.add(8)),
-                        _mm256_cvtph_ps(_mm256_extracti128_si256(ha, 1)),
-                        part1[0],
-                    );
-                    p2 = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(xr.add(16)),
-                        _mm256_cvtph_ps(_mm256_castsi256_si128(hb)),
-                        p2,
-                    );
-                    p3 = _mm256_fmadd_ps(
-                        _mm256_loadu_ps(xr.add(24)),
-                        _mm256_cvtph_ps(_mm256_extracti128_si256(hb, 1)),
-                        p3,
-                    );
-                    c += 32;
-                }
-                part0[0] = _mm256_add_ps(part0[0], p2);
-                part1[0] = _mm256_add_ps(part1[0], p3);
-            }
-            while c + 16 <= c1 {
-                let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(c) as *const __m128i));
-                let h = _mm256_and_si256(_mm256_slli_epi16(v, 7), keep);
-                let w0 = _mm256_cvtph_ps(_mm256_castsi256_si128(h));
-                let w1 = _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1));
-                for r in 0..R {
-                    let xr = xp.add(r * k + c);
-                    part0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr), w0, part0[r]);
-                    part1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(xr.add(8)), w1, part1[r]);
-                }
-                c += 16;
-            }
-            let sv = _mm256_set1_ps(s * 256.0);
-            for r in 0..R {
-                acc[r] = _mm256_fmadd_ps(_mm256_add_ps(part0[r], part1[r]), sv, acc[r]);
-                for cc in c..c1 {
-                    tail[r] += s * t[*qp.add(cc) as usize] * *xp.add(r * k + cc);
-                }
-            }
-        }
-        let mut out = [0.0f32; R];
-        for r in 0..R {
-            out[r] = hsum(acc[r]) + tail[r];
-        }
-        out
-    }
+    fp8_dot_rows!(
+        "avx2,fma,f16c",
+        __m256,
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        _mm256_add_ps,
+        _mm256_set1_ps,
+        hsum,
+        |h| [
+            _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
+            _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))
+        ]
+    );
 
     /// MXFP4 dot products: each 16-byte block's nibbles are split, interleaved back into
     /// value order and looked up (`pshufb`) as twice their e2m1 value in i8, widened to f32
@@ -570,62 +569,18 @@ pub(crate) mod avx2 {
 pub(crate) mod avx512 {
     use std::arch::x86_64::*;
 
-    /// As `avx2::dot_rows_fp8`, 16 codes per conversion: sign-extended to 16 bits, shifted
-    /// left by 7 with bit 14 cleared they are the f16 of their values times 2⁻⁸ (exact,
-    /// subnormals included), widened to f32 by one `vcvtph2ps zmm`.
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-    pub unsafe fn dot_rows_fp8<const R: usize>(
-        x: &[f32],
-        k: usize,
-        q: &[u8],
-        scales: &[f32],
-        bc: usize,
-    ) -> [f32; R] {
-        let t = crate::quant::e4m3_table();
-        let xp = x.as_ptr();
-        let qp = q.as_ptr();
-        let keep = _mm256_set1_epi16(!0x4000u16 as i16);
-        let mut acc = [_mm512_setzero_ps(); R];
-        let mut tail = [0.0f32; R];
-        for (b, &s) in scales.iter().enumerate().take(k.div_ceil(bc)) {
-            let (c0, c1) = (b * bc, ((b + 1) * bc).min(k));
-            let mut p0 = [_mm512_setzero_ps(); R];
-            let mut p1 = [_mm512_setzero_ps(); R];
-            let mut c = c0;
-            while c + 32 <= c1 {
-                let va = _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(c) as *const __m128i));
-                let vb = _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(c + 16) as *const __m128i));
-                let wa = _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(va, 7), keep));
-                let wb = _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(vb, 7), keep));
-                for r in 0..R {
-                    let xr = xp.add(r * k + c);
-                    p0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr), wa, p0[r]);
-                    p1[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xr.add(16)), wb, p1[r]);
-                }
-                c += 32;
-            }
-            while c + 16 <= c1 {
-                let v = _mm256_cvtepi8_epi16(_mm_loadu_si128(qp.add(c) as *const __m128i));
-                let w = _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(v, 7), keep));
-                for r in 0..R {
-                    p0[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(r * k + c)), w, p0[r]);
-                }
-                c += 16;
-            }
-            let sv = _mm512_set1_ps(s * 256.0);
-            for r in 0..R {
-                acc[r] = _mm512_fmadd_ps(_mm512_add_ps(p0[r], p1[r]), sv, acc[r]);
-                for cc in c..c1 {
-                    tail[r] += s * t[*qp.add(cc) as usize] * *xp.add(r * k + cc);
-                }
-            }
-        }
-        let mut out = [0.0f32; R];
-        for r in 0..R {
-            out[r] = _mm512_reduce_add_ps(acc[r]) + tail[r];
-        }
-        out
-    }
+    fp8_dot_rows!(
+        "avx512f,avx512bw,avx2,fma",
+        __m512,
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        _mm512_add_ps,
+        _mm512_set1_ps,
+        _mm512_reduce_add_ps,
+        |h| [_mm512_cvtph_ps(h)]
+    );
 }
 
 #[cfg(all(test, target_arch = "x86_64"))]
