@@ -67,7 +67,8 @@ fi
 gguf="$lc/gguf/$(basename "$model")-$(sha256sum "$model/config.json" | cut -c1-12)-$dtype.gguf"
 if [[ ! -s "$gguf" ]]; then
   mkdir -p "$lc/gguf"
-  "$py" - "$src" "$model" "$gguf" "$dtype" <<'EOF'
+  echo "converting $model to $gguf (log: $gguf.log)" >&2
+  "$py" - "$src" "$model" "$gguf" "$dtype" >"$gguf.log" 2>&1 <<'EOF' || { tail -20 "$gguf.log" >&2; exit 1; }
 import runpy, sys
 src, model, out, dtype = sys.argv[1:5]
 sys.path[:0] = [src, src + "/gguf-py"]
