@@ -570,20 +570,86 @@ fn mxfp4_experts_match_dequantized_goldens() {
     assert!(q * 7 < f, "{q} vs {f}");
 }
 
+/// One tensor as written by [`rewrite_weights`]: name, dtype, shape, bytes.
+type Written = (String, &'static str, Vec<usize>, Vec<u8>);
+
+/// A tensor written back unchanged.
+fn same(name: &str, t: &safetensors::tensor::TensorView<'_>) -> Written {
+    let dtype: &'static str = Box::leak(format!("{:?}", t.dtype()).into_boxed_str());
+    (
+        name.to_string(),
+        dtype,
+        t.shape().to_vec(),
+        t.data().to_vec(),
+    )
+}
+
+/// Writes `dir/model.safetensors` from `src`'s, each tensor (in name order) replaced by what
+/// `f` returns for it (nothing drops it).
+fn rewrite_weights(
+    src: &std::path::Path,
+    dir: &std::path::Path,
+    mut f: impl FnMut(
+        &str,
+        &safetensors::tensor::TensorView<'_>,
+        &safetensors::SafeTensors<'_>,
+    ) -> Vec<Written>,
+) {
+    use switchyard_worker::weights::SafetensorsWriter;
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let out: Vec<Written> = names
+        .iter()
+        .flat_map(|n| f(n, &st.tensor(n).unwrap(), &st))
+        .collect();
+    let decl: Vec<(String, &str, Vec<usize>)> = out
+        .iter()
+        .map(|(n, d, s, _)| (n.clone(), *d, s.clone()))
+        .collect();
+    let mut w = SafetensorsWriter::create(&dir.join("model.safetensors"), &decl).unwrap();
+    for (n, _, _, b) in &out {
+        w.write_next(n, b).unwrap();
+    }
+    w.finish().unwrap();
+}
+
+/// MXFP4 scales that do not match their blocks (one scale too many per row) are refused at
+/// load naming the tensor, never mis-read.
+#[test]
+fn mxfp4_scales_of_the_wrong_shape_are_refused() {
+    let src = fixture("tiny-gpt-oss-mxfp4");
+    let dir = std::env::temp_dir().join(format!("sy-mxfp4-bad-{}", std::process::id()));
+    copy_text_files(&src, &dir);
+    std::fs::copy(src.join("config.json"), dir.join("config.json")).unwrap();
+    let bad = "model.layers.0.mlp.experts.down_proj_scales";
+    rewrite_weights(&src, &dir, |name, t, _| {
+        if name != bad {
+            return vec![same(name, t)];
+        }
+        let mut shape = t.shape().to_vec();
+        *shape.last_mut().unwrap() += 1;
+        let n = shape.iter().product();
+        vec![(name.to_string(), "U8", shape, vec![127u8; n])]
+    });
+    let err = Engine::load(&dir, &EngineOptions::default())
+        .err()
+        .expect("mis-shaped scales must not load")
+        .to_string();
+    assert!(err.contains(bad) && err.contains("shape"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `modules_to_not_convert` is honoured per module: the MXFP4 fixture with layer 1's experts
 /// rewritten unquantized (the `[experts, in, out]` layout, dequantized here from the format's
 /// definition) and that module named in the list gives the same goldens; the same checkpoint
 /// without the entry is refused naming the missing MXFP4 tensor.
 #[test]
 fn mxfp4_modules_to_not_convert_is_honoured() {
-    use switchyard_worker::weights::SafetensorsWriter;
     let src = fixture("tiny-gpt-oss-mxfp4");
     let dir = std::env::temp_dir().join(format!("sy-mxfp4-mixed-{}", std::process::id()));
     copy_text_files(&src, &dir);
-    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
-    names.sort();
     let e2m1 = |n: u8| -> f32 {
         let sign = if n & 8 != 0 { -1.0 } else { 1.0 };
         let (e, m) = (((n >> 1) & 3) as i32, (n & 1) as f32);
@@ -593,44 +659,32 @@ fn mxfp4_modules_to_not_convert_is_honoured() {
             (1.0 + m / 2.0) * 2f32.powi(e - 1)
         }
     };
-    let mut decl = Vec::new();
-    let mut data: Vec<Vec<u8>> = Vec::new();
-    for name in &names {
-        let t = st.tensor(name).unwrap();
+    rewrite_weights(&src, &dir, |name, t, st| {
         let quantized = name.starts_with("model.layers.1.mlp.experts.");
         if quantized && name.ends_with("_scales") {
-            continue;
+            return vec![];
         }
-        if let (true, Some(base)) = (quantized, name.strip_suffix("_blocks")) {
-            let s = st.tensor(&format!("{base}_scales")).unwrap();
-            let [ne, out, g, _] = t.shape() else { panic!() };
-            let (ne, out, inp) = (*ne, *out, g * 32);
-            let mut w = vec![0.0f32; ne * inp * out];
-            for e in 0..ne {
-                for o in 0..out {
-                    for c in 0..inp {
-                        let row = e * out + o;
-                        let byte = t.data()[row * inp / 2 + c / 2];
-                        let nib = if c % 2 == 0 { byte & 15 } else { byte >> 4 };
-                        let scale = 2f32.powi(s.data()[row * inp / 32 + c / 32] as i32 - 127);
-                        w[(e * inp + c) * out + o] = e2m1(nib) * scale;
-                    }
+        let Some(base) = name.strip_suffix("_blocks").filter(|_| quantized) else {
+            return vec![same(name, t)];
+        };
+        let s = st.tensor(&format!("{base}_scales")).unwrap();
+        let [ne, out, g, _] = t.shape() else { panic!() };
+        let (ne, out, inp) = (*ne, *out, g * 32);
+        let mut w = vec![0.0f32; ne * inp * out];
+        for e in 0..ne {
+            for o in 0..out {
+                for c in 0..inp {
+                    let row = e * out + o;
+                    let byte = t.data()[row * inp / 2 + c / 2];
+                    let nib = if c % 2 == 0 { byte & 15 } else { byte >> 4 };
+                    let scale = 2f32.powi(s.data()[row * inp / 32 + c / 32] as i32 - 127);
+                    w[(e * inp + c) * out + o] = e2m1(nib) * scale;
                 }
             }
-            decl.push((base.to_string(), "F32", vec![ne, inp, out]));
-            data.push(w.iter().flat_map(|v| v.to_le_bytes()).collect());
-        } else {
-            let dtype = format!("{:?}", t.dtype());
-            let dtype: &'static str = Box::leak(dtype.into_boxed_str());
-            decl.push((name.to_string(), dtype, t.shape().to_vec()));
-            data.push(t.data().to_vec());
         }
-    }
-    let mut w = SafetensorsWriter::create(&dir.join("model.safetensors"), &decl).unwrap();
-    for ((name, _, _), d) in decl.iter().zip(&data) {
-        w.write_next(name, d).unwrap();
-    }
-    w.finish().unwrap();
+        let bytes = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        vec![(base.to_string(), "F32", vec![ne, inp, out], bytes)]
+    });
     let mut cfg: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
