@@ -1,24 +1,29 @@
-//! The decode GEMV on its own: weight bytes per second of one activation row against a 64 MB
-//! FP8 and a 128 MB bf16 matrix, whole and as 256 expert-sized `[256, 1024]` matrices run 8 at
-//! a time (as a decode step's experts are). Best of 5.
+//! The decode GEMV on its own: weight bytes per second of one activation row against one
+//! large matrix in FP8 (512 MB), bf16 (1 GB) and MXFP4 (272 MB) — all larger than the last-level
+//! cache, so the weights stream from memory as in a decode step — and against the same bytes as
+//! expert-sized `[256, 1024]` matrices run 8 per `linear_batch` (as a decode step's experts
+//! are). Best of 3.
 //!
 //!     cargo run --release -p switchyard-kernels --example linear_bandwidth
 //!     RAYON_NUM_THREADS=1 cargo run --release -p switchyard-kernels --example linear_bandwidth
 use std::time::Instant;
-use switchyard_kernels::quant::Fp8Block;
+use switchyard_kernels::quant::{Fp8Block, Mxfp4};
 use switchyard_kernels::{linear, linear_batch, LinearJob, WeightRef};
+
 fn main() {
-    let (n, k) = (16384usize, 4096usize);
+    let (n, k) = (65536usize, 8192usize);
     let q: Vec<u8> = (0..n * k).map(|i| (i * 7 % 251) as u8 & 0x7e).collect();
     let s = vec![0.01f32; n.div_ceil(128) * k.div_ceil(128)];
     let bf: Vec<half::bf16> = (0..n * k)
         .map(|i| half::bf16::from_f32((i % 13) as f32 * 0.01))
         .collect();
+    let blocks: Vec<u8> = (0..n * k / 2).map(|i| (i * 13 % 251) as u8).collect();
+    let mxs: Vec<u8> = (0..n * k / 32).map(|i| 120 + (i % 7) as u8).collect();
     let x = vec![0.5f32; k];
     let mut out = vec![0.0f32; n];
-    for name in ["fp8", "bf16", "fp8-small", "bf16-small"] {
+    for name in ["fp8", "bf16", "mxfp4", "fp8-experts", "bf16-experts"] {
         let mut best = f64::MAX;
-        for _ in 0..5 {
+        for _ in 0..3 {
             let t = Instant::now();
             match name {
                 "fp8" => linear(
@@ -35,19 +40,21 @@ fn main() {
                     &mut out,
                 ),
                 "bf16" => linear(&x, 1, k, WeightRef::Bf16(&bf), n, &mut out),
+                "mxfp4" => {
+                    let w = Mxfp4::new(&blocks, &mxs, n, k, 1).unwrap();
+                    linear(&x, 1, k, WeightRef::Mxfp4(w), n, &mut out)
+                }
                 _ => {
-                    // 256 matrices of [256, 1024] as 32 batches of 8 jobs (expert-like)
-                    let kk = 1024;
-                    let nn = 256;
+                    let (kk, nn) = (1024, 256);
                     let xs = vec![0.5f32; kk];
                     let mut outs = vec![vec![0.0f32; nn]; 8];
-                    for b in 0..32 {
+                    for b in 0..n * k / (nn * kk) / 8 {
                         let jobs: Vec<LinearJob> = outs
                             .iter_mut()
                             .enumerate()
                             .map(|(j, o)| {
                                 let off = (b * 8 + j) * nn * kk;
-                                let w = if name == "fp8-small" {
+                                let w = if name == "fp8-experts" {
                                     WeightRef::Fp8(Fp8Block {
                                         q: &q[off..off + nn * kk],
                                         scale_inv: &s[..2 * 8],
@@ -73,10 +80,10 @@ fn main() {
             }
             best = best.min(t.elapsed().as_secs_f64());
         }
-        let bytes = if name.starts_with("fp8") {
-            n * k
-        } else {
-            n * k * 2
+        let bytes = match name {
+            "mxfp4" => n * k / 2 + n * k / 32,
+            f if f.starts_with("fp8") => n * k,
+            _ => n * k * 2,
         };
         println!(
             "{name}: {:.2} ms, {:.1} GB/s",
