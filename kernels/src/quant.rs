@@ -65,18 +65,14 @@ impl Fp8Block<'_> {
 
     /// Row `r` dequantized into `out` (`k` long).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
-        let t = e4m3_table();
-        let row = &self.q[r * self.k..(r + 1) * self.k];
-        for (c0, (o, q)) in out
-            .chunks_mut(self.block[1])
-            .zip(row.chunks(self.block[1]))
-            .enumerate()
-        {
-            let s = self.scale(r, c0 * self.block[1]);
-            for (ov, qv) in o.iter_mut().zip(q) {
-                *ov = t[*qv as usize] * s;
-            }
-        }
+        let (k, sc) = (self.k, self.scale_cols());
+        let b = r / self.block[0];
+        crate::simd::dequant_row_fp8(
+            &self.q[r * k..(r + 1) * k],
+            &self.scale_inv[b * sc..(b + 1) * sc],
+            self.block[1],
+            &mut out[..k],
+        );
     }
 
     /// The element at flat index `i`.
@@ -247,12 +243,16 @@ impl<'a> Mxfp4<'a> {
 
     /// Row `r` dequantized into `out` (`k` long).
     pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        // Both values of a byte from one lookup.
+        static PAIRS: OnceLock<[[f32; 2]; 256]> = OnceLock::new();
+        let pairs = PAIRS.get_or_init(|| std::array::from_fn(|b| [E2M1[b & 15], E2M1[b >> 4]]));
         let (b, s) = self.row(r);
         for ((o, q), e) in out.chunks_mut(MX_BLOCK).zip(b.chunks(MX_BLOCK / 2)).zip(s) {
             let sc = e8m0_decode(*e);
             for (pair, byte) in o.chunks_mut(2).zip(q) {
-                pair[0] = E2M1[(byte & 15) as usize] * sc;
-                pair[1] = E2M1[(byte >> 4) as usize] * sc;
+                let [lo, hi] = pairs[*byte as usize];
+                pair[0] = lo * sc;
+                pair[1] = hi * sc;
             }
         }
     }

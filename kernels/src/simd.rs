@@ -129,6 +129,28 @@ fn portable_dot_rows_fp8<const R: usize>(
     out
 }
 
+/// One FP8 weight row dequantized into `out` (`k = out.len()` codes, `scales[c / bc]` covering
+/// `bc` columns each): `out[c] = e4m3(q[c]) · scales[c / bc]`, exactly.
+#[inline]
+pub fn dequant_row_fp8(q: &[u8], scales: &[f32], bc: usize, out: &mut [f32]) {
+    let k = out.len();
+    assert!(q.len() >= k && scales.len() >= k.div_ceil(bc));
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        // SAFETY: avx512f/bw present (checked); lengths asserted above.
+        return unsafe { avx512::dequant_row_fp8(q, scales, bc, out) };
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
+        // SAFETY: avx2, fma and f16c present; lengths asserted above.
+        return unsafe { avx2::dequant_row_fp8(q, scales, bc, out) };
+    }
+    let t = crate::quant::e4m3_table();
+    for (c, o) in out.iter_mut().enumerate() {
+        *o = t[q[c] as usize] * scales[c / bc];
+    }
+}
+
 /// As [`dot_rows_f32`] with an MXFP4 weight row: `row.0` the packed e2m1 pairs (`k / 2`
 /// bytes), `row.1` one e8m0 scale per 32 values.
 #[inline]
@@ -221,7 +243,39 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 #[cfg(target_arch = "x86_64")]
 macro_rules! fp8_dot_rows {
     ($feat:literal, $v:ty, $lanes:literal, $zero:ident, $load:ident, $fma:ident, $add:ident,
-     $set1:ident, $reduce:path, |$h:ident| $conv:expr) => {
+     $set1:ident, $reduce:path, $mul:ident, $store:ident, |$h:ident| $conv:expr) => {
+        /// One FP8 weight row (`scales[c / bc]` covering `bc` columns each) dequantized into
+        /// `out` (the GEMM path's widening), 32 codes per iteration as the dot product reads
+        /// them.
+        #[target_feature(enable = $feat)]
+        pub unsafe fn dequant_row_fp8(q: &[u8], scales: &[f32], bc: usize, out: &mut [f32]) {
+            const N: usize = 32 / $lanes;
+            let t = crate::quant::e4m3_table();
+            let k = out.len();
+            let (qp, op) = (q.as_ptr(), out.as_mut_ptr());
+            let keep = _mm256_set1_epi16(!0x4000u16 as i16);
+            for (b, &s) in scales.iter().enumerate().take(k.div_ceil(bc)) {
+                let (c0, c1) = (b * bc, ((b + 1) * bc).min(k));
+                let sv = $set1(s * 256.0);
+                let mut c = c0;
+                while c + 32 <= c1 {
+                    for half in 0..2 {
+                        let raw = _mm_loadu_si128(qp.add(c + 16 * half) as *const __m128i);
+                        let $h =
+                            _mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16(raw), 7), keep);
+                        let conv: [$v; N / 2] = $conv;
+                        for (i, w) in conv.iter().enumerate() {
+                            $store(op.add(c + 16 * half + i * $lanes), $mul(*w, sv));
+                        }
+                    }
+                    c += 32;
+                }
+                for cc in c..c1 {
+                    *op.add(cc) = t[*qp.add(cc) as usize] * s;
+                }
+            }
+        }
+
         /// `out[r] = x[r] · w` for `R` rows of `x` (each `k` long) and one FP8 weight row
         /// whose scales `scales[c / bc]` cover `bc` columns each.
         #[target_feature(enable = $feat)]
@@ -386,6 +440,8 @@ pub(crate) mod avx2 {
         _mm256_add_ps,
         _mm256_set1_ps,
         hsum,
+        _mm256_mul_ps,
+        _mm256_storeu_ps,
         |h| [
             _mm256_cvtph_ps(_mm256_castsi256_si128(h)),
             _mm256_cvtph_ps(_mm256_extracti128_si256(h, 1))
@@ -584,6 +640,8 @@ pub(crate) mod avx512 {
         _mm512_add_ps,
         _mm512_set1_ps,
         _mm512_reduce_add_ps,
+        _mm512_mul_ps,
+        _mm512_storeu_ps,
         |h| [_mm512_cvtph_ps(h)]
     );
 
@@ -659,6 +717,18 @@ mod tests {
                     (a - p).abs() <= 1e-5 * p.abs().max(1.0),
                     "fp8 k={k}: {a} vs {p}"
                 );
+            }
+            // Dequantized rows (the GEMM path's widening) are exact on every path.
+            let t = crate::quant::e4m3_table();
+            let want: Vec<f32> = (0..k).map(|c| t[q[c] as usize] * s[c / bc]).collect();
+            let mut got = vec![0.0f32; k];
+            // SAFETY: AVX2, FMA and F16C checked above.
+            unsafe { super::avx2::dequant_row_fp8(&q, &s, bc, &mut got) };
+            assert_eq!(got, want, "avx2 dequant k={k}");
+            if super::has_avx512() {
+                // SAFETY: AVX-512 F/BW checked.
+                unsafe { super::avx512::dequant_row_fp8(&q, &s, bc, &mut got) };
+                assert_eq!(got, want, "avx512 dequant k={k}");
             }
             if super::has_avx512() {
                 // SAFETY: AVX-512 F/BW checked.
