@@ -63,16 +63,21 @@ impl Fp8Block<'_> {
         self.scale_inv[(r / self.block[0]) * self.scale_cols() + c / self.block[1]]
     }
 
-    /// Row `r` dequantized into `out` (`k` long).
-    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+    /// Row `r`'s codes and the scales of its block row.
+    #[inline]
+    fn row(&self, r: usize) -> (&[u8], &[f32]) {
         let (k, sc) = (self.k, self.scale_cols());
         let b = r / self.block[0];
-        crate::simd::dequant_row_fp8(
+        (
             &self.q[r * k..(r + 1) * k],
             &self.scale_inv[b * sc..(b + 1) * sc],
-            self.block[1],
-            &mut out[..k],
-        );
+        )
+    }
+
+    /// Row `r` dequantized into `out` (`k` long).
+    pub fn row_into(&self, r: usize, out: &mut [f32]) {
+        let (q, s) = self.row(r);
+        crate::simd::dequant_row_fp8(q, s, self.block[1], &mut out[..self.k]);
     }
 
     /// The element at flat index `i`.
@@ -84,16 +89,8 @@ impl Fp8Block<'_> {
     /// `out[i] = x[i] · w[j]` for `R` activation rows at stride `k`: the e4m3 codes are
     /// decoded in registers and each block's partial sums scaled by its factor.
     pub fn dot_rows<const R: usize>(&self, x: &[f32], j: usize) -> [f32; R] {
-        let k = self.k;
-        let sc = self.scale_cols();
-        let b = j / self.block[0];
-        crate::simd::dot_rows_fp8::<R>(
-            x,
-            k,
-            &self.q[j * k..(j + 1) * k],
-            &self.scale_inv[b * sc..(b + 1) * sc],
-            self.block[1],
-        )
+        let (q, s) = self.row(j);
+        crate::simd::dot_rows_fp8::<R>(x, self.k, q, s, self.block[1])
     }
 
     /// Rows `r0..r0 + n` as an owned block-scaled matrix, transposed (`[k, n]`) if asked:

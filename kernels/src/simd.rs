@@ -17,6 +17,19 @@ pub fn has_avx2() -> bool {
     }
 }
 
+/// AVX2, FMA and F16C (the FP8 kernels widen codes through f16).
+#[inline]
+pub fn has_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        has_avx2() && std::arch::is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// AVX-512 F and BW (used where they halve the shuffle-port work of a kernel: FP8 decoding).
 #[inline]
 pub fn has_avx512() -> bool {
@@ -95,7 +108,7 @@ pub fn dot_rows_fp8<const R: usize>(
         return unsafe { avx512::dot_rows_fp8::<R>(x, k, q, scales, bc) };
     }
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
+    if has_f16c() {
         // SAFETY: avx2, fma and f16c present; lengths asserted above.
         return unsafe { avx2::dot_rows_fp8::<R>(x, k, q, scales, bc) };
     }
@@ -141,7 +154,7 @@ pub fn dequant_row_fp8(q: &[u8], scales: &[f32], bc: usize, out: &mut [f32]) {
         return unsafe { avx512::dequant_row_fp8(q, scales, bc, out) };
     }
     #[cfg(target_arch = "x86_64")]
-    if has_avx2() && std::arch::is_x86_feature_detected!("f16c") {
+    if has_f16c() {
         // SAFETY: avx2, fma and f16c present; lengths asserted above.
         return unsafe { avx2::dequant_row_fp8(q, scales, bc, out) };
     }
@@ -700,7 +713,7 @@ mod tests {
     /// only on CPUs without AVX2), for every code and tails shorter than a vector.
     #[test]
     fn quantized_avx2_dots_match_portable() {
-        if !super::has_avx2() || !std::arch::is_x86_feature_detected!("f16c") {
+        if !super::has_f16c() {
             eprintln!("skipped: no AVX2/FMA/F16C on this CPU");
             return;
         }

@@ -72,10 +72,11 @@ pub enum Quantization {
     /// FP8 e4m3 weights with an f32 `weight_scale_inv` per `block` (`weight_block_size`);
     /// activations stay unquantized (W8A16).
     Fp8 { block: [usize; 2] },
-    /// MXFP4 routed experts (`*_blocks` + `*_scales`, W4A16), except in the modules matched
-    /// by `not_converted` (`modules_to_not_convert`); everything else is unquantized, as in
-    /// transformers, which quantizes only GPT-OSS's expert modules.
-    Mxfp4 { not_converted: Vec<String> },
+    /// MXFP4 routed experts (`*_blocks` + `*_scales`, W4A16) in the layers where `experts[l]`
+    /// is set: those whose `model.layers.{l}.mlp.experts` no `modules_to_not_convert` entry
+    /// covers (matched once, at parse). Everything else is unquantized, as in transformers,
+    /// which quantizes only GPT-OSS's expert modules.
+    Mxfp4 { experts: Vec<bool> },
 }
 
 impl Quantization {
@@ -83,10 +84,7 @@ impl Quantization {
     pub fn mxfp4_experts(&self, l: usize) -> bool {
         match self {
             Quantization::Fp8 { .. } => false,
-            Quantization::Mxfp4 { not_converted } => {
-                let module = format!("model.layers.{l}.mlp.experts");
-                !not_converted.iter().any(|p| module_matches(p, &module))
-            }
+            Quantization::Mxfp4 { experts } => experts.get(l).copied().unwrap_or(false),
         }
     }
 
@@ -238,9 +236,10 @@ impl ModelConfig {
         };
         // Refused by name rather than half-honoured: quantized layouts and non-attention
         // layer kinds change what the weights mean.
+        let num_layers = o.pos("num_hidden_layers")?;
         let quantization = match o.get("quantization_config") {
             None => None,
-            Some(q) => Some(parse_quantization(q)?),
+            Some(q) => Some(parse_quantization(q, num_layers)?),
         };
         if let Some(Quantization::Mxfp4 { .. }) = quantization {
             if family.arch != Arch::GptOss {
@@ -262,7 +261,6 @@ impl ModelConfig {
             }
         }
         let hidden_size = o.pos("hidden_size")?;
-        let num_layers = o.pos("num_hidden_layers")?;
         let num_heads = o.pos("num_attention_heads")?;
         let num_kv_heads = o.opt_usize("num_key_value_heads")?.unwrap_or(num_heads);
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
@@ -422,7 +420,7 @@ impl ModelConfig {
 
 /// `quantization_config`: FP8 block-scaled (e4m3, dynamic activations) and MXFP4 are read as
 /// released; any other method, format or scheme is refused naming the field.
-fn parse_quantization(q: &Value) -> Result<Quantization, ConfigError> {
+fn parse_quantization(q: &Value, num_layers: usize) -> Result<Quantization, ConfigError> {
     let Some(m) = q.as_object() else {
         return Err(invalid(
             "quantization_config",
@@ -432,7 +430,7 @@ fn parse_quantization(q: &Value) -> Result<Quantization, ConfigError> {
     let o = Obj(m);
     let method = o.str("quant_method")?.unwrap_or("(none given)");
     if method == "mxfp4" {
-        return parse_mxfp4(&o);
+        return parse_mxfp4(&o, num_layers);
     }
     if method != "fp8" {
         return Err(ConfigError::Unsupported {
@@ -486,7 +484,7 @@ fn parse_quantization(q: &Value) -> Result<Quantization, ConfigError> {
 
 /// MXFP4 (transformers' `Mxfp4Config`): `modules_to_not_convert` is honoured; `dequantize`
 /// (widening at load) is refused, since the point of the layout is to stay 4-bit.
-fn parse_mxfp4(o: &Obj<'_>) -> Result<Quantization, ConfigError> {
+fn parse_mxfp4(o: &Obj<'_>, num_layers: usize) -> Result<Quantization, ConfigError> {
     if o.bool("dequantize", false)? {
         return Err(ConfigError::Unsupported {
             field: "quantization_config.dequantize".into(),
@@ -520,7 +518,15 @@ fn parse_mxfp4(o: &Obj<'_>) -> Result<Quantization, ConfigError> {
             ))
         }
     };
-    Ok(Quantization::Mxfp4 { not_converted })
+    let experts = (0..num_layers)
+        .map(|l| {
+            let module = format!("model.layers.{l}.mlp.experts");
+            !not_converted
+                .iter()
+                .any(|p: &String| module_matches(p, &module))
+        })
+        .collect();
+    Ok(Quantization::Mxfp4 { experts })
 }
 
 fn parse_rope_scaling(

@@ -7,7 +7,7 @@
 
 use crate::config::ModelConfig;
 use crate::family::tensors::{Init, Routed};
-use crate::weights::{SafetensorsWriter, WeightDType};
+use crate::weights::{dtype_bytes, SafetensorsWriter, WeightDType};
 use crate::WorkerError;
 use rayon::prelude::*;
 use serde_json::{json, Value};
@@ -428,20 +428,15 @@ pub fn generate(
             (d.name, d.shape, d.init, st)
         })
         .collect();
-    let bytes_of = |shape: &[usize], st: Stored| -> usize {
-        let n = shape.iter().product::<usize>();
-        match st {
-            Stored::F32 => n * 4,
-            Stored::Bf16 => n * 2,
-            Stored::Fp8 => n,
-            Stored::Mxfp4 => n / 2 + n / 32,
-        }
-    };
     // Group consecutive tensors into shards (a quantized tensor and its scales together).
     let mut shards: Vec<Vec<usize>> = vec![vec![]];
     let mut size = 0;
-    for (i, (_, shape, _, st)) in all.iter().enumerate() {
-        let n = bytes_of(shape, *st);
+    for (i, (name, shape, _, st)) in all.iter().enumerate() {
+        let n: usize = st
+            .entries(name, shape)
+            .iter()
+            .map(|(_, d, s)| dtype_bytes(d).unwrap_or(1) * s.iter().product::<usize>())
+            .sum();
         if size + n > shard_bytes && !shards.last().unwrap().is_empty() {
             shards.push(vec![]);
             size = 0;

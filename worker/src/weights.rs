@@ -663,6 +663,17 @@ fn decode_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
     }
 }
 
+/// Bytes per element of a safetensors dtype the writer handles ("F32", "BF16", "F16", "U8",
+/// "F8_E4M3").
+pub fn dtype_bytes(dtype: &str) -> Option<usize> {
+    match dtype {
+        "F32" => Some(4),
+        "BF16" | "F16" => Some(2),
+        "U8" | "F8_E4M3" => Some(1),
+        _ => None,
+    }
+}
+
 /// Streams tensors into a safetensors file without holding them all in memory.
 ///
 /// The caller declares every tensor (name, dtype, shape) up front, then writes each tensor's
@@ -681,16 +692,9 @@ impl SafetensorsWriter {
         let mut off = 0usize;
         let mut pending = std::collections::VecDeque::new();
         for (name, dtype, shape) in tensors {
-            let elem = match *dtype {
-                "F32" => 4,
-                "BF16" | "F16" => 2,
-                "U8" | "F8_E4M3" => 1,
-                other => {
-                    return Err(std::io::Error::other(format!(
-                        "{name}: dtype {other:?} is not written here"
-                    )))
-                }
-            };
+            let elem = dtype_bytes(dtype).ok_or_else(|| {
+                std::io::Error::other(format!("{name}: dtype {dtype:?} is not written here"))
+            })?;
             let n = shape.iter().product::<usize>() * elem;
             header.insert(
                 name.clone(),
