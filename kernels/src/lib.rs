@@ -16,6 +16,7 @@ pub mod cuda;
 pub mod linear;
 pub mod moe;
 pub mod norm;
+pub mod pool;
 pub mod quant;
 pub mod reference;
 pub mod rng;

@@ -161,7 +161,7 @@ pub fn linear_batch(jobs: Vec<LinearJob<'_>>) {
         if total_bytes < (128 << 10) || threads == 1 || items.len() == 1 {
             items.into_iter().for_each(work);
         } else {
-            items.into_par_iter().for_each(work);
+            crate::pool::for_each(items, work);
         }
     }
     for ((out, t), &(_, m, _, _, n)) in outs.iter_mut().zip(&scratch).zip(&specs) {
