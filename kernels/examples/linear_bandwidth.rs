@@ -1,5 +1,5 @@
 //! The decode GEMV on its own: weight bytes per second of one activation row against one
-//! large matrix in FP8 (512 MB), bf16 (1 GB) and MXFP4 (272 MB) — all larger than the last-level
+//! large matrix in FP8 (512 MB), bf16 and f32 (1 GB) and MXFP4 (272 MB) — all larger than the last-level
 //! cache, so the weights stream from memory as in a decode step — and against the same bytes as
 //! expert-sized `[256, 1024]` matrices run 8 per `linear_batch` (as a decode step's experts
 //! are). Best of 3.
@@ -19,9 +19,11 @@ fn main() {
         .collect();
     let blocks: Vec<u8> = (0..n * k / 2).map(|i| (i * 13 % 251) as u8).collect();
     let mxs: Vec<u8> = (0..n * k / 32).map(|i| 120 + (i % 7) as u8).collect();
+    // f32: the bf16 matrix's bytes (1 GB) as half its rows.
+    let f: Vec<f32> = (0..n * k / 2).map(|i| (i % 13) as f32 * 0.01).collect();
     let x = vec![0.5f32; k];
     let mut out = vec![0.0f32; n];
-    for name in ["fp8", "bf16", "mxfp4", "fp8-experts", "bf16-experts"] {
+    for name in ["fp8", "bf16", "f32", "mxfp4", "fp8-experts", "bf16-experts"] {
         let mut best = f64::MAX;
         for _ in 0..3 {
             let t = Instant::now();
@@ -40,6 +42,7 @@ fn main() {
                     &mut out,
                 ),
                 "bf16" => linear(&x, 1, k, WeightRef::Bf16(&bf), n, &mut out),
+                "f32" => linear(&x, 1, k, WeightRef::F32(&f), n / 2, &mut out[..n / 2]),
                 "mxfp4" => {
                     let w = Mxfp4::new(&blocks, &mxs, n, k, 1).unwrap();
                     linear(&x, 1, k, WeightRef::Mxfp4(w), n, &mut out)

@@ -9,7 +9,6 @@
 //! context length. Causality is positional: a query at position `p` sees keys `0..=p`
 //! (restricted to the last `window` positions when a sliding window is set).
 
-use rayon::prelude::*;
 
 /// One layer's KV pool, borrowed.
 #[derive(Clone, Copy)]
@@ -123,10 +122,7 @@ pub fn paged_attention_with(
     if total_keys * p.heads * d < 64 * 1024 {
         out.chunks_mut(hc * d).enumerate().for_each(work);
     } else {
-        out.par_chunks_mut(hc * d)
-            .enumerate()
-            .with_min_len(2)
-            .for_each(work);
+        crate::pool::for_each(out.chunks_mut(hc * d).enumerate().collect(), work);
     }
 }
 
@@ -188,22 +184,23 @@ fn split_attention(
     let stride = hc * d;
     let mut partial = vec![0.0f32; segs.len() * stride];
     let mut stats = vec![([0.0f32; MAX_GROUP], [0.0f32; MAX_GROUP]); segs.len()];
-    partial
-        .par_chunks_mut(stride)
-        .zip(stats.par_iter_mut())
-        .zip(segs.par_iter())
-        .for_each(|((o, st), s)| {
-            let h0 = s.g * group + s.c * hc;
-            let qs = &q[(s.t * p.heads + h0) * d..(s.t * p.heads + h0 + hc) * d];
-            #[cfg(target_arch = "x86_64")]
-            if avx2 && d % 8 == 0 {
-                // SAFETY: avx2 and fma are present (checked by the caller) and d % 8 == 0.
-                *st = unsafe { attend_range_avx2(qs, rows[s.t], kv, s.g, hc, p, s.lo, s.hi, o) };
-                return;
-            }
-            let _ = avx2;
-            *st = attend_range::<Portable>(qs, rows[s.t], kv, s.g, hc, p, s.lo, s.hi, o);
-        });
+    let items: Vec<_> = partial
+        .chunks_mut(stride)
+        .zip(stats.iter_mut())
+        .zip(segs.iter())
+        .collect();
+    crate::pool::for_each(items, |((o, st), s)| {
+        let h0 = s.g * group + s.c * hc;
+        let qs = &q[(s.t * p.heads + h0) * d..(s.t * p.heads + h0 + hc) * d];
+        #[cfg(target_arch = "x86_64")]
+        if avx2 && d % 8 == 0 {
+            // SAFETY: avx2 and fma are present (checked by the caller) and d % 8 == 0.
+            *st = unsafe { attend_range_avx2(qs, rows[s.t], kv, s.g, hc, p, s.lo, s.hi, o) };
+            return;
+        }
+        let _ = avx2;
+        *st = attend_range::<Portable>(qs, rows[s.t], kv, s.g, hc, p, s.lo, s.hi, o);
+    });
     // Merge each (row, kv head, chunk)'s segments, in key order.
     let mut i = 0;
     while i < segs.len() {
