@@ -9,7 +9,6 @@
 //! context length. Causality is positional: a query at position `p` sees keys `0..=p`
 //! (restricted to the last `window` positions when a sliding window is set).
 
-
 /// One layer's KV pool, borrowed.
 #[derive(Clone, Copy)]
 pub struct KvLayer<'a> {

@@ -13,6 +13,8 @@
 pub mod attention;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(target_arch = "x86_64")]
+mod gemm;
 pub mod linear;
 pub mod moe;
 pub mod norm;

@@ -13,7 +13,6 @@
 
 use crate::simd;
 use half::bf16;
-use rayon::prelude::*;
 
 /// A borrowed weight matrix in row-major `[n, k]` layout.
 #[derive(Clone, Copy, Debug)]
@@ -105,7 +104,7 @@ pub fn linear_batch(jobs: Vec<LinearJob<'_>>) {
     let threads = rayon::current_num_threads().max(1);
     if big.len() >= 4 * threads {
         // Many GEMMs (experts in a prefill step): one per thread at a time, each serial.
-        big.into_par_iter().for_each(|j| gemm_job(j, false));
+        crate::pool::for_each(big, |j| gemm_job(j, false));
     } else {
         for j in big {
             gemm_job(j, threads > 1);
@@ -181,25 +180,37 @@ pub fn linear_batch(jobs: Vec<LinearJob<'_>>) {
 const WIDEN_TILE_BYTES: usize = 1 << 20;
 
 fn gemm_job(j: LinearJob<'_>, parallel: bool) {
+    // Where AVX-512 is present the activations are packed once for every tile of weights.
+    #[cfg(target_arch = "x86_64")]
+    let packed = simd::has_avx512().then(|| crate::gemm::PackedX::new(j.x, j.m, j.k));
+    let (x, m, k, ldo) = (j.x, j.m, j.k, j.n);
+    let out = j.out;
+    let mut run = |w: &[f32], n: usize, col0: usize| {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(px) = &packed {
+            return crate::gemm::gemm(px, w, n, out, col0, ldo, parallel);
+        }
+        gemm_f32(x, m, k, w, n, out, col0, ldo, parallel)
+    };
     if let WeightRef::F32(wf) = j.w {
-        return gemm_f32(j.x, j.m, j.k, wf, j.n, j.out, 0, j.n, parallel);
+        return run(wf, j.n, 0);
     }
-    let tile = (WIDEN_TILE_BYTES / (4 * j.k)).clamp(16, j.n);
-    let mut wide = vec![0.0f32; tile * j.k];
+    let tile = (WIDEN_TILE_BYTES / (4 * k)).clamp(16, j.n);
+    let mut wide = vec![0.0f32; tile * k];
     for j0 in (0..j.n).step_by(tile) {
         let t = tile.min(j.n - j0);
-        let buf = &mut wide[..t * j.k];
+        let buf = &mut wide[..t * k];
         let widen = |(r0, rows): (usize, &mut [f32])| {
-            for (r, row) in rows.chunks_mut(j.k).enumerate() {
-                j.w.row_into(j0 + r0 * 8 + r, j.k, row);
+            for (r, row) in rows.chunks_mut(k).enumerate() {
+                j.w.row_into(j0 + r0 * 8 + r, k, row);
             }
         };
         if parallel {
-            buf.par_chunks_mut(8 * j.k).enumerate().for_each(widen);
+            crate::pool::for_each(buf.chunks_mut(8 * k).enumerate().collect(), widen);
         } else {
-            buf.chunks_mut(8 * j.k).enumerate().for_each(widen);
+            buf.chunks_mut(8 * k).enumerate().for_each(widen);
         }
-        gemm_f32(j.x, j.m, j.k, buf, t, j.out, j0, j.n, parallel);
+        run(buf, t, j0);
     }
 }
 

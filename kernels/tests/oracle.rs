@@ -22,6 +22,11 @@ fn linear_f32_matches_reference_for_all_row_regimes() {
         // A weight block ending one row short of a tile triple (found by the tiny
         // DeepSeek preset's dense down projection).
         (8, 192, 128),
+        // The packed GEMM's edges: a partial last panel of rows, a partial last tile of
+        // weight rows, k over one block and not a multiple of a vector.
+        (45, 1100, 37),
+        (100, 520, 300),
+        (12, 16, 1),
     ] {
         let x = randn(&mut rng, m * k, 1.0);
         let w = randn(&mut rng, n * k, (1.0 / k as f32).sqrt());
