@@ -92,7 +92,14 @@ pub fn paged_attention_with(
         assert_eq!(s.len(), p.heads, "attention: one sink per query head");
     }
     let group = p.heads / p.kv_heads;
-    let hc = head_chunk(group);
+    let mut hc = head_chunk(group);
+    // Few rows on few kv heads (MLA's decode: all heads on one latent) would be one work
+    // item: split the heads further, in multiples of four so every head's scores are still
+    // computed four at a time (the same arithmetic, whatever the split).
+    let threads = rayon::current_num_threads();
+    while hc % 8 == 0 && rows.len() * p.kv_heads * (group / hc) < 2 * threads {
+        hc /= 2;
+    }
     let per_group = group / hc;
     let avx2 = crate::simd::has_avx2();
     let work = |(i, o): (usize, &mut [f32])| {
@@ -295,6 +302,14 @@ trait Ops {
     fn axpy(y: &mut [f32], a: f32, x: &[f32]);
     /// `x[i] = exp(x[i] - m)`; returns the sum.
     fn exp_sub_sum(x: &mut [f32], m: f32) -> f32;
+    /// `out[h] += Σ_j p[h][j] · vals[j]` for `h < group` (rows of `out` are `d` long).
+    fn pv(out: &mut [f32], d: usize, group: usize, p: &[[f32; KEY_TILE]], vals: &[&[f32]]) {
+        for (j, val) in vals.iter().enumerate() {
+            for h in 0..group {
+                Self::axpy(&mut out[h * d..(h + 1) * d], p[h][j], val);
+            }
+        }
+    }
 }
 
 struct Portable;
@@ -345,6 +360,11 @@ impl Ops for Avx2 {
     fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
         // SAFETY: as above.
         unsafe { crate::simd::avx2::exp_sub_sum(x, m) }
+    }
+    #[inline(always)]
+    fn pv(out: &mut [f32], d: usize, group: usize, p: &[[f32; KEY_TILE]], vals: &[&[f32]]) {
+        // SAFETY: as above.
+        unsafe { crate::simd::avx2::pv(out, d, group, p, vals) }
     }
 }
 
@@ -470,12 +490,11 @@ fn attend_range<O: Ops>(
             l[h] += O::exp_sub_sum(sc, m_new);
             m[h] = m_new;
         }
-        for j in 0..n {
-            let val = kv.value(row.table, start + j, g);
-            for h in 0..group {
-                O::axpy(&mut out[h * d..(h + 1) * d], scores[h][j], val);
-            }
+        let mut vals: [&[f32]; KEY_TILE] = [&[]; KEY_TILE];
+        for (j, v) in vals.iter_mut().enumerate().take(n) {
+            *v = kv.value(row.table, start + j, g);
         }
+        O::pv(out, d, group, &scores, &vals[..n]);
         start = end;
     }
     (m, l)

@@ -48,10 +48,14 @@ impl PackedX {
             let kc = KC.min(k - k0);
             for t in 0..tiles {
                 let panel = &mut data[off..off + kc * MR];
-                for r in 0..MR.min(m - t * MR) {
-                    let row = &x[(t * MR + r) * k + k0..(t * MR + r) * k + k0 + kc];
-                    for (p, v) in row.iter().enumerate() {
-                        panel[p * MR + r] = *v;
+                // 16 columns at a time, so the panel rows written (2 KB) stay in L1.
+                for p0 in (0..kc).step_by(16) {
+                    let p1 = (p0 + 16).min(kc);
+                    for r in 0..MR.min(m - t * MR) {
+                        let row = &x[(t * MR + r) * k + k0 + p0..(t * MR + r) * k + k0 + p1];
+                        for (p, v) in row.iter().enumerate() {
+                            panel[(p0 + p) * MR + r] = *v;
+                        }
                     }
                 }
                 off += kc * MR;

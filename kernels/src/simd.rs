@@ -561,6 +561,62 @@ pub(crate) mod avx2 {
         s
     }
 
+    /// `out[h * d + c] += Σ_j p[h][j] · vals[j][c]` for `h < group`, `c < d` (`d % 8 == 0`):
+    /// attention's probabilities times one tile of values, eight heads' accumulators held in
+    /// registers over the whole tile (one store per head and vector, not one per key).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn pv<const T: usize>(
+        out: &mut [f32],
+        d: usize,
+        group: usize,
+        p: &[[f32; T]],
+        vals: &[&[f32]],
+    ) {
+        assert!(d % 8 == 0 && out.len() >= group * d && p.len() >= group);
+        assert!(vals.len() <= T && vals.iter().all(|v| v.len() >= d));
+        let op = out.as_mut_ptr();
+        for c in (0..d).step_by(8) {
+            let mut h0 = 0;
+            while h0 + 8 <= group {
+                pv_block::<8, T>(op, d, c, h0, p, vals);
+                h0 += 8;
+            }
+            while h0 + 4 <= group {
+                pv_block::<4, T>(op, d, c, h0, p, vals);
+                h0 += 4;
+            }
+            while h0 < group {
+                pv_block::<1, T>(op, d, c, h0, p, vals);
+                h0 += 1;
+            }
+        }
+    }
+
+    /// [`pv`] for heads `h0..h0 + H` and columns `c..c + 8` (a fixed count, so the
+    /// accumulators stay in registers).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn pv_block<const H: usize, const T: usize>(
+        op: *mut f32,
+        d: usize,
+        c: usize,
+        h0: usize,
+        p: &[[f32; T]],
+        vals: &[&[f32]],
+    ) {
+        let mut acc = [_mm256_setzero_ps(); H];
+        for (j, v) in vals.iter().enumerate() {
+            let v = _mm256_loadu_ps(v.as_ptr().add(c));
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm256_fmadd_ps(_mm256_set1_ps(p[h0 + i][j]), v, *a);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let o = op.add((h0 + i) * d + c);
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), *a));
+        }
+    }
+
     /// `y += a * x` (equal lengths).
     #[inline]
     #[target_feature(enable = "avx2,fma")]
