@@ -102,6 +102,7 @@ pub fn paged_attention_with(
     }
     let per_group = group / hc;
     let avx2 = crate::simd::has_avx2();
+    let avx512 = crate::simd::has_avx512() && avx2;
     let work = |(i, o): (usize, &mut [f32])| {
         let (t, r) = (i / (p.kv_heads * per_group), i % (p.kv_heads * per_group));
         let (g, c) = (r / per_group, r % per_group);
@@ -109,11 +110,18 @@ pub fn paged_attention_with(
         let qs = &q[(t * p.heads + h0) * d..(t * p.heads + h0 + hc) * d];
         let sk = sinks.map(|s| &s[h0..h0 + hc]);
         #[cfg(target_arch = "x86_64")]
+        if avx512 && d % 16 == 0 {
+            // SAFETY: AVX-512 F/BW, AVX2 and FMA are present (checked above), d % 16 == 0.
+            unsafe { attend_group_avx512(qs, rows[t], kv, g, hc, p, sk, o) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
         if avx2 && d % 8 == 0 {
             // SAFETY: avx2 and fma are present (checked above) and d is a multiple of 8.
             unsafe { attend_group_avx2(qs, rows[t], kv, g, hc, p, sk, o) };
             return;
         }
+        let _ = avx512;
         attend_group::<Portable>(qs, rows[t], kv, g, hc, p, sk, o);
     };
     let longest = rows
@@ -122,7 +130,7 @@ pub fn paged_attention_with(
         .map(|(l, h)| h - l)
         .max();
     if longest.unwrap_or(0) > SPLIT_KEYS && rayon::current_num_threads() > 1 {
-        return split_attention(q, rows, kv, p, sinks, out, avx2);
+        return split_attention(q, rows, kv, p, sinks, out, avx2, avx512);
     }
     let total_keys: usize = rows.iter().map(|r| r.pos + 1).sum();
     if total_keys * p.heads * d < 64 * 1024 {
@@ -163,6 +171,7 @@ fn split_attention(
     sinks: Option<&[f32]>,
     out: &mut [f32],
     avx2: bool,
+    avx512: bool,
 ) {
     let d = p.head_dim;
     let group = p.heads / p.kv_heads;
@@ -199,12 +208,18 @@ fn split_attention(
         let h0 = s.g * group + s.c * hc;
         let qs = &q[(s.t * p.heads + h0) * d..(s.t * p.heads + h0 + hc) * d];
         #[cfg(target_arch = "x86_64")]
+        if avx512 && d % 16 == 0 {
+            // SAFETY: AVX-512 F/BW, AVX2 and FMA present (checked by the caller), d % 16 == 0.
+            *st = unsafe { attend_range_avx512(qs, rows[s.t], kv, s.g, hc, p, s.lo, s.hi, o) };
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
         if avx2 && d % 8 == 0 {
             // SAFETY: avx2 and fma are present (checked by the caller) and d % 8 == 0.
             *st = unsafe { attend_range_avx2(qs, rows[s.t], kv, s.g, hc, p, s.lo, s.hi, o) };
             return;
         }
-        let _ = avx2;
+        let _ = (avx2, avx512);
         *st = attend_range::<Portable>(qs, rows[s.t], kv, s.g, hc, p, s.lo, s.hi, o);
     });
     // Merge each (row, kv head, chunk)'s segments, in key order.
@@ -295,7 +310,41 @@ unsafe fn attend_range_avx2(
     attend_range::<Avx2>(q, row, kv, g, group, p, lo, hi, out)
 }
 
-/// The vector primitives attention needs, portable or AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_group_avx512(
+    q: &[f32],
+    row: QueryRow<'_>,
+    kv: KvLayer<'_>,
+    g: usize,
+    group: usize,
+    p: AttnParams,
+    sinks: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    attend_group::<Avx512>(q, row, kv, g, group, p, sinks, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+unsafe fn attend_range_avx512(
+    q: &[f32],
+    row: QueryRow<'_>,
+    kv: KvLayer<'_>,
+    g: usize,
+    group: usize,
+    p: AttnParams,
+    lo: usize,
+    hi: usize,
+    out: &mut [f32],
+) -> ([f32; MAX_GROUP], [f32; MAX_GROUP]) {
+    attend_range::<Avx512>(q, row, kv, g, group, p, lo, hi, out)
+}
+
+/// The vector primitives attention needs: portable, AVX2, or AVX-512 (head dims that are a
+/// multiple of 16) for the score and value products.
 trait Ops {
     fn dot(a: &[f32], b: &[f32]) -> f32;
     fn dot4(q4: &[f32], key: &[f32]) -> [f32; 4];
@@ -365,6 +414,37 @@ impl Ops for Avx2 {
     fn pv(out: &mut [f32], d: usize, group: usize, p: &[[f32; KEY_TILE]], vals: &[&[f32]]) {
         // SAFETY: as above.
         unsafe { crate::simd::avx2::pv(out, d, group, p, vals) }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx512;
+#[cfg(target_arch = "x86_64")]
+impl Ops for Avx512 {
+    #[inline(always)]
+    fn dot(a: &[f32], b: &[f32]) -> f32 {
+        dot8(a, b)
+    }
+    #[inline(always)]
+    fn dot4(q4: &[f32], key: &[f32]) -> [f32; 4] {
+        // SAFETY: only reached from the *_avx512 entry points, which run with AVX-512 F/BW,
+        // AVX2 and FMA and d % 16 == 0.
+        unsafe { crate::simd::avx512::dot4(q4, key) }
+    }
+    #[inline(always)]
+    fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+        // SAFETY: as above.
+        unsafe { crate::simd::avx2::axpy(y, a, x) }
+    }
+    #[inline(always)]
+    fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
+        // SAFETY: as above.
+        unsafe { crate::simd::avx2::exp_sub_sum(x, m) }
+    }
+    #[inline(always)]
+    fn pv(out: &mut [f32], d: usize, group: usize, p: &[[f32; KEY_TILE]], vals: &[&[f32]]) {
+        // SAFETY: as above.
+        unsafe { crate::simd::avx512::pv(out, d, group, p, vals) }
     }
 }
 

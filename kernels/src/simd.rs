@@ -770,6 +770,75 @@ pub(crate) mod avx512 {
     weight_dot_rows!(f32, load_f32, dot_rows_f32);
     weight_dot_rows!(bf16, load_bf16, dot_rows_bf16);
 
+    /// Four heads' scores against one key (`d % 16 == 0`), the key loaded once per vector.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    pub unsafe fn dot4(q4: &[f32], key: &[f32]) -> [f32; 4] {
+        let d = key.len();
+        assert!(d % 16 == 0 && q4.len() >= 4 * d);
+        let (qp, kp) = (q4.as_ptr(), key.as_ptr());
+        let mut a = [_mm512_setzero_ps(); 4];
+        for c in (0..d).step_by(16) {
+            let kc = _mm512_loadu_ps(kp.add(c));
+            for (h, acc) in a.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(_mm512_loadu_ps(qp.add(h * d + c)), kc, *acc);
+            }
+        }
+        a.map(|v| _mm512_reduce_add_ps(v))
+    }
+
+    /// [`super::avx2::pv`] sixteen columns at a time (`d % 16 == 0`).
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    pub unsafe fn pv<const T: usize>(
+        out: &mut [f32],
+        d: usize,
+        group: usize,
+        p: &[[f32; T]],
+        vals: &[&[f32]],
+    ) {
+        assert!(d % 16 == 0 && out.len() >= group * d && p.len() >= group);
+        assert!(vals.len() <= T && vals.iter().all(|v| v.len() >= d));
+        let op = out.as_mut_ptr();
+        for c in (0..d).step_by(16) {
+            let mut h0 = 0;
+            while h0 + 8 <= group {
+                pv_block::<8, T>(op, d, c, h0, p, vals);
+                h0 += 8;
+            }
+            while h0 + 4 <= group {
+                pv_block::<4, T>(op, d, c, h0, p, vals);
+                h0 += 4;
+            }
+            while h0 < group {
+                pv_block::<1, T>(op, d, c, h0, p, vals);
+                h0 += 1;
+            }
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+    unsafe fn pv_block<const H: usize, const T: usize>(
+        op: *mut f32,
+        d: usize,
+        c: usize,
+        h0: usize,
+        p: &[[f32; T]],
+        vals: &[&[f32]],
+    ) {
+        let mut acc = [_mm512_setzero_ps(); H];
+        for (j, v) in vals.iter().enumerate() {
+            let v = _mm512_loadu_ps(v.as_ptr().add(c));
+            for (i, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_fmadd_ps(_mm512_set1_ps(p[h0 + i][j]), v, *a);
+            }
+        }
+        for (i, a) in acc.iter().enumerate() {
+            let o = op.add((h0 + i) * d + c);
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), *a));
+        }
+    }
+
     fp8_dot_rows!(
         "avx512f,avx512bw,avx2,fma",
         __m512,

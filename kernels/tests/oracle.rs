@@ -311,6 +311,9 @@ fn paged_attention_with_sinks_and_wide_groups_matches_reference() {
         (128, 1, 72, 50, None, false),
         (24, 1, 40, 3000, None, false),
         (20, 4, 8, 60, Some(7), true),
+        // MLA's absorbed decode shape (all heads on one latent, the heads split over
+        // threads), on the AVX-512 path where present.
+        (16, 1, 288, 200, None, false),
     ] {
         check_attention(&mut rng, heads, kvh, d, 16, len, window, sinks);
     }
