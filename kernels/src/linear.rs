@@ -6,10 +6,13 @@
 //!   once and dotted with up to four activation rows at a time, output rows split across
 //!   threads. Each output element is one dot product with a fixed summation order, so the
 //!   result does not depend on the thread count.
-//! - many rows (prefill): compute-bound; a packed, cache-blocked GEMM (`gemm` crate) on `f32`.
+//! - many rows (prefill): compute-bound; with AVX-512 [`crate::gemm`] (activations packed,
+//!   weights read as stored), else the `gemm` crate's packed, cache-blocked GEMM, on `f32`.
 //!   bf16 and quantized weights are widened to `f32` one ~1 MB tile of rows at a time (the
-//!   tile stays in cache for the GEMM's packing), which costs `O(n·k)` against the GEMM's
-//!   `O(m·n·k)` and never holds the whole matrix widened.
+//!   tile stays in cache for the GEMM), which costs `O(n·k)` against the GEMM's `O(m·n·k)`
+//!   and never holds the whole matrix widened.
+//!
+//! Parallel regions run on [`crate::pool`] (the caller works, helpers spin between regions).
 
 use crate::simd;
 use half::bf16;
