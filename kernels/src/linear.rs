@@ -6,7 +6,7 @@
 //!   once and dotted with up to four activation rows at a time, output rows split across
 //!   threads. Each output element is one dot product with a fixed summation order, so the
 //!   result does not depend on the thread count.
-//! - many rows (prefill): compute-bound; with AVX-512 [`crate::gemm`] (activations packed,
+//! - many rows (prefill): compute-bound; with AVX-512 the crate's `gemm` (activations packed,
 //!   weights read as stored), else the `gemm` crate's packed, cache-blocked GEMM, on `f32`.
 //!   bf16 and quantized weights are widened to `f32` one ~1 MB tile of rows at a time (the
 //!   tile stays in cache for the GEMM), which costs `O(n·k)` against the GEMM's `O(m·n·k)`

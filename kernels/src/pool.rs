@@ -17,7 +17,7 @@
 //!   holds one up.
 //! - One region at a time: a second caller (another engine in the process, or a region
 //!   started inside a region) runs its items through rayon instead of waiting.
-//! - Helpers that have spun [`SPIN`] without work sleep on a condition variable and are woken
+//! - Helpers that have spun `SPIN` without work sleep on a condition variable and are woken
 //!   by the next region; the pool never costs a core while the process is idle.
 
 use rayon::prelude::*;
