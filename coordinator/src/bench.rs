@@ -25,6 +25,8 @@ pub struct BenchOptions {
     pub skip_bandwidth: bool,
     /// Where the forward pass runs; on a GPU the bound is the device's memory bandwidth.
     pub device: switchyard_worker::Device,
+    /// Element type of the KV cache.
+    pub kv_dtype: switchyard_worker::kv::KvDType,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -38,6 +40,8 @@ pub struct BenchReport {
     pub architecture: String,
     /// KV cache bytes per token of context, all layers (MLA: the latent and rope key only).
     pub kv_bytes_per_token: usize,
+    /// Element type of the KV cache (f32 or bf16).
+    pub kv_dtype: String,
     /// Weight bytes a single decode token must read (dense + top-k experts + lm_head).
     pub bytes_per_token: usize,
     pub load_s: f64,
@@ -154,6 +158,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
     let t = Instant::now();
     let eopts = EngineOptions {
         dtype: opts.dtype,
+        kv_dtype: opts.kv_dtype,
         max_context: Some(opts.prefill_tokens.max(64) + opts.decode_steps + 64),
         kv_blocks: Some(
             (opts.batch.max(4) + 1)
@@ -229,6 +234,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
         weight_bytes,
         architecture: cfg.arch.hf_name().into(),
         kv_bytes_per_token,
+        kv_dtype: opts.kv_dtype.to_string(),
         bytes_per_token,
         load_s,
         read_bandwidth_gb_s: bw,

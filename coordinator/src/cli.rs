@@ -326,6 +326,11 @@ pub struct UpArgs {
     /// Where the workers run the forward pass (cpu, cuda, cuda:N).
     #[arg(long, default_value = "cpu")]
     pub device: switchyard_worker::Device,
+
+    /// Element type of the workers' KV cache: f32 (exact) or bf16 (half the bytes per cached
+    /// position, each key and value rounded once to bf16; CPU only).
+    #[arg(long, default_value = "f32")]
+    pub kv_dtype: switchyard_worker::kv::KvDType,
 }
 
 #[derive(Args, Debug)]
@@ -395,6 +400,10 @@ pub struct WorkerArgs {
     /// `--features cuda`; a CUDA worker holds every expert, so one per cluster for now).
     #[arg(long, default_value = "cpu")]
     pub device: switchyard_worker::Device,
+    /// Element type of this worker's KV cache: f32 (exact) or bf16 (half the bytes per cached
+    /// position, each key and value rounded once to bf16; CPU only).
+    #[arg(long, default_value = "f32")]
+    pub kv_dtype: switchyard_worker::kv::KvDType,
     /// TLS on the Control listener; with --tls-client-ca only coordinators presenting a
     /// certificate from that CA may drive this worker.
     #[command(flatten)]
@@ -619,6 +628,11 @@ pub struct BenchArgs {
     /// cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
     #[arg(long, default_value = "cpu")]
     pub device: switchyard_worker::Device,
+
+    /// Element type of the KV cache: f32 (exact) or bf16 (half the bytes per cached
+    /// position, each key and value rounded once to bf16; CPU only).
+    #[arg(long, default_value = "f32")]
+    pub kv_dtype: switchyard_worker::kv::KvDType,
 }
 
 pub fn main_with(cli: Cli) -> Result<()> {
@@ -891,6 +905,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         seed: 0,
         skip_bandwidth: a.skip_bandwidth,
         device: a.device,
+        kv_dtype: a.kv_dtype,
     })?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -957,6 +972,7 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
         let opts = EngineOptions {
             dtype: a.dtype,
             device: a.device,
+            kv_dtype: a.kv_dtype,
             ..Default::default()
         };
         let tls = a.tls.load()?;
@@ -1113,6 +1129,9 @@ fn up_cmd(a: UpArgs, log_format: crate::telemetry::LogFormat) -> Result<()> {
     }
     if a.device != switchyard_worker::Device::Cpu {
         extra.extend(["--device".into(), a.device.to_string()]);
+    }
+    if a.kv_dtype != switchyard_worker::kv::KvDType::F32 {
+        extra.extend(["--kv-dtype".into(), a.kv_dtype.to_string()]);
     }
     // Options are checked before any worker process starts.
     let opts = serve_options(&c, "up".into(), Duration::from_secs(60))?;

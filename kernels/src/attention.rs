@@ -9,30 +9,75 @@
 //! context length. Causality is positional: a query at position `p` sees keys `0..=p`
 //! (restricted to the last `window` positions when a sliding window is set).
 
+/// One pool of cached vectors: f32, or bf16 (half the bytes; widened to f32 a tile of 64
+/// positions at a time as attention reads them, so every product is still f32).
+#[derive(Clone, Copy)]
+pub enum KvSlice<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [half::bf16]),
+}
+
+impl KvSlice<'_> {
+    fn same_as(&self, o: &KvSlice<'_>) -> bool {
+        match (self, o) {
+            (KvSlice::F32(a), KvSlice::F32(b)) => std::ptr::eq(*a, *b),
+            (KvSlice::Bf16(a), KvSlice::Bf16(b)) => std::ptr::eq(*a, *b),
+            _ => false,
+        }
+    }
+}
+
 /// One layer's KV pool, borrowed.
 #[derive(Clone, Copy)]
 pub struct KvLayer<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+    pub k: KvSlice<'a>,
+    pub v: KvSlice<'a>,
     pub block_size: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
 }
 
-impl KvLayer<'_> {
+impl<'a> KvLayer<'a> {
     #[inline]
     fn offset(&self, table: &[u32], pos: usize, g: usize) -> usize {
         let b = table[pos / self.block_size] as usize;
         ((b * self.block_size + pos % self.block_size) * self.kv_heads + g) * self.head_dim
     }
-    /// Key vector of kv head `g` at position `pos` of the sequence with `table`.
-    pub fn key(&self, table: &[u32], pos: usize, g: usize) -> &[f32] {
-        let o = self.offset(table, pos, g);
-        &self.k[o..o + self.head_dim]
-    }
-    pub fn value(&self, table: &[u32], pos: usize, g: usize) -> &[f32] {
-        let o = self.offset(table, pos, g);
-        &self.v[o..o + self.head_dim]
+
+    /// Vectors of kv head `g` at positions `start..start + n` (`n <= KEY_TILE`) of `pool`:
+    /// borrowed in place (f32), or widened into `scratch` (bf16, `KEY_TILE · head_dim` long).
+    fn tile<'s>(
+        &self,
+        pool: KvSlice<'a>,
+        table: &[u32],
+        start: usize,
+        n: usize,
+        g: usize,
+        scratch: &'s mut [f32],
+    ) -> [&'s [f32]; KEY_TILE]
+    where
+        'a: 's,
+    {
+        let d = self.head_dim;
+        let mut out: [&'s [f32]; KEY_TILE] = [&[]; KEY_TILE];
+        match pool {
+            KvSlice::F32(p) => {
+                for (j, o) in out.iter_mut().enumerate().take(n) {
+                    let at = self.offset(table, start + j, g);
+                    *o = &p[at..at + d];
+                }
+            }
+            KvSlice::Bf16(p) => {
+                for (j, dst) in scratch.chunks_mut(d).enumerate().take(n) {
+                    let at = self.offset(table, start + j, g);
+                    crate::simd::widen_bf16(&p[at..at + d], dst);
+                }
+                for (o, row) in out.iter_mut().zip(scratch.chunks(d)).take(n) {
+                    *o = row;
+                }
+            }
+        }
+        out
     }
 }
 
@@ -538,12 +583,20 @@ fn attend_range<O: Ops>(
     let mut l = [0.0f32; MAX_GROUP];
     let mut scores = [[0.0f32; KEY_TILE]; MAX_GROUP];
     out.fill(0.0);
+    // Widened bf16 tiles (keys, then values unless they are the keys, as MLA's latent).
+    let shared = kv.k.same_as(&kv.v);
+    let wide = |s: KvSlice<'_>| match s {
+        KvSlice::F32(_) => Vec::new(),
+        KvSlice::Bf16(_) => vec![0.0f32; KEY_TILE * d],
+    };
+    let (mut kscr, mut vscr) = (wide(kv.k), if shared { Vec::new() } else { wide(kv.v) });
     let mut start = lo;
     while start < hi {
         let end = hi.min(start + KEY_TILE);
         let n = end - start;
-        for j in 0..n {
-            let key = kv.key(row.table, start + j, g);
+        let keys = kv.tile(kv.k, row.table, start, n, g, &mut kscr);
+        for (j, key) in keys.iter().enumerate().take(n) {
+            let key = *key;
             let mut h = 0;
             while h + 4 <= group {
                 let s4 = O::dot4(&q[h * d..(h + 4) * d], key);
@@ -570,11 +623,12 @@ fn attend_range<O: Ops>(
             l[h] += O::exp_sub_sum(sc, m_new);
             m[h] = m_new;
         }
-        let mut vals: [&[f32]; KEY_TILE] = [&[]; KEY_TILE];
-        for (j, v) in vals.iter_mut().enumerate().take(n) {
-            *v = kv.value(row.table, start + j, g);
+        if shared {
+            O::pv(out, d, group, &scores, &keys[..n]);
+        } else {
+            let vals = kv.tile(kv.v, row.table, start, n, g, &mut vscr);
+            O::pv(out, d, group, &scores, &vals[..n]);
         }
-        O::pv(out, d, group, &scores, &vals[..n]);
         start = end;
     }
     (m, l)

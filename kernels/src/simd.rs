@@ -44,6 +44,14 @@ pub fn has_avx512() -> bool {
     }
 }
 
+/// `dst[i] = src[i]` widened from bf16 (exact).
+#[inline]
+pub fn widen_bf16(src: &[bf16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
 /// Dot products of `R` activation rows with one weight row: `out[r] = x[r] . w`.
 /// Rows of `x` are `k` long and laid out one after another.
 #[inline]

@@ -302,8 +302,8 @@ fn attention_case(
     }
     let mut cpu = vec![0.0; q.len()];
     let layer = KvLayer {
-        k: &kc,
-        v: &vc,
+        k: switchyard_kernels::attention::KvSlice::F32(&kc),
+        v: switchyard_kernels::attention::KvSlice::F32(&vc),
         block_size: bs,
         kv_heads,
         head_dim: d,

@@ -1,6 +1,6 @@
 //! Every fast kernel against its plain reference on seeded random inputs.
 
-use switchyard_kernels::attention::{paged_attention, AttnParams, KvLayer, QueryRow};
+use switchyard_kernels::attention::{paged_attention, AttnParams, KvLayer, KvSlice, QueryRow};
 use switchyard_kernels::rng::Rng;
 use switchyard_kernels::rope::{Rope, RopeScaling};
 use switchyard_kernels::sampling::{self, SamplingParams};
@@ -251,8 +251,8 @@ fn check_attention(
         window,
     };
     let kv = KvLayer {
-        k: &pl.k,
-        v: &pl.v,
+        k: KvSlice::F32(&pl.k),
+        v: KvSlice::F32(&pl.v),
         block_size: bs,
         kv_heads: kvh,
         head_dim: d,
@@ -788,5 +788,70 @@ fn gemm_over_several_widened_tiles_matches_reference() {
             "{}",
             max_abs_diff(&out, &r)
         );
+    }
+}
+
+/// A bf16 KV pool reads as its values widened: attention over it equals, bit for bit,
+/// attention over an f32 pool holding the same (bf16-rounded) values — for separate keys and
+/// values, for one pool serving as both (MLA's latent), and past the split-K threshold.
+#[test]
+fn bf16_kv_pools_read_as_their_widened_values() {
+    let mut rng = Rng::new(41);
+    for &(heads, kvh, d, len) in &[
+        (8usize, 2usize, 64usize, 150usize),
+        (16, 1, 288, 70),
+        (4, 2, 16, 3000),
+    ] {
+        let bs = 16;
+        let pl = pool(&mut rng, len, bs, kvh, d);
+        let round = |x: &[f32]| -> (Vec<bf16>, Vec<f32>) {
+            let b: Vec<bf16> = x.iter().map(|v| bf16::from_f32(*v)).collect();
+            let f = b.iter().map(|v| v.to_f32()).collect();
+            (b, f)
+        };
+        let ((kb, kf), (vb, vf)) = (round(&pl.k), round(&pl.v));
+        let rows: Vec<QueryRow> = [0, len / 2, len - 1]
+            .iter()
+            .map(|&pos| QueryRow {
+                table: &pl.table,
+                pos,
+            })
+            .collect();
+        let q = randn(&mut rng, rows.len() * heads * d, 1.0);
+        let p = AttnParams {
+            heads,
+            kv_heads: kvh,
+            head_dim: d,
+            scale: 0.1,
+            window: None,
+        };
+        for shared in [false, true] {
+            let (vbs, vfs): (&[bf16], &[f32]) = if shared { (&kb, &kf) } else { (&vb, &vf) };
+            let layer = |k, v| KvLayer {
+                k,
+                v,
+                block_size: bs,
+                kv_heads: kvh,
+                head_dim: d,
+            };
+            let mut a = vec![0.0; q.len()];
+            let mut b = vec![0.0; q.len()];
+            paged_attention(
+                &q,
+                &rows,
+                layer(KvSlice::Bf16(&kb), KvSlice::Bf16(vbs)),
+                p,
+                &mut a,
+            );
+            paged_attention(
+                &q,
+                &rows,
+                layer(KvSlice::F32(&kf), KvSlice::F32(vfs)),
+                p,
+                &mut b,
+            );
+            assert_eq!(a, b, "heads={heads} d={d} len={len} shared={shared}");
+            assert!(a.iter().all(|v| v.is_finite()));
+        }
     }
 }

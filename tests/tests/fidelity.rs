@@ -715,3 +715,52 @@ fn mxfp4_modules_to_not_convert_is_honoured() {
     assert_eq!(greedy_batched(&mut e, &prompts, want[0].len()), want);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A bf16 KV cache rounds each cached key and value once (relative error ≤ 2⁻⁹); every family
+/// stays close to the goldens, and the greedy choice is the golden's wherever the golden's
+/// top-two margin is wider than what that rounding can move. The cache holds half the bytes.
+#[test]
+fn bf16_kv_cache_stays_close_to_the_goldens() {
+    use switchyard_worker::kv::KvDType;
+    const TOL: f32 = 1e-2;
+    for model in MODELS {
+        let g = golden(model);
+        let mut e = engine(
+            model,
+            EngineOptions {
+                kv_dtype: KvDType::Bf16,
+                ..Default::default()
+            },
+        );
+        let f32_bytes = engine(model, EngineOptions::default()).kv_bytes_per_token();
+        assert_eq!(e.kv_bytes_per_token() * 2, f32_bytes, "{model}");
+        let (mut worst, mut checked) = (0.0f32, 0usize);
+        for (pi, p) in g["prompts"].as_array().unwrap().iter().enumerate() {
+            let prompt = ids(&p["input_ids"]);
+            let all = prompt_logits(&mut e, pi as u64, &prompt);
+            for rec in p["logits"].as_array().unwrap() {
+                let pos = rec["position"].as_u64().unwrap() as usize;
+                let want = floats(&rec["values"]);
+                // Relative to the position's largest logit (a rounding of the inputs moves
+                // the logits in proportion to their size).
+                let scale = want.iter().fold(1.0f32, |a, v| a.max(v.abs()));
+                let d = max_abs(&all[pos], &want) / scale;
+                worst = worst.max(d);
+                assert!(
+                    d < TOL,
+                    "{model} prompt {} pos {pos}: max |diff| / scale {d}",
+                    p["name"]
+                );
+                let mut sorted = want.clone();
+                sorted.sort_by(|a, b| b.total_cmp(a));
+                if sorted[0] - sorted[1] > 2.0 * TOL * scale {
+                    assert_eq!(argmax(&all[pos]) as u64, rec["argmax"].as_u64().unwrap());
+                    checked += 1;
+                }
+            }
+            e.release(pi as u64);
+        }
+        assert!(checked > 0, "{model}: no position with a clear margin");
+        eprintln!("{model}: bf16 KV worst |diff| / scale {worst:.2e}, {checked} argmaxes checked");
+    }
+}

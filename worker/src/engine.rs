@@ -31,6 +31,8 @@ pub struct EngineOptions {
     pub expert_shards: usize,
     /// Where the forward pass runs.
     pub device: Device,
+    /// Element type of the KV cache (CPU; the CUDA backend keeps its own f32 pools).
+    pub kv_dtype: crate::kv::KvDType,
 }
 
 /// Where a worker runs the forward pass.
@@ -75,6 +77,7 @@ impl Default for EngineOptions {
             max_context: None,
             expert_shards: 1,
             device: Device::Cpu,
+            kv_dtype: crate::kv::KvDType::F32,
         }
     }
 }
@@ -221,7 +224,13 @@ impl Engine {
         let blocks = opts
             .kv_blocks
             .unwrap_or(4 * max_context.div_ceil(opts.block_size));
-        let kv = KvCache::new(&cfg, blocks, opts.block_size);
+        if opts.kv_dtype != crate::kv::KvDType::F32 && opts.device != Device::Cpu {
+            return Err(WorkerError::Device(format!(
+                "kv dtype {} is CPU-only: the CUDA backend keeps an f32 KV cache",
+                opts.kv_dtype
+            )));
+        }
+        let kv = KvCache::new(&cfg, blocks, opts.block_size, opts.kv_dtype);
         // On a GPU, the model is uploaded from the experts loaded below (no second load).
         #[cfg(feature = "cuda")]
         let mut gpu = None;

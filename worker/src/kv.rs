@@ -6,36 +6,111 @@
 //! attention; for MLA only the compressed latent and the rope key (`v_width` 0), which the
 //! absorbed attention reads as both keys and values.
 //!
+//! Pools are f32 or bf16 ([`KvDType`]): bf16 halves the bytes per position (and the bytes a
+//! long-context decode reads), rounding each value once when written; attention widens what
+//! it reads back to f32.
+//!
 //! Invariants: a block is either on the free list or owned by exactly one sequence;
 //! `used() + free() == capacity()` at all times. Pools are zero-allocated lazily by the OS, so
 //! resident memory grows with the blocks actually written, not with capacity.
 
 use crate::config::{KvShape, ModelConfig};
 use crate::WorkerError;
-use switchyard_kernels::attention::KvLayer;
+use switchyard_kernels::attention::{KvLayer, KvSlice};
+use switchyard_kernels::bf16;
+
+/// The element type of the KV pools: f32 (the default, exact), or bf16 (half the bytes per
+/// cached position; each key and value rounded once, to nearest even, when it is written).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvDType {
+    #[default]
+    F32,
+    Bf16,
+}
+
+impl std::str::FromStr for KvDType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(KvDType::F32),
+            "bf16" => Ok(KvDType::Bf16),
+            _ => Err(format!("kv dtype must be f32 or bf16, got {s:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for KvDType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            KvDType::F32 => "f32",
+            KvDType::Bf16 => "bf16",
+        })
+    }
+}
+
+/// One layer's pool of one side (keys or values). bf16 pools are held as their bit patterns
+/// (`u16`) so that, like f32 pools, they are zero-allocated lazily by the OS (`vec![0; n]`)
+/// rather than written element by element at start.
+enum Pool {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl Pool {
+    fn new(dtype: KvDType, len: usize) -> Self {
+        match dtype {
+            KvDType::F32 => Pool::F32(vec![0.0; len]),
+            KvDType::Bf16 => Pool::Bf16(vec![0; len]),
+        }
+    }
+    fn nbytes(&self) -> usize {
+        match self {
+            Pool::F32(p) => p.len() * 4,
+            Pool::Bf16(p) => p.len() * 2,
+        }
+    }
+    fn slice(&self) -> KvSlice<'_> {
+        match self {
+            Pool::F32(p) => KvSlice::F32(p),
+            Pool::Bf16(p) => KvSlice::Bf16(bytemuck::cast_slice(p)),
+        }
+    }
+    fn store(&mut self, at: usize, x: &[f32]) {
+        match self {
+            Pool::F32(p) => p[at..at + x.len()].copy_from_slice(x),
+            Pool::Bf16(p) => {
+                for (d, s) in p[at..at + x.len()].iter_mut().zip(x) {
+                    *d = bf16::from_f32(*s).to_bits();
+                }
+            }
+        }
+    }
+}
 
 pub struct KvCache {
     pub block_size: usize,
     pub shape: KvShape,
+    pub dtype: KvDType,
     num_blocks: usize,
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Pool>,
+    v: Vec<Pool>,
     free: Vec<u32>,
 }
 
 impl KvCache {
-    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize) -> Self {
+    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize, dtype: KvDType) -> Self {
         let shape = cfg.kv_shape();
         let slots = num_blocks * block_size;
         KvCache {
             block_size,
             shape,
+            dtype,
             num_blocks,
             k: (0..cfg.num_layers)
-                .map(|_| vec![0.0; slots * shape.k_width])
+                .map(|_| Pool::new(dtype, slots * shape.k_width))
                 .collect(),
             v: (0..cfg.num_layers)
-                .map(|_| vec![0.0; slots * shape.v_width])
+                .map(|_| Pool::new(dtype, slots * shape.v_width))
                 .collect(),
             // Pop from the end: lowest block ids are handed out first.
             free: (0..num_blocks as u32).rev().collect(),
@@ -49,7 +124,7 @@ impl KvCache {
         self.k
             .iter()
             .chain(&self.v)
-            .map(|p| p.len() * std::mem::size_of::<f32>())
+            .map(Pool::nbytes)
             .sum::<usize>()
             / slots
     }
@@ -92,11 +167,11 @@ impl KvCache {
     pub fn layer(&self, l: usize, kv_heads: usize, head_dim: usize) -> KvLayer<'_> {
         debug_assert_eq!(kv_heads * head_dim, self.shape.k_width);
         KvLayer {
-            k: &self.k[l],
+            k: self.k[l].slice(),
             v: if self.shape.v_width == 0 {
-                &self.k[l]
+                self.k[l].slice()
             } else {
-                &self.v[l]
+                self.v[l].slice()
             },
             block_size: self.block_size,
             kv_heads,
@@ -108,7 +183,8 @@ impl KvCache {
     pub fn write(&mut self, l: usize, table: &[u32], pos: usize, k: &[f32], v: &[f32]) {
         let slot = table[pos / self.block_size] as usize * self.block_size + pos % self.block_size;
         let (kw, vw) = (self.shape.k_width, self.shape.v_width);
-        self.k[l][slot * kw..(slot + 1) * kw].copy_from_slice(k);
-        self.v[l][slot * vw..(slot + 1) * vw].copy_from_slice(v);
+        assert!(k.len() == kw && v.len() == vw, "kv write: widths");
+        self.k[l].store(slot * kw, k);
+        self.v[l].store(slot * vw, v);
     }
 }

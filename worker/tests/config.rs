@@ -249,9 +249,14 @@ fn kv_bytes_per_token_follow_each_family_formula() {
         };
         let want = layers * per_layer_floats * 4;
         let cfg = ModelConfig::from_json(&raw).unwrap();
-        let kv = switchyard_worker::kv::KvCache::new(&cfg, 8, 16);
+        use switchyard_worker::kv::{KvCache, KvDType};
+        let kv = KvCache::new(&cfg, 8, 16, KvDType::F32);
         assert_eq!(kv.bytes_per_position(), want, "{name}");
         assert_eq!(cfg.kv_bytes_per_token(4), want, "{name}");
+        // A bf16 cache holds half of it, as allocated.
+        let kv = KvCache::new(&cfg, 8, 16, KvDType::Bf16);
+        assert_eq!(kv.bytes_per_position(), want / 2, "{name} bf16");
+        assert_eq!(cfg.kv_bytes_per_token(2), want / 2, "{name} bf16");
     }
     // DeepSeek-V3 in bf16: 61 · (512 + 64) · 2 = 70,272 bytes per token, where caching the
     // expanded per-head keys and values would take 61 · 128 · (192 + 128) · 2 ≈ 5.0 MB.
