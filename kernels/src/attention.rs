@@ -322,71 +322,52 @@ const MAX_HEAD_DIM: usize = 1024;
 const MAX_GROUP: usize = 16;
 const KEY_TILE: usize = 64;
 
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_group_avx2(
-    q: &[f32],
-    row: QueryRow<'_>,
-    kv: KvLayer<'_>,
-    g: usize,
-    group: usize,
-    p: AttnParams,
-    sinks: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    attend_group::<Avx2>(q, row, kv, g, group, p, sinks, out)
+/// The `#[target_feature]` entry points of one instruction set: [`attend_group`] and
+/// [`attend_range`] monomorphised over its [`Ops`].
+macro_rules! isa_entry_points {
+    ($feat:literal, $ops:ty, $group:ident, $range:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $group(
+            q: &[f32],
+            row: QueryRow<'_>,
+            kv: KvLayer<'_>,
+            g: usize,
+            group: usize,
+            p: AttnParams,
+            sinks: Option<&[f32]>,
+            out: &mut [f32],
+        ) {
+            attend_group::<$ops>(q, row, kv, g, group, p, sinks, out)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $feat)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $range(
+            q: &[f32],
+            row: QueryRow<'_>,
+            kv: KvLayer<'_>,
+            g: usize,
+            group: usize,
+            p: AttnParams,
+            lo: usize,
+            hi: usize,
+            out: &mut [f32],
+        ) -> ([f32; MAX_GROUP], [f32; MAX_GROUP]) {
+            attend_range::<$ops>(q, row, kv, g, group, p, lo, hi, out)
+        }
+    };
 }
 
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_range_avx2(
-    q: &[f32],
-    row: QueryRow<'_>,
-    kv: KvLayer<'_>,
-    g: usize,
-    group: usize,
-    p: AttnParams,
-    lo: usize,
-    hi: usize,
-    out: &mut [f32],
-) -> ([f32; MAX_GROUP], [f32; MAX_GROUP]) {
-    attend_range::<Avx2>(q, row, kv, g, group, p, lo, hi, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn attend_group_avx512(
-    q: &[f32],
-    row: QueryRow<'_>,
-    kv: KvLayer<'_>,
-    g: usize,
-    group: usize,
-    p: AttnParams,
-    sinks: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    attend_group::<Avx512>(q, row, kv, g, group, p, sinks, out)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-unsafe fn attend_range_avx512(
-    q: &[f32],
-    row: QueryRow<'_>,
-    kv: KvLayer<'_>,
-    g: usize,
-    group: usize,
-    p: AttnParams,
-    lo: usize,
-    hi: usize,
-    out: &mut [f32],
-) -> ([f32; MAX_GROUP], [f32; MAX_GROUP]) {
-    attend_range::<Avx512>(q, row, kv, g, group, p, lo, hi, out)
-}
+isa_entry_points!("avx2,fma", Avx2, attend_group_avx2, attend_range_avx2);
+isa_entry_points!(
+    "avx512f,avx512bw,avx2,fma",
+    Avx512,
+    attend_group_avx512,
+    attend_range_avx512
+);
 
 /// The vector primitives attention needs: portable, AVX2, or AVX-512 (head dims that are a
 /// multiple of 16) for the score and value products.
@@ -464,11 +445,12 @@ impl Ops for Avx2 {
 
 #[cfg(target_arch = "x86_64")]
 struct Avx512;
+/// AVX2's primitives, but the score and value products 16 lanes wide.
 #[cfg(target_arch = "x86_64")]
 impl Ops for Avx512 {
     #[inline(always)]
     fn dot(a: &[f32], b: &[f32]) -> f32 {
-        dot8(a, b)
+        Avx2::dot(a, b)
     }
     #[inline(always)]
     fn dot4(q4: &[f32], key: &[f32]) -> [f32; 4] {
@@ -478,13 +460,11 @@ impl Ops for Avx512 {
     }
     #[inline(always)]
     fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
-        // SAFETY: as above.
-        unsafe { crate::simd::avx2::axpy(y, a, x) }
+        Avx2::axpy(y, a, x)
     }
     #[inline(always)]
     fn exp_sub_sum(x: &mut [f32], m: f32) -> f32 {
-        // SAFETY: as above.
-        unsafe { crate::simd::avx2::exp_sub_sum(x, m) }
+        Avx2::exp_sub_sum(x, m)
     }
     #[inline(always)]
     fn pv(out: &mut [f32], d: usize, group: usize, p: &[[f32; KEY_TILE]], vals: &[&[f32]]) {

@@ -85,8 +85,7 @@ pub(crate) fn gemm(
     parallel: bool,
 ) {
     let (m, k) = (px.m, px.k);
-    assert!(w.len() >= n * k && col0 + n <= ldo);
-    assert!(m == 0 || out.len() >= (m - 1) * ldo + col0 + n);
+    crate::linear::check_gemm_shapes(m, k, w.len(), n, out.len(), col0, ldo);
     assert!(crate::simd::has_avx512(), "gemm: AVX-512 F is required");
     if m == 0 || n == 0 {
         return;

@@ -44,11 +44,7 @@ impl WeightRef<'_> {
     pub fn row_into(&self, r: usize, k: usize, out: &mut [f32]) {
         match self {
             WeightRef::F32(w) => out.copy_from_slice(&w[r * k..(r + 1) * k]),
-            WeightRef::Bf16(w) => {
-                for (o, v) in out.iter_mut().zip(&w[r * k..(r + 1) * k]) {
-                    *o = v.to_f32();
-                }
-            }
+            WeightRef::Bf16(w) => simd::widen_bf16(&w[r * k..(r + 1) * k], out),
             WeightRef::Fp8(w) => w.row_into(r, out),
             WeightRef::Mxfp4(w) => w.row_into(r, out),
         }
@@ -299,6 +295,27 @@ fn dot_all_rows(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, j: usize, o: &m
     }
 }
 
+/// The bounds both GEMMs write within: `w` holds `n` rows of `k`, and `out` rows `ldo` apart
+/// hold columns `col0..col0 + n` for `m` rows.
+pub(crate) fn check_gemm_shapes(
+    m: usize,
+    k: usize,
+    w_len: usize,
+    n: usize,
+    out_len: usize,
+    col0: usize,
+    ldo: usize,
+) {
+    assert!(
+        w_len >= n * k && col0 + n <= ldo,
+        "gemm: w or columns out of shape"
+    );
+    assert!(
+        m == 0 || out_len >= (m - 1) * ldo + col0 + n,
+        "gemm: out too short"
+    );
+}
+
 /// `out[r, col0 + c] = x[r] · w[c]` for `c < n`, `out` rows `ldo` apart.
 #[allow(clippy::too_many_arguments)]
 fn gemm_f32(
@@ -312,8 +329,8 @@ fn gemm_f32(
     ldo: usize,
     parallel: bool,
 ) {
-    assert!(x.len() >= m * k && w.len() >= n * k && col0 + n <= ldo);
-    assert!(m == 0 || out.len() >= (m - 1) * ldo + col0 + n);
+    assert!(x.len() >= m * k);
+    check_gemm_shapes(m, k, w.len(), n, out.len(), col0, ldo);
     let threads = rayon::current_num_threads().max(1);
     let par = if parallel && threads > 1 {
         gemm::Parallelism::Rayon(threads)

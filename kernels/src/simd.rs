@@ -263,6 +263,69 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
+/// Attention's probabilities times one tile of values, stamped out per instruction set
+/// (`$lanes` columns per vector): `out[h * d + c] += Σ_j p[h][j] · vals[j][c]` for
+/// `h < group`, `c < d` (`d % $lanes == 0`), eight heads' accumulators held in registers over
+/// the whole tile (one store per head and vector, not one per key).
+#[cfg(target_arch = "x86_64")]
+macro_rules! pv_kernels {
+    ($feat:literal, $lanes:literal, $zero:ident, $load:ident, $fma:ident, $set1:ident,
+     $add:ident, $store:ident) => {
+        #[target_feature(enable = $feat)]
+        pub unsafe fn pv<const T: usize>(
+            out: &mut [f32],
+            d: usize,
+            group: usize,
+            p: &[[f32; T]],
+            vals: &[&[f32]],
+        ) {
+            assert!(d % $lanes == 0 && out.len() >= group * d && p.len() >= group);
+            assert!(vals.len() <= T && vals.iter().all(|v| v.len() >= d));
+            let op = out.as_mut_ptr();
+            for c in (0..d).step_by($lanes) {
+                let mut h0 = 0;
+                while h0 + 8 <= group {
+                    pv_block::<8, T>(op, d, c, h0, p, vals);
+                    h0 += 8;
+                }
+                while h0 + 4 <= group {
+                    pv_block::<4, T>(op, d, c, h0, p, vals);
+                    h0 += 4;
+                }
+                while h0 < group {
+                    pv_block::<1, T>(op, d, c, h0, p, vals);
+                    h0 += 1;
+                }
+            }
+        }
+
+        /// [`pv`] for heads `h0..h0 + H` and one vector of columns from `c` (a fixed count,
+        /// so the accumulators stay in registers).
+        #[inline]
+        #[target_feature(enable = $feat)]
+        unsafe fn pv_block<const H: usize, const T: usize>(
+            op: *mut f32,
+            d: usize,
+            c: usize,
+            h0: usize,
+            p: &[[f32; T]],
+            vals: &[&[f32]],
+        ) {
+            let mut acc = [$zero(); H];
+            for (j, v) in vals.iter().enumerate() {
+                let v = $load(v.as_ptr().add(c));
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = $fma($set1(p[h0 + i][j]), v, *a);
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                let o = op.add((h0 + i) * d + c);
+                $store(o, $add($load(o), *a));
+            }
+        }
+    };
+}
+
 /// The FP8 e4m3 dot-product kernel, stamped out per instruction set: `$conv` turns 16 codes,
 /// each sign-extended to 16 bits and shifted left by 7 with bit 14 cleared (`h`), into f32
 /// vectors of `$lanes` lanes. Such a 16-bit pattern is the f16 of the code's value times 2⁻⁸
@@ -579,61 +642,16 @@ pub(crate) mod avx2 {
         s
     }
 
-    /// `out[h * d + c] += Σ_j p[h][j] · vals[j][c]` for `h < group`, `c < d` (`d % 8 == 0`):
-    /// attention's probabilities times one tile of values, eight heads' accumulators held in
-    /// registers over the whole tile (one store per head and vector, not one per key).
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn pv<const T: usize>(
-        out: &mut [f32],
-        d: usize,
-        group: usize,
-        p: &[[f32; T]],
-        vals: &[&[f32]],
-    ) {
-        assert!(d % 8 == 0 && out.len() >= group * d && p.len() >= group);
-        assert!(vals.len() <= T && vals.iter().all(|v| v.len() >= d));
-        let op = out.as_mut_ptr();
-        for c in (0..d).step_by(8) {
-            let mut h0 = 0;
-            while h0 + 8 <= group {
-                pv_block::<8, T>(op, d, c, h0, p, vals);
-                h0 += 8;
-            }
-            while h0 + 4 <= group {
-                pv_block::<4, T>(op, d, c, h0, p, vals);
-                h0 += 4;
-            }
-            while h0 < group {
-                pv_block::<1, T>(op, d, c, h0, p, vals);
-                h0 += 1;
-            }
-        }
-    }
-
-    /// [`pv`] for heads `h0..h0 + H` and columns `c..c + 8` (a fixed count, so the
-    /// accumulators stay in registers).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn pv_block<const H: usize, const T: usize>(
-        op: *mut f32,
-        d: usize,
-        c: usize,
-        h0: usize,
-        p: &[[f32; T]],
-        vals: &[&[f32]],
-    ) {
-        let mut acc = [_mm256_setzero_ps(); H];
-        for (j, v) in vals.iter().enumerate() {
-            let v = _mm256_loadu_ps(v.as_ptr().add(c));
-            for (i, a) in acc.iter_mut().enumerate() {
-                *a = _mm256_fmadd_ps(_mm256_set1_ps(p[h0 + i][j]), v, *a);
-            }
-        }
-        for (i, a) in acc.iter().enumerate() {
-            let o = op.add((h0 + i) * d + c);
-            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), *a));
-        }
-    }
+    pv_kernels!(
+        "avx2,fma",
+        8,
+        _mm256_setzero_ps,
+        _mm256_loadu_ps,
+        _mm256_fmadd_ps,
+        _mm256_set1_ps,
+        _mm256_add_ps,
+        _mm256_storeu_ps
+    );
 
     /// `y += a * x` (equal lengths).
     #[inline]
@@ -814,57 +832,16 @@ pub(crate) mod avx512 {
         a.map(|v| _mm512_reduce_add_ps(v))
     }
 
-    /// [`super::avx2::pv`] sixteen columns at a time (`d % 16 == 0`).
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-    pub unsafe fn pv<const T: usize>(
-        out: &mut [f32],
-        d: usize,
-        group: usize,
-        p: &[[f32; T]],
-        vals: &[&[f32]],
-    ) {
-        assert!(d % 16 == 0 && out.len() >= group * d && p.len() >= group);
-        assert!(vals.len() <= T && vals.iter().all(|v| v.len() >= d));
-        let op = out.as_mut_ptr();
-        for c in (0..d).step_by(16) {
-            let mut h0 = 0;
-            while h0 + 8 <= group {
-                pv_block::<8, T>(op, d, c, h0, p, vals);
-                h0 += 8;
-            }
-            while h0 + 4 <= group {
-                pv_block::<4, T>(op, d, c, h0, p, vals);
-                h0 += 4;
-            }
-            while h0 < group {
-                pv_block::<1, T>(op, d, c, h0, p, vals);
-                h0 += 1;
-            }
-        }
-    }
-
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-    unsafe fn pv_block<const H: usize, const T: usize>(
-        op: *mut f32,
-        d: usize,
-        c: usize,
-        h0: usize,
-        p: &[[f32; T]],
-        vals: &[&[f32]],
-    ) {
-        let mut acc = [_mm512_setzero_ps(); H];
-        for (j, v) in vals.iter().enumerate() {
-            let v = _mm512_loadu_ps(v.as_ptr().add(c));
-            for (i, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_fmadd_ps(_mm512_set1_ps(p[h0 + i][j]), v, *a);
-            }
-        }
-        for (i, a) in acc.iter().enumerate() {
-            let o = op.add((h0 + i) * d + c);
-            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), *a));
-        }
-    }
+    pv_kernels!(
+        "avx512f,avx512bw,avx2,fma",
+        16,
+        _mm512_setzero_ps,
+        _mm512_loadu_ps,
+        _mm512_fmadd_ps,
+        _mm512_set1_ps,
+        _mm512_add_ps,
+        _mm512_storeu_ps
+    );
 
     fp8_dot_rows!(
         "avx512f,avx512bw,avx2,fma",
