@@ -175,7 +175,7 @@ pub fn paged_attention_with(
         .map(|(l, h)| h - l)
         .max();
     if longest.unwrap_or(0) > SPLIT_KEYS && rayon::current_num_threads() > 1 {
-        return split_attention(q, rows, kv, p, sinks, out, avx2, avx512);
+        return split_attention(q, rows, kv, p, sinks, out);
     }
     let total_keys: usize = rows.iter().map(|r| r.pos + 1).sum();
     if total_keys * p.heads * d < 64 * 1024 {
@@ -215,9 +215,9 @@ fn split_attention(
     p: AttnParams,
     sinks: Option<&[f32]>,
     out: &mut [f32],
-    avx2: bool,
-    avx512: bool,
 ) {
+    let avx2 = crate::simd::has_avx2();
+    let avx512 = crate::simd::has_avx512() && avx2;
     let d = p.head_dim;
     let group = p.heads / p.kv_heads;
     let hc = head_chunk(group);
