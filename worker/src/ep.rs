@@ -147,14 +147,8 @@ impl ExpertExec for EpExperts {
                 ))
             })
             .collect::<Result<_, WorkerError>>()?;
-        let outs = run_experts(&work, &rows, hidden);
         let mut result = vec![0.0f32; items.len() * hidden];
-        for ((_, idx), y) in work.iter().zip(&outs) {
-            for (j, &i) in idx.iter().enumerate() {
-                result[i * hidden..(i + 1) * hidden]
-                    .copy_from_slice(&y[j * hidden..(j + 1) * hidden]);
-            }
-        }
+        run_experts(&work, &rows, hidden, |i| i, &mut result);
         // 4. Combine: outputs back to their sources, in the order received.
         let mut reply: Vec<Vec<u8>> = vec![Vec::new(); world];
         for (i, &(src, _)) in items.iter().enumerate() {

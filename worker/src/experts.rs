@@ -311,6 +311,7 @@ impl ExpertSet {
                 row[e as usize] = Some(Mlp::load_expert(ck, cfg, layer, e as usize, dtype)?);
             }
             experts.push(row);
+            crate::weights::return_free_memory();
         }
         Ok(ExpertSet { experts })
     }
@@ -411,77 +412,99 @@ impl LocalExperts {
     }
 }
 
-/// Runs several experts, each on its own rows of `x`, as two batched parallel regions (all
-/// gate/up projections, then all down projections). `work[i] = (mlp, token rows)`; returns one
-/// `[rows.len(), hidden]` output per entry.
-pub fn run_experts(work: &[(&Mlp, Vec<usize>)], x: &[f32], hidden: usize) -> Vec<Vec<f32>> {
-    let inputs: Vec<Vec<f32>> = work
-        .iter()
-        .map(|(_, rows)| {
-            let mut g = vec![0.0f32; rows.len() * hidden];
-            for (i, &t) in rows.iter().enumerate() {
-                g[i * hidden..(i + 1) * hidden].copy_from_slice(&x[t * hidden..(t + 1) * hidden]);
+/// Bytes of gathered input rows one group of experts in [`run_experts`] holds at most (a group
+/// always takes at least one expert).
+const GROUP_BYTES: usize = 8 << 20;
+
+/// Runs several experts on rows of `x` and writes each result row into `out`:
+/// `work[i] = (mlp, dst)` computes `out[d] = mlp(x[src(d)])` for every `d` in `dst`
+/// (`[·, hidden]` rows throughout).
+///
+/// Experts go in groups of at most [`GROUP_BYTES`] of gathered rows, each group as two batched
+/// parallel regions (all gate/up projections, then all down projections), its down outputs
+/// written over its gathered inputs and then scattered into `out`. The transient memory is
+/// therefore one group's rows and activations, however many tokens the step routes.
+pub fn run_experts(
+    work: &[(&Mlp, Vec<usize>)],
+    x: &[f32],
+    hidden: usize,
+    src: impl Fn(usize) -> usize,
+    out: &mut [f32],
+) {
+    let row_bytes = hidden * 4;
+    let mut groups: Vec<&[(&Mlp, Vec<usize>)]> = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (_, dst)) in work.iter().enumerate() {
+        if i > start && bytes + dst.len() * row_bytes > GROUP_BYTES {
+            groups.push(&work[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += dst.len() * row_bytes;
+    }
+    if start < work.len() {
+        groups.push(&work[start..]);
+    }
+    let rows_of = |g: &[(&Mlp, Vec<usize>)]| g.iter().map(|(_, d)| d.len()).sum::<usize>();
+    let inter_of = |g: &[(&Mlp, Vec<usize>)]| {
+        g.iter().map(|(m, d)| d.len() * m.inter).sum::<usize>()
+    };
+    let mut buf = vec![0.0f32; groups.iter().map(|g| rows_of(g)).max().unwrap_or(0) * hidden];
+    let inter_len = groups.iter().map(|g| inter_of(g)).max().unwrap_or(0);
+    let (mut gates, mut ups) = (vec![0.0f32; inter_len], vec![0.0f32; inter_len]);
+    for group in groups {
+        let buf = &mut buf[..rows_of(group) * hidden];
+        for (row, &d) in buf
+            .chunks_exact_mut(hidden)
+            .zip(group.iter().flat_map(|(_, dst)| dst))
+        {
+            let s = src(d);
+            row.copy_from_slice(&x[s * hidden..(s + 1) * hidden]);
+        }
+        let gu_len = inter_of(group);
+        let (gates, ups) = (&mut gates[..gu_len], &mut ups[..gu_len]);
+        // Gate and up of every expert in the group, reading the gathered rows.
+        let mut jobs = Vec::with_capacity(group.len() * 2);
+        let (mut xs, mut gs, mut us) = (&buf[..], &mut gates[..], &mut ups[..]);
+        for (mlp, dst) in group {
+            let (m, n) = (dst.len(), mlp.inter);
+            let (xi, xr) = xs.split_at(m * hidden);
+            let (gi, gr) = std::mem::take(&mut gs).split_at_mut(m * n);
+            let (ui, ur) = std::mem::take(&mut us).split_at_mut(m * n);
+            (xs, gs, us) = (xr, gr, ur);
+            for (w, o) in [(mlp.gate.weight(), gi), (mlp.up.weight(), ui)] {
+                jobs.push(LinearJob { x: xi, m, k: hidden, w, n, out: o });
             }
-            g
-        })
-        .collect();
-    let mut gates: Vec<Vec<f32>> = work
-        .iter()
-        .map(|(m, r)| vec![0.0; r.len() * m.inter])
-        .collect();
-    let mut ups: Vec<Vec<f32>> = work
-        .iter()
-        .map(|(m, r)| vec![0.0; r.len() * m.inter])
-        .collect();
-    let mut jobs = Vec::with_capacity(work.len() * 2);
-    for (((mlp, rows), xin), (g, u)) in work
-        .iter()
-        .zip(&inputs)
-        .zip(gates.iter_mut().zip(ups.iter_mut()))
-    {
-        jobs.push(LinearJob {
-            x: xin,
-            m: rows.len(),
-            k: hidden,
-            w: mlp.gate.weight(),
-            n: mlp.inter,
-            out: g,
-        });
-        jobs.push(LinearJob {
-            x: xin,
-            m: rows.len(),
-            k: hidden,
-            w: mlp.up.weight(),
-            n: mlp.inter,
-            out: u,
-        });
+        }
+        linear_batch(jobs);
+        // Activations, then the down projections over the gathered rows' place.
+        let mut jobs = Vec::with_capacity(group.len());
+        let (mut os, mut gs, mut us) = (&mut buf[..], &mut gates[..], &mut ups[..]);
+        for (mlp, dst) in group {
+            let (m, n) = (dst.len(), mlp.inter);
+            let (oi, or) = std::mem::take(&mut os).split_at_mut(m * hidden);
+            let (gi, gr) = std::mem::take(&mut gs).split_at_mut(m * n);
+            let (ui, ur) = std::mem::take(&mut us).split_at_mut(m * n);
+            (os, gs, us) = (or, gr, ur);
+            mlp.activate(gi, ui);
+            jobs.push(LinearJob {
+                x: gi,
+                m,
+                k: n,
+                w: mlp.down.weight(),
+                n: hidden,
+                out: oi,
+            });
+        }
+        linear_batch(jobs);
+        let mut rows = buf.chunks_exact_mut(hidden);
+        for (mlp, dst) in group {
+            for &d in dst {
+                let row = rows.next().expect("one gathered row per destination");
+                mlp.finish(row);
+                out[d * hidden..(d + 1) * hidden].copy_from_slice(row);
+            }
+        }
     }
-    linear_batch(jobs);
-    for ((g, u), (mlp, _)) in gates.iter_mut().zip(ups.iter_mut()).zip(work) {
-        mlp.activate(g, u);
-    }
-    let mut outs: Vec<Vec<f32>> = work
-        .iter()
-        .map(|(_, r)| vec![0.0; r.len() * hidden])
-        .collect();
-    let jobs = work
-        .iter()
-        .zip(&gates)
-        .zip(outs.iter_mut())
-        .map(|(((mlp, rows), g), o)| LinearJob {
-            x: g,
-            m: rows.len(),
-            k: mlp.inter,
-            w: mlp.down.weight(),
-            n: hidden,
-            out: o,
-        })
-        .collect();
-    linear_batch(jobs);
-    for (o, (mlp, _)) in outs.iter_mut().zip(work) {
-        mlp.finish(o);
-    }
-    outs
 }
 
 impl ExpertExec for LocalExperts {
@@ -505,7 +528,6 @@ impl ExpertExec for LocalExperts {
             groups[e as usize].push(i);
         }
         let mut work = Vec::new();
-        let mut pair_lists = Vec::new();
         for (e, pairs) in groups.into_iter().enumerate() {
             if pairs.is_empty() {
                 continue;
@@ -513,16 +535,9 @@ impl ExpertExec for LocalExperts {
             let mlp = self
                 .owner(layer, e)
                 .ok_or(WorkerError::ExpertMissing { layer, expert: e })?;
-            work.push((mlp, pairs.iter().map(|p| p / k).collect::<Vec<usize>>()));
-            pair_lists.push(pairs);
+            work.push((mlp, pairs));
         }
-        let outs = run_experts(&work, x, hidden);
-        for (pairs, y) in pair_lists.iter().zip(&outs) {
-            for (i, &p) in pairs.iter().enumerate() {
-                slots[p * hidden..(p + 1) * hidden]
-                    .copy_from_slice(&y[i * hidden..(i + 1) * hidden]);
-            }
-        }
+        run_experts(&work, x, hidden, |p| p / k, slots);
         Ok(())
     }
 }

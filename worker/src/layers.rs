@@ -394,6 +394,8 @@ impl Mla {
                     .copy_from_slice(&src[nope..]);
             }
         }
+        // Buffers go as soon as they are read: at a long prefill chunk each is megabytes.
+        drop(q);
         let mut lat_q: Vec<Vec<f32>> = (0..nh).map(|_| vec![0.0f32; t * lora]).collect();
         linear_batch(
             nope_in
@@ -409,6 +411,7 @@ impl Mla {
                     .copy_from_slice(&lq[r * lora..(r + 1) * lora]);
             }
         }
+        drop((nope_in, lat_q));
         let params = AttnParams {
             heads: nh,
             kv_heads: 1,
@@ -425,6 +428,7 @@ impl Mla {
             None,
             &mut ctx,
         );
+        drop(qa);
         // Back from latent space per head: o_h = W_UV Σ p c.
         let lat_o: Vec<Vec<f32>> = (0..nh)
             .map(|hd| {
@@ -436,6 +440,7 @@ impl Mla {
                 v
             })
             .collect();
+        drop(ctx);
         let mut heads: Vec<Vec<f32>> = (0..nh).map(|_| vec![0.0f32; t * vd]).collect();
         linear_batch(
             lat_o
@@ -445,6 +450,7 @@ impl Mla {
                 .map(|((xi, o), w)| job(xi, t, lora, w, vd, o))
                 .collect(),
         );
+        drop(lat_o);
         let mut att = vec![0.0f32; t * nh * vd];
         for (hd, o) in heads.iter().enumerate() {
             for r in 0..t {
@@ -452,6 +458,7 @@ impl Mla {
                     .copy_from_slice(&o[r * vd..(r + 1) * vd]);
             }
         }
+        drop(heads);
         linear(&att, t, nh * vd, self.o.weight(), h, out);
     }
 }

@@ -114,6 +114,7 @@ impl Model {
                 attn: Attention::load(ck, cfg, l, dtype)?,
                 ffn: Ffn::load(ck, cfg, l, dtype)?,
             });
+            crate::weights::return_free_memory();
         }
         if cfg.skipped_layers > 0 {
             tracing::info!(

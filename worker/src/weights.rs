@@ -645,6 +645,20 @@ impl Checkpoint {
     }
 }
 
+/// Hands the allocator's free memory back to the OS. Loading passes every converted or
+/// transposed tensor through temporaries larger than what it keeps (an `f32` slab, its
+/// transpose, then the `bf16` copy kept); glibc keeps freed heap memory that sits below a live
+/// allocation, so without this a layer-by-layer load leaves its temporaries resident (measured:
+/// `bench-gpt-oss` bf16 peaked at 1.23x its weights, 1.02x with this between layers).
+pub(crate) fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only releases memory the allocator holds free; no live allocation
+    // moves or is invalidated.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn decode_f32(bytes: &[u8], dtype: Dtype) -> Vec<f32> {
     match dtype {
         Dtype::F32 => bytes
