@@ -213,6 +213,8 @@ pub fn status_json(s: &ClusterStatusResponse) -> serde_json::Value {
         "imbalance": s.imbalance,
         "unavailable": s.unavailable,
         "drained": s.drained,
+        "sequences_kept": s.sequences_kept,
+        "sequences_reprefilled": s.sequences_reprefilled,
         "workers": s.workers.iter().map(|w| serde_json::json!({
             "id": w.id,
             "rank": w.rank,

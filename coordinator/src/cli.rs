@@ -1394,10 +1394,12 @@ fn admin_cmd(a: AdminArgs) -> Result<()> {
                     return Ok(());
                 }
                 println!(
-                    "epoch {}  expert version {}  imbalance {:.2}{}",
+                    "epoch {}  expert version {}  imbalance {:.2}  recovered sequences: {} kept, {} re-prefilled{}",
                     s.epoch,
                     s.expert_version,
                     s.imbalance,
+                    s.sequences_kept,
+                    s.sequences_reprefilled,
                     if s.unavailable.is_empty() {
                         String::new()
                     } else {

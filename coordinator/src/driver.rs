@@ -9,7 +9,7 @@
 use crate::pacer::Pacer;
 use crate::placement::{rank_holders, PlanError};
 use crate::rebalance::{RebalancePolicy, Rebalancer};
-use crate::scheduler::{chunk_cost, SchedulerConfig, State};
+use crate::scheduler::{chunk_cost, SchedulerConfig, State, Step};
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::mpsc;
@@ -75,6 +75,22 @@ pub trait Cluster {
     ) -> Result<(), DriverError>;
     /// Records the holder table the ranks switched to.
     fn set_holders(&mut self, holders: Vec<Vec<Vec<u32>>>);
+    /// Per rank, the sequences whose cached positions it kept from the previous epoch
+    /// (id, positions), as its ready answer reported them. Empty: nothing kept.
+    fn kept(&self) -> Vec<Vec<(u64, usize)>> {
+        Vec::new()
+    }
+}
+
+/// What a new epoch may keep from the one before ([`Driver::carry`]): the factory building
+/// the next cluster asks each worker to keep its sequences and leaves experts in place.
+#[derive(Clone, Debug, Default)]
+pub struct Carry {
+    /// Per worker address: the live sequences homed there and their confirmed cached
+    /// positions (a step that failed does not count).
+    pub seqs: HashMap<String, Vec<(u64, usize)>>,
+    /// The previous group's addresses (in rank order) and its holder table.
+    pub holders: Option<(Vec<String>, Vec<Vec<Vec<u32>>>)>,
 }
 
 /// What the cluster looks like after the last step (for ClusterStatus and metrics).
@@ -97,6 +113,10 @@ pub struct Snapshot {
     pub imbalance: f64,
     /// Why requests are refused (empty while serving).
     pub unavailable: String,
+    /// Sequences in flight at a rebuild that went on from the KV their worker kept, and those
+    /// re-prefilled (since start).
+    pub sequences_kept: u64,
+    pub sequences_reprefilled: u64,
 }
 
 /// What a re-placement did (or would do).
@@ -352,6 +372,9 @@ pub struct Driver {
     epoch: u64,
     experts: Option<Experts>,
     limits: Option<ResultLimits>,
+    /// Sequences kept and re-prefilled over every rebuild.
+    kept: u64,
+    reprefilled: u64,
 }
 
 /// What a valid step result may contain, from the model's shape.
@@ -444,10 +467,29 @@ fn check_result(
 }
 
 impl Driver {
-    /// Replaces the cluster (a rank was lost, or the group changed) and requeues every live
-    /// request with all its tokens so far (prompt and generated): each is re-homed and
-    /// re-prefilled on the new group, then continues where it was. Sampling is seeded by
-    /// position, so the continuation is the one the old group would have produced.
+    /// What the next epoch may keep from this one: each live sequence's worker address and
+    /// confirmed cached positions, and the current group's addresses and holder table.
+    pub fn carry(&self) -> Carry {
+        let addrs = self.cluster.addresses();
+        let mut seqs: HashMap<String, Vec<(u64, usize)>> = HashMap::new();
+        for (id, w, computed) in self.state.homed() {
+            if let (true, Some(a)) = (self.live.contains_key(&id), addrs.get(w)) {
+                seqs.entry(a.clone()).or_default().push((id, computed));
+            }
+        }
+        Carry {
+            seqs,
+            holders: Some((addrs, self.cluster.holders().to_vec())),
+        }
+    }
+
+    /// Replaces the cluster (a rank was lost, or the group changed). A live request whose
+    /// worker kept its cached positions ([`Cluster::kept`]) goes on from them on that worker
+    /// (its new rank) with no re-prefill; every other one is requeued with all its tokens so
+    /// far (prompt and generated), re-homed and re-prefilled, and continues where it was.
+    /// Sampling is seeded by position, so either way the continuation is the one the old
+    /// group would have produced. A kept sequence that is not taken over is freed on its
+    /// worker with the next step.
     ///
     /// Returns the requests that cannot run on the new group (their whole length no longer
     /// fits one worker's KV): they are dropped, and the caller fails them.
@@ -461,12 +503,22 @@ impl Driver {
             blocks_per_worker: vec![blocks; w],
             attn_equiv: self.state.attn_equiv(),
         });
+        let was_homed: std::collections::HashSet<u64> =
+            self.state.homed().into_iter().map(|(id, _, _)| id).collect();
+        let mut kept: HashMap<u64, (usize, usize)> = HashMap::new();
+        for (rank, seqs) in cluster.kept().into_iter().enumerate().take(w) {
+            for (id, len) in seqs {
+                kept.insert(id, (rank, len));
+            }
+        }
+        let mut pending_free = vec![vec![]; w];
         let mut ids: Vec<u64> = self.live.keys().copied().collect();
         ids.sort_unstable();
         let mut dropped = Vec::new();
         for id in ids {
             let l = &self.live[&id];
             let total = l.req.prompt.len() + l.req.max_tokens;
+            let on = kept.remove(&id);
             if !state.fits(total) {
                 let e = DriverError::TooLong {
                     prompt: l.req.prompt.len(),
@@ -475,13 +527,33 @@ impl Driver {
                 };
                 self.live.remove(&id);
                 dropped.push((id, e));
+                if let Some((rank, _)) = on {
+                    pending_free[rank].push(id);
+                }
                 continue;
             }
-            state.add(id, l.tokens.len(), l.req.priority);
+            match on {
+                Some((rank, len)) if state.adopt(id, l.tokens.len(), len, rank, l.req.priority) => {
+                    self.kept += 1;
+                }
+                other => {
+                    if let Some((rank, _)) = other {
+                        pending_free[rank].push(id);
+                    }
+                    if was_homed.contains(&id) {
+                        self.reprefilled += 1;
+                    }
+                    state.add(id, l.tokens.len(), l.req.priority);
+                }
+            }
+        }
+        // Kept on a worker but no longer live here (finished or cancelled meanwhile).
+        for (id, (rank, _)) in kept {
+            pending_free[rank].push(id);
         }
         self.state = state;
         self.cluster = cluster;
-        self.pending_free = vec![vec![]; w];
+        self.pending_free = pending_free;
         self.kv_used = vec![0; w];
         self.epoch += 1;
         if let Some(p) = &mut self.pacer {
@@ -618,6 +690,8 @@ impl Driver {
             epoch: 1,
             experts: None,
             limits: None,
+            kept: 0,
+            reprefilled: 0,
         }
     }
 
@@ -700,6 +774,8 @@ impl Driver {
             expert_version: self.experts.as_ref().map_or(0, |x| x.version),
             imbalance: self.imbalance(),
             unavailable: String::new(),
+            sequences_kept: self.kept,
+            sequences_reprefilled: self.reprefilled,
         }
     }
 
@@ -776,6 +852,13 @@ impl Driver {
             self.state.set_prefill_limit(p.limit());
         }
         let s = self.state.next_step();
+        // None of a failed step's tokens is applied: undo its planning, so that what a rebuild
+        // asks the workers to keep is what was confirmed (a worker that did complete the step
+        // cuts its sequences back to that).
+        self.run(&s).inspect_err(|_| self.state.rollback(&s))
+    }
+
+    fn run(&mut self, s: &Step) -> Result<Vec<Emitted>, DriverError> {
         let prefill = &s.chunks[s.decodes..];
         let units: f64 = prefill
             .iter()
@@ -930,5 +1013,152 @@ impl Driver {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use switchyard_proto::cluster::v1::SampledToken;
+
+    /// A scripted group: samples token 7 wherever asked, records every plan, fails the steps
+    /// it is told to, and reports `kept` as a new epoch's workers would.
+    struct Scripted {
+        addrs: Vec<String>,
+        plans: Arc<Mutex<Vec<Vec<StepPlan>>>>,
+        fail: Arc<Mutex<bool>>,
+        kept: Vec<Vec<(u64, usize)>>,
+    }
+
+    impl Cluster for Scripted {
+        fn world(&self) -> usize {
+            self.addrs.len()
+        }
+        fn kv_shape(&self) -> (usize, usize) {
+            (64, 16)
+        }
+        fn step(&mut self, plans: Vec<StepPlan>) -> Result<Vec<StepResult>, DriverError> {
+            self.plans.lock().unwrap().push(plans.clone());
+            if *self.fail.lock().unwrap() {
+                return Err(DriverError::Rank {
+                    rank: 1,
+                    detail: "killed".into(),
+                });
+            }
+            Ok(plans
+                .iter()
+                .map(|p| StepResult {
+                    step: p.step,
+                    tokens: p
+                        .chunks
+                        .iter()
+                        .filter(|c| c.sample)
+                        .map(|c| SampledToken {
+                            seq_id: c.seq_id,
+                            token: 7,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    ..Default::default()
+                })
+                .collect())
+        }
+        fn holders(&self) -> &[Vec<Vec<u32>>] {
+            &[]
+        }
+        fn addresses(&self) -> Vec<String> {
+            self.addrs.clone()
+        }
+        fn prepare_experts(&mut self, _: u64, _: &[Vec<Vec<u32>>]) -> Result<(), DriverError> {
+            Ok(())
+        }
+        fn set_holders(&mut self, _: Vec<Vec<Vec<u32>>>) {}
+        fn kept(&self) -> Vec<Vec<(u64, usize)>> {
+            self.kept.clone()
+        }
+    }
+
+    fn request(id: u64, prompt: usize) -> GenRequest {
+        GenRequest {
+            id,
+            prompt: (1..=prompt as u32).collect(),
+            max_tokens: 16,
+            sampling: SamplingParams::default(),
+            eos: vec![],
+            ignore_eos: true,
+            priority: 0,
+            top_logprobs: 0,
+            trace: None,
+        }
+    }
+
+    #[test]
+    fn a_rebuild_takes_over_what_the_workers_kept_and_reprefills_only_the_rest() {
+        let plans = Arc::new(Mutex::new(Vec::new()));
+        let fail = Arc::new(Mutex::new(false));
+        let old = Scripted {
+            addrs: vec!["a".into(), "b".into()],
+            plans: plans.clone(),
+            fail: fail.clone(),
+            kept: vec![],
+        };
+        let mut d = Driver::new(old, 64, 8);
+        for id in 1..=3 {
+            d.submit(request(id, 5)).unwrap();
+        }
+        // Prefill, then two decodes each: every sequence has 8 tokens, 7 of them cached.
+        for _ in 0..3 {
+            assert_eq!(d.step().unwrap().len(), 3);
+        }
+        // The next step fails (rank 1 died): the carry is what the last good step confirmed.
+        *fail.lock().unwrap() = true;
+        assert!(d.step().is_err());
+        let carry = d.carry();
+        let homes: HashMap<u64, String> = carry
+            .seqs
+            .iter()
+            .flat_map(|(a, s)| s.iter().map(move |(id, n)| (*id, (a.clone(), *n))))
+            .map(|(id, (a, n))| {
+                assert_eq!(n, 7, "sequence {id}: positions confirmed");
+                (id, a)
+            })
+            .collect();
+        assert_eq!(homes.len(), 3);
+        assert_eq!(carry.holders.as_ref().unwrap().0, vec!["a", "b"]);
+        // The survivor "a" is rank 0 of the new group and kept its sequences; it also still
+        // holds sequence 99, which this coordinator no longer knows.
+        let on_a: Vec<u64> = homes.iter().filter(|(_, a)| *a == "a").map(|(i, _)| *i).collect();
+        let on_b: Vec<u64> = homes.iter().filter(|(_, a)| *a == "b").map(|(i, _)| *i).collect();
+        assert!(!on_a.is_empty() && !on_b.is_empty(), "{homes:?}");
+        let mut kept: Vec<(u64, usize)> = on_a.iter().map(|id| (*id, 7)).collect();
+        kept.push((99, 3));
+        let new_plans = Arc::new(Mutex::new(Vec::new()));
+        *fail.lock().unwrap() = false;
+        let dropped = d.rebuild(Box::new(Scripted {
+            addrs: vec!["a".into()],
+            plans: new_plans.clone(),
+            fail: fail.clone(),
+            kept: vec![kept],
+        }));
+        assert!(dropped.is_empty());
+        let snap = d.snapshot();
+        assert_eq!(
+            (snap.sequences_kept, snap.sequences_reprefilled),
+            (on_a.len() as u64, on_b.len() as u64)
+        );
+        d.step().unwrap();
+        let first = new_plans.lock().unwrap()[0][0].clone();
+        assert_eq!(first.free_seqs, vec![99], "an unknown kept sequence is freed");
+        for c in &first.chunks {
+            if on_a.contains(&c.seq_id) {
+                // Decoded from its cached positions: the failed step is done again.
+                assert_eq!((c.start_pos, c.tokens.len()), (7, 1), "seq {}", c.seq_id);
+            } else {
+                // Re-prefilled from the start with every token it has.
+                assert_eq!((c.start_pos, c.tokens.len()), (0, 8), "seq {}", c.seq_id);
+            }
+        }
+        assert_eq!(first.chunks.len(), 3);
     }
 }

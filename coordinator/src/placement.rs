@@ -138,6 +138,60 @@ pub fn plan_holders(
     Ok(holders)
 }
 
+/// Holders for a new group of ranks that leaves every expert where it is: `old` is the
+/// previous table (`[layer][expert]` → old ranks; dense layers empty), `map[r]` the new rank
+/// of old rank `r` (`None`: gone). An expert left with no holder goes to the new rank holding
+/// the fewest experts of that layer among those with room (`slots[rank]`, 0: every expert),
+/// lowest rank on ties. So a lost worker costs only its own experts: the survivors keep all
+/// of theirs and load just the orphans.
+pub fn carry_over(
+    old: &[Vec<Vec<u32>>],
+    map: &[Option<u32>],
+    slots: &[usize],
+) -> Result<Vec<Vec<Vec<u32>>>, PlanError> {
+    let world = slots.len();
+    if world == 0 {
+        return Err(PlanError::NoWorkers);
+    }
+    old.iter()
+        .enumerate()
+        .map(|(layer, row)| {
+            let experts = row.len();
+            let mut held = vec![0usize; world];
+            let mut new: Vec<Vec<u32>> = row
+                .iter()
+                .map(|ranks| {
+                    let mut r: Vec<u32> = ranks
+                        .iter()
+                        .filter_map(|&o| map.get(o as usize).copied().flatten())
+                        .filter(|&n| (n as usize) < world)
+                        .collect();
+                    r.sort_unstable();
+                    r.dedup();
+                    for &n in &r {
+                        held[n as usize] += 1;
+                    }
+                    r
+                })
+                .collect();
+            let room = |n: usize, held: &[usize]| slots[n] == 0 || held[n] < slots[n];
+            for ranks in new.iter_mut().filter(|r| r.is_empty()) {
+                let to = (0..world)
+                    .filter(|&n| room(n, &held))
+                    .min_by_key(|&n| (held[n], n))
+                    .ok_or(PlanError::InsufficientCapacity {
+                        layer,
+                        experts,
+                        slots: slots.iter().map(|&s| if s == 0 { experts } else { s }).sum(),
+                    })?;
+                held[to] += 1;
+                ranks.push(to as u32);
+            }
+            Ok(new)
+        })
+        .collect()
+}
+
 /// Expert load per rank of one layer: each expert's load split evenly over its replicas.
 fn rank_loads(layer: &[Vec<u32>], load: &[f64], world: usize) -> Vec<f64> {
     let mut per = vec![0.0; world];
@@ -824,5 +878,31 @@ mod tests {
             load: None,
         };
         assert_eq!(plan(&p, None), Err(PlanError::NoWorkers));
+    }
+
+    #[test]
+    fn carrying_over_keeps_every_expert_in_place_and_spreads_the_orphans() {
+        // One dense layer, one of 4 experts over old ranks 0..3; old rank 1 is lost and old
+        // rank 2 becomes new rank 1.
+        let old = vec![vec![], vec![vec![0], vec![1], vec![1, 2], vec![1]]];
+        let map = [Some(0), None, Some(1)];
+        let new = carry_over(&old, &map, &[0, 0]).unwrap();
+        assert_eq!(new[0], Vec::<Vec<u32>>::new());
+        // Expert 0 stays on rank 0, expert 2 keeps its surviving replica; the orphans 1 and 3
+        // go to the rank holding fewer experts at the time (1 holds one, 0 holds one: rank 0,
+        // then rank 1).
+        assert_eq!(new[1], vec![vec![0], vec![0], vec![1], vec![1]]);
+        // Room is honoured: with one slot each, neither survivor has room for an orphan.
+        assert_eq!(
+            carry_over(&old, &map, &[1, 1]),
+            Err(PlanError::InsufficientCapacity {
+                layer: 1,
+                experts: 4,
+                slots: 2
+            })
+        );
+        let tight = carry_over(&old, &map, &[2, 2]).unwrap();
+        assert!(tight[1].iter().all(|r| r.len() == 1));
+        assert_eq!(carry_over(&old, &map, &[]), Err(PlanError::NoWorkers));
     }
 }

@@ -3,7 +3,7 @@
 //! until every worker has joined the mesh and loaded its experts, then exchange one
 //! `StepPlan`/`StepResult` pair per rank per step.
 
-use crate::driver::{Cluster, DriverError};
+use crate::driver::{Carry, Cluster, DriverError};
 use crate::placement::{plan_holders, rank_experts};
 use std::future::Future;
 use std::path::Path;
@@ -11,7 +11,7 @@ use switchyard_proto::cluster::v1::coordinator_message::Msg as CMsg;
 use switchyard_proto::cluster::v1::worker_client::WorkerClient;
 use switchyard_proto::cluster::v1::worker_message::Msg as WMsg;
 use switchyard_proto::cluster::v1::{
-    CoordinatorMessage, ExpertUpdate, Placement, StepPlan, StepResult, WorkerMessage,
+    CoordinatorMessage, ExpertUpdate, KeptSeq, Placement, StepPlan, StepResult, WorkerMessage,
 };
 use switchyard_worker::engine::read_config;
 use tokio::sync::mpsc;
@@ -27,6 +27,8 @@ pub struct GrpcCluster {
     holders: Vec<Vec<Vec<u32>>>,
     slots: Vec<usize>,
     urls: Vec<String>,
+    /// Per rank, what its ready answer said it kept from the previous epoch.
+    kept: Vec<Vec<(u64, usize)>>,
     step_timeout: std::time::Duration,
     interrupt: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
@@ -135,6 +137,31 @@ impl GrpcCluster {
         block_size: usize,
         access: &ControlAccess,
     ) -> Result<Self, DriverError> {
+        Self::connect_carrying(
+            urls,
+            model,
+            redundant,
+            kv_blocks,
+            block_size,
+            access,
+            &Carry::default(),
+        )
+    }
+
+    /// [`connect_with`](Self::connect_with) for a new epoch after `carry`'s: every worker is
+    /// asked to keep its engine and the sequences `carry` lists for its address (each reports
+    /// what it kept: [`Cluster::kept`]), and when every worker was in the previous group the
+    /// experts stay where they were ([`placement::carry_over`]: only a lost worker's experts
+    /// move, to the survivors with room); otherwise they are placed afresh.
+    pub fn connect_carrying(
+        urls: &[String],
+        model: &Path,
+        redundant: usize,
+        kv_blocks: usize,
+        block_size: usize,
+        access: &ControlAccess,
+        carry: &Carry,
+    ) -> Result<Self, DriverError> {
         let fence = access.fence;
         let cfg = read_config(model)?;
         let world = urls.len();
@@ -143,7 +170,7 @@ impl GrpcCluster {
             .enable_all()
             .build()
             .map_err(|e| rank_err(0)(e.to_string()))?;
-        let (txs, rxs, holders, slots) = rt.block_on(async {
+        let (txs, rxs, holders, slots, kept) = rt.block_on(async {
             let mut txs = Vec::new();
             let mut rxs = Vec::new();
             let mut comm_addrs = Vec::new();
@@ -194,7 +221,19 @@ impl GrpcCluster {
                 txs.push(tx);
                 rxs.push(inbound);
             }
-            let holders = plan_holders(&cfg, &slots, redundant, None)?;
+            let kept_in_place = carry.holders.as_ref().and_then(|(old_urls, old)| {
+                let new_rank = |u: &String| urls.iter().position(|n| n == u).map(|r| r as u32);
+                // A worker new to the group gets its share from a fresh placement.
+                if !urls.iter().all(|u| old_urls.contains(u)) {
+                    return None;
+                }
+                let map: Vec<Option<u32>> = old_urls.iter().map(new_rank).collect();
+                crate::placement::carry_over(old, &map, &slots).ok()
+            });
+            let holders = match kept_in_place {
+                Some(h) => h,
+                None => plan_holders(&cfg, &slots, redundant, None)?,
+            };
             let all = rank_experts(&holders, world);
             let mesh_secret =
                 epoch_secret().map_err(|e| rank_err(0)(format!("mesh secret: {e}")))?;
@@ -208,6 +247,17 @@ impl GrpcCluster {
                     holders: all.clone(),
                     kv_blocks: kv_blocks as u32,
                     mesh_secret: mesh_secret.clone(),
+                    keep_state: true,
+                    keep_seqs: carry
+                        .seqs
+                        .get(&urls[rank])
+                        .into_iter()
+                        .flatten()
+                        .map(|&(seq_id, len)| KeptSeq {
+                            seq_id,
+                            len: len as u32,
+                        })
+                        .collect(),
                 };
                 tx.send(CoordinatorMessage {
                     msg: Some(CMsg::Placement(p)),
@@ -219,16 +269,31 @@ impl GrpcCluster {
             // rank must not leave the others waiting out their mesh-join timeout.
             let ready = join_until_error(rxs.iter_mut().enumerate().map(|(rank, rx)| async move {
                 match next_message(rank, rx).await.map_err(forming)? {
-                    WMsg::Result(_) => Ok(()),
+                    WMsg::Result(r) => Ok(r
+                        .kept
+                        .iter()
+                        .map(|k| (k.seq_id, k.len as usize))
+                        .collect::<Vec<_>>()),
                     other => Err(rank_err(rank)(format!("expected ready, got {other:?}"))),
                 }
             }));
-            tokio::time::timeout(READY_TIMEOUT, ready)
+            let kept = tokio::time::timeout(READY_TIMEOUT, ready)
                 .await
                 .map_err(|_| {
                     rank_err(0)(format!("workers not ready within {READY_TIMEOUT:?}"))
                 })??;
-            Ok::<_, DriverError>((txs, rxs, holders, slots))
+            // A worker reports only what it was asked to keep (anything else is ignored).
+            let kept = kept
+                .into_iter()
+                .enumerate()
+                .map(|(rank, seqs)| {
+                    let asked = carry.seqs.get(&urls[rank]);
+                    seqs.into_iter()
+                        .filter(|k| asked.is_some_and(|a| a.contains(k)))
+                        .collect()
+                })
+                .collect();
+            Ok::<_, DriverError>((txs, rxs, holders, slots, kept))
         })?;
         Ok(GrpcCluster {
             rt,
@@ -239,6 +304,7 @@ impl GrpcCluster {
             holders,
             slots,
             urls: urls.to_vec(),
+            kept,
             step_timeout: DEFAULT_STEP_TIMEOUT,
             interrupt: None,
         })
@@ -264,6 +330,10 @@ impl GrpcCluster {
 }
 
 impl Cluster for GrpcCluster {
+    fn kept(&self) -> Vec<Vec<(u64, usize)>> {
+        self.kept.clone()
+    }
+
     fn world(&self) -> usize {
         self.txs.len()
     }

@@ -206,6 +206,67 @@ impl State {
         self.waiting.retain(|x| *x != id);
     }
 
+    /// Takes over a sequence whose first `computed` positions are cached on worker `home`
+    /// (its worker kept them over an epoch change): it runs on from there with no re-prefill.
+    /// `len` is its known tokens (prompt and generated). Refused (false, nothing changed) when
+    /// `computed` is not a cached prefix awaiting more (`0 < computed < len`) or `home` lacks
+    /// the blocks; the caller then queues it with [`add`](Self::add).
+    pub fn adopt(
+        &mut self,
+        id: SeqId,
+        len: usize,
+        computed: usize,
+        home: usize,
+        priority: i32,
+    ) -> bool {
+        let blocks = self.blocks_for(computed);
+        if self.seqs.contains_key(&id)
+            || computed == 0
+            || computed >= len
+            || home >= self.free.len()
+            || blocks > self.free[home]
+        {
+            return false;
+        }
+        self.arrivals += 1;
+        self.free[home] -= blocks;
+        self.seqs.insert(
+            id,
+            Seq {
+                len,
+                computed,
+                home: Some(home),
+                blocks,
+                priority,
+                arrival: self.arrivals,
+            },
+        );
+        self.running.push(id);
+        true
+    }
+
+    /// Undoes what planning `step` assumed about progress, after the step failed: each
+    /// chunk's positions count as not computed again (its worker's engine does not advance a
+    /// sequence whose step failed). Blocks stay reserved.
+    pub fn rollback(&mut self, step: &Step) {
+        for c in &step.chunks {
+            if let Some(s) = self.seqs.get_mut(&c.seq) {
+                if s.home == Some(c.worker) {
+                    s.computed = s.computed.min(c.start);
+                }
+            }
+        }
+    }
+
+    /// Every homed sequence with cached positions: (id, worker, positions computed).
+    pub fn homed(&self) -> Vec<(SeqId, usize, usize)> {
+        self.seqs
+            .iter()
+            .filter_map(|(id, s)| s.home.map(|w| (*id, w, s.computed)))
+            .filter(|(_, _, c)| *c > 0)
+            .collect()
+    }
+
     /// The worker a sequence is homed on, if it holds KV anywhere.
     pub fn home(&self, id: SeqId) -> Option<usize> {
         self.seqs.get(&id).and_then(|s| s.home)
@@ -434,6 +495,50 @@ mod tests {
             "unfinished after {max_steps} steps: {left:?}"
         );
         steps
+    }
+
+    #[test]
+    fn an_adopted_sequence_runs_on_from_its_cached_positions() {
+        let mut st = State::new(cfg(8, vec![10, 10]));
+        // 6 tokens known, 5 cached on worker 1: its next step is the decode of position 5.
+        assert!(st.adopt(7, 6, 5, 1, 0));
+        assert_eq!(st.free_blocks(), &[10, 8]);
+        assert_eq!(st.home(7), Some(1));
+        let s = st.next_step();
+        assert_eq!(
+            s.chunks,
+            vec![Chunk { seq: 7, worker: 1, start: 5, len: 1, sample: true }]
+        );
+        // A partly prefilled one continues its prefill where it was.
+        assert!(st.adopt(8, 12, 4, 0, 0));
+        let s = st.next_step();
+        assert!(s
+            .chunks
+            .contains(&Chunk { seq: 8, worker: 0, start: 4, len: 8, sample: true }));
+        // Refused: nothing cached, nothing left to compute, a worker without the blocks, a
+        // sequence already known, a worker outside the group.
+        assert!(!st.adopt(9, 5, 0, 0, 0));
+        assert!(!st.adopt(9, 5, 5, 0, 0));
+        assert!(!st.adopt(9, 200, 100, 0, 0));
+        assert!(!st.adopt(7, 6, 5, 0, 0));
+        assert!(!st.adopt(9, 6, 5, 2, 0));
+        assert_eq!(st.homed().len(), 2);
+    }
+
+    #[test]
+    fn a_failed_step_is_rolled_back_to_what_was_computed_before_it() {
+        let mut st = State::new(cfg(8, vec![10]));
+        st.add(1, 3, 0);
+        let first = st.next_step();
+        assert_eq!(first.chunks[0].len, 3);
+        st.on_sampled(1);
+        let failed = st.next_step();
+        assert_eq!(failed.chunks[0].start, 3);
+        assert_eq!(st.homed(), vec![(1, 0, 4)]);
+        st.rollback(&failed);
+        assert_eq!(st.homed(), vec![(1, 0, 3)]);
+        // The step is planned again exactly.
+        assert_eq!(st.next_step().chunks, failed.chunks);
     }
 
     #[test]

@@ -161,7 +161,7 @@ pub async fn serve(
             &o.model,
             name,
             // First all workers; after a lost rank, those still reachable (a new epoch).
-            move || {
+            move |carry: &crate::driver::Carry| {
                 let candidates = urls.lock().unwrap_or_else(|e| e.into_inner()).clone();
                 let mut alive: Vec<String> =
                     candidates.into_iter().filter(|u| reachable(u)).collect();
@@ -173,8 +173,8 @@ pub async fn serve(
                             detail: "no worker is reachable".into(),
                         });
                     }
-                    match crate::remote::GrpcCluster::connect_with(
-                        &alive, &model, redundant, kv, 16, &access,
+                    match crate::remote::GrpcCluster::connect_carrying(
+                        &alive, &model, redundant, kv, 16, &access, carry,
                     )
                     .map(|c| {
                         c.with_step_timeout(step_timeout)

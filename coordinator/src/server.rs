@@ -50,7 +50,12 @@ enum Cmd {
 
 /// Builds a new cluster from the ranks still reachable (after a failed step, a join or a
 /// drain).
-type Recover = Box<dyn FnMut() -> Result<Box<dyn Cluster>, crate::driver::DriverError> + Send>;
+/// It is handed what the old epoch can pass on ([`Driver::carry`]): each survivor keeps its
+/// sequences and experts.
+type Recover = Box<
+    dyn FnMut(&crate::driver::Carry) -> Result<Box<dyn Cluster>, crate::driver::DriverError>
+        + Send,
+>;
 
 /// Replaces the driver's cluster with a fresh one from `recover` (requests re-homed); on
 /// failure the old one is kept and the error returned.
@@ -60,15 +65,19 @@ fn rebuild(
     why: &str,
     sinks: &mut HashMap<u64, Sink>,
 ) -> Result<(), String> {
-    match recover() {
+    let before = driver.snapshot();
+    match recover(&driver.carry()) {
         Ok(c) => {
             for (id, e) in driver.rebuild(c) {
                 if let Some(sink) = sinks.remove(&id) {
                     let _ = sink.send(Err(Status::invalid_argument(e.to_string())));
                 }
             }
+            let after = driver.snapshot();
             tracing::warn!(
-                world = driver.snapshot().addresses.len(),
+                world = after.addresses.len(),
+                kept = after.sequences_kept - before.sequences_kept,
+                reprefilled = after.sequences_reprefilled - before.sequences_reprefilled,
                 "cluster rebuilt after {why}; requests re-homed"
             );
             Ok(())
@@ -436,7 +445,9 @@ impl InferenceService {
     pub fn start<C: Cluster + 'static>(
         model_dir: &std::path::Path,
         model_name: String,
-        mut make_cluster: impl FnMut() -> Result<C, crate::driver::DriverError> + Send + 'static,
+        mut make_cluster: impl FnMut(&crate::driver::Carry) -> Result<C, crate::driver::DriverError>
+            + Send
+            + 'static,
         opts: ServiceOptions,
     ) -> anyhow::Result<Self> {
         let ServiceOptions {
@@ -460,7 +471,7 @@ impl InferenceService {
         let m = metrics.clone();
         let model_cfg = cfg.clone();
         let (failed_tx, failed) = tokio::sync::watch::channel(None);
-        std::thread::spawn(move || match make_cluster() {
+        std::thread::spawn(move || match make_cluster(&crate::driver::Carry::default()) {
             Ok(c) => {
                 let _ = ready_tx.send(Ok(c.kv_shape()));
                 let mut d = Driver::new(c, token_budget, 256)
@@ -470,7 +481,9 @@ impl InferenceService {
                     d = d.with_pacing(pace_factor, attn_equiv);
                 }
                 let recover: Recover =
-                    Box::new(move || make_cluster().map(|c| Box::new(c) as Box<dyn Cluster>));
+                    Box::new(move |carry: &crate::driver::Carry| {
+                        make_cluster(carry).map(|c| Box::new(c) as Box<dyn Cluster>)
+                    });
                 // Supervision: a panic anywhere in the loop (a bug; no input should reach
                 // one) makes the service unavailable and reports the failure, so the process
                 // stops leading and exits instead of reading ready while every request fails.
@@ -1139,6 +1152,8 @@ pub fn status_response(s: &Snapshot, roster: &Roster) -> ClusterStatusResponse {
         imbalance: s.imbalance,
         drained: roster.drained.iter().cloned().collect(),
         unavailable: s.unavailable.clone(),
+        sequences_kept: s.sequences_kept,
+        sequences_reprefilled: s.sequences_reprefilled,
     }
 }
 

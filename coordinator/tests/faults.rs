@@ -1,8 +1,9 @@
 //! Faults and operations under load, with real worker processes on loopback:
 //! - a worker killed with SIGKILL while 32 greedy streams are in flight: the coordinator's step
-//!   fails, it rebuilds the cluster over the surviving workers (a new epoch, experts
-//!   re-placed), re-homes every request with its tokens so far, and every stream completes with
-//!   exactly the transformers golden tokens: none lost, none duplicated;
+//!   fails, it rebuilds the cluster over the surviving workers (a new epoch; the survivors keep
+//!   their engines, experts and sequences' KV, and only the lost worker's experts move), the
+//!   lost worker's requests are re-homed and re-prefilled with their tokens so far, and every
+//!   stream completes with exactly the transformers golden tokens: none lost, none duplicated;
 //! - an operator drains a worker (`switchyard admin drain`) mid-traffic: same guarantee;
 //! - the workers left cannot hold every expert: requests fail with UNAVAILABLE and a reason,
 //!   and service resumes once a worker is back.
@@ -59,7 +60,19 @@ fn killing_one_of_three_workers_mid_stream_loses_no_token() {
         assert_eq!(st.epoch, 2);
         assert_eq!(st.workers.len(), 2);
         assert!(st.placement.iter().all(|p| !p.ranks.is_empty()));
-        eprintln!("{in_flight} of 32 streams in flight at the kill; all completed exactly");
+        // The survivors kept their sequences' KV: only the lost worker's were re-prefilled.
+        // Sequences go to the worker with the most free blocks, so each holds about a third.
+        assert!(
+            st.sequences_kept > 0 && st.sequences_kept >= st.sequences_reprefilled,
+            "kept {}, re-prefilled {}",
+            st.sequences_kept,
+            st.sequences_reprefilled
+        );
+        eprintln!(
+            "{in_flight} of 32 streams in flight at the kill; all completed exactly; {} kept \
+             their KV, {} re-prefilled",
+            st.sequences_kept, st.sequences_reprefilled
+        );
     });
     let _ = workers[1].0 .0.wait();
 }

@@ -177,6 +177,134 @@ fn tcp_mesh_ranks_match_goldens() {
     }
 }
 
+/// Greedy decode of `seqs` (id → tokens so far, the last not yet fed) for `steps` steps on
+/// `e`; appends each sampled token.
+fn decode(e: &mut Engine, seqs: &mut [(u64, Vec<u32>)], steps: usize) {
+    let v = e.config().vocab_size;
+    for _ in 0..steps {
+        let last: Vec<[u32; 1]> = seqs.iter().map(|(_, t)| [*t.last().unwrap()]).collect();
+        let chunks: Vec<ChunkSpec> = seqs
+            .iter()
+            .zip(&last)
+            .map(|((id, _), t)| ChunkSpec {
+                seq_id: *id,
+                tokens: t,
+                logits: Logits::Last,
+            })
+            .collect();
+        let out = e.step(&chunks, false).unwrap();
+        for ((_, t), l) in seqs.iter_mut().zip(out.logits.chunks(v)) {
+            t.push(switchyard_kernels::sampling::argmax(l) as u32);
+        }
+    }
+}
+
+/// A worker lost mid-stream: rank 0 of a 2-rank group is carried into a group of one
+/// (`Engine::rejoin`) instead of being rebuilt. It keeps its sequences' KV (one of them cut
+/// back a position, as when a step completed on it but failed elsewhere), loads only the
+/// experts it lacked, and its streams go on to exactly the goldens.
+#[test]
+fn a_rank_carried_into_a_smaller_group_keeps_its_kv_and_matches_goldens() {
+    for model in ["tiny-qwen3-moe", "tiny-deepseek-v3", "tiny-gpt-oss"] {
+        let g = golden(model);
+        let prompts: Vec<Vec<u32>> = g["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| ids(&p["input_ids"]))
+            .collect();
+        let h = holders(model, 2, 0);
+        let (before, total) = (5, 24);
+        let mut comms = LocalComm::group(2).into_iter().map(Comm::Local);
+        let (c0, c1) = (comms.next().unwrap(), comms.next().unwrap());
+        // Rank 1 serves its experts for the first steps, then dies (its engine and mesh end
+        // of the thread go away).
+        let lost = {
+            let (model, h) = (model.to_string(), h.clone());
+            std::thread::spawn(move || {
+                let mut e = Engine::load_with(
+                    &fixture(&model),
+                    &EngineOptions::default(),
+                    ExpertSetup::Parallel { holders: h, comm: c1 },
+                )
+                .unwrap();
+                for _ in 0..before {
+                    e.step(&[], false).unwrap();
+                }
+            })
+        };
+        let mut e = Engine::load_with(
+            &fixture(model),
+            &EngineOptions::default(),
+            ExpertSetup::Parallel {
+                holders: h.clone(),
+                comm: c0,
+            },
+        )
+        .unwrap();
+        let v = e.config().vocab_size;
+        let chunks: Vec<ChunkSpec> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ChunkSpec {
+                seq_id: i as u64,
+                tokens: p,
+                logits: Logits::Last,
+            })
+            .collect();
+        let out = e.step(&chunks, false).unwrap();
+        let mut seqs: Vec<(u64, Vec<u32>)> = prompts
+            .iter()
+            .zip(out.logits.chunks(v))
+            .enumerate()
+            .map(|(i, (p, l))| {
+                let mut t = p.clone();
+                t.push(switchyard_kernels::sampling::argmax(l) as u32);
+                (i as u64, t)
+            })
+            .collect();
+        decode(&mut e, &mut seqs, before - 1);
+        lost.join().unwrap();
+        // Sequence 0's last decode is undone: its KV is cut back a position and its last
+        // sampled token dropped, so it is fed again.
+        let (id0, t0) = &mut seqs[0];
+        let cached = e.seq_len(*id0);
+        assert_eq!(cached, t0.len() - 1);
+        assert!(e.truncate(*id0, cached - 1));
+        assert!(!e.truncate(*id0, cached));
+        t0.pop();
+        let kv_before = e.kv_used();
+        let cfg = e.config().clone();
+        let mine = h
+            .iter()
+            .flatten()
+            .filter(|ranks| ranks.contains(&0))
+            .count();
+        let all: Vec<Vec<Vec<u32>>> = h
+            .iter()
+            .map(|l| l.iter().map(|_| vec![0]).collect())
+            .collect();
+        let one = Comm::Local(LocalComm::group(1).pop().unwrap());
+        let loaded = e.rejoin(one, all).unwrap();
+        let sparse = cfg.sparse_layers.iter().filter(|s| **s).count();
+        assert_eq!(loaded, sparse * cfg.num_experts - mine, "{model}: experts loaded");
+        assert_eq!(e.kv_used(), kv_before, "{model}: the KV is kept as it was");
+        // Sequence 0 catches up by one step, then all go on together.
+        let mut first = vec![seqs[0].clone()];
+        decode(&mut e, &mut first, 1);
+        seqs[0] = first.pop().unwrap();
+        let left = total - (seqs[1].1.len() - prompts[1].len());
+        decode(&mut e, &mut seqs, left);
+        for (i, (_, t)) in seqs.iter().enumerate() {
+            assert_eq!(
+                &t[prompts[i].len()..],
+                &ids(&g["prompts"][i]["greedy"]["new_ids"])[..],
+                "{model} prompt {i}"
+            );
+        }
+    }
+}
+
 #[test]
 fn holders_cover_every_expert_with_replicas() {
     let h = holders("tiny-qwen3-moe", 3, 4);

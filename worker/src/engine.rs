@@ -334,6 +334,58 @@ impl Engine {
         self.experts.switch(p.holders, p.gained)
     }
 
+    /// Carries this engine into a new group of ranks (a new epoch after a worker was lost,
+    /// drained or joined) instead of loading afresh: the dense weights, the KV cache and its
+    /// sequences stay; the experts this rank gains under `holders` are loaded now (on the
+    /// calling thread), those it no longer holds are dropped. Returns how many experts were
+    /// loaded. Expert-parallel CPU engines only (anything else is an error, and the caller
+    /// loads afresh).
+    pub fn rejoin(
+        &mut self,
+        comm: Comm,
+        holders: Vec<Vec<Vec<u32>>>,
+    ) -> Result<usize, WorkerError> {
+        #[cfg(feature = "cuda")]
+        if self.gpu.is_some() {
+            return Err(WorkerError::Device(
+                "a GPU engine is loaded afresh in each epoch".into(),
+            ));
+        }
+        check_holders(&self.model.cfg, &holders)?;
+        let (rank, current) = self.experts.placement().ok_or_else(|| {
+            WorkerError::Placement("experts are all local; there is no group to rejoin".into())
+        })?;
+        let gained = ExpertSelection::of_rank(&holders, comm.rank() as u32)
+            .minus(&ExpertSelection::of_rank(current, rank));
+        let ck = Checkpoint::open(&self.dir)?.with_quantization(self.model.cfg.quantization.as_ref());
+        let add = ExpertSet::load(&ck, &self.model.cfg, &gained, self.dtype)?;
+        self.experts.rejoin(comm, holders, add)?;
+        Ok(gained.count())
+    }
+
+    /// Cuts a sequence back to its first `len` positions (cache blocks past them are freed);
+    /// false, and nothing changed, when it is unknown or shorter.
+    pub fn truncate(&mut self, seq_id: u64, len: usize) -> bool {
+        let Some(s) = self.seqs.get_mut(&seq_id) else {
+            return false;
+        };
+        if s.len < len {
+            return false;
+        }
+        let keep = self.kv.blocks_for(len);
+        if s.table.len() > keep {
+            let extra = s.table.split_off(keep);
+            self.kv.release(&extra);
+        }
+        s.len = len;
+        true
+    }
+
+    /// The sequences holding cache blocks.
+    pub fn sequences(&self) -> Vec<u64> {
+        self.seqs.keys().copied().collect()
+    }
+
     /// Seconds in, and bytes sent by, the expert all-to-all since the last call.
     pub fn take_exchange_stats(&self) -> (f64, u64) {
         self.experts.take_exchange_stats()

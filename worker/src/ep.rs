@@ -102,6 +102,21 @@ impl ExpertExec for EpExperts {
         Ok(())
     }
 
+    fn rejoin(
+        &mut self,
+        comm: Comm,
+        holders: Vec<Vec<Vec<u32>>>,
+        add: ExpertSet,
+    ) -> Result<(), WorkerError> {
+        let sel = ExpertSelection::of_rank(&holders, comm.rank() as u32);
+        let local = std::mem::replace(&mut self.local, ExpertSet::empty());
+        self.local = local.regroup(add, &sel)?;
+        self.holders = holders;
+        self.comm = comm;
+        self.stats.take();
+        Ok(())
+    }
+
     fn run(
         &self,
         layer: usize,

@@ -399,6 +399,20 @@ pub trait ExpertExec: Sync {
             "experts are all local; nothing to re-place".into(),
         ))
     }
+
+    /// Expert parallel only: carries this rank into a new group (a new epoch) over `comm`,
+    /// routing by `holders`: the experts it still holds stay, those it gains come from `add`.
+    fn rejoin(
+        &mut self,
+        comm: crate::comm::Comm,
+        holders: Vec<Vec<Vec<u32>>>,
+        add: ExpertSet,
+    ) -> Result<(), WorkerError> {
+        let _ = (comm, holders, add);
+        Err(WorkerError::Placement(
+            "experts are all local; there is no group to rejoin".into(),
+        ))
+    }
 }
 
 /// Experts held in this process, possibly as several shards.

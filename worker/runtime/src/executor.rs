@@ -16,8 +16,10 @@ use std::collections::HashMap;
 use switchyard_kernels::rng::Rng;
 use switchyard_kernels::sampling::{self, SamplingParams};
 use switchyard_proto::cluster::v1::{
-    ExpertUpdate, RankExperts, SampledToken, SeqChunk, StepPlan, StepResult, TokenLogprob,
+    ExpertUpdate, KeptSeq, RankExperts, SampledToken, SeqChunk, StepPlan, StepResult,
+    TokenLogprob,
 };
+use switchyard_worker::comm::Comm;
 use switchyard_worker::engine::{ChunkSpec, Engine, Logits, PreparedExperts};
 use switchyard_worker::WorkerError;
 
@@ -115,6 +117,45 @@ impl Executor {
             loading: None,
             ready: None,
         }
+    }
+
+    /// Carries this rank into a new epoch ([`Engine::rejoin`]: KV and the experts still held
+    /// stay, gained experts load now) keeping the sequences in `keep`, each cut to the length
+    /// given; every other sequence is released, as is one this rank holds fewer positions of
+    /// than asked. Returns those kept, by id. The expert version restarts at 0 (the new
+    /// epoch's placement); an update still loading is abandoned.
+    pub fn rejoin(
+        &mut self,
+        comm: Comm,
+        holders: Vec<Vec<Vec<u32>>>,
+        keep: &[KeptSeq],
+    ) -> Result<Vec<KeptSeq>, WorkerError> {
+        // A loading thread finishes on its own; what it loaded is dropped with its handle.
+        self.loading = None;
+        self.ready = None;
+        self.version = 0;
+        let loaded = self.engine.rejoin(comm, holders)?;
+        let want: HashMap<u64, u32> = keep.iter().map(|k| (k.seq_id, k.len)).collect();
+        let mut kept = Vec::new();
+        for id in self.engine.sequences() {
+            let len = want.get(&id).copied().unwrap_or(0) as usize;
+            let fed = self.history.get(&id).map_or(0, Vec::len);
+            if len > 0 && fed >= len && self.engine.truncate(id, len) {
+                if let Some(h) = self.history.get_mut(&id) {
+                    h.truncate(len);
+                }
+                kept.push(KeptSeq {
+                    seq_id: id,
+                    len: len as u32,
+                });
+            } else {
+                self.engine.release(id);
+                self.history.remove(&id);
+            }
+        }
+        kept.sort_by_key(|k| k.seq_id);
+        tracing::info!(loaded, kept = kept.len(), "new epoch; engine and KV kept");
+        Ok(kept)
     }
 
     /// Starts loading the experts of `u` in the background (a newer update replaces an older
@@ -258,6 +299,7 @@ impl Executor {
             all_to_all_bytes,
             step_seconds: t0.elapsed().as_secs_f64(),
             experts_ready,
+            kept: vec![],
         })
     }
 }

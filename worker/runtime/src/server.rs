@@ -5,13 +5,18 @@
 //! address, every rank's experts); the worker joins the TCP mesh, loads its dense weights and
 //! its experts, and acknowledges with an empty `StepResult` (step 0). From then on each
 //! `StepPlan` is executed in order on a dedicated thread and answered with its `StepResult`.
-//! The stream closing ends the epoch: the engine and its KV are dropped.
+//! The stream closing (or a step failing) ends the epoch; the engine, its KV and its
+//! experts are kept aside for the next one.
 //!
 //! Epochs: a worker serves one control stream at a time, and a new one (a new leader, or the
-//! same coordinator re-placing after a membership change) ends the current epoch first: its
-//! all-to-all connections are shut down (an exchange in flight fails at once), its plan loop
-//! stops, its engine and KV are dropped, and its old stream ends. Then the new placement is
-//! loaded as above.
+//! same coordinator re-placing after a lost, drained or joining worker) ends the current epoch
+//! first: its all-to-all connections are shut down (an exchange in flight fails at once), its
+//! plan loop stops and its old stream ends. A `Placement` with `keep_state` from the same
+//! coordinator (same fence), with the same KV capacity, then carries the kept engine into the
+//! new group ([`Executor::rejoin`]: new mesh and rank, experts gained loaded before the
+//! ready answer, the sequences in `keep_seqs` kept and reported in the ready answer's `kept`,
+//! every other one released). Any other placement drops the kept engine before loading a
+//! fresh one, so two engines are never held at once.
 //!
 //! Within an epoch, an `ExpertUpdate` re-places experts without stopping: see
 //! [`Executor`](crate::executor::Executor). A worker started with an expert budget
@@ -26,7 +31,8 @@ use switchyard_proto::cluster::v1::coordinator_message::Msg as CMsg;
 use switchyard_proto::cluster::v1::worker_message::Msg as WMsg;
 use switchyard_proto::cluster::v1::worker_server::{Worker, WorkerServer};
 use switchyard_proto::cluster::v1::{
-    CoordinatorMessage, ExpertAssignment, Placement, StepResult, WorkerHello, WorkerMessage,
+    CoordinatorMessage, ExpertAssignment, KeptSeq, Placement, StepResult, WorkerHello,
+    WorkerMessage,
 };
 use switchyard_worker::comm::{Comm, TcpComm};
 use switchyard_worker::engine::{read_config, Engine, EngineOptions, ExpertSetup};
@@ -47,6 +53,15 @@ pub struct WorkerService {
     current: Arc<tokio::sync::Mutex<Option<Epoch>>>,
     /// The largest fencing token a coordinator has driven this worker with.
     fence: Arc<std::sync::atomic::AtomicU64>,
+    /// The previous epoch's engine, until the next placement keeps or drops it.
+    retained: Arc<Mutex<Option<Retained>>>,
+}
+
+/// The engine of the last epoch, kept for the next one; who drove it and its KV capacity.
+struct Retained {
+    fence: u64,
+    kv_blocks: usize,
+    ex: Executor,
 }
 
 /// The Control call's metadata key carrying the coordinator's fencing token (its leadership's
@@ -63,7 +78,7 @@ struct Epoch {
 }
 
 impl Epoch {
-    /// Stops the epoch and waits until its engine is dropped. A mesh join in progress finishes
+    /// Stops the epoch and waits until its plan loop has ended (its engine set aside). A mesh join in progress finishes
     /// (or times out) first.
     async fn end(self) {
         let _ = self.stop.send(true);
@@ -112,6 +127,7 @@ impl WorkerService {
             expert_slots: 0,
             current: Arc::new(tokio::sync::Mutex::new(None)),
             fence: Arc::default(),
+            retained: Arc::default(),
         })
     }
 
@@ -181,6 +197,7 @@ impl Worker for WorkerService {
             .map_err(|_| Status::cancelled("stream closed"))?;
         let (model, opts, timeout) = (self.model.clone(), self.opts.clone(), self.comm_timeout);
         let slots = self.expert_slots;
+        let retained = self.retained.clone();
         let thread_slot: Arc<Mutex<Option<std::thread::JoinHandle<()>>>> = Arc::default();
         let (comm_slot, thread_stop, slot) =
             (epoch_comm.clone(), stop_rx.clone(), thread_slot.clone());
@@ -210,7 +227,7 @@ impl Worker for WorkerService {
                     false
                 } else {
                     *guard = Some(std::thread::spawn(move || {
-                        let setup = (|| -> Result<Executor, Status> {
+                        let setup = (|| -> Result<(Executor, Vec<KeptSeq>), Status> {
                             let cfg = read_config(&model)
                                 .map_err(|e| Status::failed_precondition(e.to_string()))?;
                             let holders = holder_table(
@@ -251,6 +268,29 @@ impl Worker for WorkerService {
                                     .or(opts.kv_blocks),
                                 ..opts
                             };
+                            // The last epoch's engine: carried on, or dropped before a load.
+                            let previous = retained
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .take()
+                                .filter(|r| {
+                                    placement.keep_state
+                                        && r.fence == fence
+                                        && opts.kv_blocks.is_none_or(|b| b == r.kv_blocks)
+                                });
+                            if let Some(mut r) = previous {
+                                match r.ex.rejoin(
+                                    Comm::Tcp(comm.clone()),
+                                    holders.clone(),
+                                    &placement.keep_seqs,
+                                ) {
+                                    Ok(kept) => return Ok((r.ex, kept)),
+                                    Err(e) => tracing::warn!(
+                                        error = %e,
+                                        "could not carry the engine into the new epoch; loading afresh"
+                                    ),
+                                }
+                            }
                             let engine = Engine::load_with(
                                 &model,
                                 &opts,
@@ -260,12 +300,15 @@ impl Worker for WorkerService {
                                 },
                             )
                             .map_err(|e| Status::failed_precondition(e.to_string()))?;
-                            Ok(Executor::new(engine))
+                            Ok((Executor::new(engine), vec![]))
                         })();
                         let mut ex = match setup {
-                            Ok(ex) => {
-                                let _ =
-                                    out.blocking_send(Ok(msg(WMsg::Result(StepResult::default()))));
+                            Ok((ex, kept)) => {
+                                let ready = StepResult {
+                                    kept,
+                                    ..Default::default()
+                                };
+                                let _ = out.blocking_send(Ok(msg(WMsg::Result(ready))));
                                 ex
                             }
                             Err(s) => {
@@ -321,6 +364,14 @@ impl Worker for WorkerService {
                                 break;
                             }
                         }
+                        // Kept for the next epoch (a failed step leaves every sequence at
+                        // the length it had before that step).
+                        let kv_blocks = ex.engine.kv_capacity();
+                        *retained.lock().unwrap_or_else(|e| e.into_inner()) = Some(Retained {
+                            fence,
+                            kv_blocks,
+                            ex,
+                        });
                     }));
                     true
                 }
