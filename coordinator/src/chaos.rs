@@ -9,7 +9,7 @@
 //!
 //! Reported: requests, lost, kills; end-to-end latency p50/p99 of requests that overlapped a
 //! kill against those that did not (the latency cost of a recovery); per kill, the longest
-//! pause in any stream across it (recovery stall).
+//! pause in any stream across it (recovery stall) and the median stream's pause.
 
 use crate::local::LocalWorkers;
 use anyhow::{bail, Context, Result};
@@ -53,8 +53,12 @@ pub struct ChaosReport {
     pub disturbed_requests: usize,
     pub disturbed_p50_ms: f64,
     pub disturbed_p99_ms: f64,
-    /// Per kill: the longest gap between two tokens of any stream spanning it, ms.
+    /// Per kill: the longest gap between two tokens of any stream spanning it, ms (the lost
+    /// worker's streams: their re-prefill).
     pub stall_ms: Vec<f64>,
+    /// Per kill: the median over the streams in flight of their gap spanning it, ms (most
+    /// streams are homed on survivors: what a kill costs them).
+    pub stall_median_ms: Vec<f64>,
     /// Median inter-token gap over the whole run, ms (what a stall is compared with).
     pub median_itl_ms: f64,
     pub final_epoch: u64,
@@ -294,15 +298,18 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
             prev = t;
         }
     }
-    let stall_ms = kills
+    // Per kill, each stream's gap spanning it (a stream has at most one).
+    let across: Vec<Vec<f64>> = kills
         .iter()
         .map(|k| {
             gaps.iter()
                 .filter(|(a, b)| a <= k && k <= b)
                 .map(|(a, b)| (*b - *a).as_secs_f64() * 1e3)
-                .fold(0.0, f64::max)
+                .collect()
         })
         .collect();
+    let stall_ms = across.iter().map(|g| g.iter().copied().fold(0.0, f64::max)).collect();
+    let stall_median_ms = across.iter().map(|g| percentile(g, 50.0)).collect();
     let itl: Vec<f64> = gaps
         .iter()
         .map(|(a, b)| (*b - *a).as_secs_f64() * 1e3)
@@ -322,6 +329,7 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
         disturbed_p50_ms: percentile(&disturbed, 50.0),
         disturbed_p99_ms: percentile(&disturbed, 99.0),
         stall_ms,
+        stall_median_ms,
         median_itl_ms: percentile(&itl, 50.0),
         final_epoch: final_epoch.unwrap_or(0),
         final_workers,

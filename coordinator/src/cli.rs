@@ -827,6 +827,14 @@ fn bench_chaos_cmd(a: BenchChaosArgs) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
+        println!(
+            "median stream's pause per kill ms (its token gap across it): {}",
+            r.stall_median_ms
+                .iter()
+                .map(|s| format!("{s:.0}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         for d in &r.lost_detail {
             println!("lost: {d}");
         }
