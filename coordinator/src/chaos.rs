@@ -308,7 +308,10 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
                 .collect()
         })
         .collect();
-    let stall_ms = across.iter().map(|g| g.iter().copied().fold(0.0, f64::max)).collect();
+    let stall_ms = across
+        .iter()
+        .map(|g| g.iter().copied().fold(0.0, f64::max))
+        .collect();
     let stall_median_ms = across.iter().map(|g| percentile(g, 50.0)).collect();
     let itl: Vec<f64> = gaps
         .iter()

@@ -503,8 +503,12 @@ impl Driver {
             blocks_per_worker: vec![blocks; w],
             attn_equiv: self.state.attn_equiv(),
         });
-        let was_homed: std::collections::HashSet<u64> =
-            self.state.homed().into_iter().map(|(id, _, _)| id).collect();
+        let was_homed: std::collections::HashSet<u64> = self
+            .state
+            .homed()
+            .into_iter()
+            .map(|(id, _, _)| id)
+            .collect();
         let mut kept: HashMap<u64, (usize, usize)> = HashMap::new();
         for (rank, seqs) in cluster.kept().into_iter().enumerate().take(w) {
             for (id, len) in seqs {
@@ -1128,8 +1132,16 @@ mod tests {
         assert_eq!(carry.holders.as_ref().unwrap().0, vec!["a", "b"]);
         // The survivor "a" is rank 0 of the new group and kept its sequences; it also still
         // holds sequence 99, which this coordinator no longer knows.
-        let on_a: Vec<u64> = homes.iter().filter(|(_, a)| *a == "a").map(|(i, _)| *i).collect();
-        let on_b: Vec<u64> = homes.iter().filter(|(_, a)| *a == "b").map(|(i, _)| *i).collect();
+        let on_a: Vec<u64> = homes
+            .iter()
+            .filter(|(_, a)| *a == "a")
+            .map(|(i, _)| *i)
+            .collect();
+        let on_b: Vec<u64> = homes
+            .iter()
+            .filter(|(_, a)| *a == "b")
+            .map(|(i, _)| *i)
+            .collect();
         assert!(!on_a.is_empty() && !on_b.is_empty(), "{homes:?}");
         let mut kept: Vec<(u64, usize)> = on_a.iter().map(|id| (*id, 7)).collect();
         kept.push((99, 3));
@@ -1149,7 +1161,11 @@ mod tests {
         );
         d.step().unwrap();
         let first = new_plans.lock().unwrap()[0][0].clone();
-        assert_eq!(first.free_seqs, vec![99], "an unknown kept sequence is freed");
+        assert_eq!(
+            first.free_seqs,
+            vec![99],
+            "an unknown kept sequence is freed"
+        );
         for c in &first.chunks {
             if on_a.contains(&c.seq_id) {
                 // Decoded from its cached positions: the failed step is done again.

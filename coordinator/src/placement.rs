@@ -182,7 +182,10 @@ pub fn carry_over(
                     .ok_or(PlanError::InsufficientCapacity {
                         layer,
                         experts,
-                        slots: slots.iter().map(|&s| if s == 0 { experts } else { s }).sum(),
+                        slots: slots
+                            .iter()
+                            .map(|&s| if s == 0 { experts } else { s })
+                            .sum(),
                     })?;
                 held[to] += 1;
                 ranks.push(to as u32);

@@ -507,14 +507,24 @@ mod tests {
         let s = st.next_step();
         assert_eq!(
             s.chunks,
-            vec![Chunk { seq: 7, worker: 1, start: 5, len: 1, sample: true }]
+            vec![Chunk {
+                seq: 7,
+                worker: 1,
+                start: 5,
+                len: 1,
+                sample: true
+            }]
         );
         // A partly prefilled one continues its prefill where it was.
         assert!(st.adopt(8, 12, 4, 0, 0));
         let s = st.next_step();
-        assert!(s
-            .chunks
-            .contains(&Chunk { seq: 8, worker: 0, start: 4, len: 8, sample: true }));
+        assert!(s.chunks.contains(&Chunk {
+            seq: 8,
+            worker: 0,
+            start: 4,
+            len: 8,
+            sample: true
+        }));
         // Refused: nothing cached, nothing left to compute, a worker without the blocks, a
         // sequence already known, a worker outside the group.
         assert!(!st.adopt(9, 5, 0, 0, 0));

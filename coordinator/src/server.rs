@@ -53,8 +53,7 @@ enum Cmd {
 /// It is handed what the old epoch can pass on ([`Driver::carry`]): each survivor keeps its
 /// sequences and experts.
 type Recover = Box<
-    dyn FnMut(&crate::driver::Carry) -> Result<Box<dyn Cluster>, crate::driver::DriverError>
-        + Send,
+    dyn FnMut(&crate::driver::Carry) -> Result<Box<dyn Cluster>, crate::driver::DriverError> + Send,
 >;
 
 /// Replaces the driver's cluster with a fresh one from `recover` (requests re-homed); on
@@ -471,50 +470,51 @@ impl InferenceService {
         let m = metrics.clone();
         let model_cfg = cfg.clone();
         let (failed_tx, failed) = tokio::sync::watch::channel(None);
-        std::thread::spawn(move || match make_cluster(&crate::driver::Carry::default()) {
-            Ok(c) => {
-                let _ = ready_tx.send(Ok(c.kv_shape()));
-                let mut d = Driver::new(c, token_budget, 256)
-                    .with_model_limits(&model_cfg)
-                    .with_rebalancing(model_cfg, redundant, rebalance);
-                if pace_factor > 0.0 {
-                    d = d.with_pacing(pace_factor, attn_equiv);
-                }
-                let recover: Recover =
-                    Box::new(move |carry: &crate::driver::Carry| {
+        std::thread::spawn(
+            move || match make_cluster(&crate::driver::Carry::default()) {
+                Ok(c) => {
+                    let _ = ready_tx.send(Ok(c.kv_shape()));
+                    let mut d = Driver::new(c, token_budget, 256)
+                        .with_model_limits(&model_cfg)
+                        .with_rebalancing(model_cfg, redundant, rebalance);
+                    if pace_factor > 0.0 {
+                        d = d.with_pacing(pace_factor, attn_equiv);
+                    }
+                    let recover: Recover = Box::new(move |carry: &crate::driver::Carry| {
                         make_cluster(carry).map(|c| Box::new(c) as Box<dyn Cluster>)
                     });
-                // Supervision: a panic anywhere in the loop (a bug; no input should reach
-                // one) makes the service unavailable and reports the failure, so the process
-                // stops leading and exits instead of reading ready while every request fails.
-                let published = snap.clone();
-                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    engine_loop(
-                        d,
-                        rx,
-                        snap,
-                        m,
-                        Some(recover),
-                        LoopGates {
-                            panic_after_steps,
-                            may_drive,
-                        },
-                    )
-                }));
-                if let Err(p) = r {
-                    let why = format!("the engine loop panicked: {}", panic_message(&*p));
-                    tracing::error!("{why}");
-                    published
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .unavailable = why.clone();
-                    let _ = failed_tx.send(Some(why));
+                    // Supervision: a panic anywhere in the loop (a bug; no input should reach
+                    // one) makes the service unavailable and reports the failure, so the process
+                    // stops leading and exits instead of reading ready while every request fails.
+                    let published = snap.clone();
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        engine_loop(
+                            d,
+                            rx,
+                            snap,
+                            m,
+                            Some(recover),
+                            LoopGates {
+                                panic_after_steps,
+                                may_drive,
+                            },
+                        )
+                    }));
+                    if let Err(p) = r {
+                        let why = format!("the engine loop panicked: {}", panic_message(&*p));
+                        tracing::error!("{why}");
+                        published
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .unavailable = why.clone();
+                        let _ = failed_tx.send(Some(why));
+                    }
                 }
-            }
-            Err(e) => {
-                let _ = ready_tx.send(Err(e.to_string()));
-            }
-        });
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e.to_string()));
+                }
+            },
+        );
         let (kv_blocks, block_size) = ready_rx.recv()?.map_err(anyhow::Error::msg)?;
         let kv_tokens = kv_blocks * block_size;
         let max_model_len = max_model_len(

@@ -225,7 +225,10 @@ fn a_rank_carried_into_a_smaller_group_keeps_its_kv_and_matches_goldens() {
                 let mut e = Engine::load_with(
                     &fixture(&model),
                     &EngineOptions::default(),
-                    ExpertSetup::Parallel { holders: h, comm: c1 },
+                    ExpertSetup::Parallel {
+                        holders: h,
+                        comm: c1,
+                    },
                 )
                 .unwrap();
                 for _ in 0..before {
@@ -287,7 +290,11 @@ fn a_rank_carried_into_a_smaller_group_keeps_its_kv_and_matches_goldens() {
         let one = Comm::Local(LocalComm::group(1).pop().unwrap());
         let loaded = e.rejoin(one, all).unwrap();
         let sparse = cfg.sparse_layers.iter().filter(|s| **s).count();
-        assert_eq!(loaded, sparse * cfg.num_experts - mine, "{model}: experts loaded");
+        assert_eq!(
+            loaded,
+            sparse * cfg.num_experts - mine,
+            "{model}: experts loaded"
+        );
         assert_eq!(e.kv_used(), kv_before, "{model}: the KV is kept as it was");
         // Sequence 0 catches up by one step, then all go on together.
         let mut first = vec![seqs[0].clone()];

@@ -357,7 +357,8 @@ impl Engine {
         })?;
         let gained = ExpertSelection::of_rank(&holders, comm.rank() as u32)
             .minus(&ExpertSelection::of_rank(current, rank));
-        let ck = Checkpoint::open(&self.dir)?.with_quantization(self.model.cfg.quantization.as_ref());
+        let ck =
+            Checkpoint::open(&self.dir)?.with_quantization(self.model.cfg.quantization.as_ref());
         let add = ExpertSet::load(&ck, &self.model.cfg, &gained, self.dtype)?;
         self.experts.rejoin(comm, holders, add)?;
         Ok(gained.count())

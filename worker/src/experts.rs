@@ -459,9 +459,8 @@ pub fn run_experts(
         groups.push(&work[start..]);
     }
     let rows_of = |g: &[(&Mlp, Vec<usize>)]| g.iter().map(|(_, d)| d.len()).sum::<usize>();
-    let inter_of = |g: &[(&Mlp, Vec<usize>)]| {
-        g.iter().map(|(m, d)| d.len() * m.inter).sum::<usize>()
-    };
+    let inter_of =
+        |g: &[(&Mlp, Vec<usize>)]| g.iter().map(|(m, d)| d.len() * m.inter).sum::<usize>();
     let mut buf = vec![0.0f32; groups.iter().map(|g| rows_of(g)).max().unwrap_or(0) * hidden];
     let inter_len = groups.iter().map(|g| inter_of(g)).max().unwrap_or(0);
     let (mut gates, mut ups) = (vec![0.0f32; inter_len], vec![0.0f32; inter_len]);
@@ -486,7 +485,14 @@ pub fn run_experts(
             let (ui, ur) = std::mem::take(&mut us).split_at_mut(m * n);
             (xs, gs, us) = (xr, gr, ur);
             for (w, o) in [(mlp.gate.weight(), gi), (mlp.up.weight(), ui)] {
-                jobs.push(LinearJob { x: xi, m, k: hidden, w, n, out: o });
+                jobs.push(LinearJob {
+                    x: xi,
+                    m,
+                    k: hidden,
+                    w,
+                    n,
+                    out: o,
+                });
             }
         }
         linear_batch(jobs);

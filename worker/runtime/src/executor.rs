@@ -16,8 +16,7 @@ use std::collections::HashMap;
 use switchyard_kernels::rng::Rng;
 use switchyard_kernels::sampling::{self, SamplingParams};
 use switchyard_proto::cluster::v1::{
-    ExpertUpdate, KeptSeq, RankExperts, SampledToken, SeqChunk, StepPlan, StepResult,
-    TokenLogprob,
+    ExpertUpdate, KeptSeq, RankExperts, SampledToken, SeqChunk, StepPlan, StepResult, TokenLogprob,
 };
 use switchyard_worker::comm::Comm;
 use switchyard_worker::engine::{ChunkSpec, Engine, Logits, PreparedExperts};
