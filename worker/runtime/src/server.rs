@@ -78,8 +78,8 @@ struct Epoch {
 }
 
 impl Epoch {
-    /// Stops the epoch and waits until its plan loop has ended (its engine set aside). A mesh join in progress finishes
-    /// (or times out) first.
+    /// Stops the epoch and waits until its plan loop has ended (its engine set aside for the
+    /// next epoch). A mesh join in progress finishes (or times out) first.
     async fn end(self) {
         let _ = self.stop.send(true);
         if let Some(c) = self.comm.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
