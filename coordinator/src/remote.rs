@@ -151,8 +151,8 @@ impl GrpcCluster {
     /// [`connect_with`](Self::connect_with) for a new epoch after `carry`'s: every worker is
     /// asked to keep its engine and the sequences `carry` lists for its address (each reports
     /// what it kept: [`Cluster::kept`]), and when every worker was in the previous group the
-    /// experts stay where they were ([`crate::placement::carry_over`]: only a lost worker's experts
-    /// move, to the survivors with room); otherwise they are placed afresh.
+    /// experts stay where they were ([`crate::placement::carry_over`]: only a lost worker's
+    /// experts move, to the survivors with room); otherwise they are placed afresh.
     pub fn connect_carrying(
         urls: &[String],
         model: &Path,
