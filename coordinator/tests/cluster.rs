@@ -259,3 +259,79 @@ fn a_worker_refuses_a_stale_leader_and_follows_a_newer_one() {
     run_goldens(&mut newer, &golden).unwrap();
     assert!(run_goldens(&mut current, &golden).is_err());
 }
+
+/// A new epoch from the same leader carries the workers' state over: each worker keeps the
+/// sequences the coordinator lists for it (at the confirmed lengths) and nothing else, the
+/// driver takes them over without re-prefill, and every stream ends on its goldens. A newer
+/// leader's epoch keeps nothing (its fence differs), and serves the goldens from a fresh load.
+#[test]
+fn a_new_epoch_keeps_exactly_what_the_same_leader_asks_for() {
+    let dir = fixture("tiny-qwen3-moe");
+    let golden: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap()).unwrap();
+    let workers: Vec<(Proc, String)> = (0..2).map(|_| spawn_worker(&dir)).collect();
+    let urls: Vec<String> = workers.iter().map(|w| w.1.clone()).collect();
+    let mut d = Driver::new(
+        GrpcCluster::connect_with(&urls, &dir, 0, 64, 16, &fenced(5)).unwrap(),
+        128,
+        64,
+    );
+    let mut want = std::collections::HashMap::new();
+    for (i, p) in golden["prompts"].as_array().unwrap().iter().enumerate() {
+        d.submit(GenRequest {
+            id: i as u64,
+            prompt: ids(&p["input_ids"]),
+            max_tokens: 24,
+            sampling: SamplingParams::greedy(),
+            eos: vec![],
+            ignore_eos: true,
+            priority: 0,
+            top_logprobs: 0,
+            trace: None,
+        })
+        .unwrap();
+        want.insert(i as u64, ids(&p["greedy"]["new_ids"]));
+    }
+    let mut got: std::collections::HashMap<u64, Vec<u32>> = Default::default();
+    let mut run = |d: &mut Driver, steps: usize| {
+        for _ in 0..steps {
+            for e in d.step().unwrap() {
+                got.entry(e.id).or_default().push(e.token);
+            }
+        }
+    };
+    run(&mut d, 12);
+    assert!(!d.is_idle());
+    let carry = d.carry();
+    let mut asked: Vec<Vec<(u64, usize)>> = urls
+        .iter()
+        .map(|u| carry.seqs.get(u).cloned().unwrap_or_default())
+        .collect();
+    for a in &mut asked {
+        a.sort_unstable();
+    }
+    let carried: usize = asked.iter().map(Vec::len).sum();
+    assert!(carried > 0);
+    // Same leader, same group: a new epoch that keeps everything asked for.
+    let next =
+        GrpcCluster::connect_carrying(&urls, &dir, 0, 64, 16, &fenced(5), &carry).unwrap();
+    use switchyard_coordinator::driver::Cluster;
+    let mut kept = next.kept();
+    for k in &mut kept {
+        k.sort_unstable();
+    }
+    assert_eq!(kept, asked);
+    assert!(d.rebuild(Box::new(next)).is_empty());
+    let s = d.snapshot();
+    assert_eq!((s.sequences_kept, s.sequences_reprefilled), (carried as u64, 0));
+    while !d.is_idle() {
+        run(&mut d, 1);
+    }
+    assert_eq!(got, want);
+    // A newer leader asking for the same sequences gets none of them: it starts afresh.
+    let newer =
+        GrpcCluster::connect_carrying(&urls, &dir, 0, 64, 16, &fenced(7), &carry).unwrap();
+    assert!(newer.kept().iter().all(Vec::is_empty), "{:?}", newer.kept());
+    let mut fresh = Driver::new(newer, 128, 64);
+    run_goldens(&mut fresh, &golden).unwrap();
+}
