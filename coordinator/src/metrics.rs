@@ -90,6 +90,8 @@ pub struct Metrics {
     /// `[layer][expert]` tokens routed since start.
     expert_tokens: Mutex<Vec<Vec<u64>>>,
     finished: Mutex<BTreeMap<&'static str, u64>>,
+    seqs_kept: AtomicU64,
+    seqs_reprefilled: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -109,6 +111,8 @@ impl Default for Metrics {
             kv: Mutex::new(Vec::new()),
             expert_tokens: Mutex::new(Vec::new()),
             finished: Mutex::new(BTreeMap::new()),
+            seqs_kept: AtomicU64::new(0),
+            seqs_reprefilled: AtomicU64::new(0),
         }
     }
 }
@@ -133,6 +137,13 @@ impl Metrics {
         let mut e = self.expert_tokens.lock().unwrap_or_else(|e| e.into_inner());
         e.clear();
         e.extend_from_slice(expert_tokens);
+    }
+
+    /// Totals since start of the sequences in flight at a rebuild that kept their KV and of
+    /// those re-prefilled.
+    pub fn on_recovered(&self, kept: u64, reprefilled: u64) {
+        self.seqs_kept.store(kept, Relaxed);
+        self.seqs_reprefilled.store(reprefilled, Relaxed);
     }
 
     pub fn on_admitted(&self, prompt_tokens: usize) {
@@ -201,6 +212,16 @@ impl Metrics {
             "switchyard_all_to_all_seconds_total",
             "Step time spent in the expert all-to-all (slowest rank).",
             f64::from_bits(self.a2a_seconds_bits.load(Relaxed)).to_string(),
+        );
+        let _ = writeln!(
+            o,
+            "# HELP switchyard_recovered_sequences_total Sequences in flight when the cluster was \
+             rebuilt (a worker lost, drained or joined): kept (went on from the KV their worker \
+             kept) or reprefilled.\n# TYPE switchyard_recovered_sequences_total counter\n\
+             switchyard_recovered_sequences_total{{outcome=\"kept\"}} {}\n\
+             switchyard_recovered_sequences_total{{outcome=\"reprefilled\"}} {}",
+            self.seqs_kept.load(Relaxed),
+            self.seqs_reprefilled.load(Relaxed)
         );
         let _ = writeln!(o, "# HELP switchyard_kv_blocks_used KV blocks in use per worker.\n# TYPE switchyard_kv_blocks_used gauge");
         let kv = self.kv.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -144,6 +144,7 @@ fn engine_loop(
     let publish = |driver: &Driver, unavailable: &Option<String>| {
         let mut s = driver.snapshot();
         s.unavailable = unavailable.clone().unwrap_or_default();
+        metrics.on_recovered(s.sequences_kept, s.sequences_reprefilled);
         *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = s;
     };
     publish(&driver, &unavailable);

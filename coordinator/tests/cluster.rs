@@ -313,8 +313,7 @@ fn a_new_epoch_keeps_exactly_what_the_same_leader_asks_for() {
     let carried: usize = asked.iter().map(Vec::len).sum();
     assert!(carried > 0);
     // Same leader, same group: a new epoch that keeps everything asked for.
-    let next =
-        GrpcCluster::connect_carrying(&urls, &dir, 0, 64, 16, &fenced(5), &carry).unwrap();
+    let next = GrpcCluster::connect_carrying(&urls, &dir, 0, 64, 16, &fenced(5), &carry).unwrap();
     use switchyard_coordinator::driver::Cluster;
     let mut kept = next.kept();
     for k in &mut kept {
@@ -323,14 +322,16 @@ fn a_new_epoch_keeps_exactly_what_the_same_leader_asks_for() {
     assert_eq!(kept, asked);
     assert!(d.rebuild(Box::new(next)).is_empty());
     let s = d.snapshot();
-    assert_eq!((s.sequences_kept, s.sequences_reprefilled), (carried as u64, 0));
+    assert_eq!(
+        (s.sequences_kept, s.sequences_reprefilled),
+        (carried as u64, 0)
+    );
     while !d.is_idle() {
         run(&mut d, 1);
     }
     assert_eq!(got, want);
     // A newer leader asking for the same sequences gets none of them: it starts afresh.
-    let newer =
-        GrpcCluster::connect_carrying(&urls, &dir, 0, 64, 16, &fenced(7), &carry).unwrap();
+    let newer = GrpcCluster::connect_carrying(&urls, &dir, 0, 64, 16, &fenced(7), &carry).unwrap();
     assert!(newer.kept().iter().all(Vec::is_empty), "{:?}", newer.kept());
     let mut fresh = Driver::new(newer, 128, 64);
     run_goldens(&mut fresh, &golden).unwrap();

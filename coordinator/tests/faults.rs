@@ -26,6 +26,16 @@ fn cluster(
     worker_args: &[&str],
     coord_args: &[&str],
 ) -> (Vec<(Proc, String)>, Proc, String, String) {
+    let (w, c, url, admin, _) = cluster_with_metrics(n, worker_args, coord_args);
+    (w, c, url, admin)
+}
+
+/// [`cluster`], and the coordinator's metrics URL.
+fn cluster_with_metrics(
+    n: usize,
+    worker_args: &[&str],
+    coord_args: &[&str],
+) -> (Vec<(Proc, String)>, Proc, String, String, String) {
     let dir = fixture(MODEL);
     let m = dir.to_str().unwrap();
     let workers: Vec<(Proc, String)> = (0..n)
@@ -42,12 +52,13 @@ fn cluster(
     }
     let (coord, line) = spawn_announcing(&args);
     let (url, admin) = (announced(&line, "grpc"), announced(&line, "admin"));
-    (workers, coord, url, admin)
+    (workers, coord, url, admin, announced(&line, "metrics"))
 }
 
 #[test]
 fn killing_one_of_three_workers_mid_stream_loses_no_token() {
-    let (mut workers, _coord, url, _) = cluster(3, &[], &["--redundant-experts", "2"]);
+    let (mut workers, _coord, url, _, metrics) =
+        cluster_with_metrics(3, &[], &["--redundant-experts", "2"]);
     block_on(async {
         let streams = GoldenStreams::start(&url, MODEL, 8);
         // Half the streams are producing tokens: kill a worker.
@@ -73,6 +84,16 @@ fn killing_one_of_three_workers_mid_stream_loses_no_token() {
              their KV, {} re-prefilled",
             st.sequences_kept, st.sequences_reprefilled
         );
+        let page = tokio::task::spawn_blocking(move || common::http_get(&metrics))
+            .await
+            .unwrap();
+        for (outcome, n) in [
+            ("kept", st.sequences_kept),
+            ("reprefilled", st.sequences_reprefilled),
+        ] {
+            let line = format!("switchyard_recovered_sequences_total{{outcome=\"{outcome}\"}} {n}");
+            assert!(page.lines().any(|l| l == line), "no {line:?} in\n{page}");
+        }
     });
     let _ = workers[1].0 .0.wait();
 }
