@@ -10,6 +10,8 @@
 //! Reported: requests, lost, kills; end-to-end latency p50/p99 of requests that overlapped a
 //! kill against those that did not (the latency cost of a recovery); per kill, the longest
 //! pause in any stream across it (recovery stall) and the median stream's pause.
+//! `SWITCHYARD_CHAOS_LOGS=1` lets the coordinator's log through to stderr (the workers' always
+//! goes there).
 
 use crate::local::LocalWorkers;
 use anyhow::{bail, Context, Result};
@@ -164,7 +166,12 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
     }
     let mut coord = cmd
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(if std::env::var_os("SWITCHYARD_CHAOS_LOGS").is_some() {
+            // Diagnosing a recovery: the coordinator's log beside the workers'.
+            std::process::Stdio::inherit()
+        } else {
+            std::process::Stdio::null()
+        })
         .spawn()?;
     let mut line = String::new();
     std::io::BufReader::new(coord.stdout.take().context("coordinator stdout")?)
