@@ -103,7 +103,8 @@ fn run_goldens(d: &mut Driver, golden: &Value) -> Result<(), String> {
 
 /// Epochs: a new control stream (a new leader) takes the workers over from a live one, whose
 /// next step fails at once instead of hanging; after that one closes, another epoch starts
-/// cleanly. Each epoch reloads placement and KV and serves the goldens.
+/// cleanly. Each epoch starts from its own placement with no sequence cached (a coordinator
+/// that lists none to keep gets none) and serves the goldens.
 #[test]
 fn a_new_coordinator_takes_over_the_workers_epoch_by_epoch() {
     let dir = fixture("tiny-qwen3-moe");
