@@ -1,9 +1,9 @@
 //! The operator API (`switchyard.v1.Admin`): drain a worker, rebalance experts, status.
 //!
 //! Drain takes a worker's control URL out of the pool the cluster factory builds from, marks
-//! the member drained, and rebuilds at the next step boundary: a new epoch over the others,
-//! its experts re-placed, its sequences re-homed and re-prefilled from their tokens so far (no
-//! client sees an error). It is refused (FAILED_PRECONDITION) when the others could not hold
+//! the member drained, and rebuilds at the next step boundary: a new epoch over the others
+//! (which keep their experts and their sequences' KV), its experts given to them, its
+//! sequences re-homed and re-prefilled from their tokens so far (no client sees an error). It is refused (FAILED_PRECONDITION) when the others could not hold
 //! every expert, and undone if the rebuild fails. A drained member stays out until its
 //! process leaves membership; registering again after that brings it back as a join.
 //!

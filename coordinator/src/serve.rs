@@ -455,8 +455,8 @@ pub async fn serve(
 /// does not), and looks for pool workers outside the cluster (on two ticks in a row) (lost, then restarted at the same
 /// address, e.g. a StatefulSet pod; or a static `--worker-url` that answers again) and rebuilds
 /// to take them back. A worker that answers but does not make it into the cluster is retried
-/// with exponential backoff (up to a minute), so a broken one cannot make every request
-/// re-prefill every 2 s.
+/// with exponential backoff (up to a minute), so a broken one cannot make the cluster change
+/// epoch every 2 s.
 async fn take_back_returning_workers(
     control: crate::server::EngineControl,
     pool: Arc<std::sync::Mutex<Vec<String>>>,
