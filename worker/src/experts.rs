@@ -445,11 +445,23 @@ pub fn run_experts(
     src: impl Fn(usize) -> usize,
     out: &mut [f32],
 ) {
+    run_grouped(work, x, hidden, src, out, GROUP_BYTES)
+}
+
+/// [`run_experts`] with groups of at most `group_bytes` of gathered rows.
+fn run_grouped(
+    work: &[(&Mlp, Vec<usize>)],
+    x: &[f32],
+    hidden: usize,
+    src: impl Fn(usize) -> usize,
+    out: &mut [f32],
+    group_bytes: usize,
+) {
     let row_bytes = hidden * 4;
     let mut groups: Vec<&[(&Mlp, Vec<usize>)]> = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (i, (_, dst)) in work.iter().enumerate() {
-        if i > start && bytes + dst.len() * row_bytes > GROUP_BYTES {
+        if i > start && bytes + dst.len() * row_bytes > group_bytes {
             groups.push(&work[start..i]);
             (start, bytes) = (i, 0);
         }
@@ -559,5 +571,83 @@ impl ExpertExec for LocalExperts {
         }
         run_experts(&work, x, hidden, |p| p / k, slots);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_kernels::rng::Rng;
+
+    fn mlp(rng: &mut Rng, hidden: usize, inter: usize, biased: bool) -> Mlp {
+        let mut m = |r: usize, c: usize| {
+            let v = (0..r * c).map(|_| rng.normal() as f32 * 0.1).collect();
+            Tensor::from_f32(vec![r, c], v, WeightDType::F32)
+        };
+        let (gate, up, down) = (m(inter, hidden), m(inter, hidden), m(hidden, inter));
+        let bias = biased.then(|| MlpBias {
+            gate: (0..inter).map(|i| i as f32 * 0.01).collect(),
+            up: (0..inter).map(|i| -(i as f32) * 0.01).collect(),
+            down: (0..hidden).map(|i| i as f32 * 0.02).collect(),
+        });
+        Mlp {
+            gate,
+            up,
+            down,
+            bias,
+            act: if biased {
+                Activation::ClampedSwiglu {
+                    alpha: 1.702,
+                    limit: 7.0,
+                }
+            } else {
+                Activation::Silu
+            },
+            hidden,
+            inter,
+        }
+    }
+
+    /// However the experts are grouped (one per group, a few, all in one), every destination
+    /// row is exactly that expert's MLP of its source row, as `Mlp::forward` computes it alone.
+    #[test]
+    fn grouping_never_changes_a_row() {
+        let (hidden, inter, tokens) = (16, 24, 40);
+        let mut rng = Rng::new(7);
+        let experts: Vec<Mlp> = (0..5)
+            .map(|e| mlp(&mut rng, hidden, inter, e % 2 == 1))
+            .collect();
+        let x: Vec<f32> = (0..tokens * hidden).map(|_| rng.normal() as f32).collect();
+        // Destination d reads source row d / 2 (two slots per token); expert 0 takes three
+        // in seven destinations (a GEMM's worth of rows), the others one in seven each (few
+        // rows: the streaming path).
+        let owner = |d: usize| [0, 0, 0, 1, 2, 3, 4][d % 7];
+        let work: Vec<(&Mlp, Vec<usize>)> = experts
+            .iter()
+            .enumerate()
+            .map(|(e, m)| (m, (0..2 * tokens).filter(|&d| owner(d) == e).collect()))
+            .collect();
+        assert!(work[0].1.len() >= 12 && work[1].1.len() < 12);
+        let mut want = vec![f32::NAN; 2 * tokens * hidden];
+        for (m, dst) in &work {
+            for &d in dst {
+                let s = d / 2;
+                m.forward(
+                    &x[s * hidden..(s + 1) * hidden],
+                    1,
+                    &mut want[d * hidden..(d + 1) * hidden],
+                );
+            }
+        }
+        for group_bytes in [1, 3 * hidden * 4 * 8, usize::MAX] {
+            let mut got = vec![f32::NAN; 2 * tokens * hidden];
+            run_grouped(&work, &x, hidden, |d| d / 2, &mut got, group_bytes);
+            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                    "group budget {group_bytes}: element {i}: {a} vs {b}"
+                );
+            }
+        }
     }
 }
