@@ -91,6 +91,9 @@ pub struct Carry {
     pub seqs: HashMap<String, Vec<(u64, usize)>>,
     /// The previous group's addresses (in rank order) and its holder table.
     pub holders: Option<(Vec<String>, Vec<Vec<Vec<u32>>>)>,
+    /// Live rebalancing is on: a worker new to the group may start with no experts (the
+    /// driver then moves its share to it in the background), so the others keep theirs.
+    pub live_placement: bool,
 }
 
 /// What the cluster looks like after the last step (for ClusterStatus and metrics).
@@ -480,6 +483,10 @@ impl Driver {
         Carry {
             seqs,
             holders: Some((addrs, self.cluster.holders().to_vec())),
+            live_placement: self
+                .experts
+                .as_ref()
+                .is_some_and(|x| x.rebalancer.policy.threshold.is_finite()),
         }
     }
 
@@ -567,6 +574,19 @@ impl Driver {
             // A new epoch starts from its own initial placement.
             x.pending = None;
             x.version = 0;
+        }
+        // A newcomer placed with no experts gets its share through a live re-placement: it
+        // loads in the background while the others go on.
+        let holders = self.cluster.holders();
+        let empty = (0..w as u32).any(|r| !holders.iter().flatten().any(|h| h.contains(&r)));
+        if empty && holders.iter().any(|l| !l.is_empty()) {
+            match self.rebalance_now() {
+                Ok(r) if r.version > 0 => {}
+                Ok(_) => tracing::info!(
+                    "a worker holds no expert; it gets some once the expert load shows it"
+                ),
+                Err(e) => tracing::warn!(error = %e, "re-placing experts onto a newcomer"),
+            }
         }
         dropped
     }

@@ -150,9 +150,10 @@ impl GrpcCluster {
 
     /// [`connect_with`](Self::connect_with) for a new epoch after `carry`'s: every worker is
     /// asked to keep its engine and the sequences `carry` lists for its address (each reports
-    /// what it kept: [`Cluster::kept`]), and when every worker was in the previous group the
-    /// experts stay where they were ([`crate::placement::carry_over`]: only a lost worker's
-    /// experts move, to the survivors with room); otherwise they are placed afresh.
+    /// what it kept: [`Cluster::kept`]), and when every worker was in the previous group (or
+    /// `carry.live_placement`: a newcomer's share is moved to it live) the experts stay where
+    /// they were ([`crate::placement::carry_over`]: only a lost worker's experts move, to the
+    /// workers with room, fewest held first); otherwise they are placed afresh.
     pub fn connect_carrying(
         urls: &[String],
         model: &Path,
@@ -223,8 +224,9 @@ impl GrpcCluster {
             }
             let kept_in_place = carry.holders.as_ref().and_then(|(old_urls, old)| {
                 let new_rank = |u: &String| urls.iter().position(|n| n == u).map(|r| r as u32);
-                // A worker new to the group gets its share from a fresh placement.
-                if !urls.iter().all(|u| old_urls.contains(u)) {
+                // A worker new to the group gets its share from a fresh placement, unless the
+                // driver moves it there live.
+                if !carry.live_placement && !urls.iter().all(|u| old_urls.contains(u)) {
                     return None;
                 }
                 let map: Vec<Option<u32>> = old_urls.iter().map(new_rank).collect();
