@@ -470,6 +470,11 @@ fn check_result(
 }
 
 impl Driver {
+    /// Sequences in flight at a rebuild that were kept, and re-prefilled, since start.
+    pub fn recovered(&self) -> (u64, u64) {
+        (self.kept, self.reprefilled)
+    }
+
     /// What the next epoch may keep from this one: each live sequence's worker address and
     /// confirmed cached positions, and the current group's addresses and holder table.
     pub fn carry(&self) -> Carry {

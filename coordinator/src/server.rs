@@ -64,7 +64,7 @@ fn rebuild(
     why: &str,
     sinks: &mut HashMap<u64, Sink>,
 ) -> Result<(), String> {
-    let before = driver.snapshot();
+    let (kept, reprefilled) = driver.recovered();
     match recover(&driver.carry()) {
         Ok(c) => {
             for (id, e) in driver.rebuild(c) {
@@ -72,11 +72,11 @@ fn rebuild(
                     let _ = sink.send(Err(Status::invalid_argument(e.to_string())));
                 }
             }
-            let after = driver.snapshot();
+            let (kept_now, reprefilled_now) = driver.recovered();
             tracing::warn!(
-                world = after.addresses.len(),
-                kept = after.sequences_kept - before.sequences_kept,
-                reprefilled = after.sequences_reprefilled - before.sequences_reprefilled,
+                world = driver.snapshot().addresses.len(),
+                kept = kept_now - kept,
+                reprefilled = reprefilled_now - reprefilled,
                 "cluster rebuilt after {why}; requests re-homed"
             );
             Ok(())

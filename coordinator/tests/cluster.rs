@@ -73,8 +73,12 @@ fn two_worker_processes_match_goldens() {
     }
 }
 
-/// Runs every golden prompt of `model` through `d` at once; the tokens per request id.
-fn run_goldens(d: &mut Driver, golden: &Value) -> Result<(), String> {
+/// Submits every golden prompt to `d` (request id = prompt index, 24 greedy tokens); the
+/// golden tokens per request id.
+fn submit_goldens(
+    d: &mut Driver,
+    golden: &Value,
+) -> Result<std::collections::HashMap<u64, Vec<u32>>, String> {
     let mut want = std::collections::HashMap::new();
     for (i, p) in golden["prompts"].as_array().unwrap().iter().enumerate() {
         d.submit(GenRequest {
@@ -91,6 +95,12 @@ fn run_goldens(d: &mut Driver, golden: &Value) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
         want.insert(i as u64, ids(&p["greedy"]["new_ids"]));
     }
+    Ok(want)
+}
+
+/// Runs every golden prompt of `model` through `d` at once; the tokens per request id.
+fn run_goldens(d: &mut Driver, golden: &Value) -> Result<(), String> {
+    let want = submit_goldens(d, golden)?;
     let mut got: std::collections::HashMap<u64, Vec<u32>> = Default::default();
     while !d.is_idle() {
         for e in d.step().map_err(|e| e.to_string())? {
@@ -277,22 +287,7 @@ fn a_new_epoch_keeps_exactly_what_the_same_leader_asks_for() {
         128,
         64,
     );
-    let mut want = std::collections::HashMap::new();
-    for (i, p) in golden["prompts"].as_array().unwrap().iter().enumerate() {
-        d.submit(GenRequest {
-            id: i as u64,
-            prompt: ids(&p["input_ids"]),
-            max_tokens: 24,
-            sampling: SamplingParams::greedy(),
-            eos: vec![],
-            ignore_eos: true,
-            priority: 0,
-            top_logprobs: 0,
-            trace: None,
-        })
-        .unwrap();
-        want.insert(i as u64, ids(&p["greedy"]["new_ids"]));
-    }
+    let want = submit_goldens(&mut d, &golden).unwrap();
     let mut got: std::collections::HashMap<u64, Vec<u32>> = Default::default();
     let mut run = |d: &mut Driver, steps: usize| {
         for _ in 0..steps {

@@ -54,35 +54,35 @@ fn run_rank(
         .collect();
     let out = e.step(&chunks, false).unwrap();
     let last: Vec<Vec<f32>> = out.logits.chunks(v).map(|c| c.to_vec()).collect();
-    let mut gen: Vec<Vec<u32>> = last
+    let mut seqs: Vec<(u64, Vec<u32>)> = mine
         .iter()
-        .map(|l| vec![switchyard_kernels::sampling::argmax(l) as u32])
+        .zip(&last)
+        .map(|((i, p), l)| {
+            let mut t = p.clone();
+            t.push(switchyard_kernels::sampling::argmax(l) as u32);
+            (*i as u64, t)
+        })
         .collect();
-    for _ in 1..steps {
-        let toks: Vec<[u32; 1]> = gen.iter().map(|g| [*g.last().unwrap()]).collect();
-        let chunks: Vec<ChunkSpec> = mine
-            .iter()
-            .zip(&toks)
-            .map(|((i, _), t)| ChunkSpec {
-                seq_id: *i as u64,
-                tokens: t,
-                logits: Logits::Last,
-            })
-            .collect();
-        // Ranks with no sequences still step: they serve their experts to the others.
-        let out = e.step(&chunks, false).unwrap();
-        for (g, l) in gen.iter_mut().zip(out.logits.chunks(v)) {
-            g.push(switchyard_kernels::sampling::argmax(l) as u32);
-        }
-    }
+    // Ranks with no sequences still step: they serve their experts to the others.
+    decode(&mut e, &mut seqs, steps - 1);
     RankResult {
         per_prompt: mine
             .iter()
-            .zip(gen)
+            .zip(seqs)
             .zip(last)
-            .map(|(((i, _), g), l)| (*i, g, l))
+            .map(|(((i, p), (_, t)), l)| (*i, t[p.len()..].to_vec(), l))
             .collect(),
     }
+}
+
+/// The golden prompts' token ids.
+fn prompt_ids(g: &serde_json::Value) -> Vec<Vec<u32>> {
+    g["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| ids(&p["input_ids"]))
+        .collect()
 }
 
 fn check(model: &str, world: usize, redundant: usize, homing_ranks: usize) {
@@ -109,12 +109,7 @@ fn tcp_group(world: usize) -> Vec<Comm> {
 fn check_with(model: &str, comms: Vec<Comm>, redundant: usize, homing_ranks: usize) {
     let world = comms.len();
     let g = golden(model);
-    let prompts: Vec<Vec<u32>> = g["prompts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|p| ids(&p["input_ids"]))
-        .collect();
+    let prompts = prompt_ids(&g);
     let steps = 24;
     let h = holders(model, world, redundant);
     let handles: Vec<_> = comms
@@ -207,12 +202,7 @@ fn decode(e: &mut Engine, seqs: &mut [(u64, Vec<u32>)], steps: usize) {
 fn a_rank_carried_into_a_smaller_group_keeps_its_kv_and_matches_goldens() {
     for model in ["tiny-qwen3-moe", "tiny-deepseek-v3", "tiny-gpt-oss"] {
         let g = golden(model);
-        let prompts: Vec<Vec<u32>> = g["prompts"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| ids(&p["input_ids"]))
-            .collect();
+        let prompts = prompt_ids(&g);
         let h = holders(model, 2, 0);
         let (before, total) = (5, 24);
         let mut comms = LocalComm::group(2).into_iter().map(Comm::Local);

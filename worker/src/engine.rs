@@ -313,11 +313,21 @@ impl Engine {
     /// What this rank must load to serve under the holder table `holders` (expert parallel
     /// engines only).
     pub fn expert_load(&self, holders: Vec<Vec<Vec<u32>>>) -> Result<ExpertLoad, WorkerError> {
+        self.load_as(holders, None)
+    }
+
+    /// What this rank must load to serve as rank `as_rank` (its current rank when `None`)
+    /// under `holders`: the experts that rank holds there minus those held here now.
+    fn load_as(
+        &self,
+        holders: Vec<Vec<Vec<u32>>>,
+        as_rank: Option<u32>,
+    ) -> Result<ExpertLoad, WorkerError> {
         check_holders(&self.model.cfg, &holders)?;
         let (rank, current) = self.experts.placement().ok_or_else(|| {
             WorkerError::Placement("experts are all local; nothing to re-place".into())
         })?;
-        let gained = ExpertSelection::of_rank(&holders, rank)
+        let gained = ExpertSelection::of_rank(&holders, as_rank.unwrap_or(rank))
             .minus(&ExpertSelection::of_rank(current, rank));
         Ok(ExpertLoad {
             dir: self.dir.clone(),
@@ -351,17 +361,11 @@ impl Engine {
                 "a GPU engine is loaded afresh in each epoch".into(),
             ));
         }
-        check_holders(&self.model.cfg, &holders)?;
-        let (rank, current) = self.experts.placement().ok_or_else(|| {
-            WorkerError::Placement("experts are all local; there is no group to rejoin".into())
-        })?;
-        let gained = ExpertSelection::of_rank(&holders, comm.rank() as u32)
-            .minus(&ExpertSelection::of_rank(current, rank));
-        let ck =
-            Checkpoint::open(&self.dir)?.with_quantization(self.model.cfg.quantization.as_ref());
-        let add = ExpertSet::load(&ck, &self.model.cfg, &gained, self.dtype)?;
-        self.experts.rejoin(comm, holders, add)?;
-        Ok(gained.count())
+        let job = self.load_as(holders, Some(comm.rank() as u32))?;
+        let loaded = job.gained();
+        let p = job.load()?;
+        self.experts.rejoin(comm, p.holders, p.gained)?;
+        Ok(loaded)
     }
 
     /// Cuts a sequence back to its first `len` positions (cache blocks past them are freed);
