@@ -289,6 +289,7 @@ fn greedy(id: u64, prompt: Vec<u32>, max_tokens: usize) -> crate::driver::GenReq
         priority: 0,
         top_logprobs: 0,
         trace: None,
+        journal: None,
     }
 }
 

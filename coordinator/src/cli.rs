@@ -185,6 +185,10 @@ pub struct ClusterArgs {
     /// Seconds a step may wait for a silent worker before the cluster is rebuilt without it.
     #[arg(long, default_value_t = 30)]
     pub step_timeout: u64,
+    /// Seconds a request taken over from a lost leader keeps running without a client: its
+    /// client has that long to call Resume (`switchyard generate` does so by itself).
+    #[arg(long, default_value_t = 30)]
+    pub resume_grace: u64,
     /// Longest context a request may span (prompt + max_tokens), as vLLM's option; default:
     /// the model's context or what one worker's KV cache holds, whichever is smaller. A value
     /// the KV cache cannot hold refuses to start.
@@ -350,7 +354,9 @@ pub struct CoordinatorArgs {
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// Coordinator URL, e.g. http://127.0.0.1:50051
+    /// Coordinator URL, e.g. http://127.0.0.1:50051; several, comma-separated (a leader and
+    /// its standbys): the first that answers serves, and a stream whose coordinator is lost
+    /// resumes on the one that takes over.
     #[arg(long)]
     pub endpoint: String,
     /// API key, when the coordinator requires one.
@@ -358,6 +364,10 @@ pub struct GenerateArgs {
     pub api_key: Option<String>,
     #[command(flatten)]
     pub tls: ClientTlsArgs,
+    /// Seconds to keep trying to resume a stream whose coordinator was lost (0: one round
+    /// over the endpoints).
+    #[arg(long, default_value_t = 30)]
+    pub resume_timeout: u64,
     #[command(flatten)]
     pub prompt: PromptArgs,
     #[command(flatten)]
@@ -1091,6 +1101,7 @@ fn serve_options(
             ..Default::default()
         },
         step_timeout: Duration::from_secs(c.step_timeout.max(1)),
+        resume_grace: Duration::from_secs(c.resume_grace.max(1)),
         http_addr: (c.http_addr != "off").then(|| c.http_addr.clone()),
         api_keys: crate::auth::ApiKeys::load(
             c.api_keys_file.as_deref(),
@@ -1213,6 +1224,7 @@ fn coordinator_cmd(a: CoordinatorArgs) -> Result<()> {
 }
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
+    use switchyard_proto::resume::Reattach;
     use switchyard_proto::v1::generate_response::Event;
     use switchyard_proto::v1::inference_client::InferenceClient;
     use switchyard_proto::v1::*;
@@ -1220,10 +1232,20 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let mut client = InferenceClient::with_interceptor(
-            connect(&a.endpoint, &a.tls).await?,
-            bearer(a.api_key.clone())?,
-        );
+        let endpoints: Vec<String> = a
+            .endpoint
+            .split(',')
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        let mut channel = Err(anyhow::anyhow!("--endpoint names no coordinator"));
+        for e in &endpoints {
+            channel = connect(e, &a.tls).await;
+            if channel.is_ok() {
+                break;
+            }
+        }
+        let mut client = InferenceClient::with_interceptor(channel?, bearer(a.api_key.clone())?);
         let (input, tok_input) = match a.prompt.prompt()? {
             Prompt::Text(t) => (
                 generate_request::Input::Text(t.clone()),
@@ -1283,11 +1305,39 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
             top_logprobs: 0,
             logprobs: false,
         };
-        let mut stream = client
-            .generate(req)
+        let stream = client
+            .generate(req.clone())
             .await
             .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
             .into_inner();
+        let resume: switchyard_proto::resume::ReattachFn = {
+            let (endpoints, tls, key) = (
+                Arc::new(endpoints.clone()),
+                Arc::new(a.tls.clone()),
+                a.api_key.clone(),
+            );
+            Box::new(move |i, req| {
+                let (endpoints, tls, key) = (endpoints.clone(), tls.clone(), key.clone());
+                Box::pin(async move {
+                    let ch = connect(&endpoints[i], &tls)
+                        .await
+                        .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
+                    let auth = bearer(key).map_err(|e| tonic::Status::internal(e.to_string()))?;
+                    let mut c = InferenceClient::with_interceptor(ch, auth);
+                    Ok(match req {
+                        Reattach::Resume(r) => c.resume(r).await?.into_inner(),
+                        Reattach::Generate(r) => c.generate(r).await?.into_inner(),
+                    })
+                })
+            })
+        };
+        let mut stream = switchyard_proto::resume::Resuming::new(
+            stream,
+            req,
+            endpoints.len(),
+            resume,
+            Duration::from_secs(a.resume_timeout),
+        );
         let (mut output_ids, mut reasoning, mut answer, mut finish) = (
             Vec::new(),
             String::new(),

@@ -15,7 +15,9 @@ use std::path::Path;
 use std::sync::mpsc;
 use switchyard_kernels::sampling::SamplingParams;
 use switchyard_proto::cluster::v1::coordinator_message::Msg as CMsg;
-use switchyard_proto::cluster::v1::{ExpertUpdate, SeqChunk, StepPlan, StepResult};
+use switchyard_proto::cluster::v1::{
+    ExpertUpdate, HeldSeq, SeqChunk, SeqRequest, StepPlan, StepResult,
+};
 use switchyard_runtime::executor::Executor;
 use switchyard_worker::comm::{Comm, LocalComm};
 use switchyard_worker::engine::{read_config, Engine, EngineOptions, ExpertSetup};
@@ -80,6 +82,11 @@ pub trait Cluster {
     fn kept(&self) -> Vec<Vec<(u64, usize)>> {
         Vec::new()
     }
+    /// Taking over ([`Carry::adopt_held`]): the sequences a previous leader left on the
+    /// workers and they kept, with their ranks (once; later calls return nothing).
+    fn take_adopted(&mut self) -> Vec<(usize, HeldSeq)> {
+        Vec::new()
+    }
 }
 
 /// What a new epoch may keep from the one before ([`Driver::carry`]): the factory building
@@ -94,6 +101,20 @@ pub struct Carry {
     /// Live rebalancing is on: a worker new to the group may start with no experts (the
     /// driver then moves its share to it in the background), so the others keep theirs.
     pub live_placement: bool,
+    /// This coordinator is taking the workers over (its first cluster): each worker keeps
+    /// what its hello says it holds, sequences and experts, and the driver adopts those
+    /// sequences' requests ([`Cluster::take_adopted`]); `seqs` and `holders` are unused.
+    pub adopt_held: bool,
+}
+
+impl Carry {
+    /// What a coordinator's first cluster carries: whatever the workers held.
+    pub fn takeover() -> Self {
+        Carry {
+            adopt_held: true,
+            ..Default::default()
+        }
+    }
 }
 
 /// What the cluster looks like after the last step (for ClusterStatus and metrics).
@@ -340,6 +361,23 @@ pub struct GenRequest {
     pub top_logprobs: u32,
     /// The request's span: every step that computes for it links to it.
     pub trace: Option<tracing::Span>,
+    /// Handed to the worker with the chunk that starts the sequence (kept there for a
+    /// coordinator that takes over; see [`Carry::adopt_held`]).
+    pub journal: Option<std::sync::Arc<SeqRequest>>,
+}
+
+/// What [`Driver::adopt`] made of a sequence a previous leader left on a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adopted {
+    /// It goes on from the KV its worker kept.
+    Kept,
+    /// It goes on, re-prefilled from its tokens (its worker's cache could not be used).
+    Reprefilled,
+    /// Its tokens already end it (end of sequence or max_tokens): nothing left to run.
+    Finished,
+    /// It cannot run here (its whole length does not fit one worker's KV, or its id is
+    /// taken): freed on its worker.
+    Refused,
 }
 
 struct Live {
@@ -492,6 +530,7 @@ impl Driver {
                 .experts
                 .as_ref()
                 .is_some_and(|x| x.rebalancer.policy.threshold.is_finite()),
+            adopt_held: false,
         }
     }
 
@@ -766,6 +805,72 @@ impl Driver {
         Ok(())
     }
 
+    /// The sequences a previous leader left on the workers, as the cluster reported them
+    /// (once).
+    pub fn take_adopted(&mut self) -> Vec<(usize, HeldSeq)> {
+        self.cluster.take_adopted()
+    }
+
+    /// Takes over a request a previous leader was running: `tokens` are all its tokens known
+    /// (prompt, then those generated; a prefix of the prompt while it was prefilling), of
+    /// which the first `cached` are cached on rank `rank`. It goes on from that cache when the
+    /// scheduler can take it there, else it is re-prefilled from its tokens; either way the
+    /// continuation is the one the old leader would have produced (sampling is seeded by
+    /// position). A request whose tokens already end it is only freed on its worker.
+    pub fn adopt(
+        &mut self,
+        req: GenRequest,
+        tokens: Vec<u32>,
+        rank: usize,
+        cached: usize,
+    ) -> Adopted {
+        let id = req.id;
+        let tokens = if tokens.len() < req.prompt.len() || !tokens.starts_with(&req.prompt) {
+            req.prompt.clone()
+        } else {
+            tokens
+        };
+        let generated = tokens.len() - req.prompt.len();
+        let ended = generated > 0
+            && (generated >= req.max_tokens
+                || (!req.ignore_eos && req.eos.contains(tokens.last().expect("generated"))));
+        let on_worker = rank < self.pending_free.len();
+        let fits = self.state.fits(req.prompt.len() + req.max_tokens);
+        if ended || !fits || self.live.contains_key(&id) {
+            if on_worker {
+                self.pending_free[rank].push(id);
+            }
+            return if ended {
+                Adopted::Finished
+            } else {
+                Adopted::Refused
+            };
+        }
+        let (len, priority) = (tokens.len(), req.priority);
+        let kept = on_worker && self.state.adopt(id, len, cached, rank, priority);
+        if !kept {
+            if on_worker {
+                self.pending_free[rank].push(id);
+            }
+            self.state.add(id, len, priority);
+        }
+        self.live.insert(
+            id,
+            Live {
+                req,
+                tokens,
+                generated,
+            },
+        );
+        if kept {
+            self.kept += 1;
+            Adopted::Kept
+        } else {
+            self.reprefilled += 1;
+            Adopted::Reprefilled
+        }
+    }
+
     /// Drops a request; its KV blocks are freed on its worker with the next step.
     pub fn cancel(&mut self, id: u64) {
         self.release(id);
@@ -936,6 +1041,11 @@ impl Driver {
                 repetition_penalty: p.repetition_penalty,
                 seed: p.seed,
                 top_logprobs: l.req.top_logprobs,
+                request: if c.start == 0 {
+                    l.req.journal.as_deref().cloned()
+                } else {
+                    None
+                },
             });
         }
         let span = tracing::info_span!(
@@ -1119,6 +1229,7 @@ mod tests {
             priority: 0,
             top_logprobs: 0,
             trace: None,
+            journal: None,
         }
     }
 

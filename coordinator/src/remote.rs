@@ -11,7 +11,8 @@ use switchyard_proto::cluster::v1::coordinator_message::Msg as CMsg;
 use switchyard_proto::cluster::v1::worker_client::WorkerClient;
 use switchyard_proto::cluster::v1::worker_message::Msg as WMsg;
 use switchyard_proto::cluster::v1::{
-    CoordinatorMessage, ExpertUpdate, KeptSeq, Placement, StepPlan, StepResult, WorkerMessage,
+    CoordinatorMessage, ExpertUpdate, HeldSeq, KeptSeq, Placement, StepPlan, StepResult,
+    WorkerHello, WorkerMessage,
 };
 use switchyard_worker::engine::read_config;
 use tokio::sync::mpsc;
@@ -29,6 +30,9 @@ pub struct GrpcCluster {
     urls: Vec<String>,
     /// Per rank, what its ready answer said it kept from the previous epoch.
     kept: Vec<Vec<(u64, usize)>>,
+    /// Taking over ([`Carry::adopt_held`]): the sequences kept that the workers' hellos
+    /// described, with their ranks, until the driver takes them.
+    adopted: Vec<(usize, HeldSeq)>,
     step_timeout: std::time::Duration,
     interrupt: Option<std::sync::Arc<tokio::sync::Notify>>,
 }
@@ -171,11 +175,12 @@ impl GrpcCluster {
             .enable_all()
             .build()
             .map_err(|e| rank_err(0)(e.to_string()))?;
-        let (txs, rxs, holders, slots, kept) = rt.block_on(async {
+        let (txs, rxs, holders, slots, kept, adopted) = rt.block_on(async {
             let mut txs = Vec::new();
             let mut rxs = Vec::new();
             let mut comm_addrs = Vec::new();
             let mut slots = Vec::new();
+            let mut hellos: Vec<WorkerHello> = Vec::new();
             for (rank, url) in urls.iter().enumerate() {
                 let hello = async {
                     let mut client = connect_worker(url, access.tls.as_ref())
@@ -217,11 +222,17 @@ impl GrpcCluster {
                         .map_err(|_| {
                             unreachable(rank)(format!("{url}: no hello within {HELLO_TIMEOUT:?}"))
                         })??;
-                comm_addrs.push(h.comm_address);
+                comm_addrs.push(h.comm_address.clone());
                 slots.push(h.expert_slots as usize);
                 txs.push(tx);
                 rxs.push(inbound);
+                hellos.push(h);
             }
+            // Taking over: keep what each worker says it holds (sequences and experts).
+            let takeover = carry
+                .adopt_held
+                .then(|| takeover_carry(&cfg, urls, &hellos));
+            let carry = takeover.as_ref().unwrap_or(carry);
             let kept_in_place = carry.holders.as_ref().and_then(|(old_urls, old)| {
                 let new_rank = |u: &String| urls.iter().position(|n| n == u).map(|r| r as u32);
                 // A worker new to the group gets its share from a fresh placement, unless the
@@ -285,7 +296,7 @@ impl GrpcCluster {
                     rank_err(0)(format!("workers not ready within {READY_TIMEOUT:?}"))
                 })??;
             // A worker reports only what it was asked to keep (anything else is ignored).
-            let kept = kept
+            let kept: Vec<Vec<(u64, usize)>> = kept
                 .into_iter()
                 .enumerate()
                 .map(|(rank, seqs)| {
@@ -295,7 +306,17 @@ impl GrpcCluster {
                         .collect()
                 })
                 .collect();
-            Ok::<_, DriverError>((txs, rxs, holders, slots, kept))
+            let mut adopted = Vec::new();
+            if takeover.is_some() {
+                for (rank, h) in hellos.into_iter().enumerate() {
+                    for s in h.held {
+                        if kept[rank].contains(&(s.seq_id, s.cached as usize)) {
+                            adopted.push((rank, s));
+                        }
+                    }
+                }
+            }
+            Ok::<_, DriverError>((txs, rxs, holders, slots, kept, adopted))
         })?;
         Ok(GrpcCluster {
             rt,
@@ -307,6 +328,7 @@ impl GrpcCluster {
             slots,
             urls: urls.to_vec(),
             kept,
+            adopted,
             step_timeout: DEFAULT_STEP_TIMEOUT,
             interrupt: None,
         })
@@ -334,6 +356,10 @@ impl GrpcCluster {
 impl Cluster for GrpcCluster {
     fn kept(&self) -> Vec<Vec<(u64, usize)>> {
         self.kept.clone()
+    }
+
+    fn take_adopted(&mut self) -> Vec<(usize, HeldSeq)> {
+        std::mem::take(&mut self.adopted)
     }
 
     fn world(&self) -> usize {
@@ -439,6 +465,52 @@ impl Cluster for GrpcCluster {
             }
             Ok(out)
         })
+    }
+}
+
+/// What a coordinator taking over keeps, from the workers' hellos: each worker's held
+/// sequences at their cached lengths, and the experts where they are (an expert no hello
+/// names is placed by [`crate::placement::carry_over`]; no hello naming any: placed afresh).
+fn takeover_carry(
+    cfg: &switchyard_worker::ModelConfig,
+    urls: &[String],
+    hellos: &[WorkerHello],
+) -> Carry {
+    let seqs = urls
+        .iter()
+        .zip(hellos)
+        .map(|(u, h)| {
+            let held = h
+                .held
+                .iter()
+                .map(|s| (s.seq_id, s.cached as usize))
+                .collect();
+            (u.clone(), held)
+        })
+        .collect();
+    let mut table: Vec<Vec<Vec<u32>>> = cfg
+        .sparse_layers
+        .iter()
+        .map(|&sparse| vec![vec![]; if sparse { cfg.num_experts } else { 0 }])
+        .collect();
+    for (rank, h) in hellos.iter().enumerate() {
+        for a in &h.held_experts {
+            for &e in &a.experts {
+                if let Some(ranks) = table
+                    .get_mut(a.layer as usize)
+                    .and_then(|l| l.get_mut(e as usize))
+                {
+                    ranks.push(rank as u32);
+                }
+            }
+        }
+    }
+    let any = hellos.iter().any(|h| !h.held_experts.is_empty());
+    Carry {
+        seqs,
+        holders: any.then(|| (urls.to_vec(), table)),
+        live_placement: false,
+        adopt_held: false,
     }
 }
 

@@ -42,6 +42,8 @@ pub struct ServeOptions {
     pub rebalance: crate::rebalance::RebalancePolicy,
     /// A step with a rank silent this long fails (and the cluster is rebuilt without it).
     pub step_timeout: Duration,
+    /// How long a request adopted from a lost leader waits for its client's Resume.
+    pub resume_grace: Duration,
     /// OpenAI-style HTTP API address (also `/healthz`, `/readyz`, `/metrics`); none: off.
     pub http_addr: Option<String>,
     /// Required API keys (HTTP and gRPC); none: open.
@@ -205,6 +207,7 @@ pub async fn serve(
                 max_model_len: o.max_model_len,
                 panic_after_steps: o.panic_after_steps,
                 may_drive: Some(may_drive),
+                resume_grace: o.resume_grace,
             },
         )
     })

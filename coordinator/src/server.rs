@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 use switchyard_kernels::sampling::SamplingParams;
+use switchyard_proto::cluster::v1::{HeldSeq, SeqRequest};
 use switchyard_proto::v1::generate_request::Input;
 use switchyard_proto::v1::generate_response::Event;
 use switchyard_proto::v1::inference_server::{Inference, InferenceServer};
@@ -130,6 +131,7 @@ fn engine_loop(
     metrics: Arc<Metrics>,
     mut recover: Option<Recover>,
     gates: LoopGates,
+    mut sinks: HashMap<u64, Sink>,
 ) {
     let LoopGates {
         panic_after_steps,
@@ -148,7 +150,6 @@ fn engine_loop(
         *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = s;
     };
     publish(&driver, &unavailable);
-    let mut sinks: HashMap<u64, Sink> = HashMap::new();
     loop {
         let first = if unavailable.is_some() {
             match rx.recv_timeout(RETRY_UNAVAILABLE) {
@@ -361,6 +362,143 @@ pub struct ServiceOptions {
     /// While this reads false the engine loop does not step (its leadership could not be
     /// renewed in time, so a standby may be about to take over); requests wait.
     pub may_drive: Option<tokio::sync::watch::Receiver<bool>>,
+    /// How long a request adopted from a previous leader runs on without a client before it
+    /// is cancelled (its client has that long to call Resume).
+    pub resume_grace: std::time::Duration,
+}
+
+/// Requests adopted from a previous leader that no client has resumed yet, by request id.
+type Parking = Arc<std::sync::Mutex<HashMap<String, Parked>>>;
+
+/// An adopted request waiting for its client: its tokens so far are already queued in `rx`
+/// (then the ones generated meanwhile).
+struct Parked {
+    job: Job,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Result<Emitted, Status>>,
+    /// Tokens generated before the takeover, and the first of them whose log-probability is
+    /// known (the workers keep only the last one's).
+    known: usize,
+    logprobs_from: usize,
+    owner: String,
+    since: Instant,
+    admitted: InFlight,
+}
+
+/// Adopts every sequence the driver's first cluster kept from a previous leader
+/// ([`Driver::adopt`]) and parks its request for [`Inference::resume`]. Returns the engine
+/// loop's sinks for them, and the first request id above every adopted one.
+fn adopt_all(
+    d: &mut Driver,
+    eos: &[u32],
+    parking: &Parking,
+    in_flight: &Arc<std::sync::atomic::AtomicUsize>,
+) -> (HashMap<u64, Sink>, u64) {
+    let mut sinks = HashMap::new();
+    let mut next = 1;
+    let mut parked = parking.lock().unwrap_or_else(|e| e.into_inner());
+    let (mut kept, mut reprefilled, mut done) = (0, 0, 0);
+    for (rank, h) in d.take_adopted() {
+        let HeldSeq {
+            seq_id: id,
+            tokens,
+            cached,
+            request,
+            last,
+        } = h;
+        let Some(journal) = request else { continue };
+        next = next.max(id + 1);
+        let prompt = journal.prompt.len();
+        let generated: Vec<u32> = if tokens.len() > prompt && tokens.starts_with(&journal.prompt) {
+            tokens[prompt..].to_vec()
+        } else {
+            vec![]
+        };
+        let job = Job::of(id, &journal);
+        let owner = journal.owner.clone();
+        let outcome = d.adopt(gen_request(id, journal, eos), tokens, rank, cached as usize);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let n = generated.len();
+        let last = last.filter(|l| generated.last() == Some(&l.token));
+        for (i, &token) in generated.iter().enumerate() {
+            let known = i + 1 == n && last.is_some();
+            let l = last.as_ref().filter(|_| known);
+            let _ = tx.send(Ok(Emitted {
+                id,
+                token,
+                finished: outcome == crate::driver::Adopted::Finished && i + 1 == n,
+                logprob: l.map_or(f32::NAN, |l| l.logprob),
+                top: l.map_or(vec![], |l| {
+                    l.top.iter().map(|x| (x.token, x.logprob)).collect()
+                }),
+            }));
+        }
+        match outcome {
+            crate::driver::Adopted::Kept => kept += 1,
+            crate::driver::Adopted::Reprefilled => reprefilled += 1,
+            crate::driver::Adopted::Finished => done += 1,
+            crate::driver::Adopted::Refused => {
+                let _ = tx.send(Err(Status::failed_precondition(
+                    "this coordinator cannot run the request it took over (its length exceeds                      what one worker's KV cache holds)",
+                )));
+            }
+        }
+        if matches!(
+            outcome,
+            crate::driver::Adopted::Kept | crate::driver::Adopted::Reprefilled
+        ) {
+            sinks.insert(id, tx);
+        }
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        let p = Parked {
+            known: n,
+            logprobs_from: if last.is_some() {
+                n.saturating_sub(1)
+            } else {
+                n
+            },
+            job,
+            rx,
+            owner,
+            since: Instant::now(),
+            admitted: InFlight(in_flight.clone()),
+        };
+        if let Some(old) = parked.insert(p.job.request_id.clone(), p) {
+            tracing::warn!(
+                request_id = %old.job.request_id,
+                "two adopted requests share an id; only the later one can be resumed"
+            );
+            sinks.remove(&old.job.id);
+            d.cancel(old.job.id);
+        }
+    }
+    if kept + reprefilled + done > 0 {
+        tracing::warn!(
+            kept,
+            reprefilled,
+            finished = done,
+            "took over the requests a previous leader left on the workers; they wait for \
+             their clients to resume them"
+        );
+    }
+    (sinks, next)
+}
+
+/// Cancels adopted requests no client resumed within `grace`; stops with the service.
+fn spawn_reaper(parking: &Parking, grace: std::time::Duration, cmds: mpsc::Sender<Cmd>) {
+    let weak = Arc::downgrade(parking);
+    std::thread::spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_millis(500).min(grace));
+        let Some(p) = weak.upgrade() else { return };
+        let mut p = p.lock().unwrap_or_else(|e| e.into_inner());
+        p.retain(|rid, x| {
+            let keep = x.since.elapsed() < grace;
+            if !keep {
+                tracing::warn!(request_id = %rid, "no client resumed an adopted request in time; cancelling it");
+                let _ = cmds.send(Cmd::Cancel(x.job.id));
+            }
+            keep
+        });
+    });
 }
 
 /// Why the engine loop stopped for good (it panicked), once it has.
@@ -411,6 +549,8 @@ pub struct InferenceService {
     /// RESOURCE_EXHAUSTED.
     max_in_flight: usize,
     in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    /// Requests adopted from a previous leader, by request id, until their clients resume.
+    parked: Parking,
     roster: Arc<std::sync::Mutex<Roster>>,
     metrics: Arc<Metrics>,
     keys: Option<Arc<crate::auth::ApiKeys>>,
@@ -459,6 +599,7 @@ impl InferenceService {
             max_model_len: explicit_len,
             panic_after_steps,
             may_drive,
+            resume_grace,
         } = opts;
         let tok = Arc::new(Tokenizer::load(model_dir)?);
         let cfg = switchyard_worker::engine::read_config(model_dir)?;
@@ -471,16 +612,24 @@ impl InferenceService {
         let m = metrics.clone();
         let model_cfg = cfg.clone();
         let (failed_tx, failed) = tokio::sync::watch::channel(None);
+        let parked: Parking = Arc::default();
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (parking, in_flight_adopt, eos) =
+            (parked.clone(), in_flight.clone(), tok.eos_ids.clone());
         std::thread::spawn(
-            move || match make_cluster(&crate::driver::Carry::default()) {
+            move || match make_cluster(&crate::driver::Carry::takeover()) {
                 Ok(c) => {
-                    let _ = ready_tx.send(Ok(c.kv_shape()));
+                    let shape = c.kv_shape();
                     let mut d = Driver::new(c, token_budget, 256)
                         .with_model_limits(&model_cfg)
                         .with_rebalancing(model_cfg, redundant, rebalance);
                     if pace_factor > 0.0 {
                         d = d.with_pacing(pace_factor, attn_equiv);
                     }
+                    // What a previous leader left running: adopted before the first step,
+                    // each parked until its client resumes it.
+                    let (sinks, next) = adopt_all(&mut d, &eos, &parking, &in_flight_adopt);
+                    let _ = ready_tx.send(Ok((shape, next)));
                     let recover: Recover = Box::new(move |carry: &crate::driver::Carry| {
                         make_cluster(carry).map(|c| Box::new(c) as Box<dyn Cluster>)
                     });
@@ -499,6 +648,7 @@ impl InferenceService {
                                 panic_after_steps,
                                 may_drive,
                             },
+                            sinks,
                         )
                     }));
                     if let Err(p) = r {
@@ -516,7 +666,8 @@ impl InferenceService {
                 }
             },
         );
-        let (kv_blocks, block_size) = ready_rx.recv()?.map_err(anyhow::Error::msg)?;
+        let ((kv_blocks, block_size), next_id) = ready_rx.recv()?.map_err(anyhow::Error::msg)?;
+        spawn_reaper(&parked, resume_grace, tx.clone());
         let kv_tokens = kv_blocks * block_size;
         let max_model_len = max_model_len(
             explicit_len,
@@ -536,10 +687,11 @@ impl InferenceService {
             tok,
             cfg,
             cmds: std::sync::Mutex::new(tx),
-            next_id: AtomicU64::new(1),
+            next_id: AtomicU64::new(next_id),
             snapshot,
             max_in_flight,
-            in_flight: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            in_flight,
+            parked,
             roster: Default::default(),
             metrics,
             keys: None,
@@ -616,6 +768,206 @@ impl InferenceService {
     fn send(&self, c: Cmd) {
         let _ = self.cmds.lock().unwrap_or_else(|e| e.into_inner()).send(c);
     }
+
+    /// Streams a request's output from the engine loop's tokens (`tok_rx`): `Started`, then a
+    /// `Delta` per generated token (reasoning split, stop strings held back), then one
+    /// `Finished`. The first `skip` tokens are the ones a resuming client already has: they go
+    /// through the same text state without being sent, so the stream goes on exactly as the
+    /// original would have. A client that goes away, a stop string or the deadline cancels the
+    /// request in the driver.
+    #[allow(clippy::too_many_arguments)]
+    fn stream(
+        &self,
+        job: Job,
+        skip: usize,
+        mut tok_rx: tokio::sync::mpsc::UnboundedReceiver<Result<Emitted, Status>>,
+        t0: Instant,
+        deadline: Option<tokio::time::Instant>,
+        permits: (InFlight, Option<tokio::sync::OwnedSemaphorePermit>),
+        span: tracing::Span,
+    ) -> tokio::sync::mpsc::Receiver<Result<GenerateResponse, Status>> {
+        let (out_tx, out_rx) = tokio::sync::mpsc::channel(64);
+        let tok = self.tok.clone();
+        let cmds = self.cmds.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let metrics = self.metrics.clone();
+        let Job {
+            id,
+            request_id,
+            prompt: ids,
+            stop,
+            ignore_eos,
+            stream_ids,
+            want_logprobs,
+        } = job;
+        let prompt_tokens = ids.len() as u32;
+        tokio::spawn(
+            async move {
+                let _permits = permits;
+                let cancel = |cmds: &mpsc::Sender<Cmd>| {
+                    let _ = cmds.send(Cmd::Cancel(id));
+                };
+                if out_tx
+                    .send(ev(Event::Started(Started {
+                        request_id,
+                        prompt_tokens,
+                        resumed_after: skip as u32,
+                    })))
+                    .await
+                    .is_err()
+                {
+                    return cancel(&cmds);
+                }
+                let mut text = OutputText::new(&tok, &ids, stop);
+                let (mut completion, mut reasoning_tokens, mut ttft) = (0u32, 0u32, None);
+                let mut reason = FinishReason::Length;
+                let mut error = String::new();
+                let mut last = Instant::now();
+                let cancel = |cmds: &mpsc::Sender<Cmd>| {
+                    metrics.on_finished("cancelled");
+                    cancel(cmds)
+                };
+                // One timer for the request's whole life (armed only with a deadline).
+                let expiry = tokio::time::sleep_until(deadline.unwrap_or_else(|| {
+                    tokio::time::Instant::now() + std::time::Duration::from_secs(1 << 30)
+                }));
+                tokio::pin!(expiry);
+                loop {
+                    // A client that leaves is noticed at once, whether its request is queued,
+                    // prefilling or decoding: its admission slot, key permit and KV go back
+                    // now, not at its next token.
+                    let next = tokio::select! {
+                        biased;
+                        _ = out_tx.closed() => return cancel(&cmds),
+                        _ = &mut expiry, if deadline.is_some() => {
+                            metrics.on_finished("deadline");
+                            let _ = cmds.send(Cmd::Cancel(id));
+                            let _ = out_tx
+                                .send(Err(Status::deadline_exceeded(format!(
+                                    "deadline passed after {completion} tokens"
+                                ))))
+                                .await;
+                            return;
+                        }
+                        n = tok_rx.recv() => n,
+                    };
+                    let e = match next {
+                        Some(Ok(e)) => e,
+                        Some(Err(status)) => {
+                            metrics.on_finished("error");
+                            let _ = out_tx.send(Err(status)).await;
+                            return;
+                        }
+                        None => {
+                            // Dropped without a word (the engine loop stopped).
+                            reason = FinishReason::Error;
+                            error = "the engine stopped; see the coordinator's log".into();
+                            break;
+                        }
+                    };
+                    let (t, finished) = (e.token, e.finished);
+                    let replay = (completion as usize) < skip;
+                    let now = Instant::now();
+                    if !replay {
+                        metrics.on_token();
+                        if completion as usize == skip {
+                            metrics.ttft.observe((now - t0).as_secs_f64());
+                        } else {
+                            metrics.itl.observe((now - last).as_secs_f64());
+                        }
+                        ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1e3);
+                    }
+                    last = now;
+                    completion += 1;
+                    if text.in_reasoning() {
+                        reasoning_tokens += 1;
+                    }
+                    let is_eos = !ignore_eos && tok.eos_ids.contains(&t);
+                    let mut d = if is_eos {
+                        Default::default()
+                    } else {
+                        text.push(&tok, t).unwrap_or_default()
+                    };
+                    let stop = is_eos || d.stopped;
+                    if finished || stop {
+                        if let Ok(tail) = text.finish(&tok) {
+                            d.reasoning.push_str(&tail.reasoning);
+                            d.text.push_str(&tail.text);
+                        }
+                    }
+                    if !replay {
+                        let delta = Delta {
+                            reasoning_text: d.reasoning,
+                            text: d.text,
+                            token_ids: if stream_ids { vec![t] } else { vec![] },
+                            logprobs: if want_logprobs {
+                                vec![TokenLogprob {
+                                    token_id: t,
+                                    logprob: e.logprob,
+                                    top: e
+                                        .top
+                                        .iter()
+                                        .map(|&(token_id, logprob)| TopLogprob {
+                                            token_id,
+                                            logprob,
+                                        })
+                                        .collect(),
+                                }]
+                            } else {
+                                vec![]
+                            },
+                            completion_tokens: completion,
+                        };
+                        if out_tx.send(ev(Event::Delta(delta))).await.is_err() {
+                            return cancel(&cmds);
+                        }
+                    }
+                    if stop {
+                        reason = FinishReason::Stop;
+                        if !finished {
+                            let _ = cmds.send(Cmd::Cancel(id));
+                        }
+                        break;
+                    }
+                    if finished {
+                        break;
+                    }
+                }
+                metrics.on_finished(match reason {
+                    FinishReason::Stop => "stop",
+                    FinishReason::Length => "length",
+                    _ => "error",
+                });
+                let fin = Finished {
+                    reason: reason as i32,
+                    usage: Some(Usage {
+                        prompt_tokens,
+                        reasoning_tokens,
+                        completion_tokens: completion,
+                    }),
+                    timings: Some(Timings {
+                        queue_ms: 0.0,
+                        time_to_first_token_ms: ttft.unwrap_or(0.0),
+                        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+                    }),
+                    error,
+                };
+                let _ = out_tx.send(ev(Event::Finished(fin))).await;
+            }
+            .instrument(span),
+        );
+        out_rx
+    }
+}
+
+/// What streaming a request's output needs to know of it.
+struct Job {
+    id: u64,
+    request_id: String,
+    prompt: Vec<u32>,
+    stop: Vec<String>,
+    ignore_eos: bool,
+    stream_ids: bool,
+    want_logprobs: bool,
 }
 
 /// Sends the engine loop operator commands and reads its state.
@@ -736,6 +1088,58 @@ fn gen_status(e: GenerateError) -> Status {
     }
 }
 
+/// Who may resume a request: a digest of the API key that submitted it (the key itself never
+/// leaves the coordinator).
+fn owner_of(key: &str) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+    d.as_ref()[..16]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The driver's request for a journal (what workers keep of it for a coordinator that takes
+/// over): a new request and an adopted one are built the same way.
+fn gen_request(id: u64, journal: SeqRequest, eos: &[u32]) -> GenRequest {
+    GenRequest {
+        id,
+        prompt: journal.prompt.clone(),
+        max_tokens: journal.max_tokens as usize,
+        sampling: SamplingParams {
+            temperature: journal.temperature,
+            top_k: journal.top_k as usize,
+            top_p: journal.top_p,
+            min_p: journal.min_p,
+            repetition_penalty: journal.repetition_penalty,
+            seed: journal.seed,
+        },
+        eos: eos.to_vec(),
+        ignore_eos: journal.ignore_eos,
+        priority: journal.priority,
+        top_logprobs: if journal.logprobs {
+            journal.top_logprobs
+        } else {
+            0
+        },
+        trace: None,
+        journal: Some(Arc::new(journal)),
+    }
+}
+
+impl Job {
+    fn of(id: u64, j: &SeqRequest) -> Job {
+        Job {
+            id,
+            request_id: j.request_id.clone(),
+            prompt: j.prompt.clone(),
+            stop: j.stop.clone(),
+            ignore_eos: j.ignore_eos,
+            stream_ids: j.stream_token_ids,
+            want_logprobs: j.logprobs,
+        }
+    }
+}
+
 type GenStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
 fn ev(e: Event) -> Result<GenerateResponse, Status> {
@@ -749,12 +1153,12 @@ impl Inference for InferenceService {
     async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenStream>, Status> {
         let t0 = Instant::now();
         let req_meta = req.metadata().clone();
-        let (key_permit, may_prioritize) = match &self.keys {
+        let (key_permit, may_prioritize, owner) = match &self.keys {
             Some(k) => {
                 let key = k.check(auth_value(&req_meta))?;
-                (Some(k.acquire(key)?), k.may_prioritize(key))
+                (Some(k.acquire(key)?), k.may_prioritize(key), owner_of(key))
             }
-            None => (None, true),
+            None => (None, true, String::new()),
         };
         let up_to_context = req.extensions().get::<UpToContext>().is_some();
         let mut r = req.into_inner();
@@ -866,170 +1270,96 @@ impl Inference for InferenceService {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string)
         });
-        let (tok_tx, mut tok_rx) = tokio::sync::mpsc::unbounded_channel();
-        let gen = GenRequest {
-            id,
+        let (tok_tx, tok_rx) = tokio::sync::mpsc::unbounded_channel();
+        let journal = SeqRequest {
+            request_id: request_id.clone(),
             prompt: ids.clone(),
-            max_tokens: greq.max_tokens,
-            sampling,
-            eos: self.tok.eos_ids.clone(),
+            max_tokens: greq.max_tokens as u32,
             ignore_eos: r.ignore_eos,
             priority: r.priority,
-            top_logprobs: if r.logprobs { r.top_logprobs } else { 0 },
-            trace: Some(span.clone()),
+            stop: r.stop.clone(),
+            stream_token_ids: r.stream_token_ids,
+            logprobs: r.logprobs,
+            top_logprobs: r.top_logprobs,
+            temperature: sampling.temperature,
+            top_p: sampling.top_p,
+            top_k: sampling.top_k as u32,
+            min_p: sampling.min_p,
+            repetition_penalty: sampling.repetition_penalty,
+            seed: sampling.seed,
+            owner,
         };
+        let mut gen = gen_request(id, journal, &self.tok.eos_ids);
+        gen.trace = Some(span.clone());
+        let job = Job::of(id, gen.journal.as_deref().expect("set above"));
         self.send(Cmd::Submit(gen, tok_tx));
-        let (out_tx, out_rx) = tokio::sync::mpsc::channel(64);
-        let tok = self.tok.clone();
-        let cmds = self.cmds.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let stream_ids = r.stream_token_ids;
-        let want_logprobs = r.logprobs;
-        let prompt_tokens = ids.len() as u32;
-        tokio::spawn(
-            async move {
-                let _admitted = admitted;
-                let _key_permit = key_permit;
-                let cancel = |cmds: &mpsc::Sender<Cmd>| {
-                    let _ = cmds.send(Cmd::Cancel(id));
-                };
-                if out_tx
-                    .send(ev(Event::Started(Started {
-                        request_id,
-                        prompt_tokens,
-                    })))
-                    .await
-                    .is_err()
-                {
-                    return cancel(&cmds);
-                }
-                let mut text = OutputText::new(&tok, &ids, r.stop);
-                let (mut completion, mut reasoning_tokens, mut ttft) = (0u32, 0u32, None);
-                let mut reason = FinishReason::Length;
-                let mut error = String::new();
-                let mut last = Instant::now();
-                let cancel = |cmds: &mpsc::Sender<Cmd>| {
-                    metrics.on_finished("cancelled");
-                    cancel(cmds)
-                };
-                // One timer for the request's whole life (armed only with a deadline).
-                let expiry = tokio::time::sleep_until(deadline.unwrap_or_else(|| {
-                    tokio::time::Instant::now() + std::time::Duration::from_secs(1 << 30)
-                }));
-                tokio::pin!(expiry);
-                loop {
-                    // A client that leaves is noticed at once, whether its request is queued,
-                    // prefilling or decoding: its admission slot, key permit and KV go back
-                    // now, not at its next token.
-                    let next = tokio::select! {
-                        biased;
-                        _ = out_tx.closed() => return cancel(&cmds),
-                        _ = &mut expiry, if deadline.is_some() => {
-                            metrics.on_finished("deadline");
-                            let _ = cmds.send(Cmd::Cancel(id));
-                            let _ = out_tx
-                                .send(Err(Status::deadline_exceeded(format!(
-                                    "deadline passed after {completion} tokens"
-                                ))))
-                                .await;
-                            return;
-                        }
-                        n = tok_rx.recv() => n,
-                    };
-                    let e = match next {
-                        Some(Ok(e)) => e,
-                        Some(Err(status)) => {
-                            metrics.on_finished("error");
-                            let _ = out_tx.send(Err(status)).await;
-                            return;
-                        }
-                        None => {
-                            // Dropped without a word (the engine loop stopped).
-                            reason = FinishReason::Error;
-                            error = "the engine stopped; see the coordinator's log".into();
-                            break;
-                        }
-                    };
-                    let (t, finished) = (e.token, e.finished);
-                    let now = Instant::now();
-                    metrics.on_token();
-                    if completion == 0 {
-                        metrics.ttft.observe((now - t0).as_secs_f64());
-                    } else {
-                        metrics.itl.observe((now - last).as_secs_f64());
-                    }
-                    last = now;
-                    completion += 1;
-                    ttft.get_or_insert_with(|| t0.elapsed().as_secs_f64() * 1e3);
-                    if text.in_reasoning() {
-                        reasoning_tokens += 1;
-                    }
-                    let is_eos = !r.ignore_eos && tok.eos_ids.contains(&t);
-                    let mut d = if is_eos {
-                        Default::default()
-                    } else {
-                        text.push(&tok, t).unwrap_or_default()
-                    };
-                    let stop = is_eos || d.stopped;
-                    if finished || stop {
-                        if let Ok(tail) = text.finish(&tok) {
-                            d.reasoning.push_str(&tail.reasoning);
-                            d.text.push_str(&tail.text);
-                        }
-                    }
-                    let delta = Delta {
-                        reasoning_text: d.reasoning,
-                        text: d.text,
-                        token_ids: if stream_ids { vec![t] } else { vec![] },
-                        logprobs: if want_logprobs {
-                            vec![TokenLogprob {
-                                token_id: t,
-                                logprob: e.logprob,
-                                top: e
-                                    .top
-                                    .iter()
-                                    .map(|&(token_id, logprob)| TopLogprob { token_id, logprob })
-                                    .collect(),
-                            }]
-                        } else {
-                            vec![]
-                        },
-                    };
-                    if out_tx.send(ev(Event::Delta(delta))).await.is_err() {
-                        return cancel(&cmds);
-                    }
-                    if stop {
-                        reason = FinishReason::Stop;
-                        if !finished {
-                            let _ = cmds.send(Cmd::Cancel(id));
-                        }
-                        break;
-                    }
-                    if finished {
-                        break;
-                    }
-                }
-                metrics.on_finished(match reason {
-                    FinishReason::Stop => "stop",
-                    FinishReason::Length => "length",
-                    _ => "error",
-                });
-                let fin = Finished {
-                    reason: reason as i32,
-                    usage: Some(Usage {
-                        prompt_tokens,
-                        reasoning_tokens,
-                        completion_tokens: completion,
-                    }),
-                    timings: Some(Timings {
-                        queue_ms: 0.0,
-                        time_to_first_token_ms: ttft.unwrap_or(0.0),
-                        total_ms: t0.elapsed().as_secs_f64() * 1e3,
-                    }),
-                    error,
-                };
-                let _ = out_tx.send(ev(Event::Finished(fin))).await;
+        let out_rx = self.stream(job, 0, tok_rx, t0, deadline, (admitted, key_permit), span);
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+
+    type ResumeStream = GenStream;
+
+    async fn resume(&self, req: Request<ResumeRequest>) -> Result<Response<GenStream>, Status> {
+        let t0 = Instant::now();
+        let (key_permit, owner) = match &self.keys {
+            Some(k) => {
+                let key = k.check(auth_value(req.metadata()))?;
+                (Some(k.acquire(key)?), owner_of(key))
             }
-            .instrument(span),
+            None => (None, String::new()),
+        };
+        let deadline = grpc_timeout(req.metadata().get("grpc-timeout"))
+            .map_err(|d| invalid("grpc-timeout", d))?
+            .map(|d| tokio::time::Instant::from_std(t0) + d);
+        let r = req.into_inner();
+        let unavailable = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .unavailable
+            .clone();
+        if !unavailable.is_empty() {
+            return Err(Status::unavailable(unavailable));
+        }
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let not_found = || {
+            Status::not_found(format!(
+                "request_id: no request {:?} to resume here (finished and delivered,                  cancelled, never seen by the coordinator this one took over from, or not                  resumed within the grace period)",
+                r.request_id
+            ))
+        };
+        let p = match parked.get(&r.request_id) {
+            None => return Err(not_found()),
+            Some(p) if p.owner != owner => return Err(not_found()),
+            Some(p) => p,
+        };
+        let received = r.received_tokens as usize;
+        if received > p.known {
+            return Err(invalid(
+                "received_tokens",
+                format!(
+                    "{received}, but only {} tokens were generated before this coordinator                      took over",
+                    p.known
+                ),
+            ));
+        }
+        if p.job.want_logprobs && received < p.logprobs_from {
+            return Err(Status::failed_precondition(format!(
+                "logprobs: tokens {received}..{} were generated before the takeover and their                  log-probabilities are lost (the workers keep only the last token's); the                  request cannot be resumed with logprobs from token {received}",
+                p.logprobs_from
+            )));
+        }
+        let p = parked.remove(&r.request_id).expect("found above");
+        drop(parked);
+        let span = tracing::info_span!("resume", request_id = %p.job.request_id, received);
+        let out_rx = self.stream(
+            p.job,
+            received,
+            p.rx,
+            t0,
+            deadline,
+            (p.admitted, key_permit),
+            span,
         );
         Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
     }

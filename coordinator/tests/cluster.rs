@@ -53,6 +53,7 @@ fn two_worker_processes_match_goldens() {
                     priority: 0,
                     top_logprobs: 0,
                     trace: None,
+                    journal: None,
                 })
                 .unwrap();
                 want.insert(id, ids(&p["greedy"]["new_ids"]));
@@ -91,6 +92,7 @@ fn submit_goldens(
             priority: 0,
             top_logprobs: 0,
             trace: None,
+            journal: None,
         })
         .map_err(|e| e.to_string())?;
         want.insert(i as u64, ids(&p["greedy"]["new_ids"]));

@@ -37,6 +37,7 @@ impl Inference for Echo {
             event: Some(generate_response::Event::Started(Started {
                 request_id: r.request_id.clone(),
                 prompt_tokens: prompt,
+                resumed_after: 0,
             })),
         })];
         for i in 0..n {
@@ -44,6 +45,7 @@ impl Inference for Echo {
                 event: Some(generate_response::Event::Delta(Delta {
                     text: "x".into(),
                     token_ids: vec![i % self.vocab],
+                    completion_tokens: i + 1,
                     ..Default::default()
                 })),
             }));
@@ -60,6 +62,14 @@ impl Inference for Echo {
             })),
         }));
         Ok(Response::new(Box::pin(tokio_stream::iter(msgs))))
+    }
+
+    type ResumeStream = GenStream;
+
+    async fn resume(&self, _: Request<ResumeRequest>) -> Result<Response<GenStream>, Status> {
+        Err(Status::unimplemented(
+            "the echo endpoint has nothing to resume: it answers every Generate at once",
+        ))
     }
 
     async fn tokenize(

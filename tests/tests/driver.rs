@@ -29,6 +29,7 @@ fn requests(model: &str, copies: usize) -> (Vec<GenRequest>, HashMap<u64, Vec<u3
                 priority: (c % 3) as i32,
                 top_logprobs: 0,
                 trace: None,
+                journal: None,
             });
             want.insert(id, ids(&p["greedy"]["new_ids"])[..n].to_vec());
         }

@@ -310,6 +310,20 @@ impl Engine {
         self.max_context
     }
 
+    /// The routed experts this rank holds, per sparse layer (layer, expert ids ascending);
+    /// empty for an engine holding every expert locally.
+    pub fn held_experts(&self) -> Vec<(usize, Vec<u32>)> {
+        match self.experts.placement() {
+            Some((rank, holders)) => ExpertSelection::of_rank(holders, rank)
+                .per_layer
+                .into_iter()
+                .enumerate()
+                .filter(|(l, _)| holders.get(*l).is_some_and(|h| !h.is_empty()))
+                .collect(),
+            None => Vec::new(),
+        }
+    }
+
     /// What this rank must load to serve under the holder table `holders` (expert parallel
     /// engines only).
     pub fn expert_load(&self, holders: Vec<Vec<Vec<u32>>>) -> Result<ExpertLoad, WorkerError> {

@@ -352,6 +352,48 @@ pub async fn cluster_status(url: &str) -> switchyard_proto::v1::ClusterStatusRes
 
 /// `copies` of every golden prompt of a fixture model streaming at once; each task checks that
 /// its stream ends with `Finished(LENGTH)` after exactly the transformers greedy tokens.
+/// A Generate stream read plainly, or resuming across a lost coordinator.
+pub enum Resumable {
+    Plain(tonic::Streaming<switchyard_proto::v1::GenerateResponse>),
+    Resuming(Box<switchyard_proto::resume::Resuming>),
+}
+
+impl Resumable {
+    pub async fn message(
+        &mut self,
+    ) -> Result<Option<switchyard_proto::v1::GenerateResponse>, tonic::Status> {
+        match self {
+            Resumable::Plain(s) => s.message().await,
+            Resumable::Resuming(s) => s.message().await,
+        }
+    }
+}
+
+/// `s` resuming through whichever coordinators `endpoints` lists when it breaks (one slot
+/// per possible coordinator: a leader and one standby).
+pub fn resuming(
+    s: tonic::Streaming<switchyard_proto::v1::GenerateResponse>,
+    request: switchyard_proto::v1::GenerateRequest,
+    endpoints: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) -> switchyard_proto::resume::Resuming {
+    use switchyard_proto::resume::Reattach;
+    use switchyard_proto::v1::inference_client::InferenceClient;
+    let f: switchyard_proto::resume::ReattachFn = Box::new(move |i, req| {
+        let url = endpoints.lock().unwrap().get(i).cloned();
+        Box::pin(async move {
+            let url = url.ok_or_else(|| tonic::Status::unavailable("not up yet"))?;
+            let mut c = InferenceClient::connect(url)
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            Ok(match req {
+                Reattach::Resume(r) => c.resume(r).await?.into_inner(),
+                Reattach::Generate(r) => c.generate(r).await?.into_inner(),
+            })
+        })
+    });
+    switchyard_proto::resume::Resuming::new(s, request, 2, f, std::time::Duration::from_secs(60))
+}
+
 pub struct GoldenStreams {
     pub tasks: Vec<tokio::task::JoinHandle<()>>,
     /// Streams that have received their first token / have ended.
@@ -362,6 +404,26 @@ pub struct GoldenStreams {
 impl GoldenStreams {
     /// Starts the streams (inside a runtime).
     pub fn start(url: &str, model: &str, copies: usize) -> GoldenStreams {
+        Self::start_with(url, model, copies, None)
+    }
+
+    /// As [`start`](Self::start), each stream resuming (`switchyard_proto::resume`) across a
+    /// lost coordinator through the endpoints listed in `endpoints` when it is taken up.
+    pub fn start_resuming(
+        url: &str,
+        model: &str,
+        copies: usize,
+        endpoints: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    ) -> GoldenStreams {
+        Self::start_with(url, model, copies, Some(endpoints))
+    }
+
+    fn start_with(
+        url: &str,
+        model: &str,
+        copies: usize,
+        resume: Option<std::sync::Arc<std::sync::Mutex<Vec<String>>>>,
+    ) -> GoldenStreams {
         use std::sync::atomic::Ordering;
         use switchyard_proto::v1::generate_response::Event;
         use switchyard_proto::v1::*;
@@ -381,23 +443,27 @@ impl GoldenStreams {
                     .collect();
                 let name = format!("{}#{copy}", p["name"].as_str().unwrap());
                 let (url, started, done) = (url.to_string(), started.clone(), done.clone());
+                let resume = resume.clone();
                 tasks.push(tokio::spawn(async move {
                     let mut c = inference_client::InferenceClient::connect(url)
                         .await
                         .unwrap();
-                    let mut s = c
-                        .generate(GenerateRequest {
-                            input: Some(generate_request::Input::TokenIds(TokenIds {
-                                ids: prompt,
-                            })),
-                            max_tokens: want.len() as u32,
-                            ignore_eos: true,
-                            stream_token_ids: true,
-                            ..Default::default()
-                        })
+                    let req = GenerateRequest {
+                        input: Some(generate_request::Input::TokenIds(TokenIds { ids: prompt })),
+                        max_tokens: want.len() as u32,
+                        ignore_eos: true,
+                        stream_token_ids: true,
+                        ..Default::default()
+                    };
+                    let s = c
+                        .generate(req.clone())
                         .await
                         .unwrap_or_else(|s| panic!("{name}: {s}"))
                         .into_inner();
+                    let mut s = match resume {
+                        None => Resumable::Plain(s),
+                        Some(eps) => Resumable::Resuming(Box::new(resuming(s, req, eps))),
+                    };
                     let (mut got, mut fin) = (Vec::new(), None);
                     while let Some(msg) =
                         s.message().await.unwrap_or_else(|s| panic!("{name}: {s}"))

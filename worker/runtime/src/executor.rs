@@ -16,7 +16,8 @@ use std::collections::HashMap;
 use switchyard_kernels::rng::Rng;
 use switchyard_kernels::sampling::{self, SamplingParams};
 use switchyard_proto::cluster::v1::{
-    ExpertUpdate, KeptSeq, RankExperts, SampledToken, SeqChunk, StepPlan, StepResult, TokenLogprob,
+    ExpertAssignment, ExpertUpdate, HeldSeq, KeptSeq, RankExperts, SampledToken, SeqChunk,
+    SeqRequest, StepPlan, StepResult, TokenLogprob,
 };
 use switchyard_worker::comm::Comm;
 use switchyard_worker::engine::{ChunkSpec, Engine, Logits, PreparedExperts};
@@ -26,8 +27,8 @@ type Loading = std::thread::JoinHandle<Result<PreparedExperts, WorkerError>>;
 
 pub struct Executor {
     pub engine: Engine,
-    /// Tokens fed so far per sequence (the repetition-penalty history).
-    history: HashMap<u64, Vec<u32>>,
+    /// What each sequence holding KV is, beyond its cache.
+    seqs: HashMap<u64, SeqRecord>,
     /// Expert placement version in use (0: the epoch's initial placement).
     version: u64,
     /// The newest update being loaded, and the newest loaded one.
@@ -84,6 +85,16 @@ pub fn holder_table(
     Ok(t)
 }
 
+/// A sequence as this rank knows it: every token fed (the repetition-penalty history; its
+/// cached positions), the last token sampled and not yet fed, and the request it serves (kept
+/// to hand a new leader, see [`Executor::held`]).
+#[derive(Default)]
+struct SeqRecord {
+    fed: Vec<u32>,
+    last: Option<SampledToken>,
+    request: Option<SeqRequest>,
+}
+
 fn mix(seed: u64, pos: u64) -> u64 {
     seed ^ pos
         .wrapping_add(1)
@@ -111,7 +122,7 @@ impl Executor {
     pub fn new(engine: Engine) -> Self {
         Executor {
             engine,
-            history: HashMap::new(),
+            seqs: HashMap::new(),
             version: 0,
             loading: None,
             ready: None,
@@ -138,10 +149,14 @@ impl Executor {
         let mut kept = Vec::new();
         for id in self.engine.sequences() {
             let len = want.get(&id).copied().unwrap_or(0) as usize;
-            let fed = self.history.get(&id).map_or(0, Vec::len);
+            let fed = self.seqs.get(&id).map_or(0, |s| s.fed.len());
             if len > 0 && fed >= len && self.engine.truncate(id, len) {
-                if let Some(h) = self.history.get_mut(&id) {
-                    h.truncate(len);
+                if let Some(s) = self.seqs.get_mut(&id) {
+                    if s.fed.len() > len {
+                        // Cut back past what was sampled after it: that token is void too.
+                        s.fed.truncate(len);
+                        s.last = None;
+                    }
                 }
                 kept.push(KeptSeq {
                     seq_id: id,
@@ -149,12 +164,50 @@ impl Executor {
                 });
             } else {
                 self.engine.release(id);
-                self.history.remove(&id);
+                self.seqs.remove(&id);
             }
         }
         kept.sort_by_key(|k| k.seq_id);
         tracing::info!(loaded, kept = kept.len(), "new epoch; engine and KV kept");
         Ok(kept)
+    }
+
+    /// What this rank holds for a coordinator taking over (in its hello): every sequence with
+    /// cached positions and a request, and this rank's experts.
+    pub fn held(&self) -> (Vec<HeldSeq>, Vec<ExpertAssignment>) {
+        let mut seqs: Vec<HeldSeq> = self
+            .engine
+            .sequences()
+            .into_iter()
+            .filter_map(|id| {
+                let rec = self.seqs.get(&id)?;
+                let request = rec.request.clone()?;
+                let cached = self.engine.seq_len(id);
+                (cached == rec.fed.len()).then(|| HeldSeq {
+                    seq_id: id,
+                    tokens: rec
+                        .fed
+                        .iter()
+                        .copied()
+                        .chain(rec.last.as_ref().map(|t| t.token))
+                        .collect(),
+                    cached: cached as u32,
+                    request: Some(request),
+                    last: rec.last.clone(),
+                })
+            })
+            .collect();
+        seqs.sort_by_key(|h| h.seq_id);
+        let experts = self
+            .engine
+            .held_experts()
+            .into_iter()
+            .map(|(layer, experts)| ExpertAssignment {
+                layer: layer as u32,
+                experts,
+            })
+            .collect();
+        (seqs, experts)
     }
 
     /// Starts loading the experts of `u` in the background (a newer update replaces an older
@@ -233,14 +286,14 @@ impl Executor {
         }
         for id in &plan.free_seqs {
             self.engine.release(*id);
-            self.history.remove(id);
+            self.seqs.remove(id);
         }
         for c in &plan.chunks {
             let have = self.engine.seq_len(c.seq_id) as u32;
             if c.start_pos == 0 && have > 0 {
                 // Recompute after preemption or re-homing: start over.
                 self.engine.release(c.seq_id);
-                self.history.remove(&c.seq_id);
+                self.seqs.remove(&c.seq_id);
             } else if c.start_pos != have {
                 return Err(WorkerError::Sequence {
                     seq_id: c.seq_id,
@@ -266,8 +319,13 @@ impl Executor {
         let mut tokens = Vec::new();
         let mut row = 0;
         for c in &plan.chunks {
-            let h = self.history.entry(c.seq_id).or_default();
-            h.extend_from_slice(&c.tokens);
+            let rec = self.seqs.entry(c.seq_id).or_default();
+            if c.request.is_some() {
+                rec.request = c.request.clone();
+            }
+            rec.last = None;
+            rec.fed.extend_from_slice(&c.tokens);
+            let h = &rec.fed;
             if c.sample {
                 let raw = &out.logits[row * vocab..(row + 1) * vocab];
                 let mut logits = raw.to_vec();
@@ -276,7 +334,7 @@ impl Executor {
                 let pos = h.len() as u64;
                 let token = sampling::sample(&mut logits, &p, h, &mut Rng::new(mix(p.seed, pos)));
                 let (logprob, top) = sampling::logprobs(raw, token, c.top_logprobs as usize);
-                tokens.push(SampledToken {
+                let t = SampledToken {
                     seq_id: c.seq_id,
                     token,
                     logprob,
@@ -284,7 +342,9 @@ impl Executor {
                         .into_iter()
                         .map(|(token, logprob)| TokenLogprob { token, logprob })
                         .collect(),
-                });
+                };
+                rec.last = Some(t.clone());
+                tokens.push(t);
             }
         }
         let (all_to_all_seconds, all_to_all_bytes) = self.engine.take_exchange_stats();

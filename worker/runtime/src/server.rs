@@ -12,11 +12,14 @@
 //! same coordinator re-placing after a lost, drained or joining worker) ends the current epoch
 //! first: its all-to-all connections are shut down (an exchange in flight fails at once), its
 //! plan loop stops and its old stream ends. A `Placement` with `keep_state` from the same
-//! coordinator (same fence), with the same KV capacity, then carries the kept engine into the
+//! coordinator, or from a newer leader taking over (a fence at least the one that drove it),
+//! with the same KV capacity, then carries the kept engine into the
 //! new group ([`Executor::rejoin`]: new mesh and rank, experts gained loaded before the
 //! ready answer, the sequences in `keep_seqs` kept and reported in the ready answer's `kept`,
 //! every other one released). Any other placement drops the kept engine before loading a
-//! fresh one, so two engines are never held at once.
+//! fresh one, so two engines are never held at once. The hello reports what the kept engine
+//! holds (each sequence's tokens and request, the experts, the fence that drove it), which is
+//! how a coordinator that takes over after the leader was lost adopts the requests in flight.
 //!
 //! Within an epoch, an `ExpertUpdate` re-places experts without stopping: see
 //! [`Executor`](crate::executor::Executor). A worker started with an expert budget
@@ -186,11 +189,24 @@ impl Worker for WorkerService {
         let epoch_comm: Arc<Mutex<Option<Arc<TcpComm>>>> = Arc::default();
         let mut inbound = req.into_inner();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<WorkerMessage, Status>>(4);
+        let (held, held_experts, held_fence) = self
+            .retained
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|r| {
+                let (seqs, experts) = r.ex.held();
+                (seqs, experts, r.fence)
+            })
+            .unwrap_or_default();
         let hello = WorkerHello {
             worker_id: self.id.clone(),
             comm_address: self.comm_addr.clone(),
             memory_bytes: 0,
             expert_slots: self.expert_slots,
+            held,
+            held_experts,
+            held_fence,
         };
         tx.send(Ok(msg(WMsg::Hello(hello))))
             .await
@@ -274,8 +290,11 @@ impl Worker for WorkerService {
                                 .unwrap_or_else(|e| e.into_inner())
                                 .take()
                                 .filter(|r| {
+                                    // This leader, or an older one it took over from
+                                    // (a stream older than this worker's newest fence was
+                                    // refused above).
                                     placement.keep_state
-                                        && r.fence == fence
+                                        && r.fence <= fence
                                         && opts.kv_blocks.is_none_or(|b| b == r.kv_blocks)
                                 });
                             if let Some(mut r) = previous {

@@ -1,0 +1,179 @@
+//! A client's `Generate` stream that survives the loss of its coordinator.
+//!
+//! [`Resuming`] reads a stream as `tonic::Streaming` does, remembering the request id (from
+//! `Started`) and how many generated tokens have arrived (each `Delta`'s
+//! `completion_tokens`). When the stream breaks before `Finished` with a status that a lost
+//! connection produces (UNAVAILABLE, UNKNOWN, INTERNAL, CANCELLED, ABORTED, or the stream
+//! ending early), it calls `Resume` through the caller's endpoints in turn until one takes the
+//! request up, and reads on from there: the caller sees one unbroken stream whose deltas are
+//! exactly those of a run without the fault (the resumed stream's own `Started` is not
+//! repeated).
+//!
+//! A request no coordinator holds (NOT_FOUND) of which nothing was received yet (the lost
+//! leader had it queued; no worker had started it) is submitted again, with the same request
+//! id, to the endpoint that answered: the client has seen none of its output, so it cannot
+//! tell the difference.
+//!
+//! Giving up: after `timeout` without a coordinator taking the request, or as soon as a full
+//! round over the endpoints has every one answering with a final status (NOT_FOUND once
+//! tokens were received: the request is gone, its coordinator alive and dropped it or its
+//! grace period passed). The original error is returned then, with the last answer appended.
+
+use crate::v1::generate_response::Event;
+use crate::v1::{GenerateRequest, GenerateResponse, ResumeRequest};
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+use tonic::{Code, Status, Streaming};
+
+/// What [`Resuming`] asks of an endpoint to take a broken stream up again.
+#[derive(Clone, Debug)]
+pub enum Reattach {
+    Resume(ResumeRequest),
+    /// Nothing was received and no coordinator holds the request: submit it again.
+    Generate(GenerateRequest),
+}
+
+/// Makes the call on endpoint `i` of the caller's list; a connection failure is UNAVAILABLE.
+pub type ReattachFn = Box<
+    dyn FnMut(
+            usize,
+            Reattach,
+        )
+            -> Pin<Box<dyn Future<Output = Result<Streaming<GenerateResponse>, Status>> + Send>>
+        + Send,
+>;
+
+pub struct Resuming {
+    stream: Streaming<GenerateResponse>,
+    request: GenerateRequest,
+    resume: ReattachFn,
+    endpoints: usize,
+    timeout: Duration,
+    request_id: Option<String>,
+    received: u32,
+    finished: bool,
+    /// Times the stream was taken up again.
+    pub resumes: u32,
+}
+
+/// Whether a broken stream may only have lost its connection (the request may live on).
+fn may_resume(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled | Code::Aborted
+    )
+}
+
+impl Resuming {
+    /// `stream` from `Generate(request)`; `resume` reaches `endpoints` coordinators (at
+    /// least one).
+    pub fn new(
+        stream: Streaming<GenerateResponse>,
+        request: GenerateRequest,
+        endpoints: usize,
+        resume: ReattachFn,
+        timeout: Duration,
+    ) -> Self {
+        Resuming {
+            stream,
+            request,
+            resume,
+            endpoints: endpoints.max(1),
+            timeout,
+            request_id: None,
+            received: 0,
+            finished: false,
+            resumes: 0,
+        }
+    }
+
+    /// Generated tokens received so far.
+    pub fn received(&self) -> u32 {
+        self.received
+    }
+
+    /// The next message, as `Streaming::message`, resuming across a lost coordinator.
+    pub async fn message(&mut self) -> Result<Option<GenerateResponse>, Status> {
+        loop {
+            let broken = match self.stream.message().await {
+                Ok(Some(m)) => {
+                    match &m.event {
+                        Some(Event::Started(s)) => {
+                            if self.request_id.is_some() {
+                                // The resumed stream's own Started: already reported.
+                                continue;
+                            }
+                            self.request_id = Some(s.request_id.clone());
+                        }
+                        Some(Event::Delta(d)) => {
+                            self.received = if d.completion_tokens > 0 {
+                                d.completion_tokens
+                            } else {
+                                self.received + 1
+                            };
+                        }
+                        Some(Event::Finished(_)) => self.finished = true,
+                        None => {}
+                    }
+                    return Ok(Some(m));
+                }
+                Ok(None) if self.finished || self.request_id.is_none() => return Ok(None),
+                Ok(None) => Status::unavailable("the stream ended before Finished"),
+                Err(s) if self.finished || self.request_id.is_none() || !may_resume(&s) => {
+                    return Err(s)
+                }
+                Err(s) => s,
+            };
+            self.stream = self.reattach(broken).await?;
+            self.resumes += 1;
+        }
+    }
+
+    /// Resume through the endpoints until one takes the request (see the module docs).
+    async fn reattach(&mut self, broken: Status) -> Result<Streaming<GenerateResponse>, Status> {
+        let t0 = Instant::now();
+        let request_id = self.request_id.clone().expect("checked by the caller");
+        let mut pause = Duration::from_millis(100);
+        loop {
+            let mut last = None;
+            let mut retry = false;
+            for i in 0..self.endpoints {
+                let req = ResumeRequest {
+                    request_id: request_id.clone(),
+                    received_tokens: self.received,
+                };
+                let mut answer = (self.resume)(i, Reattach::Resume(req)).await;
+                if self.received == 0 && matches!(&answer, Err(s) if s.code() == Code::NotFound) {
+                    let again = GenerateRequest {
+                        request_id: request_id.clone(),
+                        ..self.request.clone()
+                    };
+                    answer = (self.resume)(i, Reattach::Generate(again)).await;
+                }
+                match answer {
+                    Ok(s) => return Ok(s),
+                    Err(s) => {
+                        retry |= s.code() == Code::Unavailable;
+                        last = Some(s);
+                    }
+                }
+            }
+            let last = last.expect("at least one endpoint");
+            if !retry || t0.elapsed() >= self.timeout {
+                return Err(Status::new(
+                    broken.code(),
+                    format!(
+                        "{} (resuming request {request_id:?} after {} tokens failed: {}: {})",
+                        broken.message(),
+                        self.received,
+                        last.code(),
+                        last.message()
+                    ),
+                ));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+}
