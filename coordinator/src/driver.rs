@@ -1313,4 +1313,92 @@ mod tests {
         }
         assert_eq!(first.chunks.len(), 3);
     }
+
+    /// A coordinator taking over: a sequence held with its cache goes on from it, one whose
+    /// tokens already end it is only freed, one whose cache cannot be used (a cached length
+    /// that covers every token) is re-prefilled, one too long for this cluster is refused;
+    /// and the chunk that starts a sequence carries its journal to the worker.
+    #[test]
+    fn a_takeover_adopts_held_sequences_from_their_caches() {
+        let plans = Arc::new(Mutex::new(Vec::new()));
+        let mut d = Driver::new(
+            Scripted {
+                addrs: vec!["a".into(), "b".into()],
+                plans: plans.clone(),
+                fail: Arc::default(),
+                kept: vec![],
+            },
+            64,
+            8,
+        );
+        let journaled = |id: u64, prompt: usize, max_tokens: usize| {
+            let mut r = request(id, prompt);
+            r.max_tokens = max_tokens;
+            r.journal = Some(Arc::new(SeqRequest {
+                request_id: format!("r{id}"),
+                prompt: r.prompt.clone(),
+                max_tokens: max_tokens as u32,
+                ..Default::default()
+            }));
+            r
+        };
+        // 5 prompt tokens and 3 generated, 7 of them cached (the last not yet fed).
+        let toks = |n: usize| -> Vec<u32> { (1..=5).chain(std::iter::repeat_n(7, n)).collect() };
+        assert_eq!(d.adopt(journaled(1, 5, 16), toks(3), 1, 7), Adopted::Kept);
+        // max_tokens already reached.
+        assert_eq!(
+            d.adopt(journaled(2, 5, 3), toks(3), 0, 7),
+            Adopted::Finished
+        );
+        // A cache as long as its tokens cannot be gone on from: re-prefilled.
+        assert_eq!(
+            d.adopt(journaled(3, 5, 16), toks(2), 0, 7),
+            Adopted::Reprefilled
+        );
+        // Longer than one worker's KV (64 blocks of 16 positions).
+        assert_eq!(
+            d.adopt(journaled(4, 5, 2000), toks(1), 0, 6),
+            Adopted::Refused
+        );
+        // Its id is taken.
+        assert_eq!(
+            d.adopt(journaled(1, 5, 16), toks(3), 0, 7),
+            Adopted::Refused
+        );
+        assert_eq!(d.recovered(), (1, 1));
+        let out = d.step().unwrap();
+        let step = plans.lock().unwrap()[0].clone();
+        let mut freed = step[0].free_seqs.clone();
+        freed.sort_unstable();
+        assert_eq!(
+            freed,
+            vec![1, 2, 3, 4],
+            "every copy not gone on from is freed on rank 0"
+        );
+        assert!(step[1].free_seqs.is_empty());
+        let on_b = &step[1].chunks;
+        assert_eq!(on_b.len(), 1);
+        assert_eq!(
+            (on_b[0].seq_id, on_b[0].start_pos, on_b[0].tokens.len()),
+            (1, 7, 1)
+        );
+        assert!(
+            on_b[0].request.is_none(),
+            "a cached sequence's worker has its journal"
+        );
+        let again = step
+            .iter()
+            .flat_map(|p| &p.chunks)
+            .find(|c| c.seq_id == 3)
+            .unwrap();
+        assert_eq!((again.start_pos, again.tokens.len()), (0, 7));
+        assert_eq!(
+            again.request.as_ref().map(|r| r.request_id.as_str()),
+            Some("r3")
+        );
+        // Both go on generating where they were.
+        let mut ids: Vec<u64> = out.iter().map(|e| e.id).collect();
+        ids.sort_unstable();
+        assert_eq!(ids, vec![1, 3]);
+    }
 }

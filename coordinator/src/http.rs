@@ -651,8 +651,8 @@ async fn chat_completions(
         ));
     }
     let n = req.common.n.unwrap_or(1);
-    let streams = start_n(&st.svc, &g, n, &caller).await?;
     let (id, created, model) = (new_id("chatcmpl"), now_s(), st.svc.model_name().to_string());
+    let streams = start_n(&st.svc, &g, n, &id, &caller).await?;
     if !req.common.stream {
         let svc = st.svc.clone();
         let want_lp = req.logprobs;
@@ -750,8 +750,8 @@ async fn completions(
         g.top_logprobs = k;
     }
     let n = req.common.n.unwrap_or(1);
-    let streams = start_n(&st.svc, &g, n, &caller).await?;
     let (id, created, model) = (new_id("cmpl"), now_s(), st.svc.model_name().to_string());
+    let streams = start_n(&st.svc, &g, n, &id, &caller).await?;
     let want_lp = req.logprobs.is_some();
     if !req.common.stream {
         let svc = st.svc.clone();
@@ -852,11 +852,19 @@ async fn start_n(
     svc: &InferenceService,
     g: &GenerateRequest,
     n: u32,
+    id: &str,
     caller: &Caller,
 ) -> Result<Vec<EventStream>, ApiError> {
     let mut out = Vec::with_capacity(n as usize);
     for i in 0..n {
         let mut r = g.clone();
+        // The response's id names the request (choice N of several: `ID-N`), so a stream
+        // broken by a lost coordinator can be resumed over gRPC.
+        r.request_id = if n == 1 {
+            id.to_string()
+        } else {
+            format!("{id}-{i}")
+        };
         if let Some(s) = r.sampling.as_mut().and_then(|s| s.seed.as_mut()) {
             *s = s.wrapping_add(i as u64);
         }

@@ -8,6 +8,7 @@ use anyhow::{bail, Context, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use switchyard_proto::resume::{Reattach, Resuming};
 use switchyard_proto::v1::generate_response::Event;
 use switchyard_proto::v1::inference_client::InferenceClient;
 use switchyard_proto::v1::*;
@@ -347,6 +348,7 @@ fn blank(p: &Planned, t0: Instant, sent: Instant, scheduled: f64) -> Record {
         server_reasoning_tokens: None,
         message_tokens: Vec::new(),
         message_gaps_s: Vec::new(),
+        resumes: 0,
     }
 }
 
@@ -409,9 +411,23 @@ async fn one(
         ..Default::default()
     };
     let follow = async {
-        let mut s = client.generate(req).await?.into_inner();
+        let s = client.generate(req.clone()).await?.into_inner();
+        // A stream whose coordinator is lost is taken up again on the one that takes over
+        // (the channel reconnects to the same endpoint: a Service in front of the leader).
+        let again = client.clone();
+        let reattach: switchyard_proto::resume::ReattachFn = Box::new(move |_, call| {
+            let mut c = again.clone();
+            Box::pin(async move {
+                Ok(match call {
+                    Reattach::Resume(r) => c.resume(r).await?.into_inner(),
+                    Reattach::Generate(r) => c.generate(r).await?.into_inner(),
+                })
+            })
+        });
+        let mut s = Resuming::new(s, req, 1, reattach, Duration::from_secs(30));
         let mut last_msg: Option<Instant> = None;
         while let Some(m) = s.message().await? {
+            r.resumes = s.resumes;
             let now = Instant::now();
             let since = (now - sent).as_secs_f64();
             match m.event {

@@ -50,6 +50,9 @@ pub struct Record {
     pub message_tokens: Vec<u32>,
     /// Gaps before each token-carrying message after the first.
     pub message_gaps_s: Vec<f64>,
+    /// Times the stream broke (its coordinator lost) and was taken up again (gRPC `Resume`).
+    #[serde(default)]
+    pub resumes: u32,
 }
 
 impl Record {
@@ -438,6 +441,7 @@ mod tests {
             server_reasoning_tokens: Some(0),
             message_tokens: vec![1, 2, 2],
             message_gaps_s: vec![0.2, 0.2],
+            resumes: 0,
         };
         assert_eq!(r.itl_tokens(), vec![0.1, 0.1, 0.1, 0.1]);
         assert!((r.tpot_s().unwrap() - 0.1).abs() < 1e-12);
