@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod pacer;
 pub mod placement;
 pub mod rebalance;
+pub mod recovery;
 pub mod remote;
 pub mod scheduler;
 pub mod serve;

@@ -11,6 +11,7 @@
 use crate::driver::{Cluster, Driver, Emitted, GenRequest, RebalanceReport, Snapshot};
 use crate::generate::{self, Prompt, Request as GenReq};
 use crate::metrics::{Metrics, WorkerKv};
+use crate::recovery::{Action, Event as Fault, Recovery};
 use crate::text::{Message, OutputText, Tokenizer};
 use crate::GenerateError;
 use std::collections::HashMap;
@@ -89,15 +90,6 @@ fn rebuild(
     }
 }
 
-/// Consecutive failed steps recovered from before the requests in flight are failed (a step
-/// that fails deterministically must not loop forever).
-const MAX_RECOVERIES: usize = 3;
-
-/// Fails every request in flight with UNAVAILABLE and the reason (returned, as worded).
-fn unavailable_reason(why: &str) -> String {
-    format!("the cluster cannot serve: {why}")
-}
-
 /// Ends every request in flight with UNAVAILABLE and `why`. Callers publish the unavailable
 /// state first, so a client that sees its stream fail and retries at once is refused too.
 fn fail_all(driver: &mut Driver, sinks: &mut HashMap<u64, Sink>, why: &str) {
@@ -115,23 +107,69 @@ struct LoopGates {
     may_drive: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
-/// While unavailable, how often the engine loop tries to rebuild the cluster.
-const RETRY_UNAVAILABLE: std::time::Duration = std::time::Duration::from_secs(1);
+/// The engine loop's I/O around the [`Recovery`] machine: what it acts on.
+struct Shell<'a> {
+    driver: Driver,
+    recover: Recover,
+    sinks: HashMap<u64, Sink>,
+    /// The operator waiting on the membership rebuild in progress (a drain).
+    reply: Option<Reply<(u64, usize)>>,
+    snapshot: &'a std::sync::Mutex<Snapshot>,
+    metrics: &'a Metrics,
+}
 
-/// Runs the driver loop on the current thread until the command channel closes.
+impl Shell<'_> {
+    fn publish(&self, unavailable: Option<&str>) {
+        let mut s = self.driver.snapshot();
+        s.unavailable = unavailable.unwrap_or_default().to_string();
+        self.metrics
+            .on_recovered(s.sequences_kept, s.sequences_reprefilled);
+        *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    }
+
+    /// Feeds `e` to the machine and carries out what it asks (a rebuild's outcome is fed
+    /// back at once); false once the loop must stop.
+    fn on(&mut self, rec: &mut Recovery, e: Fault) -> bool {
+        let mut todo: std::collections::VecDeque<Action> =
+            rec.on(e, Instant::now()).into_iter().collect();
+        while let Some(a) = todo.pop_front() {
+            match a {
+                Action::Rebuild { why } => {
+                    let r = rebuild(&mut self.driver, &mut self.recover, why, &mut self.sinks);
+                    todo.extend(rec.on(Fault::Rebuilt(r), Instant::now()));
+                }
+                Action::FailAll(why) => fail_all(&mut self.driver, &mut self.sinks, &why),
+                Action::Reply(r) => {
+                    if let Some(reply) = self.reply.take() {
+                        let s = self.driver.snapshot();
+                        let _ = reply.send(r.map(|()| (s.epoch, s.addresses.len())));
+                    }
+                }
+                Action::Publish => self.publish(rec.unavailable()),
+                Action::Available => tracing::warn!("cluster available again"),
+                Action::Stop => return false,
+            }
+        }
+        true
+    }
+}
+
+/// Runs the driver loop on the current thread until the command channel closes (or
+/// leadership is lost). What to do about faults is decided by [`Recovery`]; this is its
+/// shell: commands in, steps, and the actions carried out.
 ///
 /// Unavailable state: when a failed step cannot be recovered from (no cluster can be built
 /// from the workers left, e.g. they cannot hold every expert), every request in flight fails
 /// with UNAVAILABLE and the reason, new requests are refused the same way, and the loop
 /// retries the rebuild every second (and at once on a join) until it succeeds.
 fn engine_loop(
-    mut driver: Driver,
+    driver: Driver,
     rx: mpsc::Receiver<Cmd>,
     snapshot: Arc<std::sync::Mutex<Snapshot>>,
     metrics: Arc<Metrics>,
-    mut recover: Option<Recover>,
+    recover: Recover,
     gates: LoopGates,
-    mut sinks: HashMap<u64, Sink>,
+    sinks: HashMap<u64, Sink>,
 ) {
     let LoopGates {
         panic_after_steps,
@@ -139,25 +177,25 @@ fn engine_loop(
     } = gates;
     let mut steps = 0u64;
     let mut paused = false;
-    let mut failures = 0;
-    let mut unavailable: Option<String> = None;
-    let mut last_try = Instant::now();
-    let mut last_rebuilt = Instant::now();
-    let publish = |driver: &Driver, unavailable: &Option<String>| {
-        let mut s = driver.snapshot();
-        s.unavailable = unavailable.clone().unwrap_or_default();
-        metrics.on_recovered(s.sequences_kept, s.sequences_reprefilled);
-        *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = s;
+    let mut rec = Recovery::new(Instant::now());
+    let mut sh = Shell {
+        driver,
+        recover,
+        sinks,
+        reply: None,
+        snapshot: &snapshot,
+        metrics: &metrics,
     };
-    publish(&driver, &unavailable);
+    sh.publish(None);
     loop {
-        let first = if unavailable.is_some() {
-            match rx.recv_timeout(RETRY_UNAVAILABLE) {
+        // Wait for a command: while unavailable until the next retry, while idle for ever.
+        let first = if let Some(at) = rec.next_retry() {
+            match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
                 Ok(c) => Some(c),
                 Err(mpsc::RecvTimeoutError::Timeout) => None,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
-        } else if driver.is_idle() {
+        } else if sh.driver.is_idle() {
             match rx.recv() {
                 Ok(c) => Some(c),
                 Err(_) => return,
@@ -167,15 +205,15 @@ fn engine_loop(
         };
         for c in first.into_iter().chain(rx.try_iter()) {
             match c {
-                Cmd::Submit(r, sink) => match &unavailable {
+                Cmd::Submit(r, sink) => match rec.unavailable() {
                     Some(why) => {
-                        let _ = sink.send(Err(Status::unavailable(why.clone())));
+                        let _ = sink.send(Err(Status::unavailable(why.to_string())));
                     }
                     None => {
                         let id = r.id;
-                        match driver.submit(r) {
+                        match sh.driver.submit(r) {
                             Ok(()) => {
-                                sinks.insert(id, sink);
+                                sh.sinks.insert(id, sink);
                             }
                             Err(e) => {
                                 let _ = sink.send(Err(Status::invalid_argument(e.to_string())));
@@ -184,71 +222,33 @@ fn engine_loop(
                     }
                 },
                 Cmd::Cancel(id) => {
-                    sinks.remove(&id);
-                    driver.cancel(id);
+                    sh.sinks.remove(&id);
+                    sh.driver.cancel(id);
                 }
                 Cmd::Rebuild(asked, reply) => {
-                    let r = if asked < last_rebuilt {
-                        Ok(())
-                    } else {
-                        match recover.as_mut() {
-                            Some(f) => rebuild(&mut driver, f, "a membership change", &mut sinks),
-                            None => Err("this cluster cannot be rebuilt".into()),
-                        }
-                    };
-                    match &r {
-                        Ok(()) => {
-                            unavailable = None;
-                            failures = 0;
-                            last_rebuilt = Instant::now();
-                        }
-                        // A failed rebuild has already opened new streams to the workers (the
-                        // old cluster's epoch is over): unavailable until a rebuild succeeds.
-                        // A drain (which asks for a reply) undoes itself and rebuilds again.
-                        Err(why) if reply.is_none() && recover.is_some() => {
-                            let why = unavailable_reason(why);
-                            unavailable = Some(why.clone());
-                            publish(&driver, &unavailable);
-                            fail_all(&mut driver, &mut sinks, &why);
-                        }
-                        Err(_) => {}
-                    }
-                    last_try = Instant::now();
-                    publish(&driver, &unavailable);
-                    if let Some(reply) = reply {
-                        let s = driver.snapshot();
-                        let _ = reply.send(r.map(|()| (s.epoch, s.addresses.len())));
+                    let operator = reply.is_some();
+                    sh.reply = reply;
+                    if !sh.on(&mut rec, Fault::MembershipChanged { asked, operator }) {
+                        return;
                     }
                 }
                 Cmd::Stop(why) => {
-                    let why = unavailable_reason(&why);
-                    unavailable = Some(why.clone());
-                    publish(&driver, &unavailable);
-                    fail_all(&mut driver, &mut sinks, &why);
+                    sh.on(&mut rec, Fault::LeadershipLost(why));
                     return;
                 }
                 Cmd::Rebalance(reply) => {
-                    let r = if unavailable.is_some() {
+                    let r = if rec.unavailable().is_some() {
                         Err("the cluster is unavailable".into())
                     } else {
-                        driver.rebalance_now().map_err(|e| e.to_string())
+                        sh.driver.rebalance_now().map_err(|e| e.to_string())
                     };
                     let _ = reply.send(r);
                 }
             }
         }
-        if unavailable.is_some() {
-            if last_try.elapsed() >= RETRY_UNAVAILABLE {
-                last_try = Instant::now();
-                if let Some(f) = recover.as_mut() {
-                    if rebuild(&mut driver, f, "being unavailable", &mut sinks).is_ok() {
-                        unavailable = None;
-                        failures = 0;
-                        last_rebuilt = Instant::now();
-                        tracing::warn!("cluster available again");
-                    }
-                }
-                publish(&driver, &unavailable);
+        if !rec.may_step() {
+            if !sh.on(&mut rec, Fault::Tick) {
+                return;
             }
             continue;
         }
@@ -271,6 +271,7 @@ fn engine_loop(
         if panic_after_steps.is_some_and(|n| steps > n) {
             panic!("fault injected after {} steps", steps - 1);
         }
+        let driver = &mut sh.driver;
         let stepped = driver.step();
         let snap = driver.snapshot();
         metrics.on_step(
@@ -290,19 +291,20 @@ fn engine_loop(
         *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;
         match stepped {
             Ok(emitted) => {
-                failures = 0;
+                sh.on(&mut rec, Fault::StepOk);
+                let driver = &mut sh.driver;
                 if emitted.is_empty() && driver.switching() && driver.queue() == (0, 0) {
                     // Idle but for an expert switch: poll the ranks gently until it lands.
                     std::thread::sleep(std::time::Duration::from_millis(2));
                 }
                 for e in emitted {
                     let (id, finished) = (e.id, e.finished);
-                    let gone = match sinks.get(&id) {
+                    let gone = match sh.sinks.get(&id) {
                         Some(s) => s.send(Ok(e)).is_err(),
                         None => true,
                     };
                     if finished || gone {
-                        sinks.remove(&id);
+                        sh.sinks.remove(&id);
                         if gone && !finished {
                             driver.cancel(id);
                         }
@@ -310,29 +312,10 @@ fn engine_loop(
                 }
             }
             Err(err) => {
-                failures += 1;
                 tracing::warn!(error = %err, "step failed");
-                let rebuilt = match recover.as_mut() {
-                    Some(r) if failures <= MAX_RECOVERIES => {
-                        rebuild(&mut driver, r, "a failed step", &mut sinks)
-                    }
-                    Some(_) => Err(format!("{failures} steps in a row failed: {err}")),
-                    None => Err(err.to_string()),
-                };
-                if rebuilt.is_ok() {
-                    last_rebuilt = Instant::now();
+                if !sh.on(&mut rec, Fault::StepFailed(err.to_string())) {
+                    return;
                 }
-                if let Err(why) = rebuilt {
-                    let why = unavailable_reason(&why);
-                    if recover.is_some() {
-                        unavailable = Some(why.clone());
-                        last_try = Instant::now();
-                    }
-                    publish(&driver, &unavailable);
-                    fail_all(&mut driver, &mut sinks, &why);
-                }
-                publish(&driver, &unavailable);
-                continue;
             }
         }
     }
@@ -643,7 +626,7 @@ impl InferenceService {
                             rx,
                             snap,
                             m,
-                            Some(recover),
+                            recover,
                             LoopGates {
                                 panic_after_steps,
                                 may_drive,
