@@ -9,7 +9,11 @@
 //!
 //! Reported: requests, lost, kills; end-to-end latency p50/p99 of requests that overlapped a
 //! kill against those that did not (the latency cost of a recovery); per kill, the longest
-//! pause in any stream across it (recovery stall) and the median stream's pause.
+//! pause in any stream across it (recovery stall) and the median stream's pause; per
+//! restart, the same two figures across the moment the returning worker was seen back in the
+//! cluster (a new epoch listing every worker), which is what taking it in cost the others.
+//! With `rebalance` the coordinator re-places experts live (a returning worker loads its share
+//! in the background); without, experts are placed afresh at each rebuild.
 //! `SWITCHYARD_CHAOS_LOGS=1` lets the coordinator's log through to stderr (the workers' always
 //! goes there).
 
@@ -38,6 +42,8 @@ pub struct ChaosOptions {
     pub prompts: usize,
     pub max_tokens: u32,
     pub seed: u64,
+    /// Live expert re-placement on (the coordinator's default) instead of off.
+    pub rebalance: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -61,6 +67,10 @@ pub struct ChaosReport {
     /// Per kill: the median over the streams in flight of their gap spanning it, ms (most
     /// streams are homed on survivors: what a kill costs them).
     pub stall_median_ms: Vec<f64>,
+    /// Per restart seen back in the cluster: the longest, and the median stream's, token gap
+    /// across the moment it was, ms.
+    pub rejoin_stall_ms: Vec<f64>,
+    pub rejoin_stall_median_ms: Vec<f64>,
     /// Median inter-token gap over the whole run, ms (what a stall is compared with).
     pub median_itl_ms: f64,
     pub final_epoch: u64,
@@ -159,8 +169,10 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
     cmd.args(["coordinator", "--model"])
         .arg(&o.model)
         .args(["--grpc-addr", "127.0.0.1:0", "--metrics-addr", "off"])
-        .args(["--redundant-experts", &o.redundant.to_string()])
-        .args(["--rebalance-threshold", "off"]);
+        .args(["--redundant-experts", &o.redundant.to_string()]);
+    if !o.rebalance {
+        cmd.args(["--rebalance-threshold", "off"]);
+    }
     for u in workers.urls() {
         cmd.args(["--worker-url", &u]);
     }
@@ -246,22 +258,6 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
             })
         })
         .collect();
-    // The chaos loop, on this thread.
-    let (mut kills, mut restarts) = (Vec::new(), 0);
-    while t0.elapsed() < o.duration {
-        let jitter = 0.5 + (rng.next_u64() % 1000) as f64 / 1000.0;
-        std::thread::sleep(o.interval.mul_f64(jitter));
-        if t0.elapsed() >= o.duration {
-            break;
-        }
-        let victim = (rng.next_u64() % o.workers as u64) as usize;
-        kills.push(Instant::now());
-        workers.kill(victim);
-        std::thread::sleep(o.downtime);
-        workers.restart(victim)?;
-        restarts += 1;
-    }
-    // Under load still, until every restarted worker is back in the cluster (or 15 s).
     let status = || {
         rt.block_on(async {
             InferenceClient::connect(url.clone())
@@ -273,6 +269,32 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
                 .map(|r| r.into_inner())
         })
     };
+    // The chaos loop, on this thread.
+    let (mut kills, mut restarts, mut rejoins) = (Vec::new(), 0, Vec::new());
+    while t0.elapsed() < o.duration {
+        let jitter = 0.5 + (rng.next_u64() % 1000) as f64 / 1000.0;
+        std::thread::sleep(o.interval.mul_f64(jitter));
+        if t0.elapsed() >= o.duration {
+            break;
+        }
+        let victim = (rng.next_u64() % o.workers as u64) as usize;
+        kills.push(Instant::now());
+        workers.kill(victim);
+        std::thread::sleep(o.downtime);
+        let before = status().map_or(0, |s| s.epoch);
+        workers.restart(victim)?;
+        restarts += 1;
+        // When it is back: a newer epoch with every worker (polled; 10 s at most).
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(10) {
+            if status().is_some_and(|s| s.epoch > before && s.workers.len() == o.workers) {
+                rejoins.push(Instant::now());
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    // Under load still, until every restarted worker is back in the cluster (or 15 s).
     let settle = Instant::now();
     while status().is_none_or(|s| s.workers.len() < o.workers)
         && settle.elapsed() < Duration::from_secs(15)
@@ -305,21 +327,22 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
             prev = t;
         }
     }
-    // Per kill, each stream's gap spanning it (a stream has at most one).
-    let across: Vec<Vec<f64>> = kills
-        .iter()
-        .map(|k| {
-            gaps.iter()
-                .filter(|(a, b)| a <= k && k <= b)
-                .map(|(a, b)| (*b - *a).as_secs_f64() * 1e3)
-                .collect()
-        })
-        .collect();
-    let stall_ms = across
-        .iter()
-        .map(|g| g.iter().copied().fold(0.0, f64::max))
-        .collect();
-    let stall_median_ms = across.iter().map(|g| percentile(g, 50.0)).collect();
+    // Per instant, each stream's gap spanning it (a stream has at most one): the longest,
+    // and the median.
+    let across = |at: &[Instant]| -> (Vec<f64>, Vec<f64>) {
+        at.iter()
+            .map(|k| {
+                let g: Vec<f64> = gaps
+                    .iter()
+                    .filter(|(a, b)| a <= k && k <= b)
+                    .map(|(a, b)| (*b - *a).as_secs_f64() * 1e3)
+                    .collect();
+                (g.iter().copied().fold(0.0, f64::max), percentile(&g, 50.0))
+            })
+            .unzip()
+    };
+    let (stall_ms, stall_median_ms) = across(&kills);
+    let (rejoin_stall_ms, rejoin_stall_median_ms) = across(&rejoins);
     let itl: Vec<f64> = gaps
         .iter()
         .map(|(a, b)| (*b - *a).as_secs_f64() * 1e3)
@@ -340,6 +363,8 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
         disturbed_p99_ms: percentile(&disturbed, 99.0),
         stall_ms,
         stall_median_ms,
+        rejoin_stall_ms,
+        rejoin_stall_median_ms,
         median_itl_ms: percentile(&itl, 50.0),
         final_epoch: final_epoch.unwrap_or(0),
         final_workers,

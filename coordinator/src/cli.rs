@@ -590,6 +590,11 @@ pub struct BenchChaosArgs {
     pub max_tokens: u32,
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Leave live expert re-placement on (the coordinator's default): a returning worker
+    /// loads its share of experts in the background. Off by default here, so the kill figures
+    /// compare with earlier runs.
+    #[arg(long)]
+    pub rebalance: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -803,6 +808,7 @@ fn bench_chaos_cmd(a: BenchChaosArgs) -> Result<()> {
         prompts: a.prompts,
         max_tokens: a.max_tokens,
         seed: a.seed,
+        rebalance: a.rebalance,
     })?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -837,13 +843,20 @@ fn bench_chaos_cmd(a: BenchChaosArgs) -> Result<()> {
                 .collect::<Vec<_>>()
                 .join(" ")
         );
-        println!(
-            "median stream's pause per kill ms (its token gap across it): {}",
-            r.stall_median_ms
-                .iter()
+        let ms = |v: &[f64]| {
+            v.iter()
                 .map(|s| format!("{s:.0}"))
                 .collect::<Vec<_>>()
                 .join(" ")
+        };
+        println!(
+            "median stream's pause per kill ms (its token gap across it): {}",
+            ms(&r.stall_median_ms)
+        );
+        println!(
+            "per returning worker taken back in, ms: longest gap {}; median stream's {}",
+            ms(&r.rejoin_stall_ms),
+            ms(&r.rejoin_stall_median_ms)
         );
         for d in &r.lost_detail {
             println!("lost: {d}");
