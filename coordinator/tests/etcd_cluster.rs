@@ -375,6 +375,22 @@ fn streams_resume_on_the_standby_when_the_leader_dies_and_nothing_is_reprefilled
         );
         assert!(st.sequences_kept > 0, "{st:?}");
         assert_eq!(st.sequences_reprefilled, 0, "{st:?}");
+        // A request of the dead leader's, resumed or submitted again and finished, is no
+        // longer parked here; an id never seen is unknown.
+        let mut c = switchyard_proto::v1::inference_client::InferenceClient::connect(url_b.clone())
+            .await
+            .unwrap();
+        for id in ["req-1", "no-such-request"] {
+            let e = c
+                .resume(switchyard_proto::v1::ResumeRequest {
+                    request_id: id.into(),
+                    received_tokens: 0,
+                })
+                .await
+                .err()
+                .unwrap_or_else(|| panic!("{id} resumed twice"));
+            assert_eq!(e.code(), tonic::Code::NotFound, "{id}: {e}");
+        }
         assert_goldens(&url_b, "tiny-qwen3-moe", 1).await;
     });
 }
