@@ -89,7 +89,9 @@ async fn connect_worker(
         .connect()
         .await
         .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))?;
-    Ok(WorkerClient::new(ch))
+    Ok(WorkerClient::new(ch)
+        .max_decoding_message_size(switchyard_runtime::server::CONTROL_MESSAGE_LIMIT)
+        .max_encoding_message_size(switchyard_runtime::server::CONTROL_MESSAGE_LIMIT))
 }
 
 /// 32 fresh random bytes from the operating system: one epoch's mesh secret.

@@ -421,7 +421,8 @@ fn adopt_all(
             crate::driver::Adopted::Finished => done += 1,
             crate::driver::Adopted::Refused => {
                 let _ = tx.send(Err(Status::failed_precondition(
-                    "this coordinator cannot run the request it took over (its length exceeds                      what one worker's KV cache holds)",
+                    "this coordinator cannot run the request it took over (its length \
+                     exceeds what one worker's KV cache holds)",
                 )));
             }
         }
@@ -1307,7 +1308,9 @@ impl Inference for InferenceService {
         let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         let not_found = || {
             Status::not_found(format!(
-                "request_id: no request {:?} to resume here (finished and delivered,                  cancelled, never seen by the coordinator this one took over from, or not                  resumed within the grace period)",
+                "request_id: no request {:?} to resume here (finished and delivered, \
+                 cancelled, never seen by the coordinator this one took over from, or not \
+                 resumed within the grace period)",
                 r.request_id
             ))
         };
@@ -1321,14 +1324,17 @@ impl Inference for InferenceService {
             return Err(invalid(
                 "received_tokens",
                 format!(
-                    "{received}, but only {} tokens were generated before this coordinator                      took over",
+                    "{received}, but only {} tokens were generated before this \
+                     coordinator took over",
                     p.known
                 ),
             ));
         }
         if p.job.want_logprobs && received < p.logprobs_from {
             return Err(Status::failed_precondition(format!(
-                "logprobs: tokens {received}..{} were generated before the takeover and their                  log-probabilities are lost (the workers keep only the last token's); the                  request cannot be resumed with logprobs from token {received}",
+                "logprobs: tokens {received}..{} were generated before the takeover and \
+                 their log-probabilities are lost (the workers keep only the last token's); \
+                 the request cannot be resumed with logprobs from token {received}",
                 p.logprobs_from
             )));
         }

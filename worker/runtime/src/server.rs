@@ -17,9 +17,11 @@
 //! new group ([`Executor::rejoin`]: new mesh and rank, experts gained loaded before the
 //! ready answer, the sequences in `keep_seqs` kept and reported in the ready answer's `kept`,
 //! every other one released). Any other placement drops the kept engine before loading a
-//! fresh one, so two engines are never held at once. The hello reports what the kept engine
-//! holds (each sequence's tokens and request, the experts, the fence that drove it), which is
-//! how a coordinator that takes over after the leader was lost adopts the requests in flight.
+//! fresh one, so two engines are never held at once. To a newer leader than the one that drove
+//! the kept engine, the hello reports what it holds (each sequence's tokens and request, the
+//! experts, the fence that drove it), which is how a coordinator that takes over after the
+//! leader was lost adopts the requests in flight. Control messages may be up to
+//! [`CONTROL_MESSAGE_LIMIT`] long (long prompts ride in plans and hellos).
 //!
 //! Within an epoch, an `ExpertUpdate` re-places experts without stopping: see
 //! [`Executor`](crate::executor::Executor). A worker started with an expert budget
@@ -66,6 +68,10 @@ struct Retained {
     kv_blocks: usize,
     ex: Executor,
 }
+
+/// Largest control-stream message either side accepts: a plan whose chunks start long
+/// sequences (each carries its prompt), or a hello handing a new leader many long sequences.
+pub const CONTROL_MESSAGE_LIMIT: usize = 1 << 30;
 
 /// The Control call's metadata key carrying the coordinator's fencing token (its leadership's
 /// election revision). Read before anything else, so a stale leader cannot end the epoch a
@@ -135,7 +141,10 @@ impl WorkerService {
     }
 
     pub fn into_server(self) -> WorkerServer<Self> {
+        // A plan may carry long prompts (each starting chunk carries its request's prompt).
         WorkerServer::new(self)
+            .max_decoding_message_size(CONTROL_MESSAGE_LIMIT)
+            .max_encoding_message_size(CONTROL_MESSAGE_LIMIT)
     }
 }
 
@@ -194,6 +203,8 @@ impl Worker for WorkerService {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
+            // Only a newer leader needs to be told (the same one knows what it ran).
+            .filter(|r| r.fence < fence)
             .map(|r| {
                 let (seqs, experts) = r.ex.held();
                 (seqs, experts, r.fence)
