@@ -67,8 +67,8 @@ pub struct ChaosReport {
     /// Per kill: the median over the streams in flight of their gap spanning it, ms (most
     /// streams are homed on survivors: what a kill costs them).
     pub stall_median_ms: Vec<f64>,
-    /// Per restart seen back in the cluster: the longest, and the median stream's, token gap
-    /// across the moment it was, ms.
+    /// Per restart seen back in the cluster before the next kill: the longest, and the
+    /// median stream's, token gap across the moment it was, ms.
     pub rejoin_stall_ms: Vec<f64>,
     pub rejoin_stall_median_ms: Vec<f64>,
     /// Median inter-token gap over the whole run, ms (what a stall is compared with).
@@ -271,9 +271,27 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
     };
     // The chaos loop, on this thread.
     let (mut kills, mut restarts, mut rejoins) = (Vec::new(), 0, Vec::new());
+    // A restarted worker not yet seen back: the epoch before its restart.
+    let mut returning: Option<u64> = None;
     while t0.elapsed() < o.duration {
         let jitter = 0.5 + (rng.next_u64() % 1000) as f64 / 1000.0;
-        std::thread::sleep(o.interval.mul_f64(jitter));
+        let next_kill = Instant::now() + o.interval.mul_f64(jitter);
+        // Until the next kill, watch for the returning worker (polled every 20 ms): it is
+        // back once a newer epoch lists every worker.
+        while Instant::now() < next_kill {
+            if let Some(before) = returning {
+                if status().is_some_and(|s| s.epoch > before && s.workers.len() == o.workers) {
+                    rejoins.push(Instant::now());
+                    returning = None;
+                }
+            }
+            let step = if returning.is_some() { 20 } else { 100 };
+            std::thread::sleep(
+                next_kill
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_millis(step)),
+            );
+        }
         if t0.elapsed() >= o.duration {
             break;
         }
@@ -281,18 +299,9 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
         kills.push(Instant::now());
         workers.kill(victim);
         std::thread::sleep(o.downtime);
-        let before = status().map_or(0, |s| s.epoch);
+        returning = Some(status().map_or(0, |s| s.epoch));
         workers.restart(victim)?;
         restarts += 1;
-        // When it is back: a newer epoch with every worker (polled; 10 s at most).
-        let t = Instant::now();
-        while t.elapsed() < Duration::from_secs(10) {
-            if status().is_some_and(|s| s.epoch > before && s.workers.len() == o.workers) {
-                rejoins.push(Instant::now());
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
     // Under load still, until every restarted worker is back in the cluster (or 15 s).
     let settle = Instant::now();
