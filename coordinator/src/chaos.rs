@@ -258,12 +258,13 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
             })
         })
         .collect();
+    // One connection for every status poll (a poll every 20 ms must not churn connections on
+    // the coordinator it measures).
+    let status_client = rt.block_on(InferenceClient::connect(url.clone())).ok();
     let status = || {
+        let mut c = status_client.clone()?;
         rt.block_on(async {
-            InferenceClient::connect(url.clone())
-                .await
-                .ok()?
-                .cluster_status(ClusterStatusRequest {})
+            c.cluster_status(ClusterStatusRequest {})
                 .await
                 .ok()
                 .map(|r| r.into_inner())

@@ -749,6 +749,16 @@ impl InferenceService {
         InferenceServer::new(self)
     }
 
+    /// UNAVAILABLE with the reason while the cluster cannot serve.
+    fn check_available(&self) -> Result<(), Status> {
+        let s = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
+        if s.unavailable.is_empty() {
+            Ok(())
+        } else {
+            Err(Status::unavailable(s.unavailable.clone()))
+        }
+    }
+
     fn send(&self, c: Cmd) {
         let _ = self.cmds.lock().unwrap_or_else(|e| e.into_inner()).send(c);
     }
@@ -1056,6 +1066,16 @@ fn grpc_timeout(
     }))
 }
 
+/// When a call that arrived at `t0` must be over, from its `grpc-timeout` header.
+fn call_deadline(
+    m: &tonic::metadata::MetadataMap,
+    t0: Instant,
+) -> Result<Option<tokio::time::Instant>, Status> {
+    Ok(grpc_timeout(m.get("grpc-timeout"))
+        .map_err(|d| invalid("grpc-timeout", d))?
+        .map(|d| tokio::time::Instant::from_std(t0) + d))
+}
+
 /// The `authorization` metadata value of a call, if any.
 pub fn auth_value(m: &tonic::metadata::MetadataMap) -> Option<&str> {
     m.get("authorization").and_then(|v| v.to_str().ok())
@@ -1218,18 +1238,8 @@ impl Inference for InferenceService {
                 format!("{} exceeds {MAX_TOP_LOGPROBS}", r.top_logprobs),
             ));
         }
-        let deadline = grpc_timeout(req_meta.get("grpc-timeout"))
-            .map_err(|d| invalid("grpc-timeout", d))?
-            .map(|d| tokio::time::Instant::from_std(t0) + d);
-        let unavailable = self
-            .snapshot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .unavailable
-            .clone();
-        if !unavailable.is_empty() {
-            return Err(Status::unavailable(unavailable));
-        }
+        let deadline = call_deadline(&req_meta, t0)?;
+        self.check_available()?;
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return Err(Status::resource_exhausted(format!(
@@ -1292,19 +1302,9 @@ impl Inference for InferenceService {
             }
             None => (None, String::new()),
         };
-        let deadline = grpc_timeout(req.metadata().get("grpc-timeout"))
-            .map_err(|d| invalid("grpc-timeout", d))?
-            .map(|d| tokio::time::Instant::from_std(t0) + d);
+        let deadline = call_deadline(req.metadata(), t0)?;
         let r = req.into_inner();
-        let unavailable = self
-            .snapshot
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .unavailable
-            .clone();
-        if !unavailable.is_empty() {
-            return Err(Status::unavailable(unavailable));
-        }
+        self.check_available()?;
         let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         let not_found = || {
             Status::not_found(format!(

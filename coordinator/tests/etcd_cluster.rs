@@ -33,8 +33,14 @@ fn etcd_worker(model: &str, flags: &[String], id: &str) -> (Proc, String) {
     spawn_serving(&args)
 }
 
-/// `switchyard coordinator` waiting for `workers` members, with those flags.
-fn etcd_coordinator(model: &str, flags: &[String], workers: usize) -> (Proc, String) {
+/// The arguments of `switchyard coordinator` waiting for `workers` members, with those flags
+/// (and `--id ID` when given).
+fn coordinator_args(
+    model: &str,
+    flags: &[String],
+    workers: usize,
+    id: Option<&str>,
+) -> Vec<String> {
     let n = workers.to_string();
     let mut args = vec![
         "coordinator",
@@ -45,8 +51,21 @@ fn etcd_coordinator(model: &str, flags: &[String], workers: usize) -> (Proc, Str
         "--grpc-addr",
         "127.0.0.1:0",
     ];
+    if let Some(id) = id {
+        args.extend(["--id", id]);
+    }
     args.extend(flags.iter().map(|s| s.as_str()));
-    spawn_serving(&args)
+    args.into_iter().map(String::from).collect()
+}
+
+/// Spawns `switchyard ARGS` (owned) as [`spawn_serving`] does.
+fn spawn_args(args: &[String]) -> (Proc, String) {
+    spawn_serving(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+}
+
+/// `switchyard coordinator` waiting for `workers` members, with those flags.
+fn etcd_coordinator(model: &str, flags: &[String], workers: usize) -> (Proc, String) {
+    spawn_args(&coordinator_args(model, flags, workers, None))
 }
 
 fn signal(pid: u32, sig: &str) {
@@ -330,30 +349,9 @@ fn streams_resume_on_the_standby_when_the_leader_dies_and_nothing_is_reprefilled
     let flags = etcd_flags(&etcd, "/switchyard/takeover");
     let _w0 = etcd_worker(&m, &flags, "w0");
     let _w1 = etcd_worker(&m, &flags, "w1");
-    let coordinator = |id: &str| {
-        let mut args: Vec<String> = [
-            "coordinator",
-            "--model",
-            &m,
-            "--workers",
-            "2",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--id",
-            id,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        args.extend(flags.iter().cloned());
-        args
-    };
-    let a = coordinator("leader-a");
-    let (mut leader, url_a) = spawn_serving(&a.iter().map(|s| s.as_str()).collect::<Vec<_>>());
-    let b = coordinator("standby-b");
-    let standby = std::thread::spawn(move || {
-        spawn_serving(&b.iter().map(|s| s.as_str()).collect::<Vec<_>>())
-    });
+    let (mut leader, url_a) = spawn_args(&coordinator_args(&m, &flags, 2, Some("leader-a")));
+    let b = coordinator_args(&m, &flags, 2, Some("standby-b"));
+    let standby = std::thread::spawn(move || spawn_args(&b));
     block_on(async {
         let endpoints = std::sync::Arc::new(std::sync::Mutex::new(vec![url_a.clone()]));
         let streams = GoldenStreams::start_resuming(&url_a, "tiny-qwen3-moe", 4, endpoints.clone());
