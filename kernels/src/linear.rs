@@ -219,6 +219,11 @@ const M_BLOCK: usize = 32;
 /// `t[jj, r] = x[r] · w[j0 + jj]` for all `r < m` and the weight rows covered by `t`
 /// (`[rows, m]`): 4x3 register tiles where possible, row-at-a-time at the edges.
 fn dot_block(x: &[f32], m: usize, k: usize, w: WeightRef<'_>, j0: usize, t: &mut [f32]) {
+    if let WeightRef::Fp8(f) = w {
+        if f.dot_span(x, m, j0, t) {
+            return;
+        }
+    }
     let rows = t.len() / m;
     // Probe the tile kernel only where a whole triple of weight rows exists (a block's last
     // one or two rows at the end of the matrix would be read past).

@@ -93,6 +93,62 @@ impl Fp8Block<'_> {
         crate::simd::dot_rows_fp8::<R>(x, self.k, q, s, self.block[1])
     }
 
+    /// `t[jj * m + r] = x[r] · w[j0 + jj]` for the `t.len() / m` weight rows from `j0`
+    /// and the `m` rows of `x` (decode's few-row products), where this CPU has the kernel for
+    /// it (AVX-512; `false` otherwise, `t` untouched). For each stretch of rows in one block
+    /// row, `x` is multiplied once by that block row's scales (and 2⁻⁸, which the kernel's
+    /// widening of the codes undoes), so every weight row is then one plain dot product with
+    /// no per-block scaling: the scales cost `m · k` multiplies per `block[0]` rows instead
+    /// of a reduction per block per row. (Rounding: each `x · scale` is rounded once more
+    /// than when the scale multiplies a block's partial sum; within f32 noise.)
+    pub fn dot_span(&self, x: &[f32], m: usize, j0: usize, t: &mut [f32]) -> bool {
+        if !crate::simd::has_avx512() || m == 0 {
+            return false;
+        }
+        let (k, [br, bc]) = (self.k, self.block);
+        let rows = t.len() / m;
+        let mut xs = vec![0.0f32; m * k];
+        let mut jj = 0;
+        while jj < rows {
+            let j = j0 + jj;
+            let end = (((j / br) + 1) * br - j0).min(rows);
+            let (_, s) = self.row(j);
+            for (xr, xsr) in x.chunks_exact(k).zip(xs.chunks_exact_mut(k)).take(m) {
+                for ((o, v), f) in xsr.chunks_mut(bc).zip(xr.chunks(bc)).zip(s) {
+                    let f = f * (1.0 / 256.0);
+                    for (o, v) in o.iter_mut().zip(v) {
+                        *o = v * f;
+                    }
+                }
+            }
+            for jr in jj..end {
+                let q = &self.q[(j0 + jr) * k..(j0 + jr + 1) * k];
+                let o = &mut t[jr * m..(jr + 1) * m];
+                let mut r = 0;
+                macro_rules! run {
+                    ($R:literal) => {{
+                        let v = crate::simd::dot_rows_fp8_prescaled::<$R>(&xs[r * k..], k, q)
+                            .expect("AVX-512 checked above");
+                        o[r..r + $R].copy_from_slice(&v);
+                        r + $R
+                    }};
+                }
+                while m - r >= 4 {
+                    r = run!(4);
+                }
+                if m - r >= 2 {
+                    r = run!(2);
+                }
+                if m - r == 1 {
+                    r = run!(1);
+                }
+                debug_assert_eq!(r, m);
+            }
+            jj = end;
+        }
+        true
+    }
+
     /// Rows `r0..r0 + n` as an owned block-scaled matrix, transposed (`[k, n]`) if asked:
     /// exact, no value is re-rounded. Where `r0` is not on a block boundary the slice's row
     /// blocks shrink to `gcd(br, r0 mod br)` rows, which never straddle a stored block.

@@ -540,25 +540,32 @@ fn e4m3_decodes_the_format_corners() {
 }
 
 /// FP8 block-scaled weights dequantized in registers equal dequantize-then-f32, for decode
-/// and prefill row counts and blocks that do not divide the matrix.
+/// and prefill row counts, blocks that do not divide the matrix, weight-row chunks that
+/// start inside a block row, and codes drawn from every finite code or only from those
+/// with a nonzero exponent (the kernels widen those two kinds of 32-code chunk differently).
 #[test]
 fn linear_fp8_matches_dequantized_reference() {
     use switchyard_kernels::quant::Fp8Block;
     let mut rng = Rng::new(21);
-    for &(m, k, n, br, bc) in &[
+    let shapes = [
         (1usize, 96usize, 50usize, 16usize, 32usize),
         (4, 128, 64, 128, 128),
         (7, 200, 33, 32, 64),
         (20, 96, 50, 16, 32),
         (8, 192, 128, 128, 128),
-    ] {
+        (1, 256, 1100, 128, 128),
+        (3, 1024, 300, 128, 128),
+    ];
+    for (&(m, k, n, br, bc), normal_only) in shapes.iter().flat_map(|s| [(s, false), (s, true)]) {
         let x = randn(&mut rng, m * k, 1.0);
-        // Every finite code (0x7f and 0xff are NaN).
+        // Every finite code (0x7f and 0xff are NaN), or those with a nonzero exponent.
         let q: Vec<u8> = (0..n * k)
             .map(|_| {
                 let b = (rng.next_u64() % 256) as u8;
                 if b & 0x7f == 0x7f {
                     0x38
+                } else if normal_only && b & 0x78 == 0 {
+                    b | 0x40
                 } else {
                     b
                 }
@@ -579,7 +586,7 @@ fn linear_fp8_matches_dequantized_reference() {
         let scale = r.iter().fold(1.0f32, |a, v| a.max(v.abs()));
         assert!(
             max_abs_diff(&out, &r) < 1e-5 * scale,
-            "m={m} k={k} n={n} block={br}x{bc}: {}",
+            "m={m} k={k} n={n} block={br}x{bc} normal codes only {normal_only}: {}",
             max_abs_diff(&out, &r)
         );
     }
