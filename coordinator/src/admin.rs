@@ -222,6 +222,10 @@ pub fn status_json(s: &ClusterStatusResponse) -> serde_json::Value {
             "running_sequences": w.running_sequences,
             "kv_blocks_used": w.kv_blocks_used,
             "kv_blocks_total": w.kv_blocks_total,
+            "kv_blocks_cached": w.kv_blocks_cached,
+            "prefix_queried_blocks": w.prefix_queried_blocks,
+            "prefix_hit_blocks": w.prefix_hit_blocks,
+            "prefix_evicted_blocks": w.prefix_evicted_blocks,
         })).collect::<Vec<_>>(),
         "placement": s.placement.iter().map(|p| serde_json::json!({
             "layer": p.layer,

@@ -165,6 +165,9 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
                 * (opts.prefill_tokens.max(64) + opts.decode_steps + 64).div_ceil(16),
         ),
         device: opts.device,
+        // The prefill is timed on one prompt computed three times: a prefix cache would
+        // compute it once. This bench measures computation.
+        prefix_cache: false,
         ..Default::default()
     };
     let mut engine = Engine::load(&opts.model, &eopts)?;

@@ -44,6 +44,8 @@ pub struct ChaosOptions {
     pub seed: u64,
     /// Live expert re-placement on (the coordinator's default) instead of off.
     pub rebalance: bool,
+    /// Leave the workers' prefix caching on.
+    pub prefix_cache: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -161,7 +163,13 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
         .collect::<std::io::Result<_>>()?;
     let args: Vec<Vec<String>> = ports
         .iter()
-        .map(|p| vec!["--listen".into(), format!("127.0.0.1:{p}")])
+        .map(|p| {
+            let mut a = vec!["--listen".into(), format!("127.0.0.1:{p}")];
+            if !o.prefix_cache {
+                a.push("--no-prefix-cache".into());
+            }
+            a
+        })
         .collect();
     let mut workers = LocalWorkers::spawn_each(&o.model, args, &[])?;
     let exe = std::env::current_exe()?;

@@ -335,6 +335,9 @@ pub struct UpArgs {
     /// position, each key and value rounded once to bf16; CPU only).
     #[arg(long, default_value = "f32")]
     pub kv_dtype: switchyard_worker::kv::KvDType,
+    /// Turn the workers' automatic prefix caching off (every prompt computed in full).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
 }
 
 #[derive(Args, Debug)]
@@ -414,6 +417,11 @@ pub struct WorkerArgs {
     /// position, each key and value rounded once to bf16; CPU only).
     #[arg(long, default_value = "f32")]
     pub kv_dtype: switchyard_worker::kv::KvDType,
+    /// Turn automatic prefix caching off: full KV blocks are then neither shared between
+    /// sequences with the same prefix nor kept after release (every prompt computed in full).
+    /// On by default on CPU; CUDA workers do not cache prefixes yet.
+    #[arg(long)]
+    pub no_prefix_cache: bool,
     /// TLS on the Control listener; with --tls-client-ca only coordinators presenting a
     /// certificate from that CA may drive this worker.
     #[command(flatten)]
@@ -595,6 +603,11 @@ pub struct BenchChaosArgs {
     /// compare with earlier runs.
     #[arg(long)]
     pub rebalance: bool,
+    /// Leave the workers' prefix caching on (their default). Off by default here: the
+    /// clients resend the same reference prompts, which a warm cache would mostly not
+    /// compute, so the kill figures would not compare with earlier runs.
+    #[arg(long)]
+    pub prefix_cache: bool,
     #[arg(long)]
     pub json: bool,
 }
@@ -809,6 +822,7 @@ fn bench_chaos_cmd(a: BenchChaosArgs) -> Result<()> {
         max_tokens: a.max_tokens,
         seed: a.seed,
         rebalance: a.rebalance,
+        prefix_cache: a.prefix_cache,
     })?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -1004,6 +1018,7 @@ fn worker_cmd(a: WorkerArgs) -> Result<()> {
             dtype: a.dtype,
             device: a.device,
             kv_dtype: a.kv_dtype,
+            prefix_cache: !a.no_prefix_cache,
             ..Default::default()
         };
         let tls = a.tls.load()?;
@@ -1164,6 +1179,9 @@ fn up_cmd(a: UpArgs, log_format: crate::telemetry::LogFormat) -> Result<()> {
     }
     if a.kv_dtype != switchyard_worker::kv::KvDType::F32 {
         extra.extend(["--kv-dtype".into(), a.kv_dtype.to_string()]);
+    }
+    if a.no_prefix_cache {
+        extra.push("--no-prefix-cache".into());
     }
     // Options are checked before any worker process starts.
     let opts = serve_options(&c, "up".into(), Duration::from_secs(60))?;
@@ -1477,16 +1495,33 @@ fn admin_cmd(a: AdminArgs) -> Result<()> {
                         format!("  UNAVAILABLE: {}", s.unavailable)
                     }
                 );
-                println!("rank  worker                  running  kv used/total  experts");
+                println!(
+                    "rank  worker                  running  kv used/total  cached  prefix hits  experts"
+                );
                 for w in &s.workers {
                     let held = s
                         .placement
                         .iter()
                         .filter(|p| p.ranks.contains(&w.rank))
                         .count();
+                    let hits = if w.prefix_queried_blocks == 0 {
+                        "-".to_string()
+                    } else {
+                        format!(
+                            "{:.0}%",
+                            100.0 * w.prefix_hit_blocks as f64 / w.prefix_queried_blocks as f64
+                        )
+                    };
                     println!(
-                        "{:>4}  {:<22}  {:>7}  {:>6}/{:<6}  {:>7}",
-                        w.rank, w.id, w.running_sequences, w.kv_blocks_used, w.kv_blocks_total, held
+                        "{:>4}  {:<22}  {:>7}  {:>6}/{:<6}  {:>6}  {:>11}  {:>7}",
+                        w.rank,
+                        w.id,
+                        w.running_sequences,
+                        w.kv_blocks_used,
+                        w.kv_blocks_total,
+                        w.kv_blocks_cached,
+                        hits,
+                        held
                     );
                 }
                 if !s.drained.is_empty() {

@@ -16,7 +16,7 @@ use std::sync::mpsc;
 use switchyard_kernels::sampling::SamplingParams;
 use switchyard_proto::cluster::v1::coordinator_message::Msg as CMsg;
 use switchyard_proto::cluster::v1::{
-    ExpertUpdate, HeldSeq, SeqChunk, SeqRequest, StepPlan, StepResult,
+    ExpertUpdate, HeldSeq, PrefixCacheStats, SeqChunk, SeqRequest, StepPlan, StepResult,
 };
 use switchyard_runtime::executor::Executor;
 use switchyard_worker::comm::{Comm, LocalComm};
@@ -123,6 +123,8 @@ pub struct Snapshot {
     pub addresses: Vec<String>,
     pub kv_used: Vec<u32>,
     pub kv_total: usize,
+    /// Each rank's prefix cache as of its last step result.
+    pub prefix_cache: Vec<PrefixCacheStats>,
     pub running_per_rank: Vec<u32>,
     /// Experts per MoE layer each rank has room for (0: all).
     pub expert_slots: Vec<usize>,
@@ -404,6 +406,7 @@ pub struct Driver {
     pending_free: Vec<Vec<u64>>,
     step_no: u64,
     kv_used: Vec<u32>,
+    prefix_cache: Vec<PrefixCacheStats>,
     preemptions: usize,
     expert_load: Vec<Vec<u64>>,
     pacer: Option<Pacer>,
@@ -610,6 +613,7 @@ impl Driver {
         self.cluster = cluster;
         self.pending_free = pending_free;
         self.kv_used = vec![0; w];
+        self.prefix_cache = vec![PrefixCacheStats::default(); w];
         self.epoch += 1;
         if let Some(p) = &mut self.pacer {
             *p = p.fresh();
@@ -749,6 +753,7 @@ impl Driver {
             pending_free: vec![vec![]; w],
             step_no: 0,
             kv_used: vec![0; w],
+            prefix_cache: vec![PrefixCacheStats::default(); w],
             preemptions: 0,
             expert_load: Vec::new(),
             pacer: None,
@@ -900,6 +905,7 @@ impl Driver {
             addresses: self.cluster.addresses(),
             kv_used: self.kv_used.clone(),
             kv_total: self.cluster.kv_shape().0,
+            prefix_cache: self.prefix_cache.clone(),
             running_per_rank: running,
             expert_slots: self.cluster.expert_slots(),
             holders: self.cluster.holders().to_vec(),
@@ -1117,6 +1123,9 @@ impl Driver {
         };
         for (w, r) in results.into_iter().enumerate() {
             self.kv_used[w] = r.kv_blocks_used;
+            if let Some(p) = r.prefix_cache {
+                self.prefix_cache[w] = p;
+            }
             let experts = self.experts_per_layer();
             if experts > 0 && !r.expert_load.is_empty() {
                 let layers = r.expert_load.len() / experts;

@@ -72,6 +72,8 @@ pub struct WorkerKv {
     pub worker: String,
     pub used: u32,
     pub total: u32,
+    /// The worker's prefix cache (blocks kept now; counters since its engine loaded).
+    pub prefix: switchyard_proto::cluster::v1::PrefixCacheStats,
 }
 
 pub struct Metrics {
@@ -239,6 +241,36 @@ impl Metrics {
                 "switchyard_kv_blocks_capacity{{worker=\"{}\"}} {}",
                 w.worker, w.total
             );
+        }
+        let _ = writeln!(o, "# HELP switchyard_kv_blocks_cached KV blocks per worker held by no sequence that keep a prefix for reuse (evicted when room is needed).\n# TYPE switchyard_kv_blocks_cached gauge");
+        for w in &kv {
+            let _ = writeln!(
+                o,
+                "switchyard_kv_blocks_cached{{worker=\"{}\"}} {}",
+                w.worker, w.prefix.cached_blocks
+            );
+        }
+        for (name, help, get) in [
+            (
+                "switchyard_prefix_cache_queried_blocks_total",
+                "Full prompt blocks looked up in each worker's prefix cache (since its engine loaded).",
+                (|p| p.queried_blocks) as fn(&switchyard_proto::cluster::v1::PrefixCacheStats) -> u64,
+            ),
+            (
+                "switchyard_prefix_cache_hit_blocks_total",
+                "Prompt blocks found in each worker's prefix cache, their positions not computed again (since its engine loaded).",
+                |p| p.hit_blocks,
+            ),
+            (
+                "switchyard_prefix_cache_evicted_blocks_total",
+                "Cached blocks each worker evicted to make room (since its engine loaded).",
+                |p| p.evicted_blocks,
+            ),
+        ] {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} counter");
+            for w in &kv {
+                let _ = writeln!(o, "{name}{{worker=\"{}\"}} {}", w.worker, get(&w.prefix));
+            }
         }
         let _ = writeln!(o, "# HELP switchyard_expert_tokens_total Tokens routed to each expert.\n# TYPE switchyard_expert_tokens_total counter");
         for (l, row) in self

@@ -284,6 +284,7 @@ fn engine_loop(
                     worker: r.to_string(),
                     used,
                     total: snap.kv_total as u32,
+                    prefix: snap.prefix_cache.get(r).copied().unwrap_or_default(),
                 })
                 .collect(),
             &snap.expert_load,
@@ -1440,6 +1441,7 @@ pub fn status_response(s: &Snapshot, roster: &Roster) -> ClusterStatusResponse {
                     _ => return None,
                 }
             };
+            let prefix = s.prefix_cache.get(r).copied().unwrap_or_default();
             Some(WorkerStatus {
                 id,
                 rank: r as u32,
@@ -1447,6 +1449,10 @@ pub fn status_response(s: &Snapshot, roster: &Roster) -> ClusterStatusResponse {
                 kv_blocks_used: s.kv_used.get(r).copied().unwrap_or(0),
                 kv_blocks_total: s.kv_total as u32,
                 running_sequences: s.running_per_rank.get(r).copied().unwrap_or(0),
+                kv_blocks_cached: prefix.cached_blocks,
+                prefix_queried_blocks: prefix.queried_blocks,
+                prefix_hit_blocks: prefix.hit_blocks,
+                prefix_evicted_blocks: prefix.evicted_blocks,
             })
         })
         .collect();

@@ -262,6 +262,26 @@ fn find<'a>(docs: &'a [Value], kind: &str, suffix: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no {kind} *{suffix}"))
 }
 
+/// `workers.prefixCache: false` reaches the worker command line; the default leaves the
+/// worker's own default (on).
+#[test]
+fn the_prefix_cache_switch_reaches_the_workers() {
+    for (vf, off) in [("", false), ("ci/gpu.yaml", true)] {
+        let mut args: Vec<String> = vec!["template".into(), "sy".into()];
+        args.push(chart().to_str().unwrap().into());
+        args.extend(with_values(vf));
+        let docs = render_json(&args);
+        let sts = find(&docs, "StatefulSet", "-worker");
+        let a = &sts["spec"]["template"]["spec"]["containers"][0]["args"];
+        let has = a
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x.as_str() == Some("--no-prefix-cache"));
+        assert_eq!(has, off, "{vf:?}: {a}");
+    }
+}
+
 #[test]
 fn the_rendered_commands_form_a_cluster_that_serves() {
     let etcd = Etcd::start();

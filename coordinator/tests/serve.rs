@@ -128,6 +128,38 @@ fn up_and_generate_stream_golden_tokens_and_reject_bad_input() {
     );
     assert!(st.placement.iter().map(|p| p.load).sum::<f64>() > 0.0);
 
+    // The long prompt again, twice, one after the other: an idle cluster homes both on the
+    // same worker, so the second finds its prompt's blocks in that worker's prefix cache,
+    // and the tokens are the goldens still.
+    let long = &golden["prompts"][3];
+    for _ in 0..2 {
+        let out = switchyard(&[
+            "generate",
+            "--endpoint",
+            &url,
+            "--prompt",
+            long["text"].as_str().unwrap(),
+            "--max-tokens",
+            "24",
+            "--ignore-eos",
+            "--json",
+        ]);
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(ids(&v["output_ids"]), ids(&long["greedy"]["new_ids"]));
+    }
+    let st = rt.block_on(async {
+        let mut c = switchyard_proto::v1::inference_client::InferenceClient::connect(url.clone())
+            .await
+            .unwrap();
+        idle_status(&mut c).await
+    });
+    let hits: u64 = st.workers.iter().map(|w| w.prefix_hit_blocks).sum();
+    let queried: u64 = st.workers.iter().map(|w| w.prefix_queried_blocks).sum();
+    // 281 prompt tokens: 17 whole blocks before the last position.
+    assert!(hits >= 17 && queried >= hits, "{:?}", st.workers);
+    assert!(st.workers.iter().any(|w| w.kv_blocks_cached > 0));
+    assert!(st.workers.iter().all(|w| w.kv_blocks_used == 0));
+
     // Still serving, and a stop string ends the stream early with `stop`.
     let out = switchyard(&[
         "generate",

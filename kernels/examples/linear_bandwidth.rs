@@ -12,7 +12,9 @@ use switchyard_kernels::{linear, linear_batch, LinearJob, WeightRef};
 
 fn main() {
     let (n, k) = (65536usize, 8192usize);
-    let q: Vec<u8> = (0..n * k).map(|i| (i * 7 % 251) as u8 & 0x7e | 0x08).collect();
+    let q: Vec<u8> = (0..n * k)
+        .map(|i| (i * 7 % 251) as u8 & 0x7e | 0x08)
+        .collect();
     let s = vec![0.01f32; n.div_ceil(128) * k.div_ceil(128)];
     let bf: Vec<half::bf16> = (0..n * k)
         .map(|i| half::bf16::from_f32((i % 13) as f32 * 0.01))

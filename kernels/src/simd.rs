@@ -1166,7 +1166,14 @@ mod tests {
         // Codes at random (most 32-code chunks hold a zero-exponent code), codes none of
         // which has a zero exponent (AVX-512's direct widening only), and such codes with a
         // zero or subnormal now and then (both AVX-512 widenings in one block).
-        let cases = [(64usize, 32usize), (200, 64), (96, 128), (13, 8), (300, 40), (512, 128)];
+        let cases = [
+            (64usize, 32usize),
+            (200, 64),
+            (96, 128),
+            (13, 8),
+            (300, 40),
+            (512, 128),
+        ];
         for (&(k, bc), codes) in cases.iter().flat_map(|c| [(c, 0), (c, 1), (c, 2)]) {
             let x: Vec<f32> = (0..3 * k).map(|_| rng.next_f64() as f32 - 0.5).collect();
             let q: Vec<u8> = (0..k)

@@ -113,4 +113,9 @@ want = 2 * c["completion_tokens"] + k["max_tokens"]
 check(gen >= want, f"switchyard_generated_tokens_total moved by {gen} (served at least {want})")
 fin = total(after, "switchyard_requests_finished_total") - total(before, "switchyard_requests_finished_total")
 check(fin >= 3, f"switchyard_requests_finished_total moved by {fin}")
+q = total(after, "switchyard_prefix_cache_queried_blocks_total")
+h = total(after, "switchyard_prefix_cache_hit_blocks_total")
+check(any(n == "switchyard_kv_blocks_cached" for (n, _) in after)
+      and any(n == "switchyard_prefix_cache_evicted_blocks_total" for (n, _) in after) and 0 <= h <= q,
+      f"prefix cache metrics: {h:.0f} of {q:.0f} prompt blocks found cached")
 print("all checks passed")

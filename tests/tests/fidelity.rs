@@ -137,11 +137,24 @@ fn greedy_tokens_match_golden_one_by_one_and_batched_on(dev: Device, models: &[&
         let (prompts, want) = prompts_and_greedy(&g);
         let n = want[0].len();
         let mut e = engine(model, on(dev));
-        for (i, p) in prompts.iter().enumerate() {
-            let got = greedy_batched(&mut e, std::slice::from_ref(p), n);
-            assert_eq!(got[0], want[i], "{model} prompt {i} alone");
+        // Cold, then again with each prompt's blocks (and its generated ones) cached.
+        for warm in [false, true] {
+            let hits = e.prefix_stats().hit_blocks;
+            for (i, p) in prompts.iter().enumerate() {
+                let got = greedy_batched(&mut e, std::slice::from_ref(p), n);
+                assert_eq!(
+                    got[0], want[i],
+                    "{model} prompt {i} alone, warm cache {warm}"
+                );
+            }
+            let hit = e.prefix_stats().hit_blocks > hits;
+            assert_eq!(
+                hit,
+                warm && e.prefix_caching(),
+                "{model}: cache hits, warm {warm}"
+            );
         }
-        // All prompts (lengths 10..281) in one step, then decoded together.
+        // All prompts (lengths 10..281) in one step, then decoded together (warm).
         let got = greedy_batched(&mut e, &prompts, n);
         assert_eq!(got, want, "{model} batched");
         // And the transformers left-padded batch agrees with the same tokens.
@@ -254,6 +267,156 @@ fn chunked_prefill_of_64_equals_one_pass_on(dev: Device, models: &[&str]) {
         for rec in p["logits"].as_array().unwrap() {
             let pos = rec["position"].as_u64().unwrap() as usize;
             assert!(max_abs(&chunked[pos], &floats(&rec["values"])) < LOGIT_TOL);
+        }
+    }
+}
+
+/// With a warm prefix cache (every golden prompt computed once and released), each recorded
+/// position's logits, computed by feeding the prompt up to it in a new sequence that takes
+/// its whole blocks from the cache, still match the goldens: every family, MLA's latent
+/// cache included. With the cache off the same run computes everything and finds nothing.
+#[test]
+fn warm_prefix_cache_keeps_golden_logits() {
+    for model in MODELS {
+        let g = golden(model);
+        for caching in [true, false] {
+            let mut e = engine(
+                model,
+                EngineOptions {
+                    prefix_cache: caching,
+                    ..on(Device::Cpu)
+                },
+            );
+            let prompts = g["prompts"].as_array().unwrap();
+            let mut cold = Vec::new();
+            for (pi, p) in prompts.iter().enumerate() {
+                cold.push(prompt_logits(&mut e, pi as u64, &ids(&p["input_ids"])));
+                e.release(pi as u64);
+            }
+            assert_eq!(e.kv_used(), 0);
+            assert_eq!(
+                e.kv_cached() > 0,
+                caching,
+                "{model}: blocks kept after release"
+            );
+            let mut seq = 1000;
+            let mut reused = 0;
+            for (p, cold) in prompts.iter().zip(&cold) {
+                let prompt = ids(&p["input_ids"]);
+                // A chunk ending on a block boundary still computes its last position.
+                let aligned = (1..=prompt.len() / 16).map(|b| 16 * b - 1);
+                for pos in aligned.chain(
+                    p["logits"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|r| r["position"].as_u64().unwrap() as usize),
+                ) {
+                    let before = e.prefix_stats().hit_blocks;
+                    let out = e
+                        .step(
+                            &[ChunkSpec {
+                                seq_id: seq,
+                                tokens: &prompt[..=pos],
+                                logits: Logits::Last,
+                            }],
+                            false,
+                        )
+                        .unwrap();
+                    let hits = (e.prefix_stats().hit_blocks - before) as usize;
+                    // Every whole block before the position is found (the position itself
+                    // is always computed).
+                    let want_hits = if caching { pos / 16 } else { 0 };
+                    assert_eq!(hits, want_hits, "{model} pos {pos}: blocks reused");
+                    reused += hits;
+                    assert_eq!(out.logits.len(), e.config().vocab_size);
+                    let d = max_abs(&out.logits, &cold[pos]);
+                    assert!(
+                        d < 1e-5,
+                        "{model} pos {pos}, cache {caching}: {d} from cold"
+                    );
+                    let rec = p["logits"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .find(|r| r["position"].as_u64() == Some(pos as u64));
+                    if let Some(rec) = rec {
+                        let d = max_abs(&out.logits, &floats(&rec["values"]));
+                        assert!(
+                            d < LOGIT_TOL,
+                            "{model} prompt {} pos {pos}, cache {caching}: max |diff| {d}",
+                            p["name"]
+                        );
+                        assert_eq!(argmax(&out.logits) as u64, rec["argmax"].as_u64().unwrap());
+                    }
+                    e.release(seq);
+                    seq += 1;
+                }
+            }
+            assert_eq!(reused > 0, caching, "{model}");
+            assert_eq!(e.kv_used(), 0);
+            let s = e.prefix_stats();
+            assert!(s.hit_blocks <= s.queried_blocks);
+        }
+    }
+}
+
+/// Two sequences share a cached prefix; cutting one back inside a shared block gives it a
+/// private copy, so its new tokens never reach the other: both then continue exactly as on
+/// an engine that shares nothing (the bf16 pools too, where a copy must move bit patterns).
+#[test]
+fn cutting_back_inside_a_shared_block_copies_it() {
+    for kv_dtype in [
+        switchyard_worker::kv::KvDType::F32,
+        switchyard_worker::kv::KvDType::Bf16,
+    ] {
+        for model in ["tiny-qwen3-moe", "tiny-deepseek-v3"] {
+            let g = golden(model);
+            let prompt = ids(&g["prompts"][1]["input_ids"]); // 138 tokens
+            let other: Vec<u32> = prompt[..40].iter().rev().copied().collect();
+            let opts = |prefix_cache| EngineOptions {
+                prefix_cache,
+                kv_dtype,
+                ..on(Device::Cpu)
+            };
+            // What each continuation must produce: computed alone, nothing shared.
+            let mut cold = engine(model, opts(false));
+            let last = |e: &mut Engine, seq: u64, tokens: &[u32]| -> Vec<f32> {
+                e.step(
+                    &[ChunkSpec {
+                        seq_id: seq,
+                        tokens,
+                        logits: Logits::Last,
+                    }],
+                    false,
+                )
+                .unwrap()
+                .logits
+            };
+            let a_want = last(&mut cold, 1, &prompt);
+            let b_tokens: Vec<u32> = prompt[..70].iter().chain(&other).copied().collect();
+            let b_want = last(&mut cold, 2, &b_tokens);
+
+            let mut e = engine(model, opts(true));
+            // A computes the prompt's first 96 positions (six named blocks); B takes five.
+            last(&mut e, 1, &prompt[..96]);
+            last(&mut e, 2, &prompt[..90]);
+            assert_eq!(e.prefix_stats().hit_blocks, 5);
+            // B is cut back to 70: inside its fifth block, shared with A.
+            assert!(e.truncate(2, 70));
+            let b_got = last(&mut e, 2, &other);
+            let a_got = last(&mut e, 1, &prompt[96..]);
+            assert!(
+                max_abs(&a_got, &a_want) < 1e-5,
+                "{model} {kv_dtype}: A changed"
+            );
+            assert!(
+                max_abs(&b_got, &b_want) < 1e-5,
+                "{model} {kv_dtype}: B's copy"
+            );
+            e.release(1);
+            e.release(2);
+            assert_eq!(e.kv_used(), 0);
         }
     }
 }

@@ -5,6 +5,7 @@
 //! step are checked before any is taken: a step that cannot fit fails with
 //! [`WorkerError::KvExhausted`] and changes nothing.
 
+use crate::blocks::{chain_hash, BlockHash, PrefixStats};
 use crate::comm::Comm;
 use crate::config::ModelConfig;
 use crate::ep::EpExperts;
@@ -33,6 +34,11 @@ pub struct EngineOptions {
     pub device: Device,
     /// Element type of the KV cache (CPU; the CUDA backend keeps its own f32 pools).
     pub kv_dtype: crate::kv::KvDType,
+    /// Automatic prefix caching: full KV blocks are named by their tokens and everything
+    /// before them, shared by sequences with the same prefix and kept after release until
+    /// their room is needed ([`crate::blocks`]). On by default; off on CUDA (whose pools
+    /// cannot yet copy a shared block).
+    pub prefix_cache: bool,
 }
 
 /// Where a worker runs the forward pass.
@@ -78,6 +84,7 @@ impl Default for EngineOptions {
             expert_shards: 1,
             device: Device::Cpu,
             kv_dtype: crate::kv::KvDType::F32,
+            prefix_cache: true,
         }
     }
 }
@@ -101,9 +108,71 @@ pub enum ExpertSetup {
     },
 }
 
+#[derive(Default)]
 struct Seq {
     table: Vec<u32>,
     len: usize,
+    /// The token at every position, what block names are computed from (kept only while
+    /// prefix caching is on).
+    tokens: Vec<u32>,
+    /// Names of the full blocks, `len / block_size` of them while prefix caching is on.
+    hashes: Vec<BlockHash>,
+}
+
+/// What a chunk takes from the prefix cache: the blocks found for its first whole blocks
+/// (with their names) and how many of its blocks were looked up.
+struct PrefixHit {
+    blocks: Vec<(u32, BlockHash)>,
+    queried: usize,
+}
+
+/// The cached blocks that extend `seq` (none yet when `None`) by `c`'s first tokens: only
+/// from a block boundary the sequence has fully named, and never the token a chunk wants
+/// logits for (`Logits::All` takes nothing: every position's logits are computed).
+fn prefix_hit(kv: &KvCache, seq: Option<&Seq>, c: &ChunkSpec<'_>) -> PrefixHit {
+    let bs = kv.block_size;
+    let (len, have, named, prev) = seq.map_or((0, 0, 0, None), |s| {
+        (
+            s.len,
+            s.table.len(),
+            s.hashes.len(),
+            s.hashes.last().copied(),
+        )
+    });
+    let limit = match c.logits {
+        Logits::None => c.tokens.len(),
+        Logits::Last => c.tokens.len() - 1,
+        Logits::All => 0,
+    };
+    let mut hit = PrefixHit {
+        blocks: Vec::new(),
+        queried: 0,
+    };
+    if !kv.blocks().caching() || len % bs != 0 || have != len / bs || named != len / bs {
+        return hit;
+    }
+    hit.queried = limit / bs;
+    let mut prev = prev;
+    for block in c.tokens[..limit].chunks_exact(bs) {
+        let h = chain_hash(prev, block);
+        let Some(b) = kv.blocks().lookup(h) else {
+            break;
+        };
+        hit.blocks.push((b, h));
+        prev = Some(h);
+    }
+    hit
+}
+
+/// Names the sequence's blocks that are full and not yet named, offering each for reuse.
+fn name_full_blocks(kv: &mut KvCache, s: &mut Seq) {
+    let bs = kv.block_size;
+    while s.hashes.len() < s.len / bs {
+        let i = s.hashes.len();
+        let h = chain_hash(s.hashes.last().copied(), &s.tokens[i * bs..(i + 1) * bs]);
+        s.hashes.push(h);
+        kv.blocks_mut().register(s.table[i], h);
+    }
 }
 
 pub struct Engine {
@@ -230,7 +299,8 @@ impl Engine {
                 opts.kv_dtype
             )));
         }
-        let kv = KvCache::new(&cfg, blocks, opts.block_size, opts.kv_dtype);
+        let caching = opts.prefix_cache && opts.device == Device::Cpu;
+        let kv = KvCache::new(&cfg, blocks, opts.block_size, opts.kv_dtype, caching);
         // On a GPU, the model is uploaded from the experts loaded below (no second load).
         #[cfg(feature = "cuda")]
         let mut gpu = None;
@@ -382,8 +452,9 @@ impl Engine {
         Ok(loaded)
     }
 
-    /// Cuts a sequence back to its first `len` positions (cache blocks past them are freed);
-    /// false, and nothing changed, when it is unknown or shorter.
+    /// Cuts a sequence back to its first `len` positions (cache blocks past them are
+    /// released); false, and nothing changed, when it is unknown or shorter, or when the block
+    /// it is cut inside is shared with another sequence and no block is left to copy it to.
     pub fn truncate(&mut self, seq_id: u64, len: usize) -> bool {
         let Some(s) = self.seqs.get_mut(&seq_id) else {
             return false;
@@ -391,11 +462,34 @@ impl Engine {
         if s.len < len {
             return false;
         }
+        let bs = self.kv.block_size;
+        // A kept block cut short is written past `len` next: it must be this sequence's
+        // alone and unnamed (a named block's contents are what its name says).
+        if len % bs != 0 && len < s.len {
+            let i = len / bs;
+            let b = s.table[i];
+            if self.kv.blocks().is_named(b) {
+                if self.kv.blocks().refs(b) == 1 {
+                    self.kv.blocks_mut().unregister(b);
+                } else {
+                    let Ok(copy) = self.kv.allocate(1) else {
+                        return false;
+                    };
+                    self.kv.copy_positions(b, copy[0], len % bs);
+                    s.table[i] = copy[0];
+                    self.kv.release(&[b]);
+                }
+            }
+        }
         let keep = self.kv.blocks_for(len);
         if s.table.len() > keep {
-            let extra = s.table.split_off(keep);
+            let mut extra = s.table.split_off(keep);
+            // The prefix's later blocks are evicted first.
+            extra.reverse();
             self.kv.release(&extra);
         }
+        s.hashes.truncate(len / bs);
+        s.tokens.truncate(len);
         s.len = len;
         true
     }
@@ -440,6 +534,18 @@ impl Engine {
     pub fn kv_used(&self) -> usize {
         self.kv.used()
     }
+    /// Blocks held by no sequence that keep a prefix for reuse.
+    pub fn kv_cached(&self) -> usize {
+        self.kv.cached()
+    }
+    /// The prefix cache's counters since load (all zero when it is off).
+    pub fn prefix_stats(&self) -> PrefixStats {
+        self.kv.blocks().stats()
+    }
+    /// Whether released full blocks are kept for reuse.
+    pub fn prefix_caching(&self) -> bool {
+        self.kv.blocks().caching()
+    }
     pub fn kv_capacity(&self) -> usize {
         self.kv.capacity()
     }
@@ -457,6 +563,8 @@ impl Engine {
     ) -> Result<ForwardOutput, WorkerError> {
         // Check everything before touching state.
         let mut need = 0;
+        let mut hits = Vec::with_capacity(chunks.len());
+        let mut revived = std::collections::HashSet::new();
         for (i, c) in chunks.iter().enumerate() {
             if chunks[..i].iter().any(|o| o.seq_id == c.seq_id) {
                 return Err(WorkerError::Sequence {
@@ -474,10 +582,8 @@ impl Engine {
             if let Some(bad) = c.tokens.iter().find(|t| **t as usize >= vocab) {
                 return Err(WorkerError::TokenOutOfRange { token: *bad, vocab });
             }
-            let (len, have) = self
-                .seqs
-                .get(&c.seq_id)
-                .map_or((0, 0), |s| (s.len, s.table.len()));
+            let seq = self.seqs.get(&c.seq_id);
+            let (len, have) = seq.map_or((0, 0), |s| (s.len, s.table.len()));
             let new_len = len + c.tokens.len();
             if new_len > self.max_context {
                 return Err(WorkerError::ContextExceeded {
@@ -486,31 +592,65 @@ impl Engine {
                     max: self.max_context,
                 });
             }
-            need += self.kv.blocks_for(new_len).saturating_sub(have);
+            let hit = prefix_hit(&self.kv, seq, c);
+            revived.extend(
+                hit.blocks
+                    .iter()
+                    .filter(|(b, _)| self.kv.blocks().refs(*b) == 0)
+                    .map(|(b, _)| *b),
+            );
+            need += self
+                .kv
+                .blocks_for(new_len)
+                .saturating_sub(have + hit.blocks.len());
+            hits.push(hit);
         }
-        if need > self.kv.free() {
+        // Cached blocks a chunk takes are no longer there for allocation.
+        let available = self.kv.available() - revived.len();
+        if need > available {
             return Err(WorkerError::KvExhausted {
                 needed: need,
-                free: self.kv.free(),
+                free: available,
             });
         }
-        for c in chunks {
-            let seq = self.seqs.entry(c.seq_id).or_insert(Seq {
-                table: Vec::new(),
-                len: 0,
-            });
-            let want = self.kv.blocks_for(seq.len + c.tokens.len());
+        let bs = self.kv.block_size;
+        let caching = self.kv.blocks().caching();
+        let mut before = Vec::with_capacity(chunks.len());
+        let mut skips = Vec::with_capacity(chunks.len());
+        for (c, hit) in chunks.iter().zip(hits) {
+            let seq = self.seqs.entry(c.seq_id).or_default();
+            before.push(seq.len);
+            if caching {
+                self.kv
+                    .blocks_mut()
+                    .note_lookup(hit.queried, hit.blocks.len());
+            }
+            for (b, h) in &hit.blocks {
+                self.kv.blocks_mut().acquire(*b);
+                seq.table.push(*b);
+                seq.hashes.push(*h);
+            }
+            let skip = hit.blocks.len() * bs;
+            if caching {
+                seq.tokens.extend_from_slice(&c.tokens[..skip]);
+            }
+            seq.len += skip;
+            skips.push(skip);
+            let want = self.kv.blocks_for(seq.len + c.tokens.len() - skip);
             if want > seq.table.len() {
                 let more = self.kv.allocate(want - seq.table.len())?;
                 seq.table.extend(more);
             }
         }
+        // Positions found cached are not computed again; a chunk left with none is not run.
         let inputs: Vec<ForwardInput> = chunks
             .iter()
-            .map(|c| {
+            .zip(&skips)
+            .filter(|(c, skip)| **skip < c.tokens.len())
+            .map(|(c, skip)| {
                 let s = &self.seqs[&c.seq_id];
                 ForwardInput {
-                    tokens: c.tokens,
+                    tokens: &c.tokens[*skip..],
                     start_pos: s.len,
                     table: &s.table,
                     logits: c.logits,
@@ -532,8 +672,18 @@ impl Engine {
             .forward(&inputs, &mut self.kv, &*self.experts, record_routing);
         drop(inputs);
         if out.is_ok() {
-            for c in chunks {
-                self.seqs.get_mut(&c.seq_id).expect("created above").len += c.tokens.len();
+            for (c, skip) in chunks.iter().zip(&skips) {
+                let s = self.seqs.get_mut(&c.seq_id).expect("created above");
+                s.len += c.tokens.len() - skip;
+                if caching {
+                    s.tokens.extend_from_slice(&c.tokens[*skip..]);
+                    name_full_blocks(&mut self.kv, s);
+                }
+            }
+        } else {
+            // As if the step never ran: the blocks it took go back.
+            for (c, len) in chunks.iter().zip(before) {
+                self.truncate(c.seq_id, len);
             }
         }
         out
@@ -541,7 +691,9 @@ impl Engine {
 
     /// Frees a sequence and its cache blocks. Unknown ids are ignored.
     pub fn release(&mut self, seq_id: u64) {
-        if let Some(s) = self.seqs.remove(&seq_id) {
+        if let Some(mut s) = self.seqs.remove(&seq_id) {
+            // The prefix's later blocks are evicted first.
+            s.table.reverse();
             self.kv.release(&s.table);
         }
     }

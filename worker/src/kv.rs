@@ -10,10 +10,12 @@
 //! long-context decode reads), rounding each value once when written; attention widens what
 //! it reads back to f32.
 //!
-//! Invariants: a block is either on the free list or owned by exactly one sequence;
-//! `used() + free() == capacity()` at all times. Pools are zero-allocated lazily by the OS, so
-//! resident memory grows with the blocks actually written, not with capacity.
+//! Which block is free, held (by one sequence or several sharing a prefix) or cached for
+//! reuse is [`crate::blocks::BlockPool`]'s business, with its invariants:
+//! `free() + used() + cached() == capacity()` at all times. Pools are zero-allocated lazily by
+//! the OS, so resident memory grows with the blocks actually written, not with capacity.
 
+use crate::blocks::BlockPool;
 use crate::config::{KvShape, ModelConfig};
 use crate::WorkerError;
 use switchyard_kernels::attention::{KvLayer, KvSlice};
@@ -94,11 +96,19 @@ pub struct KvCache {
     num_blocks: usize,
     k: Vec<Pool>,
     v: Vec<Pool>,
-    free: Vec<u32>,
+    blocks: BlockPool,
 }
 
 impl KvCache {
-    pub fn new(cfg: &ModelConfig, num_blocks: usize, block_size: usize, dtype: KvDType) -> Self {
+    /// `caching`: keep released full blocks for reuse by later sequences with the same
+    /// prefix (see [`crate::blocks`]).
+    pub fn new(
+        cfg: &ModelConfig,
+        num_blocks: usize,
+        block_size: usize,
+        dtype: KvDType,
+        caching: bool,
+    ) -> Self {
         let shape = cfg.kv_shape();
         let slots = num_blocks * block_size;
         KvCache {
@@ -112,8 +122,7 @@ impl KvCache {
             v: (0..cfg.num_layers)
                 .map(|_| Pool::new(dtype, slots * shape.v_width))
                 .collect(),
-            // Pop from the end: lowest block ids are handed out first.
-            free: (0..num_blocks as u32).rev().collect(),
+            blocks: BlockPool::new(num_blocks, caching),
         }
     }
 
@@ -132,11 +141,21 @@ impl KvCache {
     pub fn capacity(&self) -> usize {
         self.num_blocks
     }
+    /// Blocks neither held nor cached.
     pub fn free(&self) -> usize {
-        self.free.len()
+        self.blocks.free()
     }
+    /// Blocks held by at least one sequence.
     pub fn used(&self) -> usize {
-        self.num_blocks - self.free.len()
+        self.blocks.used()
+    }
+    /// Blocks held by none that keep a prefix for reuse (evicted when room is needed).
+    pub fn cached(&self) -> usize {
+        self.blocks.cached()
+    }
+    /// Blocks an allocation can get: free or cached.
+    pub fn available(&self) -> usize {
+        self.blocks.available()
     }
 
     /// Blocks needed to hold `positions` positions.
@@ -144,22 +163,47 @@ impl KvCache {
         positions.div_ceil(self.block_size)
     }
 
-    /// Takes `n` blocks, all or none.
+    /// Takes `n` blocks, all or none (evicting cached prefixes when the free list is short).
     pub fn allocate(&mut self, n: usize) -> Result<Vec<u32>, WorkerError> {
-        if n > self.free.len() {
-            return Err(WorkerError::KvExhausted {
-                needed: n,
-                free: self.free.len(),
-            });
-        }
-        Ok(self.free.split_off(self.free.len() - n))
+        self.blocks
+            .allocate(n)
+            .map_err(|e| WorkerError::KvExhausted {
+                needed: e.needed,
+                free: e.available,
+            })
     }
 
+    /// Drops one hold on each block; see [`BlockPool::release`] for the order's meaning.
     pub fn release(&mut self, blocks: &[u32]) {
-        debug_assert!(blocks
-            .iter()
-            .all(|b| (*b as usize) < self.num_blocks && !self.free.contains(b)));
-        self.free.extend_from_slice(blocks);
+        self.blocks.release(blocks);
+    }
+
+    /// The block pool (holds, names, the prefix cache's counters).
+    pub fn blocks(&self) -> &BlockPool {
+        &self.blocks
+    }
+    pub fn blocks_mut(&mut self) -> &mut BlockPool {
+        &mut self.blocks
+    }
+
+    /// Copies the first `n` positions of block `src` into block `dst`, every layer (a
+    /// shared block's private copy before its new holder writes past them).
+    pub fn copy_positions(&mut self, src: u32, dst: u32, n: usize) {
+        let bs = self.block_size;
+        assert!(n <= bs && src != dst);
+        let (kw, vw) = (self.shape.k_width, self.shape.v_width);
+        for (pool, w) in self
+            .k
+            .iter_mut()
+            .map(|p| (p, kw))
+            .chain(self.v.iter_mut().map(|p| (p, vw)))
+        {
+            let (from, to, len) = (src as usize * bs * w, dst as usize * bs * w, n * w);
+            match pool {
+                Pool::F32(p) => p.copy_within(from..from + len, to),
+                Pool::Bf16(p) => p.copy_within(from..from + len, to),
+            }
+        }
     }
 
     /// Layer `l`'s pools as `kv_heads` heads of `head_dim`. With no value pool (MLA) the key

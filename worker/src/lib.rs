@@ -16,6 +16,7 @@
 //! - [`engine`]: sequences, block tables and steps on one worker.
 //! - [`presets`]: random-initialised checkpoints for demos and benchmarks.
 
+pub mod blocks;
 pub mod comm;
 pub mod config;
 pub mod engine;

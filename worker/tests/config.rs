@@ -250,11 +250,11 @@ fn kv_bytes_per_token_follow_each_family_formula() {
         let want = layers * per_layer_floats * 4;
         let cfg = ModelConfig::from_json(&raw).unwrap();
         use switchyard_worker::kv::{KvCache, KvDType};
-        let kv = KvCache::new(&cfg, 8, 16, KvDType::F32);
+        let kv = KvCache::new(&cfg, 8, 16, KvDType::F32, false);
         assert_eq!(kv.bytes_per_position(), want, "{name}");
         assert_eq!(cfg.kv_bytes_per_token(4), want, "{name}");
         // A bf16 cache holds half of it, as allocated.
-        let kv = KvCache::new(&cfg, 8, 16, KvDType::Bf16);
+        let kv = KvCache::new(&cfg, 8, 16, KvDType::Bf16, false);
         assert_eq!(kv.bytes_per_position(), want / 2, "{name} bf16");
         assert_eq!(cfg.kv_bytes_per_token(2), want / 2, "{name} bf16");
     }

@@ -16,8 +16,8 @@ use std::collections::HashMap;
 use switchyard_kernels::rng::Rng;
 use switchyard_kernels::sampling::{self, SamplingParams};
 use switchyard_proto::cluster::v1::{
-    ExpertAssignment, ExpertUpdate, HeldSeq, KeptSeq, RankExperts, SampledToken, SeqChunk,
-    SeqRequest, StepPlan, StepResult, TokenLogprob,
+    ExpertAssignment, ExpertUpdate, HeldSeq, KeptSeq, PrefixCacheStats, RankExperts, SampledToken,
+    SeqChunk, SeqRequest, StepPlan, StepResult, TokenLogprob,
 };
 use switchyard_worker::comm::Comm;
 use switchyard_worker::engine::{ChunkSpec, Engine, Logits, PreparedExperts};
@@ -279,6 +279,17 @@ impl Executor {
         }
     }
 
+    /// The engine's prefix cache as the step result reports it.
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        let s = self.engine.prefix_stats();
+        PrefixCacheStats {
+            cached_blocks: self.engine.kv_cached() as u32,
+            queried_blocks: s.queried_blocks,
+            hit_blocks: s.hit_blocks,
+            evicted_blocks: s.evicted_blocks,
+        }
+    }
+
     pub fn execute(&mut self, plan: &StepPlan) -> Result<StepResult, WorkerError> {
         let t0 = std::time::Instant::now();
         if plan.expert_version != 0 && plan.expert_version != self.version {
@@ -359,6 +370,7 @@ impl Executor {
             step_seconds: t0.elapsed().as_secs_f64(),
             experts_ready,
             kept: vec![],
+            prefix_cache: Some(self.prefix_cache_stats()),
         })
     }
 }
