@@ -354,6 +354,32 @@ fn warm_prefix_cache_keeps_golden_logits() {
                 }
             }
             assert_eq!(reused > 0, caching, "{model}");
+            // Chunked prefill of the long prompt, 37 tokens a chunk: each chunk after the
+            // first starts inside a block, whose cached twin replaces the sequence's own
+            // partial block; every whole block before the last position is found.
+            let long = ids(&prompts[3]["input_ids"]);
+            let before = e.prefix_stats().hit_blocks;
+            let mut last = Vec::new();
+            for (i, c) in long.chunks(37).enumerate() {
+                let end = (i + 1) * 37 >= long.len();
+                let out = e
+                    .step(
+                        &[ChunkSpec {
+                            seq_id: seq,
+                            tokens: c,
+                            logits: if end { Logits::Last } else { Logits::None },
+                        }],
+                        false,
+                    )
+                    .unwrap();
+                last = out.logits;
+            }
+            let hits = (e.prefix_stats().hit_blocks - before) as usize;
+            let want_hits = if caching { (long.len() - 1) / 16 } else { 0 };
+            assert_eq!(hits, want_hits, "{model}: chunked, blocks reused");
+            let d = max_abs(&last, &cold[3][long.len() - 1]);
+            assert!(d < 1e-5, "{model} chunked, cache {caching}: {d} from cold");
+            e.release(seq);
             assert_eq!(e.kv_used(), 0);
             let s = e.prefix_stats();
             assert!(s.hit_blocks <= s.queried_blocks);

@@ -119,26 +119,39 @@ struct Seq {
     hashes: Vec<BlockHash>,
 }
 
-/// What a chunk takes from the prefix cache: the blocks found for its first whole blocks
-/// (with their names) and how many of its blocks were looked up.
+/// What a chunk takes from the prefix cache: the blocks found for the blocks its tokens
+/// complete (with their names), whether the first replaces the sequence's partial last
+/// block, and how many blocks were there to look up.
 struct PrefixHit {
     blocks: Vec<(u32, BlockHash)>,
+    replaces_partial: bool,
     queried: usize,
 }
 
-/// The cached blocks that extend `seq` (none yet when `None`) by `c`'s first tokens: only
-/// from a block boundary the sequence has fully named, and never the token a chunk wants
-/// logits for (`Logits::All` takes nothing: every position's logits are computed).
+impl PrefixHit {
+    /// The chunk's tokens whose positions the hit covers.
+    fn tokens(&self, len: usize, bs: usize) -> usize {
+        match self.blocks.len() {
+            0 => 0,
+            n if self.replaces_partial => n * bs - len % bs,
+            n => n * bs,
+        }
+    }
+    /// Blocks the hit adds to the sequence's table.
+    fn added(&self) -> usize {
+        self.blocks.len() - usize::from(self.replaces_partial)
+    }
+}
+
+/// The cached blocks that extend `seq` (none yet when `None`) by `c`'s first tokens, never
+/// covering the token a chunk wants logits for (`Logits::All` takes nothing: every
+/// position's logits are computed). From the middle of a block (a chunk boundary of chunked
+/// prefill), the cached block named for the sequence's partial last block completed by the
+/// chunk's first tokens replaces that block: its first positions hold what the partial one
+/// holds (the same tokens after the same prefix).
 fn prefix_hit(kv: &KvCache, seq: Option<&Seq>, c: &ChunkSpec<'_>) -> PrefixHit {
     let bs = kv.block_size;
-    let (len, have, named, prev) = seq.map_or((0, 0, 0, None), |s| {
-        (
-            s.len,
-            s.table.len(),
-            s.hashes.len(),
-            s.hashes.last().copied(),
-        )
-    });
+    let (len, have, named) = seq.map_or((0, 0, 0), |s| (s.len, s.table.len(), s.hashes.len()));
     let limit = match c.logits {
         Logits::None => c.tokens.len(),
         Logits::Last => c.tokens.len() - 1,
@@ -146,14 +159,31 @@ fn prefix_hit(kv: &KvCache, seq: Option<&Seq>, c: &ChunkSpec<'_>) -> PrefixHit {
     };
     let mut hit = PrefixHit {
         blocks: Vec::new(),
-        queried: 0,
+        replaces_partial: false,
+        queried: (len + limit) / bs - len / bs,
     };
-    if !kv.blocks().caching() || len % bs != 0 || have != len / bs || named != len / bs {
+    if !kv.blocks().caching() || have != len.div_ceil(bs) || named != len / bs {
+        hit.queried = 0;
         return hit;
     }
-    hit.queried = limit / bs;
-    let mut prev = prev;
-    for block in c.tokens[..limit].chunks_exact(bs) {
+    let mut prev = seq.and_then(|s| s.hashes.last().copied());
+    let mut at = 0;
+    let partial = len % bs;
+    if partial > 0 && hit.queried > 0 {
+        let s = seq.expect("a partial block belongs to a sequence");
+        let fill = bs - partial;
+        let mut block = s.tokens[len - partial..len].to_vec();
+        block.extend_from_slice(&c.tokens[..fill]);
+        let h = chain_hash(prev, &block);
+        let Some(b) = kv.blocks().lookup(h) else {
+            return hit;
+        };
+        hit.blocks.push((b, h));
+        hit.replaces_partial = true;
+        prev = Some(h);
+        at = fill;
+    }
+    for block in c.tokens[at..limit].chunks_exact(bs) {
         let h = chain_hash(prev, block);
         let Some(b) = kv.blocks().lookup(h) else {
             break;
@@ -602,7 +632,7 @@ impl Engine {
             need += self
                 .kv
                 .blocks_for(new_len)
-                .saturating_sub(have + hit.blocks.len());
+                .saturating_sub(have + hit.added());
             hits.push(hit);
         }
         // Cached blocks a chunk takes are no longer there for allocation.
@@ -625,12 +655,18 @@ impl Engine {
                     .blocks_mut()
                     .note_lookup(hit.queried, hit.blocks.len());
             }
-            for (b, h) in &hit.blocks {
+            let skip = hit.tokens(seq.len, bs);
+            for (i, (b, h)) in hit.blocks.iter().enumerate() {
                 self.kv.blocks_mut().acquire(*b);
-                seq.table.push(*b);
+                if i == 0 && hit.replaces_partial {
+                    // The sequence's own partial block (unnamed, held by it alone) goes.
+                    let own = std::mem::replace(&mut seq.table[seq.len / bs], *b);
+                    self.kv.release(&[own]);
+                } else {
+                    seq.table.push(*b);
+                }
                 seq.hashes.push(*h);
             }
-            let skip = hit.blocks.len() * bs;
             if caching {
                 seq.tokens.extend_from_slice(&c.tokens[..skip]);
             }
