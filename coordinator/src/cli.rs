@@ -137,6 +137,13 @@ pub struct ClusterArgs {
     /// times a decode-only step (protects streaming latency during long prefills); 0 disables.
     #[arg(long, default_value_t = 2.0)]
     pub pace_factor: f64,
+    /// Prefix homing: a new sequence goes to the worker of least `tokens it must compute +
+    /// W · tokens already waiting to be computed there`, where the workers' prefix caches
+    /// (reported block names) cut the first term; cached positions are fed without charge
+    /// against the token budget. W weighs load against cache reuse (0: the cache alone);
+    /// "off" homes by free KV blocks alone.
+    #[arg(long, default_value = "1.0", value_parser = prefix_homing_weight)]
+    pub prefix_homing: PrefixHoming,
     /// Prometheus metrics address (`GET /metrics`); port 0 picks a free port (the serving line
     /// announces it), "off" disables.
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -663,6 +670,20 @@ pub struct BenchArgs {
     pub kv_dtype: switchyard_worker::kv::KvDType,
 }
 
+/// `--prefix-homing`: a load weight, or off.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrefixHoming(pub Option<f64>);
+
+fn prefix_homing_weight(s: &str) -> std::result::Result<PrefixHoming, String> {
+    if s == "off" {
+        return Ok(PrefixHoming(None));
+    }
+    match s.parse::<f64>() {
+        Ok(w) if w.is_finite() && w >= 0.0 => Ok(PrefixHoming(Some(w))),
+        _ => Err(format!("{s:?}: a load weight ≥ 0, or \"off\"")),
+    }
+}
+
 pub fn main_with(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => run(a),
@@ -1118,6 +1139,7 @@ fn serve_options(
         token_budget: c.token_budget,
         max_queue: c.max_queue,
         pace_factor: c.pace_factor,
+        prefix_homing: c.prefix_homing.0,
         metrics_addr: (c.metrics_addr != "off").then(|| c.metrics_addr.clone()),
         candidate,
         lease_ttl: c.membership.ttl()?,

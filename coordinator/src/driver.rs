@@ -10,7 +10,7 @@ use crate::pacer::Pacer;
 use crate::placement::{rank_holders, PlanError};
 use crate::rebalance::{RebalancePolicy, Rebalancer};
 use crate::scheduler::{chunk_cost, SchedulerConfig, State, Step};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::mpsc;
 use switchyard_kernels::sampling::SamplingParams;
@@ -19,6 +19,7 @@ use switchyard_proto::cluster::v1::{
     ExpertUpdate, HeldSeq, PrefixCacheStats, SeqChunk, SeqRequest, StepPlan, StepResult,
 };
 use switchyard_runtime::executor::Executor;
+use switchyard_worker::blocks::{chain_hash, BlockHash};
 use switchyard_worker::comm::{Comm, LocalComm};
 use switchyard_worker::engine::{read_config, Engine, EngineOptions, ExpertSetup};
 use switchyard_worker::WorkerError;
@@ -386,6 +387,8 @@ struct Live {
     req: GenRequest,
     tokens: Vec<u32>,
     generated: usize,
+    /// Names of the whole blocks of `tokens` computed so far (prefix homing).
+    names: Vec<BlockHash>,
 }
 
 /// A token produced for a request; `finished` on its last one.
@@ -407,6 +410,11 @@ pub struct Driver {
     step_no: u64,
     kv_used: Vec<u32>,
     prefix_cache: Vec<PrefixCacheStats>,
+    /// `Some(load weight)`: sequences are homed by cached prefix against load.
+    prefix_homing: Option<f64>,
+    /// Per rank, the block names it reported findable in its prefix cache (a mirror kept
+    /// from step results; a hint, cleared at every rebuild).
+    prefix_index: Vec<HashSet<BlockHash>>,
     preemptions: usize,
     expert_load: Vec<Vec<u64>>,
     pacer: Option<Pacer>,
@@ -614,6 +622,7 @@ impl Driver {
         self.pending_free = pending_free;
         self.kv_used = vec![0; w];
         self.prefix_cache = vec![PrefixCacheStats::default(); w];
+        self.prefix_index = vec![HashSet::new(); w];
         self.epoch += 1;
         if let Some(p) = &mut self.pacer {
             *p = p.fresh();
@@ -754,6 +763,8 @@ impl Driver {
             step_no: 0,
             kv_used: vec![0; w],
             prefix_cache: vec![PrefixCacheStats::default(); w],
+            prefix_homing: None,
+            prefix_index: vec![HashSet::new(); w],
             preemptions: 0,
             expert_load: Vec::new(),
             pacer: None,
@@ -782,6 +793,47 @@ impl Driver {
     /// times a decode-only one. `attn_equiv` prices attention ([`attention_equivalent`]).
     ///
     /// [`attention_equivalent`]: crate::scheduler::attention_equivalent
+    /// Homes sequences by cached prefix against load ([`State::set_prefix_homing`]), from
+    /// the block names the ranks report; `None` homes by free blocks alone.
+    pub fn with_prefix_homing(mut self, load_weight: Option<f64>) -> Self {
+        self.prefix_homing = load_weight;
+        self.state.set_prefix_homing(load_weight);
+        self
+    }
+
+    /// Tells the scheduler, for the sequences still to be prefilled, how many of their
+    /// positions each rank caches: the leading whole blocks whose names that rank reported,
+    /// never the last known token (which is computed to sample from).
+    fn refresh_cache_hints(&mut self) {
+        if self.prefix_homing.is_none() || self.prefix_index.iter().all(HashSet::is_empty) {
+            return;
+        }
+        let bs = self.state.block_size();
+        for id in self.state.needing_prefill().into_iter().take(256) {
+            let Some(l) = self.live.get_mut(&id) else {
+                continue;
+            };
+            let whole = l.tokens.len().saturating_sub(1) / bs;
+            while l.names.len() < whole {
+                let i = l.names.len();
+                let h = chain_hash(l.names.last().copied(), &l.tokens[i * bs..(i + 1) * bs]);
+                l.names.push(h);
+            }
+            let cached = self
+                .prefix_index
+                .iter()
+                .map(|ix| {
+                    l.names[..whole]
+                        .iter()
+                        .take_while(|h| ix.contains(h))
+                        .count()
+                        * bs
+                })
+                .collect();
+            self.state.set_cached(id, cached);
+        }
+    }
+
     pub fn with_pacing(mut self, factor: f64, attn_equiv: usize) -> Self {
         self.state.set_attn_equiv(attn_equiv);
         self.pacer = Some(Pacer::new(factor));
@@ -805,6 +857,7 @@ impl Driver {
                 req,
                 tokens,
                 generated: 0,
+                names: Vec::new(),
             },
         );
         Ok(())
@@ -865,6 +918,7 @@ impl Driver {
                 req,
                 tokens,
                 generated,
+                names: Vec::new(),
             },
         );
         if kept {
@@ -991,6 +1045,7 @@ impl Driver {
         if let Some(p) = &self.pacer {
             self.state.set_prefill_limit(p.limit());
         }
+        self.refresh_cache_hints();
         let s = self.state.next_step();
         // None of a failed step's tokens is applied: undo its planning, so that what a rebuild
         // asks the workers to keep is what was confirmed (a worker that did complete the step
@@ -1000,11 +1055,19 @@ impl Driver {
 
     fn run(&mut self, s: &Step) -> Result<Vec<Emitted>, DriverError> {
         let prefill = &s.chunks[s.decodes..];
+        // Positions the scheduler expects the ranks to find cached are priced at nothing.
+        let uncached = |c: &crate::scheduler::Chunk| {
+            let free = self.state.cached_ahead(c.seq, c.worker, c.start).min(c.len);
+            (c.start + free, c.len - free)
+        };
         let units: f64 = prefill
             .iter()
-            .map(|c| chunk_cost(c.start, c.len, self.state.attn_equiv()))
+            .map(|c| {
+                let (start, len) = uncached(c);
+                chunk_cost(start, len, self.state.attn_equiv())
+            })
             .sum();
-        let prefill_tokens: usize = prefill.iter().map(|c| c.len).sum();
+        let prefill_tokens: usize = prefill.iter().map(|c| uncached(c).1).sum();
         let t0 = std::time::Instant::now();
         self.step_no += 1;
         // Every rank switches to a prepared placement with the same step.
@@ -1125,6 +1188,18 @@ impl Driver {
             self.kv_used[w] = r.kv_blocks_used;
             if let Some(p) = r.prefix_cache {
                 self.prefix_cache[w] = p;
+            }
+            if self.prefix_homing.is_some() {
+                let name = |b: &Vec<u8>| b.as_slice().try_into().ok().map(BlockHash::from_le_bytes);
+                let index = &mut self.prefix_index[w];
+                index.extend(r.blocks_stored.iter().filter_map(name));
+                for h in r.blocks_forgotten.iter().filter_map(name) {
+                    index.remove(&h);
+                }
+                // A mirror that lost events cannot grow without bound.
+                if index.len() > 4 * self.cluster.kv_shape().0.max(1) {
+                    index.clear();
+                }
             }
             let experts = self.experts_per_layer();
             if experts > 0 && !r.expert_load.is_empty() {

@@ -5,14 +5,23 @@
 //! Policy (continuous batching with chunked prefill, as vLLM's and SGLang's schedulers):
 //! 1. running sequences that need one decode token go first, highest priority then oldest;
 //! 2. then partially prefilled sequences continue, in chunks, under the per-step token budget;
-//! 3. then waiting sequences are admitted in priority order, each homed on the worker with the
-//!    most free KV blocks, while budget, `max_running` and blocks allow.
+//! 3. then waiting sequences are admitted in priority order while budget, `max_running` and
+//!    blocks allow, each homed on the worker with the most free KV blocks — or, with prefix
+//!    homing on ([`State::set_prefix_homing`]) and a worker reported to cache a prefix of it
+//!    ([`State::set_cached`]), on the worker of least cost among those with room:
+//!    `cost(w) = tokens w must compute + load_weight · tokens already waiting to be computed
+//!    on w` (prefill left of its sequences, one per running decode). Ties go to the most free
+//!    blocks, then the lowest index.
+//!
+//! Positions a sequence's home caches (its hint) are fed without charge: a prefill chunk may
+//! carry them beyond the token budget and pacing prices only the rest (the worker takes them
+//! from its prefix cache; were they evicted meanwhile it computes them, a longer step).
 //!
 //! When a decode needs a block and its worker has none, the lowest-priority, newest running
 //! sequence on that worker is preempted by recompute: its blocks are freed and it returns to
 //! the front of the queue with all its tokens (prompt and generated), to be prefilled again.
 //!
-//! Invariants (tested): a step's tokens never exceed the budget; a worker never holds more
+//! Invariants (tested): a step's tokens beyond cached positions never exceed the budget; a worker never holds more
 //! blocks than it has; a sequence appears at most once per step; decodes precede prefill
 //! chunks; freed sequences hold no blocks; every sequence that fits a worker completes.
 
@@ -89,6 +98,20 @@ struct Seq {
     blocks: usize,
     priority: i32,
     arrival: u64,
+    /// Positions from the start each worker is reported to cache (a hint; empty: none).
+    cached: Vec<usize>,
+}
+
+impl Seq {
+    /// Positions from `start` on worker `w` that are cached there (fed without charge).
+    fn cached_ahead(&self, w: usize, start: usize) -> usize {
+        self.cached
+            .get(w)
+            .copied()
+            .unwrap_or(0)
+            .saturating_sub(start)
+            .min(self.len.saturating_sub(start))
+    }
 }
 
 #[derive(Debug)]
@@ -100,6 +123,8 @@ pub struct State {
     free: Vec<usize>,
     arrivals: u64,
     prefill_limit: Option<f64>,
+    /// `Some(load_weight)`: home by cached overlap against load (see the module doc).
+    prefix_homing: Option<f64>,
 }
 
 impl State {
@@ -113,7 +138,53 @@ impl State {
             free,
             arrivals: 0,
             prefill_limit: None,
+            prefix_homing: None,
         }
+    }
+
+    /// Homing by cached overlap against load, with that weight on a worker's waiting tokens
+    /// (see the module doc); `None` homes by free blocks alone.
+    pub fn set_prefix_homing(&mut self, load_weight: Option<f64>) {
+        self.prefix_homing = load_weight.filter(|w| w.is_finite() && *w >= 0.0);
+    }
+
+    /// Hints that worker `w` caches the first `cached[w]` positions of sequence `id` (the
+    /// position a sample follows is never among them). Unknown ids are ignored.
+    pub fn set_cached(&mut self, id: SeqId, cached: Vec<usize>) {
+        if let Some(s) = self.seqs.get_mut(&id) {
+            s.cached = cached;
+        }
+    }
+
+    /// Positions of `id` from `start` that its hint says worker `w` caches.
+    pub fn cached_ahead(&self, id: SeqId, w: usize, start: usize) -> usize {
+        self.seqs.get(&id).map_or(0, |s| s.cached_ahead(w, start))
+    }
+
+    /// Sequences waiting for admission, in admission order, then those homed with prompt
+    /// positions still to compute: the ones whose cache hints matter.
+    pub fn needing_prefill(&self) -> Vec<SeqId> {
+        let mut v: Vec<SeqId> = self.waiting.iter().copied().collect();
+        v.extend(
+            self.running
+                .iter()
+                .filter(|id| self.seqs[*id].computed < self.seqs[*id].len)
+                .copied(),
+        );
+        v
+    }
+
+    /// Tokens waiting to be computed on each worker: prefill left of its sequences, one per
+    /// running decode.
+    fn pending_tokens(&self) -> Vec<usize> {
+        let mut p = vec![0; self.free.len()];
+        for id in &self.running {
+            let s = &self.seqs[id];
+            if let Some(w) = s.home {
+                p[w] += (s.len - s.computed).max(1);
+            }
+        }
+        p
     }
 
     /// Caps the prefill work ([`chunk_cost`]) of steps that carry decodes, to protect their
@@ -129,6 +200,11 @@ impl State {
 
     pub fn set_prefill_limit(&mut self, limit: Option<f64>) {
         self.prefill_limit = limit;
+    }
+
+    /// Positions per KV block.
+    pub fn block_size(&self) -> usize {
+        self.cfg.block_size
     }
 
     fn blocks_for(&self, positions: usize) -> usize {
@@ -167,6 +243,7 @@ impl State {
                 blocks: 0,
                 priority,
                 arrival: self.arrivals,
+                cached: Vec::new(),
             },
         );
         self.enqueue(id, false);
@@ -239,6 +316,7 @@ impl State {
                 blocks,
                 priority,
                 arrival: self.arrivals,
+                cached: Vec::new(),
             },
         );
         self.running.push(id);
@@ -384,13 +462,9 @@ impl State {
             let Some(&id) = self.waiting.front() else {
                 break;
             };
-            // Home: the worker with the most free blocks (lowest index on ties).
-            let w = (0..self.free.len())
-                .max_by_key(|w| (self.free[*w], std::cmp::Reverse(*w)))
-                .expect("at least one worker");
-            if self.blocks_for(self.seqs[&id].len + 1) > self.free[w] {
+            let Some(w) = self.pick_home(id) else {
                 break;
-            }
+            };
             // Under a prefill limit that its first token no longer fits, admission waits.
             if step.chunks.len() > step.decodes && chunk_cost(0, 1, self.cfg.attn_equiv) > units {
                 break;
@@ -403,9 +477,39 @@ impl State {
         step
     }
 
+    /// Where waiting sequence `id` goes: the worker with the most free blocks (lowest index
+    /// on ties), or by cost when prefix homing is on and some worker caches a prefix of it;
+    /// `None` when the chosen worker (by free blocks) or every worker (by cost) lacks room for
+    /// the whole known sequence plus one decoded token.
+    fn pick_home(&self, id: SeqId) -> Option<usize> {
+        let s = &self.seqs[&id];
+        let need = self.blocks_for(s.len + 1);
+        let by_free = |w: &usize| (self.free[*w], std::cmp::Reverse(*w));
+        let cached = |w: usize| s.cached_ahead(w, 0);
+        match self.prefix_homing {
+            Some(weight) if (0..self.free.len()).any(|w| cached(w) > 0) => {
+                let pending = self.pending_tokens();
+                let cost = |w: usize| (s.len - cached(w)) as f64 + weight * pending[w] as f64;
+                (0..self.free.len())
+                    .filter(|w| need <= self.free[*w])
+                    .min_by(|a, b| {
+                        cost(*a)
+                            .total_cmp(&cost(*b))
+                            .then_with(|| by_free(b).cmp(&by_free(a)))
+                    })
+            }
+            _ => (0..self.free.len())
+                .max_by_key(by_free)
+                .filter(|w| need <= self.free[*w]),
+        }
+    }
+
     fn push_prefill(&mut self, id: SeqId, budget: &mut usize, units: &mut f64, step: &mut Step) {
         let s = &self.seqs[&id];
         let (start, w) = (s.computed, s.home.expect("homed"));
+        // Cached positions at the chunk's head ride along without charge.
+        let free = s.cached_ahead(w, start);
+        let start = start + free;
         let mut len = (s.len - start).min(*budget);
         if units.is_finite() {
             // The longest chunk within the remaining units (cost grows with len); the step's
@@ -424,23 +528,25 @@ impl State {
             len = len.min(lo);
         }
         // Shrink to what the worker's blocks allow.
-        while len > 0 && !self.reserve(id, start + len) {
-            len -= 1;
+        let mut total = free + len;
+        while total > 0 && !self.reserve(id, start - free + total) {
+            total -= 1;
         }
-        if len == 0 {
+        if total == 0 {
             return;
         }
+        let charged = total.saturating_sub(free);
         let s = self.seqs.get_mut(&id).expect("present");
-        s.computed += len;
+        s.computed += total;
         step.chunks.push(Chunk {
             seq: id,
             worker: w,
-            start,
-            len,
+            start: start - free,
+            len: total,
             sample: s.computed == s.len,
         });
-        *budget -= len;
-        *units -= chunk_cost(start, len, self.cfg.attn_equiv);
+        *budget -= charged;
+        *units -= chunk_cost(start, charged, self.cfg.attn_equiv);
     }
 }
 
@@ -457,6 +563,52 @@ mod tests {
             blocks_per_worker: blocks,
             attn_equiv: 0,
         }
+    }
+
+    /// Prefix homing sends a sequence to the worker that caches its prefix even when another
+    /// has more free blocks, feeds the cached positions beyond the budget, and still weighs
+    /// load: a cached worker buried in queued prefill loses to an idle one.
+    #[test]
+    fn prefix_homing_prefers_the_cached_worker_against_load() {
+        let mut st = State::new(cfg(8, vec![100, 200]));
+        st.set_prefix_homing(Some(1.0));
+        st.add(1, 40, 0);
+        st.set_cached(1, vec![32, 0]);
+        let s = st.next_step();
+        assert_eq!(s.chunks.len(), 1);
+        // Worker 0 caches 32 of the 40 positions: the chunk carries them and 8 more (the
+        // budget), then it is done.
+        assert_eq!(
+            (s.chunks[0].worker, s.chunks[0].start, s.chunks[0].len),
+            (0, 0, 40)
+        );
+        assert!(s.chunks[0].sample);
+        // Without prefix homing the hint does not move homing (most free blocks: worker 1,
+        // which caches nothing, so the chunk is the budget's 8 tokens).
+        let mut plain = State::new(cfg(8, vec![100, 200]));
+        plain.add(1, 40, 0);
+        plain.set_cached(1, vec![32, 0]);
+        let s = plain.next_step();
+        assert_eq!((s.chunks[0].worker, s.chunks[0].len), (1, 8));
+        // Load: worker 0 has 292 tokens of prefill queued, more than the 32 it would save
+        // (set up by hand: admissions only happen with budget left after continuing prefills).
+        let mut busy = State::new(cfg(8, vec![400, 400]));
+        busy.set_prefix_homing(Some(1.0));
+        busy.add(9, 300, 0);
+        busy.waiting.retain(|x| *x != 9);
+        busy.running.push(9);
+        let s9 = busy.seqs.get_mut(&9).unwrap();
+        (s9.home, s9.computed) = (Some(0), 8);
+        busy.add(1, 40, 0);
+        busy.set_cached(1, vec![32, 0]);
+        assert_eq!(busy.pick_home(1), Some(1));
+        // With a load weight of 0 only the cache counts.
+        busy.set_prefix_homing(Some(0.0));
+        assert_eq!(busy.pick_home(1), Some(0));
+        // No room on the cached worker: the other one.
+        busy.set_prefix_homing(Some(0.0));
+        busy.free[0] = 1;
+        assert_eq!(busy.pick_home(1), Some(1));
     }
 
     /// What the coordinator does with a step's results: every sampling chunk yields a token;

@@ -32,6 +32,8 @@ pub struct ServeOptions {
     pub token_budget: usize,
     pub max_queue: usize,
     pub pace_factor: f64,
+    /// Prefix homing's load weight (`--prefix-homing`); `None`: home by free blocks.
+    pub prefix_homing: Option<f64>,
     /// Prometheus `/metrics` HTTP address; none: no metrics port.
     pub metrics_addr: Option<String>,
     /// This coordinator's name in the leader election.
@@ -202,6 +204,7 @@ pub async fn serve(
                 token_budget: o.token_budget,
                 max_in_flight: o.max_queue,
                 pace_factor: o.pace_factor,
+                prefix_homing: o.prefix_homing,
                 redundant: o.redundant_experts,
                 rebalance: o.rebalance,
                 max_model_len: o.max_model_len,

@@ -332,6 +332,9 @@ pub struct ServiceOptions {
     /// Prefill pacing (see `pacer`): a step beside decodes takes about this many times a
     /// decode-only step; 0 disables pacing (prefill uses the whole token budget).
     pub pace_factor: f64,
+    /// Home sequences by cached prefix against load, with this weight on load
+    /// (`Driver::with_prefix_homing`); `None`: by free blocks.
+    pub prefix_homing: Option<f64>,
     /// Extra expert replicas per layer (placement at start, rebuilds and rebalancing).
     pub redundant: usize,
     /// Live rebalancing (threshold INFINITY: only on an operator's request).
@@ -579,6 +582,7 @@ impl InferenceService {
             token_budget,
             max_in_flight,
             pace_factor,
+            prefix_homing,
             redundant,
             rebalance,
             max_model_len: explicit_len,
@@ -607,7 +611,8 @@ impl InferenceService {
                     let shape = c.kv_shape();
                     let mut d = Driver::new(c, token_budget, 256)
                         .with_model_limits(&model_cfg)
-                        .with_rebalancing(model_cfg, redundant, rebalance);
+                        .with_rebalancing(model_cfg, redundant, rebalance)
+                        .with_prefix_homing(prefix_homing);
                     if pace_factor > 0.0 {
                         d = d.with_pacing(pace_factor, attn_equiv);
                     }

@@ -67,6 +67,10 @@ pub struct Load {
     /// Every prompt starts with the same N tokens (the shared-prefix scenario).
     #[arg(long, default_value_t = 0)]
     pub shared_prefix: u32,
+    /// With --shared-prefix: that many different prefixes, one drawn at random per request
+    /// (several system prompts; what cache-aware homing is for).
+    #[arg(long, default_value_t = 1)]
+    pub prefix_groups: u32,
     /// Send chat messages of random words instead of token ids.
     #[arg(long)]
     pub chat: bool,
@@ -181,6 +185,7 @@ fn prompts(l: &Load) -> Result<Prompts> {
         output: l.output_len.clone(),
         token_range,
         shared_prefix: l.shared_prefix,
+        prefix_groups: l.prefix_groups,
         chat: l.chat,
         cancel_fraction: l.cancel_fraction,
         cancel_after: l.cancel_after.max(1),

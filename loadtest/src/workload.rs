@@ -145,8 +145,10 @@ pub struct Prompts {
     pub output: Dist,
     /// Token ids are drawn from `lo..hi` (hi = the model's vocabulary).
     pub token_range: (u32, u32),
-    /// Every prompt starts with the same this-many tokens (the shared-prefix scenario).
+    /// Every prompt starts with the same this-many tokens (the shared-prefix scenario)...
     pub shared_prefix: u32,
+    /// ...one of this many different prefixes, drawn at random per request (≥ 1).
+    pub prefix_groups: u32,
     /// Send chat messages of random words instead of token ids.
     pub chat: bool,
     /// Fraction of requests that hang up after `cancel_after` tokens.
@@ -210,15 +212,24 @@ pub fn plan(
     let mut rng = Rng::new(seed);
     let mut arrivals = Rng::new(seed ^ 0x5EED_A11C_E5);
     let (lo, hi) = prompts.token_range;
-    let prefix: Vec<u32> = (0..prompts.shared_prefix)
-        .map(|_| rng.range(lo as u64, hi as u64 - 1) as u32)
+    let prefixes: Vec<Vec<u32>> = (0..prompts.prefix_groups.max(1))
+        .map(|_| {
+            (0..prompts.shared_prefix)
+                .map(|_| rng.range(lo as u64, hi as u64 - 1) as u32)
+                .collect()
+        })
         .collect();
     let end = duration.map_or(f64::INFINITY, |d| d.as_secs_f64());
     let cap = limit.unwrap_or(usize::MAX);
     let mut out = Vec::new();
     let push = |at: f64, out: &mut Vec<Planned>, rng: &mut Rng| {
         let i = out.len();
-        out.push(prompts.make(rng, &prefix, i, at));
+        let prefix = if prefixes.len() > 1 {
+            &prefixes[rng.range(0, prefixes.len() as u64 - 1) as usize]
+        } else {
+            &prefixes[0]
+        };
+        out.push(prompts.make(rng, prefix, i, at));
     };
     match shape {
         Shape::Concurrency(_) => {
@@ -270,7 +281,7 @@ pub fn plan(
                     break;
                 }
                 let i = out.len();
-                let mut p = prompts.make(&mut rng, &prefix, i, at);
+                let mut p = prompts.make(&mut rng, &prefixes[0], i, at);
                 p.max_tokens = l.output_len.max(1);
                 if let Some(text) = &l.text {
                     p.chat = Some(text.clone());
@@ -298,6 +309,7 @@ mod tests {
             output: "8".parse().unwrap(),
             token_range: (10, 100),
             shared_prefix: 3,
+            prefix_groups: 1,
             chat: false,
             cancel_fraction: 0.25,
             cancel_after: 2,
@@ -330,6 +342,21 @@ mod tests {
         ] {
             assert!(bad.parse::<Dist>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn prefix_groups_draw_each_prompt_from_that_many_prefixes() {
+        let mut p = prompts();
+        p.prefix_groups = 3;
+        let shape = Shape::Rate {
+            rate: 200.0,
+            poisson: false,
+        };
+        let plan = plan(&shape, &p, Some(Duration::from_secs(1)), None, 5, &[]);
+        let mut heads: Vec<Vec<u32>> = plan.iter().map(|r| r.prompt[..3].to_vec()).collect();
+        heads.sort();
+        heads.dedup();
+        assert_eq!(heads.len(), 3, "{heads:?}");
     }
 
     #[test]

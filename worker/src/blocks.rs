@@ -79,6 +79,9 @@ pub struct BlockPool {
     used: usize,
     caching: bool,
     stats: PrefixStats,
+    /// Names made findable and names forgotten since the last [`BlockPool::take_events`],
+    /// while recording ([`BlockPool::record_events`]).
+    events: Option<(Vec<BlockHash>, Vec<BlockHash>)>,
 }
 
 /// An allocation that cannot be met: `needed` blocks asked, `available` free or cached.
@@ -102,7 +105,21 @@ impl BlockPool {
             used: 0,
             caching,
             stats: PrefixStats::default(),
+            events: None,
         }
+    }
+
+    /// Starts recording which names become findable and which are forgotten (evicted or
+    /// unregistered), for whoever mirrors this pool's contents (a coordinator homing by
+    /// cached prefix); they accumulate until [`take_events`](Self::take_events).
+    pub fn record_events(&mut self) {
+        self.events.get_or_insert_with(Default::default);
+    }
+
+    /// The names made findable and those forgotten since the last call (in that order of
+    /// the pair; a name may appear in both when it came and went).
+    pub fn take_events(&mut self) -> (Vec<BlockHash>, Vec<BlockHash>) {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     pub fn caching(&self) -> bool {
@@ -153,6 +170,9 @@ impl BlockPool {
                 .expect("a cached block has a hash");
             self.index.remove(&h);
             self.stats.evicted_blocks += 1;
+            if let Some((_, gone)) = &mut self.events {
+                gone.push(h);
+            }
             out.push(b);
         }
         for &b in &out {
@@ -209,6 +229,9 @@ impl BlockPool {
         }
         self.index.insert(h, b);
         self.hash[i] = Some(h);
+        if let Some((stored, _)) = &mut self.events {
+            stored.push(h);
+        }
         true
     }
 
@@ -218,6 +241,9 @@ impl BlockPool {
         assert!(self.refs[i] > 0, "block {b} unregistered while not held");
         if let Some(h) = self.hash[i].take() {
             self.index.remove(&h);
+            if let Some((_, gone)) = &mut self.events {
+                gone.push(h);
+            }
         }
     }
 
@@ -325,6 +351,22 @@ mod tests {
             })
         );
         p.check().unwrap();
+    }
+
+    #[test]
+    fn recorded_events_name_what_became_findable_and_what_was_forgotten() {
+        let mut p = BlockPool::new(2, true);
+        let a = p.allocate(1).unwrap();
+        p.register(a[0], 5);
+        assert_eq!(p.take_events(), (vec![], vec![]), "not recording yet");
+        p.record_events();
+        let b = p.allocate(1).unwrap();
+        p.register(b[0], 6);
+        p.release(&a);
+        p.allocate(1).unwrap(); // evicts 5
+        p.unregister(b[0]);
+        assert_eq!(p.take_events(), (vec![6], vec![5, 6]));
+        assert_eq!(p.take_events(), (vec![], vec![]));
     }
 
     #[test]

@@ -576,6 +576,15 @@ impl Engine {
     pub fn prefix_caching(&self) -> bool {
         self.kv.blocks().caching()
     }
+    /// Starts recording the names of blocks made findable and forgotten
+    /// ([`crate::blocks::BlockPool::record_events`]).
+    pub fn record_prefix_events(&mut self) {
+        self.kv.blocks_mut().record_events();
+    }
+    /// Names made findable and names forgotten since the last call.
+    pub fn take_prefix_events(&mut self) -> (Vec<BlockHash>, Vec<BlockHash>) {
+        self.kv.blocks_mut().take_events()
+    }
     pub fn kv_capacity(&self) -> usize {
         self.kv.capacity()
     }

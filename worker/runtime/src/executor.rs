@@ -119,7 +119,9 @@ pub fn chunk_params(c: &SeqChunk) -> SamplingParams {
 }
 
 impl Executor {
-    pub fn new(engine: Engine) -> Self {
+    pub fn new(mut engine: Engine) -> Self {
+        // The coordinator mirrors which prefixes this rank caches (prefix homing).
+        engine.record_prefix_events();
         Executor {
             engine,
             seqs: HashMap::new(),
@@ -359,6 +361,7 @@ impl Executor {
             }
         }
         let (all_to_all_seconds, all_to_all_bytes) = self.engine.take_exchange_stats();
+        let (stored, gone) = self.engine.take_prefix_events();
         let experts_ready = self.experts_ready()?;
         Ok(StepResult {
             step: plan.step,
@@ -371,6 +374,8 @@ impl Executor {
             experts_ready,
             kept: vec![],
             prefix_cache: Some(self.prefix_cache_stats()),
+            blocks_stored: stored.iter().map(|h| h.to_le_bytes().to_vec()).collect(),
+            blocks_forgotten: gone.iter().map(|h| h.to_le_bytes().to_vec()).collect(),
         })
     }
 }
