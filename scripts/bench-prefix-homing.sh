@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Cache-aware homing against homing that ignores the caches, in one run: for each worker
-# count, `switchyard up` with `--prefix-homing 1.0` (the default) and with
+# count, `switchyard up` with `--prefix-homing $WEIGHT` (default 0.25, the coordinator's) and with
 # `--prefix-homing off`, the workers' prefix caches on in both, under the same
 # `switchyard-loadtest` workload: prompts drawn from GROUPS different shared prefixes (several
 # system prompts). Prints the share of prompt blocks found cached (every worker's counters
@@ -48,7 +48,7 @@ arm() { # label, workers, --prefix-homing value
 }
 
 for n in "${counts[@]}"; do
-  arm "aware-$n" "$n" 1.0
+  arm "aware-$n" "$n" "${WEIGHT:-0.25}"
   [ "$n" -gt 1 ] && arm "blind-$n" "$n" off
 done
 

@@ -138,11 +138,11 @@ pub struct ClusterArgs {
     #[arg(long, default_value_t = 2.0)]
     pub pace_factor: f64,
     /// Prefix homing: a new sequence goes to the worker of least `tokens it must compute +
-    /// W · tokens already waiting to be computed there`, where the workers' prefix caches
+    /// W · positions of the sequences homed there`, where the workers' prefix caches
     /// (reported block names) cut the first term; cached positions are fed without charge
     /// against the token budget. W weighs load against cache reuse (0: the cache alone);
     /// "off" homes by free KV blocks alone.
-    #[arg(long, default_value = "1.0", value_parser = prefix_homing_weight)]
+    #[arg(long, default_value = "0.25", value_parser = prefix_homing_weight)]
     pub prefix_homing: PrefixHoming,
     /// Prometheus metrics address (`GET /metrics`); port 0 picks a free port (the serving line
     /// announces it), "off" disables.

@@ -9,8 +9,9 @@
 //!    blocks allow, each homed on the worker with the most free KV blocks — or, with prefix
 //!    homing on ([`State::set_prefix_homing`]) and a worker reported to cache a prefix of it
 //!    ([`State::set_cached`]), on the worker of least cost among those with room:
-//!    `cost(w) = tokens w must compute + load_weight · tokens already waiting to be computed
-//!    on w` (prefill left of its sequences, one per running decode). Ties go to the most free
+//!    `cost(w) = tokens w must compute + load_weight · positions of the sequences homed on w`
+//!    (computed or still to be: what its steps attend over and must yet compute, as Dynamo's
+//!    KV router weighs prefill blocks against active blocks). Ties go to the most free
 //!    blocks, then the lowest index.
 //!
 //! Positions a sequence's home caches (its hint) are fed without charge: a prefill chunk may
@@ -174,14 +175,14 @@ impl State {
         v
     }
 
-    /// Tokens waiting to be computed on each worker: prefill left of its sequences, one per
-    /// running decode.
-    fn pending_tokens(&self) -> Vec<usize> {
+    /// Each worker's load: the positions of the sequences homed there, computed or still to
+    /// be (what its steps attend over and must yet compute, and its KV held).
+    fn homed_positions(&self) -> Vec<usize> {
         let mut p = vec![0; self.free.len()];
         for id in &self.running {
             let s = &self.seqs[id];
             if let Some(w) = s.home {
-                p[w] += (s.len - s.computed).max(1);
+                p[w] += s.len;
             }
         }
         p
@@ -488,8 +489,8 @@ impl State {
         let cached = |w: usize| s.cached_ahead(w, 0);
         match self.prefix_homing {
             Some(weight) if (0..self.free.len()).any(|w| cached(w) > 0) => {
-                let pending = self.pending_tokens();
-                let cost = |w: usize| (s.len - cached(w)) as f64 + weight * pending[w] as f64;
+                let load = self.homed_positions();
+                let cost = |w: usize| (s.len - cached(w)) as f64 + weight * load[w] as f64;
                 (0..self.free.len())
                     .filter(|w| need <= self.free[*w])
                     .min_by(|a, b| {
@@ -590,7 +591,7 @@ mod tests {
         plain.set_cached(1, vec![32, 0]);
         let s = plain.next_step();
         assert_eq!((s.chunks[0].worker, s.chunks[0].len), (1, 8));
-        // Load: worker 0 has 292 tokens of prefill queued, more than the 32 it would save
+        // Load: worker 0 holds a 300-position sequence, more than the 32 it would save
         // (set up by hand: admissions only happen with budget left after continuing prefills).
         let mut busy = State::new(cfg(8, vec![400, 400]));
         busy.set_prefix_homing(Some(1.0));

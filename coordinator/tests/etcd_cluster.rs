@@ -256,16 +256,29 @@ fn a_worker_that_joins_under_load_is_taken_into_the_cluster() {
         let w2 = tokio::task::spawn_blocking(move || worker("w2"))
             .await
             .unwrap();
-        // Watch the newcomer take sequences while the streams run.
+        // Watch the newcomer take sequences while the streams run, and while a second wave
+        // sent once it is in runs (the first wave's requests may all have been admitted
+        // before it joined: cached prompts prefill fast).
         let mut homed = 0;
-        while streams.in_flight() > 0 {
+        let mut second = None;
+        while streams.in_flight() > 0
+            || second
+                .as_ref()
+                .is_some_and(|s: &GoldenStreams| s.in_flight() > 0)
+        {
             let st = cluster_status(&url).await;
             if let Some(w) = st.workers.iter().find(|w| w.id == "w2") {
                 homed = homed.max(w.running_sequences);
+                if second.is_none() {
+                    second = Some(GoldenStreams::start(&url, "tiny-qwen3-moe", 8));
+                }
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         streams.finish().await;
+        if let Some(s) = second {
+            s.finish().await;
+        }
         let st = cluster_status(&url).await;
         let ids: Vec<&str> = st.workers.iter().map(|w| w.id.as_str()).collect();
         assert_eq!(ids, ["w0", "w1", "w2"]);

@@ -568,6 +568,38 @@ impl Engine {
     pub fn kv_cached(&self) -> usize {
         self.kv.cached()
     }
+    /// Blocks neither held nor cached.
+    pub fn kv_free(&self) -> usize {
+        self.kv.free()
+    }
+    /// Checks the block pool's invariants, and that the sequences' tables hold exactly the
+    /// used blocks with the reference counts the pool has (tests).
+    pub fn check_kv(&self) -> Result<(), String> {
+        self.kv.blocks().check()?;
+        let mut refs: HashMap<u32, u32> = HashMap::new();
+        for s in self.seqs.values() {
+            if s.table.len() != self.kv.blocks_for(s.len) {
+                return Err(format!("{} blocks for {} positions", s.table.len(), s.len));
+            }
+            for b in &s.table {
+                *refs.entry(*b).or_default() += 1;
+            }
+        }
+        if refs.len() != self.kv.used() {
+            return Err(format!(
+                "{} blocks in tables, {} used",
+                refs.len(),
+                self.kv.used()
+            ));
+        }
+        match refs.iter().find(|(b, n)| self.kv.blocks().refs(**b) != **n) {
+            Some((b, n)) => Err(format!(
+                "block {b}: {n} holders, {} counted",
+                self.kv.blocks().refs(*b)
+            )),
+            None => Ok(()),
+        }
+    }
     /// The prefix cache's counters since load (all zero when it is off).
     pub fn prefix_stats(&self) -> PrefixStats {
         self.kv.blocks().stats()
