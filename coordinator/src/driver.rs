@@ -789,10 +789,6 @@ impl Driver {
         (self.state.waiting(), self.state.running())
     }
 
-    /// Paces prefill beside decodes (see [`Pacer`]): a step with decodes takes about `factor`
-    /// times a decode-only one. `attn_equiv` prices attention ([`attention_equivalent`]).
-    ///
-    /// [`attention_equivalent`]: crate::scheduler::attention_equivalent
     /// Homes sequences by cached prefix against load ([`State::set_prefix_homing`]), from
     /// the block names the ranks report; `None` homes by free blocks alone.
     pub fn with_prefix_homing(mut self, load_weight: Option<f64>) -> Self {
@@ -834,6 +830,10 @@ impl Driver {
         }
     }
 
+    /// Paces prefill beside decodes (see [`Pacer`]): a step with decodes takes about `factor`
+    /// times a decode-only one. `attn_equiv` prices attention ([`attention_equivalent`]).
+    ///
+    /// [`attention_equivalent`]: crate::scheduler::attention_equivalent
     pub fn with_pacing(mut self, factor: f64, attn_equiv: usize) -> Self {
         self.state.set_attn_equiv(attn_equiv);
         self.pacer = Some(Pacer::new(factor));
