@@ -407,18 +407,7 @@ fn cutting_back_inside_a_shared_block_copies_it() {
             };
             // What each continuation must produce: computed alone, nothing shared.
             let mut cold = engine(model, opts(false));
-            let last = |e: &mut Engine, seq: u64, tokens: &[u32]| -> Vec<f32> {
-                e.step(
-                    &[ChunkSpec {
-                        seq_id: seq,
-                        tokens,
-                        logits: Logits::Last,
-                    }],
-                    false,
-                )
-                .unwrap()
-                .logits
-            };
+            let last = common::last_logits;
             let a_want = last(&mut cold, 1, &prompt);
             let b_tokens: Vec<u32> = prompt[..70].iter().chain(&other).copied().collect();
             let b_want = last(&mut cold, 2, &b_tokens);

@@ -44,3 +44,22 @@ pub fn floats(v: &Value) -> Vec<f32> {
         .map(|x| x.as_f64().unwrap() as f32)
         .collect()
 }
+
+/// Feeds `tokens` to sequence `seq` in one chunk and returns the logits at its last position.
+pub fn last_logits(
+    e: &mut switchyard_worker::engine::Engine,
+    seq: u64,
+    tokens: &[u32],
+) -> Vec<f32> {
+    use switchyard_worker::engine::{ChunkSpec, Logits};
+    e.step(
+        &[ChunkSpec {
+            seq_id: seq,
+            tokens,
+            logits: Logits::Last,
+        }],
+        false,
+    )
+    .unwrap()
+    .logits
+}
