@@ -9,7 +9,9 @@
 //!
 //! Reported: requests, lost, kills; end-to-end latency p50/p99 of requests that overlapped a
 //! kill against those that did not (the latency cost of a recovery); per kill, the longest
-//! pause in any stream across it (recovery stall) and the median stream's pause; per
+//! pause in any stream across it (recovery stall) and the median stream's pause, over the
+//! streams that had received a token before it and received another after (a request still
+//! waiting for its first token is queued or prefilling, not paused); per
 //! restart, the same two figures across the moment the returning worker was seen back in the
 //! cluster (a new epoch listing every worker), which is what taking it in cost the others.
 //! With `rebalance` the coordinator re-places experts live (a returning worker loads its share
@@ -337,16 +339,16 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
     let ms = |d: &Done| (d.end - d.start).as_secs_f64() * 1e3;
     let calm: Vec<f64> = done.iter().filter(|d| !overlaps(d)).map(ms).collect();
     let disturbed: Vec<f64> = done.iter().filter(|d| overlaps(d)).map(ms).collect();
+    // Gaps between two tokens of a stream: a request still waiting for its first token at
+    // an instant is queued or prefilling, not paused (its wait shows in the latency figures).
     let mut gaps = Vec::new();
     for d in &done {
-        let mut prev = d.start;
-        for &t in &d.token_times {
-            gaps.push((prev, t));
-            prev = t;
+        for w in d.token_times.windows(2) {
+            gaps.push((w[0], w[1]));
         }
     }
-    // Per instant, each stream's gap spanning it (a stream has at most one): the longest,
-    // and the median.
+    // Per instant, each decoding stream's gap spanning it (a stream has at most one): the
+    // longest, and the median.
     let across = |at: &[Instant]| -> (Vec<f64>, Vec<f64>) {
         at.iter()
             .map(|k| {
