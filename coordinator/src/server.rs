@@ -619,6 +619,8 @@ impl InferenceService {
                     // What a previous leader left running: adopted before the first step,
                     // each parked until its client resumes it.
                     let (sinks, next) = adopt_all(&mut d, &eos, &parking, &in_flight_adopt);
+                    // ClusterStatus shows the cluster from the moment the service is ready.
+                    *snap.lock().unwrap_or_else(|e| e.into_inner()) = d.snapshot();
                     let _ = ready_tx.send(Ok((shape, next)));
                     let recover: Recover = Box::new(move |carry: &crate::driver::Carry| {
                         make_cluster(carry).map(|c| Box::new(c) as Box<dyn Cluster>)
