@@ -289,6 +289,8 @@ fn greedy(id: u64, prompt: Vec<u32>, max_tokens: usize) -> crate::driver::GenReq
         sampling: switchyard_kernels::sampling::SamplingParams::greedy(),
         eos: vec![],
         ignore_eos: true,
+        min_tokens: 0,
+        stop_token_ids: vec![],
         priority: 0,
         top_logprobs: 0,
         trace: None,

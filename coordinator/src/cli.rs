@@ -458,6 +458,15 @@ pub struct SamplingArgs {
     pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// OpenAI's presence penalty, in [-2, 2] (generated tokens only); 0 disables.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub presence_penalty: f32,
+    /// OpenAI's frequency penalty, in [-2, 2] (generated tokens only); 0 disables.
+    #[arg(long, default_value_t = 0.0, allow_hyphen_values = true)]
+    pub frequency_penalty: f32,
+    /// `TOKEN_ID=BIAS` added to that token's logit, bias in [-100, 100] (repeatable).
+    #[arg(long, value_parser = parse_bias, allow_hyphen_values = true)]
+    pub logit_bias: Vec<(u32, f32)>,
     /// Stop strings (repeatable).
     #[arg(long)]
     pub stop: Vec<String>,
@@ -475,8 +484,23 @@ impl SamplingArgs {
             min_p: self.min_p,
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            logit_bias: self.logit_bias.clone(),
         }
     }
+}
+
+fn parse_bias(s: &str) -> Result<(u32, f32), String> {
+    let (t, b) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected TOKEN_ID=BIAS, got {s:?}"))?;
+    let t = t
+        .trim()
+        .parse()
+        .map_err(|e| format!("token id {t:?}: {e}"))?;
+    let b = b.trim().parse().map_err(|e| format!("bias {b:?}: {e}"))?;
+    Ok((t, b))
 }
 
 #[derive(Args, Debug, Clone)]
@@ -1349,6 +1373,9 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
                 min_p: p.min_p,
                 repetition_penalty: Some(p.repetition_penalty),
                 seed: Some(p.seed),
+                presence_penalty: p.presence_penalty,
+                frequency_penalty: p.frequency_penalty,
+                logit_bias: p.logit_bias.iter().copied().collect(),
             }),
             max_tokens: a.sampling.max_tokens as u32,
             stop: a.sampling.stop.clone(),
@@ -1357,6 +1384,8 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
             stream_token_ids: true,
             top_logprobs: 0,
             logprobs: false,
+            min_tokens: 0,
+            stop_token_ids: vec![],
         };
         let stream = client
             .generate(req.clone())

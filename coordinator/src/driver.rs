@@ -359,6 +359,10 @@ pub struct GenRequest {
     pub sampling: SamplingParams,
     pub eos: Vec<u32>,
     pub ignore_eos: bool,
+    /// End of sequence and `stop_token_ids` cannot be sampled before this many tokens.
+    pub min_tokens: usize,
+    /// Tokens that end the sequence as end of sequence does, whatever `ignore_eos` says.
+    pub stop_token_ids: Vec<u32>,
     pub priority: i32,
     /// Most likely tokens to report with each sampled one (0: only its own logprob).
     pub top_logprobs: u32,
@@ -367,6 +371,19 @@ pub struct GenRequest {
     /// Handed to the worker with the chunk that starts the sequence (kept there for a
     /// coordinator that takes over; see [`Carry::adopt_held`]).
     pub journal: Option<std::sync::Arc<SeqRequest>>,
+}
+
+impl GenRequest {
+    /// The tokens that end this sequence when sampled.
+    pub fn enders(&self) -> impl Iterator<Item = u32> + '_ {
+        let eos = if self.ignore_eos { &[][..] } else { &self.eos };
+        eos.iter().chain(&self.stop_token_ids).copied()
+    }
+
+    /// Whether sampling `token` ends the sequence (end of sequence or a stop token id).
+    pub fn ends(&self, token: u32) -> bool {
+        (!self.ignore_eos && self.eos.contains(&token)) || self.stop_token_ids.contains(&token)
+    }
 }
 
 /// What [`Driver::adopt`] made of a sequence a previous leader left on a worker.
@@ -890,8 +907,7 @@ impl Driver {
         };
         let generated = tokens.len() - req.prompt.len();
         let ended = generated > 0
-            && (generated >= req.max_tokens
-                || (!req.ignore_eos && req.eos.contains(tokens.last().expect("generated"))));
+            && (generated >= req.max_tokens || req.ends(*tokens.last().expect("generated")));
         let on_worker = rank < self.pending_free.len();
         let fits = self.state.fits(req.prompt.len() + req.max_tokens);
         if ended || !fits || self.live.contains_key(&id) {
@@ -1098,6 +1114,12 @@ impl Driver {
                 sampled[c.worker].push((c.seq, l.req.top_logprobs));
             }
             let p = &l.req.sampling;
+            // Before min_tokens, what would end the sequence may not be sampled.
+            let banned = if c.sample && l.generated < l.req.min_tokens {
+                l.req.enders().collect()
+            } else {
+                vec![]
+            };
             plans[c.worker].chunks.push(SeqChunk {
                 seq_id: c.seq,
                 tokens: l.tokens[c.start..c.start + c.len].to_vec(),
@@ -1115,6 +1137,15 @@ impl Driver {
                 } else {
                     None
                 },
+                presence_penalty: p.presence_penalty,
+                frequency_penalty: p.frequency_penalty,
+                logit_bias: if c.start == 0 {
+                    p.logit_bias.iter().copied().collect()
+                } else {
+                    Default::default()
+                },
+                banned,
+                prompt_tokens: l.req.prompt.len() as u32,
             });
         }
         let span = tracing::info_span!(
@@ -1219,8 +1250,7 @@ impl Driver {
                 };
                 l.tokens.push(t.token);
                 l.generated += 1;
-                let eos = !l.req.ignore_eos && l.req.eos.contains(&t.token);
-                let finished = eos || l.generated >= l.req.max_tokens;
+                let finished = l.req.ends(t.token) || l.generated >= l.req.max_tokens;
                 out.push(Emitted {
                     id: t.seq_id,
                     token: t.token,
@@ -1310,6 +1340,8 @@ mod tests {
             sampling: SamplingParams::default(),
             eos: vec![],
             ignore_eos: true,
+            min_tokens: 0,
+            stop_token_ids: vec![],
             priority: 0,
             top_logprobs: 0,
             trace: None,

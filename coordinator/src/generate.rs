@@ -174,7 +174,12 @@ fn run(
     }
     let mut finish = FinishReason::Length;
     loop {
-        let next = sampling::sample(&mut logits[..vocab], &req.sampling, &history, &mut rng);
+        let seen = sampling::Seen {
+            tokens: &history,
+            prompt_len: prompt.len(),
+            banned: &[],
+        };
+        let next = sampling::sample(&mut logits[..vocab], &req.sampling, seen, &mut rng);
         output_ids.push(next);
         history.push(next);
         let is_eos = !req.ignore_eos && tok.eos_ids.contains(&next);

@@ -210,20 +210,129 @@ impl From<tonic::Status> for ApiError {
     }
 }
 
-/// A JSON body, with OpenAI-shaped errors for malformed JSON or wrong field types.
+/// A JSON body, with OpenAI-shaped errors for malformed JSON or wrong field types, and no
+/// field ignored: every top-level key (and every key of each chat message) is one the server
+/// honours ([`Surface::FIELDS`]), or one of OpenAI's it does not implement sent with the
+/// value that means "off" ([`inert`]: `tools: []`, `tool_choice: "none"`, `null`, ...), which
+/// some clients always send. Anything else is a 400 naming the field, so a request that asks
+/// for JSON output or tool calls is refused rather than answered as if it had not.
 pub struct Body<T>(T);
 
-impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
+/// The fields a request type honours besides [`COMMON_FIELDS`].
+pub trait Surface {
+    const FIELDS: &'static [&'static str];
+}
+
+/// Whether `value` for OpenAI's `key` changes nothing (the field's documented default or
+/// `null`), so a server that does not implement `key` still answers the request exactly.
+fn inert(key: &str, value: &Value) -> bool {
+    if value.is_null() {
+        return true;
+    }
+    match key {
+        "metadata" => value.as_object().is_some_and(|m| m.is_empty()),
+        "tools" | "functions" => value.as_array().is_some_and(|a| a.is_empty()),
+        "tool_choice" | "function_call" => value.as_str() == Some("none"),
+        "parallel_tool_calls" => value.as_bool() == Some(true),
+        "response_format" => value == &json!({"type": "text"}),
+        "store" => value.as_bool() == Some(false),
+        "service_tier" => matches!(value.as_str(), Some("auto" | "default")),
+        "modalities" => value == &json!(["text"]),
+        "best_of" => value.as_u64() == Some(1),
+        "suffix" => value.as_str() == Some(""),
+        // An end-user id for the caller's own attribution: recorded in the request's log.
+        "user" => value.is_string(),
+        _ => false,
+    }
+}
+
+/// The 400 for a field of `obj` in none of `known` (see [`Body`]); `at` prefixes its name.
+fn unhonoured(
+    obj: &serde_json::Map<String, Value>,
+    known: &[&[&str]],
+    at: &str,
+) -> Option<ApiError> {
+    let (key, _) = obj
+        .iter()
+        .find(|(k, v)| !known.iter().any(|f| f.contains(&k.as_str())) && !inert(k, v))?;
+    let param = format!("{at}{key}");
+    Some(ApiError::invalid(
+        Some(&param),
+        format!("`{param}` is not supported by this server (send it unset, or null)"),
+    ))
+}
+
+/// Fields of one chat message.
+const MESSAGE_FIELDS: &[&str] = &["role", "content"];
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Surface> axum::extract::FromRequest<S>
+    for Body<T>
+{
     type Rejection = ApiError;
 
     async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
         let bytes = axum::body::Bytes::from_request(req, state)
             .await
             .map_err(|e| ApiError::invalid(None, e.to_string()))?;
-        serde_json::from_slice(&bytes)
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ApiError::invalid(None, format!("request body: {e}")))?;
+        if let Some(obj) = v.as_object() {
+            if let Some(e) = unhonoured(obj, &[COMMON_FIELDS, T::FIELDS], "") {
+                return Err(e);
+            }
+            if let Some(user) = obj.get("user").and_then(Value::as_str) {
+                tracing::info!(user, "request from end user");
+            }
+            let messages = obj.get("messages").and_then(Value::as_array);
+            for (i, m) in messages.into_iter().flatten().enumerate() {
+                if let Some(e) = m
+                    .as_object()
+                    .and_then(|m| unhonoured(m, &[MESSAGE_FIELDS], &format!("messages[{i}].")))
+                {
+                    return Err(e);
+                }
+            }
+            if let Some(o) = obj.get("stream_options").and_then(Value::as_object) {
+                if let Some(e) = unhonoured(o, &[&["include_usage"]], "stream_options.") {
+                    return Err(e);
+                }
+            }
+        }
+        serde_json::from_value(v)
             .map(Body)
             .map_err(|e| ApiError::invalid(None, format!("request body: {e}")))
     }
+}
+
+/// Fields both endpoints honour (see [`Common`]).
+const COMMON_FIELDS: &[&str] = &[
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "n",
+    "stop",
+    "stream",
+    "stream_options",
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "ignore_eos",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "min_tokens",
+    "stop_token_ids",
+];
+
+impl Surface for ChatRequest {
+    const FIELDS: &'static [&'static str] = &["messages", "logprobs", "top_logprobs"];
+}
+
+impl Surface for CompletionRequest {
+    const FIELDS: &'static [&'static str] = &["prompt", "logprobs", "echo"];
 }
 
 #[derive(Deserialize, Default)]
@@ -263,6 +372,14 @@ struct Common {
     /// vLLM's extension: generate exactly max_tokens (load tests).
     #[serde(default)]
     ignore_eos: bool,
+    presence_penalty: Option<f32>,
+    frequency_penalty: Option<f32>,
+    /// Token ids (as strings, OpenAI's form) to a bias in [-100, 100].
+    logit_bias: Option<std::collections::HashMap<String, f32>>,
+    /// vLLM's extensions: end of sequence / stop_token_ids only after this many tokens;
+    /// tokens that end generation.
+    min_tokens: Option<u32>,
+    stop_token_ids: Option<Vec<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -424,6 +541,13 @@ impl Common {
             // No limit: as many as the context leaves after the prompt (see `grpc_request`).
             None => 0,
         };
+        let mut logit_bias = std::collections::HashMap::new();
+        for (k, v) in self.logit_bias.iter().flatten() {
+            let t: u32 = k.parse().map_err(|_| {
+                ApiError::invalid(Some("logit_bias"), format!("keys are token ids, got {k:?}"))
+            })?;
+            logit_bias.insert(t, *v);
+        }
         Ok(GenerateRequest {
             model: String::new(),
             sampling: Some(SamplingParams {
@@ -434,11 +558,16 @@ impl Common {
                 min_p: self.min_p.unwrap_or(0.0),
                 repetition_penalty: self.repetition_penalty,
                 seed: self.seed,
+                presence_penalty: self.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: self.frequency_penalty.unwrap_or(0.0),
+                logit_bias,
             }),
             max_tokens,
             stop,
             ignore_eos: self.ignore_eos,
             stream_token_ids: true,
+            min_tokens: self.min_tokens.unwrap_or(0),
+            stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
             ..Default::default()
         })
     }

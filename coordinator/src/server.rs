@@ -800,6 +800,7 @@ impl InferenceService {
             ignore_eos,
             stream_ids,
             want_logprobs,
+            stop_ids,
         } = job;
         let prompt_tokens = ids.len() as u32;
         tokio::spawn(
@@ -883,7 +884,7 @@ impl InferenceService {
                     if text.in_reasoning() {
                         reasoning_tokens += 1;
                     }
-                    let is_eos = !ignore_eos && tok.eos_ids.contains(&t);
+                    let is_eos = (!ignore_eos && tok.eos_ids.contains(&t)) || stop_ids.contains(&t);
                     let mut d = if is_eos {
                         Default::default()
                     } else {
@@ -970,6 +971,8 @@ struct Job {
     ignore_eos: bool,
     stream_ids: bool,
     want_logprobs: bool,
+    /// `stop_token_ids`: they end the stream as end of sequence does.
+    stop_ids: Vec<u32>,
 }
 
 /// Sends the engine loop operator commands and reads its state.
@@ -1110,6 +1113,13 @@ fn owner_of(key: &str) -> String {
         .collect()
 }
 
+/// A logit bias map in token order.
+fn sorted_bias(m: &std::collections::HashMap<u32, f32>) -> Vec<(u32, f32)> {
+    let mut b: Vec<(u32, f32)> = m.iter().map(|(t, v)| (*t, *v)).collect();
+    b.sort_by_key(|e| e.0);
+    b
+}
+
 /// The driver's request for a journal (what workers keep of it for a coordinator that takes
 /// over): a new request and an adopted one are built the same way.
 fn gen_request(id: u64, journal: SeqRequest, eos: &[u32]) -> GenRequest {
@@ -1124,9 +1134,14 @@ fn gen_request(id: u64, journal: SeqRequest, eos: &[u32]) -> GenRequest {
             min_p: journal.min_p,
             repetition_penalty: journal.repetition_penalty,
             seed: journal.seed,
+            presence_penalty: journal.presence_penalty,
+            frequency_penalty: journal.frequency_penalty,
+            logit_bias: sorted_bias(&journal.logit_bias),
         },
         eos: eos.to_vec(),
         ignore_eos: journal.ignore_eos,
+        min_tokens: journal.min_tokens as usize,
+        stop_token_ids: journal.stop_token_ids.clone(),
         priority: journal.priority,
         top_logprobs: if journal.logprobs {
             journal.top_logprobs
@@ -1148,6 +1163,7 @@ impl Job {
             ignore_eos: j.ignore_eos,
             stream_ids: j.stream_token_ids,
             want_logprobs: j.logprobs,
+            stop_ids: j.stop_token_ids.clone(),
         }
     }
 }
@@ -1210,8 +1226,31 @@ impl Inference for InferenceService {
             min_p: s.min_p,
             repetition_penalty: s.repetition_penalty.unwrap_or(1.0),
             seed: s.seed.unwrap_or(0),
+            presence_penalty: s.presence_penalty,
+            frequency_penalty: s.frequency_penalty,
+            logit_bias: sorted_bias(&s.logit_bias),
         };
         check_stop(&r.stop)?;
+        let vocab = self.cfg.vocab_size;
+        let outside = |t: &u32| *t as usize >= vocab;
+        if let Some(t) = sampling.logit_bias.iter().map(|b| b.0).find(|t| outside(t)) {
+            return Err(invalid(
+                "logit_bias",
+                format!("token id {t} is outside the vocabulary (size {vocab})"),
+            ));
+        }
+        if let Some(t) = r.stop_token_ids.iter().find(|t| outside(t)) {
+            return Err(invalid(
+                "stop_token_ids",
+                format!("token id {t} is outside the vocabulary (size {vocab})"),
+            ));
+        }
+        if r.min_tokens > r.max_tokens && r.max_tokens > 0 {
+            return Err(invalid(
+                "min_tokens",
+                format!("{} exceeds max_tokens ({})", r.min_tokens, r.max_tokens),
+            ));
+        }
         if r.priority != 0 && !may_prioritize {
             return Err(Status::permission_denied(format!(
                 "priority: this API key may not set request priorities (asked for {}); grant it \
@@ -1290,6 +1329,11 @@ impl Inference for InferenceService {
             repetition_penalty: sampling.repetition_penalty,
             seed: sampling.seed,
             owner,
+            presence_penalty: sampling.presence_penalty,
+            frequency_penalty: sampling.frequency_penalty,
+            logit_bias: s.logit_bias,
+            min_tokens: r.min_tokens,
+            stop_token_ids: r.stop_token_ids.clone(),
         };
         let mut gen = gen_request(id, journal, &self.tok.eos_ids);
         gen.trace = Some(span.clone());

@@ -1,7 +1,8 @@
 //! Many streams against one `up` cluster (2 worker processes): 64 concurrent streams with mixed
 //! prompt lengths, output lengths and sampling get exactly what each gets run alone; cancelling
 //! half of them mid-stream leaves no KV block or sequence behind; every kind of bad request gets
-//! INVALID_ARGUMENT naming its field while the cluster keeps serving.
+//! INVALID_ARGUMENT naming its field while the cluster keeps serving; penalties, logit bias,
+//! min_tokens and stop token ids do what their definitions say.
 
 mod common;
 use common::{block_on, cluster_status, fixture, ids};
@@ -314,6 +315,60 @@ fn every_bad_request_is_invalid_argument_naming_its_field() {
                     ..ok()
                 },
             ),
+            (
+                "presence_penalty",
+                GenerateRequest {
+                    sampling: Some(SamplingParams {
+                        presence_penalty: 2.5,
+                        ..Default::default()
+                    }),
+                    ..ok()
+                },
+            ),
+            (
+                "frequency_penalty",
+                GenerateRequest {
+                    sampling: Some(SamplingParams {
+                        frequency_penalty: f32::NAN,
+                        ..Default::default()
+                    }),
+                    ..ok()
+                },
+            ),
+            (
+                "logit_bias",
+                GenerateRequest {
+                    sampling: Some(SamplingParams {
+                        logit_bias: [(5, 100.5)].into(),
+                        ..Default::default()
+                    }),
+                    ..ok()
+                },
+            ),
+            (
+                "logit_bias",
+                GenerateRequest {
+                    sampling: Some(SamplingParams {
+                        logit_bias: [(2048, 1.0)].into(),
+                        ..Default::default()
+                    }),
+                    ..ok()
+                },
+            ),
+            (
+                "stop_token_ids",
+                GenerateRequest {
+                    stop_token_ids: vec![7, 4096],
+                    ..ok()
+                },
+            ),
+            (
+                "min_tokens",
+                GenerateRequest {
+                    min_tokens: 5,
+                    ..ok()
+                },
+            ),
         ];
         for (field, req) in cases {
             let e = c
@@ -373,5 +428,124 @@ fn a_passed_deadline_ends_the_stream_and_frees_its_kv() {
         let e = c.generate(bad).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument);
         assert!(e.message().starts_with("grpc-timeout"), "{e:?}");
+    });
+}
+
+/// One greedy stream with logprobs: (token, raw logprob, raw top 20) per position.
+type Scored = Vec<(u32, f32, Vec<(u32, f32)>)>;
+
+async fn scored(c: &mut InferenceClient<Channel>, r: GenerateRequest) -> (Scored, FinishReason) {
+    let mut s = c.generate(r).await.unwrap().into_inner();
+    let (mut out, mut fin) = (Vec::new(), FinishReason::Unspecified);
+    while let Some(m) = s.message().await.unwrap() {
+        match m.event {
+            Some(Event::Delta(d)) => out.extend(d.logprobs.into_iter().map(|l| {
+                let top = l.top.iter().map(|t| (t.token_id, t.logprob)).collect();
+                (l.token_id, l.logprob, top)
+            })),
+            Some(Event::Finished(f)) => fin = f.reason(),
+            _ => {}
+        }
+    }
+    (out, fin)
+}
+
+/// Presence and frequency penalties and logit bias as OpenAI defines them, checked against
+/// the model's own (unpenalised) logprobs that every token comes with: at each position the
+/// greedy pick must be the argmax of `logprob + bias − presence·[c > 0] − frequency·c` over
+/// the 20 most likely tokens and itself, `c` counting that token in the output so far (never
+/// the prompt). Then min_tokens and stop_token_ids: a token given +100 and made a stop token
+/// cannot end the stream before min_tokens, and ends it right after.
+#[test]
+fn penalties_logit_bias_and_min_tokens_follow_their_formulas() {
+    let (_up, url) = up();
+    block_on(async {
+        let mut c = InferenceClient::connect(url.clone()).await.unwrap();
+        let first = GenerateRequest {
+            input: Some(Input::TokenIds(TokenIds {
+                ids: vec![11, 400, 27, 1500, 93, 400, 27],
+            })),
+            max_tokens: 40,
+            ignore_eos: true,
+            stream_token_ids: true,
+            ..Default::default()
+        };
+        // A prompt that ends in the model's own greedy continuation: its tokens stay likely,
+        // so counting the prompt (which OpenAI's penalties do not) would show.
+        let (cont, _) = run(&mut c, first).await;
+        let prompt: Vec<u32> = [11, 400, 27, 1500, 93, 400, 27]
+            .into_iter()
+            .chain(cont)
+            .collect();
+        let base = |sampling: SamplingParams| GenerateRequest {
+            input: Some(Input::TokenIds(TokenIds {
+                ids: prompt.clone(),
+            })),
+            max_tokens: 24,
+            ignore_eos: true,
+            logprobs: true,
+            top_logprobs: 20,
+            stream_token_ids: true,
+            sampling: Some(sampling),
+            ..Default::default()
+        };
+        let (plain, _) = scored(&mut c, base(SamplingParams::default())).await;
+        // Bias the runner-up of the first position past the winner.
+        let (b, lb) = plain[0].2[1];
+        let bias = plain[0].1 - lb + 0.5;
+        // Random weights rarely repeat a token, so positive penalties would seldom bite: a
+        // negative presence penalty favours repeats and the frequency penalty ends them.
+        let (pres, freq) = (-1.0f32, 0.3f32);
+        let p = SamplingParams {
+            presence_penalty: pres,
+            frequency_penalty: freq,
+            logit_bias: [(b, bias)].into(),
+            ..Default::default()
+        };
+        let (got, fin) = scored(&mut c, base(p)).await;
+        assert_eq!((got.len(), fin), (24, FinishReason::Length));
+        assert_eq!(got[0].0, b, "the bias lifts token {b} over the greedy pick");
+        let mut counts = std::collections::HashMap::<u32, u32>::new();
+        let mut differs = 0;
+        for (i, (tok, lp, top)) in got.iter().enumerate() {
+            let score = |t: u32, lp: f32| {
+                let n = counts.get(&t).copied().unwrap_or(0) as f32;
+                let pen = if n > 0.0 { pres + freq * n } else { 0.0 };
+                lp + if t == b { bias } else { 0.0 } - pen
+            };
+            let mine = score(*tok, *lp);
+            for &(t, l) in top {
+                assert!(
+                    score(t, l) <= mine + 1e-4,
+                    "position {i}: token {t} scores {} over the pick {tok} ({mine})",
+                    score(t, l)
+                );
+            }
+            differs += usize::from(*tok != top[0].0);
+            *counts.entry(*tok).or_default() += 1;
+        }
+        assert!(differs >= 2, "the penalties changed only {differs} picks");
+
+        // min_tokens: the stop token (biased to win at every position) waits for it.
+        let stopper = plain[3].0;
+        let r = GenerateRequest {
+            min_tokens: 6,
+            stop_token_ids: vec![stopper],
+            ..base(SamplingParams {
+                logit_bias: [(stopper, 100.0)].into(),
+                ..Default::default()
+            })
+        };
+        let (got, fin) = scored(&mut c, r.clone()).await;
+        let toks: Vec<u32> = got.iter().map(|g| g.0).collect();
+        assert_eq!(fin, FinishReason::Stop, "{toks:?}");
+        assert_eq!(toks.len(), 7, "six tokens, then the stop token: {toks:?}");
+        assert!(
+            !toks[..6].contains(&stopper) && toks[6] == stopper,
+            "{toks:?}"
+        );
+        // Without min_tokens it ends the stream at once.
+        let (got, fin) = scored(&mut c, GenerateRequest { min_tokens: 0, ..r }).await;
+        assert_eq!((got.len(), got[0].0, fin), (1, stopper, FinishReason::Stop));
     });
 }

@@ -965,7 +965,9 @@ impl Gpu {
     }
 
     /// Samples one token per row of `logits` (`[rows, vocab]`, overwritten); `u` holds each
-    /// row's uniform draw from its request's generator.
+    /// row's uniform draw from its request's generator. Temperature and the filters only:
+    /// the logits come already adjusted ([`crate::sampling::adjust_logits`]: bans, bias,
+    /// penalties).
     #[allow(clippy::too_many_arguments)]
     pub fn sample(
         &self,

@@ -1,6 +1,11 @@
-//! Token sampling: greedy, temperature, top-k, top-p, min-p and repetition penalty, applied in
-//! the order Hugging Face's and vLLM's samplers use (penalty, temperature, top-k, top-p, min-p),
-//! drawing from a per-request seeded [`Rng`].
+//! Token sampling: greedy, temperature, top-k, top-p, min-p, logit bias, and the repetition,
+//! presence and frequency penalties, applied in the order vLLM's sampler uses (banned tokens,
+//! logit bias, penalties, temperature, top-k, top-p, min-p), drawing from a per-request seeded
+//! [`Rng`].
+//!
+//! The repetition penalty (Hugging Face's) covers the prompt and the generated tokens; the
+//! presence and frequency penalties (OpenAI's) only the generated ones: `logit[t] -=
+//! presence · [c_t > 0] + frequency · c_t`, `c_t` the times `t` was generated so far.
 
 use crate::rng::Rng;
 use crate::KernelError;
@@ -18,6 +23,12 @@ pub struct SamplingParams {
     /// > 0; 1 disables.
     pub repetition_penalty: f32,
     pub seed: u64,
+    /// In [-2, 2]; 0 disables.
+    pub presence_penalty: f32,
+    /// In [-2, 2]; 0 disables.
+    pub frequency_penalty: f32,
+    /// (token, bias in [-100, 100]) added to the logits.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -29,6 +40,9 @@ impl Default for SamplingParams {
             min_p: 0.0,
             repetition_penalty: 1.0,
             seed: 0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -63,6 +77,24 @@ impl SamplingParams {
             return bad(
                 "repetition_penalty",
                 format!("must be > 0, got {}", self.repetition_penalty),
+            );
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return bad(name, format!("must be in [-2, 2], got {v}"));
+            }
+        }
+        if let Some((t, b)) = self
+            .logit_bias
+            .iter()
+            .find(|(_, b)| !(-100.0..=100.0).contains(b))
+        {
+            return bad(
+                "logit_bias",
+                format!("token {t}: the bias must be in [-100, 100], got {b}"),
             );
         }
         Ok(())
@@ -148,10 +180,47 @@ pub fn filtered_distribution(logits: &[f32], p: &SamplingParams) -> Vec<(u32, f3
     cand
 }
 
-/// Picks the next token. `logits` is modified (penalty applied). `history` is the prompt plus
-/// the tokens generated so far.
-pub fn sample(logits: &mut [f32], p: &SamplingParams, history: &[u32], rng: &mut Rng) -> u32 {
-    apply_repetition_penalty(logits, history, p.repetition_penalty);
+/// What the sampler knows of a sequence: its tokens so far (the prompt's `prompt_len`, then
+/// those generated) and the tokens it may not sample now (end of sequence before
+/// `min_tokens`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Seen<'a> {
+    pub tokens: &'a [u32],
+    pub prompt_len: usize,
+    pub banned: &'a [u32],
+}
+
+/// Everything [`sample`] does to the logits before temperature and the filters, in place:
+/// banned tokens to -inf, the logit bias added, then the repetition penalty (prompt and
+/// output) and the presence and frequency penalties (output only).
+pub fn adjust_logits(logits: &mut [f32], p: &SamplingParams, seen: Seen<'_>) {
+    for &t in seen.banned {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+    for &(t, b) in &p.logit_bias {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l += b;
+        }
+    }
+    apply_repetition_penalty(logits, seen.tokens, p.repetition_penalty);
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let mut counts: std::collections::HashMap<u32, u32> = std::collections::HashMap::new();
+        for &t in seen.tokens.get(seen.prompt_len..).unwrap_or(&[]) {
+            *counts.entry(t).or_default() += 1;
+        }
+        for (t, c) in counts {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l -= p.presence_penalty + p.frequency_penalty * c as f32;
+            }
+        }
+    }
+}
+
+/// Picks the next token. `logits` is modified ([`adjust_logits`]).
+pub fn sample(logits: &mut [f32], p: &SamplingParams, seen: Seen<'_>, rng: &mut Rng) -> u32 {
+    adjust_logits(logits, p, seen);
     if p.is_greedy() {
         return argmax(logits) as u32;
     }

@@ -3,7 +3,7 @@
 use switchyard_kernels::attention::{paged_attention, AttnParams, KvLayer, KvSlice, QueryRow};
 use switchyard_kernels::rng::Rng;
 use switchyard_kernels::rope::{Rope, RopeScaling};
-use switchyard_kernels::sampling::{self, SamplingParams};
+use switchyard_kernels::sampling::{self, SamplingParams, Seen};
 use switchyard_kernels::{bf16, linear, moe, norm, reference, softmax, WeightRef};
 
 mod common;
@@ -423,14 +423,91 @@ fn greedy_is_argmax_and_repetition_penalty_follows_hf() {
     let mut logits = vec![1.0, 3.0, -2.0, 2.5];
     let mut rng = Rng::new(0);
     let p = SamplingParams::greedy();
-    assert_eq!(sampling::sample(&mut logits.clone(), &p, &[], &mut rng), 1);
+    assert_eq!(
+        sampling::sample(&mut logits.clone(), &p, Seen::default(), &mut rng),
+        1
+    );
     let pen = SamplingParams {
         repetition_penalty: 2.0,
         ..SamplingParams::greedy()
     };
     // Token 1 penalised: 3.0 / 2 = 1.5 < 2.5, so token 3 wins; negative logits are multiplied.
-    assert_eq!(sampling::sample(&mut logits, &pen, &[1, 2, 1], &mut rng), 3);
+    let seen = Seen {
+        tokens: &[1, 2, 1],
+        ..Seen::default()
+    };
+    assert_eq!(sampling::sample(&mut logits, &pen, seen, &mut rng), 3);
     assert_eq!(logits, vec![1.0, 1.5, -4.0, 2.5]);
+}
+
+/// OpenAI's penalties count only generated tokens (`logit -= presence · [c > 0] + frequency ·
+/// c`), the logit bias adds, banned tokens cannot win, each against values worked by hand.
+#[test]
+fn presence_frequency_bias_and_bans_follow_openai() {
+    let logits = vec![2.0f32, 1.0, 0.5, 0.0, -1.0];
+    let p = SamplingParams {
+        presence_penalty: 0.5,
+        frequency_penalty: 0.25,
+        logit_bias: vec![(3, 1.5), (4, -100.0)],
+        ..SamplingParams::greedy()
+    };
+    // Prompt [0, 0]; generated [1, 1, 1, 2]; token 4 banned.
+    let seen = Seen {
+        tokens: &[0, 0, 1, 1, 1, 2],
+        prompt_len: 2,
+        banned: &[0],
+    };
+    let mut l = logits.clone();
+    sampling::adjust_logits(&mut l, &p, seen);
+    let want = [
+        f32::NEG_INFINITY,
+        1.0 - 0.5 - 0.25 * 3.0,
+        0.5 - 0.5 - 0.25,
+        1.5,
+        -101.0,
+    ];
+    assert_eq!(l, want);
+    let mut rng = Rng::new(0);
+    assert_eq!(sampling::sample(&mut logits.clone(), &p, seen, &mut rng), 3);
+    // Negative penalties favour repeats; the prompt never counts (token 0 would reach 4).
+    let q = SamplingParams {
+        presence_penalty: -2.0,
+        ..SamplingParams::greedy()
+    };
+    let unbanned = Seen {
+        banned: &[],
+        ..seen
+    };
+    assert_eq!(
+        sampling::sample(&mut logits.clone(), &q, unbanned, &mut rng),
+        1
+    );
+    for (bad, name) in [
+        (
+            SamplingParams {
+                presence_penalty: 2.5,
+                ..Default::default()
+            },
+            "presence_penalty",
+        ),
+        (
+            SamplingParams {
+                frequency_penalty: -3.0,
+                ..Default::default()
+            },
+            "frequency_penalty",
+        ),
+        (
+            SamplingParams {
+                logit_bias: vec![(1, 101.0)],
+                ..Default::default()
+            },
+            "logit_bias",
+        ),
+    ] {
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains(name), "{e}");
+    }
 }
 
 #[test]
@@ -492,7 +569,7 @@ fn seeded_sampling_is_reproducible_and_follows_the_distribution() {
     let draw = |seed| {
         let mut rng = Rng::new(seed);
         (0..4000)
-            .map(|_| sampling::sample(&mut logits.clone(), &p, &[], &mut rng))
+            .map(|_| sampling::sample(&mut logits.clone(), &p, Seen::default(), &mut rng))
             .collect::<Vec<_>>()
     };
     assert_eq!(draw(42), draw(42));

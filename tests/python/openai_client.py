@@ -100,6 +100,53 @@ try:
 except openai.NotFoundError as e:
     check(e.status_code == 404 and (e.body or {}).get("code") == "model_not_found", f"unknown model -> 404 {e.body}")
 
+# Nothing ignored: a field the server does not honour is a 400 naming it; OpenAI's fields
+# sent with their "off" value (as some clients always do) change nothing and are accepted.
+tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+for what, kwargs, param in [
+    ("response_format json_object", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("tools", {"tools": tools}, "tools"),
+    ("an unknown field", {"extra_body": {"frobnicate": 1}}, "frobnicate"),
+    ("a message field", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
+    ("a stream option", {"stream_options": {"include_usage": True, "chunked": 1}}, "stream_options.chunked"),
+]:
+    args = {"model": model, "messages": msgs, "max_tokens": 4, **kwargs}
+    try:
+        client.chat.completions.create(**args)
+        check(False, f"{what} refused")
+    except openai.BadRequestError as e:
+        body = e.body or {}
+        check(e.status_code == 400 and body.get("param") == param and param in body.get("message", ""),
+              f"{what} -> 400 naming {param}: {body}")
+plain = client.chat.completions.create(model=model, messages=msgs, max_tokens=6, temperature=0)
+inert = client.chat.completions.create(model=model, messages=msgs, max_tokens=6, temperature=0,
+                                       tools=[], tool_choice="none", response_format={"type": "text"},
+                                       logit_bias={}, user="svc-7", store=False)
+check(inert.choices[0].message.content == plain.choices[0].message.content,
+      "fields sent with their off value are accepted and change nothing")
+
+# Honoured, not ignored: +100 on one token makes it every token, -100 bans it; min_tokens and
+# stop_token_ids (vLLM's) hold the stop token back, then end on it.
+t = k["prompt_ids"][1]
+def completion_tokens(**kw):
+    r = client.completions.create(model=model, prompt=k["prompt_ids"], temperature=0, logprobs=0, **kw)
+    return r, r.choices[0].logprobs.tokens
+_, forced = completion_tokens(max_tokens=5, logit_bias={str(t): 100})
+check(len(forced) == 5 and len(set(forced)) == 1, f"logit_bias +100 forces one token: {forced}")
+_, banned = completion_tokens(max_tokens=5, logit_bias={str(t): -100})
+check(forced[0] not in banned, f"logit_bias -100 bans it: {banned}")
+r, held = completion_tokens(max_tokens=8, logit_bias={str(t): 100}, extra_body={"min_tokens": 3, "stop_token_ids": [t]})
+check(r.choices[0].finish_reason == "stop" and len(held) == 4 and forced[0] not in held[:3],
+      f"min_tokens 3 then the stop token: {held} {r.choices[0].finish_reason}")
+pen = client.chat.completions.create(model=model, messages=msgs, max_tokens=6, temperature=0,
+                                     presence_penalty=-1.0, frequency_penalty=0.3)
+check(pen.choices[0].finish_reason in ("length", "stop"), "presence and frequency penalties accepted")
+try:
+    client.chat.completions.create(model=model, messages=msgs, max_tokens=4, frequency_penalty=2.5)
+    check(False, "frequency_penalty 2.5 refused")
+except openai.BadRequestError as e:
+    check((e.body or {}).get("param") == "frequency_penalty", f"frequency_penalty 2.5 -> 400 {e.body}")
+
 bad = openai.OpenAI(base_url=base + "/v1", api_key="wrong-key", max_retries=0)
 try:
     bad.chat.completions.create(model=model, messages=msgs, max_tokens=4)

@@ -26,6 +26,8 @@ fn requests(model: &str, copies: usize) -> (Vec<GenRequest>, HashMap<u64, Vec<u3
                 sampling: SamplingParams::greedy(),
                 eos: vec![],
                 ignore_eos: true,
+                min_tokens: 0,
+                stop_token_ids: vec![],
                 priority: (c % 3) as i32,
                 top_logprobs: 0,
                 trace: None,

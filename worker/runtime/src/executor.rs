@@ -93,6 +93,8 @@ struct SeqRecord {
     fed: Vec<u32>,
     last: Option<SampledToken>,
     request: Option<SeqRequest>,
+    /// From the chunk that started the sequence (see `SeqChunk.logit_bias`).
+    logit_bias: Vec<(u32, f32)>,
 }
 
 fn mix(seed: u64, pos: u64) -> u64 {
@@ -102,8 +104,9 @@ fn mix(seed: u64, pos: u64) -> u64 {
         .rotate_left(17)
 }
 
-/// The sampling parameters a chunk carries (unset top_p / penalty mean disabled).
-pub fn chunk_params(c: &SeqChunk) -> SamplingParams {
+/// The sampling parameters a chunk carries (unset top_p / penalty mean disabled), with the
+/// logit bias of the chunk that started its sequence.
+pub fn chunk_params(c: &SeqChunk, logit_bias: &[(u32, f32)]) -> SamplingParams {
     SamplingParams {
         temperature: c.temperature,
         top_k: c.top_k as usize,
@@ -115,7 +118,17 @@ pub fn chunk_params(c: &SeqChunk) -> SamplingParams {
             c.repetition_penalty
         },
         seed: c.seed,
+        presence_penalty: c.presence_penalty,
+        frequency_penalty: c.frequency_penalty,
+        logit_bias: logit_bias.to_vec(),
     }
+}
+
+/// A chunk's logit bias in token order (the map's order is unspecified).
+fn bias_of(c: &SeqChunk) -> Vec<(u32, f32)> {
+    let mut b: Vec<(u32, f32)> = c.logit_bias.iter().map(|(t, v)| (*t, *v)).collect();
+    b.sort_by_key(|e| e.0);
+    b
 }
 
 impl Executor {
@@ -316,7 +329,7 @@ impl Executor {
                     ),
                 });
             }
-            chunk_params(c).validate()?;
+            chunk_params(c, &bias_of(c)).validate()?;
         }
         let specs: Vec<ChunkSpec> = plan
             .chunks
@@ -336,6 +349,9 @@ impl Executor {
             if c.request.is_some() {
                 rec.request = c.request.clone();
             }
+            if c.start_pos == 0 {
+                rec.logit_bias = bias_of(c);
+            }
             rec.last = None;
             rec.fed.extend_from_slice(&c.tokens);
             let h = &rec.fed;
@@ -343,9 +359,15 @@ impl Executor {
                 let raw = &out.logits[row * vocab..(row + 1) * vocab];
                 let mut logits = raw.to_vec();
                 row += 1;
-                let p = chunk_params(c);
+                let p = chunk_params(c, &rec.logit_bias);
                 let pos = h.len() as u64;
-                let token = sampling::sample(&mut logits, &p, h, &mut Rng::new(mix(p.seed, pos)));
+                let seen = sampling::Seen {
+                    tokens: h,
+                    prompt_len: c.prompt_tokens as usize,
+                    banned: &c.banned,
+                };
+                let token =
+                    sampling::sample(&mut logits, &p, seen, &mut Rng::new(mix(p.seed, pos)));
                 let (logprob, top) = sampling::logprobs(raw, token, c.top_logprobs as usize);
                 let t = SampledToken {
                     seq_id: c.seq_id,
