@@ -291,6 +291,7 @@ fn greedy(id: u64, prompt: Vec<u32>, max_tokens: usize) -> crate::driver::GenReq
         ignore_eos: true,
         min_tokens: 0,
         stop_token_ids: vec![],
+        constraint: None,
         priority: 0,
         top_logprobs: 0,
         trace: None,

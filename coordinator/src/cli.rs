@@ -1386,6 +1386,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
             logprobs: false,
             min_tokens: 0,
             stop_token_ids: vec![],
+            constraint: None,
         };
         let stream = client
             .generate(req.clone())

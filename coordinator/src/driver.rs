@@ -363,6 +363,8 @@ pub struct GenRequest {
     pub min_tokens: usize,
     /// Tokens that end the sequence as end of sequence does, whatever `ignore_eos` says.
     pub stop_token_ids: Vec<u32>,
+    /// Constrained decoding: masks each sampling step; advanced with each token.
+    pub constraint: Option<std::sync::Arc<std::sync::Mutex<crate::constrain::Constraint>>>,
     pub priority: i32,
     /// Most likely tokens to report with each sampled one (0: only its own logprob).
     pub top_logprobs: u32,
@@ -444,6 +446,10 @@ pub struct Driver {
     /// Sequences kept and re-prefilled over every rebuild.
     kept: u64,
     reprefilled: u64,
+    /// Constrained sequences whose matcher failed: ended with the error when their token
+    /// of the step in flight comes back (see [`Driver::take_errors`]).
+    failing: HashMap<u64, String>,
+    errors: Vec<(u64, String)>,
 }
 
 /// What a valid step result may contain, from the model's shape.
@@ -793,7 +799,19 @@ impl Driver {
             limits: None,
             kept: 0,
             reprefilled: 0,
+            failing: HashMap::new(),
+            errors: Vec::new(),
         }
+    }
+
+    /// Ends `id` with `why` when its next token comes back (see [`Driver::take_errors`]).
+    pub fn fail(&mut self, id: u64, why: String) {
+        self.failing.insert(id, why);
+    }
+
+    /// Requests ended by an error since the last call (their constraint failed), each once.
+    pub fn take_errors(&mut self) -> Vec<(u64, String)> {
+        std::mem::take(&mut self.errors)
     }
 
     /// The last step's cost and shape.
@@ -919,6 +937,16 @@ impl Driver {
             } else {
                 Adopted::Refused
             };
+        }
+        // A constrained request's matcher catches up with the tokens already generated.
+        if let Some(k) = &req.constraint {
+            let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(e) = tokens[req.prompt.len()..]
+                .iter()
+                .find_map(|t| k.advance(*t).err())
+            {
+                self.failing.insert(id, e.to_string());
+            }
         }
         let (len, priority) = (tokens.len(), req.priority);
         let kept = on_worker && self.state.adopt(id, len, cached, rank, priority);
@@ -1120,6 +1148,23 @@ impl Driver {
             } else {
                 vec![]
             };
+            let allowed = match (&l.req.constraint, c.sample) {
+                (Some(k), true) => {
+                    let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
+                    match k.mask() {
+                        Ok(m) => m.unwrap_or_default(),
+                        Err(e) => {
+                            // Sampled under end of sequence only; ended with the error.
+                            self.failing.insert(c.seq, e.to_string());
+                            let eos = l.req.eos.first().copied().unwrap_or(0) as usize;
+                            let mut m = vec![0u8; eos / 8 + 1];
+                            m[eos / 8] |= 1 << (eos % 8);
+                            m
+                        }
+                    }
+                }
+                _ => vec![],
+            };
             plans[c.worker].chunks.push(SeqChunk {
                 seq_id: c.seq,
                 tokens: l.tokens[c.start..c.start + c.len].to_vec(),
@@ -1146,6 +1191,7 @@ impl Driver {
                 },
                 banned,
                 prompt_tokens: l.req.prompt.len() as u32,
+                allowed,
             });
         }
         let span = tracing::info_span!(
@@ -1245,6 +1291,18 @@ impl Driver {
                 }
             }
             for t in r.tokens {
+                let failed = self.failing.remove(&t.seq_id).or_else(|| {
+                    let k = self.live.get(&t.seq_id)?.req.constraint.as_ref()?;
+                    let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
+                    k.advance(t.token).err().map(|e| e.to_string())
+                });
+                if let Some(why) = failed {
+                    if self.live.contains_key(&t.seq_id) {
+                        self.errors.push((t.seq_id, why));
+                        self.release(t.seq_id);
+                    }
+                    continue;
+                }
                 let Some(l) = self.live.get_mut(&t.seq_id) else {
                     continue;
                 };
@@ -1342,6 +1400,7 @@ mod tests {
             ignore_eos: true,
             min_tokens: 0,
             stop_token_ids: vec![],
+            constraint: None,
             priority: 0,
             top_logprobs: 0,
             trace: None,

@@ -178,6 +178,7 @@ fn run(
             tokens: &history,
             prompt_len: prompt.len(),
             banned: &[],
+            allowed: None,
         };
         let next = sampling::sample(&mut logits[..vocab], &req.sampling, seen, &mut rng);
         output_ids.push(next);

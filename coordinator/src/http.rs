@@ -234,7 +234,6 @@ fn inert(key: &str, value: &Value) -> bool {
         "tools" | "functions" => value.as_array().is_some_and(|a| a.is_empty()),
         "tool_choice" | "function_call" => value.as_str() == Some("none"),
         "parallel_tool_calls" => value.as_bool() == Some(true),
-        "response_format" => value == &json!({"type": "text"}),
         "store" => value.as_bool() == Some(false),
         "service_tier" => matches!(value.as_str(), Some("auto" | "default")),
         "modalities" => value == &json!(["text"]),
@@ -325,6 +324,8 @@ const COMMON_FIELDS: &[&str] = &[
     "logit_bias",
     "min_tokens",
     "stop_token_ids",
+    "response_format",
+    "structured_outputs",
 ];
 
 impl Surface for ChatRequest {
@@ -380,6 +381,61 @@ struct Common {
     /// tokens that end generation.
     min_tokens: Option<u32>,
     stop_token_ids: Option<Vec<u32>>,
+    /// OpenAI's `{"type": "text" | "json_object" | "json_schema", "json_schema": {"schema"}}`.
+    response_format: Option<Value>,
+    /// vLLM's extension: exactly one of `json` (a schema), `regex`, `grammar` (Lark).
+    structured_outputs: Option<Value>,
+}
+
+/// The constraint a request's `response_format` or `structured_outputs` asks for.
+fn constraint_of(c: &Common) -> Result<Option<generate_request::Constraint>, ApiError> {
+    use generate_request::Constraint as C;
+    let bad = |p: &str, m: String| Err(ApiError::invalid(Some(p), m));
+    if let (Some(_), Some(_)) = (&c.response_format, &c.structured_outputs) {
+        return bad(
+            "structured_outputs",
+            "give response_format or structured_outputs, not both".into(),
+        );
+    }
+    if let Some(rf) = &c.response_format {
+        return match rf.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(None),
+            Some("json_object") => Ok(Some(C::JsonObject(true))),
+            Some("json_schema") => match rf.pointer("/json_schema/schema") {
+                Some(s) => Ok(Some(C::JsonSchema(s.to_string()))),
+                None => bad(
+                    "response_format",
+                    "response_format.json_schema.schema is required".into(),
+                ),
+            },
+            other => bad(
+                "response_format",
+                format!(
+                    "response_format.type must be text, json_object or json_schema, got {}",
+                    other.map_or("nothing".into(), |t| format!("{t:?}"))
+                ),
+            ),
+        };
+    }
+    let Some(so) = &c.structured_outputs else {
+        return Ok(None);
+    };
+    let Some(o) = so.as_object().filter(|o| o.len() == 1) else {
+        return bad(
+            "structured_outputs",
+            "exactly one of json, regex, grammar".into(),
+        );
+    };
+    let (k, v) = o.iter().next().expect("one entry");
+    match (k.as_str(), v) {
+        ("json", s) => Ok(Some(C::JsonSchema(s.to_string()))),
+        ("regex", Value::String(r)) => Ok(Some(C::Regex(r.clone()))),
+        ("grammar", Value::String(g)) => Ok(Some(C::Lark(g.clone()))),
+        _ => bad(
+            &format!("structured_outputs.{k}"),
+            "expected json (a schema), regex or grammar (strings)".into(),
+        ),
+    }
 }
 
 #[derive(Deserialize)]
@@ -568,6 +624,7 @@ impl Common {
             stream_token_ids: true,
             min_tokens: self.min_tokens.unwrap_or(0),
             stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
+            constraint: constraint_of(self)?,
             ..Default::default()
         })
     }

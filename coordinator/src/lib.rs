@@ -6,6 +6,7 @@ pub mod auth;
 pub mod bench;
 pub mod chaos;
 pub mod cli;
+pub mod constrain;
 pub mod driver;
 pub mod generate;
 pub mod http;

@@ -311,6 +311,11 @@ fn engine_loop(
                         }
                     }
                 }
+                for (id, why) in driver.take_errors() {
+                    if let Some(s) = sh.sinks.remove(&id) {
+                        let _ = s.send(Err(Status::internal(why)));
+                    }
+                }
             }
             Err(err) => {
                 tracing::warn!(error = %err, "step failed");
@@ -376,7 +381,8 @@ struct Parked {
 /// loop's sinks for them, and the first request id above every adopted one.
 fn adopt_all(
     d: &mut Driver,
-    eos: &[u32],
+    tok: &Arc<Tokenizer>,
+    grammars: &crate::constrain::GrammarCell,
     parking: &Parking,
     in_flight: &Arc<std::sync::atomic::AtomicUsize>,
 ) -> (HashMap<u64, Sink>, u64) {
@@ -402,7 +408,20 @@ fn adopt_all(
         };
         let job = Job::of(id, &journal);
         let owner = journal.owner.clone();
-        let outcome = d.adopt(gen_request(id, journal, eos), tokens, rank, cached as usize);
+        let constraint = grammars.for_request(tok, &journal.grammar, &journal.prompt);
+        let (constraint, broken) = match constraint {
+            Ok(c) => (c, None),
+            Err(e) => (None, Some(e.to_string())),
+        };
+        let outcome = d.adopt(
+            gen_request(id, journal, &tok.eos_ids, constraint),
+            tokens,
+            rank,
+            cached as usize,
+        );
+        if let Some(why) = broken {
+            d.fail(id, why);
+        }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let n = generated.len();
         let last = last.filter(|l| generated.last() == Some(&l.token));
@@ -545,6 +564,7 @@ pub struct InferenceService {
     /// Prompt + max_tokens of one request, at most.
     max_model_len: usize,
     failed: EngineFailure,
+    grammars: crate::constrain::GrammarCell,
 }
 
 /// Which member serves each control URL, and which members are registered now (membership's
@@ -603,8 +623,13 @@ impl InferenceService {
         let (failed_tx, failed) = tokio::sync::watch::channel(None);
         let parked: Parking = Arc::default();
         let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (parking, in_flight_adopt, eos) =
-            (parked.clone(), in_flight.clone(), tok.eos_ids.clone());
+        let grammars = crate::constrain::GrammarCell::default();
+        let (parking, in_flight_adopt, tok_adopt, grammars_adopt) = (
+            parked.clone(),
+            in_flight.clone(),
+            tok.clone(),
+            grammars.clone(),
+        );
         std::thread::spawn(
             move || match make_cluster(&crate::driver::Carry::takeover()) {
                 Ok(c) => {
@@ -618,7 +643,13 @@ impl InferenceService {
                     }
                     // What a previous leader left running: adopted before the first step,
                     // each parked until its client resumes it.
-                    let (sinks, next) = adopt_all(&mut d, &eos, &parking, &in_flight_adopt);
+                    let (sinks, next) = adopt_all(
+                        &mut d,
+                        &tok_adopt,
+                        &grammars_adopt,
+                        &parking,
+                        &in_flight_adopt,
+                    );
                     // ClusterStatus shows the cluster from the moment the service is ready.
                     *snap.lock().unwrap_or_else(|e| e.into_inner()) = d.snapshot();
                     let _ = ready_tx.send(Ok((shape, next)));
@@ -689,6 +720,7 @@ impl InferenceService {
             keys: None,
             max_model_len,
             failed,
+            grammars,
         })
     }
 
@@ -1122,7 +1154,12 @@ fn sorted_bias(m: &std::collections::HashMap<u32, f32>) -> Vec<(u32, f32)> {
 
 /// The driver's request for a journal (what workers keep of it for a coordinator that takes
 /// over): a new request and an adopted one are built the same way.
-fn gen_request(id: u64, journal: SeqRequest, eos: &[u32]) -> GenRequest {
+fn gen_request(
+    id: u64,
+    journal: SeqRequest,
+    eos: &[u32],
+    constraint: Option<Arc<std::sync::Mutex<crate::constrain::Constraint>>>,
+) -> GenRequest {
     GenRequest {
         id,
         prompt: journal.prompt.clone(),
@@ -1142,6 +1179,7 @@ fn gen_request(id: u64, journal: SeqRequest, eos: &[u32]) -> GenRequest {
         ignore_eos: journal.ignore_eos,
         min_tokens: journal.min_tokens as usize,
         stop_token_ids: journal.stop_token_ids.clone(),
+        constraint,
         priority: journal.priority,
         top_logprobs: if journal.logprobs {
             journal.top_logprobs
@@ -1245,6 +1283,34 @@ impl Inference for InferenceService {
                 format!("token id {t} is outside the vocabulary (size {vocab})"),
             ));
         }
+        use switchyard_proto::v1::generate_request::Constraint as C;
+        let grammar = match r.constraint.clone() {
+            None | Some(C::JsonObject(false)) => None,
+            Some(C::JsonObject(true)) => Some(crate::constrain::Grammar::JsonObject),
+            Some(C::JsonSchema(s)) => Some(crate::constrain::Grammar::JsonSchema(
+                serde_json::from_str(&s)
+                    .map_err(|e| invalid("json_schema", format!("not JSON: {e}")))?,
+            )),
+            Some(C::Regex(s)) => Some(crate::constrain::Grammar::Regex(s)),
+            Some(C::Lark(s)) => Some(crate::constrain::Grammar::Lark(s)),
+        };
+        if let Some(g) = &grammar {
+            if r.ignore_eos {
+                return Err(invalid(
+                    "ignore_eos",
+                    format!(
+                        "cannot be combined with {} (a complete output ends the sequence)",
+                        g.field()
+                    ),
+                ));
+            }
+            if r.min_tokens > 0 {
+                return Err(invalid(
+                    "min_tokens",
+                    format!("cannot be combined with {}", g.field()),
+                ));
+            }
+        }
         if r.min_tokens > r.max_tokens && r.max_tokens > 0 {
             return Err(invalid(
                 "min_tokens",
@@ -1279,6 +1345,29 @@ impl Inference for InferenceService {
             r.max_tokens = greq.max_tokens as u32;
         }
         generate::validate(&greq, ids.len(), self.max_model_len).map_err(gen_status)?;
+        // Compiling a grammar (and, the first time, the vocabulary's trie) is CPU work: off
+        // the runtime's threads, as tokenizing is; before admission, so a bad one costs nothing.
+        let grammar_json = grammar
+            .as_ref()
+            .map(|g| serde_json::to_string(g).expect("a grammar serializes"))
+            .unwrap_or_default();
+        let constraint = {
+            let (cells, tok, g, p) = (
+                self.grammars.clone(),
+                self.tok.clone(),
+                grammar_json.clone(),
+                ids.clone(),
+            );
+            tokio::task::spawn_blocking(move || cells.for_request(&tok, &g, &p))
+                .await
+                .map_err(|e| Status::internal(format!("grammar task: {e}")))?
+                .map_err(|e| match e {
+                    crate::constrain::ConstraintError::Grammar { detail, .. } => {
+                        invalid(grammar.as_ref().map_or("grammar", |g| g.field()), detail)
+                    }
+                    other => Status::internal(other.to_string()),
+                })?
+        };
         if r.top_logprobs > MAX_TOP_LOGPROBS {
             return Err(invalid(
                 "top_logprobs",
@@ -1334,8 +1423,9 @@ impl Inference for InferenceService {
             logit_bias: s.logit_bias,
             min_tokens: r.min_tokens,
             stop_token_ids: r.stop_token_ids.clone(),
+            grammar: grammar_json,
         };
-        let mut gen = gen_request(id, journal, &self.tok.eos_ids);
+        let mut gen = gen_request(id, journal, &self.tok.eos_ids, constraint);
         gen.trace = Some(span.clone());
         let job = Job::of(id, gen.journal.as_deref().expect("set above"));
         self.send(Cmd::Submit(gen, tok_tx));

@@ -213,6 +213,7 @@ fn sixty_four_concurrent_streams_match_one_by_one_and_cancelled_ones_free_their_
 
 #[test]
 fn every_bad_request_is_invalid_argument_naming_its_field() {
+    use switchyard_proto::v1::generate_request::Constraint as C;
     let (_up, url) = up();
     block_on(async {
         let mut c = InferenceClient::connect(url.clone()).await.unwrap();
@@ -366,6 +367,28 @@ fn every_bad_request_is_invalid_argument_naming_its_field() {
                 "min_tokens",
                 GenerateRequest {
                     min_tokens: 5,
+                    ..ok()
+                },
+            ),
+            (
+                "json_schema",
+                GenerateRequest {
+                    constraint: Some(C::JsonSchema("{not json".into())),
+                    ..ok()
+                },
+            ),
+            (
+                "lark",
+                GenerateRequest {
+                    constraint: Some(C::Lark("start: (".into())),
+                    ..ok()
+                },
+            ),
+            (
+                "ignore_eos",
+                GenerateRequest {
+                    constraint: Some(C::JsonObject(true)),
+                    ignore_eos: true,
                     ..ok()
                 },
             ),
@@ -547,5 +570,69 @@ fn penalties_logit_bias_and_min_tokens_follow_their_formulas() {
         // Without min_tokens it ends the stream at once.
         let (got, fin) = scored(&mut c, GenerateRequest { min_tokens: 0, ..r }).await;
         assert_eq!((got.len(), got[0].0, fin), (1, stopper, FinishReason::Stop));
+    });
+}
+
+/// Constrained decoding over real worker processes: whatever the random weights would say,
+/// sampled at temperature 1, the text matches the regex and ends (end of sequence) once the
+/// pattern is complete; a JSON schema's output parses and has the schema's fields and types.
+#[test]
+fn constrained_streams_match_their_grammar() {
+    use switchyard_proto::v1::generate_request::Constraint as C;
+    let (_up, url) = up();
+    block_on(async {
+        let c = InferenceClient::connect(url.clone()).await.unwrap();
+        let text_of = |r: GenerateRequest| {
+            let mut c = c.clone();
+            async move {
+                let mut s = c.generate(r).await.unwrap().into_inner();
+                let (mut text, mut fin) = (String::new(), FinishReason::Unspecified);
+                while let Some(m) = s.message().await.unwrap() {
+                    match m.event {
+                        Some(Event::Delta(d)) => text.push_str(&d.text),
+                        Some(Event::Finished(f)) => fin = f.reason(),
+                        _ => {}
+                    }
+                }
+                (text, fin)
+            }
+        };
+        for seed in 0..6u64 {
+            let req = |constraint| GenerateRequest {
+                input: Some(Input::TokenIds(TokenIds {
+                    ids: vec![11, 400, 27, 1500],
+                })),
+                max_tokens: 80,
+                sampling: Some(SamplingParams {
+                    temperature: 1.0,
+                    seed: Some(seed),
+                    ..Default::default()
+                }),
+                constraint: Some(constraint),
+                ..Default::default()
+            };
+            let (t, fin) = text_of(req(C::Regex("(yes|no), [a-f]{2,5}!".into()))).await;
+            assert_eq!(fin, FinishReason::Stop, "seed {seed}: {t:?}");
+            let (word, rest) = t.split_once(", ").unwrap_or_else(|| panic!("{t:?}"));
+            let letters = rest.strip_suffix('!').unwrap_or_else(|| panic!("{t:?}"));
+            assert!(
+                matches!(word, "yes" | "no")
+                    && (2..=5).contains(&letters.len())
+                    && letters.bytes().all(|b| (b'a'..=b'f').contains(&b)),
+                "seed {seed}: {t:?}"
+            );
+            let schema = r#"{"type": "object", "properties": {"n": {"type": "integer",
+                "minimum": 0, "maximum": 99}, "tag": {"enum": ["a", "b"]}},
+                "required": ["n", "tag"], "additionalProperties": false}"#;
+            let (t, fin) = text_of(req(C::JsonSchema(schema.into()))).await;
+            assert_eq!(fin, FinishReason::Stop, "seed {seed}: {t:?}");
+            let v: Value = serde_json::from_str(&t).unwrap_or_else(|e| panic!("{t:?}: {e}"));
+            let n = v["n"].as_u64().unwrap_or_else(|| panic!("{t:?}"));
+            assert!(
+                n <= 99 && matches!(v["tag"].as_str(), Some("a" | "b")),
+                "{t:?}"
+            );
+            assert_eq!(v.as_object().unwrap().len(), 2, "{t:?}");
+        }
     });
 }

@@ -188,12 +188,27 @@ pub struct Seen<'a> {
     pub tokens: &'a [u32],
     pub prompt_len: usize,
     pub banned: &'a [u32],
+    /// Constrained decoding: the tokens allowed now, a bitset ([`mask_allows`]).
+    pub allowed: Option<&'a [u8]>,
+}
+
+/// Whether bit `t` of an allowed-token bitset is set (bit `t % 8` of byte `t / 8`).
+pub fn mask_allows(mask: &[u8], t: u32) -> bool {
+    mask.get(t as usize / 8)
+        .is_some_and(|b| b >> (t % 8) & 1 == 1)
 }
 
 /// Everything [`sample`] does to the logits before temperature and the filters, in place:
-/// banned tokens to -inf, the logit bias added, then the repetition penalty (prompt and
+/// tokens outside the constraint's mask and banned tokens to -inf, the logit bias added, then the repetition penalty (prompt and
 /// output) and the presence and frequency penalties (output only).
 pub fn adjust_logits(logits: &mut [f32], p: &SamplingParams, seen: Seen<'_>) {
+    if let Some(m) = seen.allowed {
+        for (t, l) in logits.iter_mut().enumerate() {
+            if !mask_allows(m, t as u32) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
     for &t in seen.banned {
         if let Some(l) = logits.get_mut(t as usize) {
             *l = f32::NEG_INFINITY;

@@ -456,6 +456,7 @@ fn presence_frequency_bias_and_bans_follow_openai() {
         tokens: &[0, 0, 1, 1, 1, 2],
         prompt_len: 2,
         banned: &[0],
+        allowed: None,
     };
     let mut l = logits.clone();
     sampling::adjust_logits(&mut l, &p, seen);
@@ -469,6 +470,15 @@ fn presence_frequency_bias_and_bans_follow_openai() {
     assert_eq!(l, want);
     let mut rng = Rng::new(0);
     assert_eq!(sampling::sample(&mut logits.clone(), &p, seen, &mut rng), 3);
+    // A constraint's mask (tokens 2 and 4 allowed) outranks the bias on token 3.
+    let masked = Seen {
+        allowed: Some(&[0b0001_0100]),
+        ..seen
+    };
+    assert_eq!(
+        sampling::sample(&mut logits.clone(), &p, masked, &mut rng),
+        2
+    );
     // Negative penalties favour repeats; the prompt never counts (token 0 would reach 4).
     let q = SamplingParams {
         presence_penalty: -2.0,

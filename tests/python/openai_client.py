@@ -104,7 +104,7 @@ except openai.NotFoundError as e:
 # sent with their "off" value (as some clients always do) change nothing and are accepted.
 tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 for what, kwargs, param in [
-    ("response_format json_object", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("an unknown response_format", {"response_format": {"type": "yaml"}}, "response_format"),
     ("tools", {"tools": tools}, "tools"),
     ("an unknown field", {"extra_body": {"frobnicate": 1}}, "frobnicate"),
     ("a message field", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
@@ -146,6 +146,43 @@ try:
     check(False, "frequency_penalty 2.5 refused")
 except openai.BadRequestError as e:
     check((e.body or {}).get("param") == "frequency_penalty", f"frequency_penalty 2.5 -> 400 {e.body}")
+
+# Constrained decoding: random weights sampled at temperature 1 still give output that
+# parses, because the sampler only sees tokens the schema allows.
+import pydantic
+from typing import Literal
+
+class Item(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=12)
+    count: int = pydantic.Field(ge=0, le=999)
+    kind: Literal["tool", "part", "gift"]
+    ok: bool
+
+# As OpenAI's strict mode has it (and the client's parse() helper sends): no other keys.
+item_schema = {**Item.model_json_schema(), "additionalProperties": False}
+schema = {"type": "json_schema", "json_schema": {"name": "Item", "schema": item_schema, "strict": True}}
+parsed = 0
+for seed in range(20):
+    r = client.completions.create(model=model, prompt="Item:", max_tokens=120, temperature=1.0, seed=seed,
+                                  extra_body={"response_format": schema})
+    Item.model_validate_json(r.choices[0].text)
+    parsed += 1
+check(parsed == 20, "json_schema: 20 seeds at temperature 1 parse as the pydantic model")
+r = client.completions.create(model=model, prompt="Code:", max_tokens=20, temperature=1.0, seed=3,
+                              extra_body={"structured_outputs": {"regex": "[A-Z]{3}-[0-9]{2,4}"}})
+import re as _re
+check(_re.fullmatch("[A-Z]{3}-[0-9]{2,4}", r.choices[0].text) is not None and r.choices[0].finish_reason == "stop",
+      f"structured_outputs.regex: {r.choices[0].text!r}")
+# Any object: nothing bounds its strings, so a random model may run out of tokens inside
+# one; every output that ended by itself is an object.
+ended = 0
+for seed in range(6):
+    r = client.completions.create(model=model, prompt="Any:", max_tokens=300, temperature=1.0, seed=seed,
+                                  extra_body={"response_format": {"type": "json_object"}})
+    if r.choices[0].finish_reason == "stop":
+        check(isinstance(json.loads(r.choices[0].text), dict), f"json_object: {r.choices[0].text!r}")
+        ended += 1
+check(ended >= 1, f"json_object: {ended} of 6 outputs ended by themselves")
 
 bad = openai.OpenAI(base_url=base + "/v1", api_key="wrong-key", max_retries=0)
 try:

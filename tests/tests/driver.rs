@@ -28,6 +28,7 @@ fn requests(model: &str, copies: usize) -> (Vec<GenRequest>, HashMap<u64, Vec<u3
                 ignore_eos: true,
                 min_tokens: 0,
                 stop_token_ids: vec![],
+                constraint: None,
                 priority: (c % 3) as i32,
                 top_logprobs: 0,
                 trace: None,

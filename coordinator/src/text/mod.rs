@@ -82,6 +82,24 @@ fn read_json(path: &Path) -> Result<Option<Value>, TextError> {
         })
 }
 
+/// GPT-2's byte-level BPE alphabet, reversed: the printable Latin-1 bytes stand for
+/// themselves, every other byte for the next code point from U+0100 in byte order.
+fn gpt2_unicode_to_byte() -> std::collections::HashMap<char, u8> {
+    let printable = |b: u8| matches!(b, b'!'..=b'~' | 0xa1..=0xac | 0xae..=0xff);
+    let mut next = 256u32;
+    (0..=255u8)
+        .map(|b| {
+            if printable(b) {
+                (b as char, b)
+            } else {
+                let c = char::from_u32(next).expect("below the surrogates");
+                next += 1;
+                (c, b)
+            }
+        })
+        .collect()
+}
+
 /// A special token given as a string or as `{"content": ...}`.
 fn token_str(v: Option<&Value>) -> Option<String> {
     match v? {
@@ -221,6 +239,58 @@ impl Tokenizer {
 
     pub fn token_to_id(&self, t: &str) -> Option<u32> {
         self.inner.token_to_id(t)
+    }
+
+    /// Every id's bytes as the model emits them (what constrained decoding matches against):
+    /// byte-level BPE vocabularies (GPT-2's byte-to-unicode map undone), SentencePiece ones
+    /// with byte fallback (`<0xAB>` is that byte, `▁` a space); a special token is `None`
+    /// with its content, an id the vocabulary lacks an empty `Some`.
+    pub fn token_bytes(&self) -> Vec<(Option<Vec<u8>>, String)> {
+        let json = self.inner.to_string(false).unwrap_or_default();
+        let decoder = serde_json::from_str::<Value>(&json)
+            .ok()
+            .and_then(|v| v.get("decoder").map(|d| d.to_string()))
+            .unwrap_or_default();
+        let byte_level = decoder.contains("\"ByteLevel\"");
+        let unicode_to_byte = gpt2_unicode_to_byte();
+        let added = self.inner.get_added_tokens_decoder();
+        (0..self.vocab_size() as u32)
+            .map(|id| {
+                if let Some(a) = added.get(&id) {
+                    return if a.special {
+                        (None, a.content.clone())
+                    } else {
+                        (Some(a.content.clone().into_bytes()), a.content.clone())
+                    };
+                }
+                let Some(name) = self.inner.id_to_token(id) else {
+                    return (Some(Vec::new()), String::new());
+                };
+                let bytes = if byte_level {
+                    name.chars()
+                        .map(|c| unicode_to_byte.get(&c).copied())
+                        .collect::<Option<Vec<u8>>>()
+                        .unwrap_or_else(|| name.clone().into_bytes())
+                } else if let Some(b) = name
+                    .strip_prefix("<0x")
+                    .and_then(|h| h.strip_suffix('>'))
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
+                    vec![b]
+                } else {
+                    name.replace('\u{2581}', " ").into_bytes()
+                };
+                (Some(bytes), name)
+            })
+            .collect()
+    }
+
+    /// `text` as ids, special tokens as text (what a grammar's literal strings encode to).
+    pub fn encode_plain(&self, text: &str) -> Vec<u32> {
+        self.inner
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .unwrap_or_default()
     }
 
     /// Whether generation after `prompt` starts inside a `<think>` block.

@@ -365,6 +365,7 @@ impl Executor {
                     tokens: h,
                     prompt_len: c.prompt_tokens as usize,
                     banned: &c.banned,
+                    allowed: (!c.allowed.is_empty()).then_some(&c.allowed[..]),
                 };
                 let token =
                     sampling::sample(&mut logits, &p, seen, &mut Rng::new(mix(p.seed, pos)));

@@ -1,0 +1,235 @@
+//! Constrained decoding: JSON schema, any JSON object, regular expressions and Lark grammars,
+//! compiled by llguidance against the model's vocabulary.
+//!
+//! The coordinator holds one [`Constraint`] per constrained sequence. Before each step that
+//! samples the sequence it computes the allowed tokens ([`Constraint::mask`]) and sends them
+//! with the chunk; the worker sets every other token's logit to -inf before its sampler runs;
+//! the sampled token then advances the matcher ([`Constraint::advance`]). Invariants: the
+//! matcher has consumed exactly the sequence's generated tokens after its activation point
+//! (for a reasoning model: the end of its thinking, so the reasoning stays free and the answer
+//! is constrained); a grammar that is complete allows only end of sequence; a token the
+//! matcher rejects ends the request with an error, never with unconstrained output.
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{InferenceCapabilities, TokEnv, TokRxInfo, TokTrie, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// What a request constrains its output to.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Grammar {
+    /// Any JSON object (OpenAI's `json_object`).
+    JsonObject,
+    /// A JSON schema (OpenAI's `json_schema`; llguidance's extensions under `x-guidance`).
+    JsonSchema(Value),
+    /// A regular expression (Rust `regex` syntax) the whole output matches.
+    Regex(String),
+    /// A Lark grammar (llguidance's dialect).
+    Lark(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConstraintError {
+    /// The grammar does not compile; `field` names the request field that carried it.
+    #[error("{field}: {detail}")]
+    Grammar { field: &'static str, detail: String },
+    /// The matcher refused a token or failed computing a mask.
+    #[error("constrained decoding: {0}")]
+    Matcher(String),
+}
+
+impl Grammar {
+    /// The request field it came from (for errors).
+    pub fn field(&self) -> &'static str {
+        match self {
+            Grammar::JsonObject => "json_object",
+            Grammar::JsonSchema(_) => "json_schema",
+            Grammar::Regex(_) => "regex",
+            Grammar::Lark(_) => "lark",
+        }
+    }
+
+    fn top_level(&self) -> TopLevelGrammar {
+        // Compact JSON unless the schema asks otherwise: a model free to emit whitespace
+        // between tokens can run to max_tokens on it.
+        let compact = |mut schema: Value| {
+            if let Some(o) = schema.as_object_mut() {
+                o.entry("x-guidance")
+                    .or_insert(json!({"whitespace_flexible": false}));
+            }
+            schema
+        };
+        match self {
+            Grammar::JsonObject => {
+                TopLevelGrammar::from_json_schema(compact(json!({"type": "object"})))
+            }
+            Grammar::JsonSchema(s) => TopLevelGrammar::from_json_schema(compact(s.clone())),
+            Grammar::Regex(r) => TopLevelGrammar::from_regex(r),
+            Grammar::Lark(l) => TopLevelGrammar::from_lark(l.clone()),
+        }
+    }
+}
+
+/// The model's vocabulary as llguidance sees it.
+struct Vocab {
+    trie: TokTrie,
+    tok: Arc<crate::text::Tokenizer>,
+}
+
+impl TokenizerEnv for Vocab {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<u32> {
+        self.trie
+            .tokenize_with_greedy_fallback(s, |s| self.tok.encode_plain(s))
+    }
+}
+
+/// Compiles grammars for one model (the token trie is built once, at load).
+pub struct Grammars {
+    factory: ParserFactory,
+}
+
+impl Grammars {
+    pub fn new(tok: Arc<crate::text::Tokenizer>) -> Result<Self, ConstraintError> {
+        let bytes: Vec<Vec<u8>> = tok
+            .token_bytes()
+            .into_iter()
+            .map(|(b, name)| {
+                b.unwrap_or_else(|| {
+                    let mut v = vec![TokTrie::SPECIAL_TOKEN_MARKER];
+                    v.extend_from_slice(name.as_bytes());
+                    v
+                })
+            })
+            .collect();
+        let eos = *tok.eos_ids.first().unwrap_or(&0);
+        let mut info = TokRxInfo::new(bytes.len() as u32, eos);
+        info.tok_end_of_turn = tok.eos_ids.get(1).copied();
+        let trie = TokTrie::from(&info, &bytes);
+        let env: TokEnv = Arc::new(Vocab { trie, tok });
+        let mut factory = ParserFactory::new(
+            &env,
+            InferenceCapabilities::default(),
+            &llguidance::earley::SlicedBiasComputer::general_slices(),
+        )
+        .map_err(|e| ConstraintError::Matcher(e.to_string()))?;
+        factory.quiet();
+        Ok(Grammars { factory })
+    }
+
+    /// A matcher for `g`, active from the start or only once `after` has been sampled.
+    pub fn compile(&self, g: &Grammar, after: Option<u32>) -> Result<Constraint, ConstraintError> {
+        let parser =
+            self.factory
+                .create_parser(g.top_level())
+                .map_err(|e| ConstraintError::Grammar {
+                    field: g.field(),
+                    detail: e.to_string(),
+                })?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(ConstraintError::Grammar {
+                field: g.field(),
+                detail: e,
+            });
+        }
+        Ok(Constraint {
+            matcher,
+            waiting_for: after,
+        })
+    }
+}
+
+/// The grammars of one model, compiled from the first constrained request on (building the
+/// token trie takes a while on a large vocabulary; a server that never sees one never pays).
+#[derive(Clone, Default)]
+pub struct GrammarCell(Arc<std::sync::OnceLock<Result<Arc<Grammars>, String>>>);
+
+impl GrammarCell {
+    pub fn get(&self, tok: &Arc<crate::text::Tokenizer>) -> Result<Arc<Grammars>, ConstraintError> {
+        self.0
+            .get_or_init(|| {
+                Grammars::new(tok.clone())
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(ConstraintError::Matcher)
+    }
+
+    /// The constraint of a journaled request (`SeqRequest.grammar`), if it has one: active at
+    /// once, or once the thinking its prompt opened has ended.
+    pub fn for_request(
+        &self,
+        tok: &Arc<crate::text::Tokenizer>,
+        grammar: &str,
+        prompt: &[u32],
+    ) -> Result<Option<Arc<std::sync::Mutex<Constraint>>>, ConstraintError> {
+        if grammar.is_empty() {
+            return Ok(None);
+        }
+        let g: Grammar = serde_json::from_str(grammar).map_err(|e| ConstraintError::Grammar {
+            field: "grammar",
+            detail: e.to_string(),
+        })?;
+        let after = tok
+            .starts_in_reasoning(prompt)
+            .then_some(tok.think_end)
+            .flatten();
+        let c = self.get(tok)?.compile(&g, after)?;
+        Ok(Some(Arc::new(std::sync::Mutex::new(c))))
+    }
+}
+
+/// One sequence's matcher (see the module docs).
+pub struct Constraint {
+    matcher: Matcher,
+    /// Not active until this token is sampled (the end of a reasoning model's thinking).
+    waiting_for: Option<u32>,
+}
+
+impl std::fmt::Debug for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Constraint")
+            .field("waiting_for", &self.waiting_for)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Constraint {
+    /// The tokens allowed next as a bitset (bit `t % 32` of little-endian word `t / 32`),
+    /// or `None` while the constraint is not active yet.
+    pub fn mask(&mut self) -> Result<Option<Vec<u8>>, ConstraintError> {
+        if self.waiting_for.is_some() {
+            return Ok(None);
+        }
+        let m = self
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| ConstraintError::Matcher(e.to_string()))?;
+        Ok(Some(
+            m.as_slice().iter().flat_map(|w| w.to_le_bytes()).collect(),
+        ))
+    }
+
+    /// Takes the sampled `token` into account.
+    pub fn advance(&mut self, token: u32) -> Result<(), ConstraintError> {
+        if let Some(t) = self.waiting_for {
+            if t == token {
+                self.waiting_for = None;
+            }
+            return Ok(());
+        }
+        if self.matcher.is_stopped() {
+            return Ok(());
+        }
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| ConstraintError::Matcher(e.to_string()))
+    }
+}
