@@ -1387,6 +1387,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
             min_tokens: 0,
             stop_token_ids: vec![],
             constraint: None,
+            max_reasoning_tokens: 0,
         };
         let stream = client
             .generate(req.clone())

@@ -122,8 +122,8 @@ impl Grammars {
         Ok(Grammars { factory })
     }
 
-    /// A matcher for `g`, active from the start or only once `after` has been sampled.
-    pub fn compile(&self, g: &Grammar, after: Option<u32>) -> Result<Constraint, ConstraintError> {
+    /// A matcher for `g`.
+    pub fn compile(&self, g: &Grammar) -> Result<Matcher, ConstraintError> {
         let parser =
             self.factory
                 .create_parser(g.top_level())
@@ -138,10 +138,7 @@ impl Grammars {
                 detail: e,
             });
         }
-        Ok(Constraint {
-            matcher,
-            waiting_for: after,
-        })
+        Ok(matcher)
     }
 }
 
@@ -162,35 +159,53 @@ impl GrammarCell {
             .map_err(ConstraintError::Matcher)
     }
 
-    /// The constraint of a journaled request (`SeqRequest.grammar`), if it has one: active at
-    /// once, or once the thinking its prompt opened has ended.
+    /// The constraint of a journaled request (`SeqRequest.grammar`, `max_reasoning_tokens`),
+    /// if it has one: a grammar active at once, or once the thinking its prompt opened has
+    /// ended; and a thinking budget, after which the end of thinking is the only token
+    /// allowed (`max_reasoning_tokens`, 0: none).
     pub fn for_request(
         &self,
         tok: &Arc<crate::text::Tokenizer>,
         grammar: &str,
         prompt: &[u32],
+        max_reasoning_tokens: u32,
     ) -> Result<Option<Arc<std::sync::Mutex<Constraint>>>, ConstraintError> {
-        if grammar.is_empty() {
-            return Ok(None);
-        }
-        let g: Grammar = serde_json::from_str(grammar).map_err(|e| ConstraintError::Grammar {
-            field: "grammar",
-            detail: e.to_string(),
-        })?;
-        let after = tok
+        let thinking = tok
             .starts_in_reasoning(prompt)
             .then_some(tok.think_end)
             .flatten();
-        let c = self.get(tok)?.compile(&g, after)?;
-        Ok(Some(Arc::new(std::sync::Mutex::new(c))))
+        let budget = (max_reasoning_tokens > 0).then_some(max_reasoning_tokens as usize);
+        let matcher = if grammar.is_empty() {
+            None
+        } else {
+            let g: Grammar =
+                serde_json::from_str(grammar).map_err(|e| ConstraintError::Grammar {
+                    field: "grammar",
+                    detail: e.to_string(),
+                })?;
+            Some(self.get(tok)?.compile(&g)?)
+        };
+        if matcher.is_none() && (budget.is_none() || thinking.is_none()) {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(std::sync::Mutex::new(Constraint {
+            matcher,
+            waiting_for: thinking,
+            budget,
+            thought: 0,
+        }))))
     }
 }
 
 /// One sequence's matcher (see the module docs).
 pub struct Constraint {
-    matcher: Matcher,
+    /// `None`: a thinking budget alone.
+    matcher: Option<Matcher>,
     /// Not active until this token is sampled (the end of a reasoning model's thinking).
     waiting_for: Option<u32>,
+    /// Thinking tokens allowed before `waiting_for` is forced, and those sampled so far.
+    budget: Option<usize>,
+    thought: usize,
 }
 
 impl std::fmt::Debug for Constraint {
@@ -205,11 +220,19 @@ impl Constraint {
     /// The tokens allowed next as a bitset (bit `t % 32` of little-endian word `t / 32`),
     /// or `None` while the constraint is not active yet.
     pub fn mask(&mut self) -> Result<Option<Vec<u8>>, ConstraintError> {
-        if self.waiting_for.is_some() {
+        if let Some(end) = self.waiting_for {
+            if self.budget.is_some_and(|b| self.thought >= b) {
+                let end = end as usize;
+                let mut m = vec![0u8; end / 8 + 1];
+                m[end / 8] |= 1 << (end % 8);
+                return Ok(Some(m));
+            }
             return Ok(None);
         }
-        let m = self
-            .matcher
+        let Some(matcher) = self.matcher.as_mut() else {
+            return Ok(None);
+        };
+        let m = matcher
             .compute_mask_or_eos()
             .map_err(|e| ConstraintError::Matcher(e.to_string()))?;
         Ok(Some(
@@ -217,18 +240,25 @@ impl Constraint {
         ))
     }
 
+    /// Whether the sequence may not end yet: its grammar waits for the end of thinking, and
+    /// an answer must follow it.
+    pub fn holds_back_end(&self) -> bool {
+        self.waiting_for.is_some() && self.matcher.is_some()
+    }
+
     /// Takes the sampled `token` into account.
     pub fn advance(&mut self, token: u32) -> Result<(), ConstraintError> {
         if let Some(t) = self.waiting_for {
+            self.thought += 1;
             if t == token {
                 self.waiting_for = None;
             }
             return Ok(());
         }
-        if self.matcher.is_stopped() {
+        let Some(matcher) = self.matcher.as_mut().filter(|m| !m.is_stopped()) else {
             return Ok(());
-        }
-        self.matcher
+        };
+        matcher
             .consume_token(token)
             .map_err(|e| ConstraintError::Matcher(e.to_string()))
     }

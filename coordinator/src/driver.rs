@@ -1142,8 +1142,14 @@ impl Driver {
                 sampled[c.worker].push((c.seq, l.req.top_logprobs));
             }
             let p = &l.req.sampling;
-            // Before min_tokens, what would end the sequence may not be sampled.
-            let banned = if c.sample && l.generated < l.req.min_tokens {
+            // Before min_tokens, or while a constrained answer has yet to start, what would
+            // end the sequence may not be sampled.
+            let held_back = l
+                .req
+                .constraint
+                .as_ref()
+                .is_some_and(|k| k.lock().unwrap_or_else(|e| e.into_inner()).holds_back_end());
+            let banned = if c.sample && (l.generated < l.req.min_tokens || held_back) {
                 l.req.enders().collect()
             } else {
                 vec![]

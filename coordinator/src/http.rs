@@ -326,6 +326,7 @@ const COMMON_FIELDS: &[&str] = &[
     "stop_token_ids",
     "response_format",
     "structured_outputs",
+    "max_reasoning_tokens",
 ];
 
 impl Surface for ChatRequest {
@@ -385,6 +386,8 @@ struct Common {
     response_format: Option<Value>,
     /// vLLM's extension: exactly one of `json` (a schema), `regex`, `grammar` (Lark).
     structured_outputs: Option<Value>,
+    /// Thinking budget of a reasoning model (see `GenerateRequest.max_reasoning_tokens`).
+    max_reasoning_tokens: Option<u32>,
 }
 
 /// The constraint a request's `response_format` or `structured_outputs` asks for.
@@ -625,6 +628,7 @@ impl Common {
             min_tokens: self.min_tokens.unwrap_or(0),
             stop_token_ids: self.stop_token_ids.clone().unwrap_or_default(),
             constraint: constraint_of(self)?,
+            max_reasoning_tokens: self.max_reasoning_tokens.unwrap_or(0),
             ..Default::default()
         })
     }

@@ -408,7 +408,12 @@ fn adopt_all(
         };
         let job = Job::of(id, &journal);
         let owner = journal.owner.clone();
-        let constraint = grammars.for_request(tok, &journal.grammar, &journal.prompt);
+        let constraint = grammars.for_request(
+            tok,
+            &journal.grammar,
+            &journal.prompt,
+            journal.max_reasoning_tokens,
+        );
         let (constraint, broken) = match constraint {
             Ok(c) => (c, None),
             Err(e) => (None, Some(e.to_string())),
@@ -1311,6 +1316,12 @@ impl Inference for InferenceService {
                 ));
             }
         }
+        if r.max_reasoning_tokens > 0 && self.tok.think_end.is_none() {
+            return Err(invalid(
+                "max_reasoning_tokens",
+                "this model's vocabulary marks no end of thinking (no </think> token)",
+            ));
+        }
         if r.min_tokens > r.max_tokens && r.max_tokens > 0 {
             return Err(invalid(
                 "min_tokens",
@@ -1358,7 +1369,8 @@ impl Inference for InferenceService {
                 grammar_json.clone(),
                 ids.clone(),
             );
-            tokio::task::spawn_blocking(move || cells.for_request(&tok, &g, &p))
+            let budget = r.max_reasoning_tokens;
+            tokio::task::spawn_blocking(move || cells.for_request(&tok, &g, &p, budget))
                 .await
                 .map_err(|e| Status::internal(format!("grammar task: {e}")))?
                 .map_err(|e| match e {
@@ -1424,6 +1436,7 @@ impl Inference for InferenceService {
             min_tokens: r.min_tokens,
             stop_token_ids: r.stop_token_ids.clone(),
             grammar: grammar_json,
+            max_reasoning_tokens: r.max_reasoning_tokens,
         };
         let mut gen = gen_request(id, journal, &self.tok.eos_ids, constraint);
         gen.trace = Some(span.clone());

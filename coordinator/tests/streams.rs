@@ -636,3 +636,47 @@ fn constrained_streams_match_their_grammar() {
         }
     });
 }
+
+/// A thinking budget: the fixture's template opens `<think>`, and random weights would think
+/// to max_tokens; with `max_reasoning_tokens` the end of thinking comes after that many
+/// tokens, and the answer follows.
+#[test]
+fn a_thinking_budget_ends_the_reasoning() {
+    let (_up, url) = up();
+    block_on(async {
+        let c = InferenceClient::connect(url.clone()).await.unwrap();
+        let req = |budget| GenerateRequest {
+            input: Some(Input::Chat(ChatInput {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "Name a colour.".into(),
+                }],
+                add_generation_prompt: None,
+            })),
+            max_tokens: 30,
+            ignore_eos: false,
+            max_reasoning_tokens: budget,
+            ..Default::default()
+        };
+        let usage = |r: GenerateRequest| {
+            let mut c = c.clone();
+            async move {
+                let mut s = c.generate(r).await.unwrap().into_inner();
+                let mut u = None;
+                while let Some(m) = s.message().await.unwrap() {
+                    if let Some(Event::Finished(f)) = m.event {
+                        u = f.usage;
+                    }
+                }
+                u.expect("usage")
+            }
+        };
+        let free = usage(req(0)).await;
+        assert!(free.reasoning_tokens > 6, "without a budget: {free:?}");
+        let capped = usage(req(5)).await;
+        assert!(
+            capped.reasoning_tokens <= 6 && capped.completion_tokens > capped.reasoning_tokens,
+            "five tokens of thinking, its end, then the answer: {capped:?}"
+        );
+    });
+}

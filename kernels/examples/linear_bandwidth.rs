@@ -18,13 +18,7 @@ fn main() {
         return from_cache();
     }
     let (n, k) = (65536usize, 8192usize);
-    let q: Vec<u8> = (0..n * k)
-        .map(|i| (i * 7 % 251) as u8 & 0x7e | 0x08)
-        .collect();
-    let s = vec![0.01f32; n.div_ceil(128) * k.div_ceil(128)];
-    let bf: Vec<half::bf16> = (0..n * k)
-        .map(|i| half::bf16::from_f32((i % 13) as f32 * 0.01))
-        .collect();
+    let (q, s, bf) = fp8_and_bf16(n, k);
     let blocks: Vec<u8> = (0..n * k / 2).map(|i| (i * 13 % 251) as u8).collect();
     let mxs: Vec<u8> = (0..n * k / 32).map(|i| 120 + (i % 7) as u8).collect();
     // f32: the bf16 matrix's bytes (1 GB) as half its rows.
@@ -108,8 +102,9 @@ fn main() {
     }
 }
 
-fn from_cache() {
-    let (n, k, reps) = (128usize, 4096usize, 4000);
+/// An `[n, k]` FP8 matrix (codes all normal, as real weights' are, with 128x128 block
+/// scales) and a bf16 one.
+fn fp8_and_bf16(n: usize, k: usize) -> (Vec<u8>, Vec<f32>, Vec<half::bf16>) {
     let q: Vec<u8> = (0..n * k)
         .map(|i| (i * 7 % 251) as u8 & 0x7e | 0x08)
         .collect();
@@ -117,6 +112,12 @@ fn from_cache() {
     let bf: Vec<half::bf16> = (0..n * k)
         .map(|i| half::bf16::from_f32((i % 13) as f32 * 0.01))
         .collect();
+    (q, s, bf)
+}
+
+fn from_cache() {
+    let (n, k, reps) = (128usize, 4096usize, 4000);
+    let (q, s, bf) = fp8_and_bf16(n, k);
     let x = vec![0.5f32; k];
     let mut out = vec![0.0f32; n];
     for name in ["fp8", "bf16"] {

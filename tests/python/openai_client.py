@@ -173,6 +173,25 @@ r = client.completions.create(model=model, prompt="Code:", max_tokens=20, temper
 import re as _re
 check(_re.fullmatch("[A-Z]{3}-[0-9]{2,4}", r.choices[0].text) is not None and r.choices[0].finish_reason == "stop",
       f"structured_outputs.regex: {r.choices[0].text!r}")
+# The client's own parse() on chat, where the fixtures' templates open a reasoning block: the
+# thinking stays free (and, with a budget, ends), the answer follows the model.
+parsed = 0
+for seed in range(20):
+    try:
+        r = client.beta.chat.completions.parse(model=model, messages=msgs, response_format=Item,
+                                               max_tokens=160, temperature=1.0, seed=seed,
+                                               extra_body={"max_reasoning_tokens": 12})
+    except openai.BadRequestError as e:
+        check((e.body or {}).get("param") == "max_reasoning_tokens",
+              f"max_reasoning_tokens refused only for want of an end-of-thinking token: {e.body}")
+        print("skipped: chat parse() with a thinking budget (this model marks no end of thinking)")
+        break
+    m = r.choices[0].message
+    check(m.parsed is not None and isinstance(m.parsed, Item), f"parse() seed {seed}: {m.content!r}")
+    parsed += 1
+if parsed:
+    check(parsed == 20, "chat parse(): 20 seeds at temperature 1, reasoning then a valid Item")
+
 # Any object: nothing bounds its strings, so a random model may run out of tokens inside
 # one; every output that ended by itself is an object.
 ended = 0
