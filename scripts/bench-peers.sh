@@ -38,23 +38,7 @@ if [[ ! -x "$py" ]] || ! "$py" -c "import torch, transformers, safetensors, acce
 fi
 
 # llama.cpp from the llama-cpp-python sdist (the registry's copy of its source).
-lc="$cache/llama.cpp"
-mkdir -p "$lc"
-src="$(ls -d "$lc"/llama_cpp_python-*/vendor/llama.cpp 2>/dev/null | tail -1 || true)"
-if [[ -z "$src" ]]; then
-  url="$("$py" - <<'EOF'
-import json, urllib.parse, urllib.request
-meta = "https://pypi.org/pypi/llama-cpp-python/json"
-d = json.load(urllib.request.urlopen(meta))
-sdist = [u["url"] for u in d["urls"] if u["packagetype"] == "sdist"][0]
-print(urllib.parse.urljoin(meta, sdist))
-EOF
-)"
-  curl -sSL -o "$lc/sdist.tar.gz" "$url"
-  tar xzf "$lc/sdist.tar.gz" -C "$lc" --wildcards '*/vendor/llama.cpp'
-  rm "$lc/sdist.tar.gz"
-  src="$(ls -d "$lc"/llama_cpp_python-*/vendor/llama.cpp | tail -1)"
-fi
+source scripts/llama-src.sh
 bench="$src/build/bin/llama-bench"
 if [[ ! -x "$bench" ]]; then
   cmake -S "$src" -B "$src/build" -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \

@@ -63,6 +63,9 @@ pub enum Command {
     /// Kill and restart random workers under steady load: requests lost (must be 0), and the
     /// latency cost of each recovery.
     BenchChaos(BenchChaosArgs),
+    /// The cost of constrained decoding on a vocabulary: the token trie, compiling a grammar,
+    /// and each step's mask (p50/p90/p99), walking the grammar as a sampler would.
+    BenchGrammar(BenchGrammarArgs),
     /// Serve as a cluster worker: the control stream on --listen, the expert all-to-all on
     /// --comm-listen. Prints `worker ready grpc=URL comm=ADDR` once listening.
     Worker(WorkerArgs),
@@ -603,6 +606,24 @@ pub struct BenchClusterArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct BenchGrammarArgs {
+    /// A folder with tokenizer.json (a model's, or `scripts/vocab-from-gguf.py`'s).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// A JSON schema file (default: an object with string, integer, enum, boolean and array
+    /// fields, the shape of a typical extraction schema).
+    #[arg(long)]
+    pub schema: Option<PathBuf>,
+    /// Masks to time.
+    #[arg(long, default_value_t = 2000)]
+    pub tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct BenchChaosArgs {
     #[arg(long)]
     pub model: PathBuf,
@@ -716,6 +737,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::BenchCluster(a) => bench_cluster_cmd(a),
         Command::BenchRebalance(a) => bench_rebalance_cmd(a),
         Command::BenchChaos(a) => bench_chaos_cmd(a),
+        Command::BenchGrammar(a) => bench_grammar_cmd(a),
         Command::Worker(a) => worker_cmd(a),
         // Workers that `up` spawns log the same way.
         Command::Up(a) => up_cmd(a, cli.log_format),
@@ -843,6 +865,37 @@ fn bench_cluster_cmd(a: BenchClusterArgs) -> Result<()> {
             100.0 * r.all_to_all_share,
             r.all_to_all_bytes_per_step / 1e3,
             r.coordinator_us_per_token
+        );
+    }
+    Ok(())
+}
+
+fn bench_grammar_cmd(a: BenchGrammarArgs) -> Result<()> {
+    let tok = std::sync::Arc::new(Tokenizer::load(&a.tokenizer)?);
+    let schema: serde_json::Value = match &a.schema {
+        Some(p) => serde_json::from_str(&std::fs::read_to_string(p)?)?,
+        None => serde_json::json!({
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 40},
+                "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                "role": {"enum": ["admin", "user", "guest"]},
+                "active": {"type": "boolean"},
+                "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4}
+            },
+            "required": ["name", "age", "role", "active", "tags"],
+            "additionalProperties": false
+        }),
+    };
+    let g = crate::constrain::Grammar::JsonSchema(schema);
+    let r = crate::constrain::measure(tok, &g, a.tokens, a.seed)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "vocab {}: trie {:.0} ms, compile p50 {:.2} ms; {} masks: p50 {:.1} us, p90 {:.1}, p99 {:.1}, max {:.1} (allowed p50 {}); {} outputs",
+            r.vocab, r.trie_ms, r.compile_ms_p50, r.masks, r.mask_us_p50, r.mask_us_p90,
+            r.mask_us_p99, r.mask_us_max, r.allowed_p50, r.outputs
         );
     }
     Ok(())

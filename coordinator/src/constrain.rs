@@ -222,10 +222,7 @@ impl Constraint {
     pub fn mask(&mut self) -> Result<Option<Vec<u8>>, ConstraintError> {
         if let Some(end) = self.waiting_for {
             if self.budget.is_some_and(|b| self.thought >= b) {
-                let end = end as usize;
-                let mut m = vec![0u8; end / 8 + 1];
-                m[end / 8] |= 1 << (end % 8);
-                return Ok(Some(m));
+                return Ok(Some(only(end)));
             }
             return Ok(None);
         }
@@ -262,4 +259,95 @@ impl Constraint {
             .consume_token(token)
             .map_err(|e| ConstraintError::Matcher(e.to_string()))
     }
+}
+
+/// A single-token bitset (only `t` allowed; see [`Constraint::mask`]).
+pub fn only(t: u32) -> Vec<u8> {
+    let t = t as usize;
+    let mut m = vec![0u8; t / 8 + 1];
+    m[t / 8] |= 1 << (t % 8);
+    m
+}
+
+/// What [`measure`] saw: the cost of constrained decoding on one vocabulary.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct MaskCost {
+    pub vocab: usize,
+    /// Building the token trie (once per model).
+    pub trie_ms: f64,
+    /// Compiling the grammar, median over the outputs.
+    pub compile_ms_p50: f64,
+    pub masks: usize,
+    pub mask_us_p50: f64,
+    pub mask_us_p90: f64,
+    pub mask_us_p99: f64,
+    pub mask_us_max: f64,
+    /// Allowed tokens per mask, median.
+    pub allowed_p50: usize,
+    /// Outputs completed (the grammar accepted, end of sequence chosen).
+    pub outputs: usize,
+}
+
+/// Walks `g` for `tokens` steps as a sampler would, choosing uniformly among the allowed
+/// tokens (a fresh matcher after each completed output) and timing every mask.
+pub fn measure(
+    tok: Arc<crate::text::Tokenizer>,
+    g: &Grammar,
+    tokens: usize,
+    seed: u64,
+) -> Result<MaskCost, ConstraintError> {
+    use std::time::Instant;
+    let vocab = tok.vocab_size();
+    let eos = tok.eos_ids.first().copied();
+    let t0 = Instant::now();
+    let grammars = Grammars::new(tok)?;
+    let trie_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut rng = switchyard_kernels::rng::Rng::new(seed);
+    let (mut compile, mut times, mut allowed) = (Vec::new(), Vec::new(), Vec::new());
+    let mut outputs = 0;
+    let fresh = |compile: &mut Vec<f64>| -> Result<Matcher, ConstraintError> {
+        let t = Instant::now();
+        let m = grammars.compile(g)?;
+        compile.push(t.elapsed().as_secs_f64() * 1e3);
+        Ok(m)
+    };
+    let mut m = fresh(&mut compile)?;
+    while times.len() < tokens {
+        let t = Instant::now();
+        let mask = m
+            .compute_mask_or_eos()
+            .map_err(|e| ConstraintError::Matcher(e.to_string()))?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        let ids: Vec<u32> = (0..mask.len() as u32)
+            .filter(|t| mask.is_allowed(*t))
+            .collect();
+        allowed.push(ids.len());
+        let Some(&pick) = ids.get(rng.next_u64() as usize % ids.len().max(1)) else {
+            return Err(ConstraintError::Matcher("no token allowed".into()));
+        };
+        if Some(pick) == eos || m.is_stopped() {
+            outputs += 1;
+            m = fresh(&mut compile)?;
+            continue;
+        }
+        m.consume_token(pick)
+            .map_err(|e| ConstraintError::Matcher(e.to_string()))?;
+    }
+    let pct = |v: &mut Vec<f64>, q: f64| {
+        v.sort_by(f64::total_cmp);
+        v[((v.len() - 1) as f64 * q).round() as usize]
+    };
+    allowed.sort_unstable();
+    Ok(MaskCost {
+        vocab,
+        trie_ms,
+        compile_ms_p50: pct(&mut compile, 0.5),
+        masks: times.len(),
+        mask_us_p50: pct(&mut times, 0.5),
+        mask_us_p90: pct(&mut times, 0.9),
+        mask_us_p99: pct(&mut times, 0.99),
+        mask_us_max: pct(&mut times, 1.0),
+        allowed_p50: allowed[allowed.len() / 2],
+        outputs,
+    })
 }

@@ -1162,10 +1162,7 @@ impl Driver {
                         Err(e) => {
                             // Sampled under end of sequence only; ended with the error.
                             self.failing.insert(c.seq, e.to_string());
-                            let eos = l.req.eos.first().copied().unwrap_or(0) as usize;
-                            let mut m = vec![0u8; eos / 8 + 1];
-                            m[eos / 8] |= 1 << (eos % 8);
-                            m
+                            crate::constrain::only(l.req.eos.first().copied().unwrap_or(0))
                         }
                     }
                 }
