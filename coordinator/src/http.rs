@@ -149,6 +149,26 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// A constraint's error names the gRPC field (`json_schema`, `regex`, ...): here, the
+    /// HTTP field the request used for it.
+    fn in_http_terms(mut self, c: &Common) -> Self {
+        let grpc = ["json_object", "json_schema", "regex", "lark"];
+        if let Some(p) = self.param.as_deref().filter(|p| grpc.contains(p)) {
+            let http = match (&c.response_format, &c.structured_outputs) {
+                (Some(_), _) => "response_format".to_string(),
+                (None, Some(so)) => so
+                    .as_object()
+                    .and_then(|o| o.keys().next())
+                    .map_or("structured_outputs".into(), |k| {
+                        format!("structured_outputs.{k}")
+                    }),
+                (None, None) => p.to_string(),
+            };
+            self.param = Some(http);
+        }
+        self
+    }
+
     fn invalid(param: Option<&str>, message: impl Into<String>) -> Self {
         ApiError {
             status: StatusCode::BAD_REQUEST,
@@ -280,7 +300,7 @@ impl<S: Send + Sync, T: serde::de::DeserializeOwned + Surface> axum::extract::Fr
                 return Err(e);
             }
             if let Some(user) = obj.get("user").and_then(Value::as_str) {
-                tracing::info!(user, "request from end user");
+                tracing::debug!(user, "request from end user");
             }
             let messages = obj.get("messages").and_then(Value::as_array);
             for (i, m) in messages.into_iter().flatten().enumerate() {
@@ -842,7 +862,9 @@ async fn chat_completions(
     }
     let n = req.common.n.unwrap_or(1);
     let (id, created, model) = (new_id("chatcmpl"), now_s(), st.svc.model_name().to_string());
-    let streams = start_n(&st.svc, &g, n, &id, &caller).await?;
+    let streams = start_n(&st.svc, &g, n, &id, &caller)
+        .await
+        .map_err(|e| e.in_http_terms(&req.common))?;
     if !req.common.stream {
         let svc = st.svc.clone();
         let want_lp = req.logprobs;
@@ -941,7 +963,9 @@ async fn completions(
     }
     let n = req.common.n.unwrap_or(1);
     let (id, created, model) = (new_id("cmpl"), now_s(), st.svc.model_name().to_string());
-    let streams = start_n(&st.svc, &g, n, &id, &caller).await?;
+    let streams = start_n(&st.svc, &g, n, &id, &caller)
+        .await
+        .map_err(|e| e.in_http_terms(&req.common))?;
     let want_lp = req.logprobs.is_some();
     if !req.common.stream {
         let svc = st.svc.clone();

@@ -192,6 +192,18 @@ for seed in range(20):
 if parsed:
     check(parsed == 20, "chat parse(): 20 seeds at temperature 1, reasoning then a valid Item")
 
+# A grammar that does not compile is a 400 naming the HTTP field that carried it.
+for what, body, param in [
+    ("a schema", {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}}},
+     "response_format"),
+    ("a Lark grammar", {"structured_outputs": {"grammar": "start: ("}}, "structured_outputs.grammar"),
+]:
+    try:
+        client.completions.create(model=model, prompt="x", max_tokens=4, extra_body=body)
+        check(False, f"{what} that does not compile refused")
+    except openai.BadRequestError as e:
+        check((e.body or {}).get("param") == param, f"{what} that does not compile -> 400 naming {param}: {e.body}")
+
 # Any object: nothing bounds its strings, so a random model may run out of tokens inside
 # one; every output that ended by itself is an object.
 ended = 0
