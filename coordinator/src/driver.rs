@@ -985,6 +985,7 @@ impl Driver {
         }
         self.state.finish(id);
         self.live.remove(&id);
+        self.failing.remove(&id);
     }
 
     pub fn is_idle(&self) -> bool {
