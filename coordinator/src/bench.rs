@@ -32,7 +32,11 @@ pub struct BenchOptions {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchReport {
     pub model: String,
+    /// Element type of the unquantized weights (and of compute).
     pub dtype: String,
+    /// How the checkpoint's quantized weights are held: `fp8` (block-scaled e4m3), `mxfp4`
+    /// (routed experts), or `none`.
+    pub quantization: String,
     pub device: String,
     pub threads: usize,
     pub weight_bytes: usize,
@@ -232,6 +236,12 @@ pub fn run(opts: &BenchOptions) -> Result<BenchReport, WorkerError> {
         } else {
             "f32".into()
         },
+        quantization: match &cfg.quantization {
+            Some(switchyard_worker::config::Quantization::Fp8 { .. }) => "fp8",
+            Some(switchyard_worker::config::Quantization::Mxfp4 { .. }) => "mxfp4",
+            None => "none",
+        }
+        .into(),
         device: opts.device.to_string(),
         threads: rayon::current_num_threads(),
         weight_bytes,

@@ -198,3 +198,31 @@ fn bad_input_fails_with_a_message_and_nonzero_status() {
         assert!(err.contains(needle), "{args:?}: {err}");
     }
 }
+
+/// `bench --json` says how the weights are held: the FP8 checkpoint as `fp8`, its compute
+/// dtype apart, the unquantized one as `none`.
+#[test]
+fn bench_json_names_the_quantization() {
+    for (model, want) in [("tiny-deepseek-v3-fp8", "fp8"), ("tiny-qwen3-moe", "none")] {
+        let dir = common::fixture(model);
+        let out = switchyard(&[
+            "bench",
+            "--model",
+            dir.to_str().unwrap(),
+            "--prefill-tokens",
+            "8",
+            "--decode-steps",
+            "2",
+            "--skip-bandwidth",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = String::from_utf8_lossy(&out.stdout);
+        let v: Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+        assert_eq!(v["quantization"], want, "{model}: {v}");
+    }
+}
