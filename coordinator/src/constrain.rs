@@ -351,3 +351,111 @@ pub fn measure(
         outputs,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::text::tools::{assemble, call_grammar, ToolFormat, ToolParser, ToolSpec};
+
+    fn fixture_tokenizer() -> Arc<crate::text::Tokenizer> {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer");
+        Arc::new(crate::text::Tokenizer::load(&dir).expect("fixture tokenizer"))
+    }
+
+    fn tools() -> Vec<ToolSpec> {
+        vec![
+            ToolSpec {
+                name: "get_weather".into(),
+                parameters: json!({"type": "object", "properties": {
+                    "city": {"type": "string", "maxLength": 8},
+                    "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                    "required": ["city", "days"], "additionalProperties": false}),
+            },
+            ToolSpec {
+                name: "now".into(),
+                parameters: json!({}),
+            },
+        ]
+    }
+
+    /// Random walks through each format's call grammar (uniform over the allowed tokens, as
+    /// random weights sample) end in text the format's parser reads as calls to the offered
+    /// tools whose arguments satisfy their schemas.
+    #[test]
+    fn call_grammars_generate_what_the_parsers_read() {
+        let tok = fixture_tokenizer();
+        let grammars = Grammars::new(tok.clone()).unwrap();
+        let eos = tok.eos_ids[0];
+        let mut rng = switchyard_kernels::rng::Rng::new(7);
+        for format in ToolFormat::ALL {
+            for parallel in [false, true] {
+                let g = call_grammar(format, &tools(), parallel, &|_| None);
+                let mut names = std::collections::HashSet::new();
+                for walk in 0..6 {
+                    let mut m = grammars
+                        .compile(&Grammar::Lark(g.clone()))
+                        .unwrap_or_else(|e| panic!("{format:?}: {e}\n{g}"));
+                    let mut out = Vec::new();
+                    loop {
+                        assert!(out.len() < 400, "{format:?} walk {walk}: no end");
+                        let mask = m.compute_mask_or_eos().unwrap();
+                        let ids: Vec<u32> = (0..mask.len() as u32)
+                            .filter(|t| mask.is_allowed(*t))
+                            .collect();
+                        let pick = ids[rng.next_u64() as usize % ids.len()];
+                        if pick == eos || m.is_stopped() {
+                            break;
+                        }
+                        m.consume_token(pick).unwrap();
+                        out.push(pick);
+                    }
+                    let text = tok.decode(&out, false).unwrap();
+                    let mut p = ToolParser::new(format, "call_");
+                    let mut ev = p.push(&text);
+                    ev.extend(p.finish());
+                    let (rest, calls) = assemble(&ev);
+                    assert_eq!(rest, "", "{format:?}: {text:?}");
+                    assert!(!calls.is_empty(), "{format:?}: {text:?}");
+                    assert!(parallel || calls.len() == 1, "{format:?}: {text:?}");
+                    for (_, name, args) in calls {
+                        let a: Value = serde_json::from_str(&args)
+                            .unwrap_or_else(|e| panic!("{format:?} {args:?}: {e}"));
+                        match name.as_str() {
+                            "get_weather" => {
+                                assert!(
+                                    a["city"].as_str().is_some_and(|c| c.chars().count() <= 8),
+                                    "{a}"
+                                );
+                                assert!(
+                                    a["days"].as_i64().is_some_and(|d| (1..=7).contains(&d)),
+                                    "{a}"
+                                );
+                                assert_eq!(a.as_object().unwrap().len(), 2, "{a}");
+                            }
+                            "now" => assert!(a.is_object(), "{a}"),
+                            other => panic!("{format:?}: a call to {other:?}"),
+                        }
+                        names.insert(name);
+                    }
+                }
+                assert!(!names.is_empty());
+            }
+        }
+    }
+
+    /// A call to a tool the request did not offer is not in the grammar.
+    #[test]
+    fn call_grammar_refuses_other_names() {
+        let tok = fixture_tokenizer();
+        let grammars = Grammars::new(tok.clone()).unwrap();
+        let g = call_grammar(ToolFormat::Hermes, &tools(), false, &|_| None);
+        let mut m = grammars.compile(&Grammar::Lark(g)).unwrap();
+        let ok =
+            tok.encode_plain("<tool_call>\n{\"name\": \"now\", \"arguments\": {}}\n</tool_call>");
+        assert_eq!(m.validate_tokens(&ok).unwrap(), ok.len());
+        let bad =
+            tok.encode_plain("<tool_call>\n{\"name\": \"rm\", \"arguments\": {}}\n</tool_call>");
+        assert!(m.validate_tokens(&bad).unwrap() < bad.len());
+    }
+}

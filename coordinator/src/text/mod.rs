@@ -15,6 +15,7 @@
 pub mod detok;
 pub mod stop;
 pub mod template;
+pub mod tools;
 
 pub use detok::DetokStream;
 pub use stop::StopMatcher;
