@@ -421,13 +421,33 @@ impl ToolParser {
         t.push_str(s);
         let trail = t.len() - t.trim_end().len();
         self.ws = t.split_off(t.len() - trail);
-        // Whitespace right before the first call, or between calls, is not content.
-        if self.calls == 0 || !t.trim().is_empty() {
-            match out.last_mut() {
-                Some(ToolEvent::Text(prev)) => prev.push_str(&t),
-                _ => out.push(ToolEvent::Text(t)),
-            }
+        match out.last_mut() {
+            Some(ToolEvent::Text(prev)) => prev.push_str(&t),
+            _ => out.push(ToolEvent::Text(t)),
         }
+    }
+
+    /// Emits the current object's call once its name is known (with arguments read before it).
+    fn announce(&mut self, call: &mut JsonCall, out: &mut Vec<ToolEvent>) {
+        if self.announced {
+            return;
+        }
+        if let Some(name) = call.name.clone() {
+            self.begin(name, None, out);
+            self.announced = true;
+            let early = std::mem::take(&mut call.early_args);
+            self.args(early, out);
+        }
+    }
+
+    /// A call object that was not a call, as the text it was (Hermes' marker included;
+    /// Mistral's list opener is not kept).
+    fn passed_through(&self, raw: &str) -> String {
+        let marker = match self.format {
+            ToolFormat::Mistral => "",
+            f => f.open(),
+        };
+        format!("{marker}{raw}")
     }
 
     fn begin(&mut self, name: String, id: Option<String>, out: &mut Vec<ToolEvent>) {
@@ -512,24 +532,10 @@ impl ToolParser {
                             break;
                         }
                     }
-                    if !self.announced {
-                        if let Some(name) = call.name.clone() {
-                            self.begin(name, None, out);
-                            self.announced = true;
-                            let early = std::mem::take(&mut call.early_args);
-                            self.args(early, out);
-                        }
-                    }
+                    self.announce(&mut call, out);
                 }
                 self.buf = buf[chars..].to_string();
-                if !self.announced {
-                    if let Some(name) = call.name.clone() {
-                        self.begin(name, None, out);
-                        self.announced = true;
-                        let early = std::mem::take(&mut call.early_args);
-                        self.args(early, out);
-                    }
-                }
+                self.announce(&mut call, out);
                 if self.announced {
                     self.args(args, out);
                 }
@@ -551,11 +557,7 @@ impl ToolParser {
                     }
                     // Not a call (no name, or not an object): what was read is text.
                     _ => {
-                        let mut t = self.format.open().to_string();
-                        if self.format == ToolFormat::Mistral {
-                            t.clear();
-                        }
-                        t.push_str(&call.raw);
+                        let t = self.passed_through(&call.raw);
                         self.text(&t, out);
                         self.state = State::Text;
                         true
@@ -671,11 +673,7 @@ impl ToolParser {
         match std::mem::replace(&mut self.state, State::Text) {
             State::Text => self.text(&rest, &mut out),
             State::Object(call) if !self.announced => {
-                let mut t = String::new();
-                if self.format != ToolFormat::Mistral {
-                    t.push_str(self.format.open());
-                }
-                t.push_str(&call.raw);
+                let mut t = self.passed_through(&call.raw);
                 t.push_str(&rest);
                 self.text(&t, &mut out);
             }
