@@ -4,7 +4,7 @@
 use crate::bench::{self, BenchOptions};
 use crate::generate::{self, Prompt, Request};
 use crate::serve::{serve, ServeOptions};
-use crate::text::{Message, Tokenizer};
+use crate::text::{Chat, Tokenizer};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -526,10 +526,7 @@ impl PromptArgs {
             return Ok(Prompt::Text(p.clone()));
         }
         if let Some(c) = &self.chat {
-            return Ok(Prompt::Chat(vec![Message {
-                role: "user".into(),
-                content: c.clone(),
-            }]));
+            return Ok(Prompt::Chat(Chat::user(c.clone())));
         }
         let s = self.prompt_ids.as_deref().unwrap_or_default();
         let ids = s
@@ -1381,16 +1378,18 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
                 generate_request::Input::Text(t.clone()),
                 Some(tokenize_request::Input::Text(t)),
             ),
-            Prompt::Chat(m) => {
+            Prompt::Chat(c) => {
                 let chat = ChatInput {
-                    messages: m
+                    messages: c
+                        .messages
                         .into_iter()
                         .map(|m| ChatMessage {
                             role: m.role,
                             content: m.content,
+                            ..Default::default()
                         })
                         .collect(),
-                    add_generation_prompt: Some(true),
+                    add_generation_prompt: Some(c.add_generation_prompt),
                 };
                 (
                     generate_request::Input::Chat(chat.clone()),
@@ -1441,6 +1440,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
             stop_token_ids: vec![],
             constraint: None,
             max_reasoning_tokens: 0,
+            ..Default::default()
         };
         let stream = client
             .generate(req.clone())

@@ -3,7 +3,7 @@
 //!
 //! Validation happens before any state changes; every error names the offending field.
 
-use crate::text::{Message, OutputText, TextDelta, Tokenizer};
+use crate::text::{Chat, OutputText, TextDelta, Tokenizer};
 use crate::GenerateError;
 use switchyard_kernels::rng::Rng;
 use switchyard_kernels::sampling::{self, SamplingParams};
@@ -13,7 +13,7 @@ use switchyard_worker::engine::{ChunkSpec, Engine, Logits};
 #[derive(Clone, Debug)]
 pub enum Prompt {
     Text(String),
-    Chat(Vec<Message>),
+    Chat(Chat),
     Ids(Vec<u32>),
 }
 
@@ -68,11 +68,11 @@ pub fn prompt_ids(
             }
             tok.encode(t)?
         }
-        Prompt::Chat(m) => {
-            if m.is_empty() {
+        Prompt::Chat(c) => {
+            if c.messages.is_empty() {
                 return Err(invalid("messages", "is empty"));
             }
-            tok.encode_chat(m, true)?
+            tok.encode_chat(c)?
         }
         Prompt::Ids(ids) => {
             if let Some(bad) = ids.iter().find(|t| **t as usize >= vocab) {

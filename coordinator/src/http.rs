@@ -149,23 +149,34 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    /// A constraint's error names the gRPC field (`json_schema`, `regex`, ...): here, the
-    /// HTTP field the request used for it.
+    /// An error names the typed API's field: here, the HTTP field the request used for it
+    /// (a constraint's `json_schema`, `regex`, ... is `response_format` or
+    /// `structured_outputs.*`; a tool's `tools[i].name` is `tools[i].function.name`).
     fn in_http_terms(mut self, c: &Common) -> Self {
-        let grpc = ["json_object", "json_schema", "regex", "lark"];
-        if let Some(p) = self.param.as_deref().filter(|p| grpc.contains(p)) {
-            let http = match (&c.response_format, &c.structured_outputs) {
-                (Some(_), _) => "response_format".to_string(),
-                (None, Some(so)) => so
-                    .as_object()
-                    .and_then(|o| o.keys().next())
-                    .map_or("structured_outputs".into(), |k| {
-                        format!("structured_outputs.{k}")
-                    }),
-                (None, None) => p.to_string(),
-            };
-            self.param = Some(http);
+        let Some(p) = self.param.take() else {
+            return self;
+        };
+        let http = match p.split_once("].") {
+            _ if ["json_object", "json_schema", "regex", "lark"].contains(&p.as_str()) => {
+                match (&c.response_format, &c.structured_outputs) {
+                    (Some(_), _) => "response_format".to_string(),
+                    (None, Some(so)) => so
+                        .as_object()
+                        .and_then(|o| o.keys().next())
+                        .map_or("structured_outputs".into(), |k| {
+                            format!("structured_outputs.{k}")
+                        }),
+                    (None, None) => p.clone(),
+                }
+            }
+            Some((t, f)) if t.starts_with("tools[") => format!("{t}].function.{f}"),
+            _ if p == "tool_choice_function" => "tool_choice".to_string(),
+            _ => p.clone(),
+        };
+        if http != p {
+            self.message = self.message.replacen(&p, &http, 1);
         }
+        self.param = Some(http);
         self
     }
 
@@ -282,7 +293,7 @@ fn unhonoured(
 }
 
 /// Fields of one chat message.
-const MESSAGE_FIELDS: &[&str] = &["role", "content"];
+const MESSAGE_FIELDS: &[&str] = &["role", "content", "tool_calls", "tool_call_id", "name"];
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned + Surface> axum::extract::FromRequest<S>
     for Body<T>
@@ -350,7 +361,14 @@ const COMMON_FIELDS: &[&str] = &[
 ];
 
 impl Surface for ChatRequest {
-    const FIELDS: &'static [&'static str] = &["messages", "logprobs", "top_logprobs"];
+    const FIELDS: &'static [&'static str] = &[
+        "messages",
+        "logprobs",
+        "top_logprobs",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+    ];
 }
 
 impl Surface for CompletionRequest {
@@ -481,6 +499,11 @@ struct ChatMessageIn {
     role: String,
     #[serde(default)]
     content: Option<Content>,
+    /// An assistant turn's calls: `[{"id", "type": "function", "function": {"name",
+    /// "arguments"}}]`, checked by [`calls_in`].
+    tool_calls: Option<Value>,
+    tool_call_id: Option<String>,
+    name: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -491,6 +514,147 @@ struct ChatRequest {
     #[serde(default)]
     logprobs: bool,
     top_logprobs: Option<u32>,
+    /// `[{"type": "function", "function": {"name", "description", "parameters", "strict"}}]`,
+    /// checked by [`tools_in`].
+    tools: Option<Value>,
+    /// `"auto" | "none" | "required" | {"type": "function", "function": {"name"}}`.
+    tool_choice: Option<Value>,
+    parallel_tool_calls: Option<bool>,
+}
+
+/// The keys of `v` (an object, else a 400 naming `at`) outside `known` are a 400 naming them.
+fn object_at<'a>(
+    v: &'a Value,
+    at: &str,
+    known: &[&str],
+) -> Result<&'a serde_json::Map<String, Value>, ApiError> {
+    let o = v
+        .as_object()
+        .ok_or_else(|| ApiError::invalid(Some(at), format!("`{at}` must be an object")))?;
+    match unhonoured(o, &[known], &format!("{at}.")) {
+        Some(e) => Err(e),
+        None => Ok(o),
+    }
+}
+
+/// A string field of `o` (`at` names it in errors); `None` when absent or null.
+fn str_at<'a>(
+    o: &'a serde_json::Map<String, Value>,
+    key: &str,
+    at: &str,
+) -> Result<Option<&'a str>, ApiError> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(ApiError::invalid(
+            Some(&format!("{at}.{key}")),
+            format!("`{at}.{key}` must be a string"),
+        )),
+    }
+}
+
+/// OpenAI's `tools` as the typed API's.
+fn tools_in(v: &Value) -> Result<Vec<Tool>, ApiError> {
+    let a = v
+        .as_array()
+        .ok_or_else(|| ApiError::invalid(Some("tools"), "`tools` must be an array"))?;
+    let mut out = Vec::with_capacity(a.len());
+    for (i, t) in a.iter().enumerate() {
+        let at = format!("tools[{i}]");
+        let o = object_at(t, &at, &["type", "function"])?;
+        if str_at(o, "type", &at)? != Some("function") {
+            return Err(ApiError::invalid(
+                Some(&format!("{at}.type")),
+                format!("`{at}.type` must be \"function\""),
+            ));
+        }
+        let at = format!("{at}.function");
+        let f = object_at(
+            o.get("function").unwrap_or(&Value::Null),
+            &at,
+            &["name", "description", "parameters", "strict"],
+        )?;
+        let strict = match f.get("strict") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    Some(&format!("{at}.strict")),
+                    format!("`{at}.strict` must be a boolean"),
+                ))
+            }
+        };
+        out.push(Tool {
+            name: str_at(f, "name", &at)?.unwrap_or_default().to_string(),
+            description: str_at(f, "description", &at)?
+                .unwrap_or_default()
+                .to_string(),
+            parameters: match f.get("parameters") {
+                None | Some(Value::Null) => String::new(),
+                Some(p) => p.to_string(),
+            },
+            strict,
+        });
+    }
+    Ok(out)
+}
+
+/// OpenAI's `tool_choice` as the typed API's (choice, function name).
+fn tool_choice_in(v: &Value) -> Result<(ToolChoice, String), ApiError> {
+    match v {
+        Value::String(s) => match s.as_str() {
+            "auto" => Ok((ToolChoice::Auto, String::new())),
+            "none" => Ok((ToolChoice::None, String::new())),
+            "required" => Ok((ToolChoice::Required, String::new())),
+            _ => Err(ApiError::invalid(
+                Some("tool_choice"),
+                format!("`tool_choice` must be auto, none, required or a function, got {s:?}"),
+            )),
+        },
+        _ => {
+            let o = object_at(v, "tool_choice", &["type", "function"])?;
+            if str_at(o, "type", "tool_choice")? != Some("function") {
+                return Err(ApiError::invalid(
+                    Some("tool_choice.type"),
+                    "`tool_choice.type` must be \"function\"",
+                ));
+            }
+            let f = object_at(
+                o.get("function").unwrap_or(&Value::Null),
+                "tool_choice.function",
+                &["name"],
+            )?;
+            let name = str_at(f, "name", "tool_choice.function")?.unwrap_or_default();
+            Ok((ToolChoice::Function, name.to_string()))
+        }
+    }
+}
+
+/// An assistant message's `tool_calls` as the typed API's.
+fn calls_in(v: &Value, at: &str) -> Result<Vec<ToolCall>, ApiError> {
+    let at = format!("{at}.tool_calls");
+    let a = v
+        .as_array()
+        .ok_or_else(|| ApiError::invalid(Some(&at), format!("`{at}` must be an array")))?;
+    let mut out = Vec::with_capacity(a.len());
+    for (j, c) in a.iter().enumerate() {
+        let at = format!("{at}[{j}]");
+        let o = object_at(c, &at, &["id", "type", "function"])?;
+        let fat = format!("{at}.function");
+        let f = object_at(
+            o.get("function").unwrap_or(&Value::Null),
+            &fat,
+            &["name", "arguments"],
+        )?;
+        out.push(ToolCall {
+            id: str_at(o, "id", &at)?.unwrap_or_default().to_string(),
+            name: str_at(f, "name", &fat)?.unwrap_or_default().to_string(),
+            arguments: str_at(f, "arguments", &fat)?
+                .unwrap_or_default()
+                .to_string(),
+        });
+    }
+    Ok(out)
 }
 
 #[derive(Deserialize)]
@@ -665,12 +829,15 @@ struct Gathered {
     finish: Option<FinishReason>,
     error: String,
     logprobs: Vec<TokenLogprob>,
+    /// Tool calls, each with its whole arguments.
+    calls: Vec<ToolCallDelta>,
 }
 
 fn finish_str(f: Option<FinishReason>) -> Value {
     match f {
         Some(FinishReason::Stop) => json!("stop"),
         Some(FinishReason::Length) => json!("length"),
+        Some(FinishReason::ToolCalls) => json!("tool_calls"),
         Some(_) => json!("error"),
         None => Value::Null,
     }
@@ -698,6 +865,12 @@ async fn gather(mut s: EventStream) -> Result<Gathered, ApiError> {
                 g.text.push_str(&d.text);
                 g.reasoning.push_str(&d.reasoning_text);
                 g.logprobs.extend(d.logprobs);
+                for c in d.tool_calls {
+                    match g.calls.get_mut(c.index as usize) {
+                        Some(have) => have.arguments.push_str(&c.arguments),
+                        None => g.calls.push(c),
+                    }
+                }
             }
             Some(Event::Finished(f)) => {
                 g.finish = Some(f.reason());
@@ -842,15 +1015,53 @@ async fn chat_completions(
                 t
             }
         };
+        let at = format!("messages[{i}]");
+        let tool_calls = match &m.tool_calls {
+            None | Some(Value::Null) => Vec::new(),
+            Some(_) if m.role != "assistant" => {
+                let param = format!("{at}.tool_calls");
+                return Err(ApiError::invalid(
+                    Some(&param),
+                    format!("`{param}`: only assistant messages carry tool calls"),
+                ));
+            }
+            Some(v) => calls_in(v, &at)?,
+        };
+        if m.role != "tool" {
+            for (key, set) in [
+                ("tool_call_id", m.tool_call_id.is_some()),
+                ("name", m.name.is_some()),
+            ] {
+                if set {
+                    let param = format!("{at}.{key}");
+                    return Err(ApiError::invalid(
+                        Some(&param),
+                        format!("`{param}` is only supported on tool messages"),
+                    ));
+                }
+            }
+        }
         messages.push(ChatMessage {
             role: m.role,
             content,
+            tool_calls,
+            tool_call_id: m.tool_call_id.unwrap_or_default(),
+            name: m.name.unwrap_or_default(),
         });
     }
     g.input = Some(generate_request::Input::Chat(ChatInput {
         messages,
         add_generation_prompt: Some(true),
     }));
+    if let Some(t) = &req.tools {
+        g.tools = tools_in(t)?;
+    }
+    if let Some(c) = req.tool_choice.as_ref().filter(|c| !c.is_null()) {
+        let (choice, function) = tool_choice_in(c)?;
+        g.set_tool_choice(choice);
+        g.tool_choice_function = function;
+    }
+    g.parallel_tool_calls = req.parallel_tool_calls;
     if req.logprobs {
         g.logprobs = true;
         g.top_logprobs = req.top_logprobs.unwrap_or(0);
@@ -872,6 +1083,19 @@ async fn chat_completions(
             let mut message = json!({"role": "assistant", "content": r.text});
             if !r.reasoning.is_empty() {
                 message["reasoning_content"] = json!(r.reasoning);
+            }
+            if !r.calls.is_empty() {
+                if r.text.is_empty() {
+                    message["content"] = Value::Null;
+                }
+                message["tool_calls"] = r
+                    .calls
+                    .iter()
+                    .map(|c| {
+                        json!({"id": c.id, "type": "function",
+                            "function": {"name": c.name, "arguments": c.arguments}})
+                    })
+                    .collect();
             }
             json!({
                 "index": i,
@@ -908,6 +1132,25 @@ async fn chat_completions(
                 }
                 if !d.text.is_empty() {
                     delta.insert("content".into(), json!(d.text));
+                }
+                if !d.tool_calls.is_empty() {
+                    let calls: Vec<Value> = d
+                        .tool_calls
+                        .iter()
+                        .map(|c| {
+                            let mut f = json!({"arguments": c.arguments});
+                            let mut e = json!({"index": c.index});
+                            // A call's first piece names it.
+                            if !c.id.is_empty() {
+                                f["name"] = json!(c.name);
+                                e["id"] = json!(c.id);
+                                e["type"] = json!("function");
+                            }
+                            e["function"] = f;
+                            e
+                        })
+                        .collect();
+                    delta.insert("tool_calls".into(), Value::Array(calls));
                 }
                 let lp = if want_lp && !d.logprobs.is_empty() {
                     chat_logprobs(&svc, &d.logprobs)

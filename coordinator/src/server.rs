@@ -12,7 +12,7 @@ use crate::driver::{Cluster, Driver, Emitted, GenRequest, RebalanceReport, Snaps
 use crate::generate::{self, Prompt, Request as GenReq};
 use crate::metrics::{Metrics, WorkerKv};
 use crate::recovery::{Action, Event as Fault, Recovery};
-use crate::text::{Message, OutputText, Tokenizer};
+use crate::text::{CallRecord, Chat, Message, OutputText, Tokenizer};
 use crate::GenerateError;
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -838,7 +838,9 @@ impl InferenceService {
             stream_ids,
             want_logprobs,
             stop_ids,
+            tools,
         } = job;
+        let call_ids = format!("call_{request_id}_");
         let prompt_tokens = ids.len() as u32;
         tokio::spawn(
             async move {
@@ -858,6 +860,9 @@ impl InferenceService {
                     return cancel(&cmds);
                 }
                 let mut text = OutputText::new(&tok, &ids, stop);
+                if let Some((format, parallel)) = tools {
+                    text = text.with_tools(&tok, format, &call_ids, parallel);
+                }
                 let (mut completion, mut reasoning_tokens, mut ttft) = (0u32, 0u32, None);
                 let mut reason = FinishReason::Length;
                 let mut error = String::new();
@@ -932,6 +937,7 @@ impl InferenceService {
                         if let Ok(tail) = text.finish(&tok) {
                             d.reasoning.push_str(&tail.reasoning);
                             d.text.push_str(&tail.text);
+                            d.calls.extend(tail.calls);
                         }
                     }
                     if !replay {
@@ -956,13 +962,18 @@ impl InferenceService {
                                 vec![]
                             },
                             completion_tokens: completion,
+                            tool_calls: call_deltas(d.calls),
                         };
                         if out_tx.send(ev(Event::Delta(delta))).await.is_err() {
                             return cancel(&cmds);
                         }
                     }
                     if stop {
-                        reason = FinishReason::Stop;
+                        reason = if text.tool_calls() > 0 {
+                            FinishReason::ToolCalls
+                        } else {
+                            FinishReason::Stop
+                        };
                         if !finished {
                             let _ = cmds.send(Cmd::Cancel(id));
                         }
@@ -973,7 +984,7 @@ impl InferenceService {
                     }
                 }
                 metrics.on_finished(match reason {
-                    FinishReason::Stop => "stop",
+                    FinishReason::Stop | FinishReason::ToolCalls => "stop",
                     FinishReason::Length => "length",
                     _ => "error",
                 });
@@ -1010,6 +1021,8 @@ struct Job {
     want_logprobs: bool,
     /// `stop_token_ids`: they end the stream as end of sequence does.
     stop_ids: Vec<u32>,
+    /// Tool calls parsed out of the answer in this format; several allowed.
+    tools: Option<(crate::text::tools::ToolFormat, bool)>,
 }
 
 /// Sends the engine loop operator commands and reads its state.
@@ -1157,6 +1170,183 @@ fn sorted_bias(m: &std::collections::HashMap<u32, f32>) -> Vec<(u32, f32)> {
     b
 }
 
+/// A proto chat as the text layer renders it.
+fn chat_of(c: ChatInput) -> Chat {
+    let some = |s: String| (!s.is_empty()).then_some(s);
+    Chat {
+        messages: c
+            .messages
+            .into_iter()
+            .map(|m| Message {
+                role: m.role,
+                content: m.content,
+                tool_calls: m
+                    .tool_calls
+                    .into_iter()
+                    .map(|t| CallRecord {
+                        id: t.id,
+                        name: t.name,
+                        arguments: t.arguments,
+                    })
+                    .collect(),
+                tool_call_id: some(m.tool_call_id),
+                name: some(m.name),
+            })
+            .collect(),
+        tools: Vec::new(),
+        add_generation_prompt: c.add_generation_prompt.unwrap_or(true),
+    }
+}
+
+/// Parser events as `Delta.tool_calls`: one entry per call begun, arguments merged per run.
+fn call_deltas(events: Vec<crate::text::tools::ToolEvent>) -> Vec<ToolCallDelta> {
+    use crate::text::tools::ToolEvent as E;
+    let mut out: Vec<ToolCallDelta> = Vec::new();
+    for e in events {
+        match e {
+            E::Call { index, id, name } => out.push(ToolCallDelta {
+                index: index as u32,
+                id,
+                name,
+                arguments: String::new(),
+            }),
+            E::Args { index, text } => match out.last_mut() {
+                Some(d) if d.index == index as u32 => d.arguments.push_str(&text),
+                _ => out.push(ToolCallDelta {
+                    index: index as u32,
+                    arguments: text,
+                    ..Default::default()
+                }),
+            },
+            E::Text(_) => {}
+        }
+    }
+    out
+}
+
+/// What a request's tools ask: the function objects the template shows, whether calls are
+/// parsed out of the answer (and several allowed), and the grammar a required or named
+/// choice constrains the answer to.
+#[derive(Default)]
+struct ToolPlan {
+    offered: Vec<serde_json::Value>,
+    parse: bool,
+    parallel: bool,
+    grammar: Option<crate::constrain::Grammar>,
+}
+
+/// Checks a request's tools and tool choice (INVALID_ARGUMENT naming the field).
+fn tool_plan(r: &GenerateRequest, tok: &Tokenizer) -> Result<ToolPlan, Status> {
+    use crate::text::tools::{call_grammar, ToolSpec};
+    let choice = ToolChoice::try_from(r.tool_choice)
+        .map_err(|_| invalid("tool_choice", format!("unknown value {}", r.tool_choice)))?;
+    if choice != ToolChoice::Function && !r.tool_choice_function.is_empty() {
+        return Err(invalid(
+            "tool_choice_function",
+            "is only given with tool_choice FUNCTION",
+        ));
+    }
+    if r.tools.is_empty() {
+        if matches!(choice, ToolChoice::Required | ToolChoice::Function) {
+            return Err(invalid(
+                "tool_choice",
+                format!("{} needs tools", choice.as_str_name()),
+            ));
+        }
+        if r.parallel_tool_calls.is_some() {
+            return Err(invalid(
+                "parallel_tool_calls",
+                "is only allowed when tools are given",
+            ));
+        }
+        return Ok(ToolPlan::default());
+    }
+    if !matches!(r.input, Some(Input::Chat(_))) {
+        return Err(invalid(
+            "tools",
+            "need chat input (the chat template shows them to the model)",
+        ));
+    }
+    let mut specs: Vec<ToolSpec> = Vec::with_capacity(r.tools.len());
+    let mut offered = Vec::with_capacity(r.tools.len());
+    for (i, t) in r.tools.iter().enumerate() {
+        let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+        if t.name.is_empty() || t.name.len() > 64 || !t.name.chars().all(ok) {
+            return Err(invalid(
+                &format!("tools[{i}].name"),
+                format!("{:?}: 1 to 64 of a-z, A-Z, 0-9, _ and -", t.name),
+            ));
+        }
+        if specs.iter().any(|s| s.name == t.name) {
+            return Err(invalid(
+                &format!("tools[{i}].name"),
+                format!("{:?} is offered twice", t.name),
+            ));
+        }
+        let parameters = if t.parameters.is_empty() {
+            serde_json::Value::Null
+        } else {
+            match serde_json::from_str::<serde_json::Value>(&t.parameters) {
+                Ok(v @ serde_json::Value::Object(_)) => v,
+                Ok(_) => {
+                    return Err(invalid(
+                        &format!("tools[{i}].parameters"),
+                        "is not a JSON schema object",
+                    ))
+                }
+                Err(e) => {
+                    return Err(invalid(
+                        &format!("tools[{i}].parameters"),
+                        format!("not JSON: {e}"),
+                    ))
+                }
+            }
+        };
+        if t.strict && choice == ToolChoice::Auto {
+            return Err(invalid(
+                &format!("tools[{i}].strict"),
+                "is honoured by constraining the call, so only with tool_choice required or \
+                 a named function (with auto the model may answer in text)",
+            ));
+        }
+        let mut function = serde_json::json!({"name": t.name});
+        if !t.description.is_empty() {
+            function["description"] = t.description.clone().into();
+        }
+        if !parameters.is_null() {
+            function["parameters"] = parameters.clone();
+        }
+        offered.push(serde_json::json!({"type": "function", "function": function}));
+        specs.push(ToolSpec {
+            name: t.name.clone(),
+            parameters,
+        });
+    }
+    let parallel = r.parallel_tool_calls.unwrap_or(true);
+    let constrained = match choice {
+        ToolChoice::Auto | ToolChoice::None => None,
+        ToolChoice::Required => Some((specs, parallel)),
+        ToolChoice::Function => {
+            let Some(t) = specs.iter().find(|s| s.name == r.tool_choice_function) else {
+                return Err(invalid(
+                    "tool_choice_function",
+                    format!("no tool named {:?} is offered", r.tool_choice_function),
+                ));
+            };
+            Some((vec![t.clone()], false))
+        }
+    };
+    let special = |m: &str| tok.token_to_id(m);
+    Ok(ToolPlan {
+        offered,
+        parse: choice != ToolChoice::None,
+        parallel,
+        grammar: constrained.map(|(specs, par)| {
+            crate::constrain::Grammar::Lark(call_grammar(tok.tool_format, &specs, par, &special))
+        }),
+    })
+}
+
 /// The driver's request for a journal (what workers keep of it for a coordinator that takes
 /// over): a new request and an adopted one are built the same way.
 fn gen_request(
@@ -1207,6 +1397,8 @@ impl Job {
             stream_ids: j.stream_token_ids,
             want_logprobs: j.logprobs,
             stop_ids: j.stop_token_ids.clone(),
+            tools: crate::text::tools::ToolFormat::from_name(&j.tool_format)
+                .map(|f| (f, j.parallel_tool_calls)),
         }
     }
 }
@@ -1242,17 +1434,13 @@ impl Inference for InferenceService {
                 ),
             ));
         }
-        let prompt = match r.input {
+        let plan = tool_plan(&r, &self.tok)?;
+        let prompt = match r.input.take() {
             Some(Input::Text(t)) => Prompt::Text(t),
-            Some(Input::Chat(c)) => Prompt::Chat(
-                c.messages
-                    .into_iter()
-                    .map(|m| Message {
-                        role: m.role,
-                        content: m.content,
-                    })
-                    .collect(),
-            ),
+            Some(Input::Chat(c)) => Prompt::Chat(Chat {
+                tools: plan.offered.clone(),
+                ..chat_of(c)
+            }),
             Some(Input::TokenIds(t)) => Prompt::Ids(t.ids),
             None => {
                 return Err(invalid(
@@ -1299,20 +1487,37 @@ impl Inference for InferenceService {
             Some(C::Regex(s)) => Some(crate::constrain::Grammar::Regex(s)),
             Some(C::Lark(s)) => Some(crate::constrain::Grammar::Lark(s)),
         };
-        if let Some(g) = &grammar {
+        if let (Some(g), true) = (&grammar, plan.parse) {
+            return Err(invalid(
+                g.field(),
+                "cannot be combined with tools unless tool_choice is NONE (the answer would \
+                 be held to both)",
+            ));
+        }
+        // The field a grammar came from, for errors: a required or named tool choice's is
+        // built from the tools.
+        let (grammar, grammar_field) = match (grammar, plan.grammar) {
+            (Some(g), _) => {
+                let f = g.field();
+                (Some(g), f)
+            }
+            (None, Some(g)) => (Some(g), "tool_choice"),
+            (None, None) => (None, ""),
+        };
+        if grammar.is_some() {
             if r.ignore_eos {
                 return Err(invalid(
                     "ignore_eos",
                     format!(
-                        "cannot be combined with {} (a complete output ends the sequence)",
-                        g.field()
+                        "cannot be combined with {grammar_field} (a complete output ends the \
+                         sequence)"
                     ),
                 ));
             }
             if r.min_tokens > 0 {
                 return Err(invalid(
                     "min_tokens",
-                    format!("cannot be combined with {}", g.field()),
+                    format!("cannot be combined with {grammar_field}"),
                 ));
             }
         }
@@ -1375,7 +1580,12 @@ impl Inference for InferenceService {
                 .map_err(|e| Status::internal(format!("grammar task: {e}")))?
                 .map_err(|e| match e {
                     crate::constrain::ConstraintError::Grammar { detail, .. } => {
-                        invalid(grammar.as_ref().map_or("grammar", |g| g.field()), detail)
+                        let field = if grammar_field == "tool_choice" {
+                            "tools"
+                        } else {
+                            grammar_field
+                        };
+                        invalid(field, detail)
                     }
                     other => Status::internal(other.to_string()),
                 })?
@@ -1437,6 +1647,12 @@ impl Inference for InferenceService {
             stop_token_ids: r.stop_token_ids.clone(),
             grammar: grammar_json,
             max_reasoning_tokens: r.max_reasoning_tokens,
+            tool_format: if plan.parse {
+                self.tok.tool_format.name().to_string()
+            } else {
+                String::new()
+            },
+            parallel_tool_calls: plan.parallel,
         };
         let mut gen = gen_request(id, journal, &self.tok.eos_ids, constraint);
         gen.trace = Some(span.clone());
@@ -1519,21 +1735,14 @@ impl Inference for InferenceService {
                 (self.tok.encode(&t).map_err(|e| invalid("text", e))?, t)
             }
             Some(tokenize_request::Input::Chat(c)) => {
-                let msgs: Vec<Message> = c
-                    .messages
-                    .into_iter()
-                    .map(|m| Message {
-                        role: m.role,
-                        content: m.content,
-                    })
-                    .collect();
+                let chat = chat_of(c);
                 let text = self
                     .tok
-                    .render_chat(&msgs, c.add_generation_prompt.unwrap_or(true))
+                    .render_chat(&chat)
                     .map_err(|e| invalid("chat", e))?;
                 (
                     self.tok
-                        .encode_chat(&msgs, c.add_generation_prompt.unwrap_or(true))
+                        .encode_chat(&chat)
                         .map_err(|e| invalid("chat", e))?,
                     text,
                 )

@@ -115,6 +115,7 @@ fn openai_agrees_with_grpc(model: &str, cluster: &[&str]) {
                 messages: vec![ChatMessage {
                     role: "user".into(),
                     content: "Why is the sky blue?".into(),
+                    ..Default::default()
                 }],
                 add_generation_prompt: Some(true),
             }),

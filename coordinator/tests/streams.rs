@@ -650,6 +650,7 @@ fn a_thinking_budget_ends_the_reasoning() {
                 messages: vec![ChatMessage {
                     role: "user".into(),
                     content: "Name a colour.".into(),
+                    ..Default::default()
                 }],
                 add_generation_prompt: None,
             })),

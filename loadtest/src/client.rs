@@ -395,6 +395,7 @@ async fn one(
             messages: vec![ChatMessage {
                 role: "user".into(),
                 content: text.clone(),
+                ..Default::default()
             }],
             ..Default::default()
         }),

@@ -105,7 +105,15 @@ except openai.NotFoundError as e:
 tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 for what, kwargs, param in [
     ("an unknown response_format", {"response_format": {"type": "yaml"}}, "response_format"),
-    ("tools", {"tools": tools}, "tools"),
+    ("a tool field", {"tools": [{"type": "function", "function": {"name": "f", "returns": {}}}]},
+     "tools[0].function.returns"),
+    ("a strict tool with tool_choice auto", {"tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {"type": "object"}, "strict": True}}]}, "tools[0].function.strict"),
+    ("a named tool that is not offered", {"tools": tools, "tool_choice": {"type": "function", "function": {"name": "g"}}},
+     "tool_choice"),
+    ("tools with a response format", {"tools": tools, "response_format": {"type": "json_object"}}, "response_format"),
+    ("tool_calls on a user message", {"messages": [{"role": "user", "content": "hi", "tool_calls": []}]},
+     "messages[0].tool_calls"),
     ("an unknown field", {"extra_body": {"frobnicate": 1}}, "frobnicate"),
     ("a message field", {"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, "messages[0].name"),
     ("a stream option", {"stream_options": {"include_usage": True, "chunked": 1}}, "stream_options.chunked"),
@@ -191,6 +199,88 @@ for seed in range(20):
     parsed += 1
 if parsed:
     check(parsed == 20, "chat parse(): 20 seeds at temperature 1, reasoning then a valid Item")
+
+# Tool calls: with tool_choice "required" (or a named function) the answer is a call in the
+# model's own format (Hermes for Qwen, DeepSeek's markers for DeepSeek-V3), its arguments held
+# to the schema while the reasoning stays free; the streamed tool_calls deltas reassemble to
+# the same call.
+class Weather(pydantic.BaseModel):
+    city: str = pydantic.Field(max_length=16)
+    days: int = pydantic.Field(ge=1, le=14)
+    unit: Literal["c", "f"]
+
+weather = openai.pydantic_function_tool(Weather, name="get_weather", description="A city's forecast")
+now = {"type": "function", "function": {"name": "now", "description": "The time",
+                                        "parameters": {"type": "object", "properties": {},
+                                                       "additionalProperties": False}}}
+tmsgs = [{"role": "user", "content": "Weather in Rome for 3 days?"}]
+think = {"max_reasoning_tokens": 12}
+
+
+def valid_call(tc, seed):
+    args = json.loads(tc.function.arguments)
+    if tc.function.name == "get_weather":
+        Weather.model_validate(args)
+    else:
+        check(tc.function.name == "now" and args == {}, f"seed {seed}: a call to an offered tool {tc}")
+    check(tc.type == "function" and tc.id, f"seed {seed}: the call has an id")
+
+
+def streamed_calls(**kw):
+    calls, finish = {}, None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        ch = chunk.choices[0]
+        finish = ch.finish_reason or finish
+        for d in ch.delta.tool_calls or []:
+            c = calls.setdefault(d.index, {"id": None, "name": None, "arguments": ""})
+            c["id"] = d.id or c["id"]
+            if d.function:
+                c["name"] = d.function.name or c["name"]
+                c["arguments"] += d.function.arguments or ""
+    return [calls[i] for i in sorted(calls)], finish
+
+
+for seed in range(20):
+    kw = dict(model=model, messages=tmsgs, tools=[weather, now], tool_choice="required", parallel_tool_calls=False,
+              max_tokens=160, temperature=1.0, seed=seed, extra_body=think)
+    r = client.chat.completions.create(**kw)
+    ch = r.choices[0]
+    check(ch.finish_reason == "tool_calls" and len(ch.message.tool_calls or []) == 1,
+          f"required, seed {seed}: one call ({ch.finish_reason}, {ch.message.content!r})")
+    valid_call(ch.message.tool_calls[0], seed)
+    if seed < 5:
+        got, finish = streamed_calls(**kw)
+        tc = ch.message.tool_calls[0]
+        check(finish == "tool_calls" and len(got) == 1 and got[0]["id"]
+              and (got[0]["name"], got[0]["arguments"]) == (tc.function.name, tc.function.arguments),
+              f"required, seed {seed}: streamed deltas reassemble to the same call {got}")
+check(True, "tool_choice required: 20 seeds at temperature 1, each a call whose arguments validate")
+# Parallel calls: one or more, each valid (a random model may run out of tokens in a later one).
+for seed in range(3):
+    r = client.chat.completions.create(model=model, messages=tmsgs, tools=[weather, now], tool_choice="required",
+                                       max_tokens=400, temperature=1.0, seed=seed, extra_body=think)
+    ch = r.choices[0]
+    if ch.finish_reason == "tool_calls":
+        for tc in ch.message.tool_calls:
+            valid_call(tc, seed)
+        check(len({tc.id for tc in ch.message.tool_calls}) == len(ch.message.tool_calls), "parallel calls: distinct ids")
+    else:
+        check(ch.finish_reason == "length" and ch.message.tool_calls, f"parallel, seed {seed}: {ch.finish_reason}")
+r = client.chat.completions.create(model=model, messages=tmsgs, tools=[weather, now], max_tokens=160, temperature=1.0,
+                                   seed=1, tool_choice={"type": "function", "function": {"name": "now"}}, extra_body=think)
+ch = r.choices[0]
+check(ch.finish_reason == "tool_calls" and [(t.function.name, t.function.arguments) for t in ch.message.tool_calls]
+      == [("now", "{}")], f"a named function: {ch.message.tool_calls}")
+# The call and its result go back as assistant and tool messages; the template (or, where it
+# knows no tools, the model's call format) renders them.
+tc = ch.message.tool_calls[0]
+turn = tmsgs + [{"role": "assistant", "content": None, "tool_calls": [
+    {"id": tc.id, "type": "function", "function": {"name": "now", "arguments": "{}"}}]},
+    {"role": "tool", "tool_call_id": tc.id, "content": "12:00"}]
+r2 = client.chat.completions.create(model=model, messages=turn, tools=[weather, now], tool_choice="none",
+                                    max_tokens=4, temperature=0)
+check(r2.usage.prompt_tokens > r.usage.prompt_tokens and not r2.choices[0].message.tool_calls,
+      f"a tool result round trip ({r.usage.prompt_tokens} -> {r2.usage.prompt_tokens} prompt tokens)")
 
 # A grammar that does not compile is a 400 naming the HTTP field that carried it.
 for what, body, param in [

@@ -5,7 +5,7 @@
 mod common;
 use common::{fixture, golden, ids};
 
-use switchyard_coordinator::text::{DetokStream, Message, OutputText, Tokenizer};
+use switchyard_coordinator::text::{Chat, DetokStream, OutputText, Tokenizer};
 
 #[test]
 fn encode_matches_transformers_input_ids() {
@@ -71,16 +71,13 @@ fn multibyte_characters_split_across_tokens_are_held_back() {
 #[test]
 fn chat_template_opens_reasoning_and_output_splits_at_think_end() {
     let tok = Tokenizer::load(&fixture("tiny-qwen3-moe")).unwrap();
-    let msgs = vec![Message {
-        role: "user".into(),
-        content: "Hi".into(),
-    }];
-    let rendered = tok.render_chat(&msgs, true).unwrap();
+    let msgs = Chat::user("Hi");
+    let rendered = tok.render_chat(&msgs).unwrap();
     assert_eq!(
         rendered,
         "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"
     );
-    let prompt = tok.encode_chat(&msgs, true).unwrap();
+    let prompt = tok.encode_chat(&msgs).unwrap();
     assert_eq!(prompt[0], tok.token_to_id("<|im_start|>").unwrap());
     assert!(tok.starts_in_reasoning(&prompt));
     // Feed "plan</think>answer" as generated tokens.
@@ -135,13 +132,10 @@ fn harmony_channels_split_analysis_from_final() {
     .unwrap();
     let tok = Tokenizer::load(&dir).unwrap();
     let h = tok.harmony.expect("harmony markers found");
-    let msgs = vec![Message {
-        role: "user".into(),
-        content: "Hi".into(),
-    }];
-    let prompt = tok.encode_chat(&msgs, true).unwrap();
+    let msgs = Chat::user("Hi");
+    let prompt = tok.encode_chat(&msgs).unwrap();
     assert!(tok
-        .render_chat(&msgs, true)
+        .render_chat(&msgs)
         .unwrap()
         .ends_with("<|start|>assistant"));
     let mut gen = vec![h.channel];
@@ -196,10 +190,7 @@ fn chat_template_jinja_file_takes_precedence() {
     )
     .unwrap();
     let tok = Tokenizer::load(&dir).unwrap();
-    let msgs = vec![Message {
-        role: "user".into(),
-        content: "x".into(),
-    }];
-    assert_eq!(tok.render_chat(&msgs, true).unwrap(), "[user]x");
+    let msgs = Chat::user("x");
+    assert_eq!(tok.render_chat(&msgs).unwrap(), "[user]x");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -37,11 +37,77 @@ pub enum TextError {
     Invalid { field: &'static str, detail: String },
 }
 
-/// A chat message.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize, PartialEq)]
+/// A chat message, as chat templates read it: an assistant turn may carry the calls it made,
+/// a `tool` turn the id of the call it answers (and the function's name).
+#[derive(Clone, Debug, Default, serde::Serialize, PartialEq)]
 pub struct Message {
     pub role: String,
     pub content: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<CallRecord>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl Message {
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        Message {
+            role: role.into(),
+            content: content.into(),
+            ..Default::default()
+        }
+    }
+}
+
+/// A call an assistant turn made: templates see Hugging Face's form, `{"id", "type":
+/// "function", "function": {"name", "arguments"}}` with the arguments as an object (their
+/// JSON text where it is not one).
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallRecord {
+    pub id: String,
+    pub name: String,
+    /// JSON text.
+    pub arguments: String,
+}
+
+impl serde::Serialize for CallRecord {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let args = serde_json::from_str::<Value>(&self.arguments)
+            .unwrap_or_else(|_| Value::String(self.arguments.clone()));
+        serde_json::json!({
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": args},
+        })
+        .serialize(s)
+    }
+}
+
+/// A chat to render: its messages, the tools offered (OpenAI's `{"type": "function",
+/// "function": {…}}` objects, as templates take them) and whether the assistant's turn is
+/// opened after it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Chat {
+    pub messages: Vec<Message>,
+    pub tools: Vec<Value>,
+    pub add_generation_prompt: bool,
+}
+
+impl Chat {
+    /// One user message, the assistant's turn opened.
+    pub fn user(content: impl Into<String>) -> Self {
+        Chat::of(vec![Message::new("user", content)])
+    }
+
+    pub fn of(messages: Vec<Message>) -> Self {
+        Chat {
+            messages,
+            tools: Vec::new(),
+            add_generation_prompt: true,
+        }
+    }
 }
 
 /// Tokenizer, chat template and special tokens of one model.
@@ -56,6 +122,12 @@ pub struct Tokenizer {
     pub think_end: Option<u32>,
     /// GPT-OSS's harmony markers, when the vocabulary has them.
     pub harmony: Option<Harmony>,
+    /// How the model writes tool calls (its vocabulary's markers, else its architecture's).
+    pub tool_format: tools::ToolFormat,
+    /// The chat template renders `tools` itself; otherwise [`Chat::tools`] and past calls
+    /// reach the model through [`tools::ToolFormat::preamble`] and
+    /// [`tools::ToolFormat::render_calls`].
+    template_has_tools: bool,
 }
 
 /// The special tokens of OpenAI's harmony format.
@@ -160,6 +232,12 @@ impl Tokenizer {
                 eos_ids.push(id);
             }
         }
+        let architecture = read_json(&dir.join("config.json"))?
+            .and_then(|c| c.get("architectures")?.get(0)?.as_str().map(String::from))
+            .unwrap_or_default();
+        let tool_format =
+            tools::ToolFormat::detect(|t| inner.token_to_id(t).is_some(), &architecture);
+        let template_has_tools = chat_template.as_deref().is_some_and(|t| t.contains("tools"));
         let think_start = inner.token_to_id("<think>");
         let think_end = inner.token_to_id("</think>");
         let harmony = match (
@@ -185,6 +263,8 @@ impl Tokenizer {
             think_start,
             think_end,
             harmony,
+            tool_format,
+            template_has_tools,
         })
     }
 
@@ -201,30 +281,64 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Renders the chat template.
-    pub fn render_chat(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-    ) -> Result<String, TextError> {
+    /// Renders the chat template. A template that does not render tools gets them as a
+    /// system prompt in the model's call format, past calls written into their assistant
+    /// turns as the model writes them, and tool results as `tool` turns.
+    pub fn render_chat(&self, chat: &Chat) -> Result<String, TextError> {
         let src = self.chat_template.as_deref().ok_or(TextError::NoTemplate)?;
+        let uses_tools =
+            !chat.tools.is_empty() || chat.messages.iter().any(|m| !m.tool_calls.is_empty());
+        let (messages, tools) = if self.template_has_tools || !uses_tools {
+            (std::borrow::Cow::Borrowed(&chat.messages), &chat.tools[..])
+        } else {
+            (std::borrow::Cow::Owned(self.tools_as_text(chat)), &[][..])
+        };
         template::render(
             src,
-            messages,
-            add_generation_prompt,
+            &messages,
+            tools,
+            chat.add_generation_prompt,
             self.bos_token.as_deref(),
             self.eos_token.as_deref(),
         )
     }
 
+    /// `chat`'s messages with its tools and calls written as text (see [`Self::render_chat`]).
+    fn tools_as_text(&self, chat: &Chat) -> Vec<Message> {
+        let f = self.tool_format;
+        let mut out = Vec::with_capacity(chat.messages.len() + 1);
+        if !chat.tools.is_empty() {
+            let preamble = f.preamble(&chat.tools);
+            match chat.messages.first() {
+                Some(m) if m.role == "system" => out.push(Message::new(
+                    "system",
+                    format!("{}\n\n{preamble}", m.content),
+                )),
+                _ => out.push(Message::new("system", preamble)),
+            }
+        }
+        let merged = !out.is_empty() && chat.messages.first().is_some_and(|m| m.role == "system");
+        for m in &chat.messages[usize::from(merged)..] {
+            let mut m = m.clone();
+            if !m.tool_calls.is_empty() {
+                let calls: Vec<(&str, &str)> = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| (c.name.as_str(), c.arguments.as_str()))
+                    .collect();
+                let sep = if m.content.is_empty() { "" } else { "\n" };
+                m.content = format!("{}{sep}{}", m.content, f.render_calls(&calls));
+                m.tool_calls.clear();
+            }
+            out.push(m);
+        }
+        out
+    }
+
     /// Renders and encodes a chat as `apply_chat_template(tokenize=True)` does (the template
     /// supplies special tokens, none are added).
-    pub fn encode_chat(
-        &self,
-        messages: &[Message],
-        add_generation_prompt: bool,
-    ) -> Result<Vec<u32>, TextError> {
-        let text = self.render_chat(messages, add_generation_prompt)?;
+    pub fn encode_chat(&self, chat: &Chat) -> Result<Vec<u32>, TextError> {
+        let text = self.render_chat(chat)?;
         self.encode_with(&text, false)
     }
 
@@ -314,7 +428,10 @@ impl Tokenizer {
 pub struct TextDelta {
     pub reasoning: String,
     pub text: String,
-    /// A stop string matched: nothing after it is produced.
+    /// Tool calls begun and their arguments, in order (never [`tools::ToolEvent::Text`]).
+    pub calls: Vec<tools::ToolEvent>,
+    /// A stop string matched (or, with parallel calls off, a second call began): nothing
+    /// after it is produced.
     pub stopped: bool,
 }
 
@@ -337,6 +454,18 @@ pub struct OutputText {
     think_end: Option<u32>,
     harmony: Option<(Harmony, HarmonyState)>,
     stopped: bool,
+    /// Reads tool calls out of the answer, when the request offers tools.
+    tools: Option<Tools>,
+}
+
+/// An [`OutputText`]'s tool-call parsing.
+struct Tools {
+    parser: tools::ToolParser,
+    /// The format's markers that are tokens of the vocabulary, with their text: they reach
+    /// the parser as text even where decoding would skip them as special.
+    markers: Vec<(u32, String)>,
+    /// Calls allowed (1 with parallel calls off): the output ends where one more begins.
+    max_calls: Option<usize>,
 }
 
 impl OutputText {
@@ -363,6 +492,59 @@ impl OutputText {
             think_end: tok.think_end,
             harmony,
             stopped: false,
+            tools: None,
+        }
+    }
+
+    /// Parses tool calls out of the answer in `format`, ids `{id_prefix}{index}`; with
+    /// `parallel` off the output ends where a second call would begin.
+    pub fn with_tools(
+        mut self,
+        tok: &Tokenizer,
+        format: tools::ToolFormat,
+        id_prefix: &str,
+        parallel: bool,
+    ) -> Self {
+        let markers = format
+            .markers()
+            .into_iter()
+            .filter_map(|m| Some((tok.token_to_id(m)?, m.to_string())))
+            .collect();
+        self.tools = Some(Tools {
+            parser: tools::ToolParser::new(format, id_prefix),
+            markers,
+            max_calls: (!parallel).then_some(1),
+        });
+        self
+    }
+
+    /// Tool calls begun so far.
+    pub fn tool_calls(&self) -> usize {
+        self.tools.as_ref().map_or(0, |t| t.parser.calls())
+    }
+
+    /// Answer text through the tool-call parser (when there is one); `None`: the end.
+    fn answer(&mut self, s: Option<&str>, d: &mut TextDelta) {
+        let Some(t) = &mut self.tools else {
+            d.text.push_str(s.unwrap_or_default());
+            return;
+        };
+        let events = match s {
+            Some(s) => t.parser.push(s),
+            None => t.parser.finish(),
+        };
+        let over = |index: usize| t.max_calls.is_some_and(|m| index >= m);
+        for e in events {
+            match e {
+                tools::ToolEvent::Text(x) => d.text.push_str(&x),
+                tools::ToolEvent::Call { index, .. } if over(index) => {
+                    self.stopped = true;
+                    d.stopped = true;
+                    return;
+                }
+                tools::ToolEvent::Args { index, .. } if over(index) => {}
+                call => d.calls.push(call),
+            }
         }
     }
 
@@ -419,8 +601,8 @@ impl OutputText {
         let (emit, stopped) = self.stop.push(&s);
         if self.in_reasoning {
             d.reasoning.push_str(&emit);
-        } else {
-            d.text.push_str(&emit);
+        } else if !emit.is_empty() {
+            self.answer(Some(&emit), d);
         }
         if stopped {
             self.stopped = true;
@@ -435,8 +617,8 @@ impl OutputText {
             let held = self.stop.flush();
             if self.in_reasoning {
                 d.reasoning.push_str(&held);
-            } else {
-                d.text.push_str(&held);
+            } else if !held.is_empty() {
+                self.answer(Some(&held), d);
             }
         }
         Ok(())
@@ -463,6 +645,18 @@ impl OutputText {
             self.detok = DetokStream::new(true);
             return Ok(d);
         }
+        if let Some(m) = self
+            .tools
+            .as_ref()
+            .and_then(|t| t.markers.iter().find(|m| m.0 == id))
+            .map(|m| m.1.clone())
+        {
+            let rest = self.detok.flush(&tok.inner)?;
+            self.route(rest, &mut d);
+            self.route(m, &mut d);
+            self.detok = DetokStream::new(true);
+            return Ok(d);
+        }
         if let Some(s) = self.detok.push(&tok.inner, id)? {
             self.route(s, &mut d);
         }
@@ -474,6 +668,9 @@ impl OutputText {
         let mut d = TextDelta::default();
         if !self.stopped {
             self.flush_segment(tok, &mut d)?;
+            if !self.stopped && self.tools.is_some() {
+                self.answer(None, &mut d);
+            }
         }
         Ok(d)
     }

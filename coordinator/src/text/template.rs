@@ -48,6 +48,13 @@ fn py_json(v: &serde_json::Value, indent: Option<usize>, level: usize, out: &mut
     }
 }
 
+/// `v` as Python's `json.dumps(v)` writes it (what templates' `tojson` gives).
+pub fn py_dumps(v: &serde_json::Value) -> String {
+    let mut s = String::new();
+    py_json(v, None, 0, &mut s);
+    s
+}
+
 fn tojson(v: Value, indent: Option<usize>, kwargs: Kwargs) -> Result<Value, Error> {
     let indent = match kwargs.get::<Option<usize>>("indent")? {
         Some(i) => Some(i),
@@ -145,6 +152,7 @@ fn environment() -> Environment<'static> {
 pub fn render(
     source: &str,
     messages: &[Message],
+    tools: &[serde_json::Value],
     add_generation_prompt: bool,
     bos_token: Option<&str>,
     eos_token: Option<&str>,
@@ -160,7 +168,8 @@ pub fn render(
         add_generation_prompt => add_generation_prompt,
         bos_token => bos_token.unwrap_or(""),
         eos_token => eos_token.unwrap_or(""),
-        tools => Value::from(()),
+        // As `apply_chat_template` has it: no tools is `None`.
+        tools => if tools.is_empty() { Value::from(()) } else { Value::from_serialize(tools) },
     })
     .map_err(|e| TextError::Template(format!("{e:#}")))
 }
@@ -171,10 +180,7 @@ mod tests {
 
     fn msgs(v: &[(&str, &str)]) -> Vec<Message> {
         v.iter()
-            .map(|(r, c)| Message {
-                role: r.to_string(),
-                content: c.to_string(),
-            })
+            .map(|(r, c)| Message::new(*r, *c))
             .collect()
     }
 
@@ -182,9 +188,9 @@ mod tests {
     fn hf_style_helpers_work() {
         let src = "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system') }}{% endif %}\
                    {{ m.content.strip().upper() }}|{{ m | tojson }}\n{% endfor %}";
-        let out = render(src, &msgs(&[("user", "  hé  ")]), false, None, None).unwrap();
+        let out = render(src, &msgs(&[("user", "  hé  ")]), &[], false, None, None).unwrap();
         assert_eq!(out, "HÉ|{\"role\": \"user\", \"content\": \"  hé  \"}\n");
-        let err = render(src, &msgs(&[("system", "x")]), false, None, None)
+        let err = render(src, &msgs(&[("system", "x")]), &[], false, None, None)
             .unwrap_err()
             .to_string();
         assert!(err.contains("no system"), "{err}");
@@ -193,7 +199,7 @@ mod tests {
     #[test]
     fn tojson_indent_matches_python() {
         let src = "{{ {'a': [1, 2], 'b': {}} | tojson(indent=2) }}";
-        let out = render(src, &[], false, None, None).unwrap();
+        let out = render(src, &[], &[], false, None, None).unwrap();
         assert_eq!(out, "{\n  \"a\": [\n    1,\n    2\n  ],\n  \"b\": {}\n}");
     }
 

@@ -99,6 +99,84 @@ impl ToolFormat {
         }
     }
 
+    /// Every marker the format writes (what must reach the parser as text even where the
+    /// vocabulary holds it as a special token).
+    pub fn markers(self) -> Vec<&'static str> {
+        match self {
+            ToolFormat::Hermes => vec!["<tool_call>", "</tool_call>"],
+            ToolFormat::Mistral => vec!["[TOOL_CALLS]"],
+            f => {
+                let d = f.delimited().expect("delimited");
+                let mut m = vec![d.open, d.call_open, d.args_end, d.close, d.header_end];
+                m.extend(d.after_args);
+                if f == ToolFormat::DeepSeekV3 {
+                    m.push("<｜tool▁sep｜>");
+                }
+                m.retain(|s| !s.starts_with('\n'));
+                m
+            }
+        }
+    }
+
+    /// `calls` (name, arguments as JSON text) written as the model writes them: what a
+    /// chat template that knows no tools is given for an assistant turn's calls, and the
+    /// example the tool preamble shows. [`ToolParser`] reads it back as those calls (tested).
+    pub fn render_calls(self, calls: &[(&str, &str)]) -> String {
+        let object = |name: &str, args: &str| {
+            format!(
+                "{{\"name\": {}, \"arguments\": {args}}}",
+                serde_json::to_string(name).expect("a string serializes")
+            )
+        };
+        match self {
+            ToolFormat::Hermes => calls
+                .iter()
+                .map(|(n, a)| format!("<tool_call>\n{}\n</tool_call>", object(n, a)))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            ToolFormat::Mistral => {
+                let objs: Vec<String> = calls.iter().map(|(n, a)| object(n, a)).collect();
+                format!("[TOOL_CALLS] [{}]", objs.join(", "))
+            }
+            f => {
+                let d = f.delimited().expect("delimited");
+                let mut s = d.open.to_string();
+                for (i, (n, a)) in calls.iter().enumerate() {
+                    let header = match f {
+                        ToolFormat::DeepSeekV3 => format!("function<｜tool▁sep｜>{n}"),
+                        ToolFormat::KimiK2 => format!("functions.{n}:{i}"),
+                        _ => n.to_string(),
+                    };
+                    s.push_str(&format!(
+                        "{}{header}{}{a}{}{}",
+                        d.call_open,
+                        d.header_end,
+                        d.args_end,
+                        d.after_args.unwrap_or("")
+                    ));
+                }
+                s.push_str(d.close);
+                s
+            }
+        }
+    }
+
+    /// The system prompt that offers `tools` (OpenAI's `{"type": "function", "function":
+    /// {…}}` objects) to a model whose chat template knows no tools: their schemas, one per
+    /// line, and how to call them in this format (Qwen2.5's wording for Hermes).
+    pub fn preamble(self, tools: &[serde_json::Value]) -> String {
+        let lines: Vec<String> = tools.iter().map(super::template::py_dumps).collect();
+        let example = self.render_calls(&[("<function-name>", "<args-json-object>")]);
+        format!(
+            "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n\
+             You are provided with function signatures within <tools></tools> XML tags:\n\
+             <tools>\n{}\n</tools>\n\n\
+             For each function call, return a json object with function name and arguments \
+             written as follows:\n{example}",
+            lines.join("\n")
+        )
+    }
+
     fn delimited(self) -> Option<Delimited> {
         match self {
             ToolFormat::DeepSeekV3 => Some(Delimited {
@@ -1013,6 +1091,26 @@ mod tests {
         );
         for f in ToolFormat::ALL {
             assert_eq!(ToolFormat::from_name(f.name()), Some(f));
+        }
+    }
+
+    #[test]
+    fn rendered_calls_parse_back_in_every_split() {
+        let calls = [("get_weather", "{\"city\": \"Rome\"}"), ("now", "{}")];
+        for f in ToolFormat::ALL {
+            for n in [1, 2] {
+                let text = f.render_calls(&calls[..n]);
+                let (rest, got) = check_splits(f, &text);
+                assert_eq!(rest, "", "{f:?}: {text:?}");
+                let got: Vec<(&str, &str)> =
+                    got.iter().map(|c| (c.1.as_str(), c.2.as_str())).collect();
+                assert_eq!(got, calls[..n], "{f:?}: {text:?}");
+            }
+            for m in f.markers() {
+                assert!(!m.is_empty() && !m.starts_with('\n'), "{f:?} marker {m:?}");
+            }
+            let p = f.preamble(&[serde_json::json!({"type": "function", "function": {"name": "now"}})]);
+            assert!(p.contains("\"name\": \"now\"") && p.contains(&f.render_calls(&[("<function-name>", "<args-json-object>")])));
         }
     }
 }
