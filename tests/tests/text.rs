@@ -5,7 +5,8 @@
 mod common;
 use common::{fixture, golden, ids};
 
-use switchyard_coordinator::text::{Chat, DetokStream, OutputText, Tokenizer};
+use switchyard_coordinator::text::tools::{self, ToolEvent, ToolFormat};
+use switchyard_coordinator::text::{CallRecord, Chat, DetokStream, Message, OutputText, Tokenizer};
 
 #[test]
 fn encode_matches_transformers_input_ids() {
@@ -192,5 +193,178 @@ fn chat_template_jinja_file_takes_precedence() {
     let tok = Tokenizer::load(&dir).unwrap();
     let msgs = Chat::user("x");
     assert_eq!(tok.render_chat(&msgs).unwrap(), "[user]x");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn feed(
+    tok: &Tokenizer,
+    out: &mut OutputText,
+    gen: &[u32],
+) -> (String, String, Vec<ToolEvent>, bool) {
+    let (mut r, mut a, mut calls, mut stopped) = (String::new(), String::new(), Vec::new(), false);
+    for &id in gen {
+        let d = out.push(tok, id).unwrap();
+        r.push_str(&d.reasoning);
+        a.push_str(&d.text);
+        calls.extend(d.calls);
+        stopped |= d.stopped;
+    }
+    let d = out.finish(tok).unwrap();
+    r.push_str(&d.reasoning);
+    a.push_str(&d.text);
+    calls.extend(d.calls);
+    (r, a, calls, stopped)
+}
+
+fn tool_chat() -> Chat {
+    let now = serde_json::json!({"type": "function", "function": {"name": "now",
+        "parameters": {"type": "object", "properties": {}}}});
+    let mut asked = Message::new("assistant", "");
+    asked.tool_calls = vec![CallRecord {
+        id: "call_1".into(),
+        name: "now".into(),
+        arguments: "{\"tz\": \"UTC\"}".into(),
+    }];
+    let mut answer = Message::new("tool", "12:00");
+    answer.tool_call_id = Some("call_1".into());
+    Chat {
+        tools: vec![now],
+        ..Chat::of(vec![Message::new("user", "Time?"), asked, answer])
+    }
+}
+
+/// A chat template that knows no tools (the fixtures') gets them as a system prompt in the
+/// model's call format, and past calls written as the model writes them.
+#[test]
+fn tools_reach_a_template_that_knows_none_in_the_models_format() {
+    let tok = Tokenizer::load(&fixture("tiny-qwen3-moe")).unwrap();
+    assert_eq!(tok.tool_format, ToolFormat::Hermes);
+    let text = tok.render_chat(&tool_chat()).unwrap();
+    assert!(
+        text.starts_with("<|im_start|>system\n# Tools\n")
+            && text.contains("<tools>\n{\"type\": \"function\", \"function\": {\"name\": \"now\"")
+            && text.contains(
+                "<|im_start|>assistant\n<tool_call>\n{\"name\": \"now\", \"arguments\": {\"tz\": \"UTC\"}}\n</tool_call><|im_end|>\n<|im_start|>tool\n12:00<|im_end|>\n"
+            )
+            && text.ends_with("<|im_start|>assistant\n<think>\n"),
+        "{text}"
+    );
+    let tok = Tokenizer::load(&fixture("tiny-deepseek-v3")).unwrap();
+    assert_eq!(tok.tool_format, ToolFormat::DeepSeekV3);
+    let mut chat = tool_chat();
+    chat.messages.insert(0, Message::new("system", "Be brief."));
+    let text = tok.render_chat(&chat).unwrap();
+    assert!(
+        text.starts_with("<|im_start|>system\nBe brief.\n\n# Tools\n")
+            && text.contains("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>now\n```json\n{\"tz\": \"UTC\"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>")
+            && text.matches("<|im_start|>system").count() == 1,
+        "{text}"
+    );
+}
+
+/// A template that renders tools itself gets them, and past calls in Hugging Face's form
+/// (arguments as an object).
+#[test]
+fn a_template_that_knows_tools_gets_them_in_hugging_faces_form() {
+    let dir = std::env::temp_dir().join(format!("sy-tools-tpl-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(fixture("tokenizer").join(f), dir.join(f)).unwrap();
+    }
+    std::fs::write(
+        dir.join("chat_template.jinja"),
+        "{% for t in tools %}[{{ t.function.name }}]{% endfor %}{% for m in messages %}\
+         {{ m.role }}:{{ m.content }}{% for c in m.tool_calls %}{{ c.id }}={{ c.function.name }}\
+         {{ c.function.arguments | tojson }}{{ c.function.arguments.tz }}{% endfor %}\
+         {% if m.tool_call_id %}<{{ m.tool_call_id }}>{% endif %};{% endfor %}",
+    )
+    .unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    assert_eq!(
+        tok.render_chat(&tool_chat()).unwrap(),
+        "[now]user:Time?;assistant:call_1=now{\"tz\": \"UTC\"}UTC;tool:12:00<call_1>;"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Generated tokens through the text pipeline with tools: reasoning stays reasoning, calls in
+/// the answer become call events (not text), with parallel calls off the output ends where a
+/// second call begins; markers that are special tokens of the vocabulary still reach the
+/// parser.
+#[test]
+fn output_text_reads_calls_out_of_the_answer() {
+    let tok = Tokenizer::load(&fixture("tiny-qwen3-moe")).unwrap();
+    let prompt = tok.encode_chat(&Chat::user("Hi")).unwrap();
+    let call = |n: &str| {
+        format!("<tool_call>\n{{\"name\": \"{n}\", \"arguments\": {{\"a\": 1}}}}\n</tool_call>")
+    };
+    let mut gen = tok.encode("plan").unwrap();
+    gen.push(tok.think_end.unwrap());
+    gen.extend(
+        tok.encode(&format!("Sure.\n{}\n{}", call("f"), call("g")))
+            .unwrap(),
+    );
+    for (parallel, names) in [(true, vec!["f", "g"]), (false, vec!["f"])] {
+        let mut out = OutputText::new(&tok, &prompt, vec![]).with_tools(
+            &tok,
+            ToolFormat::Hermes,
+            "call_",
+            parallel,
+        );
+        let (r, a, calls, stopped) = feed(&tok, &mut out, &gen);
+        let (_, got) = tools::assemble(&calls);
+        let want: Vec<(String, String, String)> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (format!("call_{i}"), n.to_string(), "{\"a\": 1}".to_string()))
+            .collect();
+        assert_eq!(
+            (r.as_str(), a.as_str(), got, stopped),
+            ("plan", "Sure.", want, !parallel)
+        );
+        assert_eq!(out.tool_calls(), names.len());
+    }
+    // `<tool_call>` as special tokens (skipped by decoding) in a copy of the vocabulary.
+    let dir = std::env::temp_dir().join(format!("sy-tools-special-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut tj: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(fixture("tokenizer").join("tokenizer.json")).unwrap(),
+    )
+    .unwrap();
+    for (i, m) in ["<tool_call>", "</tool_call>"].iter().enumerate() {
+        tj["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "id": 2048 + i, "content": m, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true
+            }));
+    }
+    std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+    std::fs::copy(
+        fixture("tokenizer").join("tokenizer_config.json"),
+        dir.join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let tok = Tokenizer::load(&dir).unwrap();
+    let (open, close) = (
+        tok.token_to_id("<tool_call>").unwrap(),
+        tok.token_to_id("</tool_call>").unwrap(),
+    );
+    assert_eq!(
+        tok.decode(&[open], true).unwrap(),
+        "",
+        "a special marker is skipped by decoding"
+    );
+    let gen = tok.encode(&format!("</think>{}", call("f"))).unwrap();
+    assert!(gen.contains(&open) && gen.contains(&close), "{gen:?}");
+    let mut out =
+        OutputText::new(&tok, &prompt, vec![]).with_tools(&tok, ToolFormat::Hermes, "call_", true);
+    let (_, a, calls, _) = feed(&tok, &mut out, &gen);
+    assert_eq!(
+        (a.as_str(), tools::assemble(&calls).1.len()),
+        ("", 1),
+        "{calls:?}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -237,7 +237,9 @@ impl Tokenizer {
             .unwrap_or_default();
         let tool_format =
             tools::ToolFormat::detect(|t| inner.token_to_id(t).is_some(), &architecture);
-        let template_has_tools = chat_template.as_deref().is_some_and(|t| t.contains("tools"));
+        let template_has_tools = chat_template
+            .as_deref()
+            .is_some_and(|t| t.contains("tools"));
         let think_start = inner.token_to_id("<think>");
         let think_end = inner.token_to_id("</think>");
         let harmony = match (
@@ -518,9 +520,11 @@ impl OutputText {
         self
     }
 
-    /// Tool calls begun so far.
+    /// Tool calls begun so far (those emitted: not one past the limit).
     pub fn tool_calls(&self) -> usize {
-        self.tools.as_ref().map_or(0, |t| t.parser.calls())
+        self.tools.as_ref().map_or(0, |t| {
+            t.parser.calls().min(t.max_calls.unwrap_or(usize::MAX))
+        })
     }
 
     /// Answer text through the tool-call parser (when there is one); `None`: the end.

@@ -179,9 +179,7 @@ mod tests {
     use super::*;
 
     fn msgs(v: &[(&str, &str)]) -> Vec<Message> {
-        v.iter()
-            .map(|(r, c)| Message::new(*r, *c))
-            .collect()
+        v.iter().map(|(r, c)| Message::new(*r, *c)).collect()
     }
 
     #[test]

@@ -1109,8 +1109,12 @@ mod tests {
             for m in f.markers() {
                 assert!(!m.is_empty() && !m.starts_with('\n'), "{f:?} marker {m:?}");
             }
-            let p = f.preamble(&[serde_json::json!({"type": "function", "function": {"name": "now"}})]);
-            assert!(p.contains("\"name\": \"now\"") && p.contains(&f.render_calls(&[("<function-name>", "<args-json-object>")])));
+            let p =
+                f.preamble(&[serde_json::json!({"type": "function", "function": {"name": "now"}})]);
+            assert!(
+                p.contains("\"name\": \"now\"")
+                    && p.contains(&f.render_calls(&[("<function-name>", "<args-json-object>")]))
+            );
         }
     }
 }
