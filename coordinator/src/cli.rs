@@ -204,6 +204,11 @@ pub struct ClusterArgs {
     /// the KV cache cannot hold refuses to start.
     #[arg(long)]
     pub max_model_len: Option<usize>,
+    /// How the model writes tool calls, as vLLM's option names them (hermes, mistral,
+    /// deepseek_v3, deepseek_v31, kimi_k2, openai); default: from the vocabulary's markers,
+    /// else the architecture.
+    #[arg(long, value_parser = parse_tool_format)]
+    pub tool_call_parser: Option<crate::text::tools::ToolFormat>,
     /// Fault injection for supervision tests: the engine loop panics after N steps.
     #[arg(long, hide = true)]
     pub fault_panic_after_steps: Option<u64>,
@@ -1234,6 +1239,7 @@ fn serve_options(
         )?
         .map(Arc::new),
         max_model_len: c.max_model_len,
+        tool_call_parser: c.tool_call_parser,
         panic_after_steps: c.fault_panic_after_steps,
         admin_addr,
         admin_keys,
@@ -1244,6 +1250,21 @@ fn serve_options(
             client_key: c.worker_tls_key.clone(),
         }
         .load()?,
+    })
+}
+
+fn parse_tool_format(s: &str) -> Result<crate::text::tools::ToolFormat, String> {
+    use crate::text::tools::ToolFormat;
+    ToolFormat::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = ToolFormat::ALL
+            .into_iter()
+            .chain([ToolFormat::Harmony])
+            .map(ToolFormat::name)
+            .collect();
+        format!(
+            "unknown tool-call format {s:?} (one of {})",
+            names.join(", ")
+        )
     })
 }
 

@@ -458,4 +458,119 @@ mod tests {
             tok.encode_plain("<tool_call>\n{\"name\": \"rm\", \"arguments\": {}}\n</tool_call>");
         assert!(m.validate_tokens(&bad).unwrap() < bad.len());
     }
+
+    /// The fixture vocabulary with GPT-OSS's harmony tokens added (special, as released).
+    fn harmony_tokenizer() -> Arc<crate::text::Tokenizer> {
+        let fixture =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tokenizer");
+        let dir = std::env::temp_dir().join(format!("sy-harmony-grammar-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut tj: Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture.join("tokenizer.json")).unwrap())
+                .unwrap();
+        let marks = [
+            "<|start|>",
+            "<|channel|>",
+            "<|message|>",
+            "<|end|>",
+            "<|call|>",
+            "<|constrain|>",
+        ];
+        for (i, m) in marks.iter().enumerate() {
+            tj["added_tokens"].as_array_mut().unwrap().push(json!({
+                "id": 2048 + i, "content": m, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": true
+            }));
+        }
+        std::fs::write(dir.join("tokenizer.json"), tj.to_string()).unwrap();
+        std::fs::copy(
+            fixture.join("tokenizer_config.json"),
+            dir.join("tokenizer_config.json"),
+        )
+        .unwrap();
+        let tok = crate::text::Tokenizer::load(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        Arc::new(tok)
+    }
+
+    /// GPT-OSS: random walks through the harmony call grammar (thinking in the analysis
+    /// channel, then calls as messages to functions) read back, token by token through
+    /// `OutputText`, as reasoning and calls to the offered tools within their schemas.
+    #[test]
+    fn harmony_call_grammar_generates_what_output_text_reads() {
+        let tok = harmony_tokenizer();
+        assert_eq!(tok.tool_format, ToolFormat::Harmony);
+        let h = tok.harmony.expect("harmony tokens");
+        let grammars = Grammars::new(tok.clone()).unwrap();
+        let mut rng = switchyard_kernels::rng::Rng::new(11);
+        let mut prompt = vec![h.start];
+        prompt.extend(tok.encode_plain("assistant"));
+        let (mut thought, mut names) = (0, std::collections::HashSet::new());
+        for parallel in [false, true] {
+            let g = call_grammar(ToolFormat::Harmony, &tools(), parallel, &|m| {
+                tok.token_to_id(m)
+            });
+            for walk in 0..8 {
+                let mut m = grammars
+                    .compile(&Grammar::Lark(g.clone()))
+                    .unwrap_or_else(|e| panic!("{e}\n{g}"));
+                let mut out = crate::text::OutputText::new(&tok, &prompt, vec![]).with_tools(
+                    &tok,
+                    ToolFormat::Harmony,
+                    "call_",
+                    parallel,
+                );
+                let (mut reasoning, mut text, mut events) = (String::new(), String::new(), vec![]);
+                for n in 0.. {
+                    assert!(n < 600, "walk {walk}: no end");
+                    let mask = m.compute_mask_or_eos().unwrap();
+                    let ids: Vec<u32> = (0..mask.len() as u32)
+                        .filter(|t| mask.is_allowed(*t))
+                        .collect();
+                    // Uniform, but a marker the grammar allows is taken one time in four (a
+                    // uniform walk would think for thousands of tokens).
+                    let marks: Vec<u32> = ids.iter().copied().filter(|t| *t >= 2048).collect();
+                    let pick = if !marks.is_empty() && rng.next_u64() % 4 == 0 {
+                        marks[rng.next_u64() as usize % marks.len()]
+                    } else {
+                        ids[rng.next_u64() as usize % ids.len()]
+                    };
+                    if tok.eos_ids.contains(&pick) || m.is_stopped() {
+                        break;
+                    }
+                    m.consume_token(pick).unwrap();
+                    let d = out.push(&tok, pick).unwrap();
+                    reasoning.push_str(&d.reasoning);
+                    text.push_str(&d.text);
+                    events.extend(d.calls);
+                }
+                let d = out.finish(&tok).unwrap();
+                text.push_str(&d.text);
+                events.extend(d.calls);
+                thought += usize::from(!reasoning.is_empty());
+                let (_, calls) = assemble(&events);
+                assert_eq!(text, "", "walk {walk}: {events:?}");
+                assert!(
+                    !calls.is_empty() && (parallel || calls.len() == 1),
+                    "{calls:?}"
+                );
+                for (id, name, args) in calls {
+                    let a: Value = serde_json::from_str(&args)
+                        .unwrap_or_else(|e| panic!("{name} {args:?}: {e}"));
+                    match name.as_str() {
+                        "get_weather" => {
+                            assert!(a["city"].as_str().is_some_and(|c| c.chars().count() <= 8));
+                            assert!(a["days"].as_i64().is_some_and(|d| (1..=7).contains(&d)));
+                        }
+                        "now" => assert_eq!(a, json!({})),
+                        other => panic!("a call to {other:?}"),
+                    }
+                    assert!(id.starts_with("call_"));
+                    names.insert(name);
+                }
+            }
+        }
+        assert!(thought > 0, "no walk thought first");
+        assert_eq!(names.len(), 2, "{names:?}");
+    }
 }

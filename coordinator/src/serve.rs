@@ -53,6 +53,9 @@ pub struct ServeOptions {
     /// Longest prompt + max_tokens of a request (`None`: the model's context or one worker's
     /// KV, whichever is smaller).
     pub max_model_len: Option<usize>,
+    /// How the model writes tool calls (`None`: detected from its vocabulary and
+    /// architecture).
+    pub tool_call_parser: Option<crate::text::tools::ToolFormat>,
     /// Fault injection (supervision tests): the engine loop panics after this many steps.
     pub panic_after_steps: Option<u64>,
     /// The Admin API's own listener; none: no Admin API. Without `admin_keys` it must be a
@@ -208,6 +211,7 @@ pub async fn serve(
                 redundant: o.redundant_experts,
                 rebalance: o.rebalance,
                 max_model_len: o.max_model_len,
+                tool_format: o.tool_call_parser,
                 panic_after_steps: o.panic_after_steps,
                 may_drive: Some(may_drive),
                 resume_grace: o.resume_grace,

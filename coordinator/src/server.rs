@@ -348,6 +348,8 @@ pub struct ServiceOptions {
     /// what one worker's KV cache holds, whichever is smaller. A value the KV cannot hold is
     /// refused at start.
     pub max_model_len: Option<usize>,
+    /// How the model writes tool calls (`None`: `Tokenizer::tool_format`, detected).
+    pub tool_format: Option<crate::text::tools::ToolFormat>,
     /// Fault injection for the supervision tests: the engine loop panics after this many
     /// steps.
     pub panic_after_steps: Option<u64>,
@@ -611,11 +613,17 @@ impl InferenceService {
             redundant,
             rebalance,
             max_model_len: explicit_len,
+            tool_format,
             panic_after_steps,
             may_drive,
             resume_grace,
         } = opts;
-        let tok = Arc::new(Tokenizer::load(model_dir)?);
+        let mut tok = Tokenizer::load(model_dir)?;
+        if let Some(f) = tool_format {
+            tok.tool_format = f;
+        }
+        tracing::info!(format = tok.tool_format.name(), "tool calls");
+        let tok = Arc::new(tok);
         let cfg = switchyard_worker::engine::read_config(model_dir)?;
         let (tx, rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();

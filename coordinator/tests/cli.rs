@@ -191,6 +191,10 @@ fn bad_input_fails_with_a_message_and_nonzero_status() {
             vec!["gen-model", "--preset", "huge", "--out", "/tmp/x"],
             "unknown preset",
         ),
+        (
+            vec!["up", "--model", d, "--tool-call-parser", "xml"],
+            "unknown tool-call format \"xml\" (one of hermes, mistral, deepseek_v3, deepseek_v31, kimi_k2, openai)",
+        ),
     ] {
         let o = switchyard(&args);
         assert!(!o.status.success(), "{args:?} should fail");

@@ -230,6 +230,17 @@ fn every_bad_request_is_invalid_argument_naming_its_field() {
             })
         };
         let long: Vec<u32> = (0..4096).map(|i| 100 + i % 1000).collect();
+        let chat = || GenerateRequest {
+            input: Some(Input::Chat(ChatInput {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "Time?".into(),
+                    ..Default::default()
+                }],
+                add_generation_prompt: None,
+            })),
+            ..ok()
+        };
         let cases: Vec<(&str, GenerateRequest)> = vec![
             (
                 "input",
@@ -390,6 +401,78 @@ fn every_bad_request_is_invalid_argument_naming_its_field() {
                     constraint: Some(C::JsonObject(true)),
                     ignore_eos: true,
                     ..ok()
+                },
+            ),
+            (
+                "tools",
+                GenerateRequest {
+                    tools: vec![tool("now")],
+                    ..ok()
+                },
+            ),
+            (
+                "tools[0].name",
+                GenerateRequest {
+                    tools: vec![tool("rm -rf")],
+                    ..chat()
+                },
+            ),
+            (
+                "tools[1].name",
+                GenerateRequest {
+                    tools: vec![tool("now"), tool("now")],
+                    ..chat()
+                },
+            ),
+            (
+                "tools[0].parameters",
+                GenerateRequest {
+                    tools: vec![Tool {
+                        parameters: "{\"type\": ".into(),
+                        ..tool("now")
+                    }],
+                    ..chat()
+                },
+            ),
+            (
+                "tools[0].strict",
+                GenerateRequest {
+                    tools: vec![Tool {
+                        strict: true,
+                        ..tool("now")
+                    }],
+                    ..chat()
+                },
+            ),
+            (
+                "tool_choice",
+                GenerateRequest {
+                    tool_choice: ToolChoice::Required as i32,
+                    ..chat()
+                },
+            ),
+            (
+                "tool_choice_function",
+                GenerateRequest {
+                    tools: vec![tool("now")],
+                    tool_choice: ToolChoice::Function as i32,
+                    tool_choice_function: "later".into(),
+                    ..chat()
+                },
+            ),
+            (
+                "parallel_tool_calls",
+                GenerateRequest {
+                    parallel_tool_calls: Some(false),
+                    ..chat()
+                },
+            ),
+            (
+                "json_object",
+                GenerateRequest {
+                    tools: vec![tool("now")],
+                    constraint: Some(C::JsonObject(true)),
+                    ..chat()
                 },
             ),
         ];
@@ -679,5 +762,85 @@ fn a_thinking_budget_ends_the_reasoning() {
             capped.reasoning_tokens <= 6 && capped.completion_tokens > capped.reasoning_tokens,
             "five tokens of thinking, its end, then the answer: {capped:?}"
         );
+    });
+}
+
+fn tool(name: &str) -> Tool {
+    Tool {
+        name: name.into(),
+        description: "The time".into(),
+        parameters: r#"{"type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}},
+            "required": ["tz"], "additionalProperties": false}"#
+            .into(),
+        strict: false,
+    }
+}
+
+/// The typed API's tool calls: a named function's call arrives as `Delta.tool_calls` (its
+/// first piece with id and name, then the arguments, which match the schema) and the stream
+/// finishes with TOOL_CALLS; the answer holds no text.
+#[test]
+fn a_named_tool_call_streams_as_typed_deltas() {
+    let (_up, url) = up();
+    block_on(async {
+        let mut c = InferenceClient::connect(url.clone()).await.unwrap();
+        for seed in 0..4 {
+            let req = GenerateRequest {
+                request_id: format!("tools-{seed}"),
+                input: Some(Input::Chat(ChatInput {
+                    messages: vec![ChatMessage {
+                        role: "user".into(),
+                        content: "Time?".into(),
+                        ..Default::default()
+                    }],
+                    add_generation_prompt: None,
+                })),
+                sampling: Some(SamplingParams {
+                    temperature: 1.0,
+                    seed: Some(seed),
+                    ..Default::default()
+                }),
+                max_tokens: 120,
+                max_reasoning_tokens: 8,
+                tools: vec![tool("now"), tool("later")],
+                tool_choice: ToolChoice::Function as i32,
+                tool_choice_function: "later".into(),
+                ..Default::default()
+            };
+            let mut s = c.generate(req).await.unwrap().into_inner();
+            let (mut deltas, mut text, mut fin) = (Vec::new(), String::new(), None);
+            while let Some(m) = s.message().await.unwrap() {
+                match m.event {
+                    Some(Event::Delta(d)) => {
+                        text.push_str(&d.text);
+                        deltas.extend(d.tool_calls);
+                    }
+                    Some(Event::Finished(f)) => fin = Some(f.reason()),
+                    _ => {}
+                }
+            }
+            assert_eq!(
+                fin,
+                Some(FinishReason::ToolCalls),
+                "seed {seed}: {deltas:?}"
+            );
+            assert_eq!(text, "", "seed {seed}");
+            let first = &deltas[0];
+            assert_eq!(
+                (first.index, first.id.as_str(), first.name.as_str()),
+                (0, format!("call_tools-{seed}_0").as_str(), "later"),
+                "seed {seed}"
+            );
+            assert!(deltas.iter().all(|d| d.index == 0), "{deltas:?}");
+            assert!(deltas[1..]
+                .iter()
+                .all(|d| d.id.is_empty() && d.name.is_empty()));
+            let args: String = deltas.iter().map(|d| d.arguments.as_str()).collect();
+            let v: serde_json::Value = serde_json::from_str(&args).unwrap();
+            assert!(
+                v == serde_json::json!({"tz": "UTC"}) || v == serde_json::json!({"tz": "CET"}),
+                "seed {seed}: {args}"
+            );
+        }
     });
 }

@@ -169,6 +169,41 @@ fn harmony_channels_split_analysis_from_final() {
         ("Think it through.", "Blue light scatters.")
     );
     assert!(reasoning_tokens > 0);
+    // A message to a function is a tool call (with tools on), its content the arguments; the
+    // same message without tools is commentary text.
+    let mut gen = vec![h.channel];
+    gen.extend(tok.encode("analysis").unwrap());
+    gen.push(h.message);
+    gen.extend(tok.encode("Look it up.").unwrap());
+    gen.extend([h.end, h.start]);
+    gen.extend(tok.encode("assistant").unwrap());
+    gen.push(h.channel);
+    gen.extend(
+        tok.encode("commentary to=functions.get_weather json")
+            .unwrap(),
+    );
+    gen.push(h.message);
+    gen.extend(tok.encode("{\"city\": \"Rome\"}").unwrap());
+    let out = OutputText::new(&tok, &prompt, vec![]);
+    let (r, a, calls, _) = feed(
+        &tok,
+        &mut out.with_tools(&tok, ToolFormat::Harmony, "c", true),
+        &gen,
+    );
+    assert_eq!(
+        (r.as_str(), a.as_str(), tools::assemble(&calls).1),
+        (
+            "Look it up.",
+            "",
+            vec![(
+                "c0".into(),
+                "get_weather".into(),
+                "{\"city\": \"Rome\"}".into()
+            )]
+        )
+    );
+    let (_, a, calls, _) = feed(&tok, &mut OutputText::new(&tok, &prompt, vec![]), &gen);
+    assert_eq!((a.as_str(), calls.len()), ("{\"city\": \"Rome\"}", 0));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -137,6 +137,9 @@ pub struct Harmony {
     pub channel: u32,
     pub message: u32,
     pub end: u32,
+    /// `<|call|>`, which ends a message that calls a function (and, as an end-of-sequence
+    /// token in GPT-OSS's generation config, usually the output).
+    pub call: Option<u32>,
 }
 
 fn read_json(path: &Path) -> Result<Option<Value>, TextError> {
@@ -253,6 +256,7 @@ impl Tokenizer {
                 channel,
                 message,
                 end,
+                call: inner.token_to_id("<|call|>"),
             }),
             _ => None,
         };
@@ -441,10 +445,24 @@ pub struct TextDelta {
 #[derive(Clone, Debug, PartialEq)]
 enum HarmonyState {
     /// Inside a message header (`<|start|>role<|channel|>name`): nothing is emitted;
-    /// `channel` collects the channel name once `<|channel|>` is seen.
-    Header { channel: Option<String> },
+    /// `channel` collects the channel name once `<|channel|>` is seen, `words` the whole
+    /// header's text (a recipient, `to=functions.f`, may come before or after the channel;
+    /// other special tokens in it, such as `<|constrain|>`, separate words).
+    Header {
+        channel: Option<String>,
+        words: String,
+    },
     /// Inside a message's content.
     Content,
+}
+
+impl HarmonyState {
+    fn header() -> Self {
+        HarmonyState::Header {
+            channel: None,
+            words: String::new(),
+        }
+    }
 }
 
 /// Turns output tokens into reasoning and answer text, with stop strings.
@@ -468,6 +486,9 @@ struct Tools {
     markers: Vec<(u32, String)>,
     /// Calls allowed (1 with parallel calls off): the output ends where one more begins.
     max_calls: Option<usize>,
+    /// Harmony calls begun, and the one whose arguments the current message holds.
+    harmony_calls: usize,
+    in_call: Option<usize>,
 }
 
 impl OutputText {
@@ -480,7 +501,7 @@ impl OutputText {
                 .rposition(|t| [h.start, h.message, h.end].contains(t))
                 .map(|i| prompt[i]);
             let state = if last == Some(h.start) {
-                HarmonyState::Header { channel: None }
+                HarmonyState::header()
             } else {
                 HarmonyState::Content
             };
@@ -516,6 +537,8 @@ impl OutputText {
             parser: tools::ToolParser::new(format, id_prefix),
             markers,
             max_calls: (!parallel).then_some(1),
+            harmony_calls: 0,
+            in_call: None,
         });
         self
     }
@@ -523,7 +546,7 @@ impl OutputText {
     /// Tool calls begun so far (those emitted: not one past the limit).
     pub fn tool_calls(&self) -> usize {
         self.tools.as_ref().map_or(0, |t| {
-            t.parser.calls().min(t.max_calls.unwrap_or(usize::MAX))
+            (t.parser.calls() + t.harmony_calls).min(t.max_calls.unwrap_or(usize::MAX))
         })
     }
 
@@ -533,6 +556,15 @@ impl OutputText {
             d.text.push_str(s.unwrap_or_default());
             return;
         };
+        if let Some(index) = t.in_call {
+            if let Some(text) = s.filter(|s| !s.is_empty()) {
+                d.calls.push(tools::ToolEvent::Args {
+                    index,
+                    text: text.to_string(),
+                });
+            }
+            return;
+        }
         let events = match s {
             Some(s) => t.parser.push(s),
             None => t.parser.finish(),
@@ -562,28 +594,56 @@ impl OutputText {
         let Some((h, state)) = self.harmony.clone() else {
             return Ok(false);
         };
-        let next = if id == h.start || id == h.end {
+        let next = if id == h.start || id == h.end || Some(id) == h.call {
             if state == HarmonyState::Content {
                 self.flush_segment(tok, d)?;
                 self.detok = DetokStream::new(true);
             }
+            if let Some(t) = &mut self.tools {
+                t.in_call = None;
+            }
             self.in_reasoning = false;
-            HarmonyState::Header { channel: None }
-        } else if let HarmonyState::Header { channel } = state {
+            HarmonyState::header()
+        } else if let HarmonyState::Header { channel, mut words } = state {
             if id == h.channel {
+                words.push(' ');
                 HarmonyState::Header {
                     channel: Some(String::new()),
+                    words,
                 }
             } else if id == h.message {
-                // Only the analysis channel is reasoning; final (and commentary) is text.
+                // Only the analysis channel is reasoning; final (and commentary) is text,
+                // except a message to a function: a tool call, its content the arguments.
                 self.in_reasoning = channel.as_deref().map(str::trim) == Some("analysis");
+                let to = words
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("to=functions."));
+                if let (Some(name), Some(t)) = (to, &mut self.tools) {
+                    let index = t.harmony_calls;
+                    if t.max_calls.is_some_and(|m| index >= m) {
+                        self.stopped = true;
+                        d.stopped = true;
+                    } else {
+                        t.harmony_calls += 1;
+                        t.in_call = Some(index);
+                        self.in_reasoning = false;
+                        d.calls.push(tools::ToolEvent::Call {
+                            index,
+                            id: format!("{}{index}", t.parser.id_prefix()),
+                            name: name.to_string(),
+                        });
+                    }
+                }
                 HarmonyState::Content
             } else {
+                let text = tok.decode(&[id], true).unwrap_or_default();
+                // A special token (e.g. `<|constrain|>`) separates words.
+                words.push_str(if text.is_empty() { " " } else { &text });
                 let channel = channel.map(|mut c| {
-                    c.push_str(&tok.decode(&[id], true).unwrap_or_default());
+                    c.push_str(&text);
                     c
                 });
-                HarmonyState::Header { channel }
+                HarmonyState::Header { channel, words }
             }
         } else {
             return Ok(false);

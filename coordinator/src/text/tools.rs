@@ -31,6 +31,11 @@ pub enum ToolFormat {
     /// Kimi K2: `<|tool_calls_section_begin|><|tool_call_begin|>functions.f:0
     /// <|tool_call_argument_begin|>{…}<|tool_call_end|>…<|tool_calls_section_end|>`.
     KimiK2,
+    /// GPT-OSS's harmony messages: `<|start|>assistant<|channel|>commentary to=functions.f
+    /// <|constrain|>json<|message|>{…}<|call|>`. A call is a message whose header names a
+    /// function: read by [`super::OutputText`]'s harmony state, not by [`ToolParser`] (for
+    /// which the answer text is all text).
+    Harmony,
 }
 
 /// The delimiters of a format whose calls are marker-separated fields (not one JSON value).
@@ -63,17 +68,23 @@ impl ToolFormat {
             ToolFormat::DeepSeekV3 => "deepseek_v3",
             ToolFormat::DeepSeekV31 => "deepseek_v31",
             ToolFormat::KimiK2 => "kimi_k2",
+            ToolFormat::Harmony => "openai",
         }
     }
 
     pub fn from_name(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|f| f.name() == s)
+        Self::ALL
+            .into_iter()
+            .chain([ToolFormat::Harmony])
+            .find(|f| f.name() == s)
     }
 
     /// The format a model writes: the one whose markers its vocabulary holds, else the one
     /// its architecture's releases use (Hermes where nothing says otherwise).
     pub fn detect(has_token: impl Fn(&str) -> bool, architecture: &str) -> ToolFormat {
-        if has_token("<|tool_calls_section_begin|>") {
+        if has_token("<|call|>") && has_token("<|channel|>") {
+            ToolFormat::Harmony
+        } else if has_token("<|tool_calls_section_begin|>") {
             ToolFormat::KimiK2
         } else if has_token("<｜tool▁calls▁begin｜>") {
             ToolFormat::DeepSeekV3
@@ -85,6 +96,7 @@ impl ToolFormat {
             match architecture {
                 "DeepseekV3ForCausalLM" => ToolFormat::DeepSeekV3,
                 "MixtralForCausalLM" => ToolFormat::Mistral,
+                "GptOssForCausalLM" if has_token("<|channel|>") => ToolFormat::Harmony,
                 _ => ToolFormat::Hermes,
             }
         }
@@ -95,6 +107,7 @@ impl ToolFormat {
         match self {
             ToolFormat::Hermes => "<tool_call>",
             ToolFormat::Mistral => "[TOOL_CALLS]",
+            ToolFormat::Harmony => "<|channel|>commentary to=functions.",
             _ => self.delimited().expect("delimited").open,
         }
     }
@@ -105,6 +118,8 @@ impl ToolFormat {
         match self {
             ToolFormat::Hermes => vec!["<tool_call>", "</tool_call>"],
             ToolFormat::Mistral => vec!["[TOOL_CALLS]"],
+            // Message headers: the harmony state reads them.
+            ToolFormat::Harmony => vec![],
             f => {
                 let d = f.delimited().expect("delimited");
                 let mut m = vec![d.open, d.call_open, d.args_end, d.close, d.header_end];
@@ -138,6 +153,15 @@ impl ToolFormat {
                 let objs: Vec<String> = calls.iter().map(|(n, a)| object(n, a)).collect();
                 format!("[TOOL_CALLS] [{}]", objs.join(", "))
             }
+            ToolFormat::Harmony => calls
+                .iter()
+                .map(|(n, a)| {
+                    format!(
+                        "<|start|>assistant<|channel|>commentary to=functions.{n} \
+                         <|constrain|>json<|message|>{a}<|call|>"
+                    )
+                })
+                .collect(),
             f => {
                 let d = f.delimited().expect("delimited");
                 let mut s = d.open.to_string();
@@ -203,7 +227,7 @@ impl ToolFormat {
                 after_args: None,
                 close: "<|tool_calls_section_end|>",
             }),
-            ToolFormat::Hermes | ToolFormat::Mistral => None,
+            ToolFormat::Hermes | ToolFormat::Mistral | ToolFormat::Harmony => None,
         }
     }
 
@@ -482,6 +506,11 @@ impl ToolParser {
         self.format
     }
 
+    /// What call ids without one of the model's own start with.
+    pub fn id_prefix(&self) -> &str {
+        &self.id_prefix
+    }
+
     /// Calls begun so far.
     pub fn calls(&self) -> usize {
         self.calls
@@ -574,6 +603,11 @@ impl ToolParser {
     fn step(&mut self, out: &mut Vec<ToolEvent>) -> bool {
         let state = std::mem::replace(&mut self.state, State::Text);
         match state {
+            State::Text if self.format == ToolFormat::Harmony => {
+                let all = std::mem::take(&mut self.buf);
+                self.text(&all, out);
+                false
+            }
             State::Text => {
                 let open = self.format.open();
                 if let Some(i) = self.buf.find(open) {
@@ -859,6 +893,39 @@ pub fn call_grammar(
                     ),
                 );
             }
+        }
+        ToolFormat::Harmony => {
+            // Generation starts in the assistant's header; thinking (the analysis channel)
+            // stays free, then come the calls, each its own message.
+            for (i, t) in tools.iter().enumerate() {
+                g.push_str(&format!(
+                    "call_{i}: {} {} {} {} {} {}\n",
+                    lit("<|channel|>"),
+                    lit(&format!("commentary to=functions.{} ", t.name)),
+                    lit("<|constrain|>"),
+                    lit("json"),
+                    lit("<|message|>"),
+                    params_json(t),
+                ));
+            }
+            let next = [lit("<|call|>"), lit("<|start|>"), lit("assistant")].join(" ");
+            let end = lit("<|call|>");
+            g.insert_str(
+                0,
+                &format!(
+                    "start: analysis? {} {end}\n\
+                     analysis: {} {} {} THOUGHT {} {} {}\n\
+                     THOUGHT: /(?s:.*)/\n\
+                     call: {alts}\n",
+                    many("call", &next),
+                    lit("<|channel|>"),
+                    lit("analysis"),
+                    lit("<|message|>"),
+                    lit("<|end|>"),
+                    lit("<|start|>"),
+                    lit("assistant"),
+                ),
+            );
         }
         ToolFormat::DeepSeekV3 | ToolFormat::DeepSeekV31 | ToolFormat::KimiK2 => {
             let d = format.delimited().expect("delimited");
