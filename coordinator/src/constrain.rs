@@ -28,6 +28,9 @@ pub enum Grammar {
     Regex(String),
     /// A Lark grammar (llguidance's dialect).
     Lark(String),
+    /// The tool calls a request requires (`text::tools::call_grammar`): a Lark grammar over
+    /// the whole output, a harmony model's message headers included.
+    Calls(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +51,7 @@ impl Grammar {
             Grammar::JsonSchema(_) => "json_schema",
             Grammar::Regex(_) => "regex",
             Grammar::Lark(_) => "lark",
+            Grammar::Calls(_) => "tools",
         }
     }
 
@@ -67,8 +71,32 @@ impl Grammar {
             }
             Grammar::JsonSchema(s) => TopLevelGrammar::from_json_schema(compact(s.clone())),
             Grammar::Regex(r) => TopLevelGrammar::from_regex(r),
-            Grammar::Lark(l) => TopLevelGrammar::from_lark(l.clone()),
+            Grammar::Lark(l) | Grammar::Calls(l) => TopLevelGrammar::from_lark(l.clone()),
         }
+    }
+
+    /// The grammar for an output that starts in a harmony message header (GPT-OSS after
+    /// `<|start|>assistant`): free thinking in analysis messages, then the final channel's
+    /// content, which is this grammar. Tool calls' grammar spans the headers itself.
+    fn in_harmony(&self, h: &crate::text::Harmony) -> TopLevelGrammar {
+        let mut answer = self.top_level();
+        if matches!(self, Grammar::Calls(_)) {
+            return answer;
+        }
+        answer.grammars[0].name = Some("answer".into());
+        let t = |id: u32| format!("<[{id}]>");
+        let wrapper = format!(
+            "start: analysis* {channel} \"final\" {message} @answer\n\
+             analysis: {channel} \"analysis\" {message} THOUGHT {end} {start} \"assistant\"\n\
+             THOUGHT: /(?s:.*)/\n",
+            channel = t(h.channel),
+            message = t(h.message),
+            end = t(h.end),
+            start = t(h.start),
+        );
+        let mut g = TopLevelGrammar::from_lark(wrapper);
+        g.grammars.extend(answer.grammars);
+        g
     }
 }
 
@@ -124,13 +152,27 @@ impl Grammars {
 
     /// A matcher for `g`.
     pub fn compile(&self, g: &Grammar) -> Result<Matcher, ConstraintError> {
-        let parser =
-            self.factory
-                .create_parser(g.top_level())
-                .map_err(|e| ConstraintError::Grammar {
-                    field: g.field(),
-                    detail: e.to_string(),
-                })?;
+        self.compile_in(g, None)
+    }
+
+    /// A matcher for `g` over an output that starts in a harmony header, when `harmony`
+    /// (see [`Grammar::in_harmony`]).
+    pub fn compile_in(
+        &self,
+        g: &Grammar,
+        harmony: Option<&crate::text::Harmony>,
+    ) -> Result<Matcher, ConstraintError> {
+        let top = match harmony {
+            Some(h) => g.in_harmony(h),
+            None => g.top_level(),
+        };
+        let parser = self
+            .factory
+            .create_parser(top)
+            .map_err(|e| ConstraintError::Grammar {
+                field: g.field(),
+                detail: e.to_string(),
+            })?;
         let matcher = Matcher::new(Ok(parser));
         if let Some(e) = matcher.get_error() {
             return Err(ConstraintError::Grammar {
@@ -183,7 +225,8 @@ impl GrammarCell {
                     field: "grammar",
                     detail: e.to_string(),
                 })?;
-            Some(self.get(tok)?.compile(&g)?)
+            let header = tok.harmony_header(prompt);
+            Some(self.get(tok)?.compile_in(&g, header.as_ref())?)
         };
         if matcher.is_none() && (budget.is_none() || thinking.is_none()) {
             return Ok(None);
@@ -572,5 +615,68 @@ mod tests {
         }
         assert!(thought > 0, "no walk thought first");
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    /// GPT-OSS with a response format: generation starts in a harmony header, so the
+    /// request's grammar is the final channel's content, after free analysis messages. Random
+    /// walks read back through `OutputText` as an answer that matches (JSON schema, regex,
+    /// Lark alike), never as header text.
+    #[test]
+    fn harmony_answers_are_constrained_after_the_analysis() {
+        let tok = harmony_tokenizer();
+        let grammars = Grammars::new(tok.clone()).unwrap();
+        let h = tok.harmony.expect("harmony tokens");
+        let mut prompt = vec![h.start];
+        prompt.extend(tok.encode_plain("assistant"));
+        assert_eq!(tok.harmony_header(&prompt), Some(h));
+        let mut rng = switchyard_kernels::rng::Rng::new(5);
+        let schema = json!({"type": "object", "properties": {
+            "n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["n"],
+            "additionalProperties": false});
+        let cases = [
+            Grammar::JsonSchema(schema),
+            Grammar::Regex("[a-c]{2,4}".into()),
+            Grammar::Lark("start: \"x\" | \"yz\"".into()),
+        ];
+        let mut thought = 0;
+        for g in cases {
+            for walk in 0..6 {
+                let mut m = grammars.compile_in(&g, Some(&h)).unwrap();
+                let mut out = crate::text::OutputText::new(&tok, &prompt, vec![]);
+                let (mut reasoning, mut text) = (String::new(), String::new());
+                for n in 0.. {
+                    assert!(n < 600, "{g:?} walk {walk}: no end");
+                    let mask = m.compute_mask_or_eos().unwrap();
+                    let ids: Vec<u32> = (0..mask.len() as u32)
+                        .filter(|t| mask.is_allowed(*t))
+                        .collect();
+                    let marks: Vec<u32> = ids.iter().copied().filter(|t| *t >= 2048).collect();
+                    let pick = if !marks.is_empty() && rng.next_u64() % 4 == 0 {
+                        marks[rng.next_u64() as usize % marks.len()]
+                    } else {
+                        ids[rng.next_u64() as usize % ids.len()]
+                    };
+                    if tok.eos_ids.contains(&pick) || m.is_stopped() {
+                        break;
+                    }
+                    m.consume_token(pick).unwrap();
+                    let d = out.push(&tok, pick).unwrap();
+                    reasoning.push_str(&d.reasoning);
+                    text.push_str(&d.text);
+                }
+                text.push_str(&out.finish(&tok).unwrap().text);
+                thought += usize::from(!reasoning.is_empty());
+                let ok = match &g {
+                    Grammar::JsonSchema(_) => serde_json::from_str::<Value>(&text)
+                        .is_ok_and(|v| v["n"].as_u64().is_some_and(|n| n <= 99)),
+                    Grammar::Regex(_) => {
+                        (2..=4).contains(&text.len()) && text.chars().all(|c| "abc".contains(c))
+                    }
+                    _ => text == "x" || text == "yz",
+                };
+                assert!(ok, "{g:?} walk {walk}: answer {text:?}");
+            }
+        }
+        assert!(thought > 0, "no walk thought first");
     }
 }

@@ -1350,7 +1350,7 @@ fn tool_plan(r: &GenerateRequest, tok: &Tokenizer) -> Result<ToolPlan, Status> {
         parse: choice != ToolChoice::None,
         parallel,
         grammar: constrained.map(|(specs, par)| {
-            crate::constrain::Grammar::Lark(call_grammar(tok.tool_format, &specs, par, &special))
+            crate::constrain::Grammar::Calls(call_grammar(tok.tool_format, &specs, par, &special))
         }),
     })
 }
@@ -1502,16 +1502,8 @@ impl Inference for InferenceService {
                  be held to both)",
             ));
         }
-        // The field a grammar came from, for errors: a required or named tool choice's is
-        // built from the tools.
-        let (grammar, grammar_field) = match (grammar, plan.grammar) {
-            (Some(g), _) => {
-                let f = g.field();
-                (Some(g), f)
-            }
-            (None, Some(g)) => (Some(g), "tool_choice"),
-            (None, None) => (None, ""),
-        };
+        let grammar = grammar.or(plan.grammar);
+        let grammar_field = grammar.as_ref().map_or("grammar", |g| g.field());
         if grammar.is_some() {
             if r.ignore_eos {
                 return Err(invalid(
@@ -1588,12 +1580,7 @@ impl Inference for InferenceService {
                 .map_err(|e| Status::internal(format!("grammar task: {e}")))?
                 .map_err(|e| match e {
                     crate::constrain::ConstraintError::Grammar { detail, .. } => {
-                        let field = if grammar_field == "tool_choice" {
-                            "tools"
-                        } else {
-                            grammar_field
-                        };
-                        invalid(field, detail)
+                        invalid(grammar_field, detail)
                     }
                     other => Status::internal(other.to_string()),
                 })?

@@ -414,6 +414,17 @@ impl Tokenizer {
             .unwrap_or_default()
     }
 
+    /// The harmony markers, when generation after `prompt` starts in a message header
+    /// (`…<|start|>assistant`).
+    pub fn harmony_header(&self, prompt: &[u32]) -> Option<Harmony> {
+        let h = self.harmony?;
+        let last = prompt
+            .iter()
+            .rev()
+            .find(|t| [h.start, h.message, h.end].contains(t));
+        (last == Some(&h.start)).then_some(h)
+    }
+
     /// Whether generation after `prompt` starts inside a `<think>` block.
     pub fn starts_in_reasoning(&self, prompt: &[u32]) -> bool {
         let (Some(s), Some(e)) = (self.think_start, self.think_end) else {
@@ -495,12 +506,9 @@ impl OutputText {
     pub fn new(tok: &Tokenizer, prompt: &[u32], stops: Vec<String>) -> Self {
         // Harmony: generation after `…<|start|>assistant` begins in a header; otherwise in
         // the content of whatever message is open (the answer unless its channel says).
+        let in_header = tok.harmony_header(prompt).is_some();
         let harmony = tok.harmony.map(|h| {
-            let last = prompt
-                .iter()
-                .rposition(|t| [h.start, h.message, h.end].contains(t))
-                .map(|i| prompt[i]);
-            let state = if last == Some(h.start) {
+            let state = if in_header {
                 HarmonyState::header()
             } else {
                 HarmonyState::Content
