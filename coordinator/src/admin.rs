@@ -85,10 +85,7 @@ impl AdminService {
                          admin key",
                     ))
                 } else {
-                    Err(Status::unauthenticated(format!(
-                        "admin API: {}",
-                        e.message()
-                    )))
+                    Err(Status::unauthenticated(format!("admin API: {e}")))
                 }
             }
         }

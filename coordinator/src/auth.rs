@@ -9,6 +9,7 @@
 //! Invariant: a generation holds its key's permit from admission until its stream ends, so
 //! a key never has more than `per_key` generations in flight.
 
+use crate::api::ApiError;
 use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -127,7 +128,7 @@ impl ApiKeys {
     }
 
     /// The key an `authorization` value (`Bearer KEY`) presents, if it is a known one.
-    pub fn check(&self, authorization: Option<&str>) -> Result<&str, tonic::Status> {
+    pub fn check(&self, authorization: Option<&str>) -> Result<&str, ApiError> {
         let presented = authorization
             .and_then(|a| {
                 a.strip_prefix("Bearer ")
@@ -135,25 +136,25 @@ impl ApiKeys {
             })
             .map(str::trim);
         match presented {
-            None => Err(tonic::Status::unauthenticated(
-                "missing API key: send `authorization: Bearer KEY`",
+            None => Err(ApiError::Unauthenticated(
+                "missing API key: send `authorization: Bearer KEY`".into(),
             )),
             Some(k) => self
                 .keys
                 .get_key_value(k)
                 .map(|(k, _)| k.as_str())
-                .ok_or_else(|| tonic::Status::unauthenticated("incorrect API key provided")),
+                .ok_or_else(|| ApiError::Unauthenticated("incorrect API key provided".into())),
         }
     }
 
     /// A slot of `key`'s concurrency limit, held until dropped; RESOURCE_EXHAUSTED when full.
-    pub fn acquire(&self, key: &str) -> Result<OwnedSemaphorePermit, tonic::Status> {
+    pub fn acquire(&self, key: &str) -> Result<OwnedSemaphorePermit, ApiError> {
         let sem = self
             .keys
             .get(key)
-            .ok_or_else(|| tonic::Status::unauthenticated("incorrect API key provided"))?;
+            .ok_or_else(|| ApiError::Unauthenticated("incorrect API key provided".into()))?;
         sem.clone().try_acquire_owned().map_err(|_| {
-            tonic::Status::resource_exhausted(format!(
+            ApiError::ResourceExhausted(format!(
                 "this API key already has {} requests in flight",
                 self.per_key
             ))
@@ -171,19 +172,16 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(k.check(Some("Bearer alpha")).unwrap(), "alpha");
-        assert_eq!(
-            k.check(Some("Bearer gamma")).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
-        assert_eq!(
-            k.check(None).unwrap_err().code(),
-            tonic::Code::Unauthenticated
-        );
+        assert!(matches!(
+            k.check(Some("Bearer gamma")),
+            Err(ApiError::Unauthenticated(_))
+        ));
+        assert!(matches!(k.check(None), Err(ApiError::Unauthenticated(_))));
         let p = k.acquire("beta").unwrap();
-        assert_eq!(
-            k.acquire("beta").unwrap_err().code(),
-            tonic::Code::ResourceExhausted
-        );
+        assert!(matches!(
+            k.acquire("beta"),
+            Err(ApiError::ResourceExhausted(_))
+        ));
         drop(p);
         assert!(k.acquire("beta").is_ok());
         assert!(ApiKeys::load(None, None, 1).unwrap().is_none());

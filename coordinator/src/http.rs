@@ -21,7 +21,6 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use switchyard_proto::v1::generate_response::Event;
-use switchyard_proto::v1::inference_server::Inference;
 use switchyard_proto::v1::*;
 use tokio_stream::StreamExt;
 
@@ -206,35 +205,38 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<tonic::Status> for ApiError {
-    fn from(s: tonic::Status) -> Self {
-        use tonic::Code;
-        let (status, kind, code) = match s.code() {
-            Code::InvalidArgument => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
-            Code::Unauthenticated => (
+impl From<crate::api::ApiError> for ApiError {
+    fn from(e: crate::api::ApiError) -> Self {
+        use crate::api::ApiError as E;
+        let (status, kind, code) = match &e {
+            E::InvalidArgument { .. } | E::BadRequest(_) => {
+                (StatusCode::BAD_REQUEST, "invalid_request_error", None)
+            }
+            E::Unauthenticated(_) => (
                 StatusCode::UNAUTHORIZED,
                 "invalid_request_error",
                 Some("invalid_api_key"),
             ),
-            Code::PermissionDenied => (StatusCode::FORBIDDEN, "invalid_request_error", None),
-            Code::NotFound => (StatusCode::NOT_FOUND, "invalid_request_error", None),
-            Code::ResourceExhausted => (
+            E::PermissionDenied(_) => (StatusCode::FORBIDDEN, "invalid_request_error", None),
+            E::NotFound(_) => (StatusCode::NOT_FOUND, "invalid_request_error", None),
+            E::FailedPrecondition(_) => (StatusCode::BAD_REQUEST, "invalid_request_error", None),
+            E::ResourceExhausted(_) => (
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
                 Some("rate_limit_exceeded"),
             ),
-            Code::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None),
-            Code::DeadlineExceeded => (StatusCode::GATEWAY_TIMEOUT, "server_error", None),
-            _ => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
+            E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "server_error", None),
+            E::DeadlineExceeded(_) => (StatusCode::GATEWAY_TIMEOUT, "server_error", None),
+            E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "server_error", None),
         };
-        // Validation messages are "field: detail"; the field is OpenAI's `param`.
-        let param = (s.code() == Code::InvalidArgument)
-            .then(|| s.message().split_once(": ").map(|(f, _)| f.to_string()))
-            .flatten();
+        let param = match &e {
+            E::InvalidArgument { field, .. } => Some(field.clone()),
+            _ => None,
+        };
         ApiError {
             status,
             kind,
-            message: s.message().to_string(),
+            message: e.to_string(),
             param,
             code,
         }
@@ -686,44 +688,20 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
         .map(str::to_string)
 }
 
-/// What the gRPC request carries over from the HTTP one: the caller's credentials and W3C
-/// trace context (so the request's span joins the caller's trace).
-struct Caller {
-    auth: Option<String>,
-    trace: Vec<(&'static str, String)>,
-}
-
-impl Caller {
-    fn of(headers: &HeaderMap) -> Self {
-        Caller {
-            auth: bearer(headers),
-            trace: ["traceparent", "tracestate"]
-                .into_iter()
-                .filter_map(|k| {
-                    let v = headers.get(k)?.to_str().ok()?;
-                    Some((k, v.to_string()))
-                })
-                .collect(),
-        }
+/// The call context of an HTTP request: the caller's credentials and W3C trace context (so
+/// the request's span joins the caller's trace).
+fn call_of(headers: &HeaderMap) -> crate::api::Call {
+    crate::api::Call {
+        authorization: bearer(headers),
+        trace: ["traceparent", "tracestate"]
+            .into_iter()
+            .filter_map(|k| {
+                let v = headers.get(k)?.to_str().ok()?;
+                Some((k, v.to_string()))
+            })
+            .collect(),
+        ..Default::default()
     }
-}
-
-/// The gRPC request the HTTP one stands for.
-fn grpc_request(r: GenerateRequest, caller: &Caller) -> tonic::Request<GenerateRequest> {
-    let up_to_context = r.max_tokens == 0;
-    let mut req = tonic::Request::new(r);
-    if up_to_context {
-        req.extensions_mut().insert(crate::server::UpToContext);
-    }
-    if let Some(a) = caller.auth.as_deref().and_then(|a| a.parse().ok()) {
-        req.metadata_mut().insert("authorization", a);
-    }
-    for (k, v) in &caller.trace {
-        if let Ok(v) = v.parse() {
-            req.metadata_mut().insert(*k, v);
-        }
-    }
-    req
 }
 
 fn now_s() -> u64 {
@@ -781,7 +759,7 @@ impl Common {
                 ))
             }
             Some(n) => n,
-            // No limit: as many as the context leaves after the prompt (see `grpc_request`).
+            // No limit: as many as the context leaves after the prompt (`Call::up_to_context`).
             None => 0,
         };
         let mut logit_bias = std::collections::HashMap::new();
@@ -844,16 +822,24 @@ fn finish_str(f: Option<FinishReason>) -> Value {
 }
 
 type EventStream = std::pin::Pin<
-    Box<dyn tokio_stream::Stream<Item = Result<GenerateResponse, tonic::Status>> + Send>,
+    Box<dyn tokio_stream::Stream<Item = Result<GenerateResponse, crate::api::ApiError>> + Send>,
 >;
 
 /// Starts one generation; errors before the first event are the request's errors.
 async fn start(
     svc: &InferenceService,
     r: GenerateRequest,
-    caller: &Caller,
+    caller: &crate::api::Call,
 ) -> Result<EventStream, ApiError> {
-    Ok(svc.generate(grpc_request(r, caller)).await?.into_inner())
+    let call = crate::api::Call {
+        // No limit: as many tokens as the context leaves.
+        up_to_context: r.max_tokens == 0,
+        ..caller.clone()
+    };
+    let events = svc.submit(r, call).await?;
+    Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+        events,
+    )))
 }
 
 async fn gather(mut s: EventStream) -> Result<Gathered, ApiError> {
@@ -884,7 +870,9 @@ async fn gather(mut s: EventStream) -> Result<Gathered, ApiError> {
         }
     }
     if g.finish == Some(FinishReason::Error) {
-        return Err(ApiError::from(tonic::Status::internal(g.error.clone())));
+        return Err(ApiError::from(crate::api::ApiError::internal(
+            g.error.clone(),
+        )));
     }
     Ok(g)
 }
@@ -987,8 +975,8 @@ async fn chat_completions(
     headers: HeaderMap,
     Body(req): Body<ChatRequest>,
 ) -> Result<Response, ApiError> {
-    let caller = Caller::of(&headers);
-    st.svc.authorize(caller.auth.as_deref())?;
+    let caller = call_of(&headers);
+    st.svc.authorize(caller.authorization.as_deref())?;
     let mut g = req.common.to_grpc(&st.svc)?;
     if req.messages.is_empty() {
         return Err(ApiError::invalid(
@@ -1179,8 +1167,8 @@ async fn completions(
     headers: HeaderMap,
     Body(req): Body<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let caller = Caller::of(&headers);
-    st.svc.authorize(caller.auth.as_deref())?;
+    let caller = call_of(&headers);
+    st.svc.authorize(caller.authorization.as_deref())?;
     if req.echo {
         return Err(ApiError::invalid(Some("echo"), "echo is not supported"));
     }
@@ -1310,7 +1298,7 @@ async fn start_n(
     g: &GenerateRequest,
     n: u32,
     id: &str,
-    caller: &Caller,
+    caller: &crate::api::Call,
 ) -> Result<Vec<EventStream>, ApiError> {
     let mut out = Vec::with_capacity(n as usize);
     for i in 0..n {

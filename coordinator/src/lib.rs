@@ -2,6 +2,7 @@
 //! benchmark, and the `switchyard` command line.
 
 pub mod admin;
+pub mod api;
 pub mod auth;
 pub mod bench;
 pub mod chaos;

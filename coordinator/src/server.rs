@@ -8,6 +8,7 @@
 //! that goes away, or a stop string, cancels the request in the driver at once (its KV blocks
 //! are freed with the next step).
 
+use crate::api::{ApiError, Call, Events};
 use crate::driver::{Cluster, Driver, Emitted, GenRequest, RebalanceReport, Snapshot};
 use crate::generate::{self, Prompt, Request as GenReq};
 use crate::metrics::{Metrics, WorkerKv};
@@ -31,7 +32,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 /// What the engine loop sends a request's handler: its tokens, or why it failed.
-type Sink = tokio::sync::mpsc::UnboundedSender<Result<Emitted, Status>>;
+type Sink = tokio::sync::mpsc::UnboundedSender<Result<Emitted, ApiError>>;
 
 /// A reply to an operator command.
 type Reply<T> = tokio::sync::oneshot::Sender<Result<T, String>>;
@@ -71,7 +72,7 @@ fn rebuild(
         Ok(c) => {
             for (id, e) in driver.rebuild(c) {
                 if let Some(sink) = sinks.remove(&id) {
-                    let _ = sink.send(Err(Status::invalid_argument(e.to_string())));
+                    let _ = sink.send(Err(ApiError::bad_request(e.to_string())));
                 }
             }
             let (kept_now, reprefilled_now) = driver.recovered();
@@ -95,7 +96,7 @@ fn rebuild(
 fn fail_all(driver: &mut Driver, sinks: &mut HashMap<u64, Sink>, why: &str) {
     tracing::error!("{why}; failing the requests in flight");
     for (id, sink) in sinks.drain() {
-        let _ = sink.send(Err(Status::unavailable(why.to_string())));
+        let _ = sink.send(Err(ApiError::unavailable(why.to_string())));
         driver.cancel(id);
     }
 }
@@ -207,7 +208,7 @@ fn engine_loop(
             match c {
                 Cmd::Submit(r, sink) => match rec.unavailable() {
                     Some(why) => {
-                        let _ = sink.send(Err(Status::unavailable(why.to_string())));
+                        let _ = sink.send(Err(ApiError::unavailable(why.to_string())));
                     }
                     None => {
                         let id = r.id;
@@ -216,7 +217,7 @@ fn engine_loop(
                                 sh.sinks.insert(id, sink);
                             }
                             Err(e) => {
-                                let _ = sink.send(Err(Status::invalid_argument(e.to_string())));
+                                let _ = sink.send(Err(ApiError::bad_request(e.to_string())));
                             }
                         }
                     }
@@ -313,7 +314,7 @@ fn engine_loop(
                 }
                 for (id, why) in driver.take_errors() {
                     if let Some(s) = sh.sinks.remove(&id) {
-                        let _ = s.send(Err(Status::internal(why)));
+                        let _ = s.send(Err(ApiError::internal(why)));
                     }
                 }
             }
@@ -368,7 +369,7 @@ type Parking = Arc<std::sync::Mutex<HashMap<String, Parked>>>;
 /// (then the ones generated meanwhile).
 struct Parked {
     job: Job,
-    rx: tokio::sync::mpsc::UnboundedReceiver<Result<Emitted, Status>>,
+    rx: tokio::sync::mpsc::UnboundedReceiver<Result<Emitted, ApiError>>,
     /// Tokens generated before the takeover, and the first of them whose log-probability is
     /// known (the workers keep only the last one's).
     known: usize,
@@ -450,7 +451,7 @@ fn adopt_all(
             crate::driver::Adopted::Reprefilled => reprefilled += 1,
             crate::driver::Adopted::Finished => done += 1,
             crate::driver::Adopted::Refused => {
-                let _ = tx.send(Err(Status::failed_precondition(
+                let _ = tx.send(Err(ApiError::failed_precondition(
                     "this coordinator cannot run the request it took over (its length \
                      exceeds what one worker's KV cache holds)",
                 )));
@@ -749,7 +750,7 @@ impl InferenceService {
     }
 
     /// Checks a caller's `authorization` value (`Bearer KEY`) when keys are required.
-    pub fn authorize(&self, authorization: Option<&str>) -> Result<(), Status> {
+    pub fn authorize(&self, authorization: Option<&str>) -> Result<(), ApiError> {
         match &self.keys {
             Some(k) => k.check(authorization).map(|_| ()),
             None => Ok(()),
@@ -803,12 +804,12 @@ impl InferenceService {
     }
 
     /// UNAVAILABLE with the reason while the cluster cannot serve.
-    fn check_available(&self) -> Result<(), Status> {
+    fn check_available(&self) -> Result<(), ApiError> {
         let s = self.snapshot.lock().unwrap_or_else(|e| e.into_inner());
         if s.unavailable.is_empty() {
             Ok(())
         } else {
-            Err(Status::unavailable(s.unavailable.clone()))
+            Err(ApiError::unavailable(s.unavailable.clone()))
         }
     }
 
@@ -827,12 +828,12 @@ impl InferenceService {
         &self,
         job: Job,
         skip: usize,
-        mut tok_rx: tokio::sync::mpsc::UnboundedReceiver<Result<Emitted, Status>>,
+        mut tok_rx: tokio::sync::mpsc::UnboundedReceiver<Result<Emitted, ApiError>>,
         t0: Instant,
         deadline: Option<tokio::time::Instant>,
         permits: (InFlight, Option<tokio::sync::OwnedSemaphorePermit>),
         span: tracing::Span,
-    ) -> tokio::sync::mpsc::Receiver<Result<GenerateResponse, Status>> {
+    ) -> Events {
         let (out_tx, out_rx) = tokio::sync::mpsc::channel(64);
         let tok = self.tok.clone();
         let cmds = self.cmds.lock().unwrap_or_else(|e| e.into_inner()).clone();
@@ -895,7 +896,7 @@ impl InferenceService {
                             metrics.on_finished("deadline");
                             let _ = cmds.send(Cmd::Cancel(id));
                             let _ = out_tx
-                                .send(Err(Status::deadline_exceeded(format!(
+                                .send(Err(ApiError::deadline_exceeded(format!(
                                     "deadline passed after {completion} tokens"
                                 ))))
                                 .await;
@@ -1082,13 +1083,8 @@ pub const MAX_TOP_LOGPROBS: u32 = 20;
 pub const MAX_STOP_STRINGS: usize = 16;
 pub const MAX_STOP_BYTES: usize = 256;
 
-/// Marks a request (as a tonic extension, which no remote caller can set) whose `max_tokens`
-/// of 0 means "as many as the context leaves" (OpenAI's chat API without a limit).
-#[derive(Clone, Copy, Debug)]
-pub struct UpToContext;
-
 /// Checks the stop strings a request gives.
-fn check_stop(stop: &[String]) -> Result<(), Status> {
+fn check_stop(stop: &[String]) -> Result<(), ApiError> {
     if stop.len() > MAX_STOP_STRINGS {
         return Err(invalid(
             "stop",
@@ -1135,29 +1131,19 @@ fn grpc_timeout(
     }))
 }
 
-/// When a call that arrived at `t0` must be over, from its `grpc-timeout` header.
-fn call_deadline(
-    m: &tonic::metadata::MetadataMap,
-    t0: Instant,
-) -> Result<Option<tokio::time::Instant>, Status> {
-    Ok(grpc_timeout(m.get("grpc-timeout"))
-        .map_err(|d| invalid("grpc-timeout", d))?
-        .map(|d| tokio::time::Instant::from_std(t0) + d))
-}
-
 /// The `authorization` metadata value of a call, if any.
 pub fn auth_value(m: &tonic::metadata::MetadataMap) -> Option<&str> {
     m.get("authorization").and_then(|v| v.to_str().ok())
 }
 
-fn invalid(field: &str, detail: impl std::fmt::Display) -> Status {
-    Status::invalid_argument(format!("{field}: {detail}"))
+fn invalid(field: &str, detail: impl std::fmt::Display) -> ApiError {
+    ApiError::invalid(field, detail)
 }
 
-fn gen_status(e: GenerateError) -> Status {
+fn gen_status(e: GenerateError) -> ApiError {
     match e {
         GenerateError::InvalidArgument { field, detail } => invalid(field, detail),
-        other => Status::internal(other.to_string()),
+        other => ApiError::internal(other.to_string()),
     }
 }
 
@@ -1244,7 +1230,7 @@ struct ToolPlan {
 }
 
 /// Checks a request's tools and tool choice (INVALID_ARGUMENT naming the field).
-fn tool_plan(r: &GenerateRequest, tok: &Tokenizer) -> Result<ToolPlan, Status> {
+fn tool_plan(r: &GenerateRequest, tok: &Tokenizer) -> Result<ToolPlan, ApiError> {
     use crate::text::tools::{call_grammar, ToolSpec};
     let choice = ToolChoice::try_from(r.tool_choice)
         .map_err(|_| invalid("tool_choice", format!("unknown value {}", r.tool_choice)))?;
@@ -1413,26 +1399,24 @@ impl Job {
 
 type GenStream = Pin<Box<dyn Stream<Item = Result<GenerateResponse, Status>> + Send>>;
 
-fn ev(e: Event) -> Result<GenerateResponse, Status> {
+fn ev(e: Event) -> Result<GenerateResponse, ApiError> {
     Ok(GenerateResponse { event: Some(e) })
 }
 
-#[tonic::async_trait]
-impl Inference for InferenceService {
-    type GenerateStream = GenStream;
-
-    async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenStream>, Status> {
+impl InferenceService {
+    /// Starts one generation (the API both front ends adapt, see [`crate::api`]): checks the
+    /// call's key and the request (INVALID_ARGUMENT naming the field), tokenizes, compiles
+    /// its constraint, admits it and streams its events.
+    pub async fn submit(&self, mut r: GenerateRequest, call: Call) -> Result<Events, ApiError> {
         let t0 = Instant::now();
-        let req_meta = req.metadata().clone();
         let (key_permit, may_prioritize, owner) = match &self.keys {
             Some(k) => {
-                let key = k.check(auth_value(&req_meta))?;
+                let key = k.check(call.authorization.as_deref())?;
                 (Some(k.acquire(key)?), k.may_prioritize(key), owner_of(key))
             }
             None => (None, true, String::new()),
         };
-        let up_to_context = req.extensions().get::<UpToContext>().is_some();
-        let mut r = req.into_inner();
+        let up_to_context = call.up_to_context;
         if !r.model.is_empty() && r.model != self.model_name {
             return Err(invalid(
                 "model",
@@ -1534,7 +1518,7 @@ impl Inference for InferenceService {
             ));
         }
         if r.priority != 0 && !may_prioritize {
-            return Err(Status::permission_denied(format!(
+            return Err(ApiError::permission_denied(format!(
                 "priority: this API key may not set request priorities (asked for {}); grant it \
                  with `KEY priority` in the API keys file",
                 r.priority
@@ -1553,7 +1537,7 @@ impl Inference for InferenceService {
         let (tok, prompt, vocab) = (self.tok.clone(), greq.prompt.clone(), self.cfg.vocab_size);
         let ids = tokio::task::spawn_blocking(move || generate::prompt_ids(&tok, &prompt, vocab))
             .await
-            .map_err(|e| Status::internal(format!("tokenizer task: {e}")))?
+            .map_err(|e| ApiError::internal(format!("tokenizer task: {e}")))?
             .map_err(gen_status)?;
         let mut greq = greq;
         if up_to_context && greq.max_tokens == 0 {
@@ -1577,12 +1561,12 @@ impl Inference for InferenceService {
             let budget = r.max_reasoning_tokens;
             tokio::task::spawn_blocking(move || cells.for_request(&tok, &g, &p, budget))
                 .await
-                .map_err(|e| Status::internal(format!("grammar task: {e}")))?
+                .map_err(|e| ApiError::internal(format!("grammar task: {e}")))?
                 .map_err(|e| match e {
                     crate::constrain::ConstraintError::Grammar { detail, .. } => {
                         invalid(grammar_field, detail)
                     }
-                    other => Status::internal(other.to_string()),
+                    other => ApiError::internal(other.to_string()),
                 })?
         };
         if r.top_logprobs > MAX_TOP_LOGPROBS {
@@ -1591,11 +1575,11 @@ impl Inference for InferenceService {
                 format!("{} exceeds {MAX_TOP_LOGPROBS}", r.top_logprobs),
             ));
         }
-        let deadline = call_deadline(&req_meta, t0)?;
+        let deadline = call.timeout.map(|d| tokio::time::Instant::from_std(t0) + d);
         self.check_available()?;
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
-            return Err(Status::resource_exhausted(format!(
+            return Err(ApiError::resource_exhausted(format!(
                 "admission queue full: {} requests in flight",
                 self.max_in_flight
             )));
@@ -1611,12 +1595,7 @@ impl Inference for InferenceService {
         };
         let span =
             tracing::info_span!("generate", request_id = %request_id, prompt_tokens = ids.len());
-        crate::telemetry::adopt_parent(&span, |k| {
-            req_meta
-                .get(k)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        });
+        crate::telemetry::adopt_parent(&span, |k| call.trace_header(k));
         let (tok_tx, tok_rx) = tokio::sync::mpsc::unbounded_channel();
         let journal = SeqRequest {
             request_id: request_id.clone(),
@@ -1654,26 +1633,24 @@ impl Inference for InferenceService {
         let job = Job::of(id, gen.journal.as_deref().expect("set above"));
         self.send(Cmd::Submit(gen, tok_tx));
         let out_rx = self.stream(job, 0, tok_rx, t0, deadline, (admitted, key_permit), span);
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        Ok(out_rx)
     }
 
-    type ResumeStream = GenStream;
-
-    async fn resume(&self, req: Request<ResumeRequest>) -> Result<Response<GenStream>, Status> {
+    /// Reattaches to a generation adopted from a lost coordinator (see `Resume`).
+    pub async fn reattach(&self, r: ResumeRequest, call: Call) -> Result<Events, ApiError> {
         let t0 = Instant::now();
         let (key_permit, owner) = match &self.keys {
             Some(k) => {
-                let key = k.check(auth_value(req.metadata()))?;
+                let key = k.check(call.authorization.as_deref())?;
                 (Some(k.acquire(key)?), owner_of(key))
             }
             None => (None, String::new()),
         };
-        let deadline = call_deadline(req.metadata(), t0)?;
-        let r = req.into_inner();
+        let deadline = call.timeout.map(|d| tokio::time::Instant::from_std(t0) + d);
         self.check_available()?;
         let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         let not_found = || {
-            Status::not_found(format!(
+            ApiError::not_found(format!(
                 "request_id: no request {:?} to resume here (finished and delivered, \
                  cancelled, never seen by the coordinator this one took over from, or not \
                  resumed within the grace period)",
@@ -1697,7 +1674,7 @@ impl Inference for InferenceService {
             ));
         }
         if p.job.want_logprobs && received < p.logprobs_from {
-            return Err(Status::failed_precondition(format!(
+            return Err(ApiError::failed_precondition(format!(
                 "logprobs: tokens {received}..{} were generated before the takeover and \
                  their log-probabilities are lost (the workers keep only the last token's); \
                  the request cannot be resumed with logprobs from token {received}",
@@ -1716,7 +1693,48 @@ impl Inference for InferenceService {
             (p.admitted, key_permit),
             span,
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+        Ok(out_rx)
+    }
+}
+
+/// The call context a gRPC request's metadata carries: `authorization`, `grpc-timeout`,
+/// W3C trace context.
+fn grpc_call<T>(req: &Request<T>) -> Result<Call, Status> {
+    let m = req.metadata();
+    let timeout = grpc_timeout(m.get("grpc-timeout")).map_err(|d| invalid("grpc-timeout", d))?;
+    Ok(Call {
+        authorization: auth_value(m).map(str::to_string),
+        timeout,
+        trace: ["traceparent", "tracestate"]
+            .into_iter()
+            .filter_map(|k| Some((k, m.get(k)?.to_str().ok()?.to_string())))
+            .collect(),
+        up_to_context: false,
+    })
+}
+
+/// Events as a gRPC response stream (errors mapped to status codes here, at the edge).
+fn grpc_stream(rx: Events) -> GenStream {
+    use tokio_stream::StreamExt;
+    Box::pin(ReceiverStream::new(rx).map(|r| r.map_err(Status::from)))
+}
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = GenStream;
+
+    async fn generate(&self, req: Request<GenerateRequest>) -> Result<Response<GenStream>, Status> {
+        let call = grpc_call(&req)?;
+        let events = self.submit(req.into_inner(), call).await?;
+        Ok(Response::new(grpc_stream(events)))
+    }
+
+    type ResumeStream = GenStream;
+
+    async fn resume(&self, req: Request<ResumeRequest>) -> Result<Response<GenStream>, Status> {
+        let call = grpc_call(&req)?;
+        let events = self.reattach(req.into_inner(), call).await?;
+        Ok(Response::new(grpc_stream(events)))
     }
 
     async fn tokenize(
@@ -1742,7 +1760,7 @@ impl Inference for InferenceService {
                     text,
                 )
             }
-            None => return Err(invalid("input", "text or chat is required")),
+            None => return Err(invalid("input", "text or chat is required").into()),
         };
         Ok(Response::new(TokenizeResponse { ids, rendered }))
     }
