@@ -619,6 +619,11 @@ pub struct BenchGrammarArgs {
     /// Masks to time.
     #[arg(long, default_value_t = 2000)]
     pub tokens: usize,
+    /// Also time a step's masks for this many constrained streams at once, computed on one
+    /// thread and on all of the machine's (the engine loop's way), over `--tokens / streams`
+    /// steps (0: skip).
+    #[arg(long, default_value_t = 0)]
+    pub streams: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long)]
@@ -890,7 +895,30 @@ fn bench_grammar_cmd(a: BenchGrammarArgs) -> Result<()> {
         }),
     };
     let g = crate::constrain::Grammar::JsonSchema(schema);
-    let r = crate::constrain::measure(tok, &g, a.tokens, a.seed)?;
+    let r = crate::constrain::measure(tok.clone(), &g, a.tokens, a.seed)?;
+    if a.streams > 0 {
+        let steps = (a.tokens / a.streams).max(1);
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let pct = |mut v: Vec<f64>, q: f64| {
+            v.sort_by(f64::total_cmp);
+            v[((v.len() - 1) as f64 * q).round() as usize]
+        };
+        let one = crate::constrain::step_cost(tok.clone(), &g, a.streams, steps, a.seed, 1)?;
+        let all = crate::constrain::step_cost(tok, &g, a.streams, steps, a.seed, threads)?;
+        let (s50, s90, p50, p90) = (
+            pct(one.clone(), 0.5),
+            pct(one, 0.9),
+            pct(all.clone(), 0.5),
+            pct(all, 0.9),
+        );
+        println!(
+            "{} streams, {steps} steps: a step's masks p50 {s50:.1} us / p90 {s90:.1} on 1 thread, \
+             p50 {p50:.1} / p90 {p90:.1} on {threads} ({:.2}x / {:.2}x)",
+            a.streams,
+            s50 / p50,
+            s90 / p90
+        );
+    }
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

@@ -1098,6 +1098,25 @@ impl Driver {
         self.run(&s).inspect_err(|_| self.state.rollback(&s))
     }
 
+    /// For each constrained sequence this step samples: whether its end is held back and
+    /// its mask (`constrain::masks_of`), each constraint locked once. On one thread: spread
+    /// over the 2 vCPUs measured, 8 streams' masks took 0.89-1.12x the serial time
+    /// (`bench-grammar --streams 8`, docs/performance.md), no gain for a thread start per
+    /// step.
+    fn masks(&self, s: &Step) -> HashMap<u64, (bool, crate::constrain::MaskResult)> {
+        let todo: Vec<(u64, &std::sync::Mutex<crate::constrain::Constraint>)> = s
+            .chunks
+            .iter()
+            .filter(|c| c.sample)
+            .filter_map(|c| Some((c.seq, self.live.get(&c.seq)?.req.constraint.as_deref()?)))
+            .collect();
+        let ks: Vec<_> = todo.iter().map(|t| t.1).collect();
+        todo.iter()
+            .map(|t| t.0)
+            .zip(crate::constrain::masks_of(&ks, 1))
+            .collect()
+    }
+
     fn run(&mut self, s: &Step) -> Result<Vec<Emitted>, DriverError> {
         let prefill = &s.chunks[s.decodes..];
         // Positions the scheduler expects the ranks to find cached are priced at nothing.
@@ -1137,6 +1156,7 @@ impl Driver {
         self.preemptions += s.preempted.len();
         // What each rank was asked to sample (its result is checked against it).
         let mut sampled: Vec<Vec<(u64, u32)>> = vec![Vec::new(); plans.len()];
+        let mut masks = self.masks(s);
         for c in &s.chunks {
             let l = &self.live[&c.seq];
             if c.sample {
@@ -1145,29 +1165,23 @@ impl Driver {
             let p = &l.req.sampling;
             // Before min_tokens, or while a constrained answer has yet to start, what would
             // end the sequence may not be sampled.
-            let held_back = l
-                .req
-                .constraint
-                .as_ref()
-                .is_some_and(|k| k.lock().unwrap_or_else(|e| e.into_inner()).holds_back_end());
+            let (held_back, mask) = match masks.remove(&c.seq).filter(|_| c.sample) {
+                Some((h, m)) => (h, Some(m)),
+                None => (false, None),
+            };
             let banned = if c.sample && (l.generated < l.req.min_tokens || held_back) {
                 l.req.enders().collect()
             } else {
                 vec![]
             };
-            let allowed = match (&l.req.constraint, c.sample) {
-                (Some(k), true) => {
-                    let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
-                    match k.mask() {
-                        Ok(m) => m.unwrap_or_default(),
-                        Err(e) => {
-                            // Sampled under end of sequence only; ended with the error.
-                            self.failing.insert(c.seq, e.to_string());
-                            crate::constrain::only(l.req.eos.first().copied().unwrap_or(0))
-                        }
-                    }
+            let allowed = match mask {
+                Some(Ok(m)) => m.unwrap_or_default(),
+                Some(Err(e)) => {
+                    // Sampled under end of sequence only; ended with the error.
+                    self.failing.insert(c.seq, e.to_string());
+                    crate::constrain::only(l.req.eos.first().copied().unwrap_or(0))
                 }
-                _ => vec![],
+                None => vec![],
             };
             plans[c.worker].chunks.push(SeqChunk {
                 seq_id: c.seq,

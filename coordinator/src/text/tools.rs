@@ -478,6 +478,9 @@ pub struct ToolParser {
     calls: usize,
     /// Whether the current object's call event is out (it then may not turn back into text).
     announced: bool,
+    /// What a Mistral call list consumed before its first object (`[TOOL_CALLS] [`): text
+    /// again if that object turns out not to be a call.
+    opener: String,
 }
 
 /// The length of the longest suffix of `s` that is a proper prefix of `marker`.
@@ -499,6 +502,7 @@ impl ToolParser {
             ws: String::new(),
             calls: 0,
             announced: false,
+            opener: String::new(),
         }
     }
 
@@ -542,17 +546,18 @@ impl ToolParser {
         if let Some(name) = call.name.clone() {
             self.begin(name, None, out);
             self.announced = true;
+            self.opener.clear();
             let early = std::mem::take(&mut call.early_args);
             self.args(early, out);
         }
     }
 
-    /// A call object that was not a call, as the text it was (Hermes' marker included;
-    /// Mistral's list opener is not kept).
-    fn passed_through(&self, raw: &str) -> String {
+    /// A call object that was not a call, as the text it was (with the marker, and for
+    /// Mistral the list opener, that preceded it).
+    fn passed_through(&mut self, raw: &str) -> String {
         let marker = match self.format {
-            ToolFormat::Mistral => "",
-            f => f.open(),
+            ToolFormat::Mistral => std::mem::take(&mut self.opener),
+            f => f.open().to_string(),
         };
         format!("{marker}{raw}")
     }
@@ -613,6 +618,9 @@ impl ToolParser {
                 if let Some(i) = self.buf.find(open) {
                     let before: String = self.buf.drain(..i + open.len()).collect();
                     self.text(&before[..i], out);
+                    if self.format == ToolFormat::Mistral {
+                        self.opener = open.to_string();
+                    }
                     self.state = match self.format {
                         ToolFormat::Hermes => State::Object(JsonCall::new()),
                         ToolFormat::Mistral => State::MistralList,
@@ -683,21 +691,21 @@ impl ToolParser {
                     false
                 }
             },
-            State::MistralList => match self.expect("[") {
-                Some(true) => {
-                    self.state = State::Object(JsonCall::new());
-                    true
-                }
-                Some(false) => {
-                    // A lone object, or text.
-                    self.state = State::Object(JsonCall::new());
-                    true
-                }
-                None => {
+            State::MistralList => {
+                let t = self.buf.trim_start();
+                if t.is_empty() {
                     self.state = State::MistralList;
-                    false
+                    return false;
                 }
-            },
+                if t.starts_with('[') {
+                    let n = self.buf.len() - t.len() + 1;
+                    let consumed: String = self.buf.drain(..n).collect();
+                    self.opener.push_str(&consumed);
+                }
+                // A list, or a lone object, or text.
+                self.state = State::Object(JsonCall::new());
+                true
+            }
             State::MistralNext => {
                 if let Some(true) = self.expect(",") {
                     self.state = State::Object(JsonCall::new());
@@ -787,6 +795,10 @@ impl ToolParser {
             State::Object(call) if !self.announced => {
                 let mut t = self.passed_through(&call.raw);
                 t.push_str(&rest);
+                self.text(&t, &mut out);
+            }
+            State::MistralList => {
+                let t = format!("{}{rest}", std::mem::take(&mut self.opener));
                 self.text(&t, &mut out);
             }
             State::Header(h) if !h.is_empty() || !rest.is_empty() => {
@@ -1069,6 +1081,21 @@ mod tests {
             "  spaced answer \n",
         ] {
             let (text, calls) = check_splits(ToolFormat::Hermes, s);
+            assert!(calls.is_empty(), "{s:?}");
+            assert_eq!(text, s, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn mistral_not_a_call_is_text() {
+        for s in [
+            "[TOOL_CALLS] [{\"arguments\": {}}] done",
+            "[TOOL_CALLS] plain",
+            "[TOOL_CALLS][1, 2]",
+            "[TOOL_CALLS] [",
+            "[TOOL_CALLS]",
+        ] {
+            let (text, calls) = check_splits(ToolFormat::Mistral, s);
             assert!(calls.is_empty(), "{s:?}");
             assert_eq!(text, s, "{s:?}");
         }
