@@ -1157,13 +1157,6 @@ fn owner_of(key: &str) -> String {
         .collect()
 }
 
-/// A logit bias map in token order.
-fn sorted_bias(m: &std::collections::HashMap<u32, f32>) -> Vec<(u32, f32)> {
-    let mut b: Vec<(u32, f32)> = m.iter().map(|(t, v)| (*t, *v)).collect();
-    b.sort_by_key(|e| e.0);
-    b
-}
-
 /// A proto chat as the text layer renders it.
 fn chat_of(c: ChatInput) -> Chat {
     let some = |s: String| (!s.is_empty()).then_some(s);
@@ -1362,7 +1355,7 @@ fn gen_request(
             seed: journal.seed,
             presence_penalty: journal.presence_penalty,
             frequency_penalty: journal.frequency_penalty,
-            logit_bias: sorted_bias(&journal.logit_bias),
+            logit_bias: switchyard_kernels::sampling::sorted_bias(&journal.logit_bias),
         },
         eos: eos.to_vec(),
         ignore_eos: journal.ignore_eos,
@@ -1451,7 +1444,7 @@ impl InferenceService {
             seed: s.seed.unwrap_or(0),
             presence_penalty: s.presence_penalty,
             frequency_penalty: s.frequency_penalty,
-            logit_bias: sorted_bias(&s.logit_bias),
+            logit_bias: switchyard_kernels::sampling::sorted_bias(&s.logit_bias),
         };
         check_stop(&r.stop)?;
         let vocab = self.cfg.vocab_size;

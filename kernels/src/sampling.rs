@@ -47,6 +47,14 @@ impl Default for SamplingParams {
     }
 }
 
+/// A logit-bias map (as the protos carry it) as [`SamplingParams::logit_bias`]: in token
+/// order, so every rank and every replay applies it identically.
+pub fn sorted_bias<'a>(m: impl IntoIterator<Item = (&'a u32, &'a f32)>) -> Vec<(u32, f32)> {
+    let mut b: Vec<(u32, f32)> = m.into_iter().map(|(t, v)| (*t, *v)).collect();
+    b.sort_by_key(|e| e.0);
+    b
+}
+
 impl SamplingParams {
     pub fn greedy() -> Self {
         Self::default()

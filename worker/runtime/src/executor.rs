@@ -126,9 +126,7 @@ pub fn chunk_params(c: &SeqChunk, logit_bias: &[(u32, f32)]) -> SamplingParams {
 
 /// A chunk's logit bias in token order (the map's order is unspecified).
 fn bias_of(c: &SeqChunk) -> Vec<(u32, f32)> {
-    let mut b: Vec<(u32, f32)> = c.logit_bias.iter().map(|(t, v)| (*t, *v)).collect();
-    b.sort_by_key(|e| e.0);
-    b
+    switchyard_kernels::sampling::sorted_bias(&c.logit_bias)
 }
 
 impl Executor {
