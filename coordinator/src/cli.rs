@@ -1454,6 +1454,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
                     .tokenize(TokenizeRequest {
                         model: String::new(),
                         input: Some(ti),
+                        tools: vec![],
                     })
                     .await
                     .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?

@@ -1222,41 +1222,16 @@ struct ToolPlan {
     grammar: Option<crate::constrain::Grammar>,
 }
 
-/// Checks a request's tools and tool choice (INVALID_ARGUMENT naming the field).
-fn tool_plan(r: &GenerateRequest, tok: &Tokenizer) -> Result<ToolPlan, ApiError> {
-    use crate::text::tools::{call_grammar, ToolSpec};
-    let choice = ToolChoice::try_from(r.tool_choice)
-        .map_err(|_| invalid("tool_choice", format!("unknown value {}", r.tool_choice)))?;
-    if choice != ToolChoice::Function && !r.tool_choice_function.is_empty() {
-        return Err(invalid(
-            "tool_choice_function",
-            "is only given with tool_choice FUNCTION",
-        ));
-    }
-    if r.tools.is_empty() {
-        if matches!(choice, ToolChoice::Required | ToolChoice::Function) {
-            return Err(invalid(
-                "tool_choice",
-                format!("{} needs tools", choice.as_str_name()),
-            ));
-        }
-        if r.parallel_tool_calls.is_some() {
-            return Err(invalid(
-                "parallel_tool_calls",
-                "is only allowed when tools are given",
-            ));
-        }
-        return Ok(ToolPlan::default());
-    }
-    if !matches!(r.input, Some(Input::Chat(_))) {
-        return Err(invalid(
-            "tools",
-            "need chat input (the chat template shows them to the model)",
-        ));
-    }
-    let mut specs: Vec<ToolSpec> = Vec::with_capacity(r.tools.len());
-    let mut offered = Vec::with_capacity(r.tools.len());
-    for (i, t) in r.tools.iter().enumerate() {
+/// Tools as the chat template takes them (OpenAI's `{"type": "function", "function": {…}}`)
+/// and as grammars take them, checked (names, duplicates, schemas; INVALID_ARGUMENT naming
+/// `tools[i].…`).
+fn offered_tools(
+    tools: &[Tool],
+) -> Result<(Vec<serde_json::Value>, Vec<crate::text::tools::ToolSpec>), ApiError> {
+    use crate::text::tools::ToolSpec;
+    let mut specs: Vec<ToolSpec> = Vec::with_capacity(tools.len());
+    let mut offered = Vec::with_capacity(tools.len());
+    for (i, t) in tools.iter().enumerate() {
         let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
         if t.name.is_empty() || t.name.len() > 64 || !t.name.chars().all(ok) {
             return Err(invalid(
@@ -1289,13 +1264,6 @@ fn tool_plan(r: &GenerateRequest, tok: &Tokenizer) -> Result<ToolPlan, ApiError>
                 }
             }
         };
-        if t.strict && choice == ToolChoice::Auto {
-            return Err(invalid(
-                &format!("tools[{i}].strict"),
-                "is honoured by constraining the call, so only with tool_choice required or \
-                 a named function (with auto the model may answer in text)",
-            ));
-        }
         let mut function = serde_json::json!({"name": t.name});
         if !t.description.is_empty() {
             function["description"] = t.description.clone().into();
@@ -1309,6 +1277,51 @@ fn tool_plan(r: &GenerateRequest, tok: &Tokenizer) -> Result<ToolPlan, ApiError>
             parameters,
         });
     }
+    Ok((offered, specs))
+}
+
+/// Checks a request's tools and tool choice (INVALID_ARGUMENT naming the field).
+fn tool_plan(r: &GenerateRequest, tok: &Tokenizer) -> Result<ToolPlan, ApiError> {
+    use crate::text::tools::call_grammar;
+    let choice = ToolChoice::try_from(r.tool_choice)
+        .map_err(|_| invalid("tool_choice", format!("unknown value {}", r.tool_choice)))?;
+    if choice != ToolChoice::Function && !r.tool_choice_function.is_empty() {
+        return Err(invalid(
+            "tool_choice_function",
+            "is only given with tool_choice FUNCTION",
+        ));
+    }
+    if r.tools.is_empty() {
+        if matches!(choice, ToolChoice::Required | ToolChoice::Function) {
+            return Err(invalid(
+                "tool_choice",
+                format!("{} needs tools", choice.as_str_name()),
+            ));
+        }
+        if r.parallel_tool_calls.is_some() {
+            return Err(invalid(
+                "parallel_tool_calls",
+                "is only allowed when tools are given",
+            ));
+        }
+        return Ok(ToolPlan::default());
+    }
+    if !matches!(r.input, Some(Input::Chat(_))) {
+        return Err(invalid(
+            "tools",
+            "need chat input (the chat template shows them to the model)",
+        ));
+    }
+    if let Some(i) = r.tools.iter().position(|t| t.strict) {
+        if choice == ToolChoice::Auto {
+            return Err(invalid(
+                &format!("tools[{i}].strict"),
+                "is honoured by constraining the call, so only with tool_choice required or \
+                 a named function (with auto the model may answer in text)",
+            ));
+        }
+    }
+    let (offered, specs) = offered_tools(&r.tools)?;
     let parallel = r.parallel_tool_calls.unwrap_or(true);
     let constrained = match choice {
         ToolChoice::Auto | ToolChoice::None => None,
@@ -1737,11 +1750,21 @@ impl Inference for InferenceService {
         self.authorize(auth_value(req.metadata()))?;
         let r = req.into_inner();
         let (ids, rendered) = match r.input {
+            Some(tokenize_request::Input::Text(_)) if !r.tools.is_empty() => {
+                return Err(invalid(
+                    "tools",
+                    "need chat input (the chat template shows them to the model)",
+                )
+                .into())
+            }
             Some(tokenize_request::Input::Text(t)) => {
                 (self.tok.encode(&t).map_err(|e| invalid("text", e))?, t)
             }
             Some(tokenize_request::Input::Chat(c)) => {
-                let chat = chat_of(c);
+                let chat = Chat {
+                    tools: offered_tools(&r.tools)?.0,
+                    ..chat_of(c)
+                };
                 let text = self
                     .tok
                     .render_chat(&chat)

@@ -844,3 +844,59 @@ fn a_named_tool_call_streams_as_typed_deltas() {
         }
     });
 }
+
+/// Tokenize renders a chat's tools as Generate does (the fixtures' template knows none, so
+/// they come as the Hermes preamble), and refuses them with text input.
+#[test]
+fn tokenize_counts_a_prompt_with_tools() {
+    let (_up, url) = up();
+    block_on(async {
+        let mut c = InferenceClient::connect(url.clone()).await.unwrap();
+        let chat = || {
+            Some(tokenize_request::Input::Chat(ChatInput {
+                messages: vec![ChatMessage {
+                    role: "user".into(),
+                    content: "Time?".into(),
+                    ..Default::default()
+                }],
+                add_generation_prompt: None,
+            }))
+        };
+        let plain = c
+            .tokenize(TokenizeRequest {
+                input: chat(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let with = c
+            .tokenize(TokenizeRequest {
+                input: chat(),
+                tools: vec![tool("now")],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!plain.rendered.contains("<tools>"), "{}", plain.rendered);
+        assert!(
+            with.rendered.starts_with("<|im_start|>system\n# Tools")
+                && with.rendered.contains("\"name\": \"now\"")
+                && with.rendered.ends_with(&plain.rendered),
+            "{}",
+            with.rendered
+        );
+        assert!(with.ids.len() > plain.ids.len());
+        let e = c
+            .tokenize(TokenizeRequest {
+                input: Some(tokenize_request::Input::Text("x".into())),
+                tools: vec![tool("now")],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().starts_with("tools:"), "{}", e.message());
+    });
+}
