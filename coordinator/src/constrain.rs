@@ -615,6 +615,44 @@ mod tests {
         Arc::new(tok)
     }
 
+    /// A random walk through `m` on [`harmony_tokenizer`]'s vocabulary, fed to `out`: its
+    /// reasoning, answer text and call events. Uniform over the allowed tokens, but a marker
+    /// the grammar allows is taken one time in four (a uniform walk would think for thousands
+    /// of tokens).
+    fn harmony_walk(
+        tok: &crate::text::Tokenizer,
+        m: &mut Matcher,
+        out: &mut crate::text::OutputText,
+        rng: &mut switchyard_kernels::rng::Rng,
+    ) -> (String, String, Vec<crate::text::tools::ToolEvent>) {
+        let (mut reasoning, mut text, mut events) = (String::new(), String::new(), vec![]);
+        for n in 0.. {
+            assert!(n < 600, "no end");
+            let mask = m.compute_mask_or_eos().unwrap();
+            let ids: Vec<u32> = (0..mask.len() as u32)
+                .filter(|t| mask.is_allowed(*t))
+                .collect();
+            let marks: Vec<u32> = ids.iter().copied().filter(|t| *t >= 2048).collect();
+            let pick = if !marks.is_empty() && rng.next_u64() % 4 == 0 {
+                marks[rng.next_u64() as usize % marks.len()]
+            } else {
+                ids[rng.next_u64() as usize % ids.len()]
+            };
+            if tok.eos_ids.contains(&pick) || m.is_stopped() {
+                break;
+            }
+            m.consume_token(pick).unwrap();
+            let d = out.push(tok, pick).unwrap();
+            reasoning.push_str(&d.reasoning);
+            text.push_str(&d.text);
+            events.extend(d.calls);
+        }
+        let d = out.finish(tok).unwrap();
+        text.push_str(&d.text);
+        events.extend(d.calls);
+        (reasoning, text, events)
+    }
+
     /// GPT-OSS: random walks through the harmony call grammar (thinking in the analysis
     /// channel, then calls as messages to functions) read back, token by token through
     /// `OutputText`, as reasoning and calls to the offered tools within their schemas.
@@ -642,33 +680,7 @@ mod tests {
                     "call_",
                     parallel,
                 );
-                let (mut reasoning, mut text, mut events) = (String::new(), String::new(), vec![]);
-                for n in 0.. {
-                    assert!(n < 600, "walk {walk}: no end");
-                    let mask = m.compute_mask_or_eos().unwrap();
-                    let ids: Vec<u32> = (0..mask.len() as u32)
-                        .filter(|t| mask.is_allowed(*t))
-                        .collect();
-                    // Uniform, but a marker the grammar allows is taken one time in four (a
-                    // uniform walk would think for thousands of tokens).
-                    let marks: Vec<u32> = ids.iter().copied().filter(|t| *t >= 2048).collect();
-                    let pick = if !marks.is_empty() && rng.next_u64() % 4 == 0 {
-                        marks[rng.next_u64() as usize % marks.len()]
-                    } else {
-                        ids[rng.next_u64() as usize % ids.len()]
-                    };
-                    if tok.eos_ids.contains(&pick) || m.is_stopped() {
-                        break;
-                    }
-                    m.consume_token(pick).unwrap();
-                    let d = out.push(&tok, pick).unwrap();
-                    reasoning.push_str(&d.reasoning);
-                    text.push_str(&d.text);
-                    events.extend(d.calls);
-                }
-                let d = out.finish(&tok).unwrap();
-                text.push_str(&d.text);
-                events.extend(d.calls);
+                let (reasoning, text, events) = harmony_walk(&tok, &mut m, &mut out, &mut rng);
                 thought += usize::from(!reasoning.is_empty());
                 let (_, calls) = assemble(&events);
                 assert_eq!(text, "", "walk {walk}: {events:?}");
@@ -722,28 +734,7 @@ mod tests {
             for walk in 0..6 {
                 let mut m = grammars.compile_in(&g, Some(&h)).unwrap();
                 let mut out = crate::text::OutputText::new(&tok, &prompt, vec![]);
-                let (mut reasoning, mut text) = (String::new(), String::new());
-                for n in 0.. {
-                    assert!(n < 600, "{g:?} walk {walk}: no end");
-                    let mask = m.compute_mask_or_eos().unwrap();
-                    let ids: Vec<u32> = (0..mask.len() as u32)
-                        .filter(|t| mask.is_allowed(*t))
-                        .collect();
-                    let marks: Vec<u32> = ids.iter().copied().filter(|t| *t >= 2048).collect();
-                    let pick = if !marks.is_empty() && rng.next_u64() % 4 == 0 {
-                        marks[rng.next_u64() as usize % marks.len()]
-                    } else {
-                        ids[rng.next_u64() as usize % ids.len()]
-                    };
-                    if tok.eos_ids.contains(&pick) || m.is_stopped() {
-                        break;
-                    }
-                    m.consume_token(pick).unwrap();
-                    let d = out.push(&tok, pick).unwrap();
-                    reasoning.push_str(&d.reasoning);
-                    text.push_str(&d.text);
-                }
-                text.push_str(&out.finish(&tok).unwrap().text);
+                let (reasoning, text, _) = harmony_walk(&tok, &mut m, &mut out, &mut rng);
                 thought += usize::from(!reasoning.is_empty());
                 let ok = match &g {
                     Grammar::JsonSchema(_) => serde_json::from_str::<Value>(&text)
