@@ -52,6 +52,11 @@ pub enum Command {
     Run(RunArgs),
     /// Write a randomly initialised checkpoint in the Hugging Face layout.
     GenModel(GenModelArgs),
+    /// Import a GGUF checkpoint (llama.cpp's format: llama, Mixtral, qwen3moe, qwen2moe, olmoe)
+    /// as a Hugging Face folder the cluster serves, its weights dequantized to f32 or bf16 and
+    /// its tokenizer and chat template from the metadata. With --upcycle-experts a dense model
+    /// becomes a Mixtral-layout MoE whose experts are copies of its MLPs.
+    Import(ImportArgs),
     /// Measure prefill and decode throughput of a model on this machine.
     Bench(BenchArgs),
     /// Measure decode throughput of local clusters of 1, 2, 4... worker processes: tokens/s,
@@ -591,6 +596,35 @@ pub struct GenModelArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct ImportArgs {
+    /// The .gguf file.
+    pub gguf: PathBuf,
+    /// The folder to write (created; its model files are replaced).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Weight dtype written: f32 or bf16.
+    #[arg(long, default_value = "bf16")]
+    pub dtype: WeightDType,
+    /// Upcycle a dense model into this many experts per layer (each a copy of the layer's MLP).
+    #[arg(long)]
+    pub upcycle_experts: Option<usize>,
+    /// Experts each token is routed to, with --upcycle-experts.
+    #[arg(long, default_value_t = 2, requires = "upcycle_experts")]
+    pub experts_per_token: usize,
+    /// Relative perturbation of the upcycled experts (each weight times 1 + EPS·u, u uniform in
+    /// [-1, 1]) and random router weights; 0 keeps the copies identical and the router zero,
+    /// so that the MoE computes exactly what the dense model does.
+    #[arg(long, default_value_t = 0.0, requires = "upcycle_experts")]
+    pub perturb: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write only the tokenizer files (tokenizer.json, tokenizer_config.json,
+    /// generation_config.json): for vocabulary-only GGUF files.
+    #[arg(long)]
+    pub tokenizer_only: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct BenchClusterArgs {
     #[arg(long)]
     pub model: PathBuf,
@@ -740,6 +774,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => run(a),
         Command::GenModel(a) => gen_model(a),
+        Command::Import(a) => import_cmd(a),
         Command::Bench(a) => bench_cmd(a),
         Command::BenchCluster(a) => bench_cluster_cmd(a),
         Command::BenchRebalance(a) => bench_rebalance_cmd(a),
@@ -836,6 +871,50 @@ fn gen_model(a: GenModelArgs) -> Result<()> {
     ];
     presets::generate(&config, &a.out, a.dtype, a.seed, a.shard_mb << 20, &files)?;
     eprintln!("wrote {}", a.out.display());
+    Ok(())
+}
+
+fn import_cmd(a: ImportArgs) -> Result<()> {
+    use switchyard_worker::gguf::import::{import, ImportOptions, Upcycle};
+    if !(0.0..1.0).contains(&a.perturb) {
+        bail!("--perturb must be in [0, 1), got {}", a.perturb);
+    }
+    let upcycle = a.upcycle_experts.map(|experts| Upcycle {
+        experts,
+        top_k: a.experts_per_token,
+        perturb: a.perturb,
+        seed: a.seed,
+    });
+    let opts = ImportOptions {
+        dtype: a.dtype,
+        upcycle,
+        tokenizer_only: a.tokenizer_only,
+    };
+    let t = std::time::Instant::now();
+    let done = import(&a.gguf, &a.out, &opts)?;
+    if a.tokenizer_only {
+        eprintln!(
+            "wrote the tokenizer of {} ({} tokens) to {}",
+            a.gguf.display(),
+            done.vocab_size,
+            a.out.display()
+        );
+        return Ok(());
+    }
+    let types: Vec<String> = done
+        .source_types
+        .iter()
+        .map(|(t, n)| format!("{n} {t}"))
+        .collect();
+    eprintln!(
+        "wrote {} ({}, {} tensors, {:.1} MB, from {}) in {:.1} s",
+        a.out.display(),
+        done.architecture,
+        done.tensors,
+        done.bytes as f64 / 1e6,
+        types.join(", "),
+        t.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

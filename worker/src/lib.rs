@@ -14,6 +14,8 @@
 //! - [`comm`]: the all-to-all between ranks; [`ep`]: expert parallelism over it.
 //! - [`kv`]: the paged KV cache and its block allocator.
 //! - [`engine`]: sequences, block tables and steps on one worker.
+//! - [`gguf`]: GGUF files (llama.cpp's format): the reader, its block formats'
+//!   dequantization and the import into a Hugging Face folder, with upcycling of dense models.
 //! - [`presets`]: random-initialised checkpoints for demos and benchmarks.
 
 pub mod blocks;
@@ -23,6 +25,7 @@ pub mod engine;
 pub mod ep;
 pub mod experts;
 pub mod family;
+pub mod gguf;
 pub mod kv;
 pub mod layers;
 pub mod model;

@@ -240,7 +240,7 @@ fn fill(name_seed: u64, shape: &[usize], init: &Init) -> Vec<f32> {
     v
 }
 
-fn name_seed(seed: u64, name: &str) -> u64 {
+pub(crate) fn name_seed(seed: u64, name: &str) -> u64 {
     // FNV-1a over the name, mixed with the seed.
     let mut h = 0xcbf2_9ce4_8422_2325u64 ^ seed;
     for b in name.bytes() {

@@ -13,6 +13,7 @@
 
 pub mod deepseek_v3;
 pub mod gpt_oss;
+pub mod llama;
 pub mod mixtral;
 pub mod olmoe;
 pub mod qwen2_moe;
@@ -31,6 +32,8 @@ pub enum Arch {
     Olmoe,
     DeepseekV3,
     GptOss,
+    /// Dense: no experts.
+    Llama,
 }
 
 /// A family: its names in `config.json`, its tensor names and its config parser.
@@ -53,6 +56,7 @@ pub static REGISTRY: &[&Family] = &[
     &olmoe::FAMILY,
     &deepseek_v3::FAMILY,
     &gpt_oss::FAMILY,
+    &llama::FAMILY,
 ];
 
 impl Arch {
