@@ -643,7 +643,8 @@ pub struct BenchClusterArgs {
 
 #[derive(Args, Debug)]
 pub struct BenchGrammarArgs {
-    /// A folder with tokenizer.json (a model's, or `scripts/vocab-from-gguf.py`'s).
+    /// A folder with tokenizer.json (a model's, or one that `switchyard import
+    /// --tokenizer-only` wrote from a GGUF vocabulary).
     #[arg(long)]
     pub tokenizer: PathBuf,
     /// A JSON schema file (default: an object with string, integer, enum, boolean and array

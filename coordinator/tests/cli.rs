@@ -192,6 +192,18 @@ fn bad_input_fails_with_a_message_and_nonzero_status() {
             "unknown preset",
         ),
         (
+            vec!["import", "/nonexistent.gguf", "--out", "/tmp/x"],
+            "/nonexistent.gguf",
+        ),
+        (
+            vec!["import", "x.gguf", "--out", "/tmp/x", "--upcycle-experts", "4", "--perturb", "1.5"],
+            "--perturb must be in [0, 1)",
+        ),
+        (
+            vec!["import", "x.gguf", "--out", "/tmp/x", "--experts-per-token", "2"],
+            "--upcycle-experts",
+        ),
+        (
             vec!["up", "--model", d, "--tool-call-parser", "xml"],
             "unknown tool-call format \"xml\" (one of hermes, mistral, deepseek_v3, deepseek_v31, kimi_k2, openai)",
         ),
@@ -201,6 +213,50 @@ fn bad_input_fails_with_a_message_and_nonzero_status() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+/// `import` of llama.cpp's q8_0 conversion of a fixture, then `run` on the folder it wrote:
+/// the greedy tokens of transformers on the same rounded weights.
+#[test]
+fn import_writes_a_folder_that_runs() {
+    let g: Value = serde_json::from_slice(
+        &std::fs::read(common::fixture("gguf").join("tiny-qwen3-moe-q8_0.golden.json")).unwrap(),
+    )
+    .unwrap();
+    let out_dir =
+        std::env::temp_dir().join(format!("switchyard-cli-import-{}", std::process::id()));
+    let gguf = common::fixture("gguf").join("tiny-qwen3-moe-q8_0.gguf");
+    let o = switchyard(&[
+        "import",
+        gguf.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+        "--dtype",
+        "f32",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("Qwen3MoeForCausalLM") && err.contains("Q8_0"),
+        "{err}"
+    );
+    let p = &g["prompts"][1];
+    let csv: Vec<String> = ids(&p["input_ids"]).iter().map(|x| x.to_string()).collect();
+    let o = switchyard(&[
+        "run",
+        "--model",
+        out_dir.to_str().unwrap(),
+        "--prompt-ids",
+        &csv.join(","),
+        "--max-tokens",
+        "24",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(ids(&v["output_ids"]), ids(&p["greedy"]["new_ids"]));
+    std::fs::remove_dir_all(&out_dir).unwrap();
 }
 
 /// `bench --json` says how the weights are held: the FP8 checkpoint as `fp8`, its compute

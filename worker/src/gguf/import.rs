@@ -204,8 +204,10 @@ fn tokenizer_files(g: &GgufFile) -> Result<TokenizerFiles, GgufError> {
         .and_then(|v| v.as_str())
         .unwrap_or("default");
     let (normalizer, pre_tokenizer, ignore_merges) = match pre {
-        "default" | "gpt2" => (Value::Null, byte_level(true, true), false),
-        "smollm" => (
+        "default" | "gpt2" | "gpt-2" | "olmo" | "mpt" => {
+            (Value::Null, byte_level(true, true), false)
+        }
+        "smollm" | "starcoder" | "refact" => (
             Value::Null,
             json!({"type": "Sequence", "pretokenizers": [
                 {"type": "Digits", "individual_digits": true}, byte_level(true, true)]}),
