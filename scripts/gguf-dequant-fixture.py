@@ -31,6 +31,8 @@ def block(t):
         b[0:4] = half(2)
     elif t in (T.Q4_K, T.Q5_K):
         b[0:4] = half(2)
+    elif t == T.MXFP4:
+        b[0] = rng.integers(100, 150)
     elif t == T.Q6_K:
         b[-2:] = half(1)
     elif t == T.F16:
@@ -43,7 +45,7 @@ def block(t):
 
 
 cases = []
-for t in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K):
+for t in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q4_K, T.Q5_K, T.Q6_K, T.MXFP4):
     size = GGML_QUANT_SIZES[t][0]
     blocks = 3 if size > 1 else 40
     raw = np.concatenate([block(t) for _ in range(blocks)])

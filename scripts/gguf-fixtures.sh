@@ -18,7 +18,7 @@ if [[ ! -x "$py" ]] || ! "$py" -c "import torch, transformers, safetensors, nump
 fi
 source scripts/llama-src.sh
 fixtures=("$@")
-((${#fixtures[@]})) || fixtures=(tiny-mixtral tiny-qwen3-moe tiny-qwen2-moe tiny-olmoe)
+((${#fixtures[@]})) || fixtures=(tiny-mixtral tiny-qwen3-moe tiny-qwen2-moe tiny-olmoe tiny-deepseek-v3 tiny-gpt-oss)
 mkdir -p tests/fixtures/gguf
 for f in "${fixtures[@]}"; do
   for t in f32 q8_0; do

@@ -35,15 +35,35 @@ def main():
     model = AutoModelForCausalLM.from_pretrained(fixture, dtype=torch.float32,
                                                  attn_implementation="eager").eval()
     ours = collections.Counter()
+    cfg = model.config
+    arch = cfg.architectures[0]
+
+    def rounded(a, t):
+        ours[t.name] += 1
+        if t == T.Q8_0:
+            return dequantize(quantize(np.ascontiguousarray(a), T.Q8_0), T.Q8_0).reshape(a.shape)
+        if t == T.F16:
+            return a.astype(np.float16).astype(np.float32)
+        return a
+
     with torch.no_grad():
         for name, p in model.named_parameters():
-            t = stored_type(name, tuple(p.shape))
-            ours[t.name] += 1
-            if t == T.Q8_0:
-                a = p.detach().numpy().astype(np.float32)
-                p.copy_(torch.from_numpy(dequantize(quantize(a, T.Q8_0), T.Q8_0).reshape(a.shape)))
-            elif t == T.F16:
-                p.copy_(p.half().float())
+            a = p.detach().numpy().astype(np.float32)
+            if arch == "GptOssForCausalLM" and re.search(r"experts\.(gate_up|down)_proj$", name):
+                # Stored `x @ W` here, `[out, in]` in the file: blocks run along this axis -2.
+                t = T.Q8_0 if a.shape[-2] % 32 == 0 else T.F16
+                a = rounded(a.swapaxes(-1, -2), t).swapaxes(-1, -2)
+            elif name.endswith("kv_b_proj.weight"):
+                # Written as k_b `[heads, kv_lora, nope]` and v_b `[heads, v, kv_lora]`.
+                nope, v = cfg.qk_nope_head_dim, cfg.v_head_dim
+                h = a.reshape(cfg.num_attention_heads, nope + v, -1)
+                k_t = T.Q8_0 if nope % 32 == 0 else T.F16
+                v_t = T.Q8_0 if h.shape[-1] % 32 == 0 else T.F16
+                k = rounded(h[:, :nope].swapaxes(-1, -2), k_t).swapaxes(-1, -2)
+                a = np.concatenate([k, rounded(h[:, nope:], v_t)], axis=1).reshape(a.shape)
+            else:
+                a = rounded(a, stored_type(name, a.shape))
+            p.copy_(torch.from_numpy(np.ascontiguousarray(a)))
     # The converter's own choices, to check the rounding above against.
     theirs = collections.Counter(t.tensor_type.name for t in GGUFReader(gguf_path).tensors)
     if set(theirs) != set(ours):

@@ -19,14 +19,17 @@ const CONVERTED: &[&str] = &[
     "tiny-qwen3-moe",
     "tiny-qwen2-moe",
     "tiny-olmoe",
+    "tiny-deepseek-v3",
+    "tiny-gpt-oss",
 ];
 
 /// Logits against the goldens of the same weights.
 const LOGIT_TOL: f32 = 1e-4;
 
-/// How far the q8_0 conversions' logits may lie from the f32 goldens (the quantization's own
-/// error on these random-weight fixtures, measured 0.05-0.57 at the recorded positions).
-const Q8_LOGIT_TOL: f32 = 1.0;
+/// How far the q8_0 conversions' logits may lie from the f32 goldens: the quantization's own
+/// error on these random-weight fixtures, measured 0.05 (OLMoE) to 1.41 (GPT-OSS) at the
+/// recorded positions. The check that matters is against the q8_0 goldens, at `LOGIT_TOL`.
+const Q8_LOGIT_TOL: f32 = 2.0;
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("switchyard-gguf-{}-{name}", std::process::id()));

@@ -1,6 +1,6 @@
 //! ggml's tensor types and their dequantization to f32, as llama.cpp's `dequantize_row_*`
 //! defines them (ggml-quants.c): the legacy 32-element blocks (Q8_0, Q4_0, Q4_1) and the
-//! 256-element k-quant super-blocks (Q4_K, Q5_K, Q6_K), besides F32, F16 and BF16.
+//! 256-element k-quant super-blocks (Q4_K, Q5_K, Q6_K) and MXFP4, besides F32, F16 and BF16.
 //!
 //! Invariant: [`dequantize`] is given exactly `n / block · bytes` bytes for `n` elements (the
 //! reader checks it); every output element is written once, in the tensor's memory order.
@@ -18,12 +18,14 @@ pub enum GgmlType {
     Q4K,
     Q5K,
     Q6K,
+    /// 32 e2m1 values sharing an e8m0 scale (GPT-OSS's experts as released).
+    Mxfp4,
 }
 
 const QK_K: usize = 256;
 
 impl GgmlType {
-    pub const ALL: [GgmlType; 9] = [
+    pub const ALL: [GgmlType; 10] = [
         GgmlType::F32,
         GgmlType::F16,
         GgmlType::Bf16,
@@ -33,6 +35,7 @@ impl GgmlType {
         GgmlType::Q4K,
         GgmlType::Q5K,
         GgmlType::Q6K,
+        GgmlType::Mxfp4,
     ];
 
     /// ggml's numbering (`enum ggml_type`).
@@ -47,6 +50,7 @@ impl GgmlType {
             GgmlType::Q5K => 13,
             GgmlType::Q6K => 14,
             GgmlType::Bf16 => 30,
+            GgmlType::Mxfp4 => 39,
         }
     }
 
@@ -66,6 +70,7 @@ impl GgmlType {
             GgmlType::Q4K => "Q4_K",
             GgmlType::Q5K => "Q5_K",
             GgmlType::Q6K => "Q6_K",
+            GgmlType::Mxfp4 => "MXFP4",
         }
     }
 
@@ -84,6 +89,7 @@ impl GgmlType {
             GgmlType::Q4K => (QK_K, 144),
             GgmlType::Q5K => (QK_K, 176),
             GgmlType::Q6K => (QK_K, 210),
+            GgmlType::Mxfp4 => (32, 17),
         }
     }
 }
@@ -187,6 +193,21 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
                             .map(|(&x, &hb)| d2 * ((x >> 4) as f32 + hi(hb, u2)) - m2),
                     );
                 }
+            }
+        }
+        GgmlType::Mxfp4 => {
+            // Twice the e2m1 values (`kvalues_mxfp4`), times half the block's power of two.
+            const KV: [i8; 16] = [0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12];
+            for b in bytes.chunks_exact(size) {
+                let d = if b[0] < 2 {
+                    // 2^(e - 128) for the two exponents f32 holds only as subnormals.
+                    f32::from_bits(0x0020_0000 << b[0])
+                } else {
+                    f32::from_bits(((b[0] as u32) - 1) << 23)
+                };
+                let qs = &b[1..17];
+                out.extend(qs.iter().map(|&q| KV[(q & 0xF) as usize] as f32 * d));
+                out.extend(qs.iter().map(|&q| KV[(q >> 4) as usize] as f32 * d));
             }
         }
         GgmlType::Q6K => {

@@ -65,7 +65,8 @@ pub struct Imported {
 }
 
 /// The GGUF architectures read, as the error lists them.
-pub const ARCHITECTURES: &str = "llama (dense, and Mixtral's experts), qwen3moe, qwen2moe, olmoe";
+pub const ARCHITECTURES: &str =
+    "llama (dense, and Mixtral's experts), qwen3moe, qwen2moe, olmoe, deepseek2 (V3), gpt-oss";
 
 /// Imports `src` into the folder `out` (created).
 pub fn import(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Imported, GgufError> {
@@ -118,6 +119,7 @@ pub fn import(src: &Path, out: &Path, opts: &ImportOptions) -> Result<Imported, 
     let mut w = SafetensorsWriter::create(&file, &list).map_err(io)?;
     let reader = Reader {
         g: &g,
+        arch: &arch,
         permute_qk: arch == "llama",
         heads: cfg.num_heads,
         kv_heads: cfg.num_kv_heads,
@@ -332,7 +334,9 @@ fn hf_config(g: &GgufFile, tok: &TokenizerFiles) -> Result<Value, GgufError> {
     let head_dim = g
         .opt_usize(&k("attention.key_length"))?
         .unwrap_or(hidden / heads);
-    if let Some(v) = g.opt_usize(&k("attention.value_length"))? {
+    // MLA's key/value lengths are the latent's; its head dims are read below.
+    let mla = arch == "deepseek2";
+    if let (false, Some(v)) = (mla, g.opt_usize(&k("attention.value_length"))?) {
         if v != head_dim {
             return Err(unsupported(format!(
                 "{}: value heads of {v} beside key heads of {head_dim} are not implemented",
@@ -340,7 +344,7 @@ fn hf_config(g: &GgufFile, tok: &TokenizerFiles) -> Result<Value, GgufError> {
             )));
         }
     }
-    if let Some(r) = g.opt_usize(&k("rope.dimension_count"))? {
+    if let (false, Some(r)) = (mla, g.opt_usize(&k("rope.dimension_count"))?) {
         if r != head_dim {
             return Err(unsupported(format!(
                 "{}: rotary over {r} of {head_dim} head dims (partial rotary) is not implemented",
@@ -359,6 +363,22 @@ fn hf_config(g: &GgufFile, tok: &TokenizerFiles) -> Result<Value, GgufError> {
             if t == "yarn" {
                 s["original_max_position_embeddings"] =
                     json!(g.usize(&k("rope.scaling.original_context_length"))?);
+                for (key, field) in [
+                    ("yarn_beta_fast", "beta_fast"),
+                    ("yarn_beta_slow", "beta_slow"),
+                ] {
+                    if let Some(v) = g.opt_f64(&k(&format!("rope.scaling.{key}")))? {
+                        s[field] = json!(v);
+                    }
+                }
+                // DeepSeek's converter writes 0.1 · mscale_all_dim here.
+                if let Some(m) = g.opt_f64(&k("rope.scaling.yarn_log_multiplier"))? {
+                    s["mscale"] = json!(m / 0.1);
+                    s["mscale_all_dim"] = json!(m / 0.1);
+                }
+                if arch == "gpt-oss" {
+                    s["truncate"] = json!(false);
+                }
             }
             s
         }
@@ -421,12 +441,83 @@ fn hf_config(g: &GgufFile, tok: &TokenizerFiles) -> Result<Value, GgufError> {
         "olmoe" => json!({"architectures": ["OlmoeForCausalLM"], "model_type": "olmoe",
             "num_experts": experts, "num_experts_per_tok": used, "intermediate_size": ff()?,
             "norm_topk_prob": norm.unwrap_or(false), "clip_qkv": null}),
+        "deepseek2" => {
+            let rope = g.usize(&k("rope.dimension_count"))?;
+            let key = g
+                .opt_usize(&k("attention.key_length_mla"))?
+                .unwrap_or(head_dim);
+            let value = match g.opt_usize(&k("attention.value_length_mla"))? {
+                Some(v) => v,
+                None => g.usize(&k("attention.value_length"))?,
+            };
+            if key <= rope {
+                return Err(unsupported(format!(
+                    "{}: {key} is not more than the rope dims {rope}",
+                    k("attention.key_length_mla")
+                )));
+            }
+            let first_dense = g.opt_usize(&k("leading_dense_block_count"))?.unwrap_or(0);
+            // 1: softmax (DeepSeek-V2), 2: sigmoid (V3). Files without the key predate V3,
+            // except that a V3 has its correction bias (`exp_probs_b`).
+            let sigmoid = match g.opt_usize(&k("expert_gating_func"))? {
+                Some(2) => true,
+                Some(1) => false,
+                None => g
+                    .tensor(&format!("blk.{first_dense}.exp_probs_b.bias"))
+                    .is_some(),
+                Some(f) => return Err(unsupported(format!("{}: {f}", k("expert_gating_func")))),
+            };
+            if !sigmoid {
+                return Err(unsupported(format!(
+                    "{}: softmax routing (DeepSeek-V2) is not implemented, only V3's sigmoid",
+                    k("expert_gating_func")
+                )));
+            }
+            let q_lora = g.opt_usize(&k("attention.q_lora_rank"))?.filter(|&r| r > 0);
+            c["num_key_value_heads"] = json!(heads);
+            c.as_object_mut().expect("object").remove("head_dim");
+            json!({"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
+                "q_lora_rank": q_lora, "kv_lora_rank": g.usize(&k("attention.kv_lora_rank"))?,
+                "qk_nope_head_dim": key - rope, "qk_rope_head_dim": rope, "v_head_dim": value,
+                "rope_interleave": true,
+                "n_routed_experts": experts, "num_experts_per_tok": used,
+                "moe_intermediate_size": expert_ff()?, "intermediate_size": ff()?,
+                "n_shared_experts": g.opt_usize(&k("expert_shared_count"))?.unwrap_or(0),
+                "first_k_dense_replace": first_dense,
+                "n_group": g.opt_usize(&k("expert_group_count"))?.unwrap_or(1),
+                "topk_group": g.opt_usize(&k("expert_group_used_count"))?.unwrap_or(1),
+                "routed_scaling_factor": g.opt_f64(&k("expert_weights_scale"))?.unwrap_or(1.0),
+                "norm_topk_prob": norm.unwrap_or(false),
+                "scoring_func": "sigmoid", "topk_method": "noaux_tc",
+                "num_nextn_predict_layers": g.opt_usize(&k("nextn_predict_layers"))?.unwrap_or(0),
+                "attention_bias": false})
+        }
+        "gpt-oss" => {
+            let layers = g.usize(&k("block_count"))?;
+            let window = g.usize(&k("attention.sliding_window"))?;
+            // llama.cpp's pattern for gpt-oss: even layers slide, odd ones see everything.
+            let kinds: Vec<&str> = (0..layers)
+                .map(|l| {
+                    if l % 2 == 0 {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                })
+                .collect();
+            json!({"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
+                "num_local_experts": experts, "num_experts_per_tok": used,
+                "intermediate_size": expert_ff()?, "attention_bias": true,
+                "sliding_window": window, "layer_types": kinds,
+                "swiglu_alpha": 1.702, "swiglu_limit": 7.0})
+        }
         other => {
             return Err(unsupported(format!(
                 "general.architecture {other:?} is not imported (imported: {ARCHITECTURES})"
             )))
         }
     };
+
     for (key, v) in fields.as_object().expect("object") {
         c[key] = v.clone();
     }
@@ -484,10 +575,21 @@ enum Source {
     Copy(String, usize),
     /// Upcycling: the router.
     Router,
+    /// GPT-OSS's fused `gate_up_proj` `[E, hidden, 2·inter]` (or its bias `[E, 2·inter]`),
+    /// gate and up interleaved, from `ffn_{gate,up}_exps` (`[E, inter, hidden]`).
+    FusedGateUp { bias: bool, block: String },
+    /// GPT-OSS's fused `down_proj` `[E, inter, hidden]` from `ffn_down_exps`
+    /// `[E, hidden, inter]` (transposed), or its bias as is.
+    FusedDown { bias: bool, block: String },
+    /// MLA's `kv_b_proj` `[heads·(nope + v), kv_lora]`, from `attn_kv_b` or from the split
+    /// `attn_k_b` `[heads, kv_lora, nope]` and `attn_v_b` `[heads, v, kv_lora]` that newer
+    /// converters write.
+    KvB(String),
 }
 
 struct Reader<'a> {
     g: &'a GgufFile,
+    arch: &'a str,
     permute_qk: bool,
     heads: usize,
     kv_heads: usize,
@@ -515,10 +617,33 @@ impl Reader<'_> {
         let rest = name.strip_prefix("model.layers.")?;
         let (l, rest) = rest.split_once('.')?;
         let b = format!("blk.{l}");
+        let block = b.clone();
+        match rest {
+            "self_attn.sinks" => return whole(&format!("{b}.attn_sinks.weight")),
+            "mlp.gate.e_score_correction_bias" => return whole(&format!("{b}.exp_probs_b.bias")),
+            "self_attn.kv_b_proj.weight" => return Some(Source::KvB(b)),
+            "mlp.experts.gate_up_proj" => return Some(Source::FusedGateUp { bias: false, block }),
+            "mlp.experts.gate_up_proj_bias" => {
+                return Some(Source::FusedGateUp { bias: true, block })
+            }
+            "mlp.experts.down_proj" => return Some(Source::FusedDown { bias: false, block }),
+            "mlp.experts.down_proj_bias" => return Some(Source::FusedDown { bias: true, block }),
+            _ => {}
+        }
         let (stem, suffix) = rest.rsplit_once('.')?;
         let plain = match stem {
             "input_layernorm" => Some("attn_norm"),
+            "post_attention_layernorm" if self.arch == "gpt-oss" => Some("post_attention_norm"),
             "post_attention_layernorm" => Some("ffn_norm"),
+            "self_attn.q_a_proj" => Some("attn_q_a"),
+            "self_attn.q_a_layernorm" => Some("attn_q_a_norm"),
+            "self_attn.q_b_proj" => Some("attn_q_b"),
+            "self_attn.kv_a_proj_with_mqa" => Some("attn_kv_a_mqa"),
+            "self_attn.kv_a_layernorm" => Some("attn_kv_a_norm"),
+            "mlp.shared_experts.gate_proj" => Some("ffn_gate_shexp"),
+            "mlp.shared_experts.up_proj" => Some("ffn_up_shexp"),
+            "mlp.shared_experts.down_proj" => Some("ffn_down_shexp"),
+            "mlp.router" => Some("ffn_gate_inp"),
             "self_attn.q_proj" => Some("attn_q"),
             "self_attn.k_proj" => Some("attn_k"),
             "self_attn.v_proj" => Some("attn_v"),
@@ -594,6 +719,9 @@ impl Reader<'_> {
                 let v = super::dequant::dequantize(t.ty, bytes, s[1] * s[2]);
                 Ok((v, Some(t.ty.name())))
             }
+            Source::FusedGateUp { bias, block } => self.fused_gate_up(d, &block, bias),
+            Source::FusedDown { bias, block } => self.fused_down(d, &block, bias),
+            Source::KvB(block) => self.kv_b(d, &block),
             Source::Router => {
                 let n: usize = d.shape.iter().product();
                 let u = self.upcycle.expect("router only when upcycling");
@@ -605,6 +733,101 @@ impl Reader<'_> {
                 Ok(((0..n).map(|_| (std * rng.normal()) as f32).collect(), None))
             }
         }
+    }
+
+    /// A tensor of the given row-major shape, checked.
+    fn shaped(
+        &self,
+        d: &Decl,
+        name: &str,
+        want: &[usize],
+    ) -> Result<(&TensorInfo, Vec<f32>), GgufError> {
+        let t = self.info(d, name)?;
+        if t.shape() != want {
+            return Err(self.shape_err(d, t, want));
+        }
+        Ok((t, self.g.f32s(t)))
+    }
+
+    fn fused_gate_up(
+        &self,
+        d: &Decl,
+        b: &str,
+        bias: bool,
+    ) -> Result<(Vec<f32>, Option<&'static str>), GgufError> {
+        let (e, two_i) = (d.shape[0], *d.shape.last().expect("shape"));
+        let i = two_i / 2;
+        let suffix = if bias { "bias" } else { "weight" };
+        let h = if bias { 1 } else { d.shape[1] };
+        let want: Vec<usize> = if bias { vec![e, i] } else { vec![e, i, h] };
+        let (t, gate) = self.shaped(d, &format!("{b}.ffn_gate_exps.{suffix}"), &want)?;
+        let (_, up) = self.shaped(d, &format!("{b}.ffn_up_exps.{suffix}"), &want)?;
+        let mut out = vec![0.0; e * h * two_i];
+        for x in 0..e {
+            for r in 0..i {
+                for c in 0..h {
+                    let src = (x * i + r) * h + c;
+                    let dst = (x * h + c) * two_i + 2 * r;
+                    out[dst] = gate[src];
+                    out[dst + 1] = up[src];
+                }
+            }
+        }
+        Ok((out, Some(t.ty.name())))
+    }
+
+    fn fused_down(
+        &self,
+        d: &Decl,
+        b: &str,
+        bias: bool,
+    ) -> Result<(Vec<f32>, Option<&'static str>), GgufError> {
+        if bias {
+            let (t, v) = self.shaped(d, &format!("{b}.ffn_down_exps.bias"), &d.shape)?;
+            return Ok((v, Some(t.ty.name())));
+        }
+        let (e, i, h) = (d.shape[0], d.shape[1], d.shape[2]);
+        let (t, v) = self.shaped(d, &format!("{b}.ffn_down_exps.weight"), &[e, h, i])?;
+        let mut out = vec![0.0; v.len()];
+        for x in 0..e {
+            for r in 0..h {
+                for c in 0..i {
+                    out[(x * i + c) * h + r] = v[(x * h + r) * i + c];
+                }
+            }
+        }
+        Ok((out, Some(t.ty.name())))
+    }
+
+    fn kv_b(&self, d: &Decl, b: &str) -> Result<(Vec<f32>, Option<&'static str>), GgufError> {
+        let whole = format!("{b}.attn_kv_b.weight");
+        if self.g.tensor(&whole).is_some() {
+            let (t, v) = self.shaped(d, &whole, &d.shape)?;
+            return Ok((v, Some(t.ty.name())));
+        }
+        let (rows, lora) = (d.shape[0], d.shape[1]);
+        let heads = self.heads;
+        let kb = self.info(d, &format!("{b}.attn_k_b.weight"))?;
+        let nope = *kb.shape().last().expect("shape");
+        let per = rows / heads;
+        if per <= nope {
+            return Err(self.shape_err(d, kb, &[heads, lora, per]));
+        }
+        let v_dim = per - nope;
+        let (t, k) = self.shaped(d, &format!("{b}.attn_k_b.weight"), &[heads, lora, nope])?;
+        let (_, v) = self.shaped(d, &format!("{b}.attn_v_b.weight"), &[heads, v_dim, lora])?;
+        let mut out = vec![0.0; rows * lora];
+        for h in 0..heads {
+            for r in 0..nope {
+                for c in 0..lora {
+                    out[(h * per + r) * lora + c] = k[(h * lora + c) * nope + r];
+                }
+            }
+            let dst = (h * per + nope) * lora;
+            out[dst..dst + v_dim * lora]
+                .copy_from_slice(&v[h * v_dim * lora..(h + 1) * v_dim * lora]);
+        }
+        Ok((out, Some(t.ty.name())))
     }
 
     /// A whole tensor (q/k rows put back in HF order); with `expert`, an upcycled copy.
