@@ -95,7 +95,8 @@ impl ToolFormat {
         } else {
             match architecture {
                 "DeepseekV3ForCausalLM" => ToolFormat::DeepSeekV3,
-                "MixtralForCausalLM" => ToolFormat::Mistral,
+                // A ChatML vocabulary (an upcycled SmolLM2 or Qwen) speaks Hermes.
+                "MixtralForCausalLM" if !has_token("<|im_start|>") => ToolFormat::Mistral,
                 "GptOssForCausalLM" if has_token("<|channel|>") => ToolFormat::Harmony,
                 _ => ToolFormat::Hermes,
             }
@@ -1177,6 +1178,11 @@ mod tests {
         assert_eq!(
             ToolFormat::detect(none, "MixtralForCausalLM"),
             ToolFormat::Mistral
+        );
+        let chatml = |t: &str| t == "<|im_start|>";
+        assert_eq!(
+            ToolFormat::detect(chatml, "MixtralForCausalLM"),
+            ToolFormat::Hermes
         );
         let kimi = |t: &str| t == "<|tool_calls_section_begin|>";
         assert_eq!(
