@@ -96,11 +96,11 @@ fn unknown_architecture_and_bad_fields_are_named() {
     let d = scratch("arch");
     copy_fixture("tiny-mixtral", &d);
     edit_config(&d, |v| {
-        v["architectures"] = serde_json::json!(["LlamaForCausalLM"])
+        v["architectures"] = serde_json::json!(["FalconForCausalLM"])
     });
     let e = load_err(&d);
     assert!(
-        e.contains("LlamaForCausalLM") && e.contains("unsupported architecture"),
+        e.contains("FalconForCausalLM") && e.contains("unsupported architecture"),
         "{e}"
     );
 
