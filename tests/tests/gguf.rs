@@ -392,3 +392,39 @@ fn smollm2_gguf_dense_and_upcycled_gives_transformers_greedy_tokens() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// llama.cpp's own tokenizer tests on its vocabulary files (`tests/fixtures/gguf/vocab`):
+/// a tokenizer imported from the metadata (`--tokenizer-only`) encodes every test text to the
+/// ids llama.cpp's tokenizer gives, for the GPT-2, StarCoder (digits split one by one, as
+/// SmolLM2's `smollm`) and Qwen2 pre-tokenizers.
+#[test]
+fn llama_cpp_vocabularies_tokenize_as_llama_cpp() {
+    for v in ["gpt-2", "starcoder", "qwen2"] {
+        let base = fixture("gguf").join("vocab").join(format!("ggml-vocab-{v}.gguf"));
+        let dir = tmp(&format!("vocab-{v}"));
+        import(
+            &base,
+            &dir,
+            &ImportOptions {
+                tokenizer_only: true,
+                ..opts(WeightDType::Bf16)
+            },
+        )
+        .unwrap();
+        let tok = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+        let inp = std::fs::read_to_string(base.with_extension("gguf.inp")).unwrap();
+        let out = std::fs::read_to_string(base.with_extension("gguf.out")).unwrap();
+        let texts: Vec<&str> = inp.split("\n__ggml_vocab_test__\n").collect();
+        let want: Vec<Vec<u32>> = out
+            .lines()
+            .map(|l| l.split_whitespace().map(|t| t.parse().unwrap()).collect())
+            .collect();
+        // The file ends with the separator and a newline: one empty piece past the last test.
+        assert_eq!(texts.len() - 1, want.len(), "{v}: test count");
+        for (text, want) in texts.iter().zip(&want) {
+            let got = tok.encode(*text, false).unwrap().get_ids().to_vec();
+            assert_eq!(&got, want, "{v}: {text:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
