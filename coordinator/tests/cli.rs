@@ -298,7 +298,11 @@ fn the_demo_model_names_paris_over_two_workers() {
         .arg(root.join("scripts/smollm2.sh"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let gguf = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let dir = std::env::temp_dir().join(format!("switchyard-demo-{}", std::process::id()));
     let o = switchyard(&[

@@ -172,11 +172,11 @@ const PRE_TOKENIZERS: &str =
 
 fn tokenizer_files(g: &GgufFile) -> Result<TokenizerFiles, GgufError> {
     let model = g.str("tokenizer.ggml.model")?;
-    if model != "gpt2" {
+    if model != "gpt2" && model != "llama" {
         return Err(GgufError::Unsupported {
             path: g.path.clone(),
             detail: format!(
-                "tokenizer.ggml.model {model:?}: only byte-level BPE (\"gpt2\") vocabularies are imported"
+                "tokenizer.ggml.model {model:?}: byte-level BPE (\"gpt2\") and SentencePiece BPE (\"llama\") vocabularies are imported"
             ),
         });
     }
@@ -206,6 +206,7 @@ fn tokenizer_files(g: &GgufFile) -> Result<TokenizerFiles, GgufError> {
         .and_then(|v| v.as_str())
         .unwrap_or("default");
     let (normalizer, pre_tokenizer, ignore_merges) = match pre {
+        _ if model == "llama" => (Value::Null, Value::Null, false),
         "default" | "gpt2" | "gpt-2" | "olmo" | "mpt" => {
             (Value::Null, byte_level(true, true), false)
         }
@@ -234,15 +235,15 @@ fn tokenizer_files(g: &GgufFile) -> Result<TokenizerFiles, GgufError> {
             })
         }
     };
-    // 3: control (special), 4: user-defined (added, matched whole, not special).
+    // 2: unknown, 3: control (special), 4: user-defined (added, matched whole, not special).
     let added: Vec<Value> = tokens
         .iter()
         .zip(&types)
         .enumerate()
-        .filter(|(_, (_, &t))| t == 3 || t == 4)
+        .filter(|(_, (_, &t))| t == 2 || t == 3 || t == 4)
         .map(|(i, (tok, &t))| {
             json!({"id": i, "content": tok, "single_word": false, "lstrip": false,
-                   "rstrip": false, "normalized": false, "special": t == 3})
+                   "rstrip": false, "normalized": false, "special": t != 4})
         })
         .collect();
     let vocab: Map<String, Value> = tokens
@@ -250,17 +251,21 @@ fn tokenizer_files(g: &GgufFile) -> Result<TokenizerFiles, GgufError> {
         .enumerate()
         .map(|(i, t)| (t.to_string(), json!(i)))
         .collect();
-    let merges: Vec<Value> = merges
-        .iter()
-        .map(|m| match m.split_once(' ') {
-            Some((a, b)) => Ok(json!([a, b])),
-            None => Err(GgufError::Metadata {
-                path: g.path.clone(),
-                key: "tokenizer.ggml.merges".into(),
-                detail: format!("merge {m:?} is not two tokens"),
-            }),
-        })
-        .collect::<Result<_, _>>()?;
+    let merges: Vec<Value> = if model == "llama" {
+        sentencepiece_merges(g, &tokens)?
+    } else {
+        merges
+            .iter()
+            .map(|m| match m.split_once(' ') {
+                Some((a, b)) => Ok(json!([a, b])),
+                None => Err(GgufError::Metadata {
+                    path: g.path.clone(),
+                    key: "tokenizer.ggml.merges".into(),
+                    detail: format!("merge {m:?} is not two tokens"),
+                }),
+            })
+            .collect::<Result<_, _>>()?
+    };
     let id = |key: &str| g.opt_usize(key);
     let (bos, eos, pad) = (
         id("tokenizer.ggml.bos_token_id")?,
@@ -276,7 +281,10 @@ fn tokenizer_files(g: &GgufFile) -> Result<TokenizerFiles, GgufError> {
             });
         }
     }
-    let add_bos = g.opt_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(false);
+    // llama.cpp adds BOS to a SentencePiece vocabulary that does not say otherwise.
+    let add_bos = g
+        .opt_bool("tokenizer.ggml.add_bos_token")?
+        .unwrap_or(model == "llama");
     let post = match (add_bos, bos) {
         (true, Some(b)) => json!({"type": "TemplateProcessing",
             "single": [{"SpecialToken": {"id": tokens[b], "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
@@ -285,7 +293,7 @@ fn tokenizer_files(g: &GgufFile) -> Result<TokenizerFiles, GgufError> {
             "special_tokens": {tokens[b]: {"id": tokens[b], "ids": [b], "tokens": [tokens[b]]}}}),
         _ => Value::Null,
     };
-    let tokenizer = json!({
+    let mut tokenizer = json!({
         "version": "1.0", "truncation": null, "padding": null, "added_tokens": added,
         "normalizer": normalizer, "pre_tokenizer": pre_tokenizer, "post_processor": post,
         "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
@@ -293,6 +301,30 @@ fn tokenizer_files(g: &GgufFile) -> Result<TokenizerFiles, GgufError> {
                   "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
                   "ignore_merges": ignore_merges, "vocab": vocab, "merges": merges},
     });
+    if model == "llama" {
+        // SentencePiece: spaces are `▁`, one prepended (`add_space_prefix`, llama.cpp's default),
+        // unknown bytes fall back to `<0xNN>` tokens.
+        let space = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+        tokenizer["normalizer"] = match g
+            .opt_bool("tokenizer.ggml.add_space_prefix")?
+            .unwrap_or(true)
+        {
+            true => json!({"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "\u{2581}"}, space]}),
+            false => space,
+        };
+        tokenizer["decoder"] = json!({"type": "Sequence", "decoders": [
+            {"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "},
+            {"type": "ByteFallback"}, {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0}]});
+        let unk = g
+            .opt_usize("tokenizer.ggml.unknown_token_id")?
+            .filter(|&u| u < tokens.len());
+        let m = &mut tokenizer["model"];
+        m["unk_token"] = json!(unk.map(|u| tokens[u]));
+        m["fuse_unk"] = json!(true);
+        m["byte_fallback"] = json!(true);
+    }
     let name = |i: Option<usize>| i.map(|i| tokens[i]);
     let mut config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -312,6 +344,44 @@ fn tokenizer_files(g: &GgufFile) -> Result<TokenizerFiles, GgufError> {
         eos,
         pad,
     })
+}
+
+/// The merges a SentencePiece BPE vocabulary implies (its GGUF lists none), as transformers
+/// derives them (`generate_merges`): every split of a token into two tokens, ranked by the
+/// token's score, higher first, then by the pieces' lengths, longer first; ties keep
+/// vocabulary order.
+fn sentencepiece_merges(g: &GgufFile, tokens: &[&str]) -> Result<Vec<Value>, GgufError> {
+    let scores: Vec<f64> = match g.get("tokenizer.ggml.scores").and_then(|v| v.as_array()) {
+        Some(a) if a.len() == tokens.len() => a.iter().map(|v| v.as_f64().unwrap_or(0.0)).collect(),
+        _ => {
+            return Err(GgufError::Metadata {
+                path: g.path.clone(),
+                key: "tokenizer.ggml.scores".into(),
+                detail: "a SentencePiece vocabulary needs a score per token".into(),
+            })
+        }
+    };
+    let index: std::collections::HashMap<&str, usize> =
+        tokens.iter().enumerate().map(|(i, t)| (*t, i)).collect();
+    let mut merges: Vec<(&str, &str, f64)> = Vec::new();
+    for (t, &score) in tokens.iter().zip(&scores) {
+        let mut local: Vec<(&str, &str, f64)> = t
+            .char_indices()
+            .skip(1)
+            .map(|(b, _)| (&t[..b], &t[b..]))
+            .filter(|(l, r)| index.contains_key(l) && index.contains_key(r))
+            .map(|(l, r)| (l, r, score))
+            .collect();
+        local.sort_by_key(|(l, r, _)| (index[l], index[r]));
+        merges.extend(local);
+    }
+    let chars = |s: &str| s.chars().count();
+    merges.sort_by(|a, b| {
+        (b.2, chars(b.0), chars(b.1))
+            .partial_cmp(&(a.2, chars(a.0), chars(a.1)))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    Ok(merges.into_iter().map(|(l, r, _)| json!([l, r])).collect())
 }
 
 /// The Hugging Face `config.json` of the file's architecture.
