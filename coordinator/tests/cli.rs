@@ -162,6 +162,10 @@ fn gen_model_writes_a_sharded_checkpoint_that_runs() {
 fn bad_input_fails_with_a_message_and_nonzero_status() {
     let dir = common::fixture("tiny-qwen3-moe");
     let d = dir.to_str().unwrap();
+    let gguf_fixture = common::fixture("gguf")
+        .join("tiny-qwen3-moe-q8_0.gguf")
+        .to_string_lossy()
+        .into_owned();
     for (args, needle) in [
         (
             vec![
@@ -190,6 +194,10 @@ fn bad_input_fails_with_a_message_and_nonzero_status() {
         (
             vec!["gen-model", "--preset", "huge", "--out", "/tmp/x"],
             "unknown preset",
+        ),
+        (
+            vec!["run", "--model", &gguf_fixture, "--prompt", "hi"],
+            "a GGUF file, not a Hugging Face folder: import it with `switchyard import",
         ),
         (
             vec!["import", "/nonexistent.gguf", "--out", "/tmp/x"],

@@ -221,6 +221,7 @@ pub struct Engine {
 
 /// Reads and validates `config.json` of a checkpoint folder.
 pub fn read_config(dir: &Path) -> Result<ModelConfig, WorkerError> {
+    crate::gguf::refuse_as_folder(dir)?;
     let p = dir.join("config.json");
     let text = std::fs::read_to_string(&p).map_err(|source| crate::weights::LoadError::Io {
         path: p.clone(),

@@ -30,6 +30,8 @@ pub enum LoadError {
     BadIndex { path: PathBuf, detail: String },
     #[error("no model.safetensors or model.safetensors.index.json in {0}")]
     NoWeights(PathBuf),
+    #[error("{0}: a GGUF file, not a Hugging Face folder: import it with `switchyard import {0} --out DIR` and serve DIR")]
+    Gguf(PathBuf),
     #[error("tensor `{0}` is missing from the checkpoint")]
     MissingTensor(String),
     #[error("tensor `{name}` has shape {found:?}, expected {expected:?}")]

@@ -188,6 +188,8 @@ fn token_str(v: Option<&Value>) -> Option<String> {
 impl Tokenizer {
     /// Loads the text assets of a Hugging Face model folder.
     pub fn load(dir: &Path) -> Result<Self, TextError> {
+        switchyard_worker::gguf::refuse_as_folder(dir)
+            .map_err(|e| TextError::Tokenizer(e.to_string()))?;
         let tpath = dir.join("tokenizer.json");
         let inner = tokenizers::Tokenizer::from_file(&tpath).map_err(|e| TextError::File {
             path: tpath,

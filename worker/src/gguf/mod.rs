@@ -439,5 +439,20 @@ impl GgufFile {
     }
 }
 
+/// Refuses a GGUF file given where a Hugging Face folder belongs, saying how to import it.
+pub fn refuse_as_folder(path: &Path) -> Result<(), crate::weights::LoadError> {
+    if path.is_file() {
+        let mut magic = [0u8; 4];
+        let gguf = std::fs::File::open(path)
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+            .is_ok()
+            && &magic == b"GGUF";
+        if gguf {
+            return Err(crate::weights::LoadError::Gguf(path.to_path_buf()));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests;
