@@ -559,7 +559,11 @@ fn hf_config(g: &GgufFile, tok: &TokenizerFiles) -> Result<Value, GgufError> {
                 "routed_scaling_factor": g.opt_f64(&k("expert_weights_scale"))?.unwrap_or(1.0),
                 "norm_topk_prob": norm.unwrap_or(false),
                 "scoring_func": "sigmoid", "topk_method": "noaux_tc",
-                "num_nextn_predict_layers": g.opt_usize(&k("nextn_predict_layers"))?.unwrap_or(0),
+                // The converter counts multi-token-prediction layers in block_count; the
+                // decoder is the layers before them, and they are not imported.
+                "num_hidden_layers": g.usize(&k("block_count"))?
+                    .saturating_sub(g.opt_usize(&k("nextn_predict_layers"))?.unwrap_or(0)),
+                "num_nextn_predict_layers": 0,
                 "attention_bias": false})
         }
         "gpt-oss" => {
