@@ -396,11 +396,11 @@ fn smollm2_gguf_dense_and_upcycled_gives_transformers_greedy_tokens() {
 /// llama.cpp's own tokenizer tests on its vocabulary files (`tests/fixtures/gguf/vocab`):
 /// a tokenizer imported from the metadata (`--tokenizer-only`) encodes every test text to the
 /// ids llama.cpp's tokenizer gives, for the GPT-2, StarCoder (digits split one by one, as
-/// SmolLM2's `smollm`) and Qwen2 pre-tokenizers, and Llama's SentencePiece vocabulary (merges
+/// SmolLM2's `smollm`), Qwen2 and Llama 3 pre-tokenizers, and Llama's SentencePiece vocabulary (merges
 /// derived from the scores, byte fallback).
 #[test]
 fn llama_cpp_vocabularies_tokenize_as_llama_cpp() {
-    for v in ["gpt-2", "starcoder", "qwen2", "llama-spm"] {
+    for v in ["gpt-2", "starcoder", "qwen2", "llama-bpe", "llama-spm"] {
         let base = fixture("gguf")
             .join("vocab")
             .join(format!("ggml-vocab-{v}.gguf"));
