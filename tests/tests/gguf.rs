@@ -5,7 +5,7 @@
 //! (`scripts/goldens-gguf.py`, recorded in `tests/fixtures/smollm2-gguf/golden.json`).
 
 mod common;
-use common::{fixture, floats, golden, ids};
+use common::{fixture, floats, golden, ids, prompt_logits};
 
 use std::path::{Path, PathBuf};
 use switchyard_coordinator::text::{Chat, Message, Tokenizer};
@@ -57,18 +57,7 @@ fn run(
     n: usize,
     eos: Option<u32>,
 ) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let v = e.config().vocab_size;
-    let out = e
-        .step(
-            &[ChunkSpec {
-                seq_id: seq,
-                tokens: prompt,
-                logits: Logits::All,
-            }],
-            false,
-        )
-        .unwrap();
-    let all: Vec<Vec<f32>> = out.logits.chunks(v).map(|c| c.to_vec()).collect();
+    let all = prompt_logits(e, seq, prompt);
     let mut gen = vec![argmax(all.last().unwrap())];
     while gen.len() < n && Some(*gen.last().unwrap()) != eos {
         let t = [*gen.last().unwrap()];

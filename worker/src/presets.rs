@@ -157,15 +157,7 @@ fn gpt_oss(
     factor: f64,
     original_ctx: usize,
 ) -> Value {
-    let types: Vec<&str> = (0..layers)
-        .map(|l| {
-            if l % 2 == 0 {
-                "sliding_attention"
-            } else {
-                "full_attention"
-            }
-        })
-        .collect();
+    let types = crate::family::gpt_oss::alternating_layer_types(layers);
     json!({
         "architectures": ["GptOssForCausalLM"],
         "model_type": "gpt_oss",

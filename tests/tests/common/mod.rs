@@ -63,3 +63,23 @@ pub fn last_logits(
     .unwrap()
     .logits
 }
+
+/// Full-prompt logits at every position, one pass.
+pub fn prompt_logits(
+    e: &mut switchyard_worker::engine::Engine,
+    seq: u64,
+    prompt: &[u32],
+) -> Vec<Vec<f32>> {
+    let out = e
+        .step(
+            &[switchyard_worker::engine::ChunkSpec {
+                seq_id: seq,
+                tokens: prompt,
+                logits: switchyard_worker::engine::Logits::All,
+            }],
+            false,
+        )
+        .unwrap();
+    let v = e.config().vocab_size;
+    out.logits.chunks(v).map(|c| c.to_vec()).collect()
+}

@@ -54,3 +54,16 @@ fn parse(o: &Obj<'_>, c: &Common) -> Result<Parts, ConfigError> {
         skipped_layers: 0,
     })
 }
+
+/// GPT-OSS's `layer_types` as released: even layers slide, odd ones see everything.
+pub fn alternating_layer_types(layers: usize) -> Vec<&'static str> {
+    (0..layers)
+        .map(|l| {
+            if l % 2 == 0 {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        })
+        .collect()
+}

@@ -569,16 +569,8 @@ fn hf_config(g: &GgufFile, tok: &TokenizerFiles) -> Result<Value, GgufError> {
         "gpt-oss" => {
             let layers = g.usize(&k("block_count"))?;
             let window = g.usize(&k("attention.sliding_window"))?;
-            // llama.cpp's pattern for gpt-oss: even layers slide, odd ones see everything.
-            let kinds: Vec<&str> = (0..layers)
-                .map(|l| {
-                    if l % 2 == 0 {
-                        "sliding_attention"
-                    } else {
-                        "full_attention"
-                    }
-                })
-                .collect();
+            // llama.cpp's pattern for gpt-oss, as released.
+            let kinds = crate::family::gpt_oss::alternating_layer_types(layers);
             json!({"architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
                 "num_local_experts": experts, "num_experts_per_tok": used,
                 "intermediate_size": expert_ff()?, "attention_bias": true,

@@ -144,6 +144,8 @@ pub struct GgufFile {
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
     pub tensors: Vec<TensorInfo>,
+    /// Name -> position in `tensors`.
+    index: std::collections::HashMap<String, usize>,
     map: Mmap,
 }
 
@@ -233,11 +235,17 @@ impl GgufFile {
         // SAFETY: the file is mapped read-only; a checkpoint is not rewritten while served.
         let map = unsafe { Mmap::map(&f) }.map_err(io)?;
         let (version, metadata, tensors) = Self::parse(path, &map)?;
+        let index = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         Ok(GgufFile {
             path: path.to_path_buf(),
             version,
             metadata,
             tensors,
+            index,
             map,
         })
     }
@@ -356,7 +364,7 @@ impl GgufFile {
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
-        self.tensors.iter().find(|t| t.name == name)
+        self.index.get(name).map(|&i| &self.tensors[i])
     }
 
     /// A tensor's raw bytes (in the file's map).
