@@ -16,7 +16,8 @@ use std::sync::mpsc;
 use switchyard_kernels::sampling::SamplingParams;
 use switchyard_proto::cluster::v1::coordinator_message::Msg as CMsg;
 use switchyard_proto::cluster::v1::{
-    ExpertUpdate, HeldSeq, PrefixCacheStats, SeqChunk, SeqRequest, StepPlan, StepResult,
+    ExpertUpdate, HeldSeq, KvGuest, KvSpan, PrefixCacheStats, SeqChunk, SeqRequest, StepPlan,
+    StepResult,
 };
 use switchyard_runtime::executor::Executor;
 use switchyard_worker::blocks::{chain_hash, BlockHash};
@@ -440,6 +441,8 @@ pub struct Driver {
     last: StepStats,
     token_budget: usize,
     max_running: usize,
+    /// Sequences may outgrow one worker's KV ([`Driver::with_context_parallel`]).
+    context_parallel: bool,
     epoch: u64,
     experts: Option<Experts>,
     limits: Option<ResultLimits>,
@@ -553,6 +556,11 @@ impl Driver {
         let addrs = self.cluster.addresses();
         let mut seqs: HashMap<String, Vec<(u64, usize)>> = HashMap::new();
         for (id, w, computed) in self.state.homed() {
+            // A sequence split across workers is prefilled again whole in the next epoch
+            // (its ranges elsewhere may be what was lost).
+            if !self.state.spans(id).is_empty() {
+                continue;
+            }
             if let (true, Some(a)) = (self.live.contains_key(&id), addrs.get(w)) {
                 seqs.entry(a.clone()).or_default().push((id, computed));
             }
@@ -587,6 +595,7 @@ impl Driver {
             block_size,
             blocks_per_worker: vec![blocks; w],
             attn_equiv: self.state.attn_equiv(),
+            context_parallel: self.context_parallel,
         });
         let was_homed: std::collections::HashSet<u64> = self
             .state
@@ -777,6 +786,7 @@ impl Driver {
             block_size,
             blocks_per_worker: vec![blocks; w],
             attn_equiv: 0,
+            context_parallel: false,
         });
         Driver {
             cluster,
@@ -794,6 +804,7 @@ impl Driver {
             last: StepStats::default(),
             token_budget,
             max_running,
+            context_parallel: false,
             epoch: 1,
             experts: None,
             limits: None,
@@ -802,6 +813,17 @@ impl Driver {
             failing: HashMap::new(),
             errors: Vec::new(),
         }
+    }
+
+    /// Context parallelism ([`switchyard_worker::context`]): a sequence whose KV outgrows
+    /// its home's free blocks continues on further workers, so one sequence may be as long as
+    /// the cluster's KV ([`Driver::capacity_tokens`] then counts every worker). The workers
+    /// must be an expert-parallel group (any cluster of two or more); on one worker it
+    /// changes nothing.
+    pub fn with_context_parallel(mut self, on: bool) -> Self {
+        self.context_parallel = on;
+        self.state.set_context_parallel(on);
+        self
     }
 
     /// Ends `id` with `why` when its next token comes back (see [`Driver::take_errors`]).
@@ -983,6 +1005,9 @@ impl Driver {
         if let Some(w) = self.state.home(id) {
             self.pending_free[w].push(id);
         }
+        for (w, _, _) in self.state.spans(id) {
+            self.pending_free[w].push(id);
+        }
         self.state.finish(id);
         self.live.remove(&id);
         self.failing.remove(&id);
@@ -1148,6 +1173,8 @@ impl Driver {
                 chunks: vec![],
                 free_seqs: std::mem::take(&mut self.pending_free[w]),
                 expert_version: switch.unwrap_or(0),
+                kv_guests: vec![],
+                context_exchange: false,
             })
             .collect();
         for &(id, w) in &s.preempted {
@@ -1210,7 +1237,41 @@ impl Driver {
                 banned,
                 prompt_tokens: l.req.prompt.len() as u32,
                 allowed,
+                kv_spans: vec![],
             });
+            // Context parallelism: the ranges held elsewhere go with the home's chunk, and
+            // each holder of a range this chunk writes into grows it.
+            let spans = self.state.spans(c.seq);
+            if spans.is_empty() {
+                continue;
+            }
+            for &(w, start, end) in &spans {
+                if end > c.start.max(start) {
+                    plans[w].kv_guests.push(KvGuest {
+                        seq_id: c.seq,
+                        home: c.worker as u32,
+                        start: start as u32,
+                        end: end as u32,
+                    });
+                }
+            }
+            let chunk = plans[c.worker].chunks.last_mut().expect("pushed above");
+            chunk.kv_spans = spans
+                .iter()
+                .map(|&(w, start, end)| KvSpan {
+                    rank: w as u32,
+                    start: start as u32,
+                    end: end as u32,
+                })
+                .collect();
+        }
+        // Every rank does the context exchange, or none does.
+        if plans.iter().any(|p| !p.kv_guests.is_empty()) || s.chunks.iter().any(|c| {
+            !self.state.spans(c.seq).is_empty()
+        }) {
+            for p in &mut plans {
+                p.context_exchange = true;
+            }
         }
         let span = tracing::info_span!(
             "step",

@@ -41,6 +41,19 @@ pub struct SchedulerConfig {
     /// Context positions whose attention work equals one token's projections and experts
     /// ([`attention_equivalent`]); prices prefill chunks for the pacing limit. 0: tokens only.
     pub attn_equiv: usize,
+    /// Context parallelism: a sequence whose KV outgrows its home's free blocks continues on
+    /// further workers, each holding a range of its positions ([`State::spans`]), so a
+    /// sequence may be as long as the cluster's KV rather than one worker's.
+    pub context_parallel: bool,
+}
+
+/// A range of a sequence's positions held beyond its home (context parallelism): from
+/// `start`, in `blocks` blocks of `worker`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Extent {
+    worker: usize,
+    start: usize,
+    blocks: usize,
 }
 
 /// Cost of feeding `len` tokens at positions `start..start + len`, in token-equivalents: each
@@ -101,6 +114,9 @@ struct Seq {
     arrival: u64,
     /// Positions from the start each worker is reported to cache (a hint; empty: none).
     cached: Vec<usize>,
+    /// Ranges held beyond the home (context parallelism), in position order; the home's
+    /// range ends where the first starts.
+    spans: Vec<Extent>,
 }
 
 impl Seq {
@@ -195,6 +211,11 @@ impl State {
         self.cfg.attn_equiv = attn_equiv;
     }
 
+    /// Lets sequences outgrow their home's KV (see [`SchedulerConfig::context_parallel`]).
+    pub fn set_context_parallel(&mut self, on: bool) {
+        self.cfg.context_parallel = on;
+    }
+
     pub fn attn_equiv(&self) -> usize {
         self.cfg.attn_equiv
     }
@@ -213,15 +234,34 @@ impl State {
     }
 
     /// Positions of KV the smallest worker holds: a sequence may be homed on any worker, so
-    /// none may ever need more.
+    /// none may ever need more. With context parallelism, every worker's together.
     pub fn capacity_tokens(&self) -> usize {
-        self.cfg
-            .blocks_per_worker
+        let b = &self.cfg.blocks_per_worker;
+        let blocks = if self.cfg.context_parallel {
+            b.iter().sum()
+        } else {
+            b.iter().copied().min().unwrap_or(0)
+        };
+        blocks * self.cfg.block_size
+    }
+
+    /// Where sequence `id`'s positions beyond its home are held: (worker, start, end) in
+    /// position order, the last ending at its computed positions (empty: all at home).
+    pub fn spans(&self, id: SeqId) -> Vec<(usize, usize, usize)> {
+        let Some(s) = self.seqs.get(&id) else {
+            return Vec::new();
+        };
+        let mut v: Vec<(usize, usize, usize)> = s
+            .spans
             .iter()
-            .copied()
-            .min()
-            .unwrap_or(0)
-            * self.cfg.block_size
+            .enumerate()
+            .map(|(i, e)| {
+                let end = s.spans.get(i + 1).map_or(s.computed, |n| n.start);
+                (e.worker, e.start, end.min(s.computed))
+            })
+            .collect();
+        v.retain(|(_, start, end)| start < end);
+        v
     }
 
     /// Whether a sequence that may reach `total` tokens (prompt + max new tokens) can run to
@@ -245,6 +285,7 @@ impl State {
                 priority,
                 arrival: self.arrivals,
                 cached: Vec::new(),
+                spans: Vec::new(),
             },
         );
         self.enqueue(id, false);
@@ -278,6 +319,9 @@ impl State {
         if let Some(s) = self.seqs.remove(&id) {
             if let Some(w) = s.home {
                 self.free[w] += s.blocks;
+            }
+            for e in s.spans {
+                self.free[e.worker] += e.blocks;
             }
         }
         self.running.retain(|x| *x != id);
@@ -318,6 +362,7 @@ impl State {
                 priority,
                 arrival: self.arrivals,
                 cached: Vec::new(),
+                spans: Vec::new(),
             },
         );
         self.running.push(id);
@@ -361,24 +406,84 @@ impl State {
         self.waiting.len()
     }
 
-    /// Grows `id`'s allocation to cover `positions`; false when its worker lacks blocks.
+    /// Grows `id`'s allocation to cover `positions`, all or nothing; false when its worker
+    /// lacks blocks (with context parallelism: when the cluster does).
+    ///
+    /// With context parallelism, the worker holding the sequence's last range gives what it
+    /// has; then the range closes at its blocks' end and the next starts there on the worker
+    /// with the most free blocks that holds no range of it yet.
     fn reserve(&mut self, id: SeqId, positions: usize) -> bool {
-        let need = self.blocks_for(positions);
+        let bs = self.cfg.block_size;
         let s = &self.seqs[&id];
         let w = s.home.expect("reserved sequences are homed");
-        let more = need.saturating_sub(s.blocks);
-        if more > self.free[w] {
+        let (last_worker, start, blocks) = match s.spans.last() {
+            Some(e) => (e.worker, e.start, e.blocks),
+            None => (w, 0, s.blocks),
+        };
+        let need = positions.saturating_sub(start).div_ceil(bs);
+        let more = need.saturating_sub(blocks);
+        if more <= self.free[last_worker] {
+            self.free[last_worker] -= more;
+            let s = self.seqs.get_mut(&id).expect("present");
+            match s.spans.last_mut() {
+                Some(e) => e.blocks += more,
+                None => s.blocks += more,
+            }
+            return true;
+        }
+        if !self.cfg.context_parallel {
             return false;
         }
-        self.free[w] -= more;
-        self.seqs.get_mut(&id).expect("present").blocks += more;
+        // Plan the whole extension first: the last holder's free blocks, then new ranges.
+        let mut free = self.free.clone();
+        let mut held: Vec<usize> = std::iter::once(w)
+            .chain(s.spans.iter().map(|e| e.worker))
+            .collect();
+        let grow = free[last_worker];
+        free[last_worker] = 0;
+        let mut end = start + (blocks + grow) * bs;
+        let mut new = Vec::new();
+        while end < positions {
+            let Some(next) = (0..free.len())
+                .filter(|x| !held.contains(x) && free[*x] > 0)
+                .max_by_key(|x| (free[*x], std::cmp::Reverse(*x)))
+            else {
+                return false;
+            };
+            let take = (positions - end).div_ceil(bs).min(free[next]);
+            free[next] -= take;
+            held.push(next);
+            new.push(Extent {
+                worker: next,
+                start: end,
+                blocks: take,
+            });
+            end += take * bs;
+        }
+        self.free = free;
+        let s = self.seqs.get_mut(&id).expect("present");
+        match s.spans.last_mut() {
+            Some(e) => e.blocks += grow,
+            None => s.blocks += grow,
+        }
+        s.spans.extend(new);
         true
+    }
+
+    /// The worker holding the last range of `id` (its home unless it is split).
+    fn last_holder(&self, id: SeqId) -> Option<usize> {
+        let s = &self.seqs[&id];
+        s.spans.last().map(|e| e.worker).or(s.home)
     }
 
     fn preempt(&mut self, id: SeqId, step: &mut Step) {
         let s = self.seqs.get_mut(&id).expect("present");
         let w = s.home.take().expect("running sequences are homed");
         self.free[w] += s.blocks;
+        for e in std::mem::take(&mut s.spans) {
+            self.free[e.worker] += e.blocks;
+            step.preempted.push((id, e.worker));
+        }
         s.blocks = 0;
         s.computed = 0;
         self.running.retain(|x| *x != id);
@@ -410,13 +515,15 @@ impl State {
             }
             let (w, need) = (s.home.expect("checked"), s.computed + 1);
             while !self.reserve(id, need) {
-                // Victim: the lowest-priority, newest running sequence on this worker.
+                // Victim: the lowest-priority, newest running sequence on the worker that
+                // must grow (this one's home, or where its last range is), else itself.
+                let grows = self.last_holder(id).unwrap_or(w);
                 let victim = self
                     .sorted_running()
                     .into_iter()
                     .rev()
-                    .find(|v| self.seqs[v].home == Some(w))
-                    .expect("this sequence itself runs here");
+                    .find(|v| self.seqs[v].home == Some(grows))
+                    .unwrap_or(id);
                 self.preempt(victim, &mut step);
                 if victim == id {
                     break;
@@ -485,6 +592,14 @@ impl State {
     fn pick_home(&self, id: SeqId) -> Option<usize> {
         let s = &self.seqs[&id];
         let need = self.blocks_for(s.len + 1);
+        if self.cfg.context_parallel {
+            // Homed where most blocks are free, continuing elsewhere once they run out (every
+            // range but the last fills its blocks): the cluster must have room for it.
+            let best = (0..self.free.len())
+                .max_by_key(|w| (self.free[*w], std::cmp::Reverse(*w)))?;
+            let total: usize = self.free.iter().sum();
+            return (self.free[best] > 0 && need <= total).then_some(best);
+        }
         let by_free = |w: &usize| (self.free[*w], std::cmp::Reverse(*w));
         let cached = |w: usize| s.cached_ahead(w, 0);
         match self.prefix_homing {
@@ -563,6 +678,7 @@ mod tests {
             block_size: 4,
             blocks_per_worker: blocks,
             attn_equiv: 0,
+            context_parallel: false,
         }
     }
 

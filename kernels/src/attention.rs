@@ -216,19 +216,189 @@ fn split_attention(
     sinks: Option<&[f32]>,
     out: &mut [f32],
 ) {
+    let spans: Vec<KeySpan<'_>> = rows
+        .iter()
+        .map(|r| {
+            let (lo, hi) = key_range(r.pos, p.window);
+            KeySpan {
+                table: r.table,
+                lo,
+                hi,
+            }
+        })
+        .collect();
+    let (segs, partial, stats) = run_segments(q, &spans, kv, p);
+    let d = p.head_dim;
+    let group = p.heads / p.kv_heads;
+    let hc = head_chunk(group);
+    let stride = hc * d;
+    // Merge each (row, kv head, chunk)'s segments, in key order.
+    let mut i = 0;
+    while i < segs.len() {
+        let (t, g, c) = (segs[i].t, segs[i].g, segs[i].c);
+        let mut j = i;
+        while j < segs.len() && segs[j].t == t && segs[j].g == g && segs[j].c == c {
+            j += 1;
+        }
+        let h0 = g * group + c * hc;
+        let o = &mut out[(t * p.heads + h0) * d..(t * p.heads + h0 + hc) * d];
+        for h in 0..hc {
+            let parts = (i..j).map(|k| {
+                let at = k * stride + h * d;
+                (stats[k].0[h], stats[k].1[h], &partial[at..at + d])
+            });
+            merge_head(parts, sinks.map(|s| s[h0 + h]), &mut o[h * d..(h + 1) * d]);
+        }
+        i = j;
+    }
+}
+
+/// Keys `lo..hi` of one row, positions counted from the first its block table covers.
+#[derive(Clone, Copy)]
+pub struct KeySpan<'a> {
+    pub table: &'a [u32],
+    pub lo: usize,
+    pub hi: usize,
+}
+
+/// One query row's attention over part of its keys, left unnormalised so that parts over
+/// disjoint key ranges (held by different workers) merge exactly: per head the running max
+/// `m`, the sum of exponentials `l` (relative to `m`) and `acc = Σ exp(s - m) v`. A part with
+/// no keys has `m = -inf`, `l = 0`, `acc = 0`, and merges as nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PartialState {
+    /// `[heads]`
+    pub m: Vec<f32>,
+    /// `[heads]`
+    pub l: Vec<f32>,
+    /// `[heads, head_dim]`
+    pub acc: Vec<f32>,
+}
+
+impl PartialState {
+    /// The state of no keys at all.
+    pub fn empty(heads: usize, head_dim: usize) -> Self {
+        PartialState {
+            m: vec![f32::NEG_INFINITY; heads],
+            l: vec![0.0; heads],
+            acc: vec![0.0; heads * head_dim],
+        }
+    }
+}
+
+/// Attention of each row of `q` (`[rows, heads · head_dim]`) over the keys of its span only,
+/// as unnormalised [`PartialState`]s (one per row). Long spans are split over threads as
+/// [`paged_attention`] splits them, and their segments combined here, so a part costs what
+/// the same keys cost in one worker.
+pub fn paged_attention_partial(
+    q: &[f32],
+    spans: &[KeySpan<'_>],
+    kv: KvLayer<'_>,
+    p: AttnParams,
+) -> Vec<PartialState> {
+    let d = p.head_dim;
+    assert_eq!(q.len(), spans.len() * p.heads * d);
+    assert_eq!(p.heads % p.kv_heads, 0);
+    assert!(d <= MAX_HEAD_DIM, "attention: head_dim above {MAX_HEAD_DIM}");
+    let (segs, partial, stats) = run_segments(q, spans, kv, p);
+    let group = p.heads / p.kv_heads;
+    let hc = head_chunk(group);
+    let stride = hc * d;
+    let mut states: Vec<PartialState> = (0..spans.len())
+        .map(|_| PartialState::empty(p.heads, d))
+        .collect();
+    let mut i = 0;
+    while i < segs.len() {
+        let (t, g, c) = (segs[i].t, segs[i].g, segs[i].c);
+        let mut j = i;
+        while j < segs.len() && segs[j].t == t && segs[j].g == g && segs[j].c == c {
+            j += 1;
+        }
+        let st = &mut states[t];
+        let h0 = g * group + c * hc;
+        for h in 0..hc {
+            let mx = (i..j).map(|k| stats[k].0[h]).fold(f32::NEG_INFINITY, f32::max);
+            let acc = &mut st.acc[(h0 + h) * d..(h0 + h + 1) * d];
+            let mut l = 0.0;
+            for k in i..j {
+                let w = (stats[k].0[h] - mx).exp();
+                l += w * stats[k].1[h];
+                let at = k * stride + h * d;
+                axpy8(acc, w, &partial[at..at + d]);
+            }
+            st.m[h0 + h] = mx;
+            st.l[h0 + h] = l;
+        }
+        i = j;
+    }
+    states
+}
+
+/// Merges one row's partial states (over disjoint key ranges, any order) into its attention
+/// output `out` (`[heads, head_dim]`), each head's sink (if any) joining the normalisation.
+pub fn merge_partial_states(
+    parts: &[&PartialState],
+    head_dim: usize,
+    sinks: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let d = head_dim;
+    for (h, o) in out.chunks_mut(d).enumerate() {
+        let each = parts
+            .iter()
+            .map(|s| (s.m[h], s.l[h], &s.acc[h * d..(h + 1) * d]));
+        merge_head(each, sinks.map(|s| s[h]), o);
+    }
+}
+
+/// `out = Σ_s exp(m_s - M) o_s / (Σ_s exp(m_s - M) l_s [+ exp(sink - M)])` with
+/// `M = max_s m_s` (and the sink). Parts with `m = -inf` contribute nothing.
+fn merge_head<'a>(
+    parts: impl Iterator<Item = (f32, f32, &'a [f32])> + Clone,
+    sink: Option<f32>,
+    out: &mut [f32],
+) {
+    let mut mx = parts
+        .clone()
+        .map(|(m, _, _)| m)
+        .fold(f32::NEG_INFINITY, f32::max);
+    if let Some(s) = sink {
+        mx = mx.max(s);
+    }
+    out.fill(0.0);
+    let mut l = sink.map_or(0.0, |s| (s - mx).exp());
+    for (m, ls, o) in parts {
+        if m == f32::NEG_INFINITY {
+            continue;
+        }
+        let w = (m - mx).exp();
+        l += w * ls;
+        axpy8(out, w, o);
+    }
+    scale8(out, 1.0 / l);
+}
+
+/// Splits each span into segments of at most [`SPLIT_KEYS`] keys per (row, kv head, head
+/// chunk), in that order, and computes every segment's unnormalised attention in parallel.
+#[allow(clippy::type_complexity)]
+fn run_segments(
+    q: &[f32],
+    spans: &[KeySpan<'_>],
+    kv: KvLayer<'_>,
+    p: AttnParams,
+) -> (Vec<Segment>, Vec<f32>, Vec<([f32; MAX_GROUP], [f32; MAX_GROUP])>) {
     let avx2 = crate::simd::has_avx2();
     let avx512 = crate::simd::has_avx512() && avx2;
     let d = p.head_dim;
     let group = p.heads / p.kv_heads;
     let hc = head_chunk(group);
     let mut segs = Vec::new();
-    for (t, r) in rows.iter().enumerate() {
-        let (lo, hi) = key_range(r.pos, p.window);
+    for (t, r) in spans.iter().enumerate() {
         for g in 0..p.kv_heads {
             for c in 0..group / hc {
-                let mut s = lo;
-                while s < hi {
-                    let e = (s + SPLIT_KEYS).min(hi);
+                let mut s = r.lo;
+                while s < r.hi {
+                    let e = (s + SPLIT_KEYS).min(r.hi);
                     segs.push(Segment {
                         t,
                         g,
@@ -252,69 +422,26 @@ fn split_attention(
     crate::pool::for_each(items, |((o, st), s)| {
         let h0 = s.g * group + s.c * hc;
         let qs = &q[(s.t * p.heads + h0) * d..(s.t * p.heads + h0 + hc) * d];
+        let row = QueryRow {
+            table: spans[s.t].table,
+            pos: s.hi - 1,
+        };
         #[cfg(target_arch = "x86_64")]
         if avx512 && d % 16 == 0 {
-            // SAFETY: AVX-512 F/BW, AVX2 and FMA present (checked by the caller), d % 16 == 0.
-            *st = unsafe { attend_range_avx512(qs, rows[s.t], kv, s.g, hc, p, s.lo, s.hi, o) };
+            // SAFETY: AVX-512 F/BW, AVX2 and FMA present (checked above), d % 16 == 0.
+            *st = unsafe { attend_range_avx512(qs, row, kv, s.g, hc, p, s.lo, s.hi, o) };
             return;
         }
         #[cfg(target_arch = "x86_64")]
         if avx2 && d % 8 == 0 {
-            // SAFETY: avx2 and fma are present (checked by the caller) and d % 8 == 0.
-            *st = unsafe { attend_range_avx2(qs, rows[s.t], kv, s.g, hc, p, s.lo, s.hi, o) };
+            // SAFETY: avx2 and fma are present (checked above) and d % 8 == 0.
+            *st = unsafe { attend_range_avx2(qs, row, kv, s.g, hc, p, s.lo, s.hi, o) };
             return;
         }
         let _ = (avx2, avx512);
-        *st = attend_range::<Portable>(qs, rows[s.t], kv, s.g, hc, p, s.lo, s.hi, o);
+        *st = attend_range::<Portable>(qs, row, kv, s.g, hc, p, s.lo, s.hi, o);
     });
-    // Merge each (row, kv head, chunk)'s segments, in key order.
-    let mut i = 0;
-    while i < segs.len() {
-        let (t, g, c) = (segs[i].t, segs[i].g, segs[i].c);
-        let mut j = i;
-        while j < segs.len() && segs[j].t == t && segs[j].g == g && segs[j].c == c {
-            j += 1;
-        }
-        let h0 = g * group + c * hc;
-        let o = &mut out[(t * p.heads + h0) * d..(t * p.heads + h0 + hc) * d];
-        let sk = sinks.map(|s| &s[h0..h0 + hc]);
-        merge_partials(&partial[i * stride..j * stride], &stats[i..j], hc, d, sk, o);
-        i = j;
-    }
-}
-
-/// `out[h] = Σ_s exp(m_s - M) o_s[h] / (Σ_s exp(m_s - M) l_s [+ exp(sink_h - M)])` with
-/// `M = max_s m_s` (and the sink).
-fn merge_partials(
-    partial: &[f32],
-    stats: &[([f32; MAX_GROUP], [f32; MAX_GROUP])],
-    group: usize,
-    d: usize,
-    sinks: Option<&[f32]>,
-    out: &mut [f32],
-) {
-    for h in 0..group {
-        let mut mx = stats
-            .iter()
-            .map(|s| s.0[h])
-            .fold(f32::NEG_INFINITY, f32::max);
-        if let Some(sk) = sinks {
-            mx = mx.max(sk[h]);
-        }
-        let o = &mut out[h * d..(h + 1) * d];
-        o.fill(0.0);
-        let mut l = sinks.map_or(0.0, |sk| (sk[h] - mx).exp());
-        for (k, s) in stats.iter().enumerate() {
-            let w = (s.0[h] - mx).exp();
-            l += w * s.1[h];
-            axpy8(
-                o,
-                w,
-                &partial[k * group * d + h * d..k * group * d + (h + 1) * d],
-            );
-        }
-        scale8(o, 1.0 / l);
-    }
+    (segs, partial, stats)
 }
 
 /// Large enough for MLA's absorbed form (kv_lora_rank 512 + rope 64 in DeepSeek-V3).
@@ -544,7 +671,7 @@ fn attend_group<O: Ops>(
 
 /// Attention over keys `lo..hi` only, left unnormalised: returns each head's running max and
 /// sum of exponentials; `out` holds `Σ exp(s - m) v`. Partial results over disjoint ranges
-/// merge exactly ([`merge_partials`]).
+/// merge exactly ([`merge_partial_states`]).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn attend_range<O: Ops>(

@@ -319,6 +319,88 @@ fn paged_attention_with_sinks_and_wide_groups_matches_reference() {
     }
 }
 
+/// Context parallelism's attention: a row's keys held in up to three pools (as three workers
+/// would hold ranges of one sequence, each table counting from its range's first position),
+/// each pool's part computed unnormalised and the parts merged, equals the full softmax over
+/// all the keys (with sinks, with a window cutting into the first range, with parts that
+/// hold no visible key, and over the split-K threshold).
+#[test]
+fn partial_attention_over_split_pools_merges_to_the_full_softmax() {
+    use switchyard_kernels::attention::{
+        merge_partial_states, paged_attention_partial, KeySpan, PartialState,
+    };
+    let mut rng = Rng::new(21);
+    for &(heads, kvh, d, cuts, len, window, sinks) in &[
+        (4usize, 2usize, 16usize, &[40usize][..], 100usize, None, false),
+        (4, 2, 16, &[33, 70][..], 100, None, true),
+        (4, 2, 16, &[50][..], 100, Some(30usize), true),
+        (8, 2, 16, &[1500][..], 3300, None, false),
+        (16, 1, 72, &[20, 21][..], 64, None, false),
+    ] {
+        let mut bounds = vec![0];
+        bounds.extend_from_slice(cuts);
+        bounds.push(len);
+        let pools: Vec<Pool> = bounds
+            .windows(2)
+            .map(|b| pool(&mut rng, b[1] - b[0], 16, kvh, d))
+            .collect();
+        let p = AttnParams {
+            heads,
+            kv_heads: kvh,
+            head_dim: d,
+            scale: 0.25,
+            window,
+        };
+        let sk = randn(&mut rng, heads, 2.0);
+        for pos in [0, cuts[0], len / 2, len - 1] {
+            let q = randn(&mut rng, heads * d, 1.0);
+            let lo = window.map(|w| (pos + 1).saturating_sub(w)).unwrap_or(0);
+            let parts: Vec<PartialState> = pools
+                .iter()
+                .zip(bounds.windows(2))
+                .map(|(pl, b)| {
+                    let kv = KvLayer {
+                        k: KvSlice::F32(&pl.k),
+                        v: KvSlice::F32(&pl.v),
+                        block_size: 16,
+                        kv_heads: kvh,
+                        head_dim: d,
+                    };
+                    let (a, z) = (lo.max(b[0]), (pos + 1).min(b[1]));
+                    // Keys of this pool the query sees (none: an empty span).
+                    let (a, z) = if a < z { (a - b[0], z - b[0]) } else { (0, 0) };
+                    let span = KeySpan {
+                        table: &pl.table,
+                        lo: a,
+                        hi: z,
+                    };
+                    paged_attention_partial(&q, &[span], kv, p).remove(0)
+                })
+                .collect();
+            let mut out = vec![0.0; heads * d];
+            let refs: Vec<&PartialState> = parts.iter().collect();
+            merge_partial_states(&refs, d, sinks.then_some(&sk[..]), &mut out);
+            for h in 0..heads {
+                let g = h / (heads / kvh);
+                let keys: Vec<Vec<f32>> = pools.iter().flat_map(|pl| pl.keys[g].clone()).collect();
+                let vals: Vec<Vec<f32>> = pools.iter().flat_map(|pl| pl.vals[g].clone()).collect();
+                let qi = &q[h * d..(h + 1) * d];
+                let (ks, vs) = (&keys[lo..=pos], &vals[lo..=pos]);
+                let r = if sinks {
+                    reference::attention_one_with_sink(qi, ks, vs, 0.25, sk[h])
+                } else {
+                    reference::attention_one(qi, ks, vs, 0.25)
+                };
+                let o = &out[h * d..(h + 1) * d];
+                assert!(
+                    max_abs_diff(o, &r) < 1e-5,
+                    "heads={heads} d={d} cuts={cuts:?} len={len} pos={pos} h={h}"
+                );
+            }
+        }
+    }
+}
+
 /// Interleaved rope rotates pairs (2i, 2i+1) by frequency i: the reference's de-interleave
 /// then rotate-half, up to that permutation (so dot products agree).
 #[test]

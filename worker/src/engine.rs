@@ -8,6 +8,8 @@
 use crate::blocks::{chain_hash, BlockHash, PrefixStats};
 use crate::comm::Comm;
 use crate::config::ModelConfig;
+pub use crate::context::{ContextPlan, GuestSpec, SeqLayout, Span};
+use crate::context::Guest;
 use crate::ep::EpExperts;
 use crate::experts::{ExpertExec, ExpertSelection, ExpertSet, LocalExperts};
 use crate::kv::KvCache;
@@ -115,8 +117,19 @@ struct Seq {
     /// The token at every position, what block names are computed from (kept only while
     /// prefix caching is on).
     tokens: Vec<u32>,
-    /// Names of the full blocks, `len / block_size` of them while prefix caching is on.
+    /// Names of the full blocks held here, `held() / block_size` of them while prefix
+    /// caching is on.
     hashes: Vec<BlockHash>,
+    /// Context parallelism: positions from here on are held by other ranks (the table
+    /// covers `0..local_end` only).
+    local_end: Option<usize>,
+}
+
+impl Seq {
+    /// Positions whose keys and values this rank holds.
+    fn held(&self) -> usize {
+        self.local_end.map_or(self.len, |e| self.len.min(e))
+    }
 }
 
 /// What a chunk takes from the prefix cache: the blocks found for the blocks its tokens
@@ -129,6 +142,14 @@ struct PrefixHit {
 }
 
 impl PrefixHit {
+    fn none() -> Self {
+        PrefixHit {
+            blocks: Vec::new(),
+            replaces_partial: false,
+            queried: 0,
+        }
+    }
+
     /// The chunk's tokens whose positions the hit covers.
     fn tokens(&self, len: usize, bs: usize) -> usize {
         match self.blocks.len() {
@@ -197,7 +218,7 @@ fn prefix_hit(kv: &KvCache, seq: Option<&Seq>, c: &ChunkSpec<'_>) -> PrefixHit {
 /// Names the sequence's blocks that are full and not yet named, offering each for reuse.
 fn name_full_blocks(kv: &mut KvCache, s: &mut Seq) {
     let bs = kv.block_size;
-    while s.hashes.len() < s.len / bs {
+    while s.hashes.len() < s.held() / bs {
         let i = s.hashes.len();
         let h = chain_hash(s.hashes.last().copied(), &s.tokens[i * bs..(i + 1) * bs]);
         s.hashes.push(h);
@@ -212,6 +233,8 @@ pub struct Engine {
     experts: Box<dyn ExpertExec + Send>,
     kv: KvCache,
     seqs: HashMap<u64, Seq>,
+    /// Ranges of other ranks' sequences held here (context parallelism).
+    guests: HashMap<u64, Guest>,
     max_context: usize,
     /// The model on a GPU, when the engine runs there (it then owns the KV data; `kv` keeps
     /// the block allocator).
@@ -397,6 +420,7 @@ impl Engine {
             experts,
             kv,
             seqs: HashMap::new(),
+            guests: HashMap::new(),
             max_context,
             #[cfg(feature = "cuda")]
             gpu,
@@ -496,7 +520,7 @@ impl Engine {
         let bs = self.kv.block_size;
         // A kept block cut short is written past `len` next: it must be this sequence's
         // alone and unnamed (a named block's contents are what its name says).
-        if len % bs != 0 && len < s.len {
+        if len % bs != 0 && len < s.held() {
             let i = len / bs;
             let b = s.table[i];
             if self.kv.blocks().is_named(b) {
@@ -512,7 +536,11 @@ impl Engine {
                 }
             }
         }
-        let keep = self.kv.blocks_for(len);
+        let keep = self.kv.blocks_for(s.local_end.map_or(len, |e| len.min(e)));
+        if s.local_end.is_some_and(|e| len <= e) {
+            // Cut back into this rank's range: wholly here again.
+            s.local_end = None;
+        }
         if s.table.len() > keep {
             let mut extra = s.table.split_off(keep);
             // The prefix's later blocks are evicted first.
@@ -523,6 +551,36 @@ impl Engine {
         s.tokens.truncate(len);
         s.len = len;
         true
+    }
+
+    /// Cuts the range held here of another rank's sequence back to its positions before
+    /// `len` (dropping it when none is left); false when none is held.
+    pub fn truncate_guest(&mut self, seq_id: u64, len: usize) -> bool {
+        let Some(g) = self.guests.get_mut(&seq_id) else {
+            return false;
+        };
+        let keep = len.saturating_sub(g.start).min(g.len);
+        if keep == 0 {
+            let g = self.guests.remove(&seq_id).expect("present");
+            self.kv.release(&g.table);
+            return true;
+        }
+        g.len = keep;
+        let extra = g.table.split_off(self.kv.blocks_for(keep));
+        self.kv.release(&extra);
+        true
+    }
+
+    /// Ranges of other ranks' sequences held here: (sequence, home rank, first position,
+    /// positions held).
+    pub fn guests(&self) -> Vec<(u64, u32, usize, usize)> {
+        let mut v: Vec<_> = self
+            .guests
+            .iter()
+            .map(|(id, g)| (*id, g.home, g.start, g.len))
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     /// The sequences holding cache blocks.
@@ -579,10 +637,22 @@ impl Engine {
         self.kv.blocks().check()?;
         let mut refs: HashMap<u32, u32> = HashMap::new();
         for s in self.seqs.values() {
-            if s.table.len() != self.kv.blocks_for(s.len) {
-                return Err(format!("{} blocks for {} positions", s.table.len(), s.len));
+            if s.table.len() != self.kv.blocks_for(s.held()) {
+                return Err(format!("{} blocks for {} positions", s.table.len(), s.held()));
             }
             for b in &s.table {
+                *refs.entry(*b).or_default() += 1;
+            }
+        }
+        for (id, g) in &self.guests {
+            if g.table.len() != self.kv.blocks_for(g.len) {
+                return Err(format!(
+                    "guest {id}: {} blocks for {} positions",
+                    g.table.len(),
+                    g.len
+                ));
+            }
+            for b in &g.table {
                 *refs.entry(*b).or_default() += 1;
             }
         }
@@ -627,13 +697,53 @@ impl Engine {
         self.seqs.get(&seq_id).map_or(0, |s| s.len)
     }
 
+    /// Positions of a sequence whose keys and values this rank holds: its length, or where
+    /// its range here ends when other ranks hold the rest (0 when unknown).
+    pub fn held_len(&self, seq_id: u64) -> usize {
+        self.seqs.get(&seq_id).map_or(0, Seq::held)
+    }
+
     /// Appends each chunk's tokens to its sequence (creating it on first use) and runs them.
     pub fn step(
         &mut self,
         chunks: &[ChunkSpec<'_>],
         record_routing: bool,
     ) -> Result<ForwardOutput, WorkerError> {
+        self.step_with(chunks, ContextPlan::default(), record_routing)
+    }
+
+    /// [`Engine::step`] with context parallelism ([`crate::context`]): sequences of this
+    /// rank whose later positions other ranks hold (`plan.layouts`), and ranges of other
+    /// ranks' sequences held here that grow (`plan.guests`). Every rank of the group calls it
+    /// with the same `plan.exchange`.
+    pub fn step_with(
+        &mut self,
+        chunks: &[ChunkSpec<'_>],
+        plan: ContextPlan<'_>,
+        record_routing: bool,
+    ) -> Result<ForwardOutput, WorkerError> {
         // Check everything before touching state.
+        let (me, world) = match (plan.exchange, self.experts.comm()) {
+            (false, _) => (0, 1),
+            (true, Some(c)) => (c.rank() as u32, c.world()),
+            (true, None) => {
+                return Err(WorkerError::Placement(
+                    "context parallelism needs an expert-parallel group (its exchange shares                      the expert all-to-all)"
+                        .into(),
+                ))
+            }
+        };
+        #[cfg(feature = "cuda")]
+        if plan.exchange && self.gpu.is_some() {
+            return Err(WorkerError::Device(
+                "context parallelism runs on CPU workers only for now".into(),
+            ));
+        }
+        if !plan.exchange && (!plan.layouts.is_empty() || !plan.guests.is_empty()) {
+            return Err(WorkerError::Placement(
+                "context layouts or guest ranges in a step without the context exchange".into(),
+            ));
+        }
         let mut need = 0;
         let mut hits = Vec::with_capacity(chunks.len());
         let mut revived = std::collections::HashSet::new();
@@ -664,7 +774,39 @@ impl Engine {
                     max: self.max_context,
                 });
             }
-            let hit = prefix_hit(&self.kv, seq, c);
+            let layout = plan.layouts.iter().find(|l| l.seq_id == c.seq_id);
+            let split = seq.and_then(|s| s.local_end);
+            let bad = |detail: String| WorkerError::Sequence {
+                seq_id: c.seq_id,
+                detail,
+            };
+            match layout {
+                Some(l) => crate::context::check_layout(l, me, world, len, new_len, split)
+                    .map_err(|d| bad(format!("context layout: {d}")))?,
+                None if split.is_some() => {
+                    return Err(bad(
+                        "its later positions are held by other ranks; its chunk needs its \
+                         context layout"
+                            .into(),
+                    ))
+                }
+                None => {}
+            }
+            if self.guests.contains_key(&c.seq_id) {
+                return Err(bad("a range of it is held here for another rank".into()));
+            }
+            // Cached prefixes are for sequences held here whole.
+            let hit = match layout {
+                Some(l) => {
+                    need += self
+                        .kv
+                        .blocks_for(l.spans[0].start.min(new_len))
+                        .saturating_sub(have);
+                    hits.push(PrefixHit::none());
+                    continue;
+                }
+                None => prefix_hit(&self.kv, seq, c),
+            };
             revived.extend(
                 hit.blocks
                     .iter()
@@ -676,6 +818,40 @@ impl Engine {
                 .blocks_for(new_len)
                 .saturating_sub(have + hit.added());
             hits.push(hit);
+        }
+        for (i, g) in plan.guests.iter().enumerate() {
+            let bad = |detail: String| WorkerError::Sequence {
+                seq_id: g.seq_id,
+                detail,
+            };
+            if plan.guests[..i].iter().any(|o| o.seq_id == g.seq_id) {
+                return Err(bad("two guest ranges in one step".into()));
+            }
+            if self.seqs.contains_key(&g.seq_id) || chunks.iter().any(|c| c.seq_id == g.seq_id) {
+                return Err(bad("homed here; it cannot be a guest too".into()));
+            }
+            if g.end <= g.start || g.home == me || g.home as usize >= world {
+                return Err(bad(format!(
+                    "guest range {}..{} for rank {} (this rank {me}, world {world})",
+                    g.start, g.end, g.home
+                )));
+            }
+            let have = match self.guests.get(&g.seq_id) {
+                Some(x) if x.home != g.home || x.start != g.start || g.end < x.start + x.len => {
+                    return Err(bad(format!(
+                        "guest range {}..{} for rank {}, held here: {}..{} for rank {}",
+                        g.start,
+                        g.end,
+                        g.home,
+                        x.start,
+                        x.start + x.len,
+                        x.home
+                    )))
+                }
+                Some(x) => x.table.len(),
+                None => 0,
+            };
+            need += self.kv.blocks_for(g.end - g.start).saturating_sub(have);
         }
         // Cached blocks a chunk takes are no longer there for allocation.
         let available = self.kv.available() - revived.len();
@@ -714,10 +890,31 @@ impl Engine {
             }
             seq.len += skip;
             skips.push(skip);
-            let want = self.kv.blocks_for(seq.len + c.tokens.len() - skip);
+            let end = seq.len + c.tokens.len() - skip;
+            let here = plan
+                .layouts
+                .iter()
+                .find(|l| l.seq_id == c.seq_id)
+                .map_or(end, |l| l.spans[0].start.min(end));
+            let want = self.kv.blocks_for(here);
             if want > seq.table.len() {
                 let more = self.kv.allocate(want - seq.table.len())?;
                 seq.table.extend(more);
+            }
+        }
+        let mut guests_before = Vec::with_capacity(plan.guests.len());
+        for g in plan.guests {
+            let x = self.guests.entry(g.seq_id).or_insert_with(|| Guest {
+                home: g.home,
+                start: g.start,
+                ..Default::default()
+            });
+            guests_before.push((g.seq_id, g.start + x.len));
+            x.len = g.end - g.start;
+            let want = self.kv.blocks_for(x.len);
+            if want > x.table.len() {
+                let more = self.kv.allocate(want - x.table.len())?;
+                x.table.extend(more);
             }
         }
         // Positions found cached are not computed again; a chunk left with none is not run.
@@ -728,31 +925,55 @@ impl Engine {
             .map(|(c, skip)| {
                 let s = &self.seqs[&c.seq_id];
                 ForwardInput {
+                    seq_id: c.seq_id,
                     tokens: &c.tokens[*skip..],
                     start_pos: s.len,
                     table: &s.table,
                     logits: c.logits,
+                    remote: plan
+                        .layouts
+                        .iter()
+                        .find(|l| l.seq_id == c.seq_id)
+                        .map_or(&[][..], |l| &l.spans[..]),
                 }
             })
             .collect();
         // The forward pass runs on the caller's thread, never inside the thread pool: with
         // expert parallelism it blocks in collectives, which must not hold pool threads.
+        let exchange = match (plan.exchange, self.experts.comm()) {
+            (true, Some(comm)) => Some(crate::model::ContextExchange {
+                comm,
+                guests: &self.guests,
+            }),
+            _ => None,
+        };
         #[cfg(feature = "cuda")]
         let out = match &mut self.gpu {
             Some(g) => g.forward(&inputs, record_routing),
-            None => self
-                .model
-                .forward(&inputs, &mut self.kv, &*self.experts, record_routing),
+            None => self.model.forward(
+                &inputs,
+                &mut self.kv,
+                &*self.experts,
+                record_routing,
+                exchange,
+            ),
         };
         #[cfg(not(feature = "cuda"))]
-        let out = self
-            .model
-            .forward(&inputs, &mut self.kv, &*self.experts, record_routing);
+        let out = self.model.forward(
+            &inputs,
+            &mut self.kv,
+            &*self.experts,
+            record_routing,
+            exchange,
+        );
         drop(inputs);
         if out.is_ok() {
             for (c, skip) in chunks.iter().zip(&skips) {
                 let s = self.seqs.get_mut(&c.seq_id).expect("created above");
                 s.len += c.tokens.len() - skip;
+                if let Some(l) = plan.layouts.iter().find(|l| l.seq_id == c.seq_id) {
+                    s.local_end = Some(l.spans[0].start);
+                }
                 if caching {
                     s.tokens.extend_from_slice(&c.tokens[*skip..]);
                     name_full_blocks(&mut self.kv, s);
@@ -763,16 +984,23 @@ impl Engine {
             for (c, len) in chunks.iter().zip(before) {
                 self.truncate(c.seq_id, len);
             }
+            for (id, len) in guests_before {
+                self.truncate_guest(id, len);
+            }
         }
         out
     }
 
-    /// Frees a sequence and its cache blocks. Unknown ids are ignored.
+    /// Frees a sequence and its cache blocks, or the range of it held here for another
+    /// rank. Unknown ids are ignored.
     pub fn release(&mut self, seq_id: u64) {
         if let Some(mut s) = self.seqs.remove(&seq_id) {
             // The prefix's later blocks are evicted first.
             s.table.reverse();
             self.kv.release(&s.table);
+        }
+        if let Some(g) = self.guests.remove(&seq_id) {
+            self.kv.release(&g.table);
         }
     }
 }

@@ -94,6 +94,10 @@ impl ExpertExec for EpExperts {
         Some((self.comm.rank() as u32, &self.holders))
     }
 
+    fn comm(&self) -> Option<&Comm> {
+        Some(&self.comm)
+    }
+
     fn switch(&mut self, holders: Vec<Vec<Vec<u32>>>, add: ExpertSet) -> Result<(), WorkerError> {
         let sel = ExpertSelection::of_rank(&holders, self.comm.rank() as u32);
         let local = std::mem::replace(&mut self.local, ExpertSet::empty());

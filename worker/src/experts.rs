@@ -391,6 +391,12 @@ pub trait ExpertExec: Sync {
         None
     }
 
+    /// Expert parallel only: the group's all-to-all, which the context exchange shares (in
+    /// lockstep with the expert exchange).
+    fn comm(&self) -> Option<&crate::comm::Comm> {
+        None
+    }
+
     /// Expert parallel only: switches to the holder table `holders`, keeping the experts this
     /// rank still holds and taking the ones it gains from `add`.
     fn switch(&mut self, holders: Vec<Vec<Vec<u32>>>, add: ExpertSet) -> Result<(), WorkerError> {

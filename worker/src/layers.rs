@@ -17,7 +17,7 @@ use crate::family::tensors::attn;
 use crate::kv::KvCache;
 use crate::weights::{Checkpoint, Tensor, WeightDType};
 use crate::WorkerError;
-use switchyard_kernels::attention::{paged_attention_with, AttnParams, QueryRow};
+use switchyard_kernels::attention::{AttnParams, QueryRow};
 use switchyard_kernels::norm::rms_norm;
 use switchyard_kernels::rope::{apply_interleaved_with, apply_with};
 use switchyard_kernels::{linear, linear_batch, moe, LinearJob, WeightRef};
@@ -43,6 +43,8 @@ pub struct StepRows<'a> {
     /// Per row: (block table, absolute position).
     pub rows: Vec<QueryRow<'a>>,
     pub rope: RopeRows<'a>,
+    /// The context exchange, in a step with context parallelism.
+    pub(crate) cp: Option<crate::context::CpStep<'a>>,
 }
 
 /// Standard (grouped-query) attention.
@@ -225,7 +227,7 @@ impl Attention {
         step: &StepRows<'_>,
         kv: &mut KvCache,
         out: &mut [f32],
-    ) {
+    ) -> Result<(), WorkerError> {
         match self {
             Attention::Gqa(a) => a.forward(cfg, li, x, step, kv, out),
             Attention::Mla(m) => m.forward(cfg, li, x, step, kv, out),
@@ -260,7 +262,7 @@ impl Gqa {
         step: &StepRows<'_>,
         kv: &mut KvCache,
         out: &mut [f32],
-    ) {
+    ) -> Result<(), WorkerError> {
         let (h, nh, nkv, d) = (
             cfg.hidden_size,
             cfg.num_heads,
@@ -293,15 +295,6 @@ impl Gqa {
             apply_with(&mut q[r * qw..(r + 1) * qw], d, c, s);
             apply_with(&mut k[r * kvw..(r + 1) * kvw], d, c, s);
         }
-        for (r, row) in step.rows.iter().enumerate() {
-            kv.write(
-                li,
-                row.table,
-                row.pos,
-                &k[r * kvw..(r + 1) * kvw],
-                &v[r * kvw..(r + 1) * kvw],
-            );
-        }
         let params = AttnParams {
             heads: nh,
             kv_heads: nkv,
@@ -310,18 +303,23 @@ impl Gqa {
             window: self.window,
         };
         let mut att = vec![0.0f32; t * qw];
-        paged_attention_with(
-            &q,
+        crate::context::attend(
             &step.rows,
-            kv.layer(li, nkv, d),
+            step.cp.as_ref(),
+            li,
+            kv,
+            &q,
+            &k,
+            &v,
             params,
             self.sinks.as_deref(),
             &mut att,
-        );
+        )?;
         linear(&att, t, qw, self.o.weight(), h, out);
         if let Some(b) = &self.o_bias {
             add_rows(out, b);
         }
+        Ok(())
     }
 }
 
@@ -334,7 +332,7 @@ impl Mla {
         step: &StepRows<'_>,
         kv: &mut KvCache,
         out: &mut [f32],
-    ) {
+    ) -> Result<(), WorkerError> {
         let m = &self.spec;
         let (h, nh) = (cfg.hidden_size, cfg.num_heads);
         let (lora, nope, rope, vd) = (
@@ -373,13 +371,12 @@ impl Mla {
                 apply_with(v, rope, c, s)
             }
         };
-        for (r, row) in step.rows.iter().enumerate() {
+        for r in 0..t {
             let e = &mut ckv[r * width..(r + 1) * width];
             let (lat, pe) = e.split_at_mut(lora);
             rms_norm(lat, &self.kv_norm, cfg.rms_norm_eps);
             let (c, s) = step.rope.row(r);
             rot(pe, c, s);
-            kv.write(li, row.table, row.pos, e, &[]);
         }
         // Absorbed queries `[t, nh, lora + rope]`: W_UKᵀ q_nope, then the rotated q_pe.
         let mut nope_in: Vec<Vec<f32>> = (0..nh).map(|_| vec![0.0f32; t * nope]).collect();
@@ -419,16 +416,21 @@ impl Mla {
             scale: m.softmax_scale,
             window: None,
         };
+        // The latent and rope key of each row is the cache entry (keys and values at once).
         let mut ctx = vec![0.0f32; t * nh * width];
-        paged_attention_with(
-            &qa,
+        crate::context::attend(
             &step.rows,
-            kv.layer(li, 1, width),
+            step.cp.as_ref(),
+            li,
+            kv,
+            &qa,
+            &ckv,
+            &[],
             params,
             None,
             &mut ctx,
-        );
-        drop(qa);
+        )?;
+        drop((qa, ckv));
         // Back from latent space per head: o_h = W_UV Σ p c.
         let lat_o: Vec<Vec<f32>> = (0..nh)
             .map(|hd| {
@@ -460,6 +462,7 @@ impl Mla {
         }
         drop(heads);
         linear(&att, t, nh * vd, self.o.weight(), h, out);
+        Ok(())
     }
 }
 

@@ -21,6 +21,7 @@
 pub mod blocks;
 pub mod comm;
 pub mod config;
+pub mod context;
 pub mod engine;
 pub mod ep;
 pub mod experts;

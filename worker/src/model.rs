@@ -44,10 +44,21 @@ pub enum Logits {
 
 /// One sequence's tokens in a step.
 pub struct ForwardInput<'a> {
+    pub seq_id: u64,
     pub tokens: &'a [u32],
     pub start_pos: usize,
     pub table: &'a [u32],
     pub logits: Logits,
+    /// Ranges of the sequence held on other ranks (context parallelism; empty: all here).
+    pub remote: &'a [crate::context::Span],
+}
+
+/// The context exchange of a step: the group's all-to-all and the ranges of other ranks'
+/// sequences held here.
+#[derive(Clone, Copy)]
+pub struct ContextExchange<'a> {
+    pub comm: &'a crate::comm::Comm,
+    pub guests: &'a std::collections::HashMap<u64, crate::context::Guest>,
 }
 
 /// Router decisions of one MoE layer for every row of the step.
@@ -166,6 +177,7 @@ impl Model {
         kv: &mut KvCache,
         experts: &dyn ExpertExec,
         record_routing: bool,
+        exchange: Option<ContextExchange<'_>>,
     ) -> Result<ForwardOutput, WorkerError> {
         let cfg = &self.cfg;
         let h = cfg.hidden_size;
@@ -207,6 +219,14 @@ impl Model {
                 &mut sin[r * half..(r + 1) * half],
             );
         }
+        let cp = exchange.map(|x| crate::context::CpStep {
+            comm: x.comm,
+            rows: inputs
+                .iter()
+                .flat_map(|i| std::iter::repeat_n((i.seq_id, i.remote), i.tokens.len()))
+                .collect(),
+            guests: x.guests,
+        });
         let step = StepRows {
             rows,
             rope: RopeRows {
@@ -214,13 +234,14 @@ impl Model {
                 sin: &sin,
                 half,
             },
+            cp,
         };
         let mut x = vec![0.0f32; t * h];
         let mut tmp = vec![0.0f32; t * h];
         for (li, layer) in self.layers.iter().enumerate() {
             x.copy_from_slice(&hs);
             rms_norm(&mut x, &layer.ln1, cfg.rms_norm_eps);
-            layer.attn.forward(cfg, li, &x, &step, kv, &mut tmp);
+            layer.attn.forward(cfg, li, &x, &step, kv, &mut tmp)?;
             axpy(&mut hs, 1.0, &tmp);
 
             x.copy_from_slice(&hs);

@@ -20,7 +20,9 @@ use switchyard_proto::cluster::v1::{
     SeqChunk, SeqRequest, StepPlan, StepResult, TokenLogprob,
 };
 use switchyard_worker::comm::Comm;
-use switchyard_worker::engine::{ChunkSpec, Engine, Logits, PreparedExperts};
+use switchyard_worker::engine::{
+    ChunkSpec, ContextPlan, Engine, GuestSpec, Logits, PreparedExperts, SeqLayout, Span,
+};
 use switchyard_worker::WorkerError;
 
 type Loading = std::thread::JoinHandle<Result<PreparedExperts, WorkerError>>;
@@ -158,6 +160,11 @@ impl Executor {
         self.ready = None;
         self.version = 0;
         let loaded = self.engine.rejoin(comm, holders)?;
+        // Ranges held for other ranks' sequences belong to the old group's layout: a split
+        // sequence is prefilled again whole in the new epoch.
+        for (id, ..) in self.engine.guests() {
+            self.engine.release(id);
+        }
         let want: HashMap<u64, u32> = keep.iter().map(|k| (k.seq_id, k.len)).collect();
         let mut kept = Vec::new();
         for id in self.engine.sequences() {
@@ -195,8 +202,10 @@ impl Executor {
             .filter_map(|id| {
                 let rec = self.seqs.get(&id)?;
                 let request = rec.request.clone()?;
-                let cached = self.engine.seq_len(id);
-                (cached == rec.fed.len()).then(|| HeldSeq {
+                // A sequence split across ranks is handed over with the positions held
+                // here; the rest is prefilled again.
+                let cached = self.engine.held_len(id);
+                (self.engine.seq_len(id) == rec.fed.len()).then(|| HeldSeq {
                     seq_id: id,
                     tokens: rec
                         .fed
@@ -338,7 +347,41 @@ impl Executor {
                 logits: if c.sample { Logits::Last } else { Logits::None },
             })
             .collect();
-        let out = self.engine.step(&specs, false)?;
+        // Context parallelism: the ranges of this rank's sequences held elsewhere, and the
+        // ranges of others' it holds that grow.
+        let layouts: Vec<SeqLayout> = plan
+            .chunks
+            .iter()
+            .filter(|c| !c.kv_spans.is_empty())
+            .map(|c| SeqLayout {
+                seq_id: c.seq_id,
+                spans: c
+                    .kv_spans
+                    .iter()
+                    .map(|s| Span {
+                        rank: s.rank,
+                        start: s.start as usize,
+                        end: s.end as usize,
+                    })
+                    .collect(),
+            })
+            .collect();
+        let guests: Vec<GuestSpec> = plan
+            .kv_guests
+            .iter()
+            .map(|g| GuestSpec {
+                seq_id: g.seq_id,
+                home: g.home,
+                start: g.start as usize,
+                end: g.end as usize,
+            })
+            .collect();
+        let cp = ContextPlan {
+            layouts: &layouts,
+            guests: &guests,
+            exchange: plan.context_exchange,
+        };
+        let out = self.engine.step_with(&specs, cp, false)?;
         let vocab = self.engine.config().vocab_size;
         let mut tokens = Vec::new();
         let mut row = 0;

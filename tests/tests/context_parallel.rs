@@ -1,0 +1,268 @@
+//! Context parallelism in process: one sequence's KV split over 2 and 3 ranks (threads over
+//! the `Local` all-to-all, each rank's cache made small on purpose so that the sequence cannot
+//! fit in one), its attention merged from the holders' partial states at its home. Greedy
+//! tokens and logits at every position must equal the same sequence on one big worker (logits
+//! within 1e-5) and the transformers goldens; a rank that holds a range of the long sequence
+//! also homes a short sequence of its own, whose tokens must be the goldens too.
+
+mod common;
+use common::{fixture, floats, golden, ids};
+
+use switchyard_coordinator::placement::rank_holders;
+use switchyard_kernels::sampling::argmax;
+use switchyard_worker::comm::{Comm, LocalComm};
+use switchyard_worker::engine::{
+    ChunkSpec, ContextPlan, Engine, EngineOptions, ExpertSetup, GuestSpec, Logits, SeqLayout, Span,
+};
+
+const LONG: u64 = 7;
+const SHORT: u64 = 8;
+const CHUNK: usize = 37;
+const DECODE: usize = 24;
+
+/// What one run of the long sequence gives: every position's logits (prompt, then each
+/// decoded token's) and the greedy tokens.
+struct Run {
+    logits: Vec<Vec<f32>>,
+    tokens: Vec<u32>,
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f32 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// The chunks of the long sequence's steps: the prompt `CHUNK` tokens at a time, then one
+/// decoded token per step (`None`: the token the last step sampled).
+fn steps(prompt: &[u32]) -> Vec<Option<Vec<u32>>> {
+    let mut s: Vec<_> = prompt.chunks(CHUNK).map(|c| Some(c.to_vec())).collect();
+    s.extend((0..DECODE - 1).map(|_| None));
+    s
+}
+
+/// The long sequence on one engine with room for all of it.
+fn unsplit(model: &str, prompt: &[u32]) -> Run {
+    let mut e = Engine::load(&fixture(model), &EngineOptions::default()).unwrap();
+    let v = e.config().vocab_size;
+    let mut run = Run {
+        logits: Vec::new(),
+        tokens: Vec::new(),
+    };
+    let prefill = prompt.len().div_ceil(CHUNK);
+    for (i, chunk) in steps(prompt).into_iter().enumerate() {
+        let toks = chunk.unwrap_or_else(|| vec![*run.tokens.last().unwrap()]);
+        let out = e
+            .step(
+                &[ChunkSpec {
+                    seq_id: LONG,
+                    tokens: &toks,
+                    logits: Logits::All,
+                }],
+                false,
+            )
+            .unwrap();
+        run.logits.extend(out.logits.chunks(v).map(<[f32]>::to_vec));
+        if i + 1 >= prefill {
+            run.tokens.push(argmax(run.logits.last().unwrap()) as u32);
+        }
+    }
+    run
+}
+
+/// Rank `i` holds positions `bounds[i]..bounds[i + 1]` of the long sequence (the last rank
+/// everything after its start); rank 0 is its home. The spans beyond rank 0 once the sequence
+/// is `len` long.
+fn spans(bounds: &[usize], len: usize) -> Vec<Span> {
+    (1..bounds.len())
+        .filter(|&i| bounds[i] < len)
+        .map(|i| Span {
+            rank: i as u32,
+            start: bounds[i],
+            end: bounds.get(i + 1).map_or(len, |&e| e.min(len)),
+        })
+        .collect()
+}
+
+/// The long sequence homed on rank 0 of `bounds.len()` ranks, its KV split at `bounds`; each
+/// rank's cache has `blocks[rank]` blocks of 16. Rank 1 also homes `short` (prefilled in the
+/// first step, then decoded beside). Returns the long run and the short sequence's tokens.
+fn split(
+    model: &str,
+    prompt: &[u32],
+    short: &[u32],
+    bounds: &[usize],
+    blocks: &[usize],
+) -> (Run, Vec<u32>) {
+    let world = bounds.len();
+    let cfg = switchyard_worker::engine::read_config(&fixture(model)).unwrap();
+    let holders = rank_holders(&cfg, world, cfg.num_experts.div_ceil(world), 0).unwrap();
+    let plan = steps(prompt);
+    let handles: Vec<_> = LocalComm::group(world)
+        .into_iter()
+        .enumerate()
+        .map(|(rank, comm)| {
+            let (model, holders, plan) = (model.to_string(), holders.clone(), plan.clone());
+            let (bounds, short) = (bounds.to_vec(), short.to_vec());
+            let kv_blocks = blocks[rank];
+            std::thread::spawn(move || {
+                let opts = EngineOptions {
+                    kv_blocks: Some(kv_blocks),
+                    ..Default::default()
+                };
+                let setup = ExpertSetup::Parallel {
+                    holders,
+                    comm: Comm::Local(comm),
+                };
+                let mut e = Engine::load_with(&fixture(&model), &opts, setup).unwrap();
+                let v = e.config().vocab_size;
+                let mut run = Run {
+                    logits: Vec::new(),
+                    tokens: Vec::new(),
+                };
+                let mut short_tokens: Vec<u32> = Vec::new();
+                let mut len = 0;
+                let prefill = plan.iter().filter(|c| c.is_some()).count();
+                for (i, chunk) in plan.iter().enumerate() {
+                    let n = chunk.as_ref().map_or(1, Vec::len);
+                    let (before, after) = (len, len + n);
+                    len = after;
+                    let all = spans(&bounds, after);
+                    let layouts = if rank == 0 && !all.is_empty() {
+                        vec![SeqLayout {
+                            seq_id: LONG,
+                            spans: all.clone(),
+                        }]
+                    } else {
+                        Vec::new()
+                    };
+                    // A range grows when this step writes into it.
+                    let guests: Vec<GuestSpec> = all
+                        .iter()
+                        .filter(|s| s.rank as usize == rank && s.end > before.max(s.start))
+                        .map(|s| GuestSpec {
+                            seq_id: LONG,
+                            home: 0,
+                            start: s.start,
+                            end: s.end,
+                        })
+                        .collect();
+                    let long_toks: Vec<u32> = chunk
+                        .clone()
+                        .unwrap_or_else(|| run.tokens.last().copied().into_iter().collect());
+                    let short_toks: Vec<u32> = match short_tokens.last() {
+                        None => short.clone(),
+                        Some(t) => vec![*t],
+                    };
+                    let mut chunks = Vec::new();
+                    if rank == 0 {
+                        chunks.push(ChunkSpec {
+                            seq_id: LONG,
+                            tokens: &long_toks,
+                            logits: Logits::All,
+                        });
+                    }
+                    if rank == 1 && short_tokens.len() < DECODE {
+                        chunks.push(ChunkSpec {
+                            seq_id: SHORT,
+                            tokens: &short_toks,
+                            logits: Logits::Last,
+                        });
+                    }
+                    let cp = ContextPlan {
+                        layouts: &layouts,
+                        guests: &guests,
+                        exchange: !all.is_empty(),
+                    };
+                    let out = e
+                        .step_with(&chunks, cp, false)
+                        .unwrap_or_else(|err| panic!("rank {rank}, step {i}: {err}"));
+                    let rows: Vec<Vec<f32>> = out.logits.chunks(v).map(<[f32]>::to_vec).collect();
+                    if rank == 0 {
+                        run.logits.extend(rows);
+                        if i + 1 >= prefill {
+                            run.tokens.push(argmax(run.logits.last().unwrap()) as u32);
+                        }
+                    } else if rank == 1 && !rows.is_empty() {
+                        short_tokens.push(argmax(rows.last().unwrap()) as u32);
+                    }
+                    e.check_kv().unwrap();
+                }
+                // What each rank holds of the long sequence is its range, no more.
+                let held = e.guests();
+                if rank > 0 {
+                    let s = spans(&bounds, len)[rank - 1];
+                    assert_eq!(held, vec![(LONG, 0, s.start, s.end - s.start)]);
+                } else {
+                    assert!(held.is_empty());
+                }
+                e.release(LONG);
+                e.release(SHORT);
+                assert_eq!(e.kv_used(), 0, "rank {rank}: blocks left after release");
+                (run, short_tokens)
+            })
+        })
+        .collect();
+    let mut results: Vec<(Run, Vec<u32>)> =
+        handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let short_tokens = results.swap_remove(1).1;
+    (results.swap_remove(0).0, short_tokens)
+}
+
+/// The golden long prompt split over 2 and 3 ranks, each cache too small for it alone.
+fn check(model: &str) {
+    let g = golden(model);
+    let prompts = g["prompts"].as_array().unwrap();
+    let long = &prompts[3];
+    let prompt = ids(&long["input_ids"]);
+    let want = ids(&long["greedy"]["new_ids"]);
+    let short = ids(&prompts[0]["input_ids"]);
+    let short_want = ids(&prompts[0]["greedy"]["new_ids"]);
+    let total = prompt.len() + DECODE;
+    let whole = unsplit(model, &prompt);
+    assert_eq!(whole.tokens, want[..DECODE], "{model}: unsplit run");
+    for (bounds, blocks) in [
+        // Home 0..128 (8 blocks), rank 1 the rest.
+        (vec![0, 128], vec![8, 16]),
+        // Home 0..96, rank 1 96..208 (cut inside a block), rank 2 the rest.
+        (vec![0, 96, 200], vec![6, 10, 8]),
+    ] {
+        let (run, short_got) = split(model, &prompt, &short, &bounds, &blocks);
+        assert!(
+            blocks[0] * 16 < total,
+            "the home could have held the sequence alone"
+        );
+        assert_eq!(run.tokens, want[..DECODE], "{model} {bounds:?}: greedy tokens");
+        assert_eq!(short_got, short_want[..DECODE], "{model} {bounds:?}: the short sequence");
+        assert_eq!(run.logits.len(), whole.logits.len());
+        let worst = run
+            .logits
+            .iter()
+            .zip(&whole.logits)
+            .map(|(a, b)| max_abs(a, b))
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-5, "{model} {bounds:?}: logits {worst} from the unsplit run");
+        // And the goldens' logits at their positions.
+        for rec in long["logits"].as_array().unwrap() {
+            let p = rec["position"].as_u64().unwrap() as usize;
+            let d = max_abs(&run.logits[p], &floats(&rec["values"]));
+            assert!(d < 1e-4, "{model} {bounds:?}: position {p} is {d} from the golden");
+        }
+    }
+}
+
+#[test]
+fn split_gqa_sequence_equals_unsplit_and_goldens() {
+    check("tiny-qwen3-moe");
+}
+
+#[test]
+fn split_sequence_with_sinks_and_sliding_window_equals_unsplit() {
+    check("tiny-gpt-oss");
+}
+
+#[test]
+fn split_mla_latent_cache_equals_unsplit() {
+    check("tiny-deepseek-v3");
+}
