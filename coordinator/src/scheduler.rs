@@ -411,7 +411,8 @@ impl State {
     ///
     /// With context parallelism, the worker holding the sequence's last range gives what it
     /// has; then the range closes at its blocks' end and the next starts there on the worker
-    /// with the most free blocks that holds no range of it yet.
+    /// with the most free blocks (any other: one that holds an earlier range too, the home
+    /// included, may hold another), so a sequence grows while the cluster has a free block.
     fn reserve(&mut self, id: SeqId, positions: usize) -> bool {
         let bs = self.cfg.block_size;
         let s = &self.seqs[&id];
@@ -436,23 +437,19 @@ impl State {
         }
         // Plan the whole extension first: the last holder's free blocks, then new ranges.
         let mut free = self.free.clone();
-        let mut held: Vec<usize> = std::iter::once(w)
-            .chain(s.spans.iter().map(|e| e.worker))
-            .collect();
         let grow = free[last_worker];
         free[last_worker] = 0;
         let mut end = start + (blocks + grow) * bs;
         let mut new = Vec::new();
         while end < positions {
             let Some(next) = (0..free.len())
-                .filter(|x| !held.contains(x) && free[*x] > 0)
+                .filter(|x| free[*x] > 0)
                 .max_by_key(|x| (free[*x], std::cmp::Reverse(*x)))
             else {
                 return false;
             };
             let take = (positions - end).div_ceil(bs).min(free[next]);
             free[next] -= take;
-            held.push(next);
             new.push(Extent {
                 worker: next,
                 start: end,
@@ -913,6 +910,68 @@ mod tests {
         assert!(!st.fits(0));
     }
 
+    /// Checks a split sequence's ranges: contiguous from the home's, each on another worker
+    /// than the range before it, within the blocks each was given.
+    fn check_spans(st: &State) -> Result<(), String> {
+        let bs = st.cfg.block_size;
+        for (id, s) in &st.seqs {
+            let Some(home) = s.home else {
+                if !s.spans.is_empty() {
+                    return Err(format!("{id}: ranges but no home"));
+                }
+                continue;
+            };
+            let mut at = s.blocks * bs;
+            let mut prev = home;
+            for e in &s.spans {
+                if e.start != at || e.worker == prev || e.blocks == 0 {
+                    return Err(format!("{id}: range {e:?} after {at} on {prev}"));
+                }
+                prev = e.worker;
+                at = e.start + e.blocks * bs;
+            }
+            if at < s.computed {
+                return Err(format!("{id}: {} computed, room for {at}", s.computed));
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn context_parallel_admits_what_only_the_cluster_holds_and_splits_it() {
+        let mut c = cfg(16, vec![4, 4, 4]);
+        c.context_parallel = true;
+        let mut st = State::new(c);
+        // 48 positions in all; one worker holds 16.
+        assert_eq!(st.capacity_tokens(), 48);
+        assert!(st.fits(40) && !st.fits(49));
+        st.add(1, 30, 0);
+        let s = st.next_step();
+        assert_eq!((s.chunks[0].worker, s.chunks[0].len), (0, 16));
+        assert!(st.spans(1).is_empty());
+        // The next chunk runs past the home's 16 positions: worker 1 holds 16..30 (4 blocks
+        // reserved, the most free), and the spans end where the sequence is computed.
+        let s = st.next_step();
+        assert_eq!((s.chunks[0].start, s.chunks[0].len), (16, 14));
+        assert!(s.chunks[0].sample);
+        assert_eq!(st.spans(1), vec![(1, 16, 30)]);
+        assert_eq!(st.free_blocks(), &[0, 0, 4]);
+        st.on_sampled(1);
+        // Decodes grow the last range, then the next worker's.
+        for _ in 0..3 {
+            st.next_step();
+            st.on_sampled(1);
+        }
+        assert_eq!(st.spans(1), vec![(1, 16, 32), (2, 32, 33)]);
+        assert_eq!(st.free_blocks(), &[0, 0, 3]);
+        check_spans(&st).unwrap();
+        st.finish(1);
+        assert_eq!(st.free_blocks(), &[4, 4, 4]);
+        // Without context parallelism the same sequence waits at the door.
+        let st = State::new(cfg(16, vec![4, 4, 4]));
+        assert!(!st.fits(30));
+    }
+
     #[test]
     fn sequences_are_homed_on_the_emptiest_worker() {
         let mut st = State::new(cfg(100, vec![10, 10, 10]));
@@ -993,6 +1052,58 @@ mod tests {
                 let step = st.next_step();
                 for (w, &free) in st.free_blocks().iter().enumerate() {
                     prop_assert!(free <= blocks[w]);
+                }
+                feed_samples(&mut st, &step, &mut left);
+                steps += 1;
+            }
+            prop_assert!(left.is_empty(), "livelock: {:?} unfinished after {} steps", left, steps);
+            prop_assert_eq!(st.free_blocks(), &blocks[..]);
+        }
+
+        /// Context parallelism under oversubscription: sequences up to the whole cluster's
+        /// KV, far more than fit at once; ranges stay contiguous and within their blocks, no
+        /// worker holds more blocks than it has, preempting a split sequence frees every range,
+        /// and everything finishes.
+        #[test]
+        fn context_parallel_workloads_finish_and_keep_ranges_consistent(
+            budget in 1usize..48,
+            blocks in prop::collection::vec(2usize..8, 2..4),
+            reqs in prop::collection::vec((1usize..64, 1usize..40, -1i32..2, 0usize..30), 1..12),
+        ) {
+            let mut c = cfg(budget, blocks.clone());
+            c.context_parallel = true;
+            let mut st = State::new(c);
+            let cap = st.capacity_tokens();
+            let reqs: Vec<(u64, usize, usize, i32, usize)> = reqs
+                .into_iter()
+                .enumerate()
+                .map(|(i, (p, g, pr, at))| {
+                    let p = p.min(cap - 1).max(1);
+                    let g = g.min(cap - p).max(1);
+                    (i as u64, p, g, pr, at)
+                })
+                .collect();
+            prop_assert!(reqs.iter().all(|r| st.fits(r.1 + r.2)));
+            let mut left: BTreeMap<u64, usize> = BTreeMap::new();
+            let work: usize = reqs.iter().map(|r| r.1 + r.2).sum();
+            let max_steps = 64 + work * (reqs.len() + 1) * 4;
+            let mut steps = 0;
+            while steps < max_steps {
+                for r in reqs.iter().filter(|r| r.4 == steps) {
+                    st.add(r.0, r.1, r.3);
+                    left.insert(r.0, r.2);
+                }
+                if left.is_empty() && reqs.iter().all(|r| r.4 < steps) {
+                    break;
+                }
+                let step = st.next_step();
+                for (w, &free) in st.free_blocks().iter().enumerate() {
+                    prop_assert!(free <= blocks[w]);
+                }
+                let held: usize = st.seqs.values().map(|s| s.blocks + s.spans.iter().map(|e| e.blocks).sum::<usize>()).sum();
+                prop_assert_eq!(held + st.free_blocks().iter().sum::<usize>(), blocks.iter().sum::<usize>());
+                if let Err(e) = check_spans(&st) {
+                    prop_assert!(false, "{}", e);
                 }
                 feed_samples(&mut st, &step, &mut left);
                 steps += 1;

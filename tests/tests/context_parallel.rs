@@ -71,31 +71,31 @@ fn unsplit(model: &str, prompt: &[u32]) -> Run {
     run
 }
 
-/// Rank `i` holds positions `bounds[i]..bounds[i + 1]` of the long sequence (the last rank
-/// everything after its start); rank 0 is its home. The spans beyond rank 0 once the sequence
-/// is `len` long.
-fn spans(bounds: &[usize], len: usize) -> Vec<Span> {
-    (1..bounds.len())
-        .filter(|&i| bounds[i] < len)
+/// `ranges[i] = (rank, start)`: that rank holds the long sequence's positions from `start` to
+/// the next range's start (the last: to its end); `ranges[0]` is `(0, 0)`, its home. The spans
+/// beyond the home's range once the sequence is `len` long.
+fn spans(ranges: &[(u32, usize)], len: usize) -> Vec<Span> {
+    (1..ranges.len())
+        .filter(|&i| ranges[i].1 < len)
         .map(|i| Span {
-            rank: i as u32,
-            start: bounds[i],
-            end: bounds.get(i + 1).map_or(len, |&e| e.min(len)),
+            rank: ranges[i].0,
+            start: ranges[i].1,
+            end: ranges.get(i + 1).map_or(len, |&(_, e)| e.min(len)),
         })
         .collect()
 }
 
-/// The long sequence homed on rank 0 of `bounds.len()` ranks, its KV split at `bounds`; each
-/// rank's cache has `blocks[rank]` blocks of 16. Rank 1 also homes `short` (prefilled in the
-/// first step, then decoded beside). Returns the long run and the short sequence's tokens.
+/// The long sequence homed on rank 0 of `blocks.len()` ranks, its KV split as `ranges` say;
+/// each rank's cache has `blocks[rank]` blocks of 16. Rank 1 also homes `short` (prefilled in
+/// the first step, then decoded beside). Returns the long run and the short sequence's tokens.
 fn split(
     model: &str,
     prompt: &[u32],
     short: &[u32],
-    bounds: &[usize],
+    ranges: &[(u32, usize)],
     blocks: &[usize],
 ) -> (Run, Vec<u32>) {
-    let world = bounds.len();
+    let world = blocks.len();
     let cfg = switchyard_worker::engine::read_config(&fixture(model)).unwrap();
     let holders = rank_holders(&cfg, world, cfg.num_experts.div_ceil(world), 0).unwrap();
     let plan = steps(prompt);
@@ -104,7 +104,7 @@ fn split(
         .enumerate()
         .map(|(rank, comm)| {
             let (model, holders, plan) = (model.to_string(), holders.clone(), plan.clone());
-            let (bounds, short) = (bounds.to_vec(), short.to_vec());
+            let (ranges, short) = (ranges.to_vec(), short.to_vec());
             let kv_blocks = blocks[rank];
             std::thread::spawn(move || {
                 let opts = EngineOptions {
@@ -128,7 +128,7 @@ fn split(
                     let n = chunk.as_ref().map_or(1, Vec::len);
                     let (before, after) = (len, len + n);
                     len = after;
-                    let all = spans(&bounds, after);
+                    let all = spans(&ranges, after);
                     let layouts = if rank == 0 && !all.is_empty() {
                         vec![SeqLayout {
                             seq_id: LONG,
@@ -189,14 +189,13 @@ fn split(
                     }
                     e.check_kv().unwrap();
                 }
-                // What each rank holds of the long sequence is its range, no more.
-                let held = e.guests();
-                if rank > 0 {
-                    let s = spans(&bounds, len)[rank - 1];
-                    assert_eq!(held, vec![(LONG, 0, s.start, s.end - s.start)]);
-                } else {
-                    assert!(held.is_empty());
-                }
+                // What each rank holds of the long sequence is its ranges, no more.
+                let want: Vec<(u64, u32, usize, usize)> = spans(&ranges, len)
+                    .iter()
+                    .filter(|s| s.rank as usize == rank)
+                    .map(|s| (LONG, 0, s.start, s.end - s.start))
+                    .collect();
+                assert_eq!(e.guests(), want, "rank {rank}");
                 e.release(LONG);
                 e.release(SHORT);
                 assert_eq!(e.kv_used(), 0, "rank {rank}: blocks left after release");
@@ -222,19 +221,22 @@ fn check(model: &str) {
     let total = prompt.len() + DECODE;
     let whole = unsplit(model, &prompt);
     assert_eq!(whole.tokens, want[..DECODE], "{model}: unsplit run");
-    for (bounds, blocks) in [
+    for (ranges, blocks) in [
         // Home 0..128 (8 blocks), rank 1 the rest.
-        (vec![0, 128], vec![8, 16]),
-        // Home 0..96, rank 1 96..208 (cut inside a block), rank 2 the rest.
-        (vec![0, 96, 200], vec![6, 10, 8]),
+        (vec![(0, 0), (1, 128)], vec![8, 16]),
+        // Home 0..96, rank 1 96..200 (cut inside a block), rank 2 the rest.
+        (vec![(0, 0), (1, 96), (2, 200)], vec![6, 10, 8]),
+        // Home 0..64, rank 1 64..160, then the home again from 160 (a second range there),
+        // and rank 1 again from 250.
+        (vec![(0, 0), (1, 64), (0, 160), (1, 250)], vec![11, 13]),
     ] {
-        let (run, short_got) = split(model, &prompt, &short, &bounds, &blocks);
+        let (run, short_got) = split(model, &prompt, &short, &ranges, &blocks);
         assert!(
             blocks[0] * 16 < total,
             "the home could have held the sequence alone"
         );
-        assert_eq!(run.tokens, want[..DECODE], "{model} {bounds:?}: greedy tokens");
-        assert_eq!(short_got, short_want[..DECODE], "{model} {bounds:?}: the short sequence");
+        assert_eq!(run.tokens, want[..DECODE], "{model} {ranges:?}: greedy tokens");
+        assert_eq!(short_got, short_want[..DECODE], "{model} {ranges:?}: the short sequence");
         assert_eq!(run.logits.len(), whole.logits.len());
         let worst = run
             .logits
@@ -242,12 +244,12 @@ fn check(model: &str) {
             .zip(&whole.logits)
             .map(|(a, b)| max_abs(a, b))
             .fold(0.0, f32::max);
-        assert!(worst < 1e-5, "{model} {bounds:?}: logits {worst} from the unsplit run");
+        assert!(worst < 1e-5, "{model} {ranges:?}: logits {worst} from the unsplit run");
         // And the goldens' logits at their positions.
         for rec in long["logits"].as_array().unwrap() {
             let p = rec["position"].as_u64().unwrap() as usize;
             let d = max_abs(&run.logits[p], &floats(&rec["values"]));
-            assert!(d < 1e-4, "{model} {bounds:?}: position {p} is {d} from the golden");
+            assert!(d < 1e-4, "{model} {ranges:?}: position {p} is {d} from the golden");
         }
     }
 }

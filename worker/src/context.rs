@@ -4,9 +4,10 @@
 //! Invariants:
 //! - A context-parallel sequence's positions are held in contiguous ranges, in position
 //!   order: its home (the rank that runs its rows) holds `0..spans[0].start`, then each
-//!   [`Span`] `start..end` is held by its rank, where the sequence is a *guest* ([`Guest`]).
-//!   Ranges never overlap, a rank holds at most one range of a sequence, and only the last
-//!   range grows.
+//!   [`Span`] `start..end` is held by its rank, where the sequence is a *guest* ([`Guest`],
+//!   named by the sequence and the range's first position). Ranges never overlap and only the
+//!   last grows; a rank may hold several ranges of one sequence, its home included (blocks
+//!   freed there after the sequence moved on).
 //! - Every key is seen once per query: the home computes the part of each row's attention
 //!   over its own range, every guest the part over its range, each left unnormalised
 //!   ([`PartialState`]), and the home merges them with the heads' sinks
@@ -20,10 +21,10 @@
 //!   causally, as it does at home.
 //!
 //! Wire format of a request (little-endian): `writes: u32`, `queries: u32`, then each write
-//! (`seq_id: u64`, `pos: u64`, the position's key row then value row as f32), then each query
-//! (`seq_id: u64`, `pos: u64`, the row's `heads · head_dim` query as f32). A reply holds, per
-//! query in the order asked, `m` and `l` (`heads` f32 each) and `acc` (`heads · head_dim`).
-//! Anything else is refused as malformed, naming the peer.
+//! (`seq_id: u64`, the range's `start: u64`, `pos: u64`, the position's key row then value
+//! row as f32), then each query (`seq_id`, `start`, `pos`, the row's `heads · head_dim` query
+//! as f32). A reply holds, per query in the order asked, `m` and `l` (`heads` f32 each) and
+//! `acc` (`heads · head_dim`). Anything else is refused as malformed, naming the peer.
 
 use crate::comm::{Comm, CommError};
 use crate::kv::KvCache;
@@ -87,7 +88,7 @@ pub(crate) struct CpStep<'a> {
     pub comm: &'a Comm,
     /// Per row of the step: its sequence and the ranges held elsewhere (empty: all here).
     pub rows: Vec<(u64, &'a [Span])>,
-    pub guests: &'a HashMap<u64, Guest>,
+    pub guests: &'a HashMap<(u64, usize), Guest>,
 }
 
 fn malformed(peer: usize, detail: impl Into<String>) -> WorkerError {
@@ -205,7 +206,8 @@ pub(crate) fn attend(
     let mut writes = vec![Vec::new(); world];
     let mut queries = vec![Vec::new(); world];
     let mut counts = vec![(0u32, 0u32); world];
-    let mut asked: Vec<Vec<usize>> = vec![Vec::new(); world];
+    // (row, span index) of each query, per holder, in the order asked.
+    let mut asked: Vec<Vec<(usize, usize)>> = vec![Vec::new(); world];
     for (r, row) in rows.iter().enumerate() {
         let (seq, spans) = cp.rows[r];
         let here = spans.first().map_or(usize::MAX, |s| s.start);
@@ -214,11 +216,12 @@ pub(crate) fn attend(
             kv.write(li, row.table, row.pos, kr, vr);
         }
         let (lo, hi) = visible(row.pos, p.window);
-        for s in spans {
+        for (si, s) in spans.iter().enumerate() {
             let to = s.rank as usize;
             if (s.start..s.end).contains(&row.pos) {
                 let w = &mut writes[to];
                 w.extend_from_slice(&seq.to_le_bytes());
+                w.extend_from_slice(&(s.start as u64).to_le_bytes());
                 w.extend_from_slice(&(row.pos as u64).to_le_bytes());
                 put_f32s(w, kr);
                 put_f32s(w, vr);
@@ -227,10 +230,11 @@ pub(crate) fn attend(
             if clip(lo, hi, s.start, s.end).1 > 0 {
                 let b = &mut queries[to];
                 b.extend_from_slice(&seq.to_le_bytes());
+                b.extend_from_slice(&(s.start as u64).to_le_bytes());
                 b.extend_from_slice(&(row.pos as u64).to_le_bytes());
                 put_f32s(b, &q[r * qw..(r + 1) * qw]);
                 counts[to].1 += 1;
-                asked[to].push(r);
+                asked[to].push((r, si));
             }
         }
     }
@@ -250,13 +254,13 @@ pub(crate) fn attend(
         .map_err(|e| WorkerError::Comm(e.to_string()))?;
     // Serve: apply every write, then answer every query over the range held here.
     let mut guest_q = Vec::new();
-    let mut served = Vec::new(); // (source rank, seq, relative lo, hi)
+    let mut served = Vec::new(); // (source rank, guest, relative lo, hi)
     for (src, buf) in recv.iter().enumerate() {
         let mut rd = Reader { buf, at: 0, peer: src };
         let (nw, nq) = (rd.u32()?, rd.u32()?);
         for _ in 0..nw {
-            let (seq, pos) = (rd.u64()?, rd.u64()? as usize);
-            let g = guest_of(cp.guests, seq, src, me)?;
+            let (seq, start, pos) = (rd.u64()?, rd.u64()? as usize, rd.u64()? as usize);
+            let g = guest_of(cp.guests, (seq, start), src, me)?;
             if !(g.start..g.start + g.len).contains(&pos) {
                 return Err(malformed(
                     src,
@@ -272,19 +276,19 @@ pub(crate) fn attend(
             kv.write(li, &g.table, pos - g.start, &kr, &vr);
         }
         for _ in 0..nq {
-            let (seq, pos) = (rd.u64()?, rd.u64()? as usize);
-            let g = guest_of(cp.guests, seq, src, me)?;
+            let (seq, start, pos) = (rd.u64()?, rd.u64()? as usize, rd.u64()? as usize);
+            let g = guest_of(cp.guests, (seq, start), src, me)?;
             let (lo, hi) = visible(pos, p.window);
             let (a, z) = clip(lo, hi, g.start, g.start + g.len);
             guest_q.extend(rd.f32s(qw)?);
-            served.push((src, seq, a, z));
+            served.push((src, g, a, z));
         }
         rd.end()?;
     }
     let spans: Vec<KeySpan<'_>> = served
         .iter()
-        .map(|&(_, seq, lo, hi)| KeySpan {
-            table: &cp.guests[&seq].table,
+        .map(|&(_, g, lo, hi)| KeySpan {
+            table: &g.table,
             lo,
             hi,
         })
@@ -345,20 +349,20 @@ pub(crate) fn attend(
     let mut remote: HashMap<(usize, usize), PartialState> = HashMap::new();
     for (src, buf) in back.iter().enumerate() {
         let mut rd = Reader { buf, at: 0, peer: src };
-        for &r in &asked[src] {
+        for &key in &asked[src] {
             let st = PartialState {
                 m: rd.f32s(p.heads)?,
                 l: rd.f32s(p.heads)?,
                 acc: rd.f32s(qw)?,
             };
-            remote.insert((r, src), st);
+            remote.insert(key, st);
         }
         rd.end()?;
     }
     for (i, &r) in split.iter().enumerate() {
         let mut parts = vec![&local[i]];
-        for s in cp.rows[r].1 {
-            if let Some(st) = remote.get(&(r, s.rank as usize)) {
+        for si in 0..cp.rows[r].1.len() {
+            if let Some(st) = remote.get(&(r, si)) {
                 parts.push(st);
             }
         }
@@ -367,28 +371,30 @@ pub(crate) fn attend(
     Ok(())
 }
 
-/// The range of sequence `seq` held here for rank `src`.
+/// The range of a sequence starting at `key.1`, held here for rank `src`.
 fn guest_of<'g>(
-    guests: &'g HashMap<u64, Guest>,
-    seq: u64,
+    guests: &'g HashMap<(u64, usize), Guest>,
+    key: (u64, usize),
     src: usize,
     me: usize,
 ) -> Result<&'g Guest, WorkerError> {
-    match guests.get(&seq) {
+    match guests.get(&key) {
         Some(g) if g.home as usize == src => Ok(g),
         _ => Err(malformed(
             src,
-            format!("context exchange: rank {me} holds no range of sequence {seq} for it"),
+            format!(
+                "context exchange: rank {me} holds no range of sequence {} from {} for it",
+                key.0, key.1
+            ),
         )),
     }
 }
 
 /// Checks a layout for a sequence of `len` positions before the step (`new_len` after) homed
-/// on rank `me` of `world`, whose range here already ends at `here` (if it was split before):
-/// spans contiguous from this rank's range to `new_len`, each on another rank, no rank twice.
+/// on a rank of `world`, whose range there already ends at `here` (if it was split before):
+/// spans contiguous from the home's range to `new_len`, each on a rank of the group.
 pub fn check_layout(
     l: &SeqLayout,
-    me: u32,
     world: usize,
     len: usize,
     new_len: usize,
@@ -409,18 +415,16 @@ pub fn check_layout(
         ));
     }
     let mut at = first.start;
-    let mut seen = vec![me];
     for s in &l.spans {
         if s.start != at || s.end <= s.start {
             return Err(format!("span {}..{} does not follow {at}", s.start, s.end));
         }
-        if s.rank as usize >= world || seen.contains(&s.rank) {
+        if s.rank as usize >= world {
             return Err(format!(
-                "span {}..{} on rank {} (world {world}, one range per rank)",
+                "span {}..{} on rank {} of a group of {world}",
                 s.start, s.end, s.rank
             ));
         }
-        seen.push(s.rank);
         at = s.end;
     }
     if at != new_len {
@@ -440,21 +444,19 @@ mod tests {
     #[test]
     fn layouts_must_cover_the_rest_of_the_sequence_once() {
         let l = |spans: Vec<Span>| SeqLayout { seq_id: 1, spans };
-        assert!(check_layout(&l(vec![span(1, 64, 100)]), 0, 2, 60, 100, None).is_ok());
-        assert!(check_layout(&l(vec![span(1, 64, 90), span(2, 90, 100)]), 0, 3, 0, 100, None)
-            .is_ok());
-        // Before what is held here; gaps; the home or a rank twice; short of the end.
-        assert!(check_layout(&l(vec![span(1, 64, 100)]), 0, 2, 80, 100, None).is_err());
-        assert!(check_layout(&l(vec![span(1, 64, 80), span(2, 81, 100)]), 0, 3, 0, 100, None)
-            .is_err());
-        assert!(check_layout(&l(vec![span(0, 64, 100)]), 0, 2, 0, 100, None).is_err());
-        assert!(check_layout(&l(vec![span(1, 64, 80), span(1, 80, 100)]), 0, 2, 0, 100, None)
-            .is_err());
-        assert!(check_layout(&l(vec![span(1, 64, 99)]), 0, 2, 0, 100, None).is_err());
-        assert!(check_layout(&l(vec![span(5, 64, 100)]), 0, 2, 0, 100, None).is_err());
+        let ok = |spans, world, len, new_len, here| check_layout(&l(spans), world, len, new_len, here);
+        assert!(ok(vec![span(1, 64, 100)], 2, 60, 100, None).is_ok());
+        assert!(ok(vec![span(1, 64, 90), span(2, 90, 100)], 3, 0, 100, None).is_ok());
+        // A rank may hold several ranges, the home too.
+        assert!(ok(vec![span(1, 64, 80), span(0, 80, 100)], 2, 0, 100, None).is_ok());
+        // Before what is held here; a gap; short of the end; a rank outside the group.
+        assert!(ok(vec![span(1, 64, 100)], 2, 80, 100, None).is_err());
+        assert!(ok(vec![span(1, 64, 80), span(2, 81, 100)], 3, 0, 100, None).is_err());
+        assert!(ok(vec![span(1, 64, 99)], 2, 0, 100, None).is_err());
+        assert!(ok(vec![span(5, 64, 100)], 2, 0, 100, None).is_err());
         // A range already cut here cannot move.
-        assert!(check_layout(&l(vec![span(1, 64, 100)]), 0, 2, 99, 100, Some(64)).is_ok());
-        assert!(check_layout(&l(vec![span(1, 70, 100)]), 0, 2, 99, 100, Some(64)).is_err());
+        assert!(ok(vec![span(1, 64, 100)], 2, 99, 100, Some(64)).is_ok());
+        assert!(ok(vec![span(1, 70, 100)], 2, 99, 100, Some(64)).is_err());
     }
 
     #[test]

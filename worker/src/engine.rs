@@ -234,7 +234,7 @@ pub struct Engine {
     kv: KvCache,
     seqs: HashMap<u64, Seq>,
     /// Ranges of other ranks' sequences held here (context parallelism).
-    guests: HashMap<u64, Guest>,
+    guests: HashMap<(u64, usize), Guest>,
     max_context: usize,
     /// The model on a GPU, when the engine runs there (it then owns the KV data; `kv` keeps
     /// the block allocator).
@@ -553,31 +553,37 @@ impl Engine {
         true
     }
 
-    /// Cuts the range held here of another rank's sequence back to its positions before
-    /// `len` (dropping it when none is left); false when none is held.
+    /// Cuts the ranges of sequence `seq_id` held here as a guest back to its positions
+    /// before `len` (dropping those left empty); false when none is held.
     pub fn truncate_guest(&mut self, seq_id: u64, len: usize) -> bool {
-        let Some(g) = self.guests.get_mut(&seq_id) else {
-            return false;
-        };
-        let keep = len.saturating_sub(g.start).min(g.len);
-        if keep == 0 {
-            let g = self.guests.remove(&seq_id).expect("present");
-            self.kv.release(&g.table);
-            return true;
+        let keys: Vec<(u64, usize)> = self
+            .guests
+            .keys()
+            .filter(|k| k.0 == seq_id)
+            .copied()
+            .collect();
+        for k in &keys {
+            let g = self.guests.get_mut(k).expect("listed");
+            let keep = len.saturating_sub(g.start).min(g.len);
+            if keep == 0 {
+                let g = self.guests.remove(k).expect("listed");
+                self.kv.release(&g.table);
+                continue;
+            }
+            g.len = keep;
+            let extra = g.table.split_off(self.kv.blocks_for(keep));
+            self.kv.release(&extra);
         }
-        g.len = keep;
-        let extra = g.table.split_off(self.kv.blocks_for(keep));
-        self.kv.release(&extra);
-        true
+        !keys.is_empty()
     }
 
-    /// Ranges of other ranks' sequences held here: (sequence, home rank, first position,
-    /// positions held).
+    /// Ranges of sequences held here as a guest: (sequence, home rank, first position,
+    /// positions held), ordered.
     pub fn guests(&self) -> Vec<(u64, u32, usize, usize)> {
         let mut v: Vec<_> = self
             .guests
             .iter()
-            .map(|(id, g)| (*id, g.home, g.start, g.len))
+            .map(|((id, _), g)| (*id, g.home, g.start, g.len))
             .collect();
         v.sort_unstable();
         v
@@ -644,7 +650,7 @@ impl Engine {
                 *refs.entry(*b).or_default() += 1;
             }
         }
-        for (id, g) in &self.guests {
+        for ((id, _), g) in &self.guests {
             if g.table.len() != self.kv.blocks_for(g.len) {
                 return Err(format!(
                     "guest {id}: {} blocks for {} positions",
@@ -781,7 +787,7 @@ impl Engine {
                 detail,
             };
             match layout {
-                Some(l) => crate::context::check_layout(l, me, world, len, new_len, split)
+                Some(l) => crate::context::check_layout(l, world, len, new_len, split)
                     .map_err(|d| bad(format!("context layout: {d}")))?,
                 None if split.is_some() => {
                     return Err(bad(
@@ -791,9 +797,6 @@ impl Engine {
                     ))
                 }
                 None => {}
-            }
-            if self.guests.contains_key(&c.seq_id) {
-                return Err(bad("a range of it is held here for another rank".into()));
             }
             // Cached prefixes are for sequences held here whole.
             let hit = match layout {
@@ -824,19 +827,19 @@ impl Engine {
                 seq_id: g.seq_id,
                 detail,
             };
-            if plan.guests[..i].iter().any(|o| o.seq_id == g.seq_id) {
-                return Err(bad("two guest ranges in one step".into()));
+            if plan.guests[..i]
+                .iter()
+                .any(|o| o.seq_id == g.seq_id && o.start == g.start)
+            {
+                return Err(bad(format!("guest range from {} twice in one step", g.start)));
             }
-            if self.seqs.contains_key(&g.seq_id) || chunks.iter().any(|c| c.seq_id == g.seq_id) {
-                return Err(bad("homed here; it cannot be a guest too".into()));
-            }
-            if g.end <= g.start || g.home == me || g.home as usize >= world {
+            if g.end <= g.start || g.home as usize >= world {
                 return Err(bad(format!(
                     "guest range {}..{} for rank {} (this rank {me}, world {world})",
                     g.start, g.end, g.home
                 )));
             }
-            let have = match self.guests.get(&g.seq_id) {
+            let have = match self.guests.get(&(g.seq_id, g.start)) {
                 Some(x) if x.home != g.home || x.start != g.start || g.end < x.start + x.len => {
                     return Err(bad(format!(
                         "guest range {}..{} for rank {}, held here: {}..{} for rank {}",
@@ -904,7 +907,7 @@ impl Engine {
         }
         let mut guests_before = Vec::with_capacity(plan.guests.len());
         for g in plan.guests {
-            let x = self.guests.entry(g.seq_id).or_insert_with(|| Guest {
+            let x = self.guests.entry((g.seq_id, g.start)).or_insert_with(|| Guest {
                 home: g.home,
                 start: g.start,
                 ..Default::default()
@@ -999,7 +1002,14 @@ impl Engine {
             s.table.reverse();
             self.kv.release(&s.table);
         }
-        if let Some(g) = self.guests.remove(&seq_id) {
+        let ranges: Vec<(u64, usize)> = self
+            .guests
+            .keys()
+            .filter(|k| k.0 == seq_id)
+            .copied()
+            .collect();
+        for k in ranges {
+            let g = self.guests.remove(&k).expect("listed");
             self.kv.release(&g.table);
         }
     }

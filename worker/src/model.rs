@@ -58,7 +58,7 @@ pub struct ForwardInput<'a> {
 #[derive(Clone, Copy)]
 pub struct ContextExchange<'a> {
     pub comm: &'a crate::comm::Comm,
-    pub guests: &'a std::collections::HashMap<u64, crate::context::Guest>,
+    pub guests: &'a std::collections::HashMap<(u64, usize), crate::context::Guest>,
 }
 
 /// Router decisions of one MoE layer for every row of the step.
