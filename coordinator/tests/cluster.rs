@@ -340,3 +340,60 @@ fn a_new_epoch_keeps_exactly_what_the_same_leader_asks_for() {
     let mut fresh = Driver::new(newer, 128, 64);
     run_goldens(&mut fresh, &golden).unwrap();
 }
+
+/// Context parallelism over worker processes: each worker's KV holds 12 blocks of 16 (192
+/// positions), less than the golden long prompt and its 24 tokens (305); with context
+/// parallelism the driver admits it (the cluster holds 384), the scheduler continues its KV on
+/// the other worker, and the plans carry the ranges to the workers, which exchange attention
+/// parts over their TCP mesh. Every request, the long one twice among the rest, gets the golden
+/// tokens; afterwards no block is held anywhere. Without context parallelism the same long
+/// request is refused at the door as longer than one worker's KV.
+#[test]
+fn a_sequence_longer_than_one_worker_runs_split_over_two_processes() {
+    for model in ["tiny-qwen3-moe", "tiny-deepseek-v3"] {
+        let dir = fixture(model);
+        let golden: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("golden.json")).unwrap())
+                .unwrap();
+        let workers: Vec<(Proc, String)> = (0..2).map(|_| spawn_worker(&dir)).collect();
+        let urls: Vec<String> = workers.iter().map(|w| w.1.clone()).collect();
+        let mut plain = Driver::new(GrpcCluster::connect(&urls, &dir, 0, 12, 16).unwrap(), 64, 8);
+        let err = submit_goldens(&mut plain, &golden).unwrap_err();
+        assert!(err.contains("192"), "{err}");
+        drop(plain);
+        let mut d = Driver::new(GrpcCluster::connect(&urls, &dir, 0, 12, 16).unwrap(), 64, 8)
+            .with_context_parallel(true);
+        assert_eq!(d.capacity_tokens(), 384);
+        let mut want = submit_goldens(&mut d, &golden).unwrap();
+        let long = &golden["prompts"][3];
+        d.submit(GenRequest {
+            id: 9,
+            prompt: ids(&long["input_ids"]),
+            max_tokens: 24,
+            sampling: SamplingParams::greedy(),
+            eos: vec![],
+            ignore_eos: true,
+            min_tokens: 0,
+            stop_token_ids: vec![],
+            constraint: None,
+            priority: 0,
+            top_logprobs: 0,
+            trace: None,
+            journal: None,
+        })
+        .unwrap();
+        want.insert(9, ids(&long["greedy"]["new_ids"]));
+        let mut got: std::collections::HashMap<u64, Vec<u32>> = Default::default();
+        for _ in 0..3000 {
+            if d.is_idle() {
+                break;
+            }
+            for e in d.step().unwrap() {
+                got.entry(e.id).or_default().push(e.token);
+            }
+        }
+        assert_eq!(got, want, "{model}");
+        d.step().unwrap();
+        assert_eq!(d.kv_used(), &[0, 0], "{model}");
+    }
+}
