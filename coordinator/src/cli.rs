@@ -152,6 +152,11 @@ pub struct ClusterArgs {
     /// "off" homes by free KV blocks alone.
     #[arg(long, default_value = "0.25", value_parser = prefix_homing_weight)]
     pub prefix_homing: PrefixHoming,
+    /// Context parallelism: a sequence whose KV outgrows its home worker's free blocks
+    /// continues on the others (each holds a range of its positions; attention parts are
+    /// merged exactly), so one request may span the cluster's KV instead of one worker's.
+    #[arg(long)]
+    pub context_parallel: bool,
     /// Prometheus metrics address (`GET /metrics`); port 0 picks a free port (the serving line
     /// announces it), "off" disables.
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -205,8 +210,9 @@ pub struct ClusterArgs {
     #[arg(long, default_value_t = 30)]
     pub resume_grace: u64,
     /// Longest context a request may span (prompt + max_tokens), as vLLM's option; default:
-    /// the model's context or what one worker's KV cache holds, whichever is smaller. A value
-    /// the KV cache cannot hold refuses to start.
+    /// the model's context or what one sequence's KV may take (one worker's cache, or every
+    /// worker's with --context-parallel), whichever is smaller. A value the KV cannot hold
+    /// refuses to start.
     #[arg(long)]
     pub max_model_len: Option<usize>,
     /// How the model writes tool calls, as vLLM's option names them (hermes, mistral,
@@ -1327,6 +1333,7 @@ fn serve_options(
         max_queue: c.max_queue,
         pace_factor: c.pace_factor,
         prefix_homing: c.prefix_homing.0,
+        context_parallel: c.context_parallel,
         metrics_addr: (c.metrics_addr != "off").then(|| c.metrics_addr.clone()),
         candidate,
         lease_ttl: c.membership.ttl()?,

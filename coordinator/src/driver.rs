@@ -47,7 +47,7 @@ pub enum DriverError {
     InvalidResult { rank: usize, detail: String },
     /// A request that could never run to its end: it would wait for KV blocks that no
     /// worker has.
-    #[error("prompt ({prompt} tokens) + max_tokens ({max_tokens}) = {} exceeds what one worker's KV cache holds ({capacity} tokens)", .prompt + .max_tokens)]
+    #[error("prompt ({prompt} tokens) + max_tokens ({max_tokens}) = {} exceeds what one sequence's KV may take ({capacity} tokens: one worker's, or every worker's with context parallelism)", .prompt + .max_tokens)]
     TooLong {
         prompt: usize,
         max_tokens: usize,

@@ -34,6 +34,8 @@ pub struct ServeOptions {
     pub pace_factor: f64,
     /// Prefix homing's load weight (`--prefix-homing`); `None`: home by free blocks.
     pub prefix_homing: Option<f64>,
+    /// Sequences may span several workers' KV (`--context-parallel`).
+    pub context_parallel: bool,
     /// Prometheus `/metrics` HTTP address; none: no metrics port.
     pub metrics_addr: Option<String>,
     /// This coordinator's name in the leader election.
@@ -208,6 +210,7 @@ pub async fn serve(
                 max_in_flight: o.max_queue,
                 pace_factor: o.pace_factor,
                 prefix_homing: o.prefix_homing,
+                context_parallel: o.context_parallel,
                 redundant: o.redundant_experts,
                 rebalance: o.rebalance,
                 max_model_len: o.max_model_len,

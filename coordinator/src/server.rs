@@ -341,12 +341,16 @@ pub struct ServiceOptions {
     /// Home sequences by cached prefix against load, with this weight on load
     /// (`Driver::with_prefix_homing`); `None`: by free blocks.
     pub prefix_homing: Option<f64>,
+    /// Context parallelism (`Driver::with_context_parallel`): a request may span the
+    /// cluster's KV, not one worker's.
+    pub context_parallel: bool,
     /// Extra expert replicas per layer (placement at start, rebuilds and rebalancing).
     pub redundant: usize,
     /// Live rebalancing (threshold INFINITY: only on an operator's request).
     pub rebalance: crate::rebalance::RebalancePolicy,
     /// Most tokens (prompt + max_tokens) a request may span; `None`: the model's context or
-    /// what one worker's KV cache holds, whichever is smaller. A value the KV cannot hold is
+    /// what one sequence's KV may take (one worker's, or the cluster's with context
+    /// parallelism), whichever is smaller. A value the KV cannot hold is
     /// refused at start.
     pub max_model_len: Option<usize>,
     /// How the model writes tool calls (`None`: `Tokenizer::tool_format`, detected).
@@ -453,7 +457,7 @@ fn adopt_all(
             crate::driver::Adopted::Refused => {
                 let _ = tx.send(Err(ApiError::failed_precondition(
                     "this coordinator cannot run the request it took over (its length \
-                     exceeds what one worker's KV cache holds)",
+                     exceeds what one sequence's KV may take here)",
                 )));
             }
         }
@@ -526,6 +530,7 @@ pub fn max_model_len(
     model_context: usize,
     kv_tokens: usize,
     block_size: usize,
+    sharers: usize,
 ) -> Result<usize, String> {
     match explicit {
         None => Ok(model_context.min(kv_tokens)),
@@ -535,11 +540,12 @@ pub fn max_model_len(
              max_position_embeddings); lower it"
         )),
         Some(n) if n > kv_tokens => Err(format!(
-            "--max-model-len {n} exceeds what one worker's KV cache holds ({kv_tokens} tokens = \
-             {} blocks of {block_size}); raise --kv-blocks to at least {} or lower \
-             --max-model-len to {kv_tokens}",
+            "--max-model-len {n} exceeds what one sequence's KV may take ({kv_tokens} tokens = \
+             {} blocks of {block_size}: one worker's, or every worker's with \
+             --context-parallel); raise --kv-blocks to at least {} or lower --max-model-len to \
+             {kv_tokens}",
             kv_tokens / block_size.max(1),
-            n.div_ceil(block_size.max(1))
+            n.div_ceil(block_size.max(1)).div_ceil(sharers.max(1))
         )),
         Some(n) => Ok(n),
     }
@@ -611,6 +617,7 @@ impl InferenceService {
             max_in_flight,
             pace_factor,
             prefix_homing,
+            context_parallel,
             redundant,
             rebalance,
             max_model_len: explicit_len,
@@ -651,7 +658,8 @@ impl InferenceService {
                     let mut d = Driver::new(c, token_budget, 256)
                         .with_model_limits(&model_cfg)
                         .with_rebalancing(model_cfg, redundant, rebalance)
-                        .with_prefix_homing(prefix_homing);
+                        .with_prefix_homing(prefix_homing)
+                        .with_context_parallel(context_parallel);
                     if pace_factor > 0.0 {
                         d = d.with_pacing(pace_factor, attn_equiv);
                     }
@@ -666,7 +674,8 @@ impl InferenceService {
                     );
                     // ClusterStatus shows the cluster from the moment the service is ready.
                     *snap.lock().unwrap_or_else(|e| e.into_inner()) = d.snapshot();
-                    let _ = ready_tx.send(Ok((shape, next)));
+                    let sharers = d.capacity_tokens() / (shape.0 * shape.1).max(1);
+                    let _ = ready_tx.send(Ok((shape, sharers, next)));
                     let recover: Recover = Box::new(move |carry: &crate::driver::Carry| {
                         make_cluster(carry).map(|c| Box::new(c) as Box<dyn Cluster>)
                     });
@@ -703,20 +712,22 @@ impl InferenceService {
                 }
             },
         );
-        let ((kv_blocks, block_size), next_id) = ready_rx.recv()?.map_err(anyhow::Error::msg)?;
+        let ((kv_blocks, block_size), sharers, next_id) =
+            ready_rx.recv()?.map_err(anyhow::Error::msg)?;
         spawn_reaper(&parked, resume_grace, tx.clone());
-        let kv_tokens = kv_blocks * block_size;
+        let kv_tokens = kv_blocks * block_size * sharers;
         let max_model_len = max_model_len(
             explicit_len,
             cfg.max_position_embeddings,
             kv_tokens,
             block_size,
+            sharers,
         )
         .map_err(anyhow::Error::msg)?;
         tracing::info!(
             max_model_len,
             model_context = cfg.max_position_embeddings,
-            kv_tokens_per_worker = kv_tokens,
+            kv_tokens_per_sequence = kv_tokens,
             "maximum context length"
         );
         Ok(InferenceService {
@@ -1919,14 +1930,17 @@ mod fuzz {
 
     #[test]
     fn max_model_len_defaults_and_refusals() {
-        assert_eq!(max_model_len(None, 4096, 128, 16), Ok(128));
-        assert_eq!(max_model_len(None, 100, 128, 16), Ok(100));
-        assert_eq!(max_model_len(Some(64), 4096, 128, 16), Ok(64));
-        let e = max_model_len(Some(1000), 4096, 128, 16).unwrap_err();
+        assert_eq!(max_model_len(None, 4096, 128, 16, 1), Ok(128));
+        assert_eq!(max_model_len(None, 100, 128, 16, 1), Ok(100));
+        assert_eq!(max_model_len(Some(64), 4096, 128, 16, 1), Ok(64));
+        let e = max_model_len(Some(1000), 4096, 128, 16, 1).unwrap_err();
         assert!(e.contains("--kv-blocks to at least 63"), "{e}");
-        assert!(max_model_len(Some(5000), 4096, 1 << 20, 16)
+        // With context parallelism over 4 workers, each needs a quarter of the blocks.
+        let e = max_model_len(Some(1000), 4096, 512, 16, 4).unwrap_err();
+        assert!(e.contains("--kv-blocks to at least 16"), "{e}");
+        assert!(max_model_len(Some(5000), 4096, 1 << 20, 16, 1)
             .unwrap_err()
             .contains("context"));
-        assert!(max_model_len(Some(0), 4096, 128, 16).is_err());
+        assert!(max_model_len(Some(0), 4096, 128, 16, 1).is_err());
     }
 }
