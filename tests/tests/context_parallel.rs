@@ -17,8 +17,28 @@ use switchyard_worker::engine::{
 
 const LONG: u64 = 7;
 const SHORT: u64 = 8;
-const CHUNK: usize = 37;
 const DECODE: usize = 24;
+
+/// The model and how the long sequence is fed: prefill chunks of `chunk` tokens, then
+/// `decode` greedy tokens, each step returning `logits` (all rows, or the last).
+#[derive(Clone)]
+struct Case {
+    dir: std::path::PathBuf,
+    chunk: usize,
+    decode: usize,
+    logits: Logits,
+}
+
+impl Case {
+    fn fixture(model: &str) -> Self {
+        Case {
+            dir: fixture(model),
+            chunk: 37,
+            decode: DECODE,
+            logits: Logits::All,
+        }
+    }
+}
 
 /// What one run of the long sequence gives: every position's logits (prompt, then each
 /// decoded token's) and the greedy tokens.
@@ -34,31 +54,31 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-/// The chunks of the long sequence's steps: the prompt `CHUNK` tokens at a time, then one
-/// decoded token per step (`None`: the token the last step sampled).
-fn steps(prompt: &[u32]) -> Vec<Option<Vec<u32>>> {
-    let mut s: Vec<_> = prompt.chunks(CHUNK).map(|c| Some(c.to_vec())).collect();
-    s.extend((0..DECODE - 1).map(|_| None));
+/// The chunks of the long sequence's steps: the prompt `case.chunk` tokens at a time, then
+/// one decoded token per step (`None`: the token the last step sampled).
+fn steps(case: &Case, prompt: &[u32]) -> Vec<Option<Vec<u32>>> {
+    let mut s: Vec<_> = prompt.chunks(case.chunk).map(|c| Some(c.to_vec())).collect();
+    s.extend((0..case.decode - 1).map(|_| None));
     s
 }
 
 /// The long sequence on one engine with room for all of it.
-fn unsplit(model: &str, prompt: &[u32]) -> Run {
-    let mut e = Engine::load(&fixture(model), &EngineOptions::default()).unwrap();
+fn unsplit(case: &Case, prompt: &[u32]) -> Run {
+    let mut e = Engine::load(&case.dir, &EngineOptions::default()).unwrap();
     let v = e.config().vocab_size;
     let mut run = Run {
         logits: Vec::new(),
         tokens: Vec::new(),
     };
-    let prefill = prompt.len().div_ceil(CHUNK);
-    for (i, chunk) in steps(prompt).into_iter().enumerate() {
+    let prefill = prompt.len().div_ceil(case.chunk);
+    for (i, chunk) in steps(case, prompt).into_iter().enumerate() {
         let toks = chunk.unwrap_or_else(|| vec![*run.tokens.last().unwrap()]);
         let out = e
             .step(
                 &[ChunkSpec {
                     seq_id: LONG,
                     tokens: &toks,
-                    logits: Logits::All,
+                    logits: case.logits,
                 }],
                 false,
             )
@@ -89,21 +109,21 @@ fn spans(ranges: &[(u32, usize)], len: usize) -> Vec<Span> {
 /// each rank's cache has `blocks[rank]` blocks of 16. Rank 1 also homes `short` (prefilled in
 /// the first step, then decoded beside). Returns the long run and the short sequence's tokens.
 fn split(
-    model: &str,
+    case: &Case,
     prompt: &[u32],
     short: &[u32],
     ranges: &[(u32, usize)],
     blocks: &[usize],
 ) -> (Run, Vec<u32>) {
     let world = blocks.len();
-    let cfg = switchyard_worker::engine::read_config(&fixture(model)).unwrap();
+    let cfg = switchyard_worker::engine::read_config(&case.dir).unwrap();
     let holders = rank_holders(&cfg, world, cfg.num_experts.div_ceil(world), 0).unwrap();
-    let plan = steps(prompt);
+    let plan = steps(case, prompt);
     let handles: Vec<_> = LocalComm::group(world)
         .into_iter()
         .enumerate()
         .map(|(rank, comm)| {
-            let (model, holders, plan) = (model.to_string(), holders.clone(), plan.clone());
+            let (case, holders, plan) = (case.clone(), holders.clone(), plan.clone());
             let (ranges, short) = (ranges.to_vec(), short.to_vec());
             let kv_blocks = blocks[rank];
             std::thread::spawn(move || {
@@ -115,7 +135,7 @@ fn split(
                     holders,
                     comm: Comm::Local(comm),
                 };
-                let mut e = Engine::load_with(&fixture(&model), &opts, setup).unwrap();
+                let mut e = Engine::load_with(&case.dir, &opts, setup).unwrap();
                 let v = e.config().vocab_size;
                 let mut run = Run {
                     logits: Vec::new(),
@@ -160,10 +180,10 @@ fn split(
                         chunks.push(ChunkSpec {
                             seq_id: LONG,
                             tokens: &long_toks,
-                            logits: Logits::All,
+                            logits: case.logits,
                         });
                     }
-                    if rank == 1 && short_tokens.len() < DECODE {
+                    if rank == 1 && !short.is_empty() && short_tokens.len() < DECODE {
                         chunks.push(ChunkSpec {
                             seq_id: SHORT,
                             tokens: &short_toks,
@@ -219,7 +239,8 @@ fn check(model: &str) {
     let short = ids(&prompts[0]["input_ids"]);
     let short_want = ids(&prompts[0]["greedy"]["new_ids"]);
     let total = prompt.len() + DECODE;
-    let whole = unsplit(model, &prompt);
+    let case = Case::fixture(model);
+    let whole = unsplit(&case, &prompt);
     assert_eq!(whole.tokens, want[..DECODE], "{model}: unsplit run");
     for (ranges, blocks) in [
         // Home 0..128 (8 blocks), rank 1 the rest.
@@ -230,7 +251,7 @@ fn check(model: &str) {
         // and rank 1 again from 250.
         (vec![(0, 0), (1, 64), (0, 160), (1, 250)], vec![11, 13]),
     ] {
-        let (run, short_got) = split(model, &prompt, &short, &ranges, &blocks);
+        let (run, short_got) = split(&case, &prompt, &short, &ranges, &blocks);
         assert!(
             blocks[0] * 16 < total,
             "the home could have held the sequence alone"
@@ -267,4 +288,47 @@ fn split_sequence_with_sinks_and_sliding_window_equals_unsplit() {
 #[test]
 fn split_mla_latent_cache_equals_unsplit() {
     check("tiny-deepseek-v3");
+}
+
+/// A generated 32K-token prompt on the `long` preset (256K context, YaRN over a 32K original:
+/// its positions reach the scaled range), split over 2 and 3 workers: the same greedy tokens,
+/// and logits within 1e-5, as on one worker.
+#[test]
+fn a_generated_32k_prompt_split_over_2_and_3_workers_equals_unsplit() {
+    let dir = std::env::temp_dir().join(format!("switchyard-cp-long-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let cfg = switchyard_worker::presets::preset("long").unwrap();
+    switchyard_worker::presets::generate(
+        &cfg,
+        &dir,
+        switchyard_worker::WeightDType::F32,
+        5,
+        1 << 30,
+        &[],
+    )
+    .unwrap();
+    let case = Case {
+        dir: dir.clone(),
+        chunk: 2048,
+        decode: 8,
+        logits: Logits::Last,
+    };
+    let mut rng = switchyard_kernels::rng::Rng::new(11);
+    let prompt: Vec<u32> = (0..32768).map(|_| (rng.next_u64() % 2000) as u32).collect();
+    let whole = unsplit(&case, &prompt);
+    for (ranges, blocks) in [
+        (vec![(0, 0), (1, 20000)], vec![1250, 1000]),
+        (vec![(0, 0), (1, 11000), (2, 22000)], vec![700, 700, 700]),
+    ] {
+        let (run, _) = split(&case, &prompt, &[], &ranges, &blocks);
+        assert_eq!(run.tokens, whole.tokens, "{ranges:?}: greedy tokens");
+        let worst = run
+            .logits
+            .iter()
+            .zip(&whole.logits)
+            .map(|(a, b)| max_abs(a, b))
+            .fold(0.0, f32::max);
+        assert!(worst < 1e-5, "{ranges:?}: logits {worst} from the unsplit run");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -73,9 +73,12 @@ pub fn preset(name: &str) -> Option<Value> {
     match name {
         "tiny" => Some(qwen(128, 4, 4, 2, 32, 16, 4, 64, 4096)),
         "bench" => Some(qwen(1024, 8, 16, 4, 64, 32, 4, 512, 32768)),
+        // A 256K context as the released long-context configs reach it (YaRN over a 32K
+        // original), kept to one layer of two heads so that a 256K-token prompt prefills on
+        // two CPU cores in minutes (attention is quadratic in the prompt).
         "long" => {
-            let mut c = qwen(256, 4, 8, 2, 32, 16, 4, 128, 32768);
-            c["rope_scaling"] = json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192});
+            let mut c = qwen(128, 1, 2, 1, 32, 8, 2, 128, 262144);
+            c["rope_scaling"] = json!({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32768});
             Some(c)
         }
         "tiny-mixtral" => Some(json!({
