@@ -371,6 +371,98 @@ pub fn run_cluster(o: &ClusterBenchOptions) -> anyhow::Result<Vec<ClusterBenchRo
     Ok(rows)
 }
 
+/// `switchyard bench-long`: one long prompt whose KV is split over `workers` worker processes
+/// (context parallelism), against one worker at the longest prompt its KV holds, in one run.
+#[derive(Clone, Debug)]
+pub struct LongBenchOptions {
+    pub model: PathBuf,
+    pub workers: usize,
+    /// KV blocks (of 16 positions) of each worker.
+    pub kv_blocks: usize,
+    /// Prompt lengths of the split runs.
+    pub prompt_tokens: Vec<usize>,
+    pub decode_steps: usize,
+    /// Prefill tokens per step (the token budget).
+    pub chunk: usize,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LongBenchRow {
+    pub workers: usize,
+    pub prompt_tokens: usize,
+    /// Submission to the first token.
+    pub prefill_s: f64,
+    pub prefill_tok_s: f64,
+    /// Inter-token latency of the decoded tokens after the first (p50, p99, ms).
+    pub itl_ms_p50: f64,
+    pub itl_ms_p99: f64,
+    /// KV cache bytes per token of context (all layers, f32 pools).
+    pub kv_bytes_per_token: usize,
+    /// Positions the sequence's KV took on each worker when its prefill ended.
+    pub positions_per_worker: Vec<usize>,
+}
+
+/// Runs [`LongBenchOptions`]: first one worker at the longest prompt its KV holds (with the
+/// decode steps), then each prompt length split over `workers` workers.
+pub fn run_long(o: &LongBenchOptions) -> anyhow::Result<Vec<LongBenchRow>> {
+    use crate::driver::Driver;
+    let cfg = switchyard_worker::engine::read_config(&o.model)?;
+    let kv_bytes_per_token =
+        switchyard_worker::kv::KvCache::new(&cfg, 1, 16, Default::default(), false)
+            .bytes_per_position();
+    let one = (o.kv_blocks * 16).saturating_sub(o.decode_steps + 1);
+    let mut runs = vec![(1, one.min(o.prompt_tokens.iter().copied().max().unwrap_or(one)))];
+    runs.extend(o.prompt_tokens.iter().map(|&n| (o.workers, n)));
+    let mut rows = Vec::new();
+    for (k, n) in runs {
+        let workers = crate::local::LocalWorkers::spawn(&o.model, k, &[])?;
+        let cluster =
+            crate::remote::GrpcCluster::connect(&workers.urls(), &o.model, 0, o.kv_blocks, 16)?;
+        let mut d = Driver::new(cluster, o.chunk, 1).with_context_parallel(k > 1);
+        let mut rng = Rng::new(3);
+        let prompt = (0..n)
+            .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
+            .collect();
+        let t0 = Instant::now();
+        d.submit(greedy(1, prompt, o.decode_steps))?;
+        let mut at = Vec::new();
+        let mut held = Vec::new();
+        while !d.is_idle() {
+            let emitted = d.step()?;
+            if !emitted.is_empty() {
+                if at.is_empty() {
+                    held = d.kv_used().iter().map(|b| *b as usize * 16).collect();
+                }
+                at.push(Instant::now());
+            }
+        }
+        let prefill_s = at.first().map_or(0.0, |t| (*t - t0).as_secs_f64());
+        let mut gaps: Vec<f64> = at
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+            .collect();
+        gaps.sort_by(f64::total_cmp);
+        let pct = |q: f64| {
+            gaps.get(((gaps.len().max(1) - 1) as f64 * q).round() as usize)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        rows.push(LongBenchRow {
+            workers: k,
+            prompt_tokens: n,
+            prefill_s,
+            prefill_tok_s: n as f64 / prefill_s.max(1e-9),
+            itl_ms_p50: pct(0.5),
+            itl_ms_p99: pct(0.99),
+            kv_bytes_per_token,
+            positions_per_worker: held,
+        });
+        drop(d);
+        drop(workers);
+    }
+    Ok(rows)
+}
+
 /// `switchyard bench-rebalance`: a skewed workload on local workers before and after a live
 /// expert re-placement, measured in the same run.
 #[derive(Clone, Debug)]

@@ -62,6 +62,10 @@ pub enum Command {
     /// Measure decode throughput of local clusters of 1, 2, 4... worker processes: tokens/s,
     /// all-to-all share of step time, coordinator overhead per token.
     BenchCluster(BenchClusterArgs),
+    /// Measure one long prompt split over worker processes (context parallelism) against one
+    /// worker at the longest prompt its KV holds: prefill tokens/s, decode inter-token
+    /// latency, KV bytes per token.
+    BenchLong(BenchLongArgs),
     /// Measure a skewed workload on local workers before and after a live expert
     /// re-placement: expert load balance, decode tokens/s, and the switch's cost.
     BenchRebalance(BenchRebalanceArgs),
@@ -648,6 +652,27 @@ pub struct BenchClusterArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct BenchLongArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, default_value_t = 2)]
+    pub workers: usize,
+    /// KV blocks (of 16 positions) of each worker.
+    #[arg(long)]
+    pub kv_blocks: usize,
+    /// Prompt lengths of the split runs, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "32768")]
+    pub prompt_tokens: Vec<usize>,
+    #[arg(long, default_value_t = 16)]
+    pub decode_steps: usize,
+    /// Prefill tokens per step.
+    #[arg(long, default_value_t = 2048)]
+    pub chunk: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
 pub struct BenchGrammarArgs {
     /// A folder with tokenizer.json (a model's, or one that `switchyard import
     /// --tokenizer-only` wrote from a GGUF vocabulary).
@@ -784,6 +809,7 @@ pub fn main_with(cli: Cli) -> Result<()> {
         Command::Import(a) => import_cmd(a),
         Command::Bench(a) => bench_cmd(a),
         Command::BenchCluster(a) => bench_cluster_cmd(a),
+        Command::BenchLong(a) => bench_long_cmd(a),
         Command::BenchRebalance(a) => bench_rebalance_cmd(a),
         Command::BenchChaos(a) => bench_chaos_cmd(a),
         Command::BenchGrammar(a) => bench_grammar_cmd(a),
@@ -958,6 +984,46 @@ fn bench_cluster_cmd(a: BenchClusterArgs) -> Result<()> {
             100.0 * r.all_to_all_share,
             r.all_to_all_bytes_per_step / 1e3,
             r.coordinator_us_per_token
+        );
+    }
+    Ok(())
+}
+
+fn bench_long_cmd(a: BenchLongArgs) -> Result<()> {
+    if a.workers < 2 || a.kv_blocks == 0 || a.decode_steps < 2 || a.chunk == 0 {
+        bail!("--workers must be at least 2, --decode-steps at least 2, --kv-blocks and --chunk positive");
+    }
+    if let Some(n) = a.prompt_tokens.iter().find(|n| **n == 0 || **n + a.decode_steps > a.workers * a.kv_blocks * 16) {
+        bail!(
+            "--prompt-tokens {n}: each length must be at least 1 and, with --decode-steps, fit the \
+             workers' KV ({} positions)",
+            a.workers * a.kv_blocks * 16
+        );
+    }
+    let rows = bench::run_long(&bench::LongBenchOptions {
+        model: a.model,
+        workers: a.workers,
+        kv_blocks: a.kv_blocks,
+        prompt_tokens: a.prompt_tokens,
+        decode_steps: a.decode_steps,
+        chunk: a.chunk,
+    })?;
+    if a.json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(());
+    }
+    println!("workers  prompt  prefill s  prefill tok/s  ITL p50 ms  ITL p99 ms  KV B/token  positions per worker");
+    for r in &rows {
+        println!(
+            "{:>7}  {:>6}  {:>9.1}  {:>13.0}  {:>10.2}  {:>10.2}  {:>10}  {:?}",
+            r.workers,
+            r.prompt_tokens,
+            r.prefill_s,
+            r.prefill_tok_s,
+            r.itl_ms_p50,
+            r.itl_ms_p99,
+            r.kv_bytes_per_token,
+            r.positions_per_worker
         );
     }
     Ok(())
