@@ -6,6 +6,7 @@
 //! neighbour on a shared machine lowers the bound and the engine alike rather than one of them.
 
 use rayon::prelude::*;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 use switchyard_kernels::rng::Rng;
@@ -377,8 +378,9 @@ pub fn run_cluster(o: &ClusterBenchOptions) -> anyhow::Result<Vec<ClusterBenchRo
 pub struct LongBenchOptions {
     pub model: PathBuf,
     pub workers: usize,
-    /// KV blocks (of 16 positions) of each worker.
-    pub kv_blocks: usize,
+    /// Each worker's KV holds this share of a split run's sequence (prompt and decoded
+    /// tokens), so every split run does split.
+    pub kv_share: f64,
     /// Prompt lengths of the split runs.
     pub prompt_tokens: Vec<usize>,
     pub decode_steps: usize,
@@ -402,22 +404,29 @@ pub struct LongBenchRow {
     pub positions_per_worker: Vec<usize>,
 }
 
-/// Runs [`LongBenchOptions`]: first one worker at the longest prompt its KV holds (with the
-/// decode steps), then each prompt length split over `workers` workers.
+/// KV blocks (of 16) for each worker of a split run of `n` prompt tokens.
+fn long_blocks(o: &LongBenchOptions, n: usize) -> usize {
+    (((n + o.decode_steps + 1) as f64 * o.kv_share).ceil() as usize).div_ceil(16) + 1
+}
+
+/// Runs [`LongBenchOptions`]: first one worker, with the KV each worker has in the longest
+/// split run, at the longest prompt that KV holds; then each prompt length split over
+/// `workers` workers.
 pub fn run_long(o: &LongBenchOptions) -> anyhow::Result<Vec<LongBenchRow>> {
     use crate::driver::Driver;
     let cfg = switchyard_worker::engine::read_config(&o.model)?;
     let kv_bytes_per_token =
         switchyard_worker::kv::KvCache::new(&cfg, 1, 16, Default::default(), false)
             .bytes_per_position();
-    let one = (o.kv_blocks * 16).saturating_sub(o.decode_steps + 1);
-    let mut runs = vec![(1, one.min(o.prompt_tokens.iter().copied().max().unwrap_or(one)))];
-    runs.extend(o.prompt_tokens.iter().map(|&n| (o.workers, n)));
+    let longest = o.prompt_tokens.iter().copied().max().unwrap_or(1);
+    let big = long_blocks(o, longest);
+    let mut runs = vec![(1, (big * 16).saturating_sub(o.decode_steps + 1), big)];
+    runs.extend(o.prompt_tokens.iter().map(|&n| (o.workers, n, long_blocks(o, n))));
     let mut rows = Vec::new();
-    for (k, n) in runs {
+    for (k, n, blocks) in runs {
         let workers = crate::local::LocalWorkers::spawn(&o.model, k, &[])?;
         let cluster =
-            crate::remote::GrpcCluster::connect(&workers.urls(), &o.model, 0, o.kv_blocks, 16)?;
+            crate::remote::GrpcCluster::connect(&workers.urls(), &o.model, 0, blocks, 16)?;
         let mut d = Driver::new(cluster, o.chunk, 1).with_context_parallel(k > 1);
         let mut rng = Rng::new(3);
         let prompt = (0..n)
@@ -461,6 +470,94 @@ pub fn run_long(o: &LongBenchOptions) -> anyhow::Result<Vec<LongBenchRow>> {
         drop(workers);
     }
     Ok(rows)
+}
+
+/// Short streams beside one long prefill split over the workers: their inter-token latency
+/// alone and while the long prompt is prefilled (paced, as the server paces), in one run.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BesideReport {
+    pub workers: usize,
+    pub streams: usize,
+    pub long_prompt_tokens: usize,
+    pub itl_ms_p50_alone: f64,
+    pub itl_ms_p99_alone: f64,
+    pub itl_ms_p50_beside: f64,
+    pub itl_ms_p99_beside: f64,
+    /// The long prompt's submission to its first token.
+    pub long_prefill_s: f64,
+}
+
+/// `o.streams` streams of 16-token prompts decode alone for 64 tokens each, then beside a
+/// `long` prompt split over `o.workers` workers until its first token; pacing factor 2 (the
+/// server's default).
+pub fn run_long_beside(
+    o: &LongBenchOptions,
+    streams: usize,
+    long: usize,
+) -> anyhow::Result<BesideReport> {
+    use crate::driver::Driver;
+    let cfg = switchyard_worker::engine::read_config(&o.model)?;
+    let workers = crate::local::LocalWorkers::spawn(&o.model, o.workers, &[])?;
+    // Room for each stream to decode up to STREAM_TOKENS beside the long prompt.
+    const STREAM_TOKENS: usize = 8192;
+    let blocks = long_blocks(o, long) + (streams * (STREAM_TOKENS + 16)).div_ceil(16);
+    let cluster = crate::remote::GrpcCluster::connect(&workers.urls(), &o.model, 0, blocks, 16)?;
+    let mut d = Driver::new(cluster, o.chunk, streams + 1)
+        .with_context_parallel(true)
+        .with_pacing(2.0, crate::scheduler::attention_equivalent(&cfg));
+    let mut rng = Rng::new(5);
+    let mut prompt = |n: usize| -> Vec<u32> {
+        (0..n)
+            .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
+            .collect()
+    };
+    for id in 0..streams as u64 {
+        d.submit(greedy(id, prompt(16), STREAM_TOKENS))?;
+    }
+    warm_up(&mut d, streams, 4)?;
+    let mut last: HashMap<u64, Instant> = HashMap::new();
+    // Gaps between consecutive tokens of each stream, while `until` says go on.
+    let mut gaps = |d: &mut Driver, until: &mut dyn FnMut(&[crate::driver::Emitted]) -> bool| {
+        let mut g = Vec::new();
+        loop {
+            let emitted = d.step()?;
+            let now = Instant::now();
+            for e in emitted.iter().filter(|e| (e.id as usize) < streams) {
+                if let Some(t) = last.insert(e.id, now) {
+                    g.push((now - t).as_secs_f64() * 1e3);
+                }
+            }
+            if !until(&emitted) {
+                return anyhow::Ok(g);
+            }
+        }
+    };
+    let mut n = 0;
+    let alone = gaps(&mut d, &mut |e| {
+        n += e.len();
+        n < 64 * streams
+    })?;
+    let long_id = streams as u64;
+    let t0 = Instant::now();
+    d.submit(greedy(long_id, prompt(long), 1))?;
+    let beside = gaps(&mut d, &mut |e| !e.iter().any(|e| e.id == long_id))?;
+    let long_prefill_s = t0.elapsed().as_secs_f64();
+    let pct = |mut v: Vec<f64>, q: f64| {
+        v.sort_by(f64::total_cmp);
+        v.get(((v.len().max(1) - 1) as f64 * q).round() as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    Ok(BesideReport {
+        workers: o.workers,
+        streams,
+        long_prompt_tokens: long,
+        itl_ms_p50_alone: pct(alone.clone(), 0.5),
+        itl_ms_p99_alone: pct(alone, 0.99),
+        itl_ms_p50_beside: pct(beside.clone(), 0.5),
+        itl_ms_p99_beside: pct(beside, 0.99),
+        long_prefill_s,
+    })
 }
 
 /// `switchyard bench-rebalance`: a skewed workload on local workers before and after a live

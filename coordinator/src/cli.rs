@@ -657,9 +657,10 @@ pub struct BenchLongArgs {
     pub model: PathBuf,
     #[arg(long, default_value_t = 2)]
     pub workers: usize,
-    /// KV blocks (of 16 positions) of each worker.
-    #[arg(long)]
-    pub kv_blocks: usize,
+    /// Each worker's KV holds this share of a split run's sequence, so every split run does
+    /// split (the one-worker run gets the longest split run's per-worker KV).
+    #[arg(long, default_value_t = 0.6)]
+    pub kv_share: f64,
     /// Prompt lengths of the split runs, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "32768")]
     pub prompt_tokens: Vec<usize>,
@@ -668,6 +669,12 @@ pub struct BenchLongArgs {
     /// Prefill tokens per step.
     #[arg(long, default_value_t = 2048)]
     pub chunk: usize,
+    /// Instead: this many short streams decoding alone, then beside one prompt of
+    /// `--beside` tokens split over the workers (paced): their inter-token latency both ways.
+    #[arg(long, default_value_t = 0)]
+    pub streams: usize,
+    #[arg(long, default_value_t = 131072)]
+    pub beside: usize,
     #[arg(long)]
     pub json: bool,
 }
@@ -990,24 +997,50 @@ fn bench_cluster_cmd(a: BenchClusterArgs) -> Result<()> {
 }
 
 fn bench_long_cmd(a: BenchLongArgs) -> Result<()> {
-    if a.workers < 2 || a.kv_blocks == 0 || a.decode_steps < 2 || a.chunk == 0 {
-        bail!("--workers must be at least 2, --decode-steps at least 2, --kv-blocks and --chunk positive");
+    if a.workers < 2 || a.decode_steps < 2 || a.chunk == 0 {
+        bail!("--workers must be at least 2, --decode-steps at least 2, --chunk positive");
     }
-    if let Some(n) = a.prompt_tokens.iter().find(|n| **n == 0 || **n + a.decode_steps > a.workers * a.kv_blocks * 16) {
+    if !(a.kv_share > 1.0 / a.workers as f64 && a.kv_share < 1.0) {
         bail!(
-            "--prompt-tokens {n}: each length must be at least 1 and, with --decode-steps, fit the \
-             workers' KV ({} positions)",
-            a.workers * a.kv_blocks * 16
+            "--kv-share {} must be below 1 (a worker holds less than the sequence) and above \
+             1/{} (the workers hold all of it)",
+            a.kv_share,
+            a.workers
         );
     }
-    let rows = bench::run_long(&bench::LongBenchOptions {
+    if let Some(n) = a.prompt_tokens.iter().chain([&a.beside]).find(|n| **n == 0) {
+        bail!("--prompt-tokens and --beside must be at least 1, got {n}");
+    }
+    let o = bench::LongBenchOptions {
         model: a.model,
         workers: a.workers,
-        kv_blocks: a.kv_blocks,
+        kv_share: a.kv_share,
         prompt_tokens: a.prompt_tokens,
         decode_steps: a.decode_steps,
         chunk: a.chunk,
-    })?;
+    };
+    if a.streams > 0 {
+        let r = bench::run_long_beside(&o, a.streams, a.beside)?;
+        if a.json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "{} streams beside a {}-token prompt over {} workers: ITL p50 {:.2} ms alone, \
+                 {:.2} beside; p99 {:.2} alone, {:.2} beside ({:.2}x); the prompt's prefill {:.1} s",
+                r.streams,
+                r.long_prompt_tokens,
+                r.workers,
+                r.itl_ms_p50_alone,
+                r.itl_ms_p50_beside,
+                r.itl_ms_p99_alone,
+                r.itl_ms_p99_beside,
+                r.itl_ms_p99_beside / r.itl_ms_p99_alone.max(1e-9),
+                r.long_prefill_s
+            );
+        }
+        return Ok(());
+    }
+    let rows = bench::run_long(&o)?;
     if a.json {
         println!("{}", serde_json::to_string(&rows)?);
         return Ok(());

@@ -430,3 +430,28 @@ fn readiness_flips_while_a_needed_worker_is_missing() {
     });
     drop(b);
 }
+
+/// Context parallelism under a fault: each worker's KV holds 192 positions, less than the golden
+/// long prompt and its tokens (305), so with `--context-parallel` that request's KV is split
+/// over workers (and the copies, more than fit at once, preempt each other). A worker is killed
+/// mid-stream: a split sequence is prefilled again whole over the survivors (its ranges on the
+/// lost worker are gone), the others go on as after any loss, and every stream completes with
+/// exactly the golden tokens.
+#[test]
+fn killing_a_worker_that_holds_part_of_a_split_sequence_loses_no_token() {
+    let (mut workers, _coord, url, _) = cluster(
+        3,
+        &[],
+        &["--redundant-experts", "2", "--kv-blocks", "12", "--context-parallel"],
+    );
+    block_on(async {
+        let streams = GoldenStreams::start(&url, MODEL, 3);
+        streams.wait_started(6).await;
+        workers[1].0 .0.kill().unwrap();
+        streams.finish().await;
+        let st = cluster_status(&url).await;
+        assert_eq!(st.epoch, 2);
+        assert_eq!(st.workers.len(), 2);
+    });
+    let _ = workers[1].0 .0.wait();
+}
