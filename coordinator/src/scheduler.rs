@@ -22,6 +22,11 @@
 //! sequence on that worker is preempted by recompute: its blocks are freed and it returns to
 //! the front of the queue with all its tokens (prompt and generated), to be prefilled again.
 //!
+//! With context parallelism ([`SchedulerConfig::context_parallel`]) a sequence that outgrows
+//! the worker holding its last range continues in a new range on the worker with the most free
+//! blocks ([`State::spans`]); admission counts the cluster's blocks, and preempting a split
+//! sequence frees every range.
+//!
 //! Invariants (tested): a step's tokens beyond cached positions never exceed the budget; a worker never holds more
 //! blocks than it has; a sequence appears at most once per step; decodes precede prefill
 //! chunks; freed sequences hold no blocks; every sequence that fits a worker completes.
