@@ -421,7 +421,11 @@ pub fn run_long(o: &LongBenchOptions) -> anyhow::Result<Vec<LongBenchRow>> {
     let longest = o.prompt_tokens.iter().copied().max().unwrap_or(1);
     let big = long_blocks(o, longest);
     let mut runs = vec![(1, (big * 16).saturating_sub(o.decode_steps + 1), big)];
-    runs.extend(o.prompt_tokens.iter().map(|&n| (o.workers, n, long_blocks(o, n))));
+    runs.extend(
+        o.prompt_tokens
+            .iter()
+            .map(|&n| (o.workers, n, long_blocks(o, n))),
+    );
     let mut rows = Vec::new();
     for (k, n, blocks) in runs {
         let workers = crate::local::LocalWorkers::spawn(&o.model, k, &[])?;

@@ -1266,9 +1266,9 @@ impl Driver {
                 .collect();
         }
         // Every rank does the context exchange, or none does.
-        if plans.iter().any(|p| !p.kv_guests.is_empty()) || s.chunks.iter().any(|c| {
-            !self.state.spans(c.seq).is_empty()
-        }) {
+        if plans.iter().any(|p| !p.kv_guests.is_empty())
+            || s.chunks.iter().any(|c| !self.state.spans(c.seq).is_empty())
+        {
             for p in &mut plans {
                 p.context_exchange = true;
             }

@@ -597,8 +597,8 @@ impl State {
         if self.cfg.context_parallel {
             // Homed where most blocks are free, continuing elsewhere once they run out (every
             // range but the last fills its blocks): the cluster must have room for it.
-            let best = (0..self.free.len())
-                .max_by_key(|w| (self.free[*w], std::cmp::Reverse(*w)))?;
+            let best =
+                (0..self.free.len()).max_by_key(|w| (self.free[*w], std::cmp::Reverse(*w)))?;
             let total: usize = self.free.iter().sum();
             return (self.free[best] > 0 && need <= total).then_some(best);
         }

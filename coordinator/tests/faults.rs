@@ -442,7 +442,13 @@ fn killing_a_worker_that_holds_part_of_a_split_sequence_loses_no_token() {
     let (mut workers, _coord, url, _) = cluster(
         3,
         &[],
-        &["--redundant-experts", "2", "--kv-blocks", "12", "--context-parallel"],
+        &[
+            "--redundant-experts",
+            "2",
+            "--kv-blocks",
+            "12",
+            "--context-parallel",
+        ],
     );
     block_on(async {
         let streams = GoldenStreams::start(&url, MODEL, 3);

@@ -299,7 +299,10 @@ pub fn paged_attention_partial(
     let d = p.head_dim;
     assert_eq!(q.len(), spans.len() * p.heads * d);
     assert_eq!(p.heads % p.kv_heads, 0);
-    assert!(d <= MAX_HEAD_DIM, "attention: head_dim above {MAX_HEAD_DIM}");
+    assert!(
+        d <= MAX_HEAD_DIM,
+        "attention: head_dim above {MAX_HEAD_DIM}"
+    );
     let (segs, partial, stats) = run_segments(q, spans, kv, p);
     let group = p.heads / p.kv_heads;
     let hc = head_chunk(group);
@@ -317,7 +320,9 @@ pub fn paged_attention_partial(
         let st = &mut states[t];
         let h0 = g * group + c * hc;
         for h in 0..hc {
-            let mx = (i..j).map(|k| stats[k].0[h]).fold(f32::NEG_INFINITY, f32::max);
+            let mx = (i..j)
+                .map(|k| stats[k].0[h])
+                .fold(f32::NEG_INFINITY, f32::max);
             let acc = &mut st.acc[(h0 + h) * d..(h0 + h + 1) * d];
             let mut l = 0.0;
             for k in i..j {
@@ -386,7 +391,11 @@ fn run_segments(
     spans: &[KeySpan<'_>],
     kv: KvLayer<'_>,
     p: AttnParams,
-) -> (Vec<Segment>, Vec<f32>, Vec<([f32; MAX_GROUP], [f32; MAX_GROUP])>) {
+) -> (
+    Vec<Segment>,
+    Vec<f32>,
+    Vec<([f32; MAX_GROUP], [f32; MAX_GROUP])>,
+) {
     let avx2 = crate::simd::has_avx2();
     let avx512 = crate::simd::has_avx512() && avx2;
     let d = p.head_dim;

@@ -331,7 +331,15 @@ fn partial_attention_over_split_pools_merges_to_the_full_softmax() {
     };
     let mut rng = Rng::new(21);
     for &(heads, kvh, d, cuts, len, window, sinks) in &[
-        (4usize, 2usize, 16usize, &[40usize][..], 100usize, None, false),
+        (
+            4usize,
+            2usize,
+            16usize,
+            &[40usize][..],
+            100usize,
+            None,
+            false,
+        ),
         (4, 2, 16, &[33, 70][..], 100, None, true),
         (4, 2, 16, &[50][..], 100, Some(30usize), true),
         (8, 2, 16, &[1500][..], 3300, None, false),

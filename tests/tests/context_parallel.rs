@@ -57,7 +57,10 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
 /// The chunks of the long sequence's steps: the prompt `case.chunk` tokens at a time, then
 /// one decoded token per step (`None`: the token the last step sampled).
 fn steps(case: &Case, prompt: &[u32]) -> Vec<Option<Vec<u32>>> {
-    let mut s: Vec<_> = prompt.chunks(case.chunk).map(|c| Some(c.to_vec())).collect();
+    let mut s: Vec<_> = prompt
+        .chunks(case.chunk)
+        .map(|c| Some(c.to_vec()))
+        .collect();
     s.extend((0..case.decode - 1).map(|_| None));
     s
 }
@@ -256,8 +259,16 @@ fn check(model: &str) {
             blocks[0] * 16 < total,
             "the home could have held the sequence alone"
         );
-        assert_eq!(run.tokens, want[..DECODE], "{model} {ranges:?}: greedy tokens");
-        assert_eq!(short_got, short_want[..DECODE], "{model} {ranges:?}: the short sequence");
+        assert_eq!(
+            run.tokens,
+            want[..DECODE],
+            "{model} {ranges:?}: greedy tokens"
+        );
+        assert_eq!(
+            short_got,
+            short_want[..DECODE],
+            "{model} {ranges:?}: the short sequence"
+        );
         assert_eq!(run.logits.len(), whole.logits.len());
         let worst = run
             .logits
@@ -265,12 +276,18 @@ fn check(model: &str) {
             .zip(&whole.logits)
             .map(|(a, b)| max_abs(a, b))
             .fold(0.0, f32::max);
-        assert!(worst < 1e-5, "{model} {ranges:?}: logits {worst} from the unsplit run");
+        assert!(
+            worst < 1e-5,
+            "{model} {ranges:?}: logits {worst} from the unsplit run"
+        );
         // And the goldens' logits at their positions.
         for rec in long["logits"].as_array().unwrap() {
             let p = rec["position"].as_u64().unwrap() as usize;
             let d = max_abs(&run.logits[p], &floats(&rec["values"]));
-            assert!(d < 1e-4, "{model} {ranges:?}: position {p} is {d} from the golden");
+            assert!(
+                d < 1e-4,
+                "{model} {ranges:?}: position {p} is {d} from the golden"
+            );
         }
     }
 }
@@ -328,7 +345,10 @@ fn a_generated_32k_prompt_split_over_2_and_3_workers_equals_unsplit() {
             .zip(&whole.logits)
             .map(|(a, b)| max_abs(a, b))
             .fold(0.0, f32::max);
-        assert!(worst < 1e-5, "{ranges:?}: logits {worst} from the unsplit run");
+        assert!(
+            worst < 1e-5,
+            "{ranges:?}: logits {worst} from the unsplit run"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
 }

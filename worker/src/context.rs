@@ -147,10 +147,14 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
     fn u32(&mut self) -> Result<u32, WorkerError> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+        Ok(u32::from_le_bytes(
+            self.take(4)?.try_into().expect("4 bytes"),
+        ))
     }
     fn u64(&mut self) -> Result<u64, WorkerError> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+        Ok(u64::from_le_bytes(
+            self.take(8)?.try_into().expect("8 bytes"),
+        ))
     }
     fn f32s(&mut self, n: usize) -> Result<Vec<f32>, WorkerError> {
         let b = self.take(n.checked_mul(4).unwrap_or(usize::MAX))?;
@@ -196,7 +200,13 @@ pub(crate) fn attend(
     let qw = p.heads * p.head_dim;
     let Some(cp) = cp else {
         for (r, row) in rows.iter().enumerate() {
-            kv.write(li, row.table, row.pos, &k[r * kw..(r + 1) * kw], &v[r * vw..(r + 1) * vw]);
+            kv.write(
+                li,
+                row.table,
+                row.pos,
+                &k[r * kw..(r + 1) * kw],
+                &v[r * vw..(r + 1) * vw],
+            );
         }
         paged_attention_with(q, rows, kv.layer(li, p.kv_heads, p.head_dim), p, sinks, out);
         return Ok(());
@@ -256,7 +266,11 @@ pub(crate) fn attend(
     let mut guest_q = Vec::new();
     let mut served = Vec::new(); // (source rank, guest, relative lo, hi)
     for (src, buf) in recv.iter().enumerate() {
-        let mut rd = Reader { buf, at: 0, peer: src };
+        let mut rd = Reader {
+            buf,
+            at: 0,
+            peer: src,
+        };
         let (nw, nq) = (rd.u32()?, rd.u32()?);
         for _ in 0..nw {
             let (seq, start, pos) = (rd.u64()?, rd.u64()? as usize, rd.u64()? as usize);
@@ -348,7 +362,11 @@ pub(crate) fn attend(
     // Merge: this rank's part first, then the holders' in position order.
     let mut remote: HashMap<(usize, usize), PartialState> = HashMap::new();
     for (src, buf) in back.iter().enumerate() {
-        let mut rd = Reader { buf, at: 0, peer: src };
+        let mut rd = Reader {
+            buf,
+            at: 0,
+            peer: src,
+        };
         for &key in &asked[src] {
             let st = PartialState {
                 m: rd.f32s(p.heads)?,
@@ -444,7 +462,8 @@ mod tests {
     #[test]
     fn layouts_must_cover_the_rest_of_the_sequence_once() {
         let l = |spans: Vec<Span>| SeqLayout { seq_id: 1, spans };
-        let ok = |spans, world, len, new_len, here| check_layout(&l(spans), world, len, new_len, here);
+        let ok =
+            |spans, world, len, new_len, here| check_layout(&l(spans), world, len, new_len, here);
         assert!(ok(vec![span(1, 64, 100)], 2, 60, 100, None).is_ok());
         assert!(ok(vec![span(1, 64, 90), span(2, 90, 100)], 3, 0, 100, None).is_ok());
         // A rank may hold several ranges, the home too.

@@ -8,8 +8,8 @@
 use crate::blocks::{chain_hash, BlockHash, PrefixStats};
 use crate::comm::Comm;
 use crate::config::ModelConfig;
-pub use crate::context::{ContextPlan, GuestSpec, SeqLayout, Span};
 use crate::context::Guest;
+pub use crate::context::{ContextPlan, GuestSpec, SeqLayout, Span};
 use crate::ep::EpExperts;
 use crate::experts::{ExpertExec, ExpertSelection, ExpertSet, LocalExperts};
 use crate::kv::KvCache;
@@ -644,7 +644,11 @@ impl Engine {
         let mut refs: HashMap<u32, u32> = HashMap::new();
         for s in self.seqs.values() {
             if s.table.len() != self.kv.blocks_for(s.held()) {
-                return Err(format!("{} blocks for {} positions", s.table.len(), s.held()));
+                return Err(format!(
+                    "{} blocks for {} positions",
+                    s.table.len(),
+                    s.held()
+                ));
             }
             for b in &s.table {
                 *refs.entry(*b).or_default() += 1;
@@ -831,7 +835,10 @@ impl Engine {
                 .iter()
                 .any(|o| o.seq_id == g.seq_id && o.start == g.start)
             {
-                return Err(bad(format!("guest range from {} twice in one step", g.start)));
+                return Err(bad(format!(
+                    "guest range from {} twice in one step",
+                    g.start
+                )));
             }
             if g.end <= g.start || g.home as usize >= world {
                 return Err(bad(format!(
@@ -907,11 +914,14 @@ impl Engine {
         }
         let mut guests_before = Vec::with_capacity(plan.guests.len());
         for g in plan.guests {
-            let x = self.guests.entry((g.seq_id, g.start)).or_insert_with(|| Guest {
-                home: g.home,
-                start: g.start,
-                ..Default::default()
-            });
+            let x = self
+                .guests
+                .entry((g.seq_id, g.start))
+                .or_insert_with(|| Guest {
+                    home: g.home,
+                    start: g.start,
+                    ..Default::default()
+                });
             guests_before.push((g.seq_id, g.start + x.len));
             x.len = g.end - g.start;
             let want = self.kv.blocks_for(x.len);
