@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 source scripts/ensure-deps.sh test
 # A target directory outside the clone lets repeated runs (and fresh clones) reuse builds.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/switchyard/target}"
+# Formatting is part of the tests (rustfmt ships with rustup's default profile; added if not).
+if ! cargo fmt --version >/dev/null 2>&1 && command -v rustup >/dev/null 2>&1; then
+  rustup component add rustfmt
+fi
+cargo fmt --all -- --check
 # The engine has no network or async dependency (those live in switchyard-runtime).
 engine_deps="$(cargo tree --locked -p switchyard-worker -e normal)"
 if grep -E "^[^a-z]*(tonic|tokio|etcd-client|switchyard-proto) " <<<"$engine_deps"; then

@@ -1184,6 +1184,8 @@ impl Driver {
         // What each rank was asked to sample (its result is checked against it).
         let mut sampled: Vec<Vec<(u64, u32)>> = vec![Vec::new(); plans.len()];
         let mut masks = self.masks(s);
+        // Every rank does the context exchange, or none does.
+        let mut exchange = false;
         for c in &s.chunks {
             let l = &self.live[&c.seq];
             if c.sample {
@@ -1245,6 +1247,7 @@ impl Driver {
             if spans.is_empty() {
                 continue;
             }
+            exchange = true;
             for &(w, start, end) in &spans {
                 if end > c.start.max(start) {
                     plans[w].kv_guests.push(KvGuest {
@@ -1265,13 +1268,8 @@ impl Driver {
                 })
                 .collect();
         }
-        // Every rank does the context exchange, or none does.
-        if plans.iter().any(|p| !p.kv_guests.is_empty())
-            || s.chunks.iter().any(|c| !self.state.spans(c.seq).is_empty())
-        {
-            for p in &mut plans {
-                p.context_exchange = true;
-            }
+        for p in &mut plans {
+            p.context_exchange = exchange;
         }
         let span = tracing::info_span!(
             "step",

@@ -988,6 +988,65 @@ mod tests {
         assert_eq!(homes, vec![0, 1, 2]);
     }
 
+    /// Drives requests `(prompt, generated, priority, arrival step)` to completion, each
+    /// shrunk to what the door lets in, checking after every step that no worker holds more
+    /// blocks than it has and `each`; then that everything finished and every block is back.
+    /// Every step makes progress on some sequence and each is recomputed at most once per other
+    /// sequence's growth, so the step bound is generous but finite (a livelock fails it).
+    fn drive_arrivals(
+        st: &mut State,
+        blocks: &[usize],
+        reqs: Vec<(usize, usize, i32, usize)>,
+        each: impl Fn(&State) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let cap = st.capacity_tokens();
+        let reqs: Vec<(u64, usize, usize, i32, usize)> = reqs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (p, g, pr, at))| {
+                let p = p.min(cap - 1).max(1);
+                let g = g.min(cap - p).max(1);
+                (i as u64, p, g, pr, at)
+            })
+            .collect();
+        if let Some(r) = reqs.iter().find(|r| !st.fits(r.1 + r.2)) {
+            return Err(format!("{r:?} does not fit"));
+        }
+        let mut left: BTreeMap<u64, usize> = BTreeMap::new();
+        let work: usize = reqs.iter().map(|r| r.1 + r.2).sum();
+        let max_steps = 64 + work * (reqs.len() + 1) * 4;
+        let mut steps = 0;
+        while steps < max_steps {
+            for r in reqs.iter().filter(|r| r.4 == steps) {
+                st.add(r.0, r.1, r.3);
+                left.insert(r.0, r.2);
+            }
+            if left.is_empty() && reqs.iter().all(|r| r.4 < steps) {
+                break;
+            }
+            let step = st.next_step();
+            if let Some(w) = (0..blocks.len()).find(|&w| st.free_blocks()[w] > blocks[w]) {
+                return Err(format!(
+                    "worker {w}: {:?} free of {blocks:?}",
+                    st.free_blocks()
+                ));
+            }
+            each(st)?;
+            feed_samples(st, &step, &mut left);
+            steps += 1;
+        }
+        if !left.is_empty() {
+            return Err(format!("livelock: {left:?} unfinished after {steps} steps"));
+        }
+        if st.free_blocks() != blocks {
+            return Err(format!(
+                "{:?} free at the end of {blocks:?}",
+                st.free_blocks()
+            ));
+        }
+        Ok(())
+    }
+
     proptest! {
         #[test]
         fn invariants_hold_and_everything_finishes(
@@ -1026,43 +1085,10 @@ mod tests {
             blocks in prop::collection::vec(2usize..12, 1..4),
             reqs in prop::collection::vec((1usize..64, 1usize..64, -2i32..3, 0usize..40), 2..24),
         ) {
-            let c = cfg(budget, blocks.clone());
-            let mut st = State::new(c);
-            let cap = st.capacity_tokens();
-            // Shrink every request to fit one worker (what the door lets in), keep the rest.
-            let reqs: Vec<(u64, usize, usize, i32, usize)> = reqs
-                .into_iter()
-                .enumerate()
-                .map(|(i, (p, g, pr, at))| {
-                    let p = p.min(cap - 1).max(1);
-                    let g = g.min(cap - p).max(1);
-                    (i as u64, p, g, pr, at)
-                })
-                .collect();
-            prop_assert!(reqs.iter().all(|r| st.fits(r.1 + r.2)));
-            let mut left: BTreeMap<u64, usize> = BTreeMap::new();
-            let work: usize = reqs.iter().map(|r| r.1 + r.2).sum();
-            // Every step makes progress on some sequence; each sequence is recomputed at most
-            // once per other sequence's growth, so this bound is generous but finite.
-            let max_steps = 64 + work * (reqs.len() + 1) * 4;
-            let mut steps = 0;
-            while steps < max_steps {
-                for r in reqs.iter().filter(|r| r.4 == steps) {
-                    st.add(r.0, r.1, r.3);
-                    left.insert(r.0, r.2);
-                }
-                if left.is_empty() && reqs.iter().all(|r| r.4 < steps) {
-                    break;
-                }
-                let step = st.next_step();
-                for (w, &free) in st.free_blocks().iter().enumerate() {
-                    prop_assert!(free <= blocks[w]);
-                }
-                feed_samples(&mut st, &step, &mut left);
-                steps += 1;
+            let mut st = State::new(cfg(budget, blocks.clone()));
+            if let Err(e) = drive_arrivals(&mut st, &blocks, reqs, |_| Ok(())) {
+                prop_assert!(false, "{}", e);
             }
-            prop_assert!(left.is_empty(), "livelock: {:?} unfinished after {} steps", left, steps);
-            prop_assert_eq!(st.free_blocks(), &blocks[..]);
         }
 
         /// Context parallelism under oversubscription: sequences up to the whole cluster's
@@ -1078,43 +1104,21 @@ mod tests {
             let mut c = cfg(budget, blocks.clone());
             c.context_parallel = true;
             let mut st = State::new(c);
-            let cap = st.capacity_tokens();
-            let reqs: Vec<(u64, usize, usize, i32, usize)> = reqs
-                .into_iter()
-                .enumerate()
-                .map(|(i, (p, g, pr, at))| {
-                    let p = p.min(cap - 1).max(1);
-                    let g = g.min(cap - p).max(1);
-                    (i as u64, p, g, pr, at)
-                })
-                .collect();
-            prop_assert!(reqs.iter().all(|r| st.fits(r.1 + r.2)));
-            let mut left: BTreeMap<u64, usize> = BTreeMap::new();
-            let work: usize = reqs.iter().map(|r| r.1 + r.2).sum();
-            let max_steps = 64 + work * (reqs.len() + 1) * 4;
-            let mut steps = 0;
-            while steps < max_steps {
-                for r in reqs.iter().filter(|r| r.4 == steps) {
-                    st.add(r.0, r.1, r.3);
-                    left.insert(r.0, r.2);
+            let total: usize = blocks.iter().sum();
+            let r = drive_arrivals(&mut st, &blocks, reqs, |st| {
+                let held: usize = st
+                    .seqs
+                    .values()
+                    .map(|s| s.blocks + s.spans.iter().map(|e| e.blocks).sum::<usize>())
+                    .sum();
+                if held + st.free_blocks().iter().sum::<usize>() != total {
+                    return Err(format!("{held} blocks held, {:?} free of {total}", st.free_blocks()));
                 }
-                if left.is_empty() && reqs.iter().all(|r| r.4 < steps) {
-                    break;
-                }
-                let step = st.next_step();
-                for (w, &free) in st.free_blocks().iter().enumerate() {
-                    prop_assert!(free <= blocks[w]);
-                }
-                let held: usize = st.seqs.values().map(|s| s.blocks + s.spans.iter().map(|e| e.blocks).sum::<usize>()).sum();
-                prop_assert_eq!(held + st.free_blocks().iter().sum::<usize>(), blocks.iter().sum::<usize>());
-                if let Err(e) = check_spans(&st) {
-                    prop_assert!(false, "{}", e);
-                }
-                feed_samples(&mut st, &step, &mut left);
-                steps += 1;
+                check_spans(st)
+            });
+            if let Err(e) = r {
+                prop_assert!(false, "{}", e);
             }
-            prop_assert!(left.is_empty(), "livelock: {:?} unfinished after {} steps", left, steps);
-            prop_assert_eq!(st.free_blocks(), &blocks[..]);
         }
 
         #[test]

@@ -28,6 +28,25 @@ fn ids(v: &Value) -> Vec<u32> {
         .collect()
 }
 
+/// A greedy request for 24 tokens, EOS ignored (the goldens' setting).
+fn greedy(id: u64, prompt: Vec<u32>) -> GenRequest {
+    GenRequest {
+        id,
+        prompt,
+        max_tokens: 24,
+        sampling: SamplingParams::greedy(),
+        eos: vec![],
+        ignore_eos: true,
+        min_tokens: 0,
+        stop_token_ids: vec![],
+        constraint: None,
+        priority: 0,
+        top_logprobs: 0,
+        trace: None,
+        journal: None,
+    }
+}
+
 #[test]
 fn two_worker_processes_match_goldens() {
     for model in ["tiny-qwen3-moe", "tiny-mixtral"] {
@@ -43,22 +62,7 @@ fn two_worker_processes_match_goldens() {
         for c in 0..4u64 {
             for (i, p) in golden["prompts"].as_array().unwrap().iter().enumerate() {
                 let id = c * 10 + i as u64;
-                d.submit(GenRequest {
-                    id,
-                    prompt: ids(&p["input_ids"]),
-                    max_tokens: 24,
-                    sampling: SamplingParams::greedy(),
-                    eos: vec![],
-                    ignore_eos: true,
-                    min_tokens: 0,
-                    stop_token_ids: vec![],
-                    constraint: None,
-                    priority: 0,
-                    top_logprobs: 0,
-                    trace: None,
-                    journal: None,
-                })
-                .unwrap();
+                d.submit(greedy(id, ids(&p["input_ids"]))).unwrap();
                 want.insert(id, ids(&p["greedy"]["new_ids"]));
             }
         }
@@ -85,22 +89,8 @@ fn submit_goldens(
 ) -> Result<std::collections::HashMap<u64, Vec<u32>>, String> {
     let mut want = std::collections::HashMap::new();
     for (i, p) in golden["prompts"].as_array().unwrap().iter().enumerate() {
-        d.submit(GenRequest {
-            id: i as u64,
-            prompt: ids(&p["input_ids"]),
-            max_tokens: 24,
-            sampling: SamplingParams::greedy(),
-            eos: vec![],
-            ignore_eos: true,
-            min_tokens: 0,
-            stop_token_ids: vec![],
-            constraint: None,
-            priority: 0,
-            top_logprobs: 0,
-            trace: None,
-            journal: None,
-        })
-        .map_err(|e| e.to_string())?;
+        d.submit(greedy(i as u64, ids(&p["input_ids"])))
+            .map_err(|e| e.to_string())?;
         want.insert(i as u64, ids(&p["greedy"]["new_ids"]));
     }
     Ok(want)
@@ -366,22 +356,7 @@ fn a_sequence_longer_than_one_worker_runs_split_over_two_processes() {
         assert_eq!(d.capacity_tokens(), 384);
         let mut want = submit_goldens(&mut d, &golden).unwrap();
         let long = &golden["prompts"][3];
-        d.submit(GenRequest {
-            id: 9,
-            prompt: ids(&long["input_ids"]),
-            max_tokens: 24,
-            sampling: SamplingParams::greedy(),
-            eos: vec![],
-            ignore_eos: true,
-            min_tokens: 0,
-            stop_token_ids: vec![],
-            constraint: None,
-            priority: 0,
-            top_logprobs: 0,
-            trace: None,
-            journal: None,
-        })
-        .unwrap();
+        d.submit(greedy(9, ids(&long["input_ids"]))).unwrap();
         want.insert(9, ids(&long["greedy"]["new_ids"]));
         let mut got: std::collections::HashMap<u64, Vec<u32>> = Default::default();
         for _ in 0..3000 {

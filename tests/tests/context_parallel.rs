@@ -54,6 +54,15 @@ fn max_abs(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// The largest difference between two runs' logits, every position.
+fn worst(a: &Run, b: &Run) -> f32 {
+    a.logits
+        .iter()
+        .zip(&b.logits)
+        .map(|(x, y)| max_abs(x, y))
+        .fold(0.0, f32::max)
+}
+
 /// The chunks of the long sequence's steps: the prompt `case.chunk` tokens at a time, then
 /// one decoded token per step (`None`: the token the last step sampled).
 fn steps(case: &Case, prompt: &[u32]) -> Vec<Option<Vec<u32>>> {
@@ -270,12 +279,7 @@ fn check(model: &str) {
             "{model} {ranges:?}: the short sequence"
         );
         assert_eq!(run.logits.len(), whole.logits.len());
-        let worst = run
-            .logits
-            .iter()
-            .zip(&whole.logits)
-            .map(|(a, b)| max_abs(a, b))
-            .fold(0.0, f32::max);
+        let worst = worst(&run, &whole);
         assert!(
             worst < 1e-5,
             "{model} {ranges:?}: logits {worst} from the unsplit run"
@@ -339,12 +343,7 @@ fn a_generated_32k_prompt_split_over_2_and_3_workers_equals_unsplit() {
     ] {
         let (run, _) = split(&case, &prompt, &[], &ranges, &blocks);
         assert_eq!(run.tokens, whole.tokens, "{ranges:?}: greedy tokens");
-        let worst = run
-            .logits
-            .iter()
-            .zip(&whole.logits)
-            .map(|(a, b)| max_abs(a, b))
-            .fold(0.0, f32::max);
+        let worst = worst(&run, &whole);
         assert!(
             worst < 1e-5,
             "{ranges:?}: logits {worst} from the unsplit run"

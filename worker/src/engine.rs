@@ -556,12 +556,7 @@ impl Engine {
     /// Cuts the ranges of sequence `seq_id` held here as a guest back to its positions
     /// before `len` (dropping those left empty); false when none is held.
     pub fn truncate_guest(&mut self, seq_id: u64, len: usize) -> bool {
-        let keys: Vec<(u64, usize)> = self
-            .guests
-            .keys()
-            .filter(|k| k.0 == seq_id)
-            .copied()
-            .collect();
+        let keys = self.guest_ranges(seq_id);
         for k in &keys {
             let g = self.guests.get_mut(k).expect("listed");
             let keep = len.saturating_sub(g.start).min(g.len);
@@ -575,6 +570,23 @@ impl Engine {
             self.kv.release(&extra);
         }
         !keys.is_empty()
+    }
+
+    /// The keys of the ranges of `seq_id` held here as a guest.
+    fn guest_ranges(&self, seq_id: u64) -> Vec<(u64, usize)> {
+        self.guests
+            .keys()
+            .filter(|k| k.0 == seq_id)
+            .copied()
+            .collect()
+    }
+
+    /// Drops every range held here as a guest (they belong to an epoch's layout); the
+    /// sequences homed here stay.
+    pub fn release_guests(&mut self) {
+        for (_, g) in std::mem::take(&mut self.guests) {
+            self.kv.release(&g.table);
+        }
     }
 
     /// Ranges of sequences held here as a guest: (sequence, home rank, first position,
@@ -754,6 +766,11 @@ impl Engine {
                 "context layouts or guest ranges in a step without the context exchange".into(),
             ));
         }
+        // Each chunk's layout, when its sequence reaches other ranks.
+        let layouts: Vec<Option<&SeqLayout>> = chunks
+            .iter()
+            .map(|c| plan.layouts.iter().find(|l| l.seq_id == c.seq_id))
+            .collect();
         let mut need = 0;
         let mut hits = Vec::with_capacity(chunks.len());
         let mut revived = std::collections::HashSet::new();
@@ -784,7 +801,7 @@ impl Engine {
                     max: self.max_context,
                 });
             }
-            let layout = plan.layouts.iter().find(|l| l.seq_id == c.seq_id);
+            let layout = layouts[i];
             let split = seq.and_then(|s| s.local_end);
             let bad = |detail: String| WorkerError::Sequence {
                 seq_id: c.seq_id,
@@ -875,7 +892,7 @@ impl Engine {
         let caching = self.kv.blocks().caching();
         let mut before = Vec::with_capacity(chunks.len());
         let mut skips = Vec::with_capacity(chunks.len());
-        for (c, hit) in chunks.iter().zip(hits) {
+        for ((c, hit), layout) in chunks.iter().zip(hits).zip(&layouts) {
             let seq = self.seqs.entry(c.seq_id).or_default();
             before.push(seq.len);
             if caching {
@@ -901,11 +918,7 @@ impl Engine {
             seq.len += skip;
             skips.push(skip);
             let end = seq.len + c.tokens.len() - skip;
-            let here = plan
-                .layouts
-                .iter()
-                .find(|l| l.seq_id == c.seq_id)
-                .map_or(end, |l| l.spans[0].start.min(end));
+            let here = layout.map_or(end, |l| l.spans[0].start.min(end));
             let want = self.kv.blocks_for(here);
             if want > seq.table.len() {
                 let more = self.kv.allocate(want - seq.table.len())?;
@@ -934,8 +947,9 @@ impl Engine {
         let inputs: Vec<ForwardInput> = chunks
             .iter()
             .zip(&skips)
-            .filter(|(c, skip)| **skip < c.tokens.len())
-            .map(|(c, skip)| {
+            .zip(&layouts)
+            .filter(|((c, skip), _)| **skip < c.tokens.len())
+            .map(|((c, skip), layout)| {
                 let s = &self.seqs[&c.seq_id];
                 ForwardInput {
                     seq_id: c.seq_id,
@@ -943,11 +957,7 @@ impl Engine {
                     start_pos: s.len,
                     table: &s.table,
                     logits: c.logits,
-                    remote: plan
-                        .layouts
-                        .iter()
-                        .find(|l| l.seq_id == c.seq_id)
-                        .map_or(&[][..], |l| &l.spans[..]),
+                    remote: layout.map_or(&[][..], |l| &l.spans[..]),
                 }
             })
             .collect();
@@ -981,10 +991,10 @@ impl Engine {
         );
         drop(inputs);
         if out.is_ok() {
-            for (c, skip) in chunks.iter().zip(&skips) {
+            for ((c, skip), layout) in chunks.iter().zip(&skips).zip(&layouts) {
                 let s = self.seqs.get_mut(&c.seq_id).expect("created above");
                 s.len += c.tokens.len() - skip;
-                if let Some(l) = plan.layouts.iter().find(|l| l.seq_id == c.seq_id) {
+                if let Some(l) = layout {
                     s.local_end = Some(l.spans[0].start);
                 }
                 if caching {
@@ -1012,13 +1022,7 @@ impl Engine {
             s.table.reverse();
             self.kv.release(&s.table);
         }
-        let ranges: Vec<(u64, usize)> = self
-            .guests
-            .keys()
-            .filter(|k| k.0 == seq_id)
-            .copied()
-            .collect();
-        for k in ranges {
+        for k in self.guest_ranges(seq_id) {
             let g = self.guests.remove(&k).expect("listed");
             self.kv.release(&g.table);
         }

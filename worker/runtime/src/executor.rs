@@ -160,11 +160,9 @@ impl Executor {
         self.ready = None;
         self.version = 0;
         let loaded = self.engine.rejoin(comm, holders)?;
-        // Ranges held for other ranks' sequences belong to the old group's layout: a split
-        // sequence is prefilled again whole in the new epoch.
-        for (id, ..) in self.engine.guests() {
-            self.engine.release(id);
-        }
+        // Ranges held as a guest belong to the old group's layout: what a split sequence had
+        // beyond its home is prefilled again in the new epoch.
+        self.engine.release_guests();
         let want: HashMap<u64, u32> = keep.iter().map(|k| (k.seq_id, k.len)).collect();
         let mut kept = Vec::new();
         for id in self.engine.sequences() {
