@@ -1825,12 +1825,13 @@ fn admin_cmd(a: AdminArgs) -> Result<()> {
                     return Ok(());
                 }
                 println!(
-                    "epoch {}  expert version {}  imbalance {:.2}  recovered sequences: {} kept, {} re-prefilled{}",
+                    "epoch {}  expert version {}  imbalance {:.2}  recovered sequences: {} kept, {} re-prefilled; {} requests restarted{}",
                     s.epoch,
                     s.expert_version,
                     s.imbalance,
                     s.sequences_kept,
                     s.sequences_reprefilled,
+                    s.requests_restarted,
                     if s.unavailable.is_empty() {
                         String::new()
                     } else {

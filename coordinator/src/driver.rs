@@ -145,6 +145,9 @@ pub struct Snapshot {
     /// re-prefilled (since start).
     pub sequences_kept: u64,
     pub sequences_reprefilled: u64,
+    /// Requests started again by their clients ([`Driver::resubmit`]), from the tokens they
+    /// had received (none, for one still queued when its coordinator was lost).
+    pub requests_restarted: u64,
 }
 
 /// What a re-placement did (or would do).
@@ -387,6 +390,14 @@ impl GenRequest {
     pub fn ends(&self, token: u32) -> bool {
         (!self.ignore_eos && self.eos.contains(&token)) || self.stop_token_ids.contains(&token)
     }
+
+    /// Whether these tokens, generated for this request, already end it (its last one ends
+    /// the sequence, or there are `max_tokens` of them).
+    pub fn ended_by(&self, generated: &[u32]) -> bool {
+        generated
+            .last()
+            .is_some_and(|&t| generated.len() >= self.max_tokens || self.ends(t))
+    }
 }
 
 /// What [`Driver::adopt`] made of a sequence a previous leader left on a worker.
@@ -449,6 +460,8 @@ pub struct Driver {
     /// Sequences kept and re-prefilled over every rebuild.
     kept: u64,
     reprefilled: u64,
+    /// Requests started again from their clients' tokens ([`Driver::resubmit`]).
+    restarted: u64,
     /// Constrained sequences whose matcher failed: ended with the error when their token
     /// of the step in flight comes back (see [`Driver::take_errors`]).
     failing: HashMap<u64, String>,
@@ -810,6 +823,7 @@ impl Driver {
             limits: None,
             kept: 0,
             reprefilled: 0,
+            restarted: 0,
             failing: HashMap::new(),
             errors: Vec::new(),
         }
@@ -899,6 +913,22 @@ impl Driver {
 
     /// Queues a request; refused (and nothing changes) when it could never run to its end.
     pub fn submit(&mut self, req: GenRequest) -> Result<(), DriverError> {
+        self.start(req, Vec::new())
+    }
+
+    /// Starts again a request that no coordinator holds any more (the one running it was
+    /// lost with the worker that held its sequence), from the tokens its client received:
+    /// re-prefilled from its prompt and `generated`, it goes on from the next token exactly
+    /// as it would have (sampling is seeded by position; penalties, `min_tokens` and the
+    /// constraint count `generated` as generated). The caller has checked that `generated`
+    /// does not already end it ([`GenRequest::ended_by`]).
+    pub fn resubmit(&mut self, req: GenRequest, generated: Vec<u32>) -> Result<(), DriverError> {
+        self.start(req, generated)?;
+        self.restarted += 1;
+        Ok(())
+    }
+
+    fn start(&mut self, req: GenRequest, generated: Vec<u32>) -> Result<(), DriverError> {
         if req.prompt.is_empty() || !self.state.fits(req.prompt.len() + req.max_tokens) {
             return Err(DriverError::TooLong {
                 prompt: req.prompt.len(),
@@ -906,18 +936,29 @@ impl Driver {
                 capacity: self.state.capacity_tokens(),
             });
         }
-        self.state.add(req.id, req.prompt.len(), req.priority);
-        let tokens = req.prompt.clone();
+        self.catch_up(&req, &generated);
+        let tokens = [&req.prompt[..], &generated].concat();
+        self.state.add(req.id, tokens.len(), req.priority);
         self.live.insert(
             req.id,
             Live {
                 req,
                 tokens,
-                generated: 0,
+                generated: generated.len(),
                 names: Vec::new(),
             },
         );
         Ok(())
+    }
+
+    /// A constrained request's matcher catches up with the tokens already generated; one
+    /// they do not match fails the request with its next token.
+    fn catch_up(&mut self, req: &GenRequest, generated: &[u32]) {
+        let Some(k) = &req.constraint else { return };
+        let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = generated.iter().find_map(|t| k.advance(*t).err()) {
+            self.failing.insert(req.id, e.to_string());
+        }
     }
 
     /// The sequences a previous leader left on the workers, as the cluster reported them
@@ -946,8 +987,7 @@ impl Driver {
             tokens
         };
         let generated = tokens.len() - req.prompt.len();
-        let ended = generated > 0
-            && (generated >= req.max_tokens || req.ends(*tokens.last().expect("generated")));
+        let ended = req.ended_by(&tokens[req.prompt.len()..]);
         let on_worker = rank < self.pending_free.len();
         let fits = self.state.fits(req.prompt.len() + req.max_tokens);
         if ended || !fits || self.live.contains_key(&id) {
@@ -960,16 +1000,7 @@ impl Driver {
                 Adopted::Refused
             };
         }
-        // A constrained request's matcher catches up with the tokens already generated.
-        if let Some(k) = &req.constraint {
-            let mut k = k.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(e) = tokens[req.prompt.len()..]
-                .iter()
-                .find_map(|t| k.advance(*t).err())
-            {
-                self.failing.insert(id, e.to_string());
-            }
-        }
+        self.catch_up(&req, &tokens[req.prompt.len()..]);
         let (len, priority) = (tokens.len(), req.priority);
         let kept = on_worker && self.state.adopt(id, len, cached, rank, priority);
         if !kept {
@@ -1040,6 +1071,7 @@ impl Driver {
             unavailable: String::new(),
             sequences_kept: self.kept,
             sequences_reprefilled: self.reprefilled,
+            requests_restarted: self.restarted,
         }
     }
 

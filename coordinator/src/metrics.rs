@@ -94,6 +94,7 @@ pub struct Metrics {
     finished: Mutex<BTreeMap<&'static str, u64>>,
     seqs_kept: AtomicU64,
     seqs_reprefilled: AtomicU64,
+    requests_restarted: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -115,6 +116,7 @@ impl Default for Metrics {
             finished: Mutex::new(BTreeMap::new()),
             seqs_kept: AtomicU64::new(0),
             seqs_reprefilled: AtomicU64::new(0),
+            requests_restarted: AtomicU64::new(0),
         }
     }
 }
@@ -143,9 +145,12 @@ impl Metrics {
 
     /// Totals since start of the sequences in flight at a rebuild that kept their KV and of
     /// those re-prefilled.
-    pub fn on_recovered(&self, kept: u64, reprefilled: u64) {
+    /// Sequences kept and re-prefilled over rebuilds, and requests started again from their
+    /// clients' tokens, since start.
+    pub fn on_recovered(&self, kept: u64, reprefilled: u64, restarted: u64) {
         self.seqs_kept.store(kept, Relaxed);
         self.seqs_reprefilled.store(reprefilled, Relaxed);
+        self.requests_restarted.store(restarted, Relaxed);
     }
 
     pub fn on_admitted(&self, prompt_tokens: usize) {
@@ -224,6 +229,14 @@ impl Metrics {
              switchyard_recovered_sequences_total{{outcome=\"reprefilled\"}} {}",
             self.seqs_kept.load(Relaxed),
             self.seqs_reprefilled.load(Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP switchyard_restarted_requests_total Requests no coordinator held any more \
+             (lost with their coordinator and worker) started again from the tokens their \
+             clients had received.\n# TYPE switchyard_restarted_requests_total counter\n\
+             switchyard_restarted_requests_total {}",
+            self.requests_restarted.load(Relaxed)
         );
         let _ = writeln!(o, "# HELP switchyard_kv_blocks_used KV blocks in use per worker.\n# TYPE switchyard_kv_blocks_used gauge");
         let kv = self.kv.lock().unwrap_or_else(|e| e.into_inner()).clone();

@@ -38,7 +38,9 @@ type Sink = tokio::sync::mpsc::UnboundedSender<Result<Emitted, ApiError>>;
 type Reply<T> = tokio::sync::oneshot::Sender<Result<T, String>>;
 
 enum Cmd {
-    Submit(GenRequest, Sink),
+    /// A request to run; with the tokens generated for it before when it is started again
+    /// from what its client received ([`Driver::resubmit`]).
+    Submit(GenRequest, Option<Vec<u32>>, Sink),
     Cancel(u64),
     /// Rebuild the cluster from the factory now (a worker joined or was drained); replies
     /// with the new epoch and world size. Asked at the instant given: a rebuild that happened
@@ -123,8 +125,11 @@ impl Shell<'_> {
     fn publish(&self, unavailable: Option<&str>) {
         let mut s = self.driver.snapshot();
         s.unavailable = unavailable.unwrap_or_default().to_string();
-        self.metrics
-            .on_recovered(s.sequences_kept, s.sequences_reprefilled);
+        self.metrics.on_recovered(
+            s.sequences_kept,
+            s.sequences_reprefilled,
+            s.requests_restarted,
+        );
         *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
 
@@ -206,13 +211,17 @@ fn engine_loop(
         };
         for c in first.into_iter().chain(rx.try_iter()) {
             match c {
-                Cmd::Submit(r, sink) => match rec.unavailable() {
+                Cmd::Submit(r, generated, sink) => match rec.unavailable() {
                     Some(why) => {
                         let _ = sink.send(Err(ApiError::unavailable(why.to_string())));
                     }
                     None => {
                         let id = r.id;
-                        match sh.driver.submit(r) {
+                        let started = match generated {
+                            None => sh.driver.submit(r),
+                            Some(g) => sh.driver.resubmit(r, g),
+                        };
+                        match started {
                             Ok(()) => {
                                 sh.sinks.insert(id, sink);
                             }
@@ -289,6 +298,11 @@ fn engine_loop(
                 })
                 .collect(),
             &snap.expert_load,
+        );
+        metrics.on_recovered(
+            snap.sequences_kept,
+            snap.sequences_reprefilled,
+            snap.requests_restarted,
         );
         *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;
         match stepped {
@@ -1030,6 +1044,16 @@ impl InferenceService {
     }
 }
 
+/// A request checked, tokenized and admitted, ready for the engine loop and its stream.
+struct Prepared {
+    gen: GenRequest,
+    job: Job,
+    t0: Instant,
+    deadline: Option<tokio::time::Instant>,
+    permits: (InFlight, Option<tokio::sync::OwnedSemaphorePermit>),
+    span: tracing::Span,
+}
+
 /// What streaming a request's output needs to know of it.
 struct Job {
     id: u64,
@@ -1424,7 +1448,16 @@ impl InferenceService {
     /// Starts one generation (the API both front ends adapt, see [`crate::api`]): checks the
     /// call's key and the request (INVALID_ARGUMENT naming the field), tokenizes, compiles
     /// its constraint, admits it and streams its events.
-    pub async fn submit(&self, mut r: GenerateRequest, call: Call) -> Result<Events, ApiError> {
+    pub async fn submit(&self, r: GenerateRequest, call: Call) -> Result<Events, ApiError> {
+        let p = self.prepare(r, call).await?;
+        let (tok_tx, tok_rx) = tokio::sync::mpsc::unbounded_channel();
+        self.send(Cmd::Submit(p.gen, None, tok_tx));
+        Ok(self.stream(p.job, 0, tok_rx, p.t0, p.deadline, p.permits, p.span))
+    }
+
+    /// Everything [`InferenceService::submit`] does before handing the request to the
+    /// engine loop: checks, tokenizing, the constraint, admission.
+    async fn prepare(&self, mut r: GenerateRequest, call: Call) -> Result<Prepared, ApiError> {
         let t0 = Instant::now();
         let (key_permit, may_prioritize, owner) = match &self.keys {
             Some(k) => {
@@ -1613,7 +1646,6 @@ impl InferenceService {
         let span =
             tracing::info_span!("generate", request_id = %request_id, prompt_tokens = ids.len());
         crate::telemetry::adopt_parent(&span, |k| call.trace_header(k));
-        let (tok_tx, tok_rx) = tokio::sync::mpsc::unbounded_channel();
         let journal = SeqRequest {
             request_id: request_id.clone(),
             prompt: ids.clone(),
@@ -1648,9 +1680,76 @@ impl InferenceService {
         let mut gen = gen_request(id, journal, &self.tok.eos_ids, constraint);
         gen.trace = Some(span.clone());
         let job = Job::of(id, gen.journal.as_deref().expect("set above"));
-        self.send(Cmd::Submit(gen, tok_tx));
-        let out_rx = self.stream(job, 0, tok_rx, t0, deadline, (admitted, key_permit), span);
-        Ok(out_rx)
+        Ok(Prepared {
+            gen,
+            job,
+            t0,
+            deadline,
+            permits: (admitted, key_permit),
+            span,
+        })
+    }
+
+    /// Starts again, from the tokens its client received, a request no coordinator holds
+    /// (see `ResumeRequest.request`): the received tokens are replayed into the stream's
+    /// text state unsent, then it streams on from the next one.
+    async fn restart(
+        &self,
+        request_id: String,
+        mut req: GenerateRequest,
+        received: Vec<u32>,
+        call: Call,
+    ) -> Result<Events, ApiError> {
+        if !req.request_id.is_empty() && req.request_id != request_id {
+            return Err(invalid(
+                "request.request_id",
+                format!(
+                    "{:?} differs from the request_id being resumed ({request_id:?})",
+                    req.request_id
+                ),
+            ));
+        }
+        req.request_id = request_id;
+        let vocab = self.cfg.vocab_size;
+        if let Some(t) = received.iter().find(|t| **t as usize >= vocab) {
+            return Err(invalid(
+                "received_token_ids",
+                format!("token id {t} is outside the vocabulary (size {vocab})"),
+            ));
+        }
+        let p = self.prepare(req, call).await?;
+        if received.len() > p.gen.max_tokens {
+            return Err(invalid(
+                "received_token_ids",
+                format!(
+                    "{} tokens, more than the request's max_tokens ({})",
+                    received.len(),
+                    p.gen.max_tokens
+                ),
+            ));
+        }
+        let (tok_tx, tok_rx) = tokio::sync::mpsc::unbounded_channel();
+        let ended = p.gen.ended_by(&received);
+        for (i, &token) in received.iter().enumerate() {
+            let _ = tok_tx.send(Ok(Emitted {
+                id: p.gen.id,
+                token,
+                finished: ended && i + 1 == received.len(),
+                logprob: f32::NAN,
+                top: vec![],
+            }));
+        }
+        let skip = received.len();
+        if !ended {
+            tracing::warn!(
+                request_id = %p.job.request_id,
+                received = skip,
+                "no coordinator holds this request any more; started again from the tokens \
+                 its client received"
+            );
+            self.send(Cmd::Submit(p.gen, Some(received), tok_tx));
+        }
+        Ok(self.stream(p.job, skip, tok_rx, p.t0, p.deadline, p.permits, p.span))
     }
 
     /// Reattaches to a generation adopted from a lost coordinator (see `Resume`).
@@ -1665,7 +1764,6 @@ impl InferenceService {
         };
         let deadline = call.timeout.map(|d| tokio::time::Instant::from_std(t0) + d);
         self.check_available()?;
-        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         let not_found = || {
             ApiError::not_found(format!(
                 "request_id: no request {:?} to resume here (finished and delivered, \
@@ -1674,10 +1772,37 @@ impl InferenceService {
                 r.request_id
             ))
         };
-        let p = match parked.get(&r.request_id) {
-            None => return Err(not_found()),
-            Some(p) if p.owner != owner => return Err(not_found()),
-            Some(p) => p,
+        fn held<'a>(p: &'a HashMap<String, Parked>, id: &str, owner: &str) -> Option<&'a Parked> {
+            p.get(id).filter(|p| p.owner == owner)
+        }
+        let is_held = held(
+            &self.parked.lock().unwrap_or_else(|e| e.into_inner()),
+            &r.request_id,
+            &owner,
+        )
+        .is_some();
+        if !is_held {
+            let Some(request) = r.request else {
+                return Err(not_found());
+            };
+            if r.received_token_ids.len() != r.received_tokens as usize {
+                return Err(invalid(
+                    "received_token_ids",
+                    format!(
+                        "{} ids for received_tokens {}",
+                        r.received_token_ids.len(),
+                        r.received_tokens
+                    ),
+                ));
+            }
+            drop(key_permit);
+            return self
+                .restart(r.request_id, request, r.received_token_ids, call)
+                .await;
+        }
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(p) = held(&parked, &r.request_id, &owner) else {
+            return Err(not_found());
         };
         let received = r.received_tokens as usize;
         if received > p.known {
@@ -1883,6 +2008,7 @@ pub fn status_response(s: &Snapshot, roster: &Roster) -> ClusterStatusResponse {
         unavailable: s.unavailable.clone(),
         sequences_kept: s.sequences_kept,
         sequences_reprefilled: s.sequences_reprefilled,
+        requests_restarted: s.requests_restarted,
     }
 }
 

@@ -350,6 +350,71 @@ fn etcd_down_for_ten_seconds_fails_no_request() {
     eprintln!("{rounds} rounds of 8 streams across a 10 s etcd outage, none failed");
 }
 
+/// kill -9 of the leading coordinator and of a worker at once, under 16 streams: no
+/// coordinator holds the requests whose sequences were on the dead worker, so their clients
+/// resume them with the request and the tokens they received (`ResumeRequest.request`) and the
+/// standby starts them again from those; the survivors' sequences are adopted with their KV.
+/// Every stream completes with exactly the golden tokens.
+#[test]
+fn streams_survive_the_leader_and_a_worker_dying_at_once() {
+    let etcd = Etcd::start();
+    let model = fixture("tiny-qwen3-moe");
+    let m = model.to_str().unwrap().to_string();
+    let flags = etcd_flags(&etcd, "/switchyard/double");
+    let _w0 = etcd_worker(&m, &flags, "w0");
+    let _w1 = etcd_worker(&m, &flags, "w1");
+    let (mut w2, _) = etcd_worker(&m, &flags, "w2");
+    let (mut leader, url_a) = spawn_args(&coordinator_args(&m, &flags, 3, Some("leader-a")));
+    // The standby serves with the two workers that will be left (the first two by id).
+    let b = coordinator_args(&m, &flags, 2, Some("standby-b"));
+    let standby = std::thread::spawn(move || spawn_args(&b));
+    block_on(async {
+        let endpoints = std::sync::Arc::new(std::sync::Mutex::new(vec![url_a.clone()]));
+        let streams = GoldenStreams::start_resuming(&url_a, "tiny-qwen3-moe", 4, endpoints.clone());
+        streams.wait_started(4).await;
+        // Both die while the worker to be lost runs sequences whose clients have tokens.
+        let mut c = switchyard_proto::v1::inference_client::InferenceClient::connect(url_a.clone())
+            .await
+            .unwrap();
+        loop {
+            let st = c
+                .cluster_status(switchyard_proto::v1::ClusterStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            if st
+                .workers
+                .iter()
+                .any(|w| w.id == "w2" && w.running_sequences > 0)
+            {
+                break;
+            }
+            assert!(
+                streams.in_flight() > 0,
+                "every stream finished before w2 ran one"
+            );
+        }
+        w2.0.kill().unwrap();
+        leader.0.kill().unwrap();
+        let in_flight = streams.in_flight();
+        let _ = (leader.0.wait(), w2.0.wait());
+        let (_b, url_b) = tokio::task::spawn_blocking(move || standby.join().unwrap())
+            .await
+            .unwrap();
+        endpoints.lock().unwrap().push(url_b.clone());
+        streams.finish().await;
+        let st = cluster_status(&url_b).await;
+        eprintln!(
+            "{in_flight} of 16 streams in flight at the kills; all exact; {} adopted with their \
+             KV, {} started again by their clients",
+            st.sequences_kept, st.requests_restarted
+        );
+        assert!(st.requests_restarted > 0, "{st:?}");
+        assert_eq!(st.workers.len(), 2, "{st:?}");
+        assert_goldens(&url_b, "tiny-qwen3-moe", 1).await;
+    });
+}
+
 /// kill -9 of the leading coordinator under 16 streams: the workers keep their engines and
 /// sequences, the standby leads, adopts the requests from the workers' hellos, and every
 /// stream resumes on it (`Resume`, through `switchyard_proto::resume`) and completes with
@@ -396,6 +461,7 @@ fn streams_resume_on_the_standby_when_the_leader_dies_and_nothing_is_reprefilled
                 .resume(switchyard_proto::v1::ResumeRequest {
                     request_id: id.into(),
                     received_tokens: 0,
+                    ..Default::default()
                 })
                 .await
                 .err()

@@ -900,3 +900,207 @@ fn tokenize_counts_a_prompt_with_tools() {
         assert!(e.message().starts_with("tools:"), "{}", e.message());
     });
 }
+
+/// What one stream delivered, delta by delta.
+#[derive(Debug, PartialEq)]
+struct Streamed {
+    resumed_after: u32,
+    tokens: Vec<u32>,
+    /// (reasoning, answer) text of each delta.
+    texts: Vec<(String, String)>,
+    fin: FinishReason,
+    usage: Option<Usage>,
+}
+
+async fn streamed(mut s: tonic::Streaming<GenerateResponse>) -> Streamed {
+    let mut out = Streamed {
+        resumed_after: u32::MAX,
+        tokens: vec![],
+        texts: vec![],
+        fin: FinishReason::Unspecified,
+        usage: None,
+    };
+    while let Some(m) = s.message().await.unwrap() {
+        match m.event {
+            Some(Event::Started(st)) => out.resumed_after = st.resumed_after,
+            Some(Event::Delta(d)) => {
+                out.tokens.extend(d.token_ids);
+                out.texts.push((d.reasoning_text, d.text));
+            }
+            Some(Event::Finished(f)) => {
+                out.fin = f.reason();
+                out.usage = f.usage;
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+/// A request no coordinator holds (lost with its coordinator and its worker at once) is
+/// resumed with the request and the tokens its client received: the stream goes on from the
+/// next token exactly as the uninterrupted one did, delta by delta, for greedy decoding with
+/// penalties and bias (the received tokens count as generated), seeded sampling, min_tokens
+/// with a stop token, a constrained answer sampled at temperature 1 and a thinking budget.
+/// A call without the request is NOT_FOUND; a malformed one is INVALID_ARGUMENT naming its
+/// field.
+#[test]
+fn a_request_no_coordinator_holds_goes_on_from_the_tokens_its_client_received() {
+    use switchyard_proto::v1::generate_request::Constraint as C;
+    let (_up, url) = up();
+    block_on(async {
+        let mut c = InferenceClient::connect(url.clone()).await.unwrap();
+        let prompt = || {
+            Some(Input::TokenIds(TokenIds {
+                ids: vec![11, 400, 27, 1500, 93, 400, 27],
+            }))
+        };
+        let base = GenerateRequest {
+            input: prompt(),
+            max_tokens: 20,
+            ignore_eos: true,
+            stream_token_ids: true,
+            ..Default::default()
+        };
+        let sampled = |seed| {
+            Some(SamplingParams {
+                temperature: 1.0,
+                top_p: Some(0.9),
+                seed: Some(seed),
+                ..Default::default()
+            })
+        };
+        let (greedy, _) = run(&mut c, base.clone()).await;
+        let stopper = greedy[2];
+        let requests = vec![
+            GenerateRequest {
+                sampling: Some(SamplingParams {
+                    presence_penalty: -1.0,
+                    frequency_penalty: 0.3,
+                    logit_bias: [(greedy[4], 3.0)].into(),
+                    ..Default::default()
+                }),
+                ..base.clone()
+            },
+            GenerateRequest {
+                sampling: sampled(7),
+                ..base.clone()
+            },
+            GenerateRequest {
+                min_tokens: 6,
+                stop_token_ids: vec![stopper],
+                sampling: Some(SamplingParams {
+                    logit_bias: [(stopper, 100.0)].into(),
+                    ..Default::default()
+                }),
+                ..base.clone()
+            },
+            GenerateRequest {
+                max_tokens: 60,
+                ignore_eos: false,
+                sampling: sampled(3),
+                constraint: Some(C::Regex("(yes|no), [a-f]{2,9}!".into())),
+                ..base.clone()
+            },
+            GenerateRequest {
+                input: Some(Input::Chat(ChatInput {
+                    messages: vec![ChatMessage {
+                        role: "user".into(),
+                        content: "Name a colour.".into(),
+                        ..Default::default()
+                    }],
+                    add_generation_prompt: None,
+                })),
+                max_tokens: 24,
+                ignore_eos: false,
+                max_reasoning_tokens: 5,
+                sampling: sampled(11),
+                ..base.clone()
+            },
+        ];
+        let mut restarted = 0;
+        for (i, r) in requests.into_iter().enumerate() {
+            let full = streamed(c.generate(r.clone()).await.unwrap().into_inner()).await;
+            let n = full.tokens.len();
+            assert!(n >= 4 && full.texts.len() == n, "request {i}: {full:?}");
+            let mut ks = vec![0, 1, n / 2, n - 1, n];
+            ks.dedup();
+            for k in ks {
+                let id = format!("restart-{i}-{k}");
+                let resume = ResumeRequest {
+                    request_id: id.clone(),
+                    received_tokens: k as u32,
+                    request: Some(r.clone()),
+                    received_token_ids: full.tokens[..k].to_vec(),
+                };
+                let got = streamed(c.resume(resume).await.unwrap().into_inner()).await;
+                let want = Streamed {
+                    resumed_after: k as u32,
+                    tokens: full.tokens[k..].to_vec(),
+                    texts: full.texts[k..].to_vec(),
+                    fin: full.fin,
+                    usage: full.usage,
+                };
+                assert_eq!(got, want, "request {i} resumed after {k} tokens");
+                restarted += u64::from(k < n);
+            }
+        }
+        let st = wait_idle(&url).await;
+        assert_eq!(st.requests_restarted, restarted, "{st:?}");
+        assert!(st.workers.iter().all(|w| w.kv_blocks_used == 0), "{st:?}");
+
+        // Without the request there is nothing to start again.
+        let bare = ResumeRequest {
+            request_id: "never-seen".into(),
+            received_tokens: 2,
+            ..Default::default()
+        };
+        let e = c.resume(bare.clone()).await.err().expect("not found");
+        assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+        let bad = [
+            (
+                ResumeRequest {
+                    request: Some(base.clone()),
+                    received_token_ids: vec![greedy[0]],
+                    ..bare.clone()
+                },
+                "received_token_ids",
+            ),
+            (
+                ResumeRequest {
+                    request: Some(base.clone()),
+                    received_token_ids: vec![greedy[0], 1 << 30],
+                    ..bare.clone()
+                },
+                "received_token_ids",
+            ),
+            (
+                ResumeRequest {
+                    request: Some(GenerateRequest {
+                        request_id: "another".into(),
+                        ..base.clone()
+                    }),
+                    received_token_ids: greedy[..2].to_vec(),
+                    ..bare.clone()
+                },
+                "request.request_id",
+            ),
+            (
+                ResumeRequest {
+                    request: Some(GenerateRequest {
+                        max_tokens: 1,
+                        ..base.clone()
+                    }),
+                    received_token_ids: greedy[..2].to_vec(),
+                    ..bare.clone()
+                },
+                "received_token_ids",
+            ),
+        ];
+        for (r, field) in bad {
+            let e = c.resume(r.clone()).await.err().expect("refused");
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{r:?}: {e}");
+            assert!(e.message().contains(field), "{field}: {e}");
+        }
+    });
+}

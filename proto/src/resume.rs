@@ -9,10 +9,15 @@
 //! exactly those of a run without the fault (the resumed stream's own `Started` is not
 //! repeated).
 //!
-//! A request no coordinator holds (NOT_FOUND) of which nothing was received yet (the lost
-//! leader had it queued; no worker had started it) is submitted again, with the same request
-//! id, to the endpoint that answered: the client has seen none of its output, so it cannot
-//! tell the difference.
+//! Each `Resume` carries the original request and, when the stream delivers token ids
+//! (`stream_token_ids`), the ids received so far (`ResumeRequest.request`,
+//! `received_token_ids`): a coordinator that holds the request no more (its coordinator and
+//! the worker that held its sequence were lost together) starts it again from them and the
+//! stream goes on exactly as before. A request no coordinator holds (NOT_FOUND) of which
+//! nothing was received yet (the lost leader had it queued; no worker had started it) is
+//! submitted again, with the same request id, to the endpoint that answered (for a
+//! coordinator that does not know `ResumeRequest.request`): the client has seen none of its
+//! output, so it cannot tell the difference.
 //!
 //! Giving up: after `timeout` without a coordinator taking the request, or as soon as a full
 //! round over the endpoints has every one answering with a final status (NOT_FOUND once
@@ -52,6 +57,8 @@ pub struct Resuming {
     timeout: Duration,
     request_id: Option<String>,
     received: u32,
+    /// The generated token ids received, while every delta so far carried its ids.
+    received_ids: Option<Vec<u32>>,
     finished: bool,
     /// Times the stream was taken up again.
     pub resumes: u32,
@@ -83,6 +90,7 @@ impl Resuming {
             timeout,
             request_id: None,
             received: 0,
+            received_ids: Some(Vec::new()),
             finished: false,
             resumes: 0,
         }
@@ -112,6 +120,12 @@ impl Resuming {
                             } else {
                                 self.received + 1
                             };
+                            if let Some(ids) = &mut self.received_ids {
+                                ids.extend(&d.token_ids);
+                                if ids.len() != self.received as usize {
+                                    self.received_ids = None;
+                                }
+                            }
                         }
                         Some(Event::Finished(_)) => self.finished = true,
                         None => {}
@@ -142,6 +156,11 @@ impl Resuming {
                 let req = ResumeRequest {
                     request_id: request_id.clone(),
                     received_tokens: self.received,
+                    request: self.received_ids.as_ref().map(|_| GenerateRequest {
+                        request_id: request_id.clone(),
+                        ..self.request.clone()
+                    }),
+                    received_token_ids: self.received_ids.clone().unwrap_or_default(),
                 };
                 let mut answer = (self.resume)(i, Reattach::Resume(req)).await;
                 if self.received == 0 && matches!(&answer, Err(s) if s.code() == Code::NotFound) {
