@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::Instant;
 use switchyard_kernels::sampling::SamplingParams;
-use switchyard_proto::cluster::v1::{HeldSeq, SeqRequest};
+use switchyard_proto::cluster::v1::{HeldSeq, SampledToken, SeqRequest};
 use switchyard_proto::v1::generate_request::Input;
 use switchyard_proto::v1::generate_response::Event;
 use switchyard_proto::v1::inference_server::{Inference, InferenceServer};
@@ -389,7 +389,7 @@ struct Parked {
     job: Job,
     rx: tokio::sync::mpsc::UnboundedReceiver<Result<Emitted, ApiError>>,
     /// Tokens generated before the takeover, and the first of them whose log-probability is
-    /// known (the workers keep only the last one's).
+    /// known (the workers keep the last `RECENT_LOGPROBS` tokens').
     known: usize,
     logprobs_from: usize,
     owner: String,
@@ -418,6 +418,7 @@ fn adopt_all(
             cached,
             request,
             last,
+            recent,
         } = h;
         let Some(journal) = request else { continue };
         next = next.max(id + 1);
@@ -450,10 +451,15 @@ fn adopt_all(
         }
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let n = generated.len();
-        let last = last.filter(|l| generated.last() == Some(&l.token));
+        let recent = if recent.is_empty() {
+            last.into_iter().collect()
+        } else {
+            recent
+        };
+        let scored = scored_tail(&generated, &recent);
+        let logprobs_from = n - scored.len();
         for (i, &token) in generated.iter().enumerate() {
-            let known = i + 1 == n && last.is_some();
-            let l = last.as_ref().filter(|_| known);
+            let l = i.checked_sub(logprobs_from).map(|j| &scored[j]);
             let _ = tx.send(Ok(Emitted {
                 id,
                 token,
@@ -484,11 +490,7 @@ fn adopt_all(
         in_flight.fetch_add(1, Ordering::AcqRel);
         let p = Parked {
             known: n,
-            logprobs_from: if last.is_some() {
-                n.saturating_sub(1)
-            } else {
-                n
-            },
+            logprobs_from,
             job,
             rx,
             owner,
@@ -514,6 +516,18 @@ fn adopt_all(
         );
     }
     (sinks, next)
+}
+
+/// The log-probabilities a worker kept (`recent`, oldest first) for the newest of the
+/// `generated` tokens: the longest tail of `recent` whose tokens end `generated`.
+fn scored_tail<'a>(generated: &[u32], recent: &'a [SampledToken]) -> &'a [SampledToken] {
+    let k = generated
+        .iter()
+        .rev()
+        .zip(recent.iter().rev())
+        .take_while(|(g, r)| **g == r.token)
+        .count();
+    &recent[recent.len() - k..]
 }
 
 /// Cancels adopted requests no client resumed within `grace`; stops with the service.
@@ -1818,13 +1832,20 @@ impl InferenceService {
         if p.job.want_logprobs && received < p.logprobs_from {
             return Err(ApiError::failed_precondition(format!(
                 "logprobs: tokens {received}..{} were generated before the takeover and \
-                 their log-probabilities are lost (the workers keep only the last token's); \
-                 the request cannot be resumed with logprobs from token {received}",
-                p.logprobs_from
+                 their log-probabilities are lost (the workers keep the last {}); the \
+                 request cannot be resumed with logprobs from token {received}",
+                p.logprobs_from,
+                switchyard_runtime::executor::RECENT_LOGPROBS,
             )));
         }
         let p = parked.remove(&r.request_id).expect("found above");
         drop(parked);
+        tracing::info!(
+            request_id = %p.job.request_id,
+            received,
+            generated = p.known,
+            "a client resumed an adopted request"
+        );
         let span = tracing::info_span!("resume", request_id = %p.job.request_id, received);
         let out_rx = self.stream(
             p.job,
@@ -2068,5 +2089,35 @@ mod fuzz {
             .unwrap_err()
             .contains("context"));
         assert!(max_model_len(Some(0), 4096, 128, 16, 1).is_err());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The logprobs a worker kept line up with the newest generated tokens: all of them when
+    /// they are the tail, only the matching tail when the oldest were cut back, none when the
+    /// newest does not match (a token sampled after what the worker kept).
+    #[test]
+    fn kept_logprobs_score_the_newest_generated_tokens() {
+        let s = |token| SampledToken {
+            token,
+            logprob: -(token as f32),
+            ..Default::default()
+        };
+        let recent = [s(5), s(6), s(7)];
+        let tail = |g: &[u32]| {
+            scored_tail(g, &recent)
+                .iter()
+                .map(|t| t.token)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(tail(&[1, 2, 5, 6, 7]), [5, 6, 7]);
+        assert_eq!(tail(&[6, 7]), [6, 7]);
+        assert_eq!(tail(&[9, 6, 7]), [6, 7]);
+        assert_eq!(tail(&[5, 6, 7, 8]), Vec::<u32>::new());
+        assert_eq!(tail(&[]), Vec::<u32>::new());
+        assert!(scored_tail(&[1, 2], &[]).is_empty());
     }
 }

@@ -402,7 +402,7 @@ fn streams_survive_the_leader_and_a_worker_dying_at_once() {
             .await
             .unwrap();
         endpoints.lock().unwrap().push(url_b.clone());
-        streams.finish().await;
+        streams.finish_with_logprobs(&url_b).await;
         let st = cluster_status(&url_b).await;
         eprintln!(
             "{in_flight} of 16 streams in flight at the kills; all exact; {} adopted with their \
@@ -418,7 +418,9 @@ fn streams_survive_the_leader_and_a_worker_dying_at_once() {
 /// kill -9 of the leading coordinator under 16 streams: the workers keep their engines and
 /// sequences, the standby leads, adopts the requests from the workers' hellos, and every
 /// stream resumes on it (`Resume`, through `switchyard_proto::resume`) and completes with
-/// exactly the golden tokens; the workers re-prefill nothing.
+/// exactly the golden tokens, and the logprobs of a run alone (those generated before the
+/// takeover but not yet received come from what the workers kept); the workers re-prefill
+/// nothing.
 #[test]
 fn streams_resume_on_the_standby_when_the_leader_dies_and_nothing_is_reprefilled() {
     let etcd = Etcd::start();
@@ -441,7 +443,7 @@ fn streams_resume_on_the_standby_when_the_leader_dies_and_nothing_is_reprefilled
             .await
             .unwrap();
         endpoints.lock().unwrap().push(url_b.clone());
-        streams.finish().await;
+        streams.finish_with_logprobs(&url_b).await;
         assert!(in_flight > 0, "every stream had finished before the kill");
         let st = cluster_status(&url_b).await;
         eprintln!(

@@ -399,6 +399,9 @@ pub struct GoldenStreams {
     /// Streams that have received their first token / have ended.
     pub started: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     pub done: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    /// Resuming streams ask for logprobs: each finished one's (prompt index, token logprobs).
+    pub logprobs: std::sync::Arc<std::sync::Mutex<Vec<(usize, Vec<f32>)>>>,
+    model: String,
 }
 
 impl GoldenStreams {
@@ -433,9 +436,10 @@ impl GoldenStreams {
         .unwrap();
         let started = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let logprobs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut tasks = Vec::new();
         for copy in 0..copies {
-            for p in golden["prompts"].as_array().unwrap() {
+            for (index, p) in golden["prompts"].as_array().unwrap().iter().enumerate() {
                 let prompt: Vec<u32> = ids(&p["input_ids"]).iter().map(|&x| x as u32).collect();
                 let want: Vec<u32> = ids(&p["greedy"]["new_ids"])
                     .iter()
@@ -443,7 +447,7 @@ impl GoldenStreams {
                     .collect();
                 let name = format!("{}#{copy}", p["name"].as_str().unwrap());
                 let (url, started, done) = (url.to_string(), started.clone(), done.clone());
-                let resume = resume.clone();
+                let (resume, scores) = (resume.clone(), logprobs.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut c = inference_client::InferenceClient::connect(url)
                         .await
@@ -453,6 +457,8 @@ impl GoldenStreams {
                         max_tokens: want.len() as u32,
                         ignore_eos: true,
                         stream_token_ids: true,
+                        logprobs: resume.is_some(),
+                        top_logprobs: if resume.is_some() { 2 } else { 0 },
                         ..Default::default()
                     };
                     let s = c
@@ -464,7 +470,7 @@ impl GoldenStreams {
                         None => Resumable::Plain(s),
                         Some(eps) => Resumable::Resuming(Box::new(resuming(s, req, eps))),
                     };
-                    let (mut got, mut fin) = (Vec::new(), None);
+                    let (mut got, mut fin, mut lps) = (Vec::new(), None, Vec::new());
                     while let Some(msg) =
                         s.message().await.unwrap_or_else(|s| panic!("{name}: {s}"))
                     {
@@ -474,6 +480,10 @@ impl GoldenStreams {
                                     started.fetch_add(1, Ordering::SeqCst);
                                 }
                                 got.extend(d.token_ids);
+                                for l in d.logprobs {
+                                    assert_eq!(l.top.len(), 2, "{name}: {l:?}");
+                                    lps.push(l.logprob);
+                                }
                             }
                             Some(Event::Finished(f)) => fin = Some(f.reason()),
                             _ => {}
@@ -482,6 +492,10 @@ impl GoldenStreams {
                     done.fetch_add(1, Ordering::SeqCst);
                     assert_eq!(fin, Some(FinishReason::Length), "{name}");
                     assert_eq!(got, want, "{name}");
+                    if !lps.is_empty() {
+                        assert_eq!(lps.len(), want.len(), "{name}: a logprob per token");
+                        scores.lock().unwrap().push((index, lps));
+                    }
                 }));
             }
         }
@@ -489,6 +503,58 @@ impl GoldenStreams {
             tasks,
             started,
             done,
+            logprobs,
+            model: model.to_string(),
+        }
+    }
+
+    /// [`finish`](Self::finish), then each resumed stream's logprobs against the same prompt's
+    /// run alone on `url` (within 1e-4: a different batch rounds differently).
+    pub async fn finish_with_logprobs(self, url: &str) {
+        use switchyard_proto::v1::generate_response::Event;
+        use switchyard_proto::v1::*;
+        let (logprobs, model) = (self.logprobs.clone(), self.model.clone());
+        self.finish().await;
+        let golden: Value = serde_json::from_str(
+            &std::fs::read_to_string(fixture(&model).join("golden.json")).unwrap(),
+        )
+        .unwrap();
+        let mut c = inference_client::InferenceClient::connect(url.to_string())
+            .await
+            .unwrap();
+        let got = logprobs.lock().unwrap().clone();
+        assert!(!got.is_empty(), "no stream recorded logprobs");
+        for (index, p) in golden["prompts"].as_array().unwrap().iter().enumerate() {
+            let prompt: Vec<u32> = ids(&p["input_ids"]).iter().map(|&x| x as u32).collect();
+            let n = ids(&p["greedy"]["new_ids"]).len() as u32;
+            let mut s = c
+                .generate(GenerateRequest {
+                    input: Some(generate_request::Input::TokenIds(TokenIds { ids: prompt })),
+                    max_tokens: n,
+                    ignore_eos: true,
+                    logprobs: true,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut want = Vec::new();
+            while let Some(m) = s.message().await.unwrap() {
+                if let Some(Event::Delta(d)) = m.event {
+                    want.extend(d.logprobs.iter().map(|l| l.logprob));
+                }
+            }
+            for (_, lps) in got.iter().filter(|(i, _)| *i == index) {
+                let worst = lps
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    lps.len() == want.len() && worst < 1e-4,
+                    "prompt {index}: logprobs differ by {worst}\n{lps:?}\n{want:?}"
+                );
+            }
         }
     }
 

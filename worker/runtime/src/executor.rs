@@ -87,6 +87,10 @@ pub fn holder_table(
     Ok(t)
 }
 
+/// Sampled tokens whose log-probabilities a sequence keeps for a coordinator that takes over
+/// ([`SeqRecord::recent`]): a client is rarely more than a few tokens behind its stream.
+pub const RECENT_LOGPROBS: usize = 64;
+
 /// A sequence as this rank knows it: every token fed (the repetition-penalty history; its
 /// cached positions), the last token sampled and not yet fed, and the request it serves (kept
 /// to hand a new leader, see [`Executor::held`]).
@@ -94,6 +98,10 @@ pub fn holder_table(
 struct SeqRecord {
     fed: Vec<u32>,
     last: Option<SampledToken>,
+    /// For a request that streams logprobs: the last [`RECENT_LOGPROBS`] tokens sampled, with
+    /// their log-probabilities, oldest first (the newest is `last` until it is fed), so that a
+    /// coordinator taking over can stream the ones its client had not received yet.
+    recent: std::collections::VecDeque<SampledToken>,
     request: Option<SeqRequest>,
     /// From the chunk that started the sequence (see `SeqChunk.logit_bias`).
     logit_bias: Vec<(u32, f32)>,
@@ -171,7 +179,11 @@ impl Executor {
             if len > 0 && fed >= len && self.engine.truncate(id, len) {
                 if let Some(s) = self.seqs.get_mut(&id) {
                     if s.fed.len() > len {
-                        // Cut back past what was sampled after it: that token is void too.
+                        // Cut back past what was sampled after it: that token is void too,
+                        // and so are the log-probabilities of every token cut.
+                        let cut = s.fed.len() - len + usize::from(s.last.is_some());
+                        let keep = s.recent.len().saturating_sub(cut);
+                        s.recent.truncate(keep);
                         s.fed.truncate(len);
                         s.last = None;
                     }
@@ -214,6 +226,7 @@ impl Executor {
                     cached: cached as u32,
                     request: Some(request),
                     last: rec.last.clone(),
+                    recent: rec.recent.iter().cloned().collect(),
                 })
             })
             .collect();
@@ -418,6 +431,12 @@ impl Executor {
                         .map(|(token, logprob)| TokenLogprob { token, logprob })
                         .collect(),
                 };
+                if rec.request.as_ref().is_some_and(|r| r.logprobs) {
+                    if rec.recent.len() == RECENT_LOGPROBS {
+                        rec.recent.pop_front();
+                    }
+                    rec.recent.push_back(t.clone());
+                }
                 rec.last = Some(t.clone());
                 tokens.push(t);
             }
@@ -439,5 +458,86 @@ impl Executor {
             blocks_stored: stored.iter().map(|h| h.to_le_bytes().to_vec()).collect(),
             blocks_forgotten: gone.iter().map(|h| h.to_le_bytes().to_vec()).collect(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchyard_worker::engine::{EngineOptions, ExpertSetup};
+
+    /// A sequence whose request streams logprobs hands a new leader its last
+    /// [`RECENT_LOGPROBS`] sampled tokens with exactly the log-probabilities its steps
+    /// returned, newest last; one that does not keeps none.
+    #[test]
+    fn held_sequences_keep_their_recent_logprobs() {
+        let model = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../tests/fixtures/tiny-qwen3-moe"
+        );
+        let engine = Engine::load_with(
+            std::path::Path::new(model),
+            &EngineOptions::default(),
+            ExpertSetup::Local,
+        )
+        .unwrap();
+        let mut ex = Executor::new(engine);
+        let prompt = vec![11u32, 400, 27, 1500];
+        let start = |id: u64, logprobs: bool| SeqChunk {
+            seq_id: id,
+            tokens: prompt.clone(),
+            start_pos: 0,
+            sample: true,
+            top_logprobs: 3,
+            prompt_tokens: prompt.len() as u32,
+            request: Some(SeqRequest {
+                request_id: format!("r{id}"),
+                prompt: prompt.clone(),
+                logprobs,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let mut sampled: HashMap<u64, Vec<SampledToken>> = HashMap::new();
+        let mut plan = StepPlan {
+            step: 1,
+            epoch: 1,
+            chunks: vec![start(1, true), start(2, false)],
+            ..Default::default()
+        };
+        let steps = RECENT_LOGPROBS + 6;
+        for step in 0..steps {
+            let r = ex.execute(&plan).unwrap();
+            plan.chunks.clear();
+            plan.step += 1;
+            for t in r.tokens {
+                plan.chunks.push(SeqChunk {
+                    seq_id: t.seq_id,
+                    tokens: vec![t.token],
+                    start_pos: (prompt.len() + step) as u32,
+                    sample: true,
+                    top_logprobs: 3,
+                    prompt_tokens: prompt.len() as u32,
+                    ..Default::default()
+                });
+                sampled.entry(t.seq_id).or_default().push(t);
+            }
+        }
+        let (held, _) = ex.held();
+        let with = held.iter().find(|h| h.seq_id == 1).unwrap();
+        let want = &sampled[&1][steps - RECENT_LOGPROBS..];
+        assert_eq!(
+            with.recent, want,
+            "the last {RECENT_LOGPROBS} sampled, oldest first"
+        );
+        assert_eq!(with.last.as_ref(), want.last());
+        assert!(with
+            .recent
+            .iter()
+            .all(|t| t.top.len() == 3 && t.logprob < 0.0));
+        let gen: Vec<u32> = sampled[&1].iter().map(|t| t.token).collect();
+        assert_eq!(with.tokens, [&prompt[..], &gen].concat());
+        let without = held.iter().find(|h| h.seq_id == 2).unwrap();
+        assert!(without.recent.is_empty(), "{:?}", without.recent);
     }
 }
