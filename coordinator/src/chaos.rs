@@ -18,6 +18,14 @@
 //! in the background); without, experts are placed afresh at each rebuild.
 //! `SWITCHYARD_CHAOS_LOGS=1` lets the coordinator's log through to stderr (the workers' always
 //! goes there).
+//!
+//! With [`Target::Coordinator`] the coordinator is what dies: an etcd server (`etcd` on PATH,
+//! or `etcd_url`), the workers registered in it, and two coordinators on fixed ports, one
+//! leading and one standing by. The chaos loop kills the leader with SIGKILL and restarts it
+//! (as the new standby) after `downtime`; the clients resume their streams on whichever
+//! coordinator leads (`switchyard_proto::resume`). Reported besides: per kill, the time until
+//! the standby announced it serves, and over every takeover the sequences adopted with their
+//! KV, re-prefilled, and started again by their clients.
 
 use crate::local::LocalWorkers;
 use anyhow::{bail, Context, Result};
@@ -48,10 +56,27 @@ pub struct ChaosOptions {
     pub rebalance: bool,
     /// Leave the workers' prefix caching on.
     pub prefix_cache: bool,
+    /// What is killed.
+    pub target: Target,
+    /// [`Target::Coordinator`]: the etcd to use (else one is started from `etcd` on PATH),
+    /// and the membership and leadership lease TTL, seconds.
+    pub etcd_url: Option<String>,
+    pub lease_ttl: u64,
+}
+
+/// What the chaos loop kills.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    /// A random worker at a time.
+    Workers,
+    /// The leading coordinator (a standby takes over).
+    Coordinator,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct ChaosReport {
+    pub target: Target,
     pub workers: usize,
     pub duration_s: f64,
     pub requests: usize,
@@ -80,6 +105,13 @@ pub struct ChaosReport {
     pub final_epoch: u64,
     /// Workers in the cluster at the end (all restarted ones taken back: `workers`).
     pub final_workers: usize,
+    /// [`Target::Coordinator`]: per kill, ms until the standby announced it serves; over
+    /// every leader, the sequences it adopted with their KV or re-prefilled (rebuilds and
+    /// takeovers) and the requests it started again from what their clients had received.
+    pub takeover_ms: Vec<f64>,
+    pub sequences_kept: u64,
+    pub sequences_reprefilled: u64,
+    pub requests_restarted: u64,
 }
 
 /// Exact percentile (nearest rank) of unsorted values; 0 when empty.
@@ -100,30 +132,39 @@ struct Done {
     error: Option<String>,
 }
 
-async fn one(url: String, prompt: Vec<u32>, want: Vec<u32>) -> Done {
+/// One request, submitted to whichever of `endpoints` takes it (a standby coordinator's port
+/// is closed) and resumed on whichever leads if its coordinator is lost.
+async fn one(endpoints: Arc<Vec<String>>, prompt: Vec<u32>, want: Vec<u32>) -> Done {
+    use switchyard_proto::resume::{Reattach, ReattachFn, Resuming};
     let start = Instant::now();
     let mut token_times = Vec::new();
     let run = async {
-        let mut c = InferenceClient::connect(url)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut s = c
-            .generate(GenerateRequest {
-                input: Some(generate_request::Input::TokenIds(TokenIds { ids: prompt })),
-                max_tokens: want.len() as u32,
-                ignore_eos: true,
-                stream_token_ids: true,
-                ..Default::default()
+        let req = GenerateRequest {
+            input: Some(generate_request::Input::TokenIds(TokenIds { ids: prompt })),
+            max_tokens: want.len() as u32,
+            ignore_eos: true,
+            stream_token_ids: true,
+            ..Default::default()
+        };
+        let status = |s: tonic::Status| format!("{}: {}", s.code(), s.message());
+        let eps = endpoints.clone();
+        let reattach: ReattachFn = Box::new(move |i, call| {
+            let u = eps[i].clone();
+            Box::pin(async move {
+                let mut c = InferenceClient::connect(u)
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                Ok(match call {
+                    Reattach::Resume(r) => c.resume(r).await?.into_inner(),
+                    Reattach::Generate(r) => c.generate(r).await?.into_inner(),
+                })
             })
+        });
+        let mut s = Resuming::start(req, endpoints.len(), reattach, Duration::from_secs(30))
             .await
-            .map_err(|s| format!("{}: {}", s.code(), s.message()))?
-            .into_inner();
+            .map_err(status)?;
         let (mut got, mut fin) = (Vec::new(), None);
-        while let Some(m) = s
-            .message()
-            .await
-            .map_err(|s| format!("{}: {}", s.code(), s.message()))?
-        {
+        while let Some(m) = s.message().await.map_err(status)? {
             match m.event {
                 Some(Event::Delta(d)) => {
                     for _ in &d.token_ids {
@@ -152,16 +193,148 @@ async fn one(url: String, prompt: Vec<u32>, want: Vec<u32>) -> Done {
     }
 }
 
-pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
-    if o.workers < 2 {
-        bail!("chaos needs at least 2 workers (one is killed at a time)");
+fn free_port() -> std::io::Result<u16> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+}
+
+/// An etcd server of this run's own (`etcd` on PATH), in a temporary data directory; killed
+/// and removed on drop.
+struct EtcdServer {
+    child: std::process::Child,
+    dir: PathBuf,
+    url: String,
+}
+
+impl EtcdServer {
+    fn start() -> Result<Self> {
+        let (client, peer) = (free_port()?, free_port()?);
+        let dir =
+            std::env::temp_dir().join(format!("switchyard-chaos-etcd-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let child = std::process::Command::new("etcd")
+            .args(["--name", "chaos", "--data-dir"])
+            .arg(&dir)
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args(["--listen-peer-urls", &peer_url])
+            .args(["--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("chaos={peer_url}")])
+            .args(["--log-level", "error"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .context("starting etcd (on PATH; or pass --etcd)")?;
+        let server = EtcdServer { child, dir, url };
+        // Ready once its client port answers /health.
+        for _ in 0..200 {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", client)) {
+                use std::io::{Read, Write};
+                let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
+                let mut body = String::new();
+                let _ = s.read_to_string(&mut body);
+                if body.contains("\"health\":\"true\"") {
+                    return Ok(server);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("etcd did not become healthy at {}", server.url)
     }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `switchyard coordinator` process on a fixed port; its `serving` announcement is sent
+/// on `served` (with its index) when it leads.
+struct Coord {
+    args: Vec<String>,
+    child: std::process::Child,
+    url: String,
+}
+
+impl Coord {
+    fn spawn(
+        index: usize,
+        args: Vec<String>,
+        url: String,
+        served: &std::sync::mpsc::Sender<(usize, Instant)>,
+    ) -> Result<Coord> {
+        let mut child = std::process::Command::new(std::env::current_exe()?)
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(if std::env::var_os("SWITCHYARD_CHAOS_LOGS").is_some() {
+                // Diagnosing a recovery: the coordinator's log beside the workers'.
+                std::process::Stdio::inherit()
+            } else {
+                std::process::Stdio::null()
+            })
+            .spawn()?;
+        let out = child.stdout.take().context("coordinator stdout")?;
+        let served = served.clone();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { return };
+                if line.contains("grpc=") && served.send((index, Instant::now())).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(Coord { args, child, url })
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Coord {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
+    let coordinators = match o.target {
+        Target::Workers => {
+            if o.workers < 2 {
+                bail!("chaos needs at least 2 workers (one is killed at a time)");
+            }
+            1
+        }
+        Target::Coordinator => 2,
+    };
+    let etcd = match (o.target, &o.etcd_url) {
+        (Target::Coordinator, None) => Some(EtcdServer::start()?),
+        _ => None,
+    };
+    let membership: Vec<String> = match o.etcd_url.as_ref().or(etcd.as_ref().map(|e| &e.url)) {
+        Some(url) if o.target == Target::Coordinator => vec![
+            "--etcd".into(),
+            url.clone(),
+            "--cluster-prefix".into(),
+            format!("/switchyard/chaos-{}", std::process::id()),
+            "--lease-ttl".into(),
+            o.lease_ttl.to_string(),
+        ],
+        _ => vec![],
+    };
     let ports: Vec<u16> = (0..o.workers)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-        })
+        .map(|_| free_port())
         .collect::<std::io::Result<_>>()?;
     let args: Vec<Vec<String>> = ports
         .iter()
@@ -170,39 +343,56 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
             if !o.prefix_cache {
                 a.push("--no-prefix-cache".into());
             }
+            a.extend(membership.iter().cloned());
             a
         })
         .collect();
     let mut workers = LocalWorkers::spawn_each(&o.model, args, &[])?;
-    let exe = std::env::current_exe()?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.args(["coordinator", "--model"])
-        .arg(&o.model)
-        .args(["--grpc-addr", "127.0.0.1:0", "--metrics-addr", "off"])
-        .args(["--redundant-experts", &o.redundant.to_string()]);
-    if !o.rebalance {
-        cmd.args(["--rebalance-threshold", "off"]);
-    }
-    for u in workers.urls() {
-        cmd.args(["--worker-url", &u]);
-    }
-    let mut coord = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(if std::env::var_os("SWITCHYARD_CHAOS_LOGS").is_some() {
-            // Diagnosing a recovery: the coordinator's log beside the workers'.
-            std::process::Stdio::inherit()
+    let (served_tx, served) = std::sync::mpsc::channel();
+    let mut coords = Vec::new();
+    for i in 0..coordinators {
+        let port = free_port()?;
+        let mut args: Vec<String> = vec!["coordinator".into(), "--model".into()];
+        args.push(o.model.display().to_string());
+        args.extend(
+            [
+                "--grpc-addr",
+                &format!("127.0.0.1:{port}"),
+                "--metrics-addr",
+                "off",
+                "--redundant-experts",
+                &o.redundant.to_string(),
+            ]
+            .map(String::from),
+        );
+        if !o.rebalance {
+            args.extend(["--rebalance-threshold".into(), "off".into()]);
+        }
+        if membership.is_empty() {
+            for u in workers.urls() {
+                args.extend(["--worker-url".into(), u]);
+            }
         } else {
-            std::process::Stdio::null()
-        })
-        .spawn()?;
-    let mut line = String::new();
-    std::io::BufReader::new(coord.stdout.take().context("coordinator stdout")?)
-        .read_line(&mut line)?;
-    let url = line
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("grpc="))
-        .with_context(|| format!("coordinator did not start: {line:?}"))?
-        .to_string();
+            args.extend(["--workers".into(), o.workers.to_string()]);
+            args.extend(["--id".into(), format!("coordinator-{i}")]);
+            args.extend(membership.iter().cloned());
+        }
+        coords.push(Coord::spawn(
+            i,
+            args,
+            format!("http://127.0.0.1:{port}"),
+            &served_tx,
+        )?);
+        if i == 0 {
+            // The first leads; the second then stands by.
+            served
+                .recv_timeout(Duration::from_secs(300))
+                .context("the coordinator did not start serving")?;
+        }
+    }
+    let endpoints: Arc<Vec<String>> = Arc::new(coords.iter().map(|c| c.url.clone()).collect());
+    let mut leader = 0;
+    let url = coords[leader].url.clone();
     let cfg = switchyard_worker::engine::read_config(&o.model)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -250,8 +440,8 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
     let concurrency = o.concurrency;
     let clients: Vec<_> = (0..concurrency)
         .map(|c| {
-            let (url, prompts, refs, done, stop) = (
-                url.clone(),
+            let (endpoints, prompts, refs, done, stop) = (
+                endpoints.clone(),
                 prompts.clone(),
                 refs.clone(),
                 done.clone(),
@@ -261,18 +451,19 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
                 let mut i = c;
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     let k = i % prompts.len();
-                    let d = one(url.clone(), prompts[k].clone(), refs[k].clone()).await;
+                    let d = one(endpoints.clone(), prompts[k].clone(), refs[k].clone()).await;
                     done.lock().unwrap_or_else(|e| e.into_inner()).push(d);
                     i += concurrency;
                 }
             })
         })
         .collect();
-    // One connection for every status poll (a poll every 20 ms must not churn connections on
-    // the coordinator it measures).
-    let status_client = rt.block_on(InferenceClient::connect(url.clone())).ok();
-    let status = || {
-        let mut c = status_client.clone()?;
+    // One connection to the leader for every status poll (a poll every 20 ms must not churn
+    // connections on the coordinator it measures).
+    let connect = |url: &str| rt.block_on(InferenceClient::connect(url.to_string())).ok();
+    let mut status_client = connect(&url);
+    let status = |c: &Option<InferenceClient<tonic::transport::Channel>>| {
+        let mut c = c.clone()?;
         rt.block_on(async {
             c.cluster_status(ClusterStatusRequest {})
                 .await
@@ -280,43 +471,89 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
                 .map(|r| r.into_inner())
         })
     };
+    // Over every leader: what it adopted, re-prefilled and restarted (each one's counters
+    // start at its own takeover), read just before it is killed and at the end.
+    let mut recovered = (0u64, 0u64, 0u64);
+    let mut add = |s: &ClusterStatusResponse| {
+        recovered.0 += s.sequences_kept;
+        recovered.1 += s.sequences_reprefilled;
+        recovered.2 += s.requests_restarted;
+    };
     // The chaos loop, on this thread.
     let (mut kills, mut restarts, mut rejoins) = (Vec::new(), 0, Vec::new());
+    let mut takeover_ms = Vec::new();
     // A restarted worker not yet seen back: the epoch before its restart.
     let mut returning: Option<u64> = None;
+    // A killed leader whose standby has not announced it serves yet.
+    let mut leaderless: Option<Instant> = None;
     while t0.elapsed() < o.duration {
         let jitter = 0.5 + (rng.next_u64() % 1000) as f64 / 1000.0;
         let next_kill = Instant::now() + o.interval.mul_f64(jitter);
         // Until the next kill, watch for the returning worker (polled every 20 ms): it is
-        // back once a newer epoch lists every worker.
-        while Instant::now() < next_kill {
+        // back once a newer epoch lists every worker; and for a new leader.
+        while Instant::now() < next_kill || leaderless.is_some() {
             if let Some(before) = returning {
-                if status().is_some_and(|s| s.epoch > before && s.workers.len() == o.workers) {
+                if status(&status_client)
+                    .is_some_and(|s| s.epoch > before && s.workers.len() == o.workers)
+                {
                     rejoins.push(Instant::now());
                     returning = None;
                 }
             }
-            let step = if returning.is_some() { 20 } else { 100 };
+            while let Ok((i, at)) = served.try_recv() {
+                leader = i;
+                status_client = connect(&coords[i].url);
+                if let Some(k) = leaderless.take() {
+                    takeover_ms.push((at - k).as_secs_f64() * 1e3);
+                }
+            }
+            if leaderless.is_some_and(|k| k.elapsed() > Duration::from_secs(120)) {
+                bail!("no standby took over within 120 s of the leader's kill");
+            }
+            let step = if returning.is_some() || leaderless.is_some() {
+                20
+            } else {
+                100
+            };
             std::thread::sleep(
                 next_kill
                     .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1))
                     .min(Duration::from_millis(step)),
             );
         }
         if t0.elapsed() >= o.duration {
             break;
         }
-        let victim = (rng.next_u64() % o.workers as u64) as usize;
-        kills.push(Instant::now());
-        workers.kill(victim);
-        std::thread::sleep(o.downtime);
-        returning = Some(status().map_or(0, |s| s.epoch));
-        workers.restart(victim)?;
+        match o.target {
+            Target::Workers => {
+                let victim = (rng.next_u64() % o.workers as u64) as usize;
+                kills.push(Instant::now());
+                workers.kill(victim);
+                std::thread::sleep(o.downtime);
+                returning = Some(status(&status_client).map_or(0, |s| s.epoch));
+                workers.restart(victim)?;
+            }
+            Target::Coordinator => {
+                if let Some(s) = status(&status_client) {
+                    add(&s);
+                }
+                kills.push(Instant::now());
+                leaderless = kills.last().copied();
+                coords[leader].kill();
+                status_client = None;
+                std::thread::sleep(o.downtime);
+                // Back as the standby, on its port.
+                let c = &coords[leader];
+                let (args, url) = (c.args.clone(), c.url.clone());
+                coords[leader] = Coord::spawn(leader, args, url, &served_tx)?;
+            }
+        }
         restarts += 1;
     }
     // Under load still, until every restarted worker is back in the cluster (or 15 s).
     let settle = Instant::now();
-    while status().is_none_or(|s| s.workers.len() < o.workers)
+    while status(&status_client).is_none_or(|s| s.workers.len() < o.workers)
         && settle.elapsed() < Duration::from_secs(15)
     {
         std::thread::sleep(Duration::from_millis(100));
@@ -327,12 +564,15 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
             let _ = c.await;
         }
     });
-    let last = status();
+    let last = status(&status_client);
+    if let Some(s) = &last {
+        add(s);
+    }
     let final_epoch = last.as_ref().map(|s| s.epoch);
     let final_workers = last.map_or(0, |s| s.workers.len());
-    let _ = coord.kill();
-    let _ = coord.wait();
+    drop(coords);
     drop(workers);
+    drop(etcd);
 
     let done = std::mem::take(&mut *done.lock().unwrap_or_else(|e| e.into_inner()));
     let overlaps = |d: &Done| kills.iter().any(|k| d.start <= *k && *k <= d.end);
@@ -369,6 +609,7 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
         .collect();
     let lost_detail: Vec<String> = done.iter().filter_map(|d| d.error.clone()).collect();
     Ok(ChaosReport {
+        target: o.target,
         workers: o.workers,
         duration_s: t0.elapsed().as_secs_f64(),
         requests: done.len(),
@@ -388,6 +629,10 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
         median_itl_ms: percentile(&itl, 50.0),
         final_epoch: final_epoch.unwrap_or(0),
         final_workers,
+        takeover_ms,
+        sequences_kept: recovered.0,
+        sequences_reprefilled: recovered.1,
+        requests_restarted: recovered.2,
     })
 }
 

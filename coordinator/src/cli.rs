@@ -740,6 +740,18 @@ pub struct BenchChaosArgs {
     /// compute, so the kill figures would not compare with earlier runs.
     #[arg(long)]
     pub prefix_cache: bool,
+    /// What is killed: `workers` (a random one at a time) or `coordinator` (the leader of two
+    /// coordinators over etcd; the standby takes over and the clients resume their streams).
+    #[arg(long, default_value = "workers", value_parser = ["workers", "coordinator"])]
+    pub kill: String,
+    /// With `--kill coordinator`: the etcd endpoint to use (default: start `etcd` from PATH
+    /// for the run).
+    #[arg(long)]
+    pub etcd: Option<String>,
+    /// With `--kill coordinator`: the membership and leadership lease TTL, seconds (how
+    /// long a dead leader's lease outlives it).
+    #[arg(long, default_value_t = 2)]
+    pub lease_ttl: u64,
     #[arg(long)]
     pub json: bool,
 }
@@ -1136,6 +1148,13 @@ fn bench_chaos_cmd(a: BenchChaosArgs) -> Result<()> {
         seed: a.seed,
         rebalance: a.rebalance,
         prefix_cache: a.prefix_cache,
+        target: if a.kill == "coordinator" {
+            crate::chaos::Target::Coordinator
+        } else {
+            crate::chaos::Target::Workers
+        },
+        etcd_url: a.etcd,
+        lease_ttl: a.lease_ttl,
     })?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -1180,11 +1199,22 @@ fn bench_chaos_cmd(a: BenchChaosArgs) -> Result<()> {
             "median stream's pause per kill ms (its token gap across it): {}",
             ms(&r.stall_median_ms)
         );
-        println!(
-            "per returning worker taken back in, ms: longest gap {}; median stream's {}",
-            ms(&r.rejoin_stall_ms),
-            ms(&r.rejoin_stall_median_ms)
-        );
+        if r.target == crate::chaos::Target::Coordinator {
+            println!(
+                "per kill, ms until the standby served: {}; over every leader: {} sequences \
+                 adopted with their KV, {} re-prefilled, {} requests restarted by their clients",
+                ms(&r.takeover_ms),
+                r.sequences_kept,
+                r.sequences_reprefilled,
+                r.requests_restarted
+            );
+        } else {
+            println!(
+                "per returning worker taken back in, ms: longest gap {}; median stream's {}",
+                ms(&r.rejoin_stall_ms),
+                ms(&r.rejoin_stall_median_ms)
+            );
+        }
         for d in &r.lost_detail {
             println!("lost: {d}");
         }
@@ -1678,11 +1708,6 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
             max_reasoning_tokens: 0,
             ..Default::default()
         };
-        let stream = client
-            .generate(req.clone())
-            .await
-            .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
-            .into_inner();
         let resume: switchyard_proto::resume::ReattachFn = {
             let (endpoints, tls, key) = (
                 Arc::new(endpoints.clone()),
@@ -1704,13 +1729,14 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
                 })
             })
         };
-        let mut stream = switchyard_proto::resume::Resuming::new(
-            stream,
+        let mut stream = switchyard_proto::resume::Resuming::start(
             req,
             endpoints.len(),
             resume,
             Duration::from_secs(a.resume_timeout),
-        );
+        )
+        .await
+        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?;
         let (mut output_ids, mut reasoning, mut answer, mut finish) = (
             Vec::new(),
             String::new(),

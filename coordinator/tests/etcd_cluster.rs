@@ -473,3 +473,48 @@ fn streams_resume_on_the_standby_when_the_leader_dies_and_nothing_is_reprefilled
         assert_goldens(&url_b, "tiny-qwen3-moe", 1).await;
     });
 }
+
+/// A short run of the chaos benchmark killing the leading coordinator (SIGKILL) under 6
+/// clients, with its own etcd and a standby: no request lost or different from the intact
+/// cluster's output, every kill taken over, nothing re-prefilled.
+#[test]
+fn chaos_killing_the_leader_loses_no_request_and_reprefills_nothing() {
+    let dir = fixture("tiny-qwen3-moe");
+    let out = common::switchyard(&[
+        "bench-chaos",
+        "--model",
+        dir.to_str().unwrap(),
+        "--kill",
+        "coordinator",
+        "--duration",
+        "7",
+        "--interval",
+        "3",
+        "--downtime",
+        "0.5",
+        "--concurrency",
+        "6",
+        "--prompts",
+        "6",
+        "--max-tokens",
+        "12",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["lost"], 0, "{r}");
+    let kills = r["kills"].as_u64().unwrap();
+    assert!(kills >= 1, "{r}");
+    assert_eq!(
+        r["takeover_ms"].as_array().unwrap().len() as u64,
+        kills,
+        "{r}"
+    );
+    assert_eq!(r["sequences_reprefilled"], 0, "{r}");
+    assert!(r["requests"].as_u64().unwrap() > 20, "{r}");
+    assert_eq!(r["final_workers"], 3, "{r}");
+}

@@ -382,7 +382,7 @@ async fn one_any(
 
 /// Sends one request and follows its stream.
 async fn one(
-    mut client: InferenceClient<Channel>,
+    client: InferenceClient<Channel>,
     p: &Planned,
     t0: Instant,
     scheduled: f64,
@@ -412,7 +412,6 @@ async fn one(
         ..Default::default()
     };
     let follow = async {
-        let s = client.generate(req.clone()).await?.into_inner();
         // A stream whose coordinator is lost is taken up again on the one that takes over
         // (the channel reconnects to the same endpoint: a Service in front of the leader).
         let again = client.clone();
@@ -425,7 +424,7 @@ async fn one(
                 })
             })
         });
-        let mut s = Resuming::new(s, req, 1, reattach, Duration::from_secs(30));
+        let mut s = Resuming::start(req, 1, reattach, Duration::from_secs(30)).await?;
         let mut last_msg: Option<Instant> = None;
         while let Some(m) = s.message().await? {
             r.resumes = s.resumes;

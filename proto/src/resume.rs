@@ -50,18 +50,41 @@ pub type ReattachFn = Box<
 >;
 
 pub struct Resuming {
-    stream: Streaming<GenerateResponse>,
+    /// None until a call that broke before its stream started is resumed (`broken`).
+    stream: Option<Streaming<GenerateResponse>>,
+    broken: Option<Status>,
     request: GenerateRequest,
     resume: ReattachFn,
     endpoints: usize,
     timeout: Duration,
+    /// Known from the first `Started`, or from the start for [`Resuming::start`].
     request_id: Option<String>,
+    started: bool,
     received: u32,
     /// The generated token ids received, while every delta so far carried its ids.
     received_ids: Option<Vec<u32>>,
     finished: bool,
     /// Times the stream was taken up again.
     pub resumes: u32,
+}
+
+/// The longest wait between two rounds over the endpoints: a standby takes over a lease TTL
+/// after the leader died (seconds), and a round refused at once costs little.
+const RETRY_CAP: Duration = Duration::from_millis(200);
+
+/// A request id unlikely to be anyone else's: the clock's nanoseconds, the process id and a
+/// counter.
+fn made_up_id() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!(
+        "client-{nanos:x}-{:x}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// Whether a broken stream may only have lost its connection (the request may live on).
@@ -83,16 +106,79 @@ impl Resuming {
         timeout: Duration,
     ) -> Self {
         Resuming {
-            stream,
+            stream: Some(stream),
+            ..Resuming::unstarted(request, endpoints, resume, timeout)
+        }
+    }
+
+    fn unstarted(
+        request: GenerateRequest,
+        endpoints: usize,
+        resume: ReattachFn,
+        timeout: Duration,
+    ) -> Self {
+        Resuming {
+            stream: None,
+            broken: None,
             request,
             resume,
             endpoints: endpoints.max(1),
             timeout,
             request_id: None,
+            started: false,
             received: 0,
             received_ids: Some(Vec::new()),
             finished: false,
             resumes: 0,
+        }
+    }
+
+    /// Submits `request` through the endpoints (`Generate`, in turn, until one takes it: a
+    /// standby's port is closed, a leaderless cluster UNAVAILABLE) and reads it as
+    /// [`Resuming::new`] does. Without a request id one is made up first, so that a call that
+    /// breaks before the stream starts can be resumed too: the coordinator may have admitted
+    /// it before it died, and `Resume` (carrying the request) reattaches to it there or
+    /// starts it on the one that took over.
+    pub async fn start(
+        mut request: GenerateRequest,
+        endpoints: usize,
+        mut resume: ReattachFn,
+        timeout: Duration,
+    ) -> Result<Self, Status> {
+        if request.request_id.is_empty() {
+            request.request_id = made_up_id();
+        }
+        let endpoints = endpoints.max(1);
+        let t0 = Instant::now();
+        let mut pause = Duration::from_millis(50);
+        let mut last = None;
+        loop {
+            for i in 0..endpoints {
+                match resume(i, Reattach::Generate(request.clone())).await {
+                    Ok(stream) => {
+                        let id = request.request_id.clone();
+                        let mut r = Resuming::new(stream, request, endpoints, resume, timeout);
+                        r.request_id = Some(id);
+                        return Ok(r);
+                    }
+                    Err(s) if s.code() == Code::Unavailable => last = Some(s),
+                    Err(s) if may_resume(&s) => {
+                        // The call broke in flight: the request may live on; the first
+                        // message resumes it.
+                        let id = request.request_id.clone();
+                        let mut r = Resuming::unstarted(request, endpoints, resume, timeout);
+                        r.request_id = Some(id);
+                        r.broken = Some(s);
+                        return Ok(r);
+                    }
+                    Err(s) => return Err(s),
+                }
+            }
+            if t0.elapsed() >= timeout {
+                return Err(last.unwrap_or_else(|| Status::unavailable("no endpoint")));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(RETRY_CAP);
         }
     }
 
@@ -104,14 +190,24 @@ impl Resuming {
     /// The next message, as `Streaming::message`, resuming across a lost coordinator.
     pub async fn message(&mut self) -> Result<Option<GenerateResponse>, Status> {
         loop {
-            let broken = match self.stream.message().await {
+            let Some(stream) = &mut self.stream else {
+                let broken = self
+                    .broken
+                    .take()
+                    .unwrap_or_else(|| Status::unavailable("no stream"));
+                self.stream = Some(self.reattach(broken).await?);
+                self.resumes += 1;
+                continue;
+            };
+            let broken = match stream.message().await {
                 Ok(Some(m)) => {
                     match &m.event {
                         Some(Event::Started(s)) => {
-                            if self.request_id.is_some() {
+                            if self.started {
                                 // The resumed stream's own Started: already reported.
                                 continue;
                             }
+                            self.started = true;
                             self.request_id = Some(s.request_id.clone());
                         }
                         Some(Event::Delta(d)) => {
@@ -139,7 +235,7 @@ impl Resuming {
                 }
                 Err(s) => s,
             };
-            self.stream = self.reattach(broken).await?;
+            self.stream = Some(self.reattach(broken).await?);
             self.resumes += 1;
         }
     }
@@ -148,7 +244,7 @@ impl Resuming {
     async fn reattach(&mut self, broken: Status) -> Result<Streaming<GenerateResponse>, Status> {
         let t0 = Instant::now();
         let request_id = self.request_id.clone().expect("checked by the caller");
-        let mut pause = Duration::from_millis(100);
+        let mut pause = Duration::from_millis(50);
         loop {
             let mut last = None;
             let mut retry = false;
@@ -192,7 +288,7 @@ impl Resuming {
                 ));
             }
             tokio::time::sleep(pause).await;
-            pause = (pause * 2).min(Duration::from_secs(1));
+            pause = (pause * 2).min(RETRY_CAP);
         }
     }
 }
