@@ -213,6 +213,7 @@ pub fn status_json(s: &ClusterStatusResponse) -> serde_json::Value {
         "sequences_kept": s.sequences_kept,
         "sequences_reprefilled": s.sequences_reprefilled,
         "requests_restarted": s.requests_restarted,
+        "sequences_split": s.sequences_split,
         "workers": s.workers.iter().map(|w| serde_json::json!({
             "id": w.id,
             "rank": w.rank,

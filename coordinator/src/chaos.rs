@@ -132,59 +132,68 @@ struct Done {
     error: Option<String>,
 }
 
-/// One request, submitted to whichever of `endpoints` takes it (a standby coordinator's port
-/// is closed) and resumed on whichever leads if its coordinator is lost.
-async fn one(endpoints: Arc<Vec<String>>, prompt: Vec<u32>, want: Vec<u32>) -> Done {
+/// One greedy request of `max_tokens`, submitted to whichever of `endpoints` takes it (a
+/// standby coordinator's port is closed) and resumed on whichever leads if its coordinator
+/// is lost: its tokens, each one's arrival pushed on `token_times`. It must end by length.
+async fn stream(
+    endpoints: &Arc<Vec<String>>,
+    prompt: Vec<u32>,
+    max_tokens: u32,
+    token_times: &mut Vec<Instant>,
+) -> Result<Vec<u32>, String> {
     use switchyard_proto::resume::{Reattach, ReattachFn, Resuming};
+    let req = GenerateRequest {
+        input: Some(generate_request::Input::TokenIds(TokenIds { ids: prompt })),
+        max_tokens,
+        ignore_eos: true,
+        stream_token_ids: true,
+        ..Default::default()
+    };
+    let status = |s: tonic::Status| format!("{}: {}", s.code(), s.message());
+    let eps = endpoints.clone();
+    let reattach: ReattachFn = Box::new(move |i, call| {
+        let u = eps[i].clone();
+        Box::pin(async move {
+            let mut c = InferenceClient::connect(u)
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            Ok(match call {
+                Reattach::Resume(r) => c.resume(r).await?.into_inner(),
+                Reattach::Generate(r) => c.generate(r).await?.into_inner(),
+            })
+        })
+    });
+    let mut s = Resuming::start(req, endpoints.len(), reattach, Duration::from_secs(60))
+        .await
+        .map_err(status)?;
+    let (mut got, mut fin) = (Vec::new(), None);
+    while let Some(m) = s.message().await.map_err(status)? {
+        match m.event {
+            Some(Event::Delta(d)) => {
+                for _ in &d.token_ids {
+                    token_times.push(Instant::now());
+                }
+                got.extend(d.token_ids);
+            }
+            Some(Event::Finished(f)) => fin = Some(f.reason()),
+            _ => {}
+        }
+    }
+    if fin != Some(FinishReason::Length) {
+        return Err(format!("finished {fin:?}"));
+    }
+    Ok(got)
+}
+
+/// One request whose output must be `want`.
+async fn one(endpoints: Arc<Vec<String>>, prompt: Vec<u32>, want: Vec<u32>) -> Done {
     let start = Instant::now();
     let mut token_times = Vec::new();
-    let run = async {
-        let req = GenerateRequest {
-            input: Some(generate_request::Input::TokenIds(TokenIds { ids: prompt })),
-            max_tokens: want.len() as u32,
-            ignore_eos: true,
-            stream_token_ids: true,
-            ..Default::default()
-        };
-        let status = |s: tonic::Status| format!("{}: {}", s.code(), s.message());
-        let eps = endpoints.clone();
-        let reattach: ReattachFn = Box::new(move |i, call| {
-            let u = eps[i].clone();
-            Box::pin(async move {
-                let mut c = InferenceClient::connect(u)
-                    .await
-                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-                Ok(match call {
-                    Reattach::Resume(r) => c.resume(r).await?.into_inner(),
-                    Reattach::Generate(r) => c.generate(r).await?.into_inner(),
-                })
-            })
-        });
-        let mut s = Resuming::start(req, endpoints.len(), reattach, Duration::from_secs(30))
-            .await
-            .map_err(status)?;
-        let (mut got, mut fin) = (Vec::new(), None);
-        while let Some(m) = s.message().await.map_err(status)? {
-            match m.event {
-                Some(Event::Delta(d)) => {
-                    for _ in &d.token_ids {
-                        token_times.push(Instant::now());
-                    }
-                    got.extend(d.token_ids);
-                }
-                Some(Event::Finished(f)) => fin = Some(f.reason()),
-                _ => {}
-            }
-        }
-        if fin != Some(FinishReason::Length) {
-            return Err(format!("finished {fin:?}"));
-        }
-        if got != want {
-            return Err(format!("tokens differ: {got:?} != {want:?}"));
-        }
-        Ok(())
+    let error = match stream(&endpoints, prompt, want.len() as u32, &mut token_times).await {
+        Ok(got) if got == want => None,
+        Ok(got) => Some(format!("tokens differ: {got:?} != {want:?}")),
+        Err(e) => Some(e),
     };
-    let error = run.await.err();
     Done {
         start,
         end: Instant::now(),
@@ -210,8 +219,15 @@ struct EtcdServer {
 impl EtcdServer {
     fn start() -> Result<Self> {
         let (client, peer) = (free_port()?, free_port()?);
-        let dir =
-            std::env::temp_dir().join(format!("switchyard-chaos-etcd-{}", std::process::id()));
+        // A benchmark's private etcd needs no durable disk: in memory where there is a
+        // tmpfs, so that its fsyncs do not stall lease renewals while workers load.
+        let shm = std::path::Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let dir = base.join(format!("switchyard-chaos-etcd-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
@@ -306,6 +322,23 @@ impl Drop for Coord {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The coordinator that announced it serves last, if any did since the last call; the time
+/// from the kill that left the cluster leaderless is recorded then.
+fn took_over(
+    served: &std::sync::mpsc::Receiver<(usize, Instant)>,
+    leaderless: &mut Option<Instant>,
+    takeover_ms: &mut Vec<f64>,
+) -> Option<usize> {
+    let mut leader = None;
+    while let Ok((i, at)) = served.try_recv() {
+        leader = Some(i);
+        if let Some(k) = leaderless.take() {
+            takeover_ms.push((at - k).as_secs_f64() * 1e3);
+        }
+    }
+    leader
 }
 
 pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
@@ -407,29 +440,14 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
                 .collect()
         })
         .collect();
-    // References from the intact cluster.
+    // References from the intact cluster (resumed like every other request should the
+    // leadership change meanwhile).
     let refs: Vec<Vec<u32>> = rt.block_on(async {
         let mut out = Vec::new();
         for p in &prompts {
-            let mut c = InferenceClient::connect(url.clone()).await?;
-            let mut s = c
-                .generate(GenerateRequest {
-                    input: Some(generate_request::Input::TokenIds(TokenIds {
-                        ids: p.clone(),
-                    })),
-                    max_tokens: o.max_tokens,
-                    ignore_eos: true,
-                    stream_token_ids: true,
-                    ..Default::default()
-                })
-                .await?
-                .into_inner();
-            let mut got = Vec::new();
-            while let Some(m) = s.message().await? {
-                if let Some(Event::Delta(d)) = m.event {
-                    got.extend(d.token_ids);
-                }
-            }
+            let got = stream(&endpoints, p.clone(), o.max_tokens, &mut Vec::new())
+                .await
+                .map_err(|e| anyhow::anyhow!("a reference run failed: {e}"))?;
             out.push(got);
         }
         Ok::<_, anyhow::Error>(out)
@@ -500,12 +518,9 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
                     returning = None;
                 }
             }
-            while let Ok((i, at)) = served.try_recv() {
+            if let Some(i) = took_over(&served, &mut leaderless, &mut takeover_ms) {
                 leader = i;
                 status_client = connect(&coords[i].url);
-                if let Some(k) = leaderless.take() {
-                    takeover_ms.push((at - k).as_secs_f64() * 1e3);
-                }
             }
             if leaderless.is_some_and(|k| k.elapsed() > Duration::from_secs(120)) {
                 bail!("no standby took over within 120 s of the leader's kill");
@@ -551,12 +566,18 @@ pub fn run(o: &ChaosOptions) -> Result<ChaosReport> {
         }
         restarts += 1;
     }
-    // Under load still, until every restarted worker is back in the cluster (or 15 s).
+    // Under load still, until a standby leads again after the last kill and every
+    // restarted worker is back in the cluster (or 15 s).
     let settle = Instant::now();
-    while status(&status_client).is_none_or(|s| s.workers.len() < o.workers)
-        && settle.elapsed() < Duration::from_secs(15)
-    {
-        std::thread::sleep(Duration::from_millis(100));
+    loop {
+        if let Some(i) = took_over(&served, &mut leaderless, &mut takeover_ms) {
+            status_client = connect(&coords[i].url);
+        }
+        let whole = status(&status_client).is_some_and(|s| s.workers.len() >= o.workers);
+        if (whole && leaderless.is_none()) || settle.elapsed() > Duration::from_secs(15) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     rt.block_on(async {

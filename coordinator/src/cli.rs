@@ -749,8 +749,8 @@ pub struct BenchChaosArgs {
     #[arg(long)]
     pub etcd: Option<String>,
     /// With `--kill coordinator`: the membership and leadership lease TTL, seconds (how
-    /// long a dead leader's lease outlives it).
-    #[arg(long, default_value_t = 2)]
+    /// long a dead leader's lease outlives it; the coordinator's default).
+    #[arg(long, default_value_t = 5)]
     pub lease_ttl: u64,
     #[arg(long)]
     pub json: bool,

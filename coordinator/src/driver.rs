@@ -148,6 +148,8 @@ pub struct Snapshot {
     /// Requests started again by their clients ([`Driver::resubmit`]), from the tokens they
     /// had received (none, for one still queued when its coordinator was lost).
     pub requests_restarted: u64,
+    /// Sequences whose KV came to span several workers (context parallelism), since start.
+    pub sequences_split: u64,
 }
 
 /// What a re-placement did (or would do).
@@ -462,6 +464,8 @@ pub struct Driver {
     reprefilled: u64,
     /// Requests started again from their clients' tokens ([`Driver::resubmit`]).
     restarted: u64,
+    /// Sequences split under the schedulers of earlier epochs.
+    split_before: u64,
     /// Constrained sequences whose matcher failed: ended with the error when their token
     /// of the step in flight comes back (see [`Driver::take_errors`]).
     failing: HashMap<u64, String>,
@@ -662,6 +666,7 @@ impl Driver {
         for (id, (rank, _)) in kept {
             pending_free[rank].push(id);
         }
+        self.split_before += self.state.splits();
         self.state = state;
         self.cluster = cluster;
         self.pending_free = pending_free;
@@ -824,6 +829,7 @@ impl Driver {
             kept: 0,
             reprefilled: 0,
             restarted: 0,
+            split_before: 0,
             failing: HashMap::new(),
             errors: Vec::new(),
         }
@@ -1072,6 +1078,7 @@ impl Driver {
             sequences_kept: self.kept,
             sequences_reprefilled: self.reprefilled,
             requests_restarted: self.restarted,
+            sequences_split: self.split_before + self.state.splits(),
         }
     }
 

@@ -147,6 +147,8 @@ pub struct State {
     prefill_limit: Option<f64>,
     /// `Some(load_weight)`: home by cached overlap against load (see the module doc).
     prefix_homing: Option<f64>,
+    /// Sequences whose KV came to span more than their home's (context parallelism).
+    splits: u64,
 }
 
 impl State {
@@ -161,7 +163,14 @@ impl State {
             arrivals: 0,
             prefill_limit: None,
             prefix_homing: None,
+            splits: 0,
         }
+    }
+
+    /// Sequences split so far: each time one's KV grew past its home's into a range on
+    /// another worker for the first time (context parallelism; again after a recompute).
+    pub fn splits(&self) -> u64 {
+        self.splits
     }
 
     /// Homing by cached overlap against load, with that weight on a worker's waiting tokens
@@ -467,6 +476,9 @@ impl State {
         match s.spans.last_mut() {
             Some(e) => e.blocks += grow,
             None => s.blocks += grow,
+        }
+        if s.spans.is_empty() && !new.is_empty() {
+            self.splits += 1;
         }
         s.spans.extend(new);
         true

@@ -2030,6 +2030,7 @@ pub fn status_response(s: &Snapshot, roster: &Roster) -> ClusterStatusResponse {
         sequences_kept: s.sequences_kept,
         sequences_reprefilled: s.sequences_reprefilled,
         requests_restarted: s.requests_restarted,
+        sequences_split: s.sequences_split,
     }
 }
 

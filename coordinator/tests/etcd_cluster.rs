@@ -486,6 +486,8 @@ fn chaos_killing_the_leader_loses_no_request_and_reprefills_nothing() {
         dir.to_str().unwrap(),
         "--kill",
         "coordinator",
+        "--lease-ttl",
+        "2",
         "--duration",
         "7",
         "--interval",

@@ -453,9 +453,11 @@ fn killing_a_worker_that_holds_part_of_a_split_sequence_loses_no_token() {
     block_on(async {
         let streams = GoldenStreams::start(&url, MODEL, 3);
         streams.wait_started(6).await;
+        let split = cluster_status(&url).await.sequences_split;
         workers[1].0 .0.kill().unwrap();
         streams.finish().await;
         let st = cluster_status(&url).await;
+        assert!(split > 0, "no sequence was split before the kill");
         assert_eq!(st.epoch, 2);
         assert_eq!(st.workers.len(), 2);
     });
