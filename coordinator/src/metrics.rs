@@ -95,6 +95,7 @@ pub struct Metrics {
     seqs_kept: AtomicU64,
     seqs_reprefilled: AtomicU64,
     requests_restarted: AtomicU64,
+    seqs_split: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -117,6 +118,7 @@ impl Default for Metrics {
             seqs_kept: AtomicU64::new(0),
             seqs_reprefilled: AtomicU64::new(0),
             requests_restarted: AtomicU64::new(0),
+            seqs_split: AtomicU64::new(0),
         }
     }
 }
@@ -145,12 +147,14 @@ impl Metrics {
 
     /// Totals since start of the sequences in flight at a rebuild that kept their KV and of
     /// those re-prefilled.
-    /// Sequences kept and re-prefilled over rebuilds, and requests started again from their
-    /// clients' tokens, since start.
-    pub fn on_recovered(&self, kept: u64, reprefilled: u64, restarted: u64) {
-        self.seqs_kept.store(kept, Relaxed);
-        self.seqs_reprefilled.store(reprefilled, Relaxed);
-        self.requests_restarted.store(restarted, Relaxed);
+    /// The driver's counters since start: sequences kept and re-prefilled over rebuilds,
+    /// requests started again from their clients' tokens, sequences split across workers.
+    pub fn on_recovered(&self, s: &crate::driver::Snapshot) {
+        self.seqs_kept.store(s.sequences_kept, Relaxed);
+        self.seqs_reprefilled
+            .store(s.sequences_reprefilled, Relaxed);
+        self.requests_restarted.store(s.requests_restarted, Relaxed);
+        self.seqs_split.store(s.sequences_split, Relaxed);
     }
 
     pub fn on_admitted(&self, prompt_tokens: usize) {
@@ -237,6 +241,13 @@ impl Metrics {
              clients had received.\n# TYPE switchyard_restarted_requests_total counter\n\
              switchyard_restarted_requests_total {}",
             self.requests_restarted.load(Relaxed)
+        );
+        let _ = writeln!(
+            o,
+            "# HELP switchyard_split_sequences_total Sequences whose KV came to span more than \
+             one worker (--context-parallel).\n# TYPE switchyard_split_sequences_total counter\n\
+             switchyard_split_sequences_total {}",
+            self.seqs_split.load(Relaxed)
         );
         let _ = writeln!(o, "# HELP switchyard_kv_blocks_used KV blocks in use per worker.\n# TYPE switchyard_kv_blocks_used gauge");
         let kv = self.kv.lock().unwrap_or_else(|e| e.into_inner()).clone();

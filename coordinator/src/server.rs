@@ -125,11 +125,7 @@ impl Shell<'_> {
     fn publish(&self, unavailable: Option<&str>) {
         let mut s = self.driver.snapshot();
         s.unavailable = unavailable.unwrap_or_default().to_string();
-        self.metrics.on_recovered(
-            s.sequences_kept,
-            s.sequences_reprefilled,
-            s.requests_restarted,
-        );
+        self.metrics.on_recovered(&s);
         *self.snapshot.lock().unwrap_or_else(|e| e.into_inner()) = s;
     }
 
@@ -299,11 +295,7 @@ fn engine_loop(
                 .collect(),
             &snap.expert_load,
         );
-        metrics.on_recovered(
-            snap.sequences_kept,
-            snap.sequences_reprefilled,
-            snap.requests_restarted,
-        );
+        metrics.on_recovered(&snap);
         *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = snap;
         match stepped {
             Ok(emitted) => {

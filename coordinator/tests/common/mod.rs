@@ -138,6 +138,17 @@ pub fn free_port() -> u16 {
 /// A real single-node etcd server on free loopback ports, with its data in a fresh directory;
 /// killed and removed when dropped. Needs `etcd` on PATH (the README's test command installs
 /// Debian's etcd-server).
+/// Where a test etcd keeps its data: in memory where there is a tmpfs (its fsyncs on a busy
+/// disk stall start-up and lease renewals), else the temporary directory.
+fn scratch() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 pub struct Etcd {
     _proc: Proc,
     dir: PathBuf,
@@ -153,8 +164,7 @@ impl Etcd {
     /// same CA: `certs` holds ca.crt, server.crt and server.key.
     pub fn start_tls(certs: &Path) -> Etcd {
         let (client, peer, metrics) = (free_port(), free_port(), free_port());
-        let dir =
-            std::env::temp_dir().join(format!("switchyard-etcd-{}-{client}", std::process::id()));
+        let dir = scratch().join(format!("switchyard-etcd-{}-{client}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let url = format!("https://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
@@ -199,8 +209,7 @@ impl Etcd {
 
     pub fn start() -> Etcd {
         let (client, peer) = (free_port(), free_port());
-        let dir =
-            std::env::temp_dir().join(format!("switchyard-etcd-{}-{client}", std::process::id()));
+        let dir = scratch().join(format!("switchyard-etcd-{}-{client}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let url = format!("http://127.0.0.1:{client}");
         let peer_url = format!("http://127.0.0.1:{peer}");
@@ -266,8 +275,9 @@ impl Etcd {
 
     fn wait_healthy(&self) {
         let client = self.client_port;
-        // Ready once its client port answers /health.
-        for _ in 0..200 {
+        // Ready once its client port answers /health (it can take seconds while other tests
+        // load models on the same cores).
+        for _ in 0..600 {
             if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", client)) {
                 use std::io::{Read, Write};
                 let _ = s.write_all(b"GET /health HTTP/1.0\r\n\r\n");
