@@ -141,7 +141,7 @@ async fn stream(
     max_tokens: u32,
     token_times: &mut Vec<Instant>,
 ) -> Result<Vec<u32>, String> {
-    use switchyard_proto::resume::{Reattach, ReattachFn, Resuming};
+    use switchyard_proto::resume::{ReattachFn, Resuming};
     let req = GenerateRequest {
         input: Some(generate_request::Input::TokenIds(TokenIds { ids: prompt })),
         max_tokens,
@@ -157,10 +157,7 @@ async fn stream(
             let mut c = InferenceClient::connect(u)
                 .await
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            Ok(match call {
-                Reattach::Resume(r) => c.resume(r).await?.into_inner(),
-                Reattach::Generate(r) => c.generate(r).await?.into_inner(),
-            })
+            switchyard_proto::resume::call(&mut c, call).await
         })
     });
     let mut s = Resuming::start(req, endpoints.len(), reattach, Duration::from_secs(60))

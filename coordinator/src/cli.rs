@@ -1616,7 +1616,6 @@ fn coordinator_cmd(a: CoordinatorArgs) -> Result<()> {
 }
 
 fn generate_cmd(a: GenerateArgs) -> Result<()> {
-    use switchyard_proto::resume::Reattach;
     use switchyard_proto::v1::generate_response::Event;
     use switchyard_proto::v1::inference_client::InferenceClient;
     use switchyard_proto::v1::*;
@@ -1722,10 +1721,7 @@ fn generate_cmd(a: GenerateArgs) -> Result<()> {
                         .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
                     let auth = bearer(key).map_err(|e| tonic::Status::internal(e.to_string()))?;
                     let mut c = InferenceClient::with_interceptor(ch, auth);
-                    Ok(match req {
-                        Reattach::Resume(r) => c.resume(r).await?.into_inner(),
-                        Reattach::Generate(r) => c.generate(r).await?.into_inner(),
-                    })
+                    switchyard_proto::resume::call(&mut c, req).await
                 })
             })
         };

@@ -8,7 +8,7 @@ use anyhow::{bail, Context, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use switchyard_proto::resume::{Reattach, Resuming};
+use switchyard_proto::resume::Resuming;
 use switchyard_proto::v1::generate_response::Event;
 use switchyard_proto::v1::inference_client::InferenceClient;
 use switchyard_proto::v1::*;
@@ -417,12 +417,7 @@ async fn one(
         let again = client.clone();
         let reattach: switchyard_proto::resume::ReattachFn = Box::new(move |_, call| {
             let mut c = again.clone();
-            Box::pin(async move {
-                Ok(match call {
-                    Reattach::Resume(r) => c.resume(r).await?.into_inner(),
-                    Reattach::Generate(r) => c.generate(r).await?.into_inner(),
-                })
-            })
+            Box::pin(async move { switchyard_proto::resume::call(&mut c, call).await })
         });
         let mut s = Resuming::start(req, 1, reattach, Duration::from_secs(30)).await?;
         let mut last_msg: Option<Instant> = None;

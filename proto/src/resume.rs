@@ -68,6 +68,24 @@ pub struct Resuming {
     pub resumes: u32,
 }
 
+/// Makes a [`Reattach`] call on a connected client: what every [`ReattachFn`] does once it
+/// has one for its endpoint.
+pub async fn call<T>(
+    c: &mut crate::v1::inference_client::InferenceClient<T>,
+    r: Reattach,
+) -> Result<Streaming<GenerateResponse>, Status>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = tonic::codegen::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    Ok(match r {
+        Reattach::Resume(r) => c.resume(r).await?.into_inner(),
+        Reattach::Generate(r) => c.generate(r).await?.into_inner(),
+    })
+}
+
 /// The longest wait between two rounds over the endpoints: a standby takes over a lease TTL
 /// after the leader died (seconds), and a round refused at once costs little.
 const RETRY_CAP: Duration = Duration::from_millis(200);

@@ -386,7 +386,6 @@ pub fn resuming(
     request: switchyard_proto::v1::GenerateRequest,
     endpoints: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 ) -> switchyard_proto::resume::Resuming {
-    use switchyard_proto::resume::Reattach;
     use switchyard_proto::v1::inference_client::InferenceClient;
     let f: switchyard_proto::resume::ReattachFn = Box::new(move |i, req| {
         let url = endpoints.lock().unwrap().get(i).cloned();
@@ -395,10 +394,7 @@ pub fn resuming(
             let mut c = InferenceClient::connect(url)
                 .await
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            Ok(match req {
-                Reattach::Resume(r) => c.resume(r).await?.into_inner(),
-                Reattach::Generate(r) => c.generate(r).await?.into_inner(),
-            })
+            switchyard_proto::resume::call(&mut c, req).await
         })
     });
     switchyard_proto::resume::Resuming::new(s, request, 2, f, std::time::Duration::from_secs(60))
