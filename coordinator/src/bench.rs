@@ -5,6 +5,7 @@
 //! Every figure is the best of several runs (prefill 2, decode 3, bandwidth 7), so a noisy
 //! neighbour on a shared machine lowers the bound and the engine alike rather than one of them.
 
+use crate::driver::GenRequest;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -291,25 +292,6 @@ pub struct ClusterBenchRow {
     pub coordinator_us_per_token: f64,
 }
 
-/// A greedy request that ignores end-of-sequence (benchmarks run a fixed number of steps).
-fn greedy(id: u64, prompt: Vec<u32>, max_tokens: usize) -> crate::driver::GenRequest {
-    crate::driver::GenRequest {
-        id,
-        prompt,
-        max_tokens,
-        sampling: switchyard_kernels::sampling::SamplingParams::greedy(),
-        eos: vec![],
-        ignore_eos: true,
-        min_tokens: 0,
-        stop_token_ids: vec![],
-        constraint: None,
-        priority: 0,
-        top_logprobs: 0,
-        trace: None,
-        journal: None,
-    }
-}
-
 /// Steps until every prompt is prefilled and `steps` decode-only steps of all `batch`
 /// sequences have run.
 fn warm_up(d: &mut crate::driver::Driver, batch: usize, steps: usize) -> anyhow::Result<()> {
@@ -340,7 +322,7 @@ pub fn run_cluster(o: &ClusterBenchOptions) -> anyhow::Result<Vec<ClusterBenchRo
             let prompt = (0..o.prompt_tokens)
                 .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
                 .collect();
-            d.submit(greedy(id, prompt, o.decode_steps + 4))?;
+            d.submit(GenRequest::greedy(id, prompt, o.decode_steps + 4))?;
         }
         // Prefill everything and take two decode steps before measuring.
         warm_up(&mut d, o.batch, 2)?;
@@ -437,7 +419,7 @@ pub fn run_long(o: &LongBenchOptions) -> anyhow::Result<Vec<LongBenchRow>> {
             .map(|_| (rng.next_u64() % cfg.vocab_size as u64) as u32)
             .collect();
         let t0 = Instant::now();
-        d.submit(greedy(1, prompt, o.decode_steps))?;
+        d.submit(GenRequest::greedy(1, prompt, o.decode_steps))?;
         let mut at = Vec::new();
         let mut held = Vec::new();
         while !d.is_idle() {
@@ -516,7 +498,7 @@ pub fn run_long_beside(
             .collect()
     };
     for id in 0..streams as u64 {
-        d.submit(greedy(id, prompt(16), STREAM_TOKENS))?;
+        d.submit(GenRequest::greedy(id, prompt(16), STREAM_TOKENS))?;
     }
     warm_up(&mut d, streams, 4)?;
     let mut last: HashMap<u64, Instant> = HashMap::new();
@@ -543,7 +525,7 @@ pub fn run_long_beside(
     })?;
     let long_id = streams as u64;
     let t0 = Instant::now();
-    d.submit(greedy(long_id, prompt(long), 1))?;
+    d.submit(GenRequest::greedy(long_id, prompt(long), 1))?;
     let beside = gaps(&mut d, &mut |e| !e.iter().any(|e| e.id == long_id))?;
     let long_prefill_s = t0.elapsed().as_secs_f64();
     let pct = |mut v: Vec<f64>, q: f64| {
@@ -691,7 +673,7 @@ fn rebalance_run(o: &RebalanceBenchOptions, switch: bool) -> anyhow::Result<Reba
         let prompt = (0..o.prompt_tokens)
             .map(|i| pool[(i + id as usize) % pool.len()])
             .collect();
-        d.submit(greedy(id, prompt, total_steps))?;
+        d.submit(GenRequest::greedy(id, prompt, total_steps))?;
     }
     warm_up(&mut d, o.batch, 16)?;
     let phase = |d: &mut Driver| -> anyhow::Result<(RebalancePhase, Vec<f64>)> {

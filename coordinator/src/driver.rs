@@ -382,6 +382,26 @@ pub struct GenRequest {
 }
 
 impl GenRequest {
+    /// A greedy request for `max_tokens` tokens that ignores end of sequence, with nothing
+    /// else set (benchmarks and tests run a fixed number of steps).
+    pub fn greedy(id: u64, prompt: Vec<u32>, max_tokens: usize) -> Self {
+        GenRequest {
+            id,
+            prompt,
+            max_tokens,
+            sampling: SamplingParams::greedy(),
+            eos: vec![],
+            ignore_eos: true,
+            min_tokens: 0,
+            stop_token_ids: vec![],
+            constraint: None,
+            priority: 0,
+            top_logprobs: 0,
+            trace: None,
+            journal: None,
+        }
+    }
+
     /// The tokens that end this sequence when sampled.
     pub fn enders(&self) -> impl Iterator<Item = u32> + '_ {
         let eos = if self.ignore_eos { &[][..] } else { &self.eos };
@@ -1507,21 +1527,7 @@ mod tests {
     }
 
     fn request(id: u64, prompt: usize) -> GenRequest {
-        GenRequest {
-            id,
-            prompt: (1..=prompt as u32).collect(),
-            max_tokens: 16,
-            sampling: SamplingParams::default(),
-            eos: vec![],
-            ignore_eos: true,
-            min_tokens: 0,
-            stop_token_ids: vec![],
-            constraint: None,
-            priority: 0,
-            top_logprobs: 0,
-            trace: None,
-            journal: None,
-        }
+        GenRequest::greedy(id, (1..=prompt as u32).collect(), 16)
     }
 
     #[test]

@@ -9,7 +9,6 @@ use serde_json::Value;
 use std::path::Path;
 use switchyard_coordinator::driver::{Driver, GenRequest};
 use switchyard_coordinator::remote::GrpcCluster;
-use switchyard_kernels::sampling::SamplingParams;
 
 /// How a leader holding fencing token `fence` reaches plaintext workers.
 fn fenced(fence: u64) -> switchyard_coordinator::remote::ControlAccess {
@@ -30,21 +29,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 /// A greedy request for 24 tokens, EOS ignored (the goldens' setting).
 fn greedy(id: u64, prompt: Vec<u32>) -> GenRequest {
-    GenRequest {
-        id,
-        prompt,
-        max_tokens: 24,
-        sampling: SamplingParams::greedy(),
-        eos: vec![],
-        ignore_eos: true,
-        min_tokens: 0,
-        stop_token_ids: vec![],
-        constraint: None,
-        priority: 0,
-        top_logprobs: 0,
-        trace: None,
-        journal: None,
-    }
+    GenRequest::greedy(id, prompt, 24)
 }
 
 #[test]

@@ -479,35 +479,27 @@ fn streams_resume_on_the_standby_when_the_leader_dies_and_nothing_is_reprefilled
 /// cluster's output, every kill taken over, nothing re-prefilled.
 #[test]
 fn chaos_killing_the_leader_loses_no_request_and_reprefills_nothing() {
-    let dir = fixture("tiny-qwen3-moe");
-    let out = common::switchyard(&[
-        "bench-chaos",
-        "--model",
-        dir.to_str().unwrap(),
-        "--kill",
-        "coordinator",
-        "--lease-ttl",
-        "2",
-        "--duration",
-        "7",
-        "--interval",
-        "3",
-        "--downtime",
-        "0.5",
-        "--concurrency",
-        "6",
-        "--prompts",
-        "6",
-        "--max-tokens",
-        "12",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let r = common::bench_chaos(
+        "tiny-qwen3-moe",
+        &[
+            "--kill",
+            "coordinator",
+            "--lease-ttl",
+            "2",
+            "--duration",
+            "7",
+            "--interval",
+            "3",
+            "--downtime",
+            "0.5",
+            "--concurrency",
+            "6",
+            "--prompts",
+            "6",
+            "--max-tokens",
+            "12",
+        ],
     );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["lost"], 0, "{r}");
     let kills = r["kills"].as_u64().unwrap();
     assert!(kills >= 1, "{r}");

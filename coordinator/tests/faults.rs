@@ -267,31 +267,23 @@ fn losing_capacity_fails_requests_unavailable_until_a_worker_returns() {
 /// and every restarted worker is taken back in.
 #[test]
 fn chaos_kills_and_restarts_lose_no_request() {
-    let dir = fixture(MODEL);
-    let out = switchyard(&[
-        "bench-chaos",
-        "--model",
-        dir.to_str().unwrap(),
-        "--duration",
-        "8",
-        "--interval",
-        "2.5",
-        "--downtime",
-        "1",
-        "--concurrency",
-        "8",
-        "--prompts",
-        "8",
-        "--max-tokens",
-        "16",
-        "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let r = common::bench_chaos(
+        MODEL,
+        &[
+            "--duration",
+            "8",
+            "--interval",
+            "2.5",
+            "--downtime",
+            "1",
+            "--concurrency",
+            "8",
+            "--prompts",
+            "8",
+            "--max-tokens",
+            "16",
+        ],
     );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["lost"], 0, "{r}");
     assert!(r["kills"].as_u64().unwrap() >= 2, "{r}");
     assert!(r["requests"].as_u64().unwrap() > 20, "{r}");

@@ -7,7 +7,6 @@ use common::{fixture, golden, ids};
 
 use std::collections::HashMap;
 use switchyard_coordinator::driver::{Driver, GenRequest, LocalCluster};
-use switchyard_kernels::sampling::SamplingParams;
 use switchyard_worker::engine::EngineOptions;
 
 fn requests(model: &str, copies: usize) -> (Vec<GenRequest>, HashMap<u64, Vec<u32>>) {
@@ -20,19 +19,8 @@ fn requests(model: &str, copies: usize) -> (Vec<GenRequest>, HashMap<u64, Vec<u3
             // Mixed lengths: copies ask for different numbers of tokens.
             let n = 8 + (c * 5 + i * 3) % 17;
             reqs.push(GenRequest {
-                id,
-                prompt: ids(&p["input_ids"]),
-                max_tokens: n,
-                sampling: SamplingParams::greedy(),
-                eos: vec![],
-                ignore_eos: true,
-                min_tokens: 0,
-                stop_token_ids: vec![],
-                constraint: None,
                 priority: (c % 3) as i32,
-                top_logprobs: 0,
-                trace: None,
-                journal: None,
+                ..GenRequest::greedy(id, ids(&p["input_ids"]), n)
             });
             want.insert(id, ids(&p["greedy"]["new_ids"])[..n].to_vec());
         }

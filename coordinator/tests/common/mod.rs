@@ -11,6 +11,21 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// `switchyard bench-chaos ARGS --json` on a fixture model: its report (the run must
+/// succeed, i.e. lose no request).
+pub fn bench_chaos(model: &str, args: &[&str]) -> Value {
+    let dir = fixture(model);
+    let mut all = vec!["bench-chaos", "--model", dir.to_str().unwrap(), "--json"];
+    all.extend(args);
+    let out = switchyard(&all);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 /// Runs the `switchyard` binary to completion.
 pub fn switchyard(args: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_switchyard"))
